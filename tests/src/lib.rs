@@ -1,0 +1,92 @@
+//! Harness for tests that run Tessera as real, separate processes on 127.0.0.1.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// What one rank computed: all prefill logits, each greedy step's logits, the greedy tokens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Trace {
+    pub prefill: Vec<Vec<f32>>,
+    pub decode: Vec<Vec<f32>>,
+    pub greedy: Vec<u32>,
+}
+
+/// A child process killed when dropped, so a failing test leaves no strays.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `world` rank processes of `program`, each told its rank; reads the port each bound
+/// from its first stdout line, then sends every rank the full peer list on stdin — the
+/// rendezvous a coordinator performs by RPC in a real cluster.
+pub fn spawn_ranks(program: &Path, world: usize, extra_args: &[String]) -> anyhow::Result<Vec<(ChildGuard, BufReader<std::process::ChildStdout>)>> {
+    let mut ranks = Vec::with_capacity(world);
+    let mut stdins: Vec<ChildStdin> = Vec::with_capacity(world);
+    let mut peers: Vec<SocketAddr> = Vec::with_capacity(world);
+    for rank in 0..world {
+        let mut child = Command::new(program)
+            .arg(rank.to_string())
+            .arg(world.to_string())
+            .args(extra_args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawn rank {rank}"))?;
+        let stdin = child.stdin.take().context("rank stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("rank stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let addr: SocketAddr = line.trim().parse().with_context(|| format!("rank {rank} printed {line:?}, not an address"))?;
+        peers.push(addr);
+        stdins.push(stdin);
+        ranks.push((ChildGuard(child), stdout));
+    }
+    let list = peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");
+    for mut stdin in stdins {
+        writeln!(stdin, "{list}")?;
+    }
+    if ranks.len() != world {
+        bail!("started {} of {world} ranks", ranks.len());
+    }
+    Ok(ranks)
+}
+
+/// Prefill `prompt` as sequence 1, then `steps` greedy decode steps, on one rank of a group.
+pub fn greedy_trace(
+    model: &tessera_model::Model,
+    comm: &mut dyn tessera_collective::Collective,
+    prompt: &[u32],
+    steps: usize,
+) -> anyhow::Result<Trace> {
+    use tessera_model::{sampler::argmax, Batch, LogitsMode, SeqChunk};
+    let mut kv = model.new_kv_cache();
+    let chunk = [SeqChunk { seq: 1, start: 0, len: prompt.len() }];
+    let prefill: Vec<Vec<f32>> =
+        model.forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All)?.to_vec2()?;
+    let mut next = argmax(prefill.last().context("empty prompt")?);
+    let mut greedy = vec![next];
+    let mut decode = Vec::with_capacity(steps);
+    for i in 0..steps {
+        let chunk = [SeqChunk { seq: 1, start: prompt.len() + i, len: 1 }];
+        let mut rows: Vec<Vec<f32>> =
+            model.forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, comm, LogitsMode::LastPerChunk)?.to_vec2()?;
+        let row = rows.pop().context("one logits row")?;
+        next = argmax(&row);
+        decode.push(row);
+        if i + 1 < steps {
+            greedy.push(next);
+        }
+    }
+    Ok(Trace { prefill, decode, greedy })
+}

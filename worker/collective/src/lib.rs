@@ -1,0 +1,53 @@
+//! Collective operations for tensor and sequence parallelism.
+//!
+//! One narrow trait, [`Collective`], is owned by the engine thread and passed down the forward
+//! call as `&mut dyn Collective`; communicators are never shared between threads. Backends:
+//!
+//! - [`SingleRank`]: world size 1, every operation is the identity;
+//! - [`InProcessGroup`]: ranks are threads of one process (tests, one-machine TP);
+//! - [`TcpCollective`]: ranks are processes or hosts connected by TCP (CPU clusters);
+//! - NCCL (feature `nccl`): GPUs, through candle's re-exported cudarc.
+//!
+//! Every rank gets bit-identical results from `all_reduce_sum`, whatever the backend, so
+//! replicated state (norms, sampled tokens) never drifts between ranks.
+
+mod error;
+mod in_process;
+mod single;
+mod tcp;
+mod tensor;
+
+pub use error::CollectiveError;
+pub use in_process::InProcessGroup;
+pub use single::SingleRank;
+pub use tcp::{TcpCollective, TcpConfig};
+pub use tensor::{all_gather_tensor, all_reduce_tensor};
+
+/// Result of a collective operation.
+pub type Result<T> = std::result::Result<T, CollectiveError>;
+
+/// The operations a rank needs from its group. Buffers live in host memory; a device backend
+/// (NCCL) would add tensor-level entry points next to these rather than change them.
+///
+/// All ranks of a group must call the same operations in the same order with the same lengths;
+/// a mismatch is reported as [`CollectiveError::Protocol`] where it can be detected.
+pub trait Collective: Send {
+    /// This rank's index in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+
+    /// Element-wise sum over all ranks, in place. Every rank ends with the same bits.
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()>;
+
+    /// Concatenates every rank's `local` in rank order into `out`
+    /// (`out.len() == local.len() * world_size()`).
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<()>;
+
+    /// Sends `data` to rank `peer`. Must be matched by a `recv` on `peer`.
+    fn send(&mut self, peer: usize, data: &[f32]) -> Result<()>;
+
+    /// Receives exactly `out.len()` values sent by rank `peer`.
+    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()>;
+}

@@ -1,0 +1,57 @@
+//! Errors of the model crate: one enum callers can branch on.
+
+use std::path::PathBuf;
+
+use tessera_collective::CollectiveError;
+
+/// Why loading or running a model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid model config: {source}")]
+    ConfigJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unsupported architecture {0:?}: expected LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported rope type {0:?}: expected default, linear, dynamic, yarn or llama3")]
+    UnsupportedRopeType(String),
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+    #[error("checkpoint has no tensor {name:?}")]
+    MissingTensor { name: String },
+    #[error("tensor {name:?} has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("tensor {name:?} has unsupported dtype {dtype}")]
+    TensorDtype { name: String, dtype: String },
+    #[error("cannot split {what} = {size} evenly over tensor-parallel size {tp}")]
+    UnevenSplit { what: &'static str, size: usize, tp: usize },
+    #[error("invalid safetensors checkpoint {path}: {source}")]
+    Safetensors {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("unknown sequence {0}")]
+    UnknownSequence(u64),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result of model operations.
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,152 @@
+//! One decoder layer: attention and SwiGLU MLP, each ending in an all-reduce.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::RmsNorm;
+use tessera_collective::{all_reduce_tensor, Collective};
+
+use crate::attention::{attend, ChunkMask};
+use crate::batch::Batch;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::parallel::TpLayout;
+use crate::weights::{Checkpoint, Shard};
+
+pub struct DecoderLayer {
+    index: usize,
+    input_norm: RmsNorm,
+    post_attention_norm: RmsNorm,
+    /// Fused `[q | k | v]` projection of this rank's heads (column-parallel).
+    qkv: Linear,
+    /// Row-parallel output projection.
+    o: Linear,
+    /// Fused `[gate | up]` projection of this rank's features (column-parallel).
+    gate_up: Linear,
+    /// Row-parallel down projection.
+    down: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    /// Sliding attention window of this layer.
+    pub window: Option<usize>,
+}
+
+/// Per-forward inputs shared by all layers.
+pub struct LayerInputs<'a> {
+    pub batch: &'a Batch<'a>,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Masks per chunk for this layer's window.
+    pub masks: &'a [ChunkMask],
+}
+
+fn norm(ckpt: &Checkpoint, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(ckpt.get(name, &[size], Shard::FULL)?, eps))
+}
+
+fn optional_bias(ckpt: &Checkpoint, present: bool, name: &str, size: usize, shard: Shard) -> Result<Option<Tensor>> {
+    if present {
+        Ok(Some(ckpt.get(name, &[size], shard)?))
+    } else {
+        Ok(None)
+    }
+}
+
+impl DecoderLayer {
+    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, layout: &TpLayout, index: usize) -> Result<Self> {
+        let p = format!("model.layers.{index}");
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+        let inter = cfg.intermediate_size;
+        let (col, row, kv) = (layout.column(), layout.row(), layout.kv_shard);
+
+        let proj = |name: &str, shape: [usize; 2], shard: Shard| ckpt.get(&format!("{p}.{name}.weight"), &shape, shard);
+        let bias = |name: &str, present: bool, size: usize, shard: Shard| {
+            optional_bias(ckpt, present, &format!("{p}.{name}.bias"), size, shard)
+        };
+
+        let qkv_w = Tensor::cat(
+            &[proj("self_attn.q_proj", [q_out, h], col)?, proj("self_attn.k_proj", [kv_out, h], kv)?, proj("self_attn.v_proj", [kv_out, h], kv)?],
+            0,
+        )?;
+        let qkv_b = match (
+            bias("self_attn.q_proj", cfg.qkv_bias, q_out, col)?,
+            bias("self_attn.k_proj", cfg.qkv_bias, kv_out, kv)?,
+            bias("self_attn.v_proj", cfg.qkv_bias, kv_out, kv)?,
+        ) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            _ => None,
+        };
+        let o = Linear::new(
+            proj("self_attn.o_proj", [h, q_out], row)?,
+            bias("self_attn.o_proj", cfg.o_bias, h, Shard::FULL)?,
+        );
+        let gate_up_w = Tensor::cat(&[proj("mlp.gate_proj", [inter, h], col)?, proj("mlp.up_proj", [inter, h], col)?], 0)?;
+        let gate_up_b = match (bias("mlp.gate_proj", cfg.mlp_bias, inter, col)?, bias("mlp.up_proj", cfg.mlp_bias, inter, col)?) {
+            (Some(g), Some(u)) => Some(Tensor::cat(&[g, u], 0)?),
+            _ => None,
+        };
+        let down = Linear::new(proj("mlp.down_proj", [h, inter], row)?, bias("mlp.down_proj", cfg.mlp_bias, h, Shard::FULL)?);
+
+        Ok(Self {
+            index,
+            input_norm: norm(ckpt, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+            post_attention_norm: norm(ckpt, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
+            qkv: Linear::new(qkv_w, qkv_b),
+            o,
+            gate_up: Linear::new(gate_up_w, gate_up_b),
+            down,
+            heads: layout.heads,
+            kv_heads: layout.kv_heads,
+            head_dim: d,
+            intermediate: layout.intermediate,
+            window: cfg.sliding_window[index],
+        })
+    }
+
+    /// `x`: `[tokens, hidden]` residual stream; returns the updated stream.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        inputs: &LayerInputs,
+        kv: &mut KvCache,
+        comm: &mut dyn Collective,
+    ) -> Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+
+        let h = self.input_norm.forward(x)?;
+        let qkv = self.qkv.forward(&h)?;
+        let q = qkv.narrow(1, 0, nh * d)?.reshape((1, tokens, nh, d))?.contiguous()?;
+        let k = qkv.narrow(1, nh * d, nkv * d)?.reshape((1, tokens, nkv, d))?.contiguous()?;
+        let v = qkv.narrow(1, (nh + nkv) * d, nkv * d)?.reshape((tokens, nkv, d))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, inputs.cos, inputs.sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, inputs.cos, inputs.sin)?.squeeze(0)?;
+
+        let mut outputs = Vec::with_capacity(inputs.batch.chunks.len());
+        let mut offset = 0;
+        for (chunk, mask) in inputs.batch.chunks.iter().zip(inputs.masks) {
+            let q_c = q.narrow(0, offset, chunk.len)?;
+            let k_c = k.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
+            let v_c = v.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
+            let (keys, values) = kv.write(chunk.seq, self.index, chunk.start, &k_c, &v_c)?;
+            outputs.push(attend(&q_c, &keys, &values, mask)?);
+            offset += chunk.len;
+        }
+        let attn = if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? };
+        let attn = self.o.forward_no_bias(&attn)?;
+        let attn = self.o.add_bias(all_reduce_tensor(comm, &attn)?)?;
+        let x = (x + attn)?;
+
+        let h = self.post_attention_norm.forward(&x)?;
+        let gate_up = self.gate_up.forward(&h)?;
+        let gate = gate_up.narrow(D::Minus1, 0, self.intermediate)?;
+        let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
+        let mlp = (candle_nn::ops::silu(&gate)? * up)?;
+        let mlp = self.down.forward_no_bias(&mlp)?;
+        let mlp = self.down.add_bias(all_reduce_tensor(comm, &mlp)?)?;
+        Ok((x + mlp)?)
+    }
+}

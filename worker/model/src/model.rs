@@ -1,0 +1,193 @@
+//! The Llama-family causal LM, one implementation for every tensor-parallel size.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::RmsNorm;
+use tessera_collective::Collective;
+
+use crate::attention::ChunkMask;
+use crate::batch::{Batch, LogitsMode};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::{KvCache, KvSpec};
+use crate::layer::{DecoderLayer, LayerInputs};
+use crate::parallel::TpLayout;
+use crate::rope::Rope;
+use crate::weights::{Checkpoint, Shard};
+
+/// How to load a model: where from, in which dtype, and which tensor-parallel rank this is.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub dtype: DType,
+    pub tp_rank: usize,
+    pub tp_size: usize,
+    pub device: Device,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        Self { dtype: DType::F32, tp_rank: 0, tp_size: 1, device: Device::Cpu }
+    }
+}
+
+/// One rank's shard of a model.
+pub struct Model {
+    config: ModelConfig,
+    layout: TpLayout,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `[vocab, hidden]`; the embedding matrix itself when tied.
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+    /// Distinct sliding windows over layers, so masks are built once per forward, not per layer.
+    windows: Vec<Option<usize>>,
+}
+
+impl Model {
+    /// Loads this rank's shard of the model in `dir` (config.json plus safetensors).
+    pub fn load(dir: &Path, load: &LoadConfig) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        Self::load_with_config(dir, config, load)
+    }
+
+    /// Loads weights from `dir` for an already parsed `config`.
+    pub fn load_with_config(dir: &Path, config: ModelConfig, load: &LoadConfig) -> Result<Self> {
+        let layout = TpLayout::new(&config, load.tp_rank, load.tp_size)?;
+        let ckpt = Checkpoint::open(dir, load.dtype, &load.device)?;
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let embed = ckpt.get("model.embed_tokens.weight", &[v, h], Shard::FULL)?;
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            ckpt.get("lm_head.weight", &[v, h], Shard::FULL)?
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&ckpt, &config, &layout, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(ckpt.get("model.norm.weight", &[h], Shard::FULL)?, config.rms_norm_eps);
+        let mut windows: Vec<Option<usize>> = config.sliding_window.clone();
+        windows.sort();
+        windows.dedup();
+        Ok(Self {
+            rope: Rope::new(&config),
+            config,
+            layout,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype: load.dtype,
+            device: load.device.clone(),
+            windows,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn layout(&self) -> &TpLayout {
+        &self.layout
+    }
+
+    /// An empty KV cache shaped for this rank.
+    pub fn new_kv_cache(&self) -> KvCache {
+        KvCache::new(KvSpec {
+            layers: self.config.num_hidden_layers,
+            kv_heads: self.layout.kv_heads,
+            head_dim: self.config.head_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
+    }
+
+    /// Runs `batch` through the model, appending its keys and values to `kv`, and returns f32
+    /// logits `[rows, vocab]` as chosen by `mode`. Every rank of the group must make the same
+    /// call; all ranks return the same logits.
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        kv: &mut KvCache,
+        comm: &mut dyn Collective,
+        mode: LogitsMode,
+    ) -> Result<Tensor> {
+        self.validate(batch)?;
+        for c in batch.chunks {
+            kv.prepare(c.seq, c.start, c.start + c.len)?;
+        }
+
+        let half = self.rope.half_dim();
+        let tokens = batch.tokens.len();
+        let mut cos = Vec::with_capacity(tokens * half);
+        let mut sin = Vec::with_capacity(tokens * half);
+        for c in batch.chunks {
+            self.rope.extend_tables(c.start..c.start + c.len, c.start + c.len, &mut cos, &mut sin);
+        }
+        let cos = Tensor::from_vec(cos, (tokens, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (tokens, half), &self.device)?.to_dtype(self.dtype)?;
+
+        let masks: Vec<Vec<ChunkMask>> = self
+            .windows
+            .iter()
+            .map(|w| batch.chunks.iter().map(|c| ChunkMask::new(c.start, c.len, *w, &self.device)).collect())
+            .collect::<Result<_>>()?;
+
+        let ids = Tensor::new(batch.tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for layer in &self.layers {
+            let w = self.windows.iter().position(|w| *w == layer.window).unwrap_or(0);
+            let inputs = LayerInputs { batch, cos: &cos, sin: &sin, masks: &masks[w] };
+            x = layer.forward(&x, &inputs, kv, comm)?;
+        }
+        for c in batch.chunks {
+            kv.commit(c.seq, c.start + c.len)?;
+        }
+
+        let x = match mode {
+            LogitsMode::All => x,
+            LogitsMode::LastPerChunk => {
+                let mut last = Vec::with_capacity(batch.chunks.len());
+                let mut end = 0u32;
+                for c in batch.chunks {
+                    end += c.len as u32;
+                    last.push(end - 1);
+                }
+                x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
+            }
+        };
+        let x = self.norm.forward(&x)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    fn validate(&self, batch: &Batch) -> Result<()> {
+        if batch.chunks.is_empty() {
+            return Err(ModelError::InvalidBatch("a batch needs at least one chunk".into()));
+        }
+        let total: usize = batch.chunks.iter().map(|c| c.len).sum();
+        if total != batch.tokens.len() {
+            return Err(ModelError::InvalidBatch(format!(
+                "chunks cover {total} tokens but the batch has {}",
+                batch.tokens.len()
+            )));
+        }
+        let mut seen = HashSet::with_capacity(batch.chunks.len());
+        for c in batch.chunks {
+            if c.len == 0 {
+                return Err(ModelError::InvalidBatch(format!("empty chunk for sequence {}", c.seq)));
+            }
+            if !seen.insert(c.seq) {
+                return Err(ModelError::InvalidBatch(format!("sequence {} appears twice in one batch", c.seq)));
+            }
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidBatch(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! Sharded reads from safetensors checkpoints.
+//!
+//! Each rank memory-maps the checkpoint files and copies out only its own slice of each tensor,
+//! so a rank touches roughly `1 / tp` of the weight bytes. Shapes are checked against the config
+//! before slicing, so a wrong checkpoint fails with the tensor's name instead of garbage.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+/// Which part of a tensor a rank reads: block `index` of `parts` equal blocks along `dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub dim: usize,
+    pub index: usize,
+    pub parts: usize,
+}
+
+impl Shard {
+    /// The whole tensor.
+    pub const FULL: Shard = Shard { dim: 0, index: 0, parts: 1 };
+
+    pub fn rows(index: usize, parts: usize) -> Self {
+        Self { dim: 0, index, parts }
+    }
+
+    pub fn cols(index: usize, parts: usize) -> Self {
+        Self { dim: 1, index, parts }
+    }
+}
+
+/// The memory-mapped safetensors files of one model directory.
+pub struct Checkpoint {
+    files: MmapedSafetensors,
+    /// Every tensor name, to tell a missing tensor from a broken file.
+    names: HashSet<String>,
+    dir: PathBuf,
+    dtype: DType,
+    device: Device,
+}
+
+#[derive(Deserialize)]
+struct SafetensorsIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or every file listed by `model.safetensors.index.json`.
+    /// Tensors are converted to `dtype` as they are read.
+    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if index_path.exists() {
+            let bytes = std::fs::read(&index_path)
+                .map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
+            let index: SafetensorsIndex = serde_json::from_slice(&bytes)
+                .map_err(|source| ModelError::ConfigJson { path: index_path.clone(), source })?;
+            let mut files: Vec<&String> = index.weight_map.values().collect();
+            files.sort();
+            files.dedup();
+            for f in &files {
+                if f.contains('/') || f.contains("..") {
+                    return Err(ModelError::InvalidConfig(format!("index names a file outside the model directory: {f:?}")));
+                }
+            }
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        for p in &paths {
+            if !p.exists() {
+                return Err(ModelError::Io {
+                    path: p.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "safetensors file not found"),
+                });
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every mmap-based loader we assume nobody
+        // truncates them while the model is loading.
+        let files = unsafe { MmapedSafetensors::multi(&paths) }
+            .map_err(|source| ModelError::Safetensors { path: dir.to_path_buf(), source })?;
+        let names = files.tensors().into_iter().map(|(name, _)| name).collect();
+        Ok(Self { files, names, dir: dir.to_path_buf(), dtype, device: device.clone() })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// Reads this rank's `shard` of tensor `name`, whose full shape must be `full_shape`.
+    pub fn get(&self, name: &str, full_shape: &[usize], shard: Shard) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(ModelError::MissingTensor { name: name.to_string() });
+        }
+        let view = self.files.get(name).map_err(|source| ModelError::Safetensors {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let shape = view.shape().to_vec();
+        if shape != full_shape {
+            return Err(ModelError::TensorShape { name: name.into(), expected: full_shape.to_vec(), actual: shape });
+        }
+        let src_dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => return Err(ModelError::TensorDtype { name: name.into(), dtype: format!("{other:?}") }),
+        };
+        let elem = src_dtype.size_in_bytes();
+        let data = view.data();
+
+        let (bytes, out_shape) = if shard.parts == 1 {
+            (std::borrow::Cow::Borrowed(data), shape)
+        } else {
+            let size = *shape.get(shard.dim).ok_or_else(|| {
+                ModelError::InvalidConfig(format!("tensor {name:?} has no dimension {} to shard", shard.dim))
+            })?;
+            if size % shard.parts != 0 {
+                return Err(ModelError::UnevenSplit { what: "tensor dimension", size, tp: shard.parts });
+            }
+            let block = size / shard.parts;
+            let mut out_shape = shape.clone();
+            out_shape[shard.dim] = block;
+            // Bytes of one index step along `dim`, and how many independent runs there are.
+            let inner: usize = shape[shard.dim + 1..].iter().product::<usize>() * elem;
+            let outer: usize = shape[..shard.dim].iter().product();
+            let run = block * inner;
+            let stride = size * inner;
+            let start = shard.index * run;
+            let bytes = if outer == 1 {
+                // Row blocks are contiguous: one slice of the mapping.
+                std::borrow::Cow::Borrowed(&data[start..start + run])
+            } else {
+                let mut buf = Vec::with_capacity(outer * run);
+                for o in 0..outer {
+                    let s = o * stride + start;
+                    buf.extend_from_slice(&data[s..s + run]);
+                }
+                std::borrow::Cow::Owned(buf)
+            };
+            (bytes, out_shape)
+        };
+        let t = Tensor::from_raw_buffer(&bytes, src_dtype, &out_shape, &self.device)?;
+        Ok(if src_dtype == self.dtype { t } else { t.to_dtype(self.dtype)? })
+    }
+}

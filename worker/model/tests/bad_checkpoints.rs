@@ -1,0 +1,109 @@
+//! Broken checkpoints fail with typed errors that name the problem, never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use tessera_model::fixture::{write_fixture, WriteOptions};
+use tessera_model::{LoadConfig, Model, ModelError};
+
+/// A fresh private copy of a fixture that a test may damage.
+fn scratch(name: &str, tag: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bad-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    write_fixture(&common::spec(name), &root, &WriteOptions::default()).expect("write fixture")
+}
+
+fn load(dir: &Path, tp_rank: usize, tp_size: usize) -> Result<Model, ModelError> {
+    Model::load(dir, &LoadConfig { tp_rank, tp_size, ..LoadConfig::default() })
+}
+
+/// Rewrites `model.safetensors` without `drop` and with `reshape` applied to one tensor.
+fn rewrite(dir: &Path, drop: Option<&str>, reshape: Option<(&str, Vec<usize>)>) {
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).expect("read back");
+    if let Some(name) = drop {
+        assert!(tensors.remove(name).is_some(), "fixture has {name}");
+    }
+    if let Some((name, shape)) = reshape {
+        let t = tensors.get(name).expect("tensor to reshape");
+        let n: usize = shape.iter().product();
+        let flat = t.flatten_all().unwrap().narrow(0, 0, n).unwrap();
+        tensors.insert(name.to_string(), flat.reshape(shape).unwrap());
+    }
+    candle_core::safetensors::save(&tensors, &path).expect("write back");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = scratch("llama-gqa", "missing");
+    rewrite(&dir, Some("model.layers.1.mlp.up_proj.weight"), None);
+    match load(&dir, 0, 1) {
+        Err(ModelError::MissingTensor { name }) => assert_eq!(name, "model.layers.1.mlp.up_proj.weight"),
+        other => panic!("expected MissingTensor, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let dir = scratch("llama-gqa", "shape");
+    rewrite(&dir, None, Some(("model.layers.0.self_attn.k_proj.weight", vec![16, 64])));
+    match load(&dir, 0, 2) {
+        Err(ModelError::TensorShape { name, expected, actual }) => {
+            assert_eq!(name, "model.layers.0.self_attn.k_proj.weight");
+            assert_eq!((expected, actual), (vec![32, 64], vec![16, 64]));
+        }
+        other => panic!("expected TensorShape, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn heads_not_divisible_by_tp_are_refused() {
+    let dir = common::fixture_dir("llama-gqa");
+    match load(&dir, 0, 3) {
+        Err(ModelError::UnevenSplit { what, size, tp }) => assert_eq!((what, size, tp), ("num_attention_heads", 4, 3)),
+        other => panic!("expected UnevenSplit, got {:?}", other.err()),
+    }
+    // 4 query heads split over 4 ranks, but 2 KV heads cannot serve tp=8 and 4 heads cannot either.
+    assert!(matches!(load(&dir, 0, 8), Err(ModelError::UnevenSplit { .. })));
+    assert!(matches!(load(&dir, 4, 4), Err(ModelError::InvalidConfig(_))), "rank outside the group");
+}
+
+#[test]
+fn unknown_rope_type_is_named() {
+    let dir = scratch("llama-gqa", "rope");
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "su", "factor": 2.0});
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    match load(&dir, 0, 1) {
+        Err(e @ ModelError::UnsupportedRopeType(_)) => assert!(e.to_string().contains("\"su\""), "{e}"),
+        other => panic!("expected UnsupportedRopeType, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn truncated_safetensors_file_is_an_error() {
+    let dir = scratch("llama-gqa", "truncated");
+    let path = dir.join("model.safetensors");
+    let len = std::fs::metadata(&path).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(len / 2).unwrap();
+    drop(file);
+    match load(&dir, 0, 1) {
+        Err(e @ ModelError::Safetensors { .. }) => assert!(e.to_string().contains("safetensors"), "{e}"),
+        other => panic!("expected Safetensors error, got {:?}", other.err()),
+    }
+    // A file cut inside its header fails the same way.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(5).unwrap();
+    drop(file);
+    assert!(matches!(load(&dir, 0, 1), Err(ModelError::Safetensors { .. })));
+}
+
+#[test]
+fn missing_weights_file_is_an_io_error() {
+    let dir = scratch("llama-gqa", "nofile");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    assert!(matches!(load(&dir, 0, 1), Err(ModelError::Io { .. })));
+}

@@ -1,0 +1,119 @@
+//! Helpers shared by the model crate's integration tests.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::Tensor;
+use tessera_collective::{Collective, InProcessGroup, SingleRank};
+use tessera_model::fixture::{test_fixtures, write_fixture, FixtureSpec, WriteOptions};
+use tessera_model::{Batch, LoadConfig, LogitsMode, Model, SeqChunk};
+
+/// Writes every test fixture once per test process and returns the root directory.
+pub fn fixtures_root() -> &'static PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("model-fixtures-{}", std::process::id()));
+        for spec in test_fixtures() {
+            write_fixture(&spec, &root, &WriteOptions::default()).expect("write fixture");
+        }
+        root
+    })
+}
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    fixtures_root().join(name)
+}
+
+pub fn spec(name: &str) -> FixtureSpec {
+    test_fixtures().into_iter().find(|s| s.name == name).expect("known fixture")
+}
+
+/// What one rank computed for a prompt: all prefill logits, then the logits of each greedy step.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub prefill: Vec<Vec<f32>>,
+    pub decode: Vec<Vec<f32>>,
+    pub greedy: Vec<u32>,
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().expect("logits to host")
+}
+
+/// Prefill `prompt`, then `steps` greedy decode steps, on one rank of a group.
+pub fn run_trace(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps: usize) -> Trace {
+    let mut kv = model.new_kv_cache();
+    let chunk = [SeqChunk { seq: 7, start: 0, len: prompt.len() }];
+    let logits = model
+        .forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All)
+        .expect("prefill");
+    let prefill = rows(&logits);
+    let mut next = tessera_model::sampler::argmax(prefill.last().expect("non-empty prompt"));
+    let mut greedy = vec![next];
+    let mut decode = Vec::with_capacity(steps);
+    for i in 0..steps {
+        let chunk = [SeqChunk { seq: 7, start: prompt.len() + i, len: 1 }];
+        let logits = model
+            .forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, comm, LogitsMode::LastPerChunk)
+            .expect("decode");
+        let row = rows(&logits).remove(0);
+        next = tessera_model::sampler::argmax(&row);
+        decode.push(row);
+        if i + 1 < steps {
+            greedy.push(next);
+        }
+    }
+    Trace { prefill, decode, greedy }
+}
+
+/// Runs the same trace on every rank of an in-process group of `tp` threads; returns each rank's.
+pub fn run_tp(name: &str, tp: usize, prompt: &[u32], steps: usize) -> Vec<Trace> {
+    let dir = fixture_dir(name);
+    if tp == 1 {
+        let model = Model::load(&dir, &LoadConfig::default()).expect("load tp=1");
+        return vec![run_trace(&model, &mut SingleRank, prompt, steps)];
+    }
+    let comms = InProcessGroup::new(tp);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut comm)| {
+                let dir = dir.clone();
+                s.spawn(move || {
+                    let load = LoadConfig { tp_rank: rank, tp_size: tp, ..LoadConfig::default() };
+                    let model = Model::load(&dir, &load).expect("load shard");
+                    run_trace(&model, &mut comm, prompt, steps)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    })
+}
+
+/// max |a − b| / max(|b|, floor) over matching rows.
+pub fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row counts differ");
+    let mut worst = 0f32;
+    for (ra, rb) in a.iter().zip(b) {
+        assert_eq!(ra.len(), rb.len(), "row widths differ");
+        let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        for (x, y) in ra.iter().zip(rb) {
+            worst = worst.max((x - y).abs() / scale);
+        }
+    }
+    worst
+}
+
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row counts differ");
+    a.iter()
+        .zip(b)
+        .flat_map(|(ra, rb)| {
+            assert_eq!(ra.len(), rb.len(), "row widths differ");
+            ra.iter().zip(rb).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0f32, f32::max)
+}

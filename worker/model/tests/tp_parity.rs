@@ -1,0 +1,39 @@
+//! Tensor parallelism changes nothing: TP=2 and TP=4 (ranks as threads) give the logits and
+//! greedy tokens of TP=1 on every fixture shape.
+
+mod common;
+
+use common::{max_rel_diff, run_tp, spec};
+use tessera_model::fixture::{prompt_ids, test_fixtures};
+
+const DECODE_STEPS: usize = 16;
+const GREEDY_STEPS: usize = 32;
+
+fn check(name: &str, tp: usize) {
+    let prompt = prompt_ids(&spec(name));
+    let reference = run_tp(name, 1, &prompt, GREEDY_STEPS).remove(0);
+    let ranks = run_tp(name, tp, &prompt, GREEDY_STEPS);
+    assert_eq!(ranks.len(), tp);
+    for (rank, t) in ranks.iter().enumerate() {
+        let pre = max_rel_diff(&t.prefill, &reference.prefill);
+        let dec = max_rel_diff(&t.decode[..DECODE_STEPS], &reference.decode[..DECODE_STEPS]);
+        assert!(pre <= 1e-4, "{name} tp={tp} rank {rank}: prefill max rel diff {pre}");
+        assert!(dec <= 1e-4, "{name} tp={tp} rank {rank}: decode max rel diff {dec}");
+        assert_eq!(t.greedy, reference.greedy, "{name} tp={tp} rank {rank}: greedy continuation differs");
+        assert_eq!(t.greedy.len(), GREEDY_STEPS);
+    }
+}
+
+#[test]
+fn tp2_matches_tp1_on_every_fixture() {
+    for s in test_fixtures() {
+        check(s.name, 2);
+    }
+}
+
+#[test]
+fn tp4_matches_tp1_on_every_fixture() {
+    for s in test_fixtures() {
+        check(s.name, 4);
+    }
+}
