@@ -14,12 +14,16 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tessera_collective::{Collective, TcpCollective, TcpConfig};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
+
+/// Repetitions of each bandwidth measurement; the best is reported.
+const ROUNDS: usize = 3;
 
 /// One measurement, run by every rank in the same order.
 #[derive(Clone, Copy)]
@@ -51,12 +55,16 @@ fn latency_table() {
     let sizes = [64, KIB, 4 * KIB, 64 * KIB];
     for world in [2, 4] {
         let threshold = TcpCollective::DEFAULT_RING_THRESHOLD;
-        let tasks: Vec<Task> =
-            sizes.iter().map(|&bytes| Task::Latency { bytes, warmup: 300, iters: 3000, threshold }).collect();
-        let samples = run_group(world, &tasks);
-        for (bytes, s) in sizes.iter().zip(samples) {
+        let group = Group::start(world);
+        for &bytes in &sizes {
+            let s = group.run(Task::Latency { bytes, warmup: 300, iters: 3000, threshold });
             let (p50, p99) = (percentile(&s, 0.50), percentile(&s, 0.99));
-            println!("| {world} | {} | {:.1} | {:.1} |", size_label(*bytes), micros(p50), micros(p99));
+            println!(
+                "| {world} | {} | {:.1} | {:.1} |",
+                size_label(bytes),
+                micros(p50),
+                micros(p99)
+            );
         }
     }
     println!();
@@ -65,22 +73,44 @@ fn latency_table() {
 fn bandwidth_table() {
     println!("## All-reduce bus bandwidth against point-to-point TCP");
     println!();
-    println!("| ranks | size | time (ms) | algbw (GB/s) | busbw (GB/s) | p2p (GB/s) | busbw / p2p |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let sizes = [(MIB, 40), (4 * MIB, 12), (16 * MIB, 5), (64 * MIB, 3)];
-    let p2p: Vec<f64> = sizes.iter().map(|&(bytes, iters)| point_to_point(bytes, iters)).collect();
+    println!(
+        "Best of {ROUNDS} rounds; each round times the all-reduce and both ceilings back to back,"
+    );
+    println!("so load from other processes hits them alike. p2p: one thread streams to another.");
+    println!(
+        "p2p 2-way: two such streams in opposite directions at once, the traffic of a 2-rank ring"
+    );
+    println!("(GB/s per direction). Path: the algorithm the default threshold picks.");
+    println!();
+    println!(
+        "| ranks | size | path | time (ms) | algbw (GB/s) | busbw (GB/s) | p2p (GB/s) \
+         | busbw / p2p | p2p 2-way (GB/s) | busbw / 2-way |"
+    );
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    let sizes = [(MIB, 40), (4 * MIB, 12), (16 * MIB, 5), (64 * MIB, 2)];
     for world in [2, 4] {
-        let tasks: Vec<Task> = sizes.iter().map(|&(bytes, iters)| Task::Bandwidth { bytes, iters }).collect();
-        let samples = run_group(world, &tasks);
-        for ((&(bytes, iters), s), ceiling) in sizes.iter().zip(samples).zip(&p2p) {
-            let per_op = s[0].as_secs_f64() / iters as f64;
-            let algbw = bytes as f64 / per_op / 1e9;
+        let group = Group::start(world);
+        for &(bytes, iters) in &sizes {
+            let (mut op, mut one_way, mut both_ways) =
+                (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+            for _ in 0..ROUNDS {
+                one_way = one_way.min(stream_time(bytes, iters, false));
+                both_ways = both_ways.min(stream_time(bytes, iters, true));
+                let total = group.run(Task::Bandwidth { bytes, iters })[0];
+                op = op.min(total.as_secs_f64() / iters as f64);
+            }
+            let algbw = bytes as f64 / op / 1e9;
             let busbw = algbw * 2.0 * (world - 1) as f64 / world as f64;
+            let (p2p, duplex) = (bytes as f64 / one_way / 1e9, bytes as f64 / both_ways / 1e9);
+            let ring = bytes * (world - 1) > TcpCollective::DEFAULT_RING_THRESHOLD;
             println!(
-                "| {world} | {} | {:.2} | {algbw:.2} | {busbw:.2} | {ceiling:.2} | {:.0}% |",
+                "| {world} | {} | {} | {:.2} | {algbw:.2} | {busbw:.2} | {p2p:.2} | {:.0}% \
+                 | {duplex:.2} | {:.0}% |",
                 size_label(bytes),
-                per_op * 1e3,
-                100.0 * busbw / ceiling
+                if ring { "ring" } else { "direct" },
+                op * 1e3,
+                100.0 * busbw / p2p,
+                100.0 * busbw / duplex
             );
         }
     }
@@ -92,45 +122,85 @@ fn crossover_table() {
     println!();
     println!("| ranks | size | direct | ring |");
     println!("|---:|---:|---:|---:|");
-    let sizes = [16 * KIB, 32 * KIB, 64 * KIB, 128 * KIB, 256 * KIB];
+    let sizes = [16 * KIB, 64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, MIB, 2 * MIB, 4 * MIB];
     for world in [2, 4] {
-        let mut tasks = Vec::new();
+        let group = Group::start(world);
         for &bytes in &sizes {
-            for threshold in [usize::MAX, 0] {
-                tasks.push(Task::Latency { bytes, warmup: 30, iters: 300, threshold });
-            }
-        }
-        let samples = run_group(world, &tasks);
-        for (bytes, pair) in sizes.iter().zip(samples.chunks(2)) {
-            let (direct, ring) = (percentile(&pair[0], 0.5), percentile(&pair[1], 0.5));
-            println!("| {world} | {} | {:.1} | {:.1} |", size_label(*bytes), micros(direct), micros(ring));
+            let iters = (300 * 64 * KIB / bytes).clamp(20, 300);
+            let [direct, ring] = [usize::MAX, 0].map(|threshold| {
+                let samples =
+                    group.run(Task::Latency { bytes, warmup: iters / 10, iters, threshold });
+                percentile(&samples, 0.5)
+            });
+            println!(
+                "| {world} | {} | {:.1} | {:.1} |",
+                size_label(bytes),
+                micros(direct),
+                micros(ring)
+            );
         }
     }
     println!();
 }
 
-/// Runs `tasks` on a fresh group of `world` thread ranks and returns rank 0's timings, one
-/// vector per task.
-fn run_group(world: usize, tasks: &[Task]) -> Vec<Vec<Duration>> {
-    let listeners: Vec<TcpListener> =
-        (0..world).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind")).collect();
-    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().expect("addr")).collect();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let config = TcpConfig::new(rank, peers.clone());
-                scope.spawn(move || {
-                    let mut comm = TcpCollective::connect(config, listener).expect("connect");
-                    tasks.iter().map(|task| run_task(&mut comm, *task)).collect::<Vec<_>>()
-                })
-            })
+/// A TCP group whose ranks are threads of this process, running [`Task`]s on command.
+struct Group {
+    commands: Vec<mpsc::Sender<Task>>,
+    results: mpsc::Receiver<(usize, Vec<Duration>)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Group {
+    fn start(world: usize) -> Self {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind"))
             .collect();
-        let mut results: Vec<Vec<Vec<Duration>>> =
-            handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
-        results.swap_remove(0)
-    })
+        let peers: Vec<SocketAddr> =
+            listeners.iter().map(|l| l.local_addr().expect("addr")).collect();
+        let (result_tx, results) = mpsc::channel();
+        let mut commands = Vec::new();
+        let mut threads = Vec::new();
+        for (rank, listener) in listeners.into_iter().enumerate() {
+            let (command_tx, command_rx) = mpsc::channel::<Task>();
+            let result_tx = result_tx.clone();
+            let config = TcpConfig::new(rank, peers.clone());
+            commands.push(command_tx);
+            threads.push(std::thread::spawn(move || {
+                let mut comm = TcpCollective::connect(config, listener).expect("connect");
+                for task in command_rx {
+                    let timings = run_task(&mut comm, task);
+                    if result_tx.send((rank, timings)).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        Group { commands, results, threads }
+    }
+
+    /// Runs `task` on every rank and returns rank 0's timings.
+    fn run(&self, task: Task) -> Vec<Duration> {
+        for command in &self.commands {
+            command.send(task).expect("rank thread alive");
+        }
+        let mut rank0 = Vec::new();
+        for _ in 0..self.commands.len() {
+            let (rank, timings) = self.results.recv().expect("rank thread alive");
+            if rank == 0 {
+                rank0 = timings;
+            }
+        }
+        rank0
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.commands.clear();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn run_task(comm: &mut TcpCollective, task: Task) -> Vec<Duration> {
@@ -165,36 +235,55 @@ fn run_task(comm: &mut TcpCollective, task: Task) -> Vec<Duration> {
     }
 }
 
-/// GB/s of a plain one-way TCP transfer of `bytes` between two threads, the best loopback can
-/// do with one connection: each round the receiver asks for the bytes and times their arrival.
-fn point_to_point(bytes: usize, iters: usize) -> f64 {
+/// Seconds per `bytes` of a plain TCP stream between two threads of this process, streaming
+/// `iters` blocks after one warm-up block; with `both_ways`, while another stream runs in the
+/// opposite direction over the same connection.
+fn stream_time(bytes: usize, iters: usize, both_ways: bool) -> f64 {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let sender = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("accept");
+    let far = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
         stream.set_nodelay(true).expect("nodelay");
-        let payload = vec![7u8; bytes];
-        let mut go = [0u8; 1];
-        for _ in 0..=iters {
-            stream.read_exact(&mut go).expect("go");
-            stream.write_all(&payload).expect("payload");
+        let reader = both_ways.then(|| {
+            let mut stream = stream.try_clone().expect("clone");
+            std::thread::spawn(move || drain(&mut stream, bytes, iters))
+        });
+        pour(&stream, bytes, iters);
+        if let Some(reader) = reader {
+            reader.join().expect("far reader");
         }
     });
-    let mut stream = TcpStream::connect(addr).expect("connect");
+    let stream = TcpStream::connect(addr).expect("connect");
     stream.set_nodelay(true).expect("nodelay");
-    let mut buf = vec![0u8; bytes];
-    let mut total = Duration::ZERO;
-    for round in 0..=iters {
-        let start = Instant::now();
-        stream.write_all(&[1]).expect("go");
-        stream.read_exact(&mut buf).expect("payload");
-        // Round 0 warms up the connection.
-        if round > 0 {
-            total += start.elapsed();
-        }
+    let writer = both_ways.then(|| {
+        let stream = stream.try_clone().expect("clone");
+        std::thread::spawn(move || pour(&stream, bytes, iters))
+    });
+    let elapsed = drain(&mut &stream, bytes, iters);
+    if let Some(writer) = writer {
+        writer.join().expect("near writer");
     }
-    sender.join().expect("sender");
-    bytes as f64 * iters as f64 / total.as_secs_f64() / 1e9
+    far.join().expect("far end");
+    elapsed.as_secs_f64() / iters as f64
+}
+
+/// Writes `iters + 1` blocks of `bytes`.
+fn pour(mut stream: &TcpStream, bytes: usize, iters: usize) {
+    let block = vec![7u8; bytes];
+    for _ in 0..=iters {
+        stream.write_all(&block).expect("write");
+    }
+}
+
+/// Reads `iters + 1` blocks of `bytes`, timing all but the first.
+fn drain(stream: &mut impl Read, bytes: usize, iters: usize) -> Duration {
+    let mut block = vec![0u8; bytes];
+    stream.read_exact(&mut block).expect("read");
+    let start = Instant::now();
+    for _ in 0..iters {
+        stream.read_exact(&mut block).expect("read");
+    }
+    start.elapsed()
 }
 
 fn percentile(samples: &[Duration], p: f64) -> Duration {

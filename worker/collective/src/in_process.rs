@@ -108,7 +108,8 @@ impl InProcessGroup {
 
     /// Copies `data` into this rank's slot, reusing the slot's allocation.
     fn publish(&self, data: &[f32]) -> Result<()> {
-        let mut slot = self.shared.slots[self.rank].write().map_err(|_| CollectiveError::PeerLost)?;
+        let mut slot =
+            self.shared.slots[self.rank].write().map_err(|_| CollectiveError::PeerLost)?;
         slot.clear();
         slot.extend_from_slice(data);
         Ok(())

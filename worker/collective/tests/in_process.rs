@@ -49,7 +49,8 @@ fn all_gather_concatenates_in_rank_order() {
             comm.all_gather(&local, &mut out).expect("all_gather");
             out
         });
-        let expected: Vec<f32> = (0..world).flat_map(|r| (0..5).map(move |i| exact_value(r, i))).collect();
+        let expected: Vec<f32> =
+            (0..world).flat_map(|r| (0..5).map(move |i| exact_value(r, i))).collect();
         assert!(results.iter().all(|r| *r == expected), "world {world}");
     }
 }
@@ -103,7 +104,10 @@ fn a_dropped_peer_gives_peer_lost() {
         vec![reduce, recv, send]
     });
     for rank_results in &results[..2] {
-        assert!(rank_results.iter().all(|r| matches!(r, Err(CollectiveError::PeerLost))), "{rank_results:?}");
+        assert!(
+            rank_results.iter().all(|r| matches!(r, Err(CollectiveError::PeerLost))),
+            "{rank_results:?}"
+        );
     }
 }
 

@@ -50,7 +50,8 @@ fn run() -> Result<(), String> {
         return Err(format!("expected {world} ports, got {}", peers.len()));
     }
 
-    let config = TcpConfig { connect_timeout: Duration::from_secs(30), ..TcpConfig::new(rank, peers) };
+    let config =
+        TcpConfig { connect_timeout: Duration::from_secs(30), ..TcpConfig::new(rank, peers) };
     let mut comm = TcpCollective::connect(config, listener).map_err(|e| format!("connect: {e}"))?;
     say("connected")?;
 
@@ -88,7 +89,7 @@ fn full(comm: &mut TcpCollective) -> tessera_collective::Result<()> {
             data[len - 1].to_bits()
         ));
     }
-    for len in [5usize, 50_000] {
+    for len in [5usize, 50_000, 600_000] {
         let local: Vec<f32> = (0..len).map(|i| exact_value(rank, i)).collect();
         let mut gathered = vec![0f32; len * world];
         comm.all_gather(&local, &mut gathered)?;
@@ -117,9 +118,10 @@ fn float_value(rank: usize, i: usize) -> f32 {
 
 /// FNV-1a over the values' bits.
 fn fnv(values: &[f32]) -> u64 {
-    values.iter().flat_map(|v| v.to_bits().to_le_bytes()).fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    values
+        .iter()
+        .flat_map(|v| v.to_bits().to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn out(line: String) {

@@ -29,6 +29,12 @@ impl Link {
         self.stream.try_clone()
     }
 
+    /// The stream itself, for reading and writing from several threads at once; the caller
+    /// must have put the link in blocking mode.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
     pub fn set_nonblocking(&mut self, nonblocking: bool) -> io::Result<()> {
         if self.nonblocking != nonblocking {
             self.stream.set_nonblocking(nonblocking)?;
@@ -41,10 +47,9 @@ impl Link {
     /// non-blocking mode.
     pub fn try_write(&mut self, buf: &[u8]) -> io::Result<Option<usize>> {
         match self.stream.write(buf) {
-            Ok(0) if !buf.is_empty() => Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "connection accepted no bytes",
-            )),
+            Ok(0) if !buf.is_empty() => {
+                Err(io::Error::new(io::ErrorKind::WriteZero, "connection accepted no bytes"))
+            }
             Ok(n) => Ok(Some(n)),
             Err(e) if would_block(&e) => Ok(None),
             Err(e) => Err(e),
@@ -63,17 +68,9 @@ impl Link {
     }
 
     /// Fills `buf`, blocking in the kernel.
-    pub fn read_blocking(&mut self, mut buf: &mut [u8]) -> io::Result<()> {
+    pub fn read_blocking(&mut self, buf: &mut [u8]) -> io::Result<()> {
         self.set_nonblocking(false)?;
-        while !buf.is_empty() {
-            match self.stream.read(buf) {
-                Ok(0) => return Err(closed()),
-                Ok(n) => buf = &mut buf[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        read_full(&self.stream, buf)
     }
 
     /// Fills `buf`, busy-polling while bytes keep arriving within `spin` of each other and
@@ -94,7 +91,8 @@ impl Link {
                 None if last_progress.elapsed() >= spin => {
                     return self.read_blocking(&mut buf[filled..]);
                 }
-                None => std::hint::spin_loop(),
+                // Yielding rather than spinning hot lets a peer rank sharing this core run.
+                None => std::thread::yield_now(),
             }
         }
         Ok(())
@@ -106,6 +104,19 @@ impl Link {
         // Already-closed sockets report an error here; there is nothing left to do for them.
         let _ = self.stream.shutdown(Shutdown::Both);
     }
+}
+
+/// Fills `buf` from a blocking stream; EOF before the end is an error.
+pub(super) fn read_full(mut stream: &TcpStream, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match stream.read(buf) {
+            Ok(0) => return Err(closed()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn would_block(e: &io::Error) -> bool {

@@ -6,6 +6,7 @@
 //! always find its sockets blocking, and the engine thread restores that before queueing.
 
 use std::io;
+use std::net::TcpStream;
 use std::time::Duration;
 
 use super::link::Link;
@@ -35,7 +36,19 @@ impl Mesh {
     pub fn link(&mut self, peer: usize) -> Result<&mut Link> {
         let rank = self.rank;
         self.links.get_mut(peer).and_then(Option::as_mut).ok_or_else(|| {
-            CollectiveError::InvalidArgument(format!("rank {rank} has no connection to rank {peer}"))
+            CollectiveError::InvalidArgument(format!(
+                "rank {rank} has no connection to rank {peer}"
+            ))
+        })
+    }
+
+    /// The stream to `peer`, for use from several threads at once.
+    pub fn stream(&self, peer: usize) -> Result<&TcpStream> {
+        let rank = self.rank;
+        self.links.get(peer).and_then(Option::as_ref).map(Link::stream).ok_or_else(|| {
+            CollectiveError::InvalidArgument(format!(
+                "rank {rank} has no connection to rank {peer}"
+            ))
         })
     }
 

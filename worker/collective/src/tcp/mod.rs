@@ -2,14 +2,15 @@
 //!
 //! - Rendezvous (`rendezvous`): every rank's listen address is known up front; lower ranks
 //!   accept, higher ranks connect, and a hello matches connections to ranks.
-//! - Small all-reduces and all-gathers (`direct`): one exchange with every peer, then each
-//!   rank combines the contributions in rank order, for the latency of a single message.
-//! - Large ones (`ring`): the bandwidth-optimal ring, pipelined in pieces.
+//! - Small and medium all-reduces and all-gathers (`direct`): one exchange with every peer,
+//!   then each rank combines the contributions in rank order, for the latency of a single
+//!   message.
+//! - Large ones (`ring`): the bandwidth-optimal ring, pipelined in pieces, zero-copy.
 //! - Point-to-point (`p2p`): a header and the values.
 //!
-//! Waiting for data spins for [`TcpConfig::spin`] and then blocks in the kernel. Large writes
-//! go through a sender thread (`writer`) so that no rank ever blocks in `write` while its
-//! peers wait for it to read.
+//! Waiting for data spins for [`TcpConfig::spin`] and then blocks in the kernel. Writes that
+//! could block go to a sender thread (`writer`, or the ring's own), so no rank ever blocks in
+//! `write` while its peers wait for it to read.
 //!
 //! Failure is fail-stop: the first error (a closed peer, a protocol mismatch) shuts every
 //! connection down, so ranks blocked on this one fail promptly instead of hanging, and later
@@ -55,7 +56,12 @@ impl TcpConfig {
 
     /// A configuration with the default timeout and spin.
     pub fn new(rank: usize, peers: Vec<SocketAddr>) -> Self {
-        TcpConfig { rank, peers, connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT, spin: Self::DEFAULT_SPIN }
+        TcpConfig {
+            rank,
+            peers,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            spin: Self::DEFAULT_SPIN,
+        }
     }
 }
 
@@ -66,7 +72,7 @@ pub struct TcpCollective {
     direct: DirectScratch,
     /// Encoded small point-to-point messages.
     send_scratch: Vec<u8>,
-    /// Received pieces of point-to-point messages and of the ring's reduce-scatter.
+    /// Received pieces of the ring's reduce-scatter.
     recv_scratch: Vec<u8>,
     ring_threshold: usize,
     /// How long dropping the group waits for queued sends to leave.
@@ -75,10 +81,13 @@ pub struct TcpCollective {
 }
 
 impl TcpCollective {
-    /// Buffers of at most this many bytes are all-reduced and all-gathered by direct exchange,
-    /// larger ones by the ring. Measured on loopback with `cargo bench --bench
-    /// tcp_collective`: the direct exchange is faster up to about this size at 2 and 4 ranks.
-    pub const DEFAULT_RING_THRESHOLD: usize = 64 * 1024;
+    /// Default switch-over from the direct exchange to the ring, in bytes one rank sends in a
+    /// direct exchange (buffer bytes x (world - 1)). The direct exchange needs one message
+    /// latency and no sender thread; the ring sends `2 (n - 1) / n` of the buffer instead of
+    /// `n - 1` times it but costs a thread start and `2 (n - 1)` hops. Measured on loopback
+    /// with `cargo bench --bench tcp_collective`: the ring wins from about 2-4 MiB at 2 ranks
+    /// and from about 512 KiB at 4 ranks (1.5 MiB of direct traffic).
+    pub const DEFAULT_RING_THRESHOLD: usize = 2 * 1024 * 1024;
 
     /// Joins the group described by `config`. `listener` is this rank's listener, already
     /// bound to `config.peers[config.rank]` (binding before publishing the address is what
@@ -116,15 +125,22 @@ impl TcpCollective {
         })
     }
 
-    /// Size in bytes above which all-reduce and all-gather use the ring.
+    /// The direct/ring switch-over: all-reduce and all-gather use the ring when a direct
+    /// exchange would make each rank send more than this many bytes (buffer bytes x
+    /// (world - 1)).
     pub fn ring_threshold(&self) -> usize {
         self.ring_threshold
     }
 
-    /// Changes the direct/ring switch-over (in bytes of one rank's buffer). Every rank must use
-    /// the same value; ranks that disagree get [`CollectiveError::Protocol`].
+    /// Changes the direct/ring switch-over (see [`TcpCollective::ring_threshold`]). Every rank
+    /// must use the same value; ranks that disagree get [`CollectiveError::Protocol`].
     pub fn set_ring_threshold(&mut self, bytes: usize) {
         self.ring_threshold = bytes;
+    }
+
+    /// Whether a collective over `values` f32 values per rank takes the ring.
+    fn use_ring(&self, values: usize) -> bool {
+        values.saturating_mul(4).saturating_mul(self.mesh.world - 1) > self.ring_threshold
     }
 
     /// Runs one operation, turning its failure into a failure of the whole group.
@@ -134,7 +150,8 @@ impl TcpCollective {
         }
         let result = op(self);
         if let Err(e) = &result {
-            tracing::warn!(rank = self.mesh.rank, error = %e, "TCP collective failed; closing the group");
+            let rank = self.mesh.rank;
+            tracing::warn!(rank, error = %e, "TCP collective failed; closing the group");
             self.failed = true;
             self.mesh.shutdown();
         }
@@ -166,10 +183,10 @@ impl Collective for TcpCollective {
             return Ok(());
         }
         self.guarded(|s| {
-            if data.len() * 4 <= s.ring_threshold {
-                direct::all_reduce(&mut s.mesh, &mut s.direct, data)
-            } else {
+            if s.use_ring(data.len()) {
                 ring::all_reduce(&mut s.mesh, &mut s.recv_scratch, data)
+            } else {
+                direct::all_reduce(&mut s.mesh, &mut s.direct, data)
             }
         })
     }
@@ -183,10 +200,10 @@ impl Collective for TcpCollective {
         self.guarded(|s| {
             // A bad length fails the group too: the peers are already waiting for this rank.
             direct::check_gather_len(local.len(), out.len(), s.mesh.world)?;
-            if local.len() * 4 <= s.ring_threshold {
-                direct::all_gather(&mut s.mesh, &mut s.direct, local, out)
-            } else {
+            if s.use_ring(local.len()) {
                 ring::all_gather(&mut s.mesh, local, out)
+            } else {
+                direct::all_gather(&mut s.mesh, &mut s.direct, local, out)
             }
         })
     }
@@ -198,7 +215,7 @@ impl Collective for TcpCollective {
 
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()> {
         self.check_peer(peer, "recv from")?;
-        self.guarded(|s| p2p::recv(&mut s.mesh, &mut s.recv_scratch, peer, out))
+        self.guarded(|s| p2p::recv(&mut s.mesh, peer, out))
     }
 }
 

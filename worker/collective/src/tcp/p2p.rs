@@ -6,14 +6,18 @@
 //! of ranks that all send before they receive cannot deadlock.
 
 use super::mesh::{io_error, sized, Mesh};
-use super::wire::{decode_f32, encode_f32, Header, Op, HEADER_LEN};
-use super::writer::BUF_BYTES;
+use super::wire::{as_bytes_mut, encode_f32, Header, Op, HEADER_LEN};
 use crate::Result;
 
 /// Largest message (header included) written by the engine thread itself.
 const DIRECT_MAX: usize = 64 * 1024;
 
-pub(super) fn send(mesh: &mut Mesh, scratch: &mut Vec<u8>, peer: usize, data: &[f32]) -> Result<()> {
+pub(super) fn send(
+    mesh: &mut Mesh,
+    scratch: &mut Vec<u8>,
+    peer: usize,
+    data: &[f32],
+) -> Result<()> {
     let header = Header::new(Op::Send, data.len());
     let len = HEADER_LEN + data.len() * 4;
     if len > DIRECT_MAX || !mesh.writer.idle_for(peer) {
@@ -39,13 +43,7 @@ pub(super) fn send(mesh: &mut Mesh, scratch: &mut Vec<u8>, peer: usize, data: &[
     Ok(())
 }
 
-pub(super) fn recv(mesh: &mut Mesh, scratch: &mut Vec<u8>, peer: usize, out: &mut [f32]) -> Result<()> {
+pub(super) fn recv(mesh: &mut Mesh, peer: usize, out: &mut [f32]) -> Result<()> {
     mesh.expect_header(peer, Header::new(Op::Send, out.len()), true)?;
-    let buf = sized(scratch, BUF_BYTES);
-    for piece in out.chunks_mut(BUF_BYTES / 4) {
-        let bytes = piece.len() * 4;
-        mesh.read(peer, &mut buf[..bytes])?;
-        decode_f32(&buf[..bytes], piece);
-    }
-    Ok(())
+    mesh.read(peer, as_bytes_mut(out))
 }

@@ -19,10 +19,17 @@ use crate::{CollectiveError, Result};
 /// once per group, so a millisecond or so of extra start-up latency is irrelevant.
 const ACCEPT_POLL: Duration = Duration::from_millis(1);
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
+/// How long an accepted connection may take to introduce itself. Real ranks send their hello
+/// right after connecting; this only bounds how long a silent stray client can hold up the
+/// accept loop.
+const HELLO_WAIT: Duration = Duration::from_secs(5);
 
 /// Returns `streams[p]` connected to rank `p` (`None` at `config.rank`), in blocking mode with
 /// `TCP_NODELAY` set and no timeouts.
-pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec<Option<TcpStream>>> {
+pub(super) fn establish(
+    config: &TcpConfig,
+    listener: TcpListener,
+) -> Result<Vec<Option<TcpStream>>> {
     let (rank, world) = (config.rank, config.peers.len());
     let deadline = Instant::now() + config.connect_timeout;
     let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
@@ -46,7 +53,10 @@ pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec
     while let Some(missing) = (rank + 1..world).find(|&p| streams[p].is_none()) {
         let (stream, from) = match listener.accept() {
             Ok(accepted) => accepted,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
                 if Instant::now() >= deadline {
                     return Err(CollectiveError::Io {
                         peer: missing,
@@ -62,7 +72,11 @@ pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec
             Err(e) => return Err(CollectiveError::Io { peer: missing, source: e }),
         };
         // Some platforms hand out accepted sockets with the listener's non-blocking flag.
-        let hello = stream.set_nonblocking(false).and_then(|()| prepare(&stream, deadline)).and_then(|()| read_hello(&stream));
+        let hello_deadline = deadline.min(Instant::now() + HELLO_WAIT);
+        let hello = stream
+            .set_nonblocking(false)
+            .and_then(|()| prepare(&stream, hello_deadline))
+            .and_then(|()| read_hello(&stream));
         let hello = match hello {
             Ok(Some(hello)) => hello,
             // Not a rank (a port scanner, a health check) or a client that went away: keep
@@ -72,14 +86,16 @@ pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec
                 continue;
             }
             Err(e) => {
-                tracing::warn!(%from, rank, error = %e, "ignoring a connection that failed during its hello");
+                tracing::warn!(%from, rank, error = %e, "ignoring a connection that failed its hello");
                 continue;
             }
         };
         check_hello(&hello, world, rank + 1..world)?;
         let peer = hello.rank as usize;
         if streams[peer].is_some() {
-            return Err(CollectiveError::Protocol(format!("rank {peer} connected to rank {rank} twice")));
+            return Err(CollectiveError::Protocol(format!(
+                "rank {peer} connected to rank {rank} twice"
+            )));
         }
         (&stream).write_all(&Hello::new(rank, world).encode()).map_err(io_error(peer))?;
         finish(&stream).map_err(io_error(peer))?;
@@ -106,7 +122,10 @@ fn connect_with_retry(peer: usize, addr: SocketAddr, deadline: Instant) -> Resul
             Err(e) => {
                 return Err(CollectiveError::Io {
                     peer,
-                    source: io::Error::new(e.kind(), format!("connecting to rank {peer} at {addr}: {e}")),
+                    source: io::Error::new(
+                        e.kind(),
+                        format!("connecting to rank {peer} at {addr}: {e}"),
+                    ),
                 })
             }
         }

@@ -1,9 +1,12 @@
-//! The sender thread: writes queued buffers to peers while the engine thread reads.
+//! The long-lived sender thread: writes queued copies of messages to peers while the engine
+//! thread goes on.
 //!
-//! A ring step sends one chunk to the next rank while receiving another from the previous
-//! one. If a thread did both with blocking calls, every rank could sit in `write` on a full
-//! socket buffer while nobody reads, and the ring would deadlock. So writes of large messages
-//! go to this thread, in order per peer, and the engine thread only ever blocks on reads.
+//! If every rank wrote with blocking calls before reading, all could sit in `write` on full
+//! socket buffers while nobody reads. So whatever cannot be written at once goes to this
+//! thread, in order per peer: large point-to-point sends (which makes `send` eager: it returns
+//! before the peer receives) and the unwritten rest of a stalled direct exchange. The engine
+//! thread then only ever blocks on reads. (The ring has its own sender, which writes straight
+//! from the caller's buffer; see `ring`.)
 //!
 //! Buffers travel to the thread and back through channels and are reused, so a steady stream
 //! of same-sized operations allocates nothing.
@@ -16,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::{CollectiveError, Result};
 
-/// Size of every pooled buffer, and so the unit of pipelining in the ring: small enough that
-/// the next rank starts forwarding soon, large enough that per-buffer overhead is negligible.
+/// Size of every pooled buffer: queued messages are copied and written in pieces this big.
 pub(super) const BUF_BYTES: usize = 256 * 1024;
 
 /// Pooled buffers kept after an operation; beyond this, returned buffers are freed so one huge

@@ -29,7 +29,8 @@ where
         std::thread::Builder::new()
             .name(format!("rank-{rank}"))
             .spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(rank, item)));
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(rank, item)));
                 let _ = tx.send((rank, result));
             })
             .expect("spawn rank thread");
@@ -57,7 +58,10 @@ pub fn tcp_configs(world: usize) -> Vec<(TcpConfig, TcpListener)> {
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let config = TcpConfig { connect_timeout: Duration::from_secs(30), ..TcpConfig::new(rank, peers.clone()) };
+            let config = TcpConfig {
+                connect_timeout: Duration::from_secs(30),
+                ..TcpConfig::new(rank, peers.clone())
+            };
             (config, listener)
         })
         .collect()
@@ -86,9 +90,10 @@ pub fn float_value(rank: usize, i: usize) -> f32 {
 
 /// FNV-1a over the values' bits.
 pub fn fnv(values: &[f32]) -> u64 {
-    values.iter().flat_map(|v| v.to_bits().to_le_bytes()).fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    values
+        .iter()
+        .flat_map(|v| v.to_bits().to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// Element-wise sum over ranks of `value(rank, i)`, in f32 and in rank order.
@@ -102,7 +107,10 @@ pub fn assert_close_to_reference(got: &[f32], world: usize, value: fn(usize, usi
         let exact: f64 = (0..world).map(|r| f64::from(value(r, i))).sum();
         let scale: f64 = (0..world).map(|r| f64::from(value(r, i)).abs()).sum();
         let err = (f64::from(g) - exact).abs();
-        assert!(err <= 1e-5 * scale.max(1e-30), "element {i}: got {g}, reference {exact}, error {err}");
+        assert!(
+            err <= 1e-5 * scale.max(1e-30),
+            "element {i}: got {g}, reference {exact}, error {err}"
+        );
     }
 }
 

@@ -1,0 +1,109 @@
+//! Single-rank speed of the model on a real checkpoint, in the same shape as the peer-engine
+//! scripts (`../shared/bench/peers/`): prefill of one 512-token prompt, and 128 greedy decode
+//! tokens after a 128-token prompt, at batch 1 and batch 8.
+//!
+//! usage: cargo bench -p tessera-model --bench model -- MODEL_DIR [f32|bf16|f16] [RUNS]
+//! Prints one `RESULT tessera ...` line with medians, like the peer scripts.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::DType;
+use tessera_collective::SingleRank;
+use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, SeqChunk};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7919 + 13 + salt * 104_729) % vocab) as u32).collect()
+}
+
+/// Prefills `batch` sequences of 128 tokens, then decodes 128 greedy tokens each, all sequences
+/// in every step. Returns decode tokens/s (all sequences) and the first sequence's first tokens.
+fn decode(model: &Model, batch: usize) -> anyhow::Result<(f64, Vec<u32>)> {
+    let vocab = model.config().vocab_size;
+    let mut kv = model.new_kv_cache();
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|s| prompt(128, vocab, s)).collect();
+    let mut next = Vec::with_capacity(batch);
+    for (s, p) in prompts.iter().enumerate() {
+        let chunk = [SeqChunk { seq: s as u64, start: 0, len: p.len() }];
+        let logits: Vec<Vec<f32>> =
+            model.forward(&Batch { tokens: p, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?.to_vec2()?;
+        next.push(argmax(&logits[0]));
+    }
+    let mut first = vec![next[0]];
+    let steps = 128;
+    let start = Instant::now();
+    for i in 0..steps {
+        let chunks: Vec<SeqChunk> = (0..batch).map(|s| SeqChunk { seq: s as u64, start: 128 + i, len: 1 }).collect();
+        let logits: Vec<Vec<f32>> =
+            model.forward(&Batch { tokens: &next, chunks: &chunks }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?.to_vec2()?;
+        for (n, row) in next.iter_mut().zip(&logits) {
+            *n = argmax(row);
+        }
+        if first.len() < 8 {
+            first.push(next[0]);
+        }
+    }
+    Ok(((batch * steps) as f64 / start.elapsed().as_secs_f64(), first))
+}
+
+fn prefill(model: &Model) -> anyhow::Result<f64> {
+    let p = prompt(512, model.config().vocab_size, 0);
+    let mut kv = model.new_kv_cache();
+    let chunk = [SeqChunk { seq: 0, start: 0, len: p.len() }];
+    let start = Instant::now();
+    let logits = model.forward(&Batch { tokens: &p, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?;
+    let _ = argmax(&logits.to_vec2::<f32>()?[0]);
+    Ok(p.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` appends `--bench`; ignore flags.
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let dir = PathBuf::from(args.first().map(String::as_str).unwrap_or("/opt/peers/ckpt/smol135-f32"));
+    let dtype_name = args.get(1).map(String::as_str).unwrap_or("f32");
+    let dtype = match dtype_name {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => anyhow::bail!("unknown dtype {other}"),
+    };
+    let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
+    // Optional: "prefill" or "decode" alone, for profiling one phase.
+    let only = args.get(3).map(String::as_str);
+    let t = Instant::now();
+    let model = Model::load(&dir, &LoadConfig { dtype, ..LoadConfig::default() })?;
+    println!(
+        "loaded {} ({dtype_name}) in {:.2} s, threads {}",
+        dir.display(),
+        t.elapsed().as_secs_f64(),
+        candle_core::utils::get_num_threads()
+    );
+    // Warm-up: page in the weights and size the caches.
+    decode(&model, 1)?;
+    prefill(&model)?;
+    let (mut pre, mut d1, mut d8) = (vec![], vec![], vec![]);
+    let mut first = vec![];
+    for r in 0..runs {
+        let p = if only == Some("decode") { f64::NAN } else { prefill(&model)? };
+        let (a, f) = if only == Some("prefill") { (f64::NAN, vec![]) } else { decode(&model, 1)? };
+        let b = if only.is_some() { f64::NAN } else { decode(&model, 8)?.0 };
+        println!("run {r}: prefill512 {p:.1} tok/s, decode b1 {a:.2} tok/s, decode b8 {b:.2} tok/s");
+        pre.push(p);
+        d1.push(a);
+        d8.push(b);
+        first = f;
+    }
+    println!("first 8 generated ids: {first:?}");
+    println!(
+        "RESULT tessera {dtype_name} prefill512_median={:.1} decode_median={:.2} decode_b8_median={:.2}",
+        median(pre),
+        median(d1),
+        median(d8)
+    );
+    Ok(())
+}
