@@ -1,5 +1,9 @@
 //! Harness for tests that run Tessera as real, separate processes on 127.0.0.1.
 
+mod timed;
+
+pub use timed::Timed;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;

@@ -12,7 +12,7 @@ use tessera_tests::{greedy_trace, spawn_ranks, Trace};
 const STEPS: usize = 32;
 const DECODE_CHECKED: usize = 16;
 
-fn reference(dir: &PathBuf, prompt: &[u32]) -> Trace {
+fn reference(dir: &std::path::Path, prompt: &[u32]) -> Trace {
     let model = Model::load(dir, &LoadConfig::default()).unwrap();
     greedy_trace(&model, &mut SingleRank, prompt, STEPS).unwrap()
 }

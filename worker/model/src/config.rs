@@ -181,14 +181,14 @@ impl ModelConfig {
             ));
         }
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(ModelError::InvalidConfig(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
-            None if raw.hidden_size % heads == 0 => raw.hidden_size / heads,
+            None if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
             None => {
                 return Err(ModelError::InvalidConfig(format!(
                     "hidden_size {} is not divisible by num_attention_heads {heads} and head_dim is absent",
@@ -226,7 +226,7 @@ impl ModelConfig {
                 (0..layers).map(|i| if i >= first { window } else { None }).collect()
             }
         };
-        if sliding_window.iter().any(|w| *w == Some(0)) {
+        if sliding_window.contains(&Some(0)) {
             return Err(ModelError::InvalidConfig("sliding_window must be positive".into()));
         }
 

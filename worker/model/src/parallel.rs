@@ -32,15 +32,15 @@ impl TpLayout {
         }
         let heads = cfg.num_attention_heads;
         let kv = cfg.num_key_value_heads;
-        if heads % size != 0 {
+        if !heads.is_multiple_of(size) {
             return Err(ModelError::UnevenSplit { what: "num_attention_heads", size: heads, tp: size });
         }
-        if cfg.intermediate_size % size != 0 {
+        if !cfg.intermediate_size.is_multiple_of(size) {
             return Err(ModelError::UnevenSplit { what: "intermediate_size", size: cfg.intermediate_size, tp: size });
         }
-        let (kv_heads, kv_shard) = if kv % size == 0 {
+        let (kv_heads, kv_shard) = if kv.is_multiple_of(size) {
             (kv / size, Shard::rows(rank, size))
-        } else if size % kv == 0 {
+        } else if size.is_multiple_of(kv) {
             let replicas = size / kv;
             (1, Shard::rows(rank / replicas, kv))
         } else {

@@ -66,7 +66,9 @@ impl TcpConfig {
 }
 
 /// One rank of a group connected by TCP. Owned by one thread; it keeps a sender thread of
-/// its own for large writes.
+/// its own for writes that could block, which makes large `send`s eager: they return once the
+/// values are copied, before the peer receives them. Dropping it waits (up to the connect
+/// timeout) for such queued sends to be written, then closes every connection.
 pub struct TcpCollective {
     mesh: Mesh,
     direct: DirectScratch,
@@ -83,10 +85,10 @@ pub struct TcpCollective {
 impl TcpCollective {
     /// Default switch-over from the direct exchange to the ring, in bytes one rank sends in a
     /// direct exchange (buffer bytes x (world - 1)). The direct exchange needs one message
-    /// latency and no sender thread; the ring sends `2 (n - 1) / n` of the buffer instead of
-    /// `n - 1` times it but costs a thread start and `2 (n - 1)` hops. Measured on loopback
-    /// with `cargo bench --bench tcp_collective`: the ring wins from about 2-4 MiB at 2 ranks
-    /// and from about 512 KiB at 4 ranks (1.5 MiB of direct traffic).
+    /// latency and no thread start; the ring sends `2 (n - 1) / n` of the buffer instead of
+    /// `n - 1` times it, but starts a sender thread and needs `2 (n - 1)` hops. Measured on
+    /// loopback with `cargo bench --bench tcp_collective`: the ring wins above 2-4 MiB at 2
+    /// ranks and above 512 KiB-1 MiB at 4 ranks, both around 2 MiB of direct traffic.
     pub const DEFAULT_RING_THRESHOLD: usize = 2 * 1024 * 1024;
 
     /// Joins the group described by `config`. `listener` is this rank's listener, already

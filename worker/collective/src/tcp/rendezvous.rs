@@ -69,6 +69,13 @@ pub(super) fn establish(
                 std::thread::sleep(ACCEPT_POLL);
                 continue;
             }
+            // A client that gave up before being accepted is no reason to give up ourselves.
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionAborted
+                    || e.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                continue
+            }
             Err(e) => return Err(CollectiveError::Io { peer: missing, source: e }),
         };
         // Some platforms hand out accepted sockets with the listener's non-blocking flag.
@@ -82,11 +89,11 @@ pub(super) fn establish(
             // Not a rank (a port scanner, a health check) or a client that went away: keep
             // waiting for the real peers.
             Ok(None) => {
-                tracing::warn!(%from, rank, "ignoring a connection that did not send a rank hello");
+                tracing::warn!(%from, rank, "ignoring a connection without a rank hello");
                 continue;
             }
             Err(e) => {
-                tracing::warn!(%from, rank, error = %e, "ignoring a connection that failed its hello");
+                tracing::warn!(%from, rank, error = %e, "ignoring a connection whose hello failed");
                 continue;
             }
         };
