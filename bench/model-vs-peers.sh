@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Tessera TP=1 side by side with HF transformers, candle-transformers and llama.cpp on the same
+# SmolLM-135M-shaped random checkpoint, one engine after another in one run (the machine is
+# shared and noisy, so only ratios within one run mean much).
+#
+# usage: bench/model-vs-peers.sh [RUNS]
+# Needs the peer engines set up as in ../shared/bench/peers/README.md under $PEERS (default
+# /opt/peers): $PEERS/hf (venv), $PEERS/ckpt/smol135-{f32,bf16}, $PEERS/candle-bench,
+# $PEERS/lcpp (venv) and $PEERS/smol135-{f32,bf16,q8_0}.gguf.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3}
+PEERS=${PEERS:-/opt/peers}
+SCRIPTS=${PEER_SCRIPTS:-../shared/bench/peers}
+export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
+
+cargo bench -p tessera-model --bench model --no-run >/dev/null 2>&1
+out=$(mktemp)
+for dt in f32 bf16; do
+  ckpt=$PEERS/ckpt/smol135-$dt
+  "$PEERS/hf/bin/python" "$SCRIPTS/hf_bench.py" "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
+  "$PEERS/candle-bench/target/release/candle-bench" "$ckpt" "$dt" "$RUNS" 2>&1 | grep '^RESULT' | tee -a "$out"
+  NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-$dt.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
+  cargo bench -q -p tessera-model --bench model -- "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
+done
+
+python3 - "$out" <<'PY'
+import re, sys
+rows = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    engine, dtype = f[1], f[2].lower()
+    if engine == "llama.cpp":
+        dtype = "bf16" if "bf16" in dtype else "f32"
+    kv = dict(re.findall(r"(\w+)=([\d.]+)", line))
+    rows[(engine, dtype)] = kv
+print("\n| engine | dtype | prefill512 tok/s | decode b1 tok/s | decode b8 tok/s | Tessera/engine prefill | Tessera/engine decode |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for (engine, dtype), kv in rows.items():
+    t = rows.get(("tessera", dtype), {})
+    pre, dec = float(kv["prefill512_median"]), float(kv["decode_median"])
+    rp = float(t.get("prefill512_median", "nan")) / pre
+    rd = float(t.get("decode_median", "nan")) / dec
+    b8 = kv.get("decode_b8_median", "")
+    print(f"| {engine} | {dtype} | {pre:.1f} | {dec:.2f} | {b8} | {rp:.2f}x | {rd:.2f}x |")
+PY
+rm -f "$out"
