@@ -13,6 +13,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvSpec};
 use crate::layer::{DecoderLayer, LayerInputs};
+use crate::linear::matmul_t;
 use crate::parallel::TpLayout;
 use crate::rope::Rope;
 use crate::weights::{Checkpoint, Shard};
@@ -161,7 +162,7 @@ impl Model {
             }
         };
         let x = self.norm.forward(&x)?;
-        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     fn validate(&self, batch: &Batch) -> Result<()> {
