@@ -1,0 +1,18 @@
+//! Tessera's gRPC contracts, generated from the `.proto` files next to this crate.
+//!
+//! `tessera.v1` is the public API and a stability boundary: fields are only ever added.
+//! `tessera.worker.v1` is spoken between the coordinator and workers and may change freely.
+//! Only the two server crates use these types; they convert at their edge.
+
+/// The public API (`tessera.v1`).
+pub mod v1 {
+    tonic::include_proto!("tessera.v1");
+}
+
+/// The coordinator ↔ worker API (`tessera.worker.v1`).
+pub mod worker {
+    tonic::include_proto!("tessera.worker.v1");
+}
+
+/// Encoded descriptors of every message and service, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tessera_descriptor");
