@@ -12,6 +12,40 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+/// Path of the `tessera` binary, built once per test process with the same profile as the tests.
+pub fn tessera_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "tessera", "--bin", "tessera"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the tessera binary failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
+        target.join("debug").join("tessera")
+    })
+}
+
+/// Starts `tessera worker` on a free port and returns it with the gRPC address it printed.
+pub fn spawn_worker(extra_args: &[&str]) -> anyhow::Result<(ChildGuard, SocketAddr)> {
+    let mut child = Command::new(tessera_bin())
+        .arg("worker")
+        .args(extra_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn tessera worker")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
+    let guard = ChildGuard(child);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let addr = line.trim().parse().with_context(|| format!("worker printed {line:?}, not an address"))?;
+    Ok((guard, addr))
+}
+
 /// What one rank computed: all prefill logits, each greedy step's logits, the greedy tokens.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Trace {

@@ -22,6 +22,9 @@ pub enum CollectiveError {
     /// Another rank of an in-process group panicked or left.
     #[error("collective group is broken: a peer rank left")]
     PeerLost,
+    /// NCCL or the CUDA driver under it failed (backend `NcclCollective`, feature `nccl`).
+    #[error("NCCL collective failed: {0}")]
+    Nccl(String),
     /// Converting between tensors and host buffers failed.
     #[error("tensor conversion for a collective failed: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -6,19 +6,23 @@
 //! - [`SingleRank`]: world size 1, every operation is the identity;
 //! - [`InProcessGroup`]: ranks are threads of one process (tests, one-machine TP);
 //! - [`TcpCollective`]: ranks are processes or hosts connected by TCP (CPU clusters);
-//! - NCCL (feature `nccl`): GPUs, through candle's re-exported cudarc.
+//! - `NcclCollective` (feature `nccl`): GPUs, through NCCL from candle's re-exported cudarc.
 //!
 //! Every rank gets bit-identical results from `all_reduce_sum`, whatever the backend, so
 //! replicated state (norms, sampled tokens) never drifts between ranks.
 
 mod error;
 mod in_process;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod single;
 mod tcp;
 mod tensor;
 
 pub use error::CollectiveError;
 pub use in_process::InProcessGroup;
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclCollective, NcclId};
 pub use single::SingleRank;
 pub use tcp::{TcpCollective, TcpConfig};
 pub use tensor::{all_gather_tensor, all_reduce_tensor};
@@ -31,7 +35,10 @@ pub type Result<T> = std::result::Result<T, CollectiveError>;
 ///
 /// All ranks of a group must call the same operations in the same order with the same lengths;
 /// a mismatch is reported as [`CollectiveError::Protocol`] where it can be detected.
-pub trait Collective: Send {
+///
+/// There is no `Send` bound: an NCCL communicator must stay on the thread that created it, so
+/// the NCCL backend is not `Send`. The host backends are, and can be moved into rank threads.
+pub trait Collective {
     /// This rank's index in `0..world_size()`.
     fn rank(&self) -> usize;
 

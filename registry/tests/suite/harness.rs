@@ -1,0 +1,199 @@
+//! Test harness: a real etcd on loopback, and a TCP proxy whose connections a test can cut.
+//!
+//! `EtcdServer::start` fails the test (it does not skip it) when the `etcd` binary is missing:
+//! a registry suite that silently did nothing would hide exactly the bugs it exists to catch.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+
+/// How long a fresh etcd may take to elect itself leader and answer.
+const STARTUP_LIMIT: Duration = Duration::from_secs(30);
+
+/// A single-member etcd with its own data directory; killed when dropped.
+pub struct EtcdServer {
+    child: Child,
+    data: TempDir,
+    client_addr: SocketAddr,
+}
+
+impl EtcdServer {
+    /// Starts etcd on free loopback ports and waits until it serves reads.
+    pub async fn start() -> Self {
+        // Ports are found by binding port 0 and releasing it; another process could take one
+        // in between, so a server that dies at startup is retried on fresh ports.
+        let mut last_log = String::new();
+        for _attempt in 0..3 {
+            let mut server = Self::spawn();
+            match server.wait_ready().await {
+                Ok(()) => return server,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("etcd did not start on loopback after 3 attempts; its log:\n{last_log}");
+    }
+
+    fn spawn() -> Self {
+        let data = tempfile::tempdir().expect("temporary etcd data directory");
+        let client_addr = free_port();
+        let peer_addr = free_port();
+        let client_url = format!("http://{client_addr}");
+        let peer_url = format!("http://{peer_addr}");
+        let log = File::create(data.path().join("etcd.log")).expect("etcd log file");
+        let log_err = log.try_clone().expect("etcd log file handle");
+        let spawned = Command::new("etcd")
+            .arg("--name=tessera-test")
+            .arg(format!("--data-dir={}", data.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=tessera-test={peer_url}"))
+            .arg("--log-level=warn")
+            .arg("--logger=zap")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) if e.kind() == ErrorKind::NotFound => panic!(
+                "the `etcd` binary is not on PATH; the registry tests need a real etcd. \
+                 Run scripts/setup.sh (it installs Debian's etcd-server) and try again."
+            ),
+            Err(e) => panic!("could not start etcd: {e}"),
+        };
+        Self { child, data, client_addr }
+    }
+
+    /// Polls with a real client until etcd answers a read (it needs a leader for that), with
+    /// a bounded number of attempts. On failure returns etcd's log.
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + STARTUP_LIMIT;
+        let mut poll = tokio::time::interval(Duration::from_millis(50));
+        while Instant::now() < deadline {
+            poll.tick().await;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("etcd exited with {status}\n{}", self.log()));
+            }
+            let options = ConnectOptions::new().with_connect_timeout(Duration::from_millis(300));
+            let probe = async {
+                let mut client = Client::connect([self.url()], Some(options)).await?;
+                client.get("probe", None).await
+            };
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), probe).await {
+                return Ok(());
+            }
+        }
+        Err(format!("etcd did not answer within {STARTUP_LIMIT:?}\n{}", self.log()))
+    }
+
+    /// The client URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.client_addr)
+    }
+
+    /// The client address, for a proxy to forward to.
+    pub fn addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// A plain etcd client, for doing things behind the registry's back.
+    pub async fn client(&self) -> Client {
+        Client::connect([self.url()], None).await.expect("connect to test etcd")
+    }
+
+    fn log(&self) -> String {
+        let mut text = String::new();
+        let path: PathBuf = self.data.path().join("etcd.log");
+        if let Ok(mut file) = File::open(path) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let listener = StdListener::bind("127.0.0.1:0").expect("bind a free loopback port");
+    listener.local_addr().expect("local address")
+}
+
+/// A loopback TCP proxy. `cut` drops every open connection and refuses new ones (accepts and
+/// closes them at once) until `restore`: a network partition between one client and etcd.
+pub struct Proxy {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+    acceptor: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let open = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = tokio::spawn(accept(listener, upstream, open.clone(), connections.clone()));
+        Self { addr, open, connections, acceptor }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for connection in self.connections.lock().expect("proxy connections").drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.acceptor.abort();
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    open: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        if !open.load(Ordering::SeqCst) {
+            drop(inbound);
+            continue;
+        }
+        let task = tokio::spawn(async move {
+            if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+        connections.lock().expect("proxy connections").push(task.abort_handle());
+    }
+}

@@ -1,0 +1,337 @@
+//! The engine thread: the only owner of a rank's model, KV cache, samplers and collective.
+//!
+//! Collectives block, and a rank blocks its peers while it computes, so the math runs on one
+//! dedicated OS thread, never on the async runtime. Callers talk to it through
+//! [`EngineHandle`], a cloneable sender of commands that each carry their reply channel.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use candle_core::{DType, Device};
+use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
+use tessera_model::sampler::{Sampler, SamplingParams};
+use tessera_model::{Batch, KvCache, LoadConfig, LogitsMode, Model, SeqChunk, SeqId};
+use tokio::sync::oneshot;
+
+use crate::error::WorkerError;
+
+type Result<T> = std::result::Result<T, WorkerError>;
+
+/// Fixed settings of one worker's engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Host the collective endpoint binds to (port chosen by the OS).
+    pub collective_host: String,
+    /// Tokens of KV cache this worker accepts across all sequences.
+    pub kv_capacity_tokens: u64,
+}
+
+/// What the coordinator asks a rank to become.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub group_id: String,
+    pub model_dir: PathBuf,
+    pub dtype: DType,
+    pub tp_rank: usize,
+    pub tp_size: usize,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone)]
+pub struct SeqWork {
+    pub seq: SeqId,
+    pub start: usize,
+    pub tokens: Vec<u32>,
+    /// Present on a sequence's first step.
+    pub sampling: Option<SamplingParams>,
+    pub sample: bool,
+}
+
+/// A token chosen for a sequence at the end of a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    pub seq: SeqId,
+    pub token: u32,
+    pub logprob: f32,
+}
+
+/// A snapshot of the engine for status reports.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStatus {
+    pub state: &'static str,
+    pub group_id: String,
+    pub tp_rank: usize,
+    pub sequences: usize,
+    pub kv_tokens: u64,
+    pub error: String,
+}
+
+enum Command {
+    Assign(Assignment, oneshot::Sender<Result<Option<SocketAddr>>>),
+    Rendezvous(String, Vec<SocketAddr>, oneshot::Sender<Result<()>>),
+    Step(String, Vec<SeqWork>, oneshot::Sender<Result<Vec<Sampled>>>),
+    Release(String, Vec<SeqId>, oneshot::Sender<Result<()>>),
+    Reset(oneshot::Sender<()>),
+    Status(oneshot::Sender<EngineStatus>),
+}
+
+/// Cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. It stops when every handle is dropped.
+    pub fn spawn(config: EngineConfig) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new().name("tessera-engine".into()).spawn(move || Engine::new(config).run(rx))?;
+        Ok(Self { tx })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> std::result::Result<T, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| WorkerError::EngineGone)?;
+        rx.await.map_err(|_| WorkerError::EngineGone)
+    }
+
+    pub async fn assign(&self, a: Assignment) -> Result<Option<SocketAddr>> {
+        self.call(|r| Command::Assign(a, r)).await?
+    }
+
+    pub async fn rendezvous(&self, group: String, peers: Vec<SocketAddr>) -> Result<()> {
+        self.call(|r| Command::Rendezvous(group, peers, r)).await?
+    }
+
+    pub async fn step(&self, group: String, work: Vec<SeqWork>) -> Result<Vec<Sampled>> {
+        self.call(|r| Command::Step(group, work, r)).await?
+    }
+
+    pub async fn release(&self, group: String, seqs: Vec<SeqId>) -> Result<()> {
+        self.call(|r| Command::Release(group, seqs, r)).await?
+    }
+
+    pub async fn reset(&self) -> Result<()> {
+        self.call(Command::Reset).await
+    }
+
+    pub async fn status(&self) -> Result<EngineStatus> {
+        self.call(Command::Status).await
+    }
+}
+
+struct Serving {
+    group_id: String,
+    tp_rank: usize,
+    model: Model,
+    kv: KvCache,
+    comm: Box<dyn Collective>,
+    samplers: HashMap<SeqId, Sampler>,
+}
+
+enum State {
+    Idle,
+    Assigned { assignment: Assignment, listener: Option<TcpListener> },
+    Serving(Box<Serving>),
+    Failed { group_id: String, error: String },
+}
+
+struct Engine {
+    config: EngineConfig,
+    state: State,
+}
+
+impl Engine {
+    fn new(config: EngineConfig) -> Self {
+        Self { config, state: State::Idle }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        // A dropped reply receiver means the caller gave up (e.g. the RPC was cancelled); the
+        // work is done either way, so send errors are ignored.
+        while let Ok(cmd) = rx.recv() {
+            match cmd {
+                Command::Assign(a, reply) => {
+                    let _ = reply.send(self.assign(a));
+                }
+                Command::Rendezvous(group, peers, reply) => {
+                    let result = self.rendezvous(&group, peers);
+                    let _ = reply.send(result);
+                }
+                Command::Step(group, work, reply) => {
+                    let result = self.step(&group, work);
+                    let _ = reply.send(result);
+                }
+                Command::Release(group, seqs, reply) => {
+                    let _ = reply.send(self.release(&group, &seqs));
+                }
+                Command::Reset(reply) => {
+                    self.state = State::Idle;
+                    let _ = reply.send(());
+                }
+                Command::Status(reply) => {
+                    let _ = reply.send(self.status());
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self, a: Assignment) -> Result<Option<SocketAddr>> {
+        if a.tp_size == 0 || a.tp_rank >= a.tp_size {
+            return Err(WorkerError::InvalidArgument(format!("rank {} of tp {}", a.tp_rank, a.tp_size)));
+        }
+        // Re-assignment replaces whatever the worker held: the coordinator owns placement.
+        let listener = if a.tp_size > 1 {
+            Some(TcpListener::bind((self.config.collective_host.as_str(), 0)).map_err(WorkerError::Bind)?)
+        } else {
+            None
+        };
+        let addr = listener.as_ref().map(|l| l.local_addr()).transpose().map_err(WorkerError::Bind)?;
+        self.state = State::Assigned { assignment: a, listener };
+        Ok(addr)
+    }
+
+    fn rendezvous(&mut self, group: &str, peers: Vec<SocketAddr>) -> Result<()> {
+        let (assignment, listener) = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Assigned { assignment, listener } if assignment.group_id == group => (assignment, listener),
+            other => {
+                let err = match &other {
+                    State::Assigned { .. } => WorkerError::WrongGroup(group.into()),
+                    _ => WorkerError::BadState { state: state_name(&other), action: "rendezvous" },
+                };
+                self.state = other;
+                return Err(err);
+            }
+        };
+        let result = self.connect_and_load(&assignment, listener, peers);
+        match result {
+            Ok(serving) => {
+                self.state = State::Serving(Box::new(serving));
+                Ok(())
+            }
+            Err(e) => {
+                self.state = State::Failed { group_id: assignment.group_id, error: e.to_string() };
+                Err(e)
+            }
+        }
+    }
+
+    fn connect_and_load(&self, a: &Assignment, listener: Option<TcpListener>, peers: Vec<SocketAddr>) -> Result<Serving> {
+        let comm: Box<dyn Collective> = match listener {
+            None => Box::new(SingleRank),
+            Some(listener) => {
+                if peers.len() != a.tp_size {
+                    return Err(WorkerError::InvalidArgument(format!("{} peers for tp {}", peers.len(), a.tp_size)));
+                }
+                Box::new(TcpCollective::connect(TcpConfig::new(a.tp_rank, peers), listener)?)
+            }
+        };
+        let load = LoadConfig { dtype: a.dtype, tp_rank: a.tp_rank, tp_size: a.tp_size, device: Device::Cpu };
+        let start = std::time::Instant::now();
+        let model = Model::load(&a.model_dir, &load)?;
+        tracing::info!(group = %a.group_id, rank = a.tp_rank, secs = start.elapsed().as_secs_f64(), "shard loaded");
+        let kv = model.new_kv_cache();
+        Ok(Serving { group_id: a.group_id.clone(), tp_rank: a.tp_rank, model, kv, comm, samplers: HashMap::new() })
+    }
+
+    fn serving(&mut self, group: &str, action: &'static str) -> Result<&mut Serving> {
+        let state = state_name(&self.state);
+        match &mut self.state {
+            State::Serving(s) if s.group_id == group => Ok(s),
+            State::Serving(_) => Err(WorkerError::WrongGroup(group.into())),
+            _ => Err(WorkerError::BadState { state, action }),
+        }
+    }
+
+    fn step(&mut self, group: &str, work: Vec<SeqWork>) -> Result<Vec<Sampled>> {
+        let capacity = self.config.kv_capacity_tokens;
+        let s = self.serving(group, "step")?;
+        let new_tokens: u64 = work.iter().map(|w| w.tokens.len() as u64).sum();
+        let needed = s.kv.tokens() as u64 + new_tokens;
+        if needed > capacity {
+            return Err(WorkerError::KvExhausted { needed, capacity });
+        }
+        let mut tokens = Vec::with_capacity(new_tokens as usize);
+        let mut chunks = Vec::with_capacity(work.len());
+        for w in &work {
+            if let Some(params) = &w.sampling {
+                s.samplers.insert(w.seq, Sampler::new(params.clone()));
+            }
+            chunks.push(SeqChunk { seq: w.seq, start: w.start, len: w.tokens.len() });
+            tokens.extend_from_slice(&w.tokens);
+        }
+        let result = s.model.forward(&Batch { tokens: &tokens, chunks: &chunks }, &mut s.kv, s.comm.as_mut(), LogitsMode::LastPerChunk);
+        let logits = match result {
+            Ok(l) => l,
+            // A failed collective leaves the group unusable: every rank must be re-formed.
+            Err(e @ tessera_model::ModelError::Collective(_)) => {
+                let group_id = s.group_id.clone();
+                self.state = State::Failed { group_id, error: e.to_string() };
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(tessera_model::ModelError::from)?;
+        let mut out = Vec::new();
+        for (w, row) in work.iter().zip(&rows) {
+            if !w.sample {
+                continue;
+            }
+            let sampler = s
+                .samplers
+                .get_mut(&w.seq)
+                .ok_or_else(|| WorkerError::InvalidArgument(format!("sequence {} has no sampling parameters", w.seq)))?;
+            let token = sampler.sample(row);
+            out.push(Sampled { seq: w.seq, token, logprob: log_softmax_at(row, token as usize) });
+        }
+        Ok(out)
+    }
+
+    fn release(&mut self, group: &str, seqs: &[SeqId]) -> Result<()> {
+        let s = self.serving(group, "release")?;
+        for seq in seqs {
+            s.kv.release(*seq);
+            s.samplers.remove(seq);
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> EngineStatus {
+        let state = state_name(&self.state);
+        match &self.state {
+            State::Idle => EngineStatus { state, ..EngineStatus::default() },
+            State::Assigned { assignment, .. } => {
+                EngineStatus { state, group_id: assignment.group_id.clone(), tp_rank: assignment.tp_rank, ..EngineStatus::default() }
+            }
+            State::Serving(s) => EngineStatus {
+                state,
+                group_id: s.group_id.clone(),
+                tp_rank: s.tp_rank,
+                sequences: s.kv.num_sequences(),
+                kv_tokens: s.kv.tokens() as u64,
+                error: String::new(),
+            },
+            State::Failed { group_id, error } => {
+                EngineStatus { state, group_id: group_id.clone(), error: error.clone(), ..EngineStatus::default() }
+            }
+        }
+    }
+}
+
+fn state_name(state: &State) -> &'static str {
+    match state {
+        State::Idle => "idle",
+        State::Assigned { .. } => "assigned",
+        State::Serving(_) => "serving",
+        State::Failed { .. } => "failed",
+    }
+}
+
+/// `log softmax(row)[i]`, computed stably in f64.
+fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    (row[i] as f64 - max as f64 - sum.ln()) as f32
+}

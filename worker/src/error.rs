@@ -1,0 +1,40 @@
+//! Worker errors and their one mapping to gRPC status codes.
+
+use tessera_collective::CollectiveError;
+use tessera_model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker is not in group {0:?}")]
+    WrongGroup(String),
+    #[error("worker is {state}, cannot {action}")]
+    BadState { state: &'static str, action: &'static str },
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("KV capacity exhausted: {needed} tokens needed, capacity {capacity}")]
+    KvExhausted { needed: u64, capacity: u64 },
+    #[error("group collective failed: {0}")]
+    Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("cannot bind the collective endpoint: {0}")]
+    Bind(std::io::Error),
+    #[error("worker engine has stopped")]
+    EngineGone,
+}
+
+impl From<WorkerError> for tonic::Status {
+    fn from(e: WorkerError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            WorkerError::WrongGroup(_) | WorkerError::BadState { .. } => Code::FailedPrecondition,
+            WorkerError::InvalidArgument(_) => Code::InvalidArgument,
+            WorkerError::KvExhausted { .. } => Code::ResourceExhausted,
+            WorkerError::Collective(_) | WorkerError::EngineGone => Code::Unavailable,
+            WorkerError::Model(ModelError::InvalidBatch(_) | ModelError::UnknownSequence(_)) => Code::InvalidArgument,
+            WorkerError::Model(ModelError::Collective(_)) => Code::Unavailable,
+            WorkerError::Model(_) | WorkerError::Bind(_) => Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}

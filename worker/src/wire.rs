@@ -1,0 +1,59 @@
+//! Conversions between `tessera.worker.v1` messages and engine types: the only place the
+//! worker sees generated protobuf types besides the service itself.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use candle_core::DType;
+use tessera_model::sampler::SamplingParams;
+use tessera_proto::worker as pb;
+
+use crate::engine::{Assignment, Sampled, SeqWork};
+use crate::error::WorkerError;
+
+/// Largest tensor-parallel group a worker accepts.
+const MAX_TP: u32 = 256;
+
+pub fn assignment(req: pb::AssignRequest) -> Result<Assignment, WorkerError> {
+    let dtype = match req.dtype.as_str() {
+        "" | "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => return Err(WorkerError::InvalidArgument(format!("unknown dtype {other:?}"))),
+    };
+    if req.tp_size == 0 || req.tp_size > MAX_TP || req.tp_rank >= req.tp_size {
+        return Err(WorkerError::InvalidArgument(format!("rank {} of tp {} (max {MAX_TP})", req.tp_rank, req.tp_size)));
+    }
+    Ok(Assignment {
+        group_id: req.group_id,
+        model_dir: PathBuf::from(req.model_dir),
+        dtype,
+        tp_rank: req.tp_rank as usize,
+        tp_size: req.tp_size as usize,
+    })
+}
+
+pub fn peers(list: &[String]) -> Result<Vec<SocketAddr>, WorkerError> {
+    list.iter()
+        .map(|p| p.parse().map_err(|_| WorkerError::InvalidArgument(format!("bad peer address {p:?}"))))
+        .collect()
+}
+
+pub fn seq_work(s: pb::SeqStep) -> SeqWork {
+    SeqWork {
+        seq: s.seq_id,
+        start: s.start as usize,
+        tokens: s.tokens,
+        sampling: s.sampling.map(|p| SamplingParams {
+            temperature: p.temperature,
+            top_k: (p.top_k > 0).then_some(p.top_k as usize),
+            top_p: p.top_p,
+            seed: p.seed,
+        }),
+        sample: s.sample,
+    }
+}
+
+pub fn sampled(s: Sampled) -> pb::SampledToken {
+    pb::SampledToken { seq_id: s.seq, token: s.token, logprob: s.logprob }
+}
