@@ -57,4 +57,10 @@ pub trait Collective {
 
     /// Receives exactly `out.len()` values sent by rank `peer`.
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()>;
+
+    /// All-reduce (sum) of a tensor. The default goes through host memory in f32; a device
+    /// backend overrides it to reduce in place on the device.
+    fn all_reduce_tensor(&mut self, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        tensor::host_all_reduce(self, x)
+    }
 }

@@ -125,7 +125,7 @@ impl NcclCollective {
     ///
     /// Unlike [`crate::all_reduce_tensor`], bf16 and f16 are summed in their own precision
     /// (half the traffic, slightly larger rounding error); convert to f32 first for f32 sums.
-    pub fn all_reduce_tensor(&mut self, x: &Tensor) -> Result<Tensor> {
+    pub fn all_reduce_on_device(&mut self, x: &Tensor) -> Result<Tensor> {
         if !x.device().same_device(&self.device) {
             return Err(CollectiveError::InvalidArgument(format!(
                 "NCCL all-reduce of a tensor on {:?}; the communicator is on {:?}",
@@ -213,6 +213,10 @@ impl NcclCollective {
 }
 
 impl Collective for NcclCollective {
+    fn all_reduce_tensor(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.all_reduce_on_device(x)
+    }
+
     fn rank(&self) -> usize {
         self.comm.rank()
     }

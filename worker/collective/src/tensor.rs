@@ -5,8 +5,14 @@ use candle_core::{DType, Tensor};
 use crate::{Collective, Result};
 
 /// All-reduce (sum) of a tensor across the group, returning a tensor of the input's shape and
-/// dtype. The reduction runs in f32 whatever the tensor's dtype, so TP sums lose no precision.
+/// dtype, through the backend's [`Collective::all_reduce_tensor`].
 pub fn all_reduce_tensor(comm: &mut dyn Collective, x: &Tensor) -> Result<Tensor> {
+    comm.all_reduce_tensor(x)
+}
+
+/// The host-memory all-reduce behind [`Collective::all_reduce_tensor`]: the reduction runs in
+/// f32 whatever the tensor's dtype, so TP sums lose no precision.
+pub(crate) fn host_all_reduce<C: Collective + ?Sized>(comm: &mut C, x: &Tensor) -> Result<Tensor> {
     if comm.world_size() == 1 {
         return Ok(x.clone());
     }
