@@ -128,8 +128,9 @@ impl EtcdRegistry {
 impl Registry for EtcdRegistry {
     async fn register(&self, record: WorkerRecord) -> Result<Registration> {
         validate_worker_id(&record.id)?;
-        let value = serde_json::to_vec(&record).map_err(|source| {
-            RegistryError::EncodeRecord { worker_id: record.id.clone(), source }
+        let value = serde_json::to_vec(&record).map_err(|source| RegistryError::EncodeRecord {
+            worker_id: record.id.clone(),
+            source,
         })?;
         lease::register(Arc::clone(&self.config), record.id, value).await
     }
@@ -176,8 +177,8 @@ async fn revoke(client: &mut Client, lease: LeaseId, timeout: Duration) -> Resul
 /// Every readable worker record and the store revision the listing reflects.
 async fn list(client: &mut Client, timeout: Duration) -> Result<(Vec<WorkerRecord>, i64)> {
     let options = GetOptions::new().with_prefix();
-    let response = with_timeout("list workers", timeout, client.get(WORKERS_PREFIX, Some(options)))
-        .await?;
+    let response =
+        with_timeout("list workers", timeout, client.get(WORKERS_PREFIX, Some(options))).await?;
     // etcd always sends a header; without one, watching from revision 1 replays all history,
     // which is redundant but loses nothing.
     let revision = response.header().map_or(0, |h| h.revision());
@@ -199,7 +200,8 @@ fn decode_record(id: &str, value: &[u8]) -> Option<WorkerRecord> {
     match serde_json::from_slice::<WorkerRecord>(value) {
         Ok(record) if record.id == id => Some(record),
         Ok(record) => {
-            tracing::warn!(key_id = id, record_id = %record.id, "worker record under the wrong key; ignored");
+            let record_id = &record.id;
+            tracing::warn!(key_id = id, %record_id, "worker record under the wrong key; ignored");
             None
         }
         Err(error) => {

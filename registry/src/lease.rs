@@ -6,7 +6,7 @@
 //! channel, so both backends share this one type:
 //!
 //! * dropping the handle closes the channel; the loop stops renewing and the lease expires
-//!   one TTL later (a crashed process behaves the same way);
+//!   within one TTL (a crashed process behaves the same way);
 //! * [`Registration::revoke`] asks the loop to revoke the lease now (graceful leave);
 //! * when the loop learns that the lease is gone it publishes [`LeaseState::Lost`] and stops.
 
@@ -118,10 +118,16 @@ impl Registration {
     /// either way.
     pub async fn revoke(self) -> Result<()> {
         let (reply, answer) = oneshot::channel();
-        if self.commands.send(LeaseCommand::Revoke(reply)).await.is_err() {
-            // The loop only exits early after the lease was lost.
-            return Ok(());
+        let answered = match self.commands.send(LeaseCommand::Revoke(reply)).await {
+            Ok(()) => answer.await.ok(),
+            Err(_) => None,
+        };
+        match answered {
+            Some(result) => result,
+            // The loop ended before answering. It ends on its own only after publishing a
+            // loss; anything else means it died while the lease may still be alive.
+            None if matches!(self.state(), LeaseState::Lost(_)) => Ok(()),
+            None => Err(RegistryError::KeepAliveStopped),
         }
-        answer.await.unwrap_or(Err(RegistryError::KeepAliveStopped))
     }
 }

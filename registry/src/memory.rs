@@ -71,13 +71,8 @@ struct Shared {
 #[derive(Debug, Default)]
 struct State {
     next_lease: i64,
-    workers: BTreeMap<String, Worker>,
+    workers: BTreeMap<String, WorkerRecord>,
     leases: HashMap<LeaseId, Lease>,
-}
-
-#[derive(Debug)]
-struct Worker {
-    record: WorkerRecord,
 }
 
 #[derive(Debug)]
@@ -119,13 +114,11 @@ impl Shared {
         let _ = self.changes.send(event);
     }
 
-    fn snapshot_and_subscribe(
-        &self,
-    ) -> (Vec<WorkerRecord>, broadcast::Receiver<MembershipEvent>) {
+    fn snapshot_and_subscribe(&self) -> (Vec<WorkerRecord>, broadcast::Receiver<MembershipEvent>) {
         let state = self.lock();
         // Subscribing under the lock: every change after this listing reaches the receiver.
         let changes = self.changes.subscribe();
-        let snapshot = state.workers.values().map(|w| w.record.clone()).collect();
+        let snapshot = state.workers.values().cloned().collect();
         (snapshot, changes)
     }
 
@@ -151,7 +144,10 @@ impl Shared {
 
     /// Removes the lease and its worker; returns whether the lease existed.
     fn end_lease(&self, lease: LeaseId, loss: LeaseLoss) -> bool {
-        let mut state = self.lock();
+        self.end_lease_locked(&mut self.lock(), lease, loss)
+    }
+
+    fn end_lease_locked(&self, state: &mut State, lease: LeaseId, loss: LeaseLoss) -> bool {
         let Some(ended) = state.leases.remove(&lease) else {
             return false;
         };
@@ -164,11 +160,13 @@ impl Shared {
     /// Ends the lease if its deadline has passed. Returns the deadline to check again at, or
     /// `None` once the lease is gone.
     fn expire_if_due(&self, lease: LeaseId) -> Option<Instant> {
-        let deadline = self.lock().leases.get(&lease)?.deadline;
+        // One critical section, so a renewal cannot slip in between the check and the removal.
+        let mut state = self.lock();
+        let deadline = state.leases.get(&lease)?.deadline;
         if deadline > Instant::now() {
             return Some(deadline);
         }
-        self.end_lease(lease, LeaseLoss::Expired);
+        self.end_lease_locked(&mut state, lease, LeaseLoss::Expired);
         None
     }
 }
@@ -190,7 +188,7 @@ impl Registry for MemoryRegistry {
             let deadline = Instant::now() + ttl;
             let worker_id = record.id.clone();
             state.leases.insert(lease, Lease { deadline, worker_id, state: state_tx });
-            state.workers.insert(record.id.clone(), Worker { record: record.clone() });
+            state.workers.insert(record.id.clone(), record.clone());
             self.shared.publish(MembershipEvent::Up(record.clone()));
             lease
         };
@@ -262,7 +260,9 @@ async fn forward(
             Ok(event) => event,
             Err(RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "membership watcher fell behind; sending a fresh snapshot");
-                let Some(shared) = shared.upgrade() else { return };
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
                 let (snapshot, fresh) = shared.snapshot_and_subscribe();
                 changes = fresh;
                 MembershipEvent::Snapshot(snapshot)
@@ -327,10 +327,7 @@ mod tests {
             events.push(event);
         }
         let all: Vec<_> = (0..8).map(|i| record(&format!("w{i}"))).collect();
-        assert_eq!(
-            events,
-            vec![MembershipEvent::Snapshot(vec![]), MembershipEvent::Snapshot(all)]
-        );
+        assert_eq!(events, vec![MembershipEvent::Snapshot(vec![]), MembershipEvent::Snapshot(all)]);
         drop(held);
     }
 

@@ -30,17 +30,23 @@ pub(super) async fn register(
     worker_id: String,
     value: Vec<u8>,
 ) -> Result<Registration> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(RegistryError::KeepAliveThread)?;
     let (ready_tx, ready_rx) = oneshot::channel();
     let (commands_tx, commands_rx) = mpsc::channel(1);
     let (state_tx, state_rx) = watch::channel(LeaseState::Alive);
     let request = Request { config, worker_id: worker_id.clone(), value };
     std::thread::Builder::new()
         .name("tessera-lease".into())
-        .spawn(move || runtime.block_on(run(request, ready_tx, commands_rx, state_tx)))
+        .spawn(move || {
+            // Built on the thread itself: a runtime must not be dropped inside an async
+            // context, which is where a failed spawn would otherwise drop it.
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(run(request, ready_tx, commands_rx, state_tx)),
+                Err(error) => {
+                    let _ = ready_tx.send(Err(RegistryError::KeepAliveThread(error)));
+                }
+            }
+        })
         .map_err(RegistryError::KeepAliveThread)?;
     let lease = ready_rx.await.map_err(|_| RegistryError::KeepAliveStopped)??;
     Ok(Registration::new(worker_id, lease, state_rx, commands_tx))
@@ -73,7 +79,7 @@ async fn run(
     let keeper = match open_keeper(&mut client, lease, config.request_timeout).await {
         Ok(keeper) => Some(keeper),
         Err(error) => {
-            tracing::warn!(%error, %lease, "could not open the lease keep-alive stream; will retry");
+            tracing::warn!(%error, %lease, "could not open the lease keep-alive stream; retrying");
             None
         }
     };
@@ -112,7 +118,7 @@ async fn establish(
         outcome => {
             // Revoking also undoes a put that landed although its answer was lost.
             if let Err(error) = revoke(&mut client, lease, timeout).await {
-                tracing::warn!(%error, %lease, "could not revoke an unused lease; it expires by TTL");
+                tracing::warn!(%error, %lease, "could not revoke an unused lease; it will expire");
             }
             match outcome {
                 Ok(_) => Err(RegistryError::AlreadyRegistered { worker_id: worker_id.to_string() }),
@@ -146,9 +152,12 @@ enum Renewal {
 impl Holder {
     /// Renews every TTL/3 until the handle is dropped, a revoke is asked for, or the lease is
     /// lost.
-    async fn keep_alive(mut self, mut renewed_at: Instant, mut commands: mpsc::Receiver<LeaseCommand>) {
-        let (lease, ttl) = (self.lease, self.ttl);
-        let period = ttl / 3;
+    async fn keep_alive(
+        mut self,
+        mut renewed_at: Instant,
+        mut commands: mpsc::Receiver<LeaseCommand>,
+    ) {
+        let period = self.ttl / 3;
         // One attempt never outlasts a period, so the loop keeps its rhythm and notices the
         // deadline on time.
         let attempt_timeout = period.min(self.config.request_timeout);
@@ -156,38 +165,54 @@ impl Holder {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                command = commands.recv() => match command {
-                    Some(LeaseCommand::Revoke(reply)) => {
+                command = commands.recv() => {
+                    // `None`: the handle was dropped. Stop renewing; etcd expires the lease.
+                    if let Some(LeaseCommand::Revoke(reply)) = command {
                         let timeout = self.config.request_timeout;
-                        let result = revoke(&mut self.client, lease, timeout).await.map(|_| ());
+                        let result = revoke(&mut self.client, self.lease, timeout).await;
                         self.state.send_replace(LeaseState::Lost(LeaseLoss::Released));
-                        let _ = reply.send(result);
+                        let _ = reply.send(result.map(|_existed| ()));
+                    }
+                    return;
+                }
+                _ = tick.tick() => {
+                    if let Some(loss) = self.renew_in_time(attempt_timeout, &mut renewed_at).await {
+                        self.state.send_replace(LeaseState::Lost(loss));
                         return;
                     }
-                    // The handle was dropped: stop renewing; etcd expires the lease.
-                    None => return,
-                },
-                _ = tick.tick() => {
-                    let sent_at = Instant::now();
-                    match self.renew(attempt_timeout).await {
-                        // The server counts from when it got the request, later than
-                        // `sent_at`: measuring from `sent_at` errs on the early side.
-                        Renewal::Renewed => renewed_at = sent_at,
-                        Renewal::Gone => {
-                            tracing::warn!(%lease, worker_id = %self.worker_id, "lease lost: etcd no longer has it");
-                            self.state.send_replace(LeaseState::Lost(LeaseLoss::Expired));
-                            return;
-                        }
-                        Renewal::Failed(error) => {
-                            tracing::warn!(%error, %lease, "lease renewal failed");
-                            if renewed_at.elapsed() >= ttl {
-                                tracing::warn!(%lease, worker_id = %self.worker_id, "lease lost: no renewal for a whole TTL");
-                                self.state.send_replace(LeaseState::Lost(LeaseLoss::Unreachable));
-                                return;
-                            }
-                        }
-                    }
                 }
+            }
+        }
+    }
+
+    /// One renewal; the loss if the lease is gone or has gone unrenewed for a whole TTL.
+    async fn renew_in_time(
+        &mut self,
+        timeout: Duration,
+        renewed_at: &mut Instant,
+    ) -> Option<LeaseLoss> {
+        let lease = self.lease;
+        let sent_at = Instant::now();
+        match self.renew(timeout).await {
+            Renewal::Renewed => {
+                // The server counts from when it got the request, later than `sent_at`:
+                // measuring from `sent_at` errs on the early side.
+                *renewed_at = sent_at;
+                None
+            }
+            Renewal::Gone => {
+                let worker_id = &self.worker_id;
+                tracing::warn!(%lease, %worker_id, "lease lost: etcd no longer has it");
+                Some(LeaseLoss::Expired)
+            }
+            Renewal::Failed(error) => {
+                tracing::warn!(%error, %lease, "lease renewal failed");
+                if renewed_at.elapsed() < self.ttl {
+                    return None;
+                }
+                let worker_id = &self.worker_id;
+                tracing::warn!(%lease, %worker_id, "lease lost: no renewal for a whole TTL");
+                Some(LeaseLoss::Unreachable)
             }
         }
     }

@@ -28,7 +28,7 @@ const FIRST_RETRY: Duration = Duration::from_millis(50);
 pub(super) async fn start(mut client: Client, config: Arc<EtcdConfig>) -> Result<WorkerWatch> {
     let runtime = Handle::try_current().map_err(RegistryError::NoRuntime)?;
     let (records, revision) = list(&mut client, config.request_timeout).await?;
-    let opened = open(&mut client, revision + 2, config.request_timeout).await?;
+    let opened = open(&mut client, revision + 1, config.request_timeout).await?;
     let (events_tx, events_rx) = mpsc::channel(config.watch_buffer);
     // A fresh channel has room for one event, so this cannot wait.
     let _ = events_tx.send(MembershipEvent::Snapshot(records)).await;
@@ -56,8 +56,8 @@ async fn open(client: &mut Client, start_revision: i64, timeout: Duration) -> Re
         .with_prefix()
         .with_start_revision(start_revision)
         .with_progress_notify();
-    let mut stream = with_timeout("watch", timeout, client.watch(WORKERS_PREFIX, Some(options)))
-        .await?;
+    let mut stream =
+        with_timeout("watch", timeout, client.watch(WORKERS_PREFIX, Some(options))).await?;
     // etcd confirms the creation first. A compacted start revision usually arrives right after
     // it as a cancellation, which `Driver::follow` handles like any later one; should the
     // confirmation itself carry the compact revision, it is handled here.
@@ -122,11 +122,15 @@ impl Driver {
             let response = match stream.message().await {
                 Ok(Some(response)) => response,
                 Ok(None) => {
-                    tracing::warn!(revision = self.last_revision, "etcd closed the membership watch; resuming");
+                    tracing::warn!(
+                        revision = self.last_revision,
+                        "etcd closed the membership watch; resuming"
+                    );
                     return Interruption::Broken;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, revision = self.last_revision, "membership watch failed; resuming");
+                    let revision = self.last_revision;
+                    tracing::warn!(%error, revision, "membership watch failed; resuming");
                     return Interruption::Broken;
                 }
             };
@@ -139,7 +143,10 @@ impl Driver {
                     );
                     return Interruption::Compacted;
                 }
-                tracing::warn!(reason = response.cancel_reason(), "etcd cancelled the membership watch; resuming");
+                tracing::warn!(
+                    reason = response.cancel_reason(),
+                    "etcd cancelled the membership watch; resuming"
+                );
                 return Interruption::Broken;
             }
             if response.events().is_empty() {
@@ -187,7 +194,10 @@ impl Driver {
             match open(&mut self.client, self.last_revision + 1, timeout).await {
                 Ok(Opened::Watching(stream)) => return Some(stream),
                 Ok(Opened::Compacted) => {
-                    tracing::warn!(revision = self.last_revision, "membership history compacted while disconnected; re-listing");
+                    tracing::warn!(
+                        revision = self.last_revision,
+                        "membership history compacted while disconnected; re-listing"
+                    );
                     relist = true;
                 }
                 Err(error) => {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use tessera_registry::{
-    EtcdConfig, EtcdRegistry, LeaseId, LeaseLoss, LeaseState, MemoryConfig, MemoryRegistry,
-    MembershipEvent, Registry, RegistryError, Retry,
+    EtcdConfig, EtcdRegistry, LeaseId, LeaseLoss, LeaseState, MembershipEvent, MemoryConfig,
+    MemoryRegistry, Registry, RegistryError, Retry,
 };
 use tokio::time::Instant;
 
@@ -123,7 +123,9 @@ async fn already_registered_advises_retry_after_ttl(backend: Backend) -> anyhow:
 async fn invalid_worker_id_is_refused(backend: Backend) -> anyhow::Result<()> {
     let f = Fixture::new(backend, Duration::from_secs(5)).await?;
     match f.registry.register(record("rack-1/w1")).await {
-        Err(error @ RegistryError::InvalidWorkerId { .. }) => ensure!(error.retry() == Retry::Never),
+        Err(error @ RegistryError::InvalidWorkerId { .. }) => {
+            ensure!(error.retry() == Retry::Never)
+        }
         other => bail!("expected InvalidWorkerId, got {other:?}"),
     }
     Ok(())
@@ -170,8 +172,10 @@ async fn registrations_racing_the_listing_are_not_lost(backend: Backend) -> anyh
     }
     let held = registering.await??;
     ensure!(held.len() == WORKERS);
-    ensure!(seen.values().cloned().collect::<Vec<_>>()
-        == (0..WORKERS).map(|i| record(&format!("w{i:02}"))).collect::<Vec<_>>());
+    ensure!(
+        seen.values().cloned().collect::<Vec<_>>()
+            == (0..WORKERS).map(|i| record(&format!("w{i:02}"))).collect::<Vec<_>>()
+    );
     Ok(())
 }
 
