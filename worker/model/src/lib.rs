@@ -12,6 +12,7 @@ pub mod fixture;
 mod kv_cache;
 mod layer;
 mod linear;
+mod matvec;
 mod model;
 mod parallel;
 mod rope;

@@ -10,7 +10,10 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         DType::BF16 | DType::F16 if w.device().is_cpu() => {
             x.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?.to_dtype(x.dtype())
         }
-        _ => x.matmul(&w.t()?),
+        _ => match crate::matvec::matvec_t(x, w)? {
+            Some(y) => Ok(y),
+            None => x.matmul(&w.t()?),
+        },
     }
 }
 

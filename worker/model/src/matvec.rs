@@ -1,0 +1,165 @@
+//! f32 matrix–vector product for single-token decode.
+//!
+//! Decode multiplies one activation row by every weight matrix: it is bound by how fast the
+//! weights stream from memory. candle's general GEMM spends much of that time packing and
+//! scheduling (measured in BENCHMARKS.md); a plain row-parallel dot product reads each weight
+//! once, in order, on every core. Each output element is one dot product computed by one thread
+//! in a fixed order, so results do not depend on the thread count.
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Output rows per parallel task: large enough to amortise scheduling, small enough to balance.
+const ROWS_PER_TASK: usize = 64;
+
+/// `x Wᵀ` for a single row `x` (`[1, in]`) and contiguous f32 `W` (`[out, in]`) on the CPU;
+/// `None` when the fast path does not apply, so the caller falls back to GEMM.
+pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (rows, inner) = match x.dims() {
+        [r, i] => (*r, *i),
+        _ => return Ok(None),
+    };
+    let (out, w_inner) = match w.dims() {
+        [o, i] => (*o, *i),
+        _ => return Ok(None),
+    };
+    if rows != 1 || inner != w_inner || x.dtype() != DType::F32 || w.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let (w_store, w_layout) = w.storage_and_layout();
+    let (x_store, x_layout) = x.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(w_all)), Storage::Cpu(CpuStorage::F32(x_all))) = (&*w_store, &*x_store) else {
+        return Ok(None);
+    };
+    let (Some((w0, w1)), Some((x0, x1))) = (w_layout.contiguous_offsets(), x_layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let (w_data, x_data) = (&w_all[w0..w1], &x_all[x0..x1]);
+    let dot = dot_kernel();
+    let mut y = vec![0f32; out];
+    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, ys)| {
+        let first = task * ROWS_PER_TASK;
+        for (j, yj) in ys.iter_mut().enumerate() {
+            let row = &w_data[(first + j) * inner..(first + j + 1) * inner];
+            *yj = dot(row, x_data);
+        }
+    });
+    drop((w_store, x_store));
+    Ok(Some(Tensor::from_vec(y, (1, out), x.device())?))
+}
+
+type Dot = fn(&[f32], &[f32]) -> f32;
+
+/// Picks the best dot product this CPU supports, once per call rather than once per row.
+fn dot_kernel() -> Dot {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return dot_avx2_entry;
+        }
+    }
+    dot_portable
+}
+
+/// Eight independent partial sums, a shape compilers vectorise on every target.
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (pa, pb) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += pa[k] * pb[k];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (p, q) in ta.iter().zip(tb) {
+        sum += p * q;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_avx2_entry(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: only selected by `dot_kernel` after checking that the CPU has AVX2 and FMA.
+    unsafe { dot_avx2(a, b) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // Four accumulators hide the FMA latency.
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, a_k) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8k + 8 <= n, within both slices.
+            let va = unsafe { _mm256_loadu_ps(pa.add(i + 8 * k)) };
+            let vb = unsafe { _mm256_loadu_ps(pb.add(i + 8 * k)) };
+            *a_k = _mm256_fmadd_ps(va, vb, *a_k);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n.
+        let va = unsafe { _mm256_loadu_ps(pa.add(i)) };
+        let vb = unsafe { _mm256_loadu_ps(pb.add(i)) };
+        acc[0] = _mm256_fmadd_ps(va, vb, acc[0]);
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let hi = _mm256_extractf128_ps(s, 1);
+    let lo = _mm256_castps256_ps128(s);
+    let q = _mm_add_ps(hi, lo);
+    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+    let mut sum = _mm_cvtss_f32(q);
+    while i < n {
+        // SAFETY: i < n.
+        sum += unsafe { *pa.add(i) * *pb.add(i) };
+        i += 1;
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_gemm_for_every_tail_length() {
+        for inner in [1usize, 7, 8, 31, 32, 33, 100, 576] {
+            let out = 130;
+            let w: Vec<f32> = (0..out * inner).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let x: Vec<f32> = (0..inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+            let w = Tensor::from_vec(w, (out, inner), &candle_core::Device::Cpu).unwrap();
+            let x = Tensor::from_vec(x, (1, inner), &candle_core::Device::Cpu).unwrap();
+            let fast = matvec_t(&x, &w).unwrap().expect("fast path applies").to_vec2::<f32>().unwrap();
+            let gemm = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in fast[0].iter().zip(&gemm[0]) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "inner {inner}: {a} vs {b}");
+            }
+            let portable: Vec<f32> = (0..out)
+                .map(|r| {
+                    let wr = w.get(r).unwrap().to_vec1::<f32>().unwrap();
+                    dot_portable(&wr, &x.get(0).unwrap().to_vec1::<f32>().unwrap())
+                })
+                .collect();
+            for (a, b) in fast[0].iter().zip(&portable) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "portable, inner {inner}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn declines_what_it_cannot_do() {
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::zeros((4, 8), DType::F32, &dev).unwrap();
+        assert!(matvec_t(&Tensor::zeros((2, 8), DType::F32, &dev).unwrap(), &w).unwrap().is_none(), "two rows");
+        assert!(matvec_t(&Tensor::zeros((1, 8), DType::F32, &dev).unwrap(), &w.t().unwrap()).unwrap().is_none(), "shape");
+        let half = w.to_dtype(DType::BF16).unwrap();
+        assert!(matvec_t(&Tensor::zeros((1, 8), DType::BF16, &dev).unwrap(), &half).unwrap().is_none(), "dtype");
+    }
+}
