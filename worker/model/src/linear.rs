@@ -6,14 +6,14 @@ use candle_core::{DType, Module, Tensor};
 /// product: candle's CPU half-precision GEMM is several times slower than its f32 GEMM, which
 /// more than pays for the conversion (measured in BENCHMARKS.md).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = crate::matvec::matvec_t(x, w)? {
+        return Ok(y);
+    }
     match w.dtype() {
         DType::BF16 | DType::F16 if w.device().is_cpu() => {
             x.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?.to_dtype(x.dtype())
         }
-        _ => match crate::matvec::matvec_t(x, w)? {
-            Some(y) => Ok(y),
-            None => x.matmul(&w.t()?),
-        },
+        _ => x.matmul(&w.t()?),
     }
 }
 

@@ -12,8 +12,10 @@ use rayon::prelude::*;
 /// Output rows per parallel task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 64;
 
-/// `x Wᵀ` for a single row `x` (`[1, in]`) and contiguous f32 `W` (`[out, in]`) on the CPU;
-/// `None` when the fast path does not apply, so the caller falls back to GEMM.
+/// `x Wᵀ` for a single row `x` (`[1, in]`) and contiguous f32 or bf16 `W` (`[out, in]`) on the
+/// CPU, accumulating in f32 and returning `x`'s dtype; `None` when the fast path does not apply,
+/// so the caller falls back to GEMM. bf16 weights are widened inside the dot product, so they
+/// stream from memory at half the bytes of f32.
 pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (rows, inner) = match x.dims() {
         [r, i] => (*r, *i),
@@ -23,42 +25,120 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         [o, i] => (*o, *i),
         _ => return Ok(None),
     };
-    if rows != 1 || inner != w_inner || x.dtype() != DType::F32 || w.dtype() != DType::F32 || !x.device().is_cpu() {
+    if rows != 1 || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16) {
         return Ok(None);
     }
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let x_data = x32.flatten_all()?.to_vec1::<f32>()?;
     let (w_store, w_layout) = w.storage_and_layout();
-    let (x_store, x_layout) = x.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(w_all)), Storage::Cpu(CpuStorage::F32(x_all))) = (&*w_store, &*x_store) else {
-        return Ok(None);
+    let Some((w0, w1)) = w_layout.contiguous_offsets() else { return Ok(None) };
+    let y = match &*w_store {
+        Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(out, inner, &all[w0..w1], &x_data, f32_kernel()),
+        Storage::Cpu(CpuStorage::BF16(all)) => rows_parallel(out, inner, &all[w0..w1], &x_data, bf16_kernel()),
+        _ => return Ok(None),
     };
-    let (Some((w0, w1)), Some((x0, x1))) = (w_layout.contiguous_offsets(), x_layout.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    let (w_data, x_data) = (&w_all[w0..w1], &x_all[x0..x1]);
-    let dot = dot_kernel();
+    drop(w_store);
+    Ok(Some(Tensor::from_vec(y, (1, out), x.device())?.to_dtype(x.dtype())?))
+}
+
+/// `y[r] = dot(W[r, :], x)` with output rows split over the thread pool.
+fn rows_parallel<W: Sync>(out: usize, inner: usize, w: &[W], x: &[f32], dot: fn(&[W], &[f32]) -> f32) -> Vec<f32> {
     let mut y = vec![0f32; out];
     y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, ys)| {
         let first = task * ROWS_PER_TASK;
         for (j, yj) in ys.iter_mut().enumerate() {
-            let row = &w_data[(first + j) * inner..(first + j + 1) * inner];
-            *yj = dot(row, x_data);
+            *yj = dot(&w[(first + j) * inner..(first + j + 1) * inner], x);
         }
     });
-    drop((w_store, x_store));
-    Ok(Some(Tensor::from_vec(y, (1, out), x.device())?))
+    y
 }
 
-type Dot = fn(&[f32], &[f32]) -> f32;
-
-/// Picks the best dot product this CPU supports, once per call rather than once per row.
-fn dot_kernel() -> Dot {
+fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return dot_avx2_entry;
-        }
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Picks the best f32 dot product this CPU supports, once per call rather than once per row.
+fn f32_kernel() -> fn(&[f32], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return dot_avx2_entry;
     }
     dot_portable
+}
+
+fn bf16_kernel() -> fn(&[half::bf16], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return dot_bf16_avx2_entry;
+    }
+    dot_bf16_portable
+}
+
+fn dot_bf16_portable(a: &[half::bf16], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (pa, pb) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += pa[k].to_f32() * pb[k];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (p, q) in ta.iter().zip(tb) {
+        sum += p.to_f32() * q;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_bf16_avx2_entry(a: &[half::bf16], b: &[f32]) -> f32 {
+    // SAFETY: only selected by `bf16_kernel` after checking that the CPU has AVX2 and FMA.
+    unsafe { dot_bf16_avx2(a, b) }
+}
+
+/// bf16 is the top half of an f32: widening is a zero-extend and a 16-bit shift.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(a: &[half::bf16], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, a_k) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8k + 8 <= n, within both slices; bf16 is a plain u16.
+            let raw = unsafe { _mm_loadu_si128(pa.add(i + 8 * k) as *const __m128i) };
+            let va = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+            let vb = unsafe { _mm256_loadu_ps(pb.add(i + 8 * k)) };
+            *a_k = _mm256_fmadd_ps(va, vb, *a_k);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = horizontal_sum(s);
+    while i < n {
+        // SAFETY: i < n.
+        sum += unsafe { (*a.as_ptr().add(i)).to_f32() * *pb.add(i) };
+        i += 1;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn horizontal_sum(s: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let q = _mm_add_ps(_mm256_extractf128_ps(s, 1), _mm256_castps256_ps128(s));
+    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
 }
 
 /// Eight independent partial sums, a shape compilers vectorise on every target.
@@ -80,7 +160,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 fn dot_avx2_entry(a: &[f32], b: &[f32]) -> f32 {
-    // SAFETY: only selected by `dot_kernel` after checking that the CPU has AVX2 and FMA.
+    // SAFETY: only selected by `f32_kernel` after checking that the CPU has AVX2 and FMA.
     unsafe { dot_avx2(a, b) }
 }
 
@@ -110,12 +190,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         i += 8;
     }
     let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let hi = _mm256_extractf128_ps(s, 1);
-    let lo = _mm256_castps256_ps128(s);
-    let q = _mm_add_ps(hi, lo);
-    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-    let mut sum = _mm_cvtss_f32(q);
+    let mut sum = horizontal_sum(s);
     while i < n {
         // SAFETY: i < n.
         sum += unsafe { *pa.add(i) * *pb.add(i) };
@@ -154,12 +229,29 @@ mod tests {
     }
 
     #[test]
+    fn bf16_weights_match_widened_gemm() {
+        for inner in [5usize, 32, 40, 576] {
+            let out = 70;
+            let w: Vec<f32> = (0..out * inner).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let x: Vec<f32> = (0..inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+            let dev = candle_core::Device::Cpu;
+            let w = Tensor::from_vec(w, (out, inner), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let x = Tensor::from_vec(x, (1, inner), &dev).unwrap();
+            let fast = matvec_t(&x, &w).unwrap().expect("bf16 fast path").to_vec2::<f32>().unwrap();
+            let reference = x.matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in fast[0].iter().zip(&reference[0]) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "inner {inner}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
     fn declines_what_it_cannot_do() {
         let dev = candle_core::Device::Cpu;
         let w = Tensor::zeros((4, 8), DType::F32, &dev).unwrap();
         assert!(matvec_t(&Tensor::zeros((2, 8), DType::F32, &dev).unwrap(), &w).unwrap().is_none(), "two rows");
         assert!(matvec_t(&Tensor::zeros((1, 8), DType::F32, &dev).unwrap(), &w.t().unwrap()).unwrap().is_none(), "shape");
-        let half = w.to_dtype(DType::BF16).unwrap();
-        assert!(matvec_t(&Tensor::zeros((1, 8), DType::BF16, &dev).unwrap(), &half).unwrap().is_none(), "dtype");
+        let half = w.to_dtype(DType::F16).unwrap();
+        assert!(matvec_t(&Tensor::zeros((1, 8), DType::F16, &dev).unwrap(), &half).unwrap().is_none(), "f16 weights");
     }
 }
