@@ -1,4 +1,4 @@
-//! f32 matrix–vector product for single-token decode.
+//! Matrix–vector products for decode (one token per sequence, a few sequences per step).
 //!
 //! Decode multiplies one activation row by every weight matrix: it is bound by how fast the
 //! weights stream from memory. candle's general GEMM spends much of that time packing and
@@ -12,8 +12,13 @@ use rayon::prelude::*;
 /// Output rows per parallel task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 64;
 
-/// `x Wᵀ` for a single row `x` (`[1, in]`) and contiguous f32 or bf16 `W` (`[out, in]`) on the
-/// CPU, accumulating in f32 and returning `x`'s dtype; `None` when the fast path does not apply,
+/// Most activation rows handled by the matrix-vector path (a decode batch); larger inputs are
+/// matrix-matrix products, where GEMM wins.
+pub const MAX_ROWS: usize = 16;
+
+/// `x Wᵀ` for a few rows `x` (`[rows ≤ MAX_ROWS, in]`) and contiguous f32 or bf16 `W`
+/// (`[out, in]`) on the CPU, accumulating in f32 and returning `x`'s dtype. Each weight row is
+/// read from memory once and used for every activation row while it sits in L1; `None` when the fast path does not apply,
 /// so the caller falls back to GEMM. bf16 weights are widened inside the dot product, so they
 /// stream from memory at half the bytes of f32.
 pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -25,7 +30,7 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         [o, i] => (*o, *i),
         _ => return Ok(None),
     };
-    if rows != 1 || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16) {
+    if rows == 0 || rows > MAX_ROWS || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16) {
         return Ok(None);
     }
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
@@ -33,21 +38,33 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (w_store, w_layout) = w.storage_and_layout();
     let Some((w0, w1)) = w_layout.contiguous_offsets() else { return Ok(None) };
     let y = match &*w_store {
-        Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(out, inner, &all[w0..w1], &x_data, f32_kernel()),
-        Storage::Cpu(CpuStorage::BF16(all)) => rows_parallel(out, inner, &all[w0..w1], &x_data, bf16_kernel()),
+        Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(rows, out, inner, &all[w0..w1], &x_data, f32_kernel()),
+        Storage::Cpu(CpuStorage::BF16(all)) => rows_parallel(rows, out, inner, &all[w0..w1], &x_data, bf16_kernel()),
         _ => return Ok(None),
     };
     drop(w_store);
-    Ok(Some(Tensor::from_vec(y, (1, out), x.device())?.to_dtype(x.dtype())?))
+    // The kernel writes [out, rows] so each task owns a contiguous block; transpose at the end.
+    let y = Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()?;
+    Ok(Some(y.to_dtype(x.dtype())?))
 }
 
-/// `y[r] = dot(W[r, :], x)` with output rows split over the thread pool.
-fn rows_parallel<W: Sync>(out: usize, inner: usize, w: &[W], x: &[f32], dot: fn(&[W], &[f32]) -> f32) -> Vec<f32> {
-    let mut y = vec![0f32; out];
-    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, ys)| {
+/// `y[r, i] = dot(W[r, :], x[i, :])` with weight rows split over the thread pool.
+fn rows_parallel<W: Sync>(
+    rows: usize,
+    out: usize,
+    inner: usize,
+    w: &[W],
+    x: &[f32],
+    dot: fn(&[W], &[f32]) -> f32,
+) -> Vec<f32> {
+    let mut y = vec![0f32; out * rows];
+    y.par_chunks_mut(ROWS_PER_TASK * rows).enumerate().for_each(|(task, ys)| {
         let first = task * ROWS_PER_TASK;
-        for (j, yj) in ys.iter_mut().enumerate() {
-            *yj = dot(&w[(first + j) * inner..(first + j + 1) * inner], x);
+        for (j, yr) in ys.chunks_mut(rows).enumerate() {
+            let w_row = &w[(first + j) * inner..(first + j + 1) * inner];
+            for (i, yi) in yr.iter_mut().enumerate() {
+                *yi = dot(w_row, &x[i * inner..(i + 1) * inner]);
+            }
         }
     });
     y
@@ -229,6 +246,26 @@ mod tests {
     }
 
     #[test]
+    fn several_rows_match_gemm() {
+        let dev = candle_core::Device::Cpu;
+        let (out, inner) = (200, 96);
+        let w: Vec<f32> = (0..out * inner).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let w = Tensor::from_vec(w, (out, inner), &dev).unwrap();
+        for rows in [2usize, 8, MAX_ROWS] {
+            let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+            let x = Tensor::from_vec(x, (rows, inner), &dev).unwrap();
+            let fast = matvec_t(&x, &w).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
+            let gemm = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(fast.len(), rows);
+            for (fr, gr) in fast.iter().zip(&gemm) {
+                for (a, b) in fr.iter().zip(gr) {
+                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "rows {rows}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn bf16_weights_match_widened_gemm() {
         for inner in [5usize, 32, 40, 576] {
             let out = 70;
@@ -249,7 +286,7 @@ mod tests {
     fn declines_what_it_cannot_do() {
         let dev = candle_core::Device::Cpu;
         let w = Tensor::zeros((4, 8), DType::F32, &dev).unwrap();
-        assert!(matvec_t(&Tensor::zeros((2, 8), DType::F32, &dev).unwrap(), &w).unwrap().is_none(), "two rows");
+        assert!(matvec_t(&Tensor::zeros((MAX_ROWS + 1, 8), DType::F32, &dev).unwrap(), &w).unwrap().is_none(), "too many rows");
         assert!(matvec_t(&Tensor::zeros((1, 8), DType::F32, &dev).unwrap(), &w.t().unwrap()).unwrap().is_none(), "shape");
         let half = w.to_dtype(DType::F16).unwrap();
         assert!(matvec_t(&Tensor::zeros((1, 8), DType::F16, &dev).unwrap(), &half).unwrap().is_none(), "f16 weights");
