@@ -76,15 +76,22 @@ fn normal_dependencies(krate: &str) -> BTreeSet<String> {
 
 #[test]
 fn forbidden_dependency_edges_are_absent() {
-    // DESIGN: the model has no networking or async; collectives know no RPC, etcd or model code.
-    let rules: &[(&str, &[&str])] = &[
-        ("tessera-model", &["tokio", "tonic", "prost", "etcd-client"]),
-        ("tessera-collective", &["tokio", "tonic", "prost", "etcd-client", "tessera-model"]),
+    // (crate, a dependency it must have — proof the walk saw its tree —, forbidden dependencies)
+    // DESIGN: the model has no networking or async; collectives know no RPC, etcd or model code;
+    // only the registry knows etcd and it knows no tensors; the coordinator never touches tensors;
+    // the worker makes no scheduling decisions.
+    let rules: &[(&str, &str, &[&str])] = &[
+        ("tessera-model", "candle-core", &["tokio", "tonic", "prost", "etcd-client"]),
+        ("tessera-collective", "candle-core", &["tokio", "tonic", "prost", "etcd-client", "tessera-model"]),
+        ("tessera-registry", "etcd-client", &["candle-core", "tessera-model", "tessera-proto"]),
+        ("tessera-coordinator", "tokenizers", &["candle-core", "tessera-model", "etcd-client"]),
+        ("tessera-worker", "tessera-model", &["tessera-coordinator", "tessera-registry", "etcd-client"]),
+        ("tessera-proto", "tonic", &["candle-core", "etcd-client", "tessera-model"]),
     ];
     let mut checked = 0;
-    for (krate, forbidden) in rules {
+    for (krate, required, forbidden) in rules {
         let deps = normal_dependencies(krate);
-        assert!(deps.contains("candle-core"), "{krate}: dependency walk found no candle-core");
+        assert!(deps.contains(*required), "{krate}: dependency walk did not find {required}");
         for f in *forbidden {
             assert!(!deps.contains(*f), "{krate} must not depend on {f}");
         }
