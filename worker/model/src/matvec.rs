@@ -18,8 +18,8 @@ pub const MAX_ROWS: usize = 16;
 
 /// `x Wᵀ` for a few rows `x` (`[rows ≤ MAX_ROWS, in]`) and contiguous f32 or bf16 `W`
 /// (`[out, in]`) on the CPU, accumulating in f32 and returning `x`'s dtype. Each weight row is
-/// read from memory once and used for every activation row while it sits in L1; `None` when the fast path does not apply,
-/// so the caller falls back to GEMM. bf16 weights are widened inside the dot product, so they
+/// read from memory once and used for every activation row while it sits in L1. `None` when the
+/// fast path does not apply, so the caller falls back to GEMM. bf16 weights are widened inside the dot product, so they
 /// stream from memory at half the bytes of f32.
 pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (rows, inner) = match x.dims() {
@@ -33,18 +33,28 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     if rows == 0 || rows > MAX_ROWS || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16) {
         return Ok(None);
     }
+    // f32 activations are read in place; only other dtypes are widened into a new tensor.
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let x_data = x32.flatten_all()?.to_vec1::<f32>()?;
+    let (x_store, x_layout) = x32.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(x_all)), Some((x0, x1))) = (&*x_store, x_layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let x_data = &x_all[x0..x1];
     let (w_store, w_layout) = w.storage_and_layout();
     let Some((w0, w1)) = w_layout.contiguous_offsets() else { return Ok(None) };
     let y = match &*w_store {
-        Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(rows, out, inner, &all[w0..w1], &x_data, f32_kernel()),
-        Storage::Cpu(CpuStorage::BF16(all)) => rows_parallel(rows, out, inner, &all[w0..w1], &x_data, bf16_kernel()),
+        Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(rows, out, inner, &all[w0..w1], x_data, f32_kernel()),
+        Storage::Cpu(CpuStorage::BF16(all)) => rows_parallel(rows, out, inner, &all[w0..w1], x_data, bf16_kernel()),
         _ => return Ok(None),
     };
-    drop(w_store);
-    // The kernel writes [out, rows] so each task owns a contiguous block; transpose at the end.
-    let y = Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()?;
+    drop((w_store, x_store));
+    // The kernel writes [out, rows] so each task owns a contiguous block; transpose at the end
+    // (a single row needs no transpose).
+    let y = if rows == 1 {
+        Tensor::from_vec(y, (1, out), x.device())?
+    } else {
+        Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()?
+    };
     Ok(Some(y.to_dtype(x.dtype())?))
 }
 
