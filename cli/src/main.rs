@@ -1,10 +1,18 @@
 //! `tessera`: one binary for every role.
 //!
-//! `worker` serves one tensor-parallel rank over gRPC. `run` loads a model in this process — sharded over `--tp` threads that
-//! talk through the in-process collective, exactly as separate workers do over TCP — and streams
-//! a completion to the terminal.
+//! `up` starts a local cluster (a coordinator in this process plus worker processes) and
+//! `generate` streams a completion from it. `coordinator` and `worker` are the two roles of a
+//! real deployment: the coordinator serves `tessera.v1`, each worker one tensor-parallel rank.
+//! `run` loads a model in this process — sharded over `--tp` threads that talk through the
+//! in-process collective, exactly as separate workers do over TCP — and streams a completion.
 
+mod coordinator;
+mod generate;
+mod record;
 mod run;
+mod serve_args;
+mod signal;
+mod up;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +29,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a local cluster: a coordinator and worker processes, ready for `generate`.
+    Up(up::UpArgs),
+    /// Stream a completion from a running coordinator.
+    Generate(generate::GenerateArgs),
+    /// Serve the public API for workers that register in etcd.
+    Coordinator(coordinator::CoordinatorArgs),
     /// Load a model in this process and stream a completion.
     Run(run::RunArgs),
     /// Serve one tensor-parallel rank to a coordinator over gRPC.
@@ -42,6 +56,9 @@ fn main() -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     match cli.command {
+        Command::Up(args) => up::run(args, cli.threads),
+        Command::Generate(args) => generate::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
         Command::Run(args) => run::run(args),
         Command::Worker(args) => worker::run(args),
     }

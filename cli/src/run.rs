@@ -57,12 +57,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let dir = match &args.model {
         Some(dir) => dir.clone(),
-        None => {
-            let root = std::env::temp_dir().join("tessera-demo");
-            let dir = fixture::write_fixture(&fixture::demo(), &root, &WriteOptions::default())?;
-            eprintln!("note: no --model given; using a demo model with RANDOM weights at {} (its text is noise)", dir.display());
-            dir
-        }
+        None => demo_model_dir()?,
     };
     let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", dir.join("tokenizer.json").display()))?;
@@ -125,6 +120,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         secs
     );
     Ok(())
+}
+
+/// Writes (or reuses) the demo model and says plainly that its weights are random.
+pub fn demo_model_dir() -> anyhow::Result<PathBuf> {
+    let root = std::env::temp_dir().join("tessera-demo");
+    let dir = fixture::write_fixture(&fixture::demo(), &root, &WriteOptions::default())?;
+    eprintln!("note: no --model given; using a demo model with RANDOM weights at {} (its text is noise)", dir.display());
+    Ok(dir)
 }
 
 /// Prefill, then sample until an end-of-sequence token or `max_new` tokens.

@@ -1,10 +1,21 @@
 //! `tessera worker`: serves one rank over gRPC until Ctrl-C or SIGTERM.
+//!
+//! With `--etcd` the worker also registers itself once its server is bound, keeps the
+//! registration while it serves (see [`registration`]) and revokes it on the way out.
 
-use std::net::SocketAddr;
+mod registration;
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Args;
+use tessera_registry::EtcdConfig;
 use tessera_worker::{EngineConfig, EngineHandle, WorkerService};
 use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::record::worker_record;
+use crate::signal::shutdown_signal;
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
@@ -20,6 +31,64 @@ pub struct WorkerArgs {
     /// KV cache capacity of this worker, in tokens over all sequences.
     #[arg(long, default_value_t = 1 << 20)]
     kv_capacity_tokens: u64,
+    /// etcd client URL to register this worker in, e.g. http://10.0.0.2:2379. Repeat it or
+    /// separate URLs with commas to name several members. Without it the worker does not register.
+    #[arg(long = "etcd", value_name = "URL", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Lease time-to-live in seconds: a worker that stops renewing leaves the registry this
+    /// long after its last renewal.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    lease_ttl_secs: u64,
+    /// Host that coordinators dial, put in the registered address (default: the IP of
+    /// --listen). Required with --etcd when listening on a wildcard address such as 0.0.0.0.
+    #[arg(long)]
+    advertise_host: Option<String>,
+}
+
+/// How this worker registers, validated from the flags before anything is bound.
+struct Registering {
+    etcd: EtcdConfig,
+    /// Host part of the registered address, ready to be joined with a port.
+    advertise_host: String,
+}
+
+impl Registering {
+    /// `None` when no `--etcd` was given: the worker serves unregistered, as a bare rank.
+    fn from_args(args: &WorkerArgs) -> anyhow::Result<Option<Self>> {
+        let endpoints: Vec<String> =
+            args.etcd.iter().map(|url| url.trim()).filter(|url| !url.is_empty()).map(str::to_string).collect();
+        if endpoints.is_empty() {
+            anyhow::ensure!(args.etcd.is_empty(), "--etcd was given but names no URL");
+            return Ok(None);
+        }
+        let advertise_host = advertise_host(args.advertise_host.as_deref(), args.listen.ip())?;
+        let etcd = EtcdConfig { lease_ttl: Duration::from_secs(args.lease_ttl_secs), ..EtcdConfig::new(endpoints) };
+        etcd.validate().context("invalid registry settings")?;
+        Ok(Some(Self { etcd, advertise_host }))
+    }
+
+    /// The address coordinators dial: the advertised host with the port actually bound.
+    fn address(&self, port: u16) -> String {
+        format!("{}:{port}", self.advertise_host)
+    }
+}
+
+/// The host to advertise, bracketed if it is an IPv6 literal. A wildcard address only means
+/// "every interface" to this machine; registered, it would send coordinators to themselves.
+fn advertise_host(flag: Option<&str>, listen_ip: IpAddr) -> anyhow::Result<String> {
+    let host = match flag.map(str::trim) {
+        Some("") => anyhow::bail!("--advertise-host is empty"),
+        Some(host) => host.to_string(),
+        None if listen_ip.is_unspecified() => anyhow::bail!(
+            "--listen {listen_ip} accepts connections on every interface, but other machines cannot \
+             dial {listen_ip}: pass --advertise-host with this machine's reachable name or IP"
+        ),
+        None => listen_ip.to_string(),
+    };
+    if host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+        anyhow::bail!("--advertise-host {host} is a wildcard address that other machines cannot dial");
+    }
+    Ok(if host.parse::<Ipv6Addr>().is_ok() { format!("[{host}]") } else { host })
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -28,39 +97,79 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
+    // Flags are checked before binding, so a bad one fails before an address is printed.
+    let registering = Registering::from_args(&args)?;
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let id = args.id.unwrap_or_else(|| format!("worker-{}", addr.port()));
+    let kv_capacity_tokens = args.kv_capacity_tokens;
+    if registering.is_some() {
+        tessera_registry::keys::validate_worker_id(&id)?;
+    }
     // Tests and `tessera up` read this line to learn the port.
     println!("{addr}");
-    let config = EngineConfig { collective_host: args.collective_host, kv_capacity_tokens: args.kv_capacity_tokens };
+    let config = EngineConfig { collective_host: args.collective_host, kv_capacity_tokens };
     let engine = EngineHandle::spawn(config.clone())?;
     let service = WorkerService::new(id.clone(), engine, config);
+    let admission = service.admission();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            // A dropped sender stops the server as well as a sent value does.
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stopped.await;
+            }),
+    );
     tracing::info!(%id, %addr, "worker serving");
-    tonic::transport::Server::builder()
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-        .await?;
+    let lifetime = async {
+        match registering {
+            None => {
+                shutdown.await;
+                Ok(())
+            }
+            Some(registering) => {
+                let record = worker_record(&id, registering.address(addr.port()), kv_capacity_tokens);
+                registration::stay_registered(registering.etcd, record, admission, shutdown).await
+            }
+        }
+    };
+    tokio::select! {
+        served = &mut server => {
+            // The server ends on its own only when it fails. Leaving `lifetime` drops the
+            // registration, whose lease then expires within one TTL.
+            served.context("the gRPC server task")??;
+            anyhow::bail!("the gRPC server stopped unexpectedly");
+        }
+        lived = lifetime => {
+            let _ = stop.send(());
+            let served = server.await;
+            lived?;
+            served.context("the gRPC server task")??;
+        }
+    }
     tracing::info!(%id, "worker stopped");
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("literal IP")
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    #[test]
+    fn advertised_host_defaults_to_the_listen_ip_but_never_a_wildcard() {
+        assert_eq!(advertise_host(None, ip("10.0.0.7")).expect("concrete IP"), "10.0.0.7");
+        assert_eq!(advertise_host(None, ip("::1")).expect("IPv6 loopback"), "[::1]");
+        assert!(advertise_host(None, ip("0.0.0.0")).is_err());
+        assert!(advertise_host(None, ip("::")).is_err());
+        assert_eq!(advertise_host(Some("node-3"), ip("0.0.0.0")).expect("named host"), "node-3");
+        assert_eq!(advertise_host(Some("fe80::1"), ip("::")).expect("IPv6 host"), "[fe80::1]");
+        assert!(advertise_host(Some("0.0.0.0"), ip("0.0.0.0")).is_err());
+        assert!(advertise_host(Some(" "), ip("127.0.0.1")).is_err());
     }
 }

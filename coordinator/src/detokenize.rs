@@ -7,6 +7,8 @@
 //! while it ends in an incomplete character. Concatenating the emitted pieces gives exactly the
 //! decode of all tokens at once.
 
+use std::sync::Arc;
+
 use tokenizers::Tokenizer;
 
 /// A UTF-8 character spans at most four bytes, so at most four byte tokens can be pending before
@@ -15,8 +17,8 @@ use tokenizers::Tokenizer;
 const MAX_PENDING: usize = 4;
 
 /// Streaming decoder for one sequence's generated tokens.
-pub struct IncrementalDecoder<'t> {
-    tokenizer: &'t Tokenizer,
+pub struct IncrementalDecoder {
+    tokenizer: Arc<Tokenizer>,
     tokens: Vec<u32>,
     /// Start of the window whose decode anchors the comparison.
     prefix: usize,
@@ -30,8 +32,8 @@ pub struct IncrementalDecoder<'t> {
 #[error("cannot decode token ids: {0}")]
 pub struct DecodeError(String);
 
-impl<'t> IncrementalDecoder<'t> {
-    pub fn new(tokenizer: &'t Tokenizer, skip_special: bool) -> Self {
+impl IncrementalDecoder {
+    pub fn new(tokenizer: Arc<Tokenizer>, skip_special: bool) -> Self {
         Self { tokenizer, tokens: Vec::new(), prefix: 0, read: 0, skip_special }
     }
 

@@ -1,9 +1,31 @@
 //! The coordinator: speaks `tessera.v1` to clients and drives worker groups step by step.
 //!
-//! Built so far: chat templates ([`chat`]) and the text side of streaming — incremental detokenization that never emits half
-//! a UTF-8 character ([`detokenize`]) and stop-string matching that holds back only what could
-//! still become a stop string ([`stop`]). The service, placement and iteration loop build on them.
+//! * [`server`] — [`Coordinator`]: loads the served models' text-side files, follows the
+//!   registry, and serves `Inference`, health and reflection.
+//! * [`cluster`] — membership, group formation and teardown, placement of requests.
+//! * [`group`] — a group's iteration loop (continuous batching over `Step` RPCs).
+//! * [`request`] — validation and tokenization; [`limits`] the caps it enforces.
+//! * [`generation`] — one sequence's output: detokenization ([`detokenize`]), stop strings
+//!   ([`stop`]), finishing rules.
+//! * [`chat`] — chat templates; [`model`] — what a served model is; [`error`] — the one mapping
+//!   to gRPC codes.
 
 pub mod chat;
+pub mod cluster;
 pub mod detokenize;
+pub mod error;
+pub mod generation;
+mod group;
+pub mod limits;
+pub mod model;
+pub mod request;
+pub mod server;
+mod service;
 pub mod stop;
+
+pub use cluster::ClusterConfig;
+pub use error::CoordinatorError;
+pub use group::LoopConfig;
+pub use limits::Limits;
+pub use model::ModelSpec;
+pub use server::{Coordinator, CoordinatorConfig, INFERENCE_SERVICE};

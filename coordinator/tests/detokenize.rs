@@ -12,7 +12,7 @@ fn tokenizer() -> Tokenizer {
 }
 
 fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
-    let mut d = IncrementalDecoder::new(tok, false);
+    let mut d = IncrementalDecoder::new(std::sync::Arc::new(tok.clone()), false);
     let mut pieces: Vec<String> = ids.iter().map(|&id| d.push(id).unwrap()).collect();
     pieces.push(d.flush().unwrap());
     pieces
@@ -40,7 +40,7 @@ fn invalid_bytes_do_not_stall_the_stream() {
     let lone = tok.encode("é", false).unwrap().get_ids().to_vec();
     let continuation = *lone.last().unwrap();
     let ids = vec![continuation; 12];
-    let mut d = IncrementalDecoder::new(&tok, false);
+    let mut d = IncrementalDecoder::new(std::sync::Arc::new(tok.clone()), false);
     let emitted: Vec<String> = ids.iter().map(|&id| d.push(id).unwrap()).collect();
     assert!(emitted.iter().filter(|p| !p.is_empty()).count() >= 2, "invalid bytes must flush periodically: {emitted:?}");
     let mut all = emitted.concat();

@@ -57,11 +57,16 @@ fn no_should_panic_tests() {
     assert!(offenders.is_empty(), "tests must assert errors, not panics: {offenders:#?}");
 }
 
-/// Every package `krate` depends on through normal (non-dev, non-build) edges, transitively.
-fn normal_dependencies(krate: &str) -> BTreeSet<String> {
+/// Every package `krate` depends on through normal (non-dev, non-build) edges: transitively,
+/// or only directly with `direct_only`.
+fn normal_dependencies(krate: &str, direct_only: bool) -> BTreeSet<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args = vec!["tree", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}"];
+    if direct_only {
+        args.extend(["--depth", "1"]);
+    }
     let out = Command::new(cargo)
-        .args(["tree", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .args(&args)
         .current_dir(workspace_root())
         .output()
         .expect("run cargo tree");
@@ -79,18 +84,19 @@ fn forbidden_dependency_edges_are_absent() {
     // (crate, a dependency it must have — proof the walk saw its tree —, forbidden dependencies)
     // DESIGN: the model has no networking or async; collectives know no RPC, etcd or model code;
     // only the registry knows etcd and it knows no tensors; the coordinator never touches tensors;
-    // the worker makes no scheduling decisions.
+    // the worker makes no scheduling decisions. The coordinator reaches etcd only through the
+    // registry's trait, so etcd-client may sit below it but never be its direct dependency.
     let rules: &[(&str, &str, &[&str])] = &[
         ("tessera-model", "candle-core", &["tokio", "tonic", "prost", "etcd-client"]),
         ("tessera-collective", "candle-core", &["tokio", "tonic", "prost", "etcd-client", "tessera-model"]),
         ("tessera-registry", "etcd-client", &["candle-core", "tessera-model", "tessera-proto"]),
-        ("tessera-coordinator", "tokenizers", &["candle-core", "tessera-model", "etcd-client"]),
+        ("tessera-coordinator", "tokenizers", &["candle-core", "tessera-model", "tessera-worker"]),
         ("tessera-worker", "tessera-model", &["tessera-coordinator", "tessera-registry", "etcd-client"]),
         ("tessera-proto", "tonic", &["candle-core", "etcd-client", "tessera-model"]),
     ];
     let mut checked = 0;
     for (krate, required, forbidden) in rules {
-        let deps = normal_dependencies(krate);
+        let deps = normal_dependencies(krate, false);
         assert!(deps.contains(*required), "{krate}: dependency walk did not find {required}");
         for f in *forbidden {
             assert!(!deps.contains(*f), "{krate} must not depend on {f}");
@@ -98,4 +104,8 @@ fn forbidden_dependency_edges_are_absent() {
         checked += 1;
     }
     assert_eq!(checked, rules.len());
+
+    let direct = normal_dependencies("tessera-coordinator", true);
+    assert!(direct.contains("tessera-registry"), "tessera-coordinator: direct walk did not find tessera-registry");
+    assert!(!direct.contains("etcd-client"), "tessera-coordinator must use etcd only through tessera-registry");
 }

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 
 use candle_core::{DType, Device};
 use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
@@ -81,14 +82,38 @@ enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    /// Whether `Assign` is taken; shared with the engine thread, which reads it when it runs an
+    /// `Assign`, so an assignment queued before a pause is undone by the pause's reset and one
+    /// run after it is refused.
+    accepting: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
-    /// Starts the engine thread. It stops when every handle is dropped.
+    /// Starts the engine thread, accepting assignments. It stops when every handle is dropped.
     pub fn spawn(config: EngineConfig) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name("tessera-engine".into()).spawn(move || Engine::new(config).run(rx))?;
-        Ok(Self { tx })
+        let accepting = Arc::new(AtomicBool::new(true));
+        let flag = Arc::clone(&accepting);
+        // Built on its own thread: the engine holds a collective, which need not be `Send`.
+        std::thread::Builder::new().name("tessera-engine".into()).spawn(move || Engine::new(config, flag).run(rx))?;
+        Ok(Self { tx, accepting })
+    }
+
+    /// Refuses further assignments, then resets the engine: whatever group it belonged to is
+    /// dropped. The flag is set before the reset is queued, so no assignment survives.
+    pub(crate) async fn pause(&self) -> Result<()> {
+        self.accepting.store(false, Ordering::SeqCst);
+        self.reset().await
+    }
+
+    /// Takes assignments again.
+    pub(crate) fn resume(&self) {
+        self.accepting.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether assignments are taken now.
+    pub(crate) fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> std::result::Result<T, WorkerError> {
@@ -141,11 +166,12 @@ enum State {
 struct Engine {
     config: EngineConfig,
     state: State,
+    accepting: Arc<AtomicBool>,
 }
 
 impl Engine {
-    fn new(config: EngineConfig) -> Self {
-        Self { config, state: State::Idle }
+    fn new(config: EngineConfig, accepting: Arc<AtomicBool>) -> Self {
+        Self { config, state: State::Idle, accepting }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
@@ -179,6 +205,9 @@ impl Engine {
     }
 
     fn assign(&mut self, a: Assignment) -> Result<Option<SocketAddr>> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(WorkerError::NotAccepting);
+        }
         if a.tp_size == 0 || a.tp_rank >= a.tp_size {
             return Err(WorkerError::InvalidArgument(format!("rank {} of tp {}", a.tp_rank, a.tp_size)));
         }

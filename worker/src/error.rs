@@ -21,6 +21,10 @@ pub enum WorkerError {
     Bind(std::io::Error),
     #[error("worker engine has stopped")]
     EngineGone,
+    /// Assignments are paused (see `Admission`): the worker lost its registration and the
+    /// coordinator already counts it as gone, so it must not join a group until it is back.
+    #[error("worker is re-registering after losing its lease; not taking new work")]
+    NotAccepting,
 }
 
 impl From<WorkerError> for tonic::Status {
@@ -30,7 +34,7 @@ impl From<WorkerError> for tonic::Status {
             WorkerError::WrongGroup(_) | WorkerError::BadState { .. } => Code::FailedPrecondition,
             WorkerError::InvalidArgument(_) => Code::InvalidArgument,
             WorkerError::KvExhausted { .. } => Code::ResourceExhausted,
-            WorkerError::Collective(_) | WorkerError::EngineGone => Code::Unavailable,
+            WorkerError::Collective(_) | WorkerError::EngineGone | WorkerError::NotAccepting => Code::Unavailable,
             WorkerError::Model(ModelError::InvalidBatch(_) | ModelError::UnknownSequence(_)) => Code::InvalidArgument,
             WorkerError::Model(ModelError::Collective(_)) => Code::Unavailable,
             WorkerError::Model(_) | WorkerError::Bind(_) => Code::Internal,

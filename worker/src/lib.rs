@@ -11,4 +11,4 @@ mod wire;
 
 pub use engine::{EngineConfig, EngineHandle};
 pub use error::WorkerError;
-pub use service::WorkerService;
+pub use service::{Admission, WorkerService};

@@ -1,10 +1,16 @@
 //! The `tessera.worker.v1.Worker` gRPC service: a thin async shell over the engine thread.
+//!
+//! [`Admission`] is the one switch the process around the service holds: it pauses new
+//! assignments (the worker's registration was lost, so the coordinator already counts it as
+//! gone) and resumes them once the worker is registered again. The service itself knows nothing
+//! of registries.
 
 use tessera_proto::worker as pb;
 use tessera_proto::worker::worker_server::Worker;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{EngineConfig, EngineHandle};
+use crate::error::WorkerError;
 use crate::wire;
 
 /// Serves one worker's engine.
@@ -20,8 +26,39 @@ impl WorkerService {
         Self { id, engine, config }
     }
 
+    /// The switch that pauses and resumes new assignments for this worker.
+    pub fn admission(&self) -> Admission {
+        Admission { engine: self.engine.clone() }
+    }
+
     pub fn into_server(self) -> pb::worker_server::WorkerServer<Self> {
         pb::worker_server::WorkerServer::new(self)
+    }
+}
+
+/// Whether a worker takes new work. While paused, `Assign` fails with `UNAVAILABLE`;
+/// `Step`, `Release`, `Reset` and `Status` keep working. Cheap to clone.
+#[derive(Clone)]
+pub struct Admission {
+    engine: EngineHandle,
+}
+
+impl Admission {
+    /// Stops taking assignments and resets the engine, dropping its group: a worker whose
+    /// registration is gone has already been written off by the coordinator, and a group that
+    /// kept this rank would wait on it forever.
+    pub async fn pause(&self) -> Result<(), WorkerError> {
+        self.engine.pause().await
+    }
+
+    /// Takes assignments again.
+    pub fn resume(&self) {
+        self.engine.resume();
+    }
+
+    /// Whether assignments are taken now.
+    pub fn is_accepting(&self) -> bool {
+        self.engine.is_accepting()
     }
 }
 
@@ -70,5 +107,54 @@ impl Worker for WorkerService {
             kv_capacity_tokens: self.config.kv_capacity_tokens,
             error: s.error,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn service() -> WorkerService {
+        let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens: 1024 };
+        let engine = EngineHandle::spawn(config.clone()).expect("spawn the engine thread");
+        WorkerService::new("w-test".into(), engine, config)
+    }
+
+    fn assign_request() -> Request<pb::AssignRequest> {
+        // tp_size 1: assigning binds nothing and loads nothing, so no model is needed.
+        Request::new(pb::AssignRequest {
+            group_id: "g".into(),
+            model_dir: "/nonexistent".into(),
+            dtype: "f32".into(),
+            tp_rank: 0,
+            tp_size: 1,
+        })
+    }
+
+    async fn state(service: &WorkerService) -> String {
+        let status = service.status(Request::new(pb::StatusRequest {})).await.expect("status");
+        status.into_inner().state
+    }
+
+    #[tokio::test]
+    async fn paused_worker_refuses_assign_and_drops_its_group_until_resumed() {
+        let service = service();
+        let admission = service.admission();
+        assert!(admission.is_accepting());
+        service.assign(assign_request()).await.expect("assign while accepting");
+        assert_eq!(state(&service).await, "assigned");
+
+        admission.pause().await.expect("pause");
+        assert!(!admission.is_accepting());
+        assert_eq!(state(&service).await, "idle", "pausing drops the group");
+        let refused = service.assign(assign_request()).await.expect_err("assign while paused");
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert!(refused.message().contains("not taking new work"), "{}", refused.message());
+        assert_eq!(state(&service).await, "idle");
+
+        admission.resume();
+        service.assign(assign_request()).await.expect("assign after resume");
+        assert_eq!(state(&service).await, "assigned");
     }
 }

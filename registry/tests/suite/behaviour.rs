@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
+use tessera_etcd_harness::EtcdServer;
 use tessera_registry::{
     EtcdConfig, EtcdRegistry, LeaseId, LeaseLoss, LeaseState, MembershipEvent, MemoryConfig,
     MemoryRegistry, Registry, RegistryError, Retry,
 };
 use tokio::time::Instant;
 
-use crate::harness::EtcdServer;
 use crate::support::{next_event, next_snapshot, no_event_for, record};
 
 /// Generous bound for events that should be immediate; only a stuck test ever waits it out.

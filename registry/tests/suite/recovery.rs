@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use etcd_client::CompactionOptions;
+use tessera_etcd_harness::{EtcdServer, Proxy};
 use tessera_registry::{
     EtcdConfig, EtcdRegistry, LeaseLoss, MembershipEvent, Registry, RegistryError, Retry,
 };
 
-use crate::harness::{EtcdServer, Proxy};
 use crate::support::{next_event, next_snapshot, record};
 
 const PROMPT: Duration = Duration::from_secs(5);

@@ -1,7 +1,8 @@
 //! Test harness: a real etcd on loopback, and a TCP proxy whose connections a test can cut.
 //!
-//! `EtcdServer::start` fails the test (it does not skip it) when the `etcd` binary is missing:
-//! a registry suite that silently did nothing would hide exactly the bugs it exists to catch.
+//! Shared by every test crate that needs etcd (the registry's suite, the cross-process tests).
+//! [`EtcdServer::start`] fails the test (it does not skip it) when the `etcd` binary is missing:
+//! a suite that silently did nothing would hide exactly the bugs it exists to catch.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
@@ -69,7 +70,7 @@ impl EtcdServer {
         let child = match spawned {
             Ok(child) => child,
             Err(e) if e.kind() == ErrorKind::NotFound => panic!(
-                "the `etcd` binary is not on PATH; the registry tests need a real etcd. \
+                "the `etcd` binary is not on PATH; these tests need a real etcd. \
                  Run scripts/setup.sh (it installs Debian's etcd-server) and try again."
             ),
             Err(e) => panic!("could not start etcd: {e}"),
@@ -146,6 +147,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Starts forwarding a fresh loopback port to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
@@ -155,10 +157,12 @@ impl Proxy {
         Self { addr, open, connections, acceptor }
     }
 
+    /// The proxy's URL, `http://127.0.0.1:PORT`, to hand a client instead of etcd's.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
+    /// Drops every open connection and refuses new ones until [`Proxy::restore`].
     pub fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         for connection in self.connections.lock().expect("proxy connections").drain(..) {
@@ -166,6 +170,7 @@ impl Proxy {
         }
     }
 
+    /// Accepts and forwards connections again.
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }

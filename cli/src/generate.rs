@@ -1,0 +1,100 @@
+//! `tessera generate`: streams one completion from a coordinator to the terminal.
+
+use std::io::Write;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_client::InferenceClient;
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Coordinator address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Served model name (may be omitted when the coordinator serves one model).
+    #[arg(long, default_value = "")]
+    model: String,
+    /// 0 = the server's default.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: u32,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Send the prompt as one user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// The prompt.
+    prompt: String,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(generate(args))
+}
+
+async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let mut client = InferenceClient::connect(args.addr.clone()).await.with_context(|| format!("cannot reach {}", args.addr))?;
+    let input = if args.chat {
+        pb::generate_request::Input::Chat(pb::ChatInput {
+            messages: vec![pb::ChatMessage { role: "user".into(), content: args.prompt.clone() }],
+        })
+    } else {
+        pb::generate_request::Input::Prompt(args.prompt.clone())
+    };
+    let request = pb::GenerateRequest {
+        model: args.model.clone(),
+        input: Some(input),
+        sampling: Some(pb::SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed }),
+        stopping: Some(pb::StoppingCriteria { max_new_tokens: args.max_new_tokens, stop: args.stop.clone(), ..Default::default() }),
+        request_id: String::new(),
+    };
+    let mut stream = match client.generate(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => bail!("{:?}: {}", status.code(), status.message()),
+    };
+    let mut out = std::io::stdout().lock();
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(r)) => r.event,
+            Ok(None) => bail!("the stream ended without a Finished message"),
+            Err(status) => {
+                writeln!(out)?;
+                bail!("{:?}: {}", status.code(), status.message());
+            }
+        };
+        match event {
+            Some(pb::generate_response::Event::Started(s)) => {
+                let placement = s.placement.unwrap_or_default();
+                eprintln!("[{} | {} prompt tokens | tp={} on {}]", s.request_id, s.prompt_tokens, placement.tp, placement.workers.join(", "));
+            }
+            Some(pb::generate_response::Event::Chunk(c)) => {
+                write!(out, "{}", c.text)?;
+                out.flush()?;
+            }
+            Some(pb::generate_response::Event::Finished(f)) => {
+                writeln!(out)?;
+                let usage = f.usage.unwrap_or_default();
+                let timing = f.timing.unwrap_or_default();
+                let reason = pb::FinishReason::try_from(f.reason).map(|r| r.as_str_name()).unwrap_or("UNKNOWN");
+                let decode_s = (timing.total_ms - timing.time_to_first_token_ms) / 1e3;
+                let rate = if decode_s > 0.0 { usage.completion_tokens.saturating_sub(1) as f64 / decode_s } else { 0.0 };
+                eprintln!(
+                    "[{reason} | {} tokens | first token {:.0} ms | {rate:.1} tok/s]",
+                    usage.completion_tokens, timing.time_to_first_token_ms
+                );
+                return Ok(());
+            }
+            None => {}
+        }
+    }
+}

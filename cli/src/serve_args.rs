@@ -1,0 +1,63 @@
+//! Options shared by `tessera coordinator` and `tessera up`: what to serve and the limits.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use tessera_coordinator::{ClusterConfig, CoordinatorConfig, Limits, LoopConfig, ModelSpec};
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Name clients use for the model (default: the model directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Weight dtype on the workers: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Sequences one group runs at once.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Requests waiting per group before new ones are refused.
+    #[arg(long, default_value_t = 256)]
+    pub queue_depth: usize,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, default_value_t = Limits::default().max_new_tokens)]
+    pub max_new_tokens_limit: u32,
+}
+
+/// Largest values the flags accept: a typo must not allocate the machine away.
+const MAX_BATCH: usize = 4096;
+const MAX_QUEUE: usize = 1 << 16;
+
+impl ServeArgs {
+    /// The coordinator's configuration for serving `dir` with groups of `tp` ranks.
+    pub fn config(&self, dir: &Path, tp: usize) -> anyhow::Result<CoordinatorConfig> {
+        anyhow::ensure!((1..=MAX_BATCH).contains(&self.max_batch), "--max-batch must be in 1..={MAX_BATCH}");
+        anyhow::ensure!((1..=MAX_QUEUE).contains(&self.queue_depth), "--queue-depth must be in 1..={MAX_QUEUE}");
+        anyhow::ensure!(self.max_new_tokens_limit > 0, "--max-new-tokens-limit must be at least 1");
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => model_name(dir),
+        };
+        let limits = Limits {
+            max_new_tokens: self.max_new_tokens_limit,
+            default_max_new_tokens: Limits::default().default_max_new_tokens.min(self.max_new_tokens_limit),
+            ..Limits::default()
+        };
+        let cluster = ClusterConfig {
+            queue_depth: self.queue_depth,
+            group_loop: LoopConfig { max_batch: self.max_batch },
+            ..ClusterConfig::default()
+        };
+        let spec = ModelSpec { name, dir: absolute(dir)?, tp, dtype: self.dtype.clone() };
+        Ok(CoordinatorConfig { models: vec![spec], limits, cluster })
+    }
+}
+
+/// Workers may run in another directory: give them an absolute path.
+fn absolute(dir: &Path) -> anyhow::Result<PathBuf> {
+    Ok(std::path::absolute(dir)?)
+}
+
+fn model_name(dir: &Path) -> String {
+    dir.file_name().and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("model").to_string()
+}

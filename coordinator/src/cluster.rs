@@ -1,0 +1,484 @@
+//! The coordinator's view of the cluster: which workers are alive, which groups they form, and
+//! which group serves a request.
+//!
+//! Membership events from the registry drive everything. Free workers are formed into groups
+//! of the model's tensor-parallel size (`Assign` on every rank, then `Rendezvous`, which returns
+//! once each rank has connected its collective and loaded its shard). A loaded group gets an
+//! iteration loop ([`GroupLoop`]). When a member leaves (its key disappears) or a step fails,
+//! the group is torn down: its requests get `UNAVAILABLE`, surviving members are `Reset` and
+//! become free again, and free workers — old survivors plus newcomers — are formed into new
+//! groups without restarting anything.
+//!
+//! Locking: one mutex over the maps, never held across an `.await`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tessera_proto::v1 as pb;
+use tessera_proto::worker as wpb;
+use tessera_proto::worker::worker_client::WorkerClient;
+use tessera_registry::{MembershipEvent, WorkerRecord, WorkerWatch};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::CoordinatorError;
+use crate::group::{GroupLoop, LoopConfig, Member, NewSequence};
+use crate::model::ServedModel;
+
+/// Timeouts and sizes of group management.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Longest wait for a quick worker RPC (assign, reset, status, release).
+    pub rpc_timeout: Duration,
+    /// Longest wait for a group to connect and load its shards.
+    pub load_timeout: Duration,
+    /// Requests waiting per group before new ones are refused with `RESOURCE_EXHAUSTED`.
+    pub queue_depth: usize,
+    pub group_loop: LoopConfig,
+    /// Longest pause before retrying after a group failed to form.
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            rpc_timeout: Duration::from_secs(3),
+            load_timeout: Duration::from_secs(600),
+            queue_depth: 256,
+            group_loop: LoopConfig { max_batch: 32 },
+            max_retry_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+enum Role {
+    Free,
+    /// Member of this group (forming or serving).
+    Busy(u64),
+    /// Did not answer after its group failed; unused until it registers again.
+    Quarantined,
+}
+
+struct Slot {
+    record: WorkerRecord,
+    client: WorkerClient<Channel>,
+    role: Role,
+}
+
+struct Serving {
+    submit: mpsc::Sender<NewSequence>,
+    active: Arc<AtomicUsize>,
+    /// When the group was last chosen (a placement counter), so ties go round-robin.
+    last_placed: AtomicU64,
+}
+
+struct GroupEntry {
+    model: usize,
+    /// Worker ids by rank.
+    members: Vec<String>,
+    serving: Option<Serving>,
+    lost: watch::Sender<Option<String>>,
+}
+
+#[derive(Default)]
+struct State {
+    workers: BTreeMap<String, Slot>,
+    groups: BTreeMap<u64, GroupEntry>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+/// Where a request was placed.
+pub(crate) struct Placement {
+    pub group: String,
+    pub tp: u32,
+    pub workers: Vec<String>,
+    submit: mpsc::Sender<NewSequence>,
+    active: Arc<AtomicUsize>,
+}
+
+impl Placement {
+    /// Queues the sequence on the group; fails at once when the queue is full.
+    pub(crate) fn submit(&self, seq: NewSequence) -> Result<(), CoordinatorError> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.submit.try_send(seq).map_err(|e| {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => CoordinatorError::ResourceExhausted(format!(
+                    "group {} has {} requests waiting, its limit; retry later",
+                    self.group,
+                    self.submit.max_capacity()
+                )),
+                mpsc::error::TrySendError::Closed(_) => {
+                    CoordinatorError::Unavailable(format!("group {} stopped serving; retry", self.group))
+                }
+            }
+        })
+    }
+}
+
+/// Shared state of one coordinator.
+pub(crate) struct Cluster {
+    pub models: Vec<Arc<ServedModel>>,
+    config: ClusterConfig,
+    state: Mutex<State>,
+    /// Number of groups loaded and serving, for health and for callers waiting to serve.
+    serving: watch::Sender<usize>,
+    next_group: AtomicU64,
+    next_seq: AtomicU64,
+    placements: AtomicU64,
+}
+
+impl Cluster {
+    pub(crate) fn new(models: Vec<Arc<ServedModel>>, config: ClusterConfig) -> Arc<Self> {
+        Arc::new(Self {
+            models,
+            config,
+            state: Mutex::new(State::default()),
+            serving: watch::channel(0).0,
+            next_group: AtomicU64::new(1),
+            next_seq: AtomicU64::new(1),
+            placements: AtomicU64::new(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The maps stay consistent between statements, so a panic elsewhere cannot leave them
+        // half-updated; keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn serving_groups(&self) -> watch::Receiver<usize> {
+        self.serving.subscribe()
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Applies membership events until the watch ends.
+    pub(crate) async fn follow(self: Arc<Self>, mut watch: WorkerWatch) {
+        while let Some(event) = watch.next().await {
+            self.apply(event);
+            self.reconcile();
+        }
+        tracing::warn!("membership watch ended; no further workers will be seen");
+    }
+
+    fn apply(self: &Arc<Self>, event: MembershipEvent) {
+        let mut state = self.lock();
+        match event {
+            MembershipEvent::Snapshot(records) => {
+                let gone: Vec<String> =
+                    state.workers.keys().filter(|id| !records.iter().any(|r| &r.id == *id)).cloned().collect();
+                for id in gone {
+                    self.worker_down(&mut state, &id);
+                }
+                for record in records {
+                    self.worker_up(&mut state, record);
+                }
+            }
+            MembershipEvent::Up(record) => self.worker_up(&mut state, record),
+            MembershipEvent::Down(id) => self.worker_down(&mut state, &id),
+        }
+    }
+
+    fn worker_up(self: &Arc<Self>, state: &mut State, record: WorkerRecord) {
+        if let Some(slot) = state.workers.get_mut(&record.id) {
+            if slot.record == record {
+                return;
+            }
+            if let Role::Busy(group) = slot.role {
+                if slot.record.address != record.address {
+                    // Same id, new process: whatever it held for the group is gone.
+                    let reason = format!("worker {} restarted at {}", record.id, record.address);
+                    slot.role = Role::Free;
+                    self.fail_group(state, group, reason);
+                }
+            }
+        }
+        let client = match connect(&record.address, self.config.rpc_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(worker = %record.id, address = %record.address, error = %e, "ignoring worker with an unusable address");
+                return;
+            }
+        };
+        tracing::info!(worker = %record.id, address = %record.address, device = %record.device, "worker joined");
+        let role = match state.workers.remove(&record.id) {
+            Some(Slot { role: Role::Busy(g), .. }) if state.groups.contains_key(&g) => Role::Busy(g),
+            _ => Role::Free,
+        };
+        state.workers.insert(record.id.clone(), Slot { record, client, role });
+    }
+
+    fn worker_down(self: &Arc<Self>, state: &mut State, id: &str) {
+        let Some(slot) = state.workers.remove(id) else { return };
+        tracing::info!(worker = %id, "worker left");
+        if let Role::Busy(group) = slot.role {
+            self.fail_group(state, group, format!("worker {id} left the cluster (its lease expired or was revoked)"));
+        }
+    }
+
+    /// Tears a group down: stops its loop (its requests get `UNAVAILABLE`), then resets the
+    /// members still registered and frees those that answer.
+    fn fail_group(self: &Arc<Self>, state: &mut State, group: u64, reason: String) {
+        let Some(entry) = state.groups.remove(&group) else { return };
+        tracing::warn!(group = %group_name(group), %reason, "group lost");
+        let _ = entry.lost.send(Some(reason));
+        if entry.serving.is_some() {
+            self.serving.send_modify(|n| *n = n.saturating_sub(1));
+        }
+        let survivors: Vec<(String, WorkerClient<Channel>)> = entry
+            .members
+            .iter()
+            .filter_map(|id| state.workers.get(id).map(|s| (id.clone(), s.client.clone())))
+            .collect();
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let timeout = cluster.config.rpc_timeout;
+            let resets = survivors.into_iter().map(|(id, mut client)| async move {
+                let ok = matches!(tokio::time::timeout(timeout, client.reset(wpb::ResetRequest {})).await, Ok(Ok(_)));
+                (id, ok)
+            });
+            let results = join_all(resets).await;
+            {
+                let mut state = cluster.lock();
+                for (id, ok) in results {
+                    if let Some(slot) = state.workers.get_mut(&id) {
+                        if matches!(slot.role, Role::Busy(g) if g == group) {
+                            slot.role = if ok { Role::Free } else { Role::Quarantined };
+                            if !ok {
+                                tracing::warn!(worker = %id, "worker did not answer a reset; unused until it registers again");
+                            }
+                        }
+                    }
+                }
+            }
+            cluster.reconcile();
+        });
+    }
+
+    /// Forms groups from free workers: each new group goes to the model with the fewest.
+    fn reconcile(self: &Arc<Self>) {
+        let mut state = self.lock();
+        if state.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        loop {
+            let mut counts = vec![0usize; self.models.len()];
+            for g in state.groups.values() {
+                counts[g.model] += 1;
+            }
+            let Some(model) = (0..self.models.len()).min_by_key(|&m| counts[m]) else { return };
+            let tp = self.models[model].spec.tp;
+            let free: Vec<String> =
+                state.workers.iter().filter(|(_, s)| matches!(s.role, Role::Free)).map(|(id, _)| id.clone()).take(tp).collect();
+            if free.len() < tp {
+                return;
+            }
+            let group = self.next_group.fetch_add(1, Ordering::Relaxed);
+            let mut members = Vec::with_capacity(tp);
+            for id in &free {
+                if let Some(slot) = state.workers.get_mut(id) {
+                    slot.role = Role::Busy(group);
+                    members.push(Member { id: id.clone(), client: slot.client.clone() });
+                }
+            }
+            let (lost, lost_rx) = watch::channel(None);
+            state.groups.insert(group, GroupEntry { model, members: free, serving: None, lost });
+            tokio::spawn(self.clone().form(group, model, members, lost_rx));
+        }
+    }
+
+    async fn form(self: Arc<Self>, group: u64, model: usize, members: Vec<Member>, mut lost: watch::Receiver<Option<String>>) {
+        let name = group_name(group);
+        let spec = &self.models[model].spec;
+        let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+        tracing::info!(group = %name, model = %spec.name, tp = spec.tp, workers = ?ids, "forming group: loading shards");
+        let start = Instant::now();
+        let loaded = tokio::select! {
+            r = self.load(&name, model, &members) => r,
+            _ = lost.wait_for(Option::is_some) => return,
+        };
+        let mut state = self.lock();
+        if let Err(reason) = loaded {
+            let backoff = (state.backoff * 2).clamp(Duration::from_millis(500), self.config.max_retry_backoff);
+            state.backoff = backoff;
+            state.retry_at = Some(Instant::now() + backoff);
+            tracing::warn!(group = %name, %reason, retry_in = ?backoff, "group failed to form");
+            self.fail_group(&mut state, group, reason);
+            let cluster = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(backoff).await;
+                cluster.lock().retry_at = None;
+                cluster.reconcile();
+            });
+            return;
+        }
+        let Some(entry) = state.groups.get_mut(&group) else { return };
+        let (submit, requests) = mpsc::channel(self.config.queue_depth);
+        let active = Arc::new(AtomicUsize::new(0));
+        entry.serving = Some(Serving { submit, active: active.clone(), last_placed: AtomicU64::new(0) });
+        state.backoff = Duration::ZERO;
+        drop(state);
+        self.serving.send_modify(|n| *n += 1);
+        tracing::info!(group = %name, model = %spec.name, secs = start.elapsed().as_secs_f64(), "group serving");
+        let group_loop = GroupLoop { name, members, requests, lost, active, config: self.config.group_loop };
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let reason = group_loop.run().await;
+            let mut state = cluster.lock();
+            cluster.fail_group(&mut state, group, reason);
+        });
+    }
+
+    /// Assigns every rank, then rendezvouses them; returns once all shards are loaded.
+    async fn load(&self, name: &str, model: usize, members: &[Member]) -> Result<(), String> {
+        let spec = &self.models[model].spec;
+        let assigns = members.iter().enumerate().map(|(rank, m)| {
+            let mut client = m.client.clone();
+            let request = wpb::AssignRequest {
+                group_id: name.to_string(),
+                model_dir: spec.dir.display().to_string(),
+                dtype: spec.dtype.clone(),
+                tp_rank: rank as u32,
+                tp_size: members.len() as u32,
+            };
+            async move { tokio::time::timeout(self.config.rpc_timeout, client.assign(request)).await }
+        });
+        let mut peers = Vec::with_capacity(members.len());
+        for (m, r) in members.iter().zip(join_all(assigns).await) {
+            match r {
+                Ok(Ok(answer)) => peers.push(answer.into_inner().collective_address),
+                Ok(Err(status)) => return Err(format!("worker {} refused its assignment: {}", m.id, status.message())),
+                Err(_) => return Err(format!("worker {} did not answer its assignment", m.id)),
+            }
+        }
+        // A single rank has no collective endpoint and needs no peers.
+        if members.len() == 1 {
+            peers.clear();
+        }
+        let rendezvous = members.iter().map(|m| {
+            let mut client = m.client.clone();
+            let request = wpb::RendezvousRequest { group_id: name.to_string(), peers: peers.clone() };
+            async move { tokio::time::timeout(self.config.load_timeout, client.rendezvous(request)).await }
+        });
+        for (m, r) in members.iter().zip(join_all(rendezvous).await) {
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => return Err(format!("worker {} could not join the group: {}", m.id, status.message())),
+                Err(_) => return Err(format!("worker {} did not load within {:?}", m.id, self.config.load_timeout)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The least busy serving group of `model`; among equally busy ones, the one chosen least
+    /// recently.
+    pub(crate) fn place(&self, model: &ServedModel) -> Result<Placement, CoordinatorError> {
+        let state = self.lock();
+        let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
+            CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
+        })?;
+        let best = state
+            .groups
+            .iter()
+            .filter(|(_, g)| g.model == index)
+            .filter_map(|(id, g)| g.serving.as_ref().map(|s| (*id, g, s)))
+            .min_by_key(|(_, _, s)| (s.active.load(Ordering::Relaxed), s.last_placed.load(Ordering::Relaxed)));
+        let Some((id, entry, serving)) = best else {
+            let registered = state.workers.len();
+            let forming = state.groups.values().filter(|g| g.model == index && g.serving.is_none()).count();
+            return Err(CoordinatorError::Unavailable(format!(
+                "model {:?} has no serving group yet ({forming} loading; {registered} workers registered, {} needed per group)",
+                model.name(),
+                model.spec.tp
+            )));
+        };
+        serving.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        Ok(Placement {
+            group: group_name(id),
+            tp: entry.members.len() as u32,
+            workers: entry.members.clone(),
+            submit: serving.submit.clone(),
+            active: serving.active.clone(),
+        })
+    }
+
+    /// Groups per model, for `ListModels`.
+    pub(crate) fn serving_groups_of(&self, model: usize) -> u32 {
+        self.lock().groups.values().filter(|g| g.model == model && g.serving.is_some()).count() as u32
+    }
+
+    /// Every known worker with the coordinator's view and the worker's own report.
+    pub(crate) async fn status(&self) -> pb::ClusterStatusResponse {
+        let (views, queued, running) = {
+            let state = self.lock();
+            let mut queued = 0u32;
+            let mut running = 0u32;
+            for g in state.groups.values() {
+                if let Some(s) = &g.serving {
+                    queued += (s.submit.max_capacity() - s.submit.capacity()) as u32;
+                    running += s.active.load(Ordering::Relaxed) as u32;
+                }
+            }
+            let views: Vec<_> = state
+                .workers
+                .values()
+                .map(|slot| {
+                    let (model, group, rank) = match slot.role {
+                        Role::Busy(g) => state
+                            .groups
+                            .get(&g)
+                            .map(|e| {
+                                let rank = e.members.iter().position(|m| *m == slot.record.id).unwrap_or(0);
+                                (self.models[e.model].name().to_string(), g as u32, rank as u32)
+                            })
+                            .unwrap_or_default(),
+                        _ => Default::default(),
+                    };
+                    let quarantined = matches!(slot.role, Role::Quarantined);
+                    (slot.record.clone(), slot.client.clone(), model, group, rank, quarantined)
+                })
+                .collect();
+            (views, queued, running.saturating_sub(queued))
+        };
+        let timeout = self.config.rpc_timeout;
+        let reports = views.into_iter().map(|(record, mut client, model, group, tp_rank, quarantined)| async move {
+            let report = tokio::time::timeout(timeout, client.status(wpb::StatusRequest {})).await;
+            let (state, sequences, kv_tokens) = match report {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    (r.state, r.sequences, r.kv_tokens)
+                }
+                _ => ("unreachable".to_string(), 0, 0),
+            };
+            let state = if quarantined { format!("{state} (quarantined)") } else { state };
+            pb::WorkerStatus {
+                id: record.id,
+                address: record.address,
+                state,
+                model,
+                group,
+                tp_rank,
+                sequences,
+                kv_tokens,
+                kv_capacity_tokens: record.kv_capacity_tokens,
+            }
+        });
+        pb::ClusterStatusResponse { workers: join_all(reports).await, queued_requests: queued, running_requests: running }
+    }
+}
+
+pub(crate) fn group_name(id: u64) -> String {
+    format!("g{id}")
+}
+
+fn connect(address: &str, timeout: Duration) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))?.connect_timeout(timeout).tcp_nodelay(true);
+    Ok(WorkerClient::new(endpoint.connect_lazy()))
+}

@@ -1,0 +1,56 @@
+//! Coordinator errors and their one mapping to gRPC status codes (DESIGN §7).
+//!
+//! Every message says what was wrong and, for limits, what the limit is: a client reading only
+//! the status message must be able to fix its request.
+
+/// Everything a request or the coordinator's start-up can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The client sent something out of range or malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request names a model this coordinator does not serve.
+    #[error("{0}")]
+    NotFound(String),
+    /// No group can serve right now (none formed yet, or the group was lost mid-request).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The bounded queue is full; retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A served model's files cannot be used.
+    #[error("model {name}: {reason}")]
+    Model { name: String, reason: String },
+    /// Configuration the coordinator cannot start with.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A bug or an unexpected answer from a worker.
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("cannot serve: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Registry(#[from] tessera_registry::RegistryError),
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
+            CoordinatorError::NotFound(_) => Code::NotFound,
+            CoordinatorError::Unavailable(_) => Code::Unavailable,
+            CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::Model { .. }
+            | CoordinatorError::Config(_)
+            | CoordinatorError::Internal(_)
+            | CoordinatorError::Transport(_)
+            | CoordinatorError::Registry(_) => Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+pub(crate) fn invalid(msg: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::InvalidArgument(msg.into())
+}

@@ -1,0 +1,120 @@
+//! One sequence's output side: sampled tokens in, `TokenChunk`s and one `Finished` out.
+//!
+//! Pure state, no I/O, so every finishing rule is testable without a cluster: end-of-sequence
+//! and stop tokens end generation without being streamed; stop strings end it before the
+//! matched text; `max_new_tokens` ends it with `LENGTH`. Text is released only when final
+//! ([`IncrementalDecoder`], [`StopMatcher`]), and whatever is still held back is flushed when
+//! the sequence ends, so the streamed text always concatenates to the full completion.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tessera_proto::v1 as pb;
+use tokenizers::Tokenizer;
+
+use crate::detokenize::{DecodeError, IncrementalDecoder};
+use crate::request::Stopping;
+use crate::stop::{StopMatcher, StopOutcome};
+
+/// What one accepted token produced for the client.
+#[derive(Debug, Default, PartialEq)]
+pub struct Emitted {
+    pub chunk: Option<pb::TokenChunk>,
+    /// Set when the sequence is done; release it on every rank.
+    pub finished: Option<pb::Finished>,
+}
+
+/// Output state of one running sequence.
+pub struct Generation {
+    tokenizer: Arc<Tokenizer>,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    stopping: Stopping,
+    prompt_tokens: u32,
+    generated: u32,
+    streamed: u64,
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Generation {
+    /// `started` is when the request arrived, for time-to-first-token.
+    pub fn new(tokenizer: Arc<Tokenizer>, stopping: Stopping, prompt_tokens: u32, started: Instant) -> Self {
+        let stop = StopMatcher::new(stopping.stop.iter().cloned());
+        // Special tokens (chat markers) are not part of the completion text, as in HF's
+        // `skip_special_tokens=True`.
+        let decoder = IncrementalDecoder::new(tokenizer.clone(), true);
+        Self { tokenizer, decoder, stop, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
+    }
+
+    pub fn generated(&self) -> u32 {
+        self.generated
+    }
+
+    /// Takes the next sampled token.
+    pub fn accept(&mut self, token: u32, logprob: f32) -> Result<Emitted, DecodeError> {
+        self.generated += 1;
+        self.first_token.get_or_insert_with(Instant::now);
+        if self.stopping.stop_token_ids.contains(&token) {
+            let matched = self.tokenizer.decode(&[token], false).unwrap_or_default();
+            return self.finish_without(pb::FinishReason::Stop, matched);
+        }
+        if self.stopping.eos.contains(&token) {
+            return self.finish_without(pb::FinishReason::Eos, String::new());
+        }
+        let piece = self.decoder.push(token)?;
+        let tokens = vec![pb::Token { id: token, logprob: Some(logprob) }];
+        match self.stop.push(&piece) {
+            StopOutcome::Stopped { text, matched } => {
+                Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: Some(self.finished(pb::FinishReason::Stop, matched)) })
+            }
+            StopOutcome::Continue(text) if self.generated >= self.stopping.max_new_tokens => {
+                let (rest, matched) = self.drain()?;
+                let reason = if matched.is_some() { pb::FinishReason::Stop } else { pb::FinishReason::Length };
+                let chunk = self.chunk(text + &rest, tokens);
+                Ok(Emitted { chunk: Some(chunk), finished: Some(self.finished(reason, matched.unwrap_or_default())) })
+            }
+            StopOutcome::Continue(text) => Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: None }),
+        }
+    }
+
+    /// Ends on a token that is not streamed (EOS, a stop token), flushing held-back text.
+    fn finish_without(&mut self, reason: pb::FinishReason, matched: String) -> Result<Emitted, DecodeError> {
+        let (rest, found) = self.drain()?;
+        let (reason, matched) = match found {
+            Some(stop) => (pb::FinishReason::Stop, stop),
+            None => (reason, matched),
+        };
+        let chunk = (!rest.is_empty()).then(|| self.chunk(rest, Vec::new()));
+        Ok(Emitted { chunk, finished: Some(self.finished(reason, matched)) })
+    }
+
+    /// Everything the decoder and the stop matcher still hold, and the stop string it
+    /// completes, if any.
+    fn drain(&mut self) -> Result<(String, Option<String>), DecodeError> {
+        let piece = self.decoder.flush()?;
+        Ok(match self.stop.push(&piece) {
+            StopOutcome::Stopped { text, matched } => (text, Some(matched)),
+            StopOutcome::Continue(text) => (text + &self.stop.finish(), None),
+        })
+    }
+
+    fn chunk(&mut self, text: String, tokens: Vec<pb::Token>) -> pb::TokenChunk {
+        let index = self.streamed;
+        self.streamed += tokens.len() as u64;
+        pb::TokenChunk { index, text, tokens }
+    }
+
+    fn finished(&self, reason: pb::FinishReason, matched_stop: String) -> pb::Finished {
+        let ms = |t: Instant| t.duration_since(self.started).as_secs_f64() * 1e3;
+        pb::Finished {
+            reason: reason as i32,
+            usage: Some(pb::Usage { prompt_tokens: self.prompt_tokens, completion_tokens: self.generated }),
+            timing: Some(pb::Timing {
+                time_to_first_token_ms: self.first_token.map(ms).unwrap_or_default(),
+                total_ms: ms(Instant::now()),
+            }),
+            matched_stop,
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! A tensor-parallel group of workers and its iteration loop.
+//!
+//! The loop owns the group's running sequences. Each iteration it admits waiting sequences (up
+//! to `max_batch`), drops the ones whose client went away (releasing them on every rank), sends
+//! one `Step` with every sequence's next tokens to all ranks at once, and hands the sampled
+//! tokens to each sequence's [`Generation`]. Prefills and decodes of different sequences share
+//! a step: this is continuous batching, with the policy kept deliberately simple for now
+//! (whole-prompt prefill, first come first served).
+//!
+//! Every rank samples the same token (identical logits, identical seeded samplers), so rank 0's
+//! answer is used and the others are checked against it: a mismatch means the group's replicated
+//! state has diverged and it is torn down rather than trusted.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use tessera_proto::v1 as pb;
+use tessera_proto::worker as wpb;
+use tessera_proto::worker::worker_client::WorkerClient;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::generation::Generation;
+
+/// Stream of events for one client.
+pub(crate) type Events = mpsc::UnboundedSender<Result<pb::GenerateResponse, Status>>;
+
+/// One rank of a group.
+#[derive(Clone)]
+pub(crate) struct Member {
+    pub id: String,
+    pub client: WorkerClient<Channel>,
+}
+
+/// A request handed to a group.
+pub(crate) struct NewSequence {
+    pub seq: u64,
+    pub prompt: Vec<u32>,
+    pub sampling: wpb::Sampling,
+    pub generation: Generation,
+    /// Unbounded because the loop must never wait on a slow client; what it can hold is bounded
+    /// by `max_new_tokens`, which is capped.
+    pub events: Events,
+}
+
+/// Settings of a group's loop.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopConfig {
+    /// Sequences running at once in one group.
+    pub max_batch: usize,
+}
+
+/// Everything the loop needs; built by the cluster once the group is loaded.
+pub(crate) struct GroupLoop {
+    pub name: String,
+    pub members: Vec<Member>,
+    pub requests: mpsc::Receiver<NewSequence>,
+    /// Set to `Some(reason)` by the cluster when a member leaves.
+    pub lost: watch::Receiver<Option<String>>,
+    pub active: Arc<AtomicUsize>,
+    pub config: LoopConfig,
+}
+
+struct Running {
+    seq: u64,
+    /// Tokens to send in the next step: the prompt first, then the last sampled token.
+    pending: Vec<u32>,
+    /// Tokens already in the workers' KV cache.
+    cached: u32,
+    sampling: Option<wpb::Sampling>,
+    generation: Generation,
+    events: Events,
+}
+
+impl Running {
+    fn new(s: NewSequence) -> Self {
+        Self { seq: s.seq, pending: s.prompt, cached: 0, sampling: Some(s.sampling), generation: s.generation, events: s.events }
+    }
+
+    fn take_step(&mut self) -> wpb::SeqStep {
+        let tokens = std::mem::take(&mut self.pending);
+        let start = self.cached;
+        self.cached += tokens.len() as u32;
+        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling: self.sampling.take(), sample: true }
+    }
+
+    fn send(&self, event: pb::generate_response::Event) {
+        // A closed stream is noticed before the next step; nothing to do here.
+        let _ = self.events.send(Ok(pb::GenerateResponse { event: Some(event) }));
+    }
+}
+
+impl GroupLoop {
+    /// Runs until the group is lost or the cluster drops it; returns why it stopped. Every
+    /// sequence still running then gets `UNAVAILABLE`.
+    pub(crate) async fn run(mut self) -> String {
+        let mut running: Vec<Running> = Vec::new();
+        let mut step = 0u64;
+        loop {
+            if running.is_empty() {
+                tokio::select! {
+                    biased;
+                    reason = lost_reason(&mut self.lost) => return reason,
+                    next = self.requests.recv() => match next {
+                        Some(s) => running.push(Running::new(s)),
+                        None => return "the coordinator is shutting down".into(),
+                    },
+                }
+            }
+            while running.len() < self.config.max_batch {
+                match self.requests.try_recv() {
+                    Ok(s) => running.push(Running::new(s)),
+                    Err(_) => break,
+                }
+            }
+            self.drop_cancelled(&mut running).await;
+            if running.is_empty() {
+                continue;
+            }
+            step += 1;
+            let request = wpb::StepRequest { group_id: self.name.clone(), step, seqs: running.iter_mut().map(Running::take_step).collect() };
+            let sampled = tokio::select! {
+                biased;
+                reason = lost_reason(&mut self.lost) => Err(reason),
+                r = step_all(&self.members, request) => r,
+            };
+            let sampled = match sampled {
+                Ok(s) => s,
+                Err(reason) => {
+                    let status = Status::unavailable(format!("worker group {} was lost mid-request: {reason}", self.name));
+                    for r in running.drain(..) {
+                        let _ = r.events.send(Err(status.clone()));
+                        self.active.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    return reason;
+                }
+            };
+            if let Err(reason) = self.deliver(&mut running, sampled).await {
+                return reason;
+            }
+        }
+    }
+
+    /// Hands each sequence its token; finished sequences are streamed their end and released.
+    async fn deliver(&mut self, running: &mut Vec<Running>, sampled: Vec<wpb::SampledToken>) -> Result<(), String> {
+        if sampled.len() != running.len() {
+            return Err(format!("rank 0 returned {} tokens for {} sequences", sampled.len(), running.len()));
+        }
+        let mut done = Vec::new();
+        for (r, t) in running.iter_mut().zip(&sampled) {
+            if t.seq_id != r.seq {
+                return Err(format!("rank 0 answered for sequence {} where {} was expected", t.seq_id, r.seq));
+            }
+            match r.generation.accept(t.token, t.logprob) {
+                Ok(emitted) => {
+                    if let Some(chunk) = emitted.chunk {
+                        r.send(pb::generate_response::Event::Chunk(chunk));
+                    }
+                    match emitted.finished {
+                        Some(finished) => {
+                            r.send(pb::generate_response::Event::Finished(finished));
+                            done.push(r.seq);
+                        }
+                        None => r.pending.push(t.token),
+                    }
+                }
+                Err(e) => {
+                    let _ = r.events.send(Err(Status::internal(e.to_string())));
+                    done.push(r.seq);
+                }
+            }
+        }
+        if !done.is_empty() {
+            running.retain(|r| !done.contains(&r.seq));
+            self.active.fetch_sub(done.len(), Ordering::Relaxed);
+            release_all(&self.members, &self.name, done).await;
+        }
+        Ok(())
+    }
+
+    /// Removes sequences whose client has gone (cancelled or disconnected) and frees their KV
+    /// cache on every rank.
+    async fn drop_cancelled(&mut self, running: &mut Vec<Running>) {
+        let gone: Vec<(u64, bool)> = running.iter().filter(|r| r.events.is_closed()).map(|r| (r.seq, r.cached > 0)).collect();
+        if gone.is_empty() {
+            return;
+        }
+        running.retain(|r| !gone.iter().any(|(seq, _)| *seq == r.seq));
+        self.active.fetch_sub(gone.len(), Ordering::Relaxed);
+        tracing::info!(group = %self.name, sequences = ?gone.iter().map(|g| g.0).collect::<Vec<_>>(), "client went away; releasing");
+        // A sequence never stepped holds nothing on the workers.
+        let cached: Vec<u64> = gone.into_iter().filter(|g| g.1).map(|g| g.0).collect();
+        if !cached.is_empty() {
+            release_all(&self.members, &self.name, cached).await;
+        }
+    }
+}
+
+/// Resolves when the cluster marks the group lost (or drops it).
+async fn lost_reason(lost: &mut watch::Receiver<Option<String>>) -> String {
+    match lost.wait_for(Option::is_some).await {
+        Ok(reason) => reason.clone().unwrap_or_default(),
+        Err(_) => "the group was removed".into(),
+    }
+}
+
+/// Sends `request` to every rank at once; returns rank 0's tokens once all ranks answered and
+/// agree.
+async fn step_all(members: &[Member], request: wpb::StepRequest) -> Result<Vec<wpb::SampledToken>, String> {
+    let calls = members.iter().map(|m| {
+        let mut client = m.client.clone();
+        let request = request.clone();
+        async move { client.step(request).await.map(|r| r.into_inner().tokens) }
+    });
+    let results = join_all(calls).await;
+    let errors: Vec<String> = members
+        .iter()
+        .zip(&results)
+        .filter_map(|(m, r)| r.as_ref().err().map(|s| format!("worker {}: {}", m.id, s.message())))
+        .collect();
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    let mut answers = results.into_iter().flatten();
+    let first = answers.next().ok_or("the group has no members")?;
+    for (rank, other) in answers.enumerate() {
+        let same = other.len() == first.len() && other.iter().zip(&first).all(|(a, b)| a.seq_id == b.seq_id && a.token == b.token);
+        if !same {
+            return Err(format!("rank {} sampled different tokens than rank 0; replicated state diverged", rank + 1));
+        }
+    }
+    Ok(first)
+}
+
+/// Frees sequences on every rank. Failures are logged, not returned: a rank that cannot be
+/// reached is being torn down with its group anyway.
+pub(crate) async fn release_all(members: &[Member], group: &str, seqs: Vec<u64>) {
+    let calls = members.iter().map(|m| {
+        let mut client = m.client.clone();
+        let request = wpb::ReleaseRequest { group_id: group.to_string(), seq_ids: seqs.clone() };
+        async move { (m.id.clone(), client.release(request).await) }
+    });
+    for (id, result) in join_all(calls).await {
+        if let Err(status) = result {
+            tracing::warn!(group, worker = %id, error = %status.message(), "release failed");
+        }
+    }
+}

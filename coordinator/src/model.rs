@@ -1,0 +1,109 @@
+//! A served model as the coordinator sees it: its name, where its files are, how it is split,
+//! and what text handling needs (tokenizer, chat template, context length, end-of-sequence ids).
+//!
+//! The coordinator never loads weights; it reads only the small JSON files. Workers load the
+//! shards from the same directory path (shared storage or an identical copy on every host).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::chat::{ChatError, ChatTemplate};
+use crate::error::CoordinatorError;
+
+/// Largest tensor-parallel degree a group may have.
+pub const MAX_TP: usize = 64;
+
+/// What the operator asks the coordinator to serve.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Name clients put in `GenerateRequest.model`.
+    pub name: String,
+    /// Hugging Face model directory, as the workers see it.
+    pub dir: PathBuf,
+    /// Tensor-parallel degree of each group serving this model.
+    pub tp: usize,
+    /// Weight dtype on the workers: "f32", "bf16" or "f16".
+    pub dtype: String,
+}
+
+/// A model ready to accept requests: spec plus its text-side files.
+pub struct ServedModel {
+    pub spec: ModelSpec,
+    pub tokenizer: Arc<Tokenizer>,
+    /// `None` when the model ships no chat template; chat requests are then refused.
+    pub chat: Option<ChatTemplate>,
+    /// Longest sequence (prompt + generated) the model supports.
+    pub max_context: usize,
+    /// Tokens that end generation unless the request sets `ignore_eos`.
+    pub eos: Vec<u32>,
+    pub vocab_size: usize,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel").field("spec", &self.spec).field("max_context", &self.max_context).finish_non_exhaustive()
+    }
+}
+
+impl ServedModel {
+    /// Reads `config.json`, `tokenizer.json` and (when present) `tokenizer_config.json` and
+    /// `generation_config.json` from the model directory.
+    pub fn load(spec: ModelSpec) -> Result<Self, CoordinatorError> {
+        let err = |reason: String| CoordinatorError::Model { name: spec.name.clone(), reason };
+        if spec.name.is_empty() {
+            return Err(err("the model name is empty".into()));
+        }
+        if spec.tp == 0 || spec.tp > MAX_TP {
+            return Err(err(format!("tp {} is outside 1..={MAX_TP}", spec.tp)));
+        }
+        if !matches!(spec.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return Err(err(format!("dtype {:?} is not one of f32, bf16, f16", spec.dtype)));
+        }
+        let config = read_json(&spec.dir.join("config.json")).map_err(err)?;
+        let max_context = config
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 1)
+            .ok_or_else(|| err("config.json has no max_position_embeddings".into()))? as usize;
+        let mut eos = token_ids(config.get("eos_token_id"));
+        // generation_config.json often lists more end tokens (chat models end turns with one).
+        if let Ok(generation) = read_json(&spec.dir.join("generation_config.json")) {
+            for id in token_ids(generation.get("eos_token_id")) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        let tokenizer_path = spec.dir.join("tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| err(format!("cannot load {}: {e}", tokenizer_path.display())))?;
+        let chat = match ChatTemplate::from_model_dir(&spec.dir) {
+            Ok(t) => Some(t),
+            Err(ChatError::NoTemplate | ChatError::Read { .. }) => None,
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let vocab_size = tokenizer.get_vocab_size(true);
+        Ok(Self { spec, tokenizer: Arc::new(tokenizer), chat, max_context, eos, vocab_size })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("cannot parse {}: {e}", path.display()))
+}
+
+/// `eos_token_id` is an int, a list of ints, or absent.
+fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).into_iter().collect(),
+        Some(Value::Array(items)) => items.iter().filter_map(|i| i.as_u64().and_then(|n| u32::try_from(n).ok())).collect(),
+        _ => Vec::new(),
+    }
+}

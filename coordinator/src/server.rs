@@ -1,0 +1,104 @@
+//! Assembles a running coordinator: served models, the membership follower, and the gRPC
+//! server with `tessera.v1.Inference`, `grpc.health.v1` and server reflection (v1 and v1alpha,
+//! so both grpcurl and grpcio's reflection client work without our `.proto` files).
+//!
+//! Health says `SERVING` only while at least one group is loaded; before that, and whenever
+//! every group is lost, it says `NOT_SERVING`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tessera_proto::v1::inference_server::InferenceServer;
+use tessera_registry::Registry;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::cluster::{Cluster, ClusterConfig};
+use crate::error::CoordinatorError;
+use crate::limits::Limits;
+use crate::model::{ModelSpec, ServedModel};
+use crate::service::InferenceService;
+
+/// The name health checks use for the inference service.
+pub const INFERENCE_SERVICE: &str = "tessera.v1.Inference";
+
+/// Everything a coordinator is started with.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub models: Vec<ModelSpec>,
+    pub limits: Limits,
+    pub cluster: ClusterConfig,
+}
+
+/// A coordinator following the registry, not yet serving gRPC.
+pub struct Coordinator {
+    cluster: Arc<Cluster>,
+    limits: Limits,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Coordinator {
+    /// Reads every model's text-side files and starts following the registry; groups form as
+    /// workers appear.
+    pub async fn start(config: CoordinatorConfig, registry: Arc<dyn Registry>) -> Result<Self, CoordinatorError> {
+        if config.models.is_empty() {
+            return Err(CoordinatorError::Config("no model to serve".into()));
+        }
+        for (i, m) in config.models.iter().enumerate() {
+            if config.models[..i].iter().any(|other| other.name == m.name) {
+                return Err(CoordinatorError::Config(format!("model name {:?} is used twice", m.name)));
+            }
+        }
+        let models = config.models.into_iter().map(|spec| ServedModel::load(spec).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let cluster = Cluster::new(models, config.cluster);
+        let watch = registry.snapshot_and_watch().await?;
+        let follower = tokio::spawn(cluster.clone().follow(watch));
+        Ok(Self { cluster, limits: config.limits, follower })
+    }
+
+    /// Number of loaded groups; changes as groups form and are lost.
+    pub fn serving_groups(&self) -> watch::Receiver<usize> {
+        self.cluster.serving_groups()
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` resolves.
+    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let health_task = tokio::spawn(report_health(reporter, self.cluster.serving_groups()));
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
+        let inference = InferenceServer::new(InferenceService::new(self.cluster.clone(), self.limits.clone()));
+        let result = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(inference)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        health_task.abort();
+        self.follower.abort();
+        result.map_err(CoordinatorError::from)
+    }
+}
+
+/// Mirrors "is any group serving" into the health service, for the whole server ("") and for
+/// the inference service by name.
+async fn report_health(reporter: tonic_health::server::HealthReporter, mut serving: watch::Receiver<usize>) {
+    loop {
+        let status = if *serving.borrow_and_update() > 0 { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(INFERENCE_SERVICE, status).await;
+        if serving.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The public `tessera.v1.Inference` service: validation, placement, and the response stream.
+//!
+//! A `Generate` call is checked and tokenized ([`request::prepare`](crate::request::prepare)),
+//! placed on the least busy serving group, and answered with a stream that the group's loop
+//! feeds: `Started` at once, then chunks, then `Finished` (or an error status). Dropping the
+//! stream — a cancelled or disconnected client — is how the loop learns to release the sequence.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_server::Inference;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::Cluster;
+use crate::error::CoordinatorError;
+use crate::generation::Generation;
+use crate::group::NewSequence;
+use crate::limits::Limits;
+use crate::request::prepare;
+
+/// Serves `tessera.v1.Inference`.
+pub struct InferenceService {
+    cluster: Arc<Cluster>,
+    limits: Limits,
+}
+
+impl InferenceService {
+    pub(crate) fn new(cluster: Arc<Cluster>, limits: Limits) -> Self {
+        Self { cluster, limits }
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = UnboundedReceiverStream<Result<pb::GenerateResponse, Status>>;
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrived = Instant::now();
+        let models = self.cluster.models.clone();
+        let limits = self.limits.clone();
+        // Tokenizing a prompt of megabytes takes long enough to stall the runtime's threads.
+        let prepared = tokio::task::spawn_blocking(move || prepare(req.into_inner(), &models, &limits))
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
+        let placement = self.cluster.place(&prepared.model)?;
+        let seq = self.cluster.next_seq();
+        let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
+        let mut sampling = prepared.sampling;
+        if !prepared.seed_given {
+            sampling.seed = fresh_seed(seq);
+        }
+        let prompt_tokens = prepared.prompt.len() as u32;
+        let (events, stream) = mpsc::unbounded_channel();
+        let started = pb::Started {
+            request_id: request_id.clone(),
+            prompt_tokens,
+            placement: Some(pb::Placement { tp: placement.tp, sp: 1, workers: placement.workers.clone() }),
+        };
+        let _ = events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Started(started)) }));
+        let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
+        placement.submit(NewSequence { seq, prompt: prepared.prompt, sampling, generation, events })?;
+        tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
+        Ok(Response::new(UnboundedReceiverStream::new(stream)))
+    }
+
+    async fn list_models(&self, _req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self
+            .cluster
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| pb::ModelInfo {
+                name: m.name().to_string(),
+                kind: pb::ModelKind::Decoder as i32,
+                max_context: m.max_context as u32,
+                tp: m.spec.tp as u32,
+                serving_groups: self.cluster.serving_groups_of(i),
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn cluster_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.cluster.status().await))
+    }
+}
+
+/// A seed for a request that gave none: different per request and per coordinator start.
+fn fresh_seed(seq: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    // SplitMix64 finaliser: nearby inputs give unrelated seeds.
+    let mut z = nanos ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

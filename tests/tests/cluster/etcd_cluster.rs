@@ -1,0 +1,137 @@
+//! Clusters on a real etcd: `tessera coordinator` plus `tessera worker` processes that register
+//! themselves with leases.
+
+use std::time::Instant;
+
+use tessera_collective::SingleRank;
+use tessera_etcd_harness::EtcdServer;
+use tessera_model::fixture::{demo, prompt_ids, test_fixtures};
+use tessera_model::{LoadConfig, Model};
+use tessera_proto::v1 as pb;
+use tessera_tests::greedy_trace;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::support::*;
+
+/// Lease TTL of the workers in these tests; the coordinator must notice a dead worker within
+/// this plus two seconds.
+const TTL_SECS: u64 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_tp2_group_streams_the_tp1_greedy_tokens() {
+    let etcd = EtcdServer::start().await;
+    let spec = test_fixtures().into_iter().find(|s| s.name == "llama-gqa").expect("llama-gqa fixture");
+    let dir = fixture(&spec, "parity");
+    let prompt = prompt_ids(&spec);
+    let steps = 16;
+    let model = Model::load(&dir, &LoadConfig::default()).expect("load TP=1 reference");
+    let reference = greedy_trace(&model, &mut SingleRank, &prompt, steps).expect("reference trace");
+
+    let coordinator = coordinator(&dir, &etcd.url(), 2).expect("start coordinator");
+    wait_health(&coordinator.url, ServingStatus::NotServing).await.expect("NOT_SERVING before any worker");
+    let mut client = connect(&coordinator.url).await;
+    let early = generate(&mut client, greedy(tokens(prompt.clone()), 4)).await.expect_err("no group yet");
+    assert_eq!(early.code(), Code::Unavailable, "{early:?}");
+    assert!(early.message().contains("no serving group"), "{}", early.message());
+
+    let _workers = [etcd_worker(&etcd.url(), "w-a", TTL_SECS).unwrap(), etcd_worker(&etcd.url(), "w-b", TTL_SECS).unwrap()];
+    wait_health(&coordinator.url, ServingStatus::Serving).await.expect("SERVING once the group loaded");
+
+    let out = generate(&mut client, greedy(tokens(prompt.clone()), steps as u32)).await.expect("generate");
+    assert_eq!(out.tokens(), reference.greedy, "TP=2 over etcd-registered workers must stream the TP=1 greedy tokens");
+    assert_eq!(out.reason(), Some(pb::FinishReason::Length));
+    let started = out.started.as_ref().expect("Started first");
+    assert_eq!(started.prompt_tokens as usize, prompt.len());
+    let mut workers = out.workers();
+    workers.sort();
+    assert_eq!(workers, ["w-a", "w-b"]);
+    assert_eq!(started.placement.as_ref().map(|p| p.tp), Some(2));
+    let usage = out.finished.as_ref().and_then(|f| f.usage).expect("usage");
+    assert_eq!((usage.prompt_tokens as usize, usage.completion_tokens as usize), (prompt.len(), steps));
+
+    let models = client.list_models(pb::ListModelsRequest {}).await.expect("ListModels").into_inner().models;
+    assert_eq!(models.len(), 1);
+    assert_eq!((models[0].tp, models[0].serving_groups, models[0].max_context), (2, 1, 256));
+
+    for listed in [reflection_v1(&coordinator.url).await, reflection_v1alpha(&coordinator.url).await] {
+        assert!(listed.iter().any(|s| s == "tessera.v1.Inference"), "reflection lists {listed:?}");
+        assert!(listed.iter().any(|s| s == "grpc.health.v1.Health"), "reflection lists {listed:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_fails_its_stream_fast_and_a_new_worker_restores_service() {
+    let etcd = EtcdServer::start().await;
+    let dir = fixture(&demo(), "kill");
+    let coordinator = coordinator(&dir, &etcd.url(), 2).expect("start coordinator");
+    let mut workers = vec![etcd_worker(&etcd.url(), "w-a", TTL_SECS).unwrap(), etcd_worker(&etcd.url(), "w-b", TTL_SECS).unwrap()];
+    wait_health(&coordinator.url, ServingStatus::Serving).await.expect("group loaded");
+    let mut client = connect(&coordinator.url).await;
+
+    // Long enough that it cannot finish before the kill lands.
+    let mut stream = client.generate(greedy(prompt("Once upon a time"), 4000)).await.expect("generate").into_inner();
+    let mut chunks = 0;
+    while chunks < 3 {
+        let message = stream.message().await.expect("stream healthy before the kill").expect("stream open");
+        chunks += matches!(message.event, Some(pb::generate_response::Event::Chunk(_))) as usize;
+    }
+    workers[1].0.kill().expect("SIGKILL w-b");
+    let killed = Instant::now();
+    let status = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended cleanly although its group lost a worker"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream must not hang");
+    let waited = killed.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("lost"), "the message should say the group was lost: {}", status.message());
+    assert!(waited.as_secs_f64() < TTL_SECS as f64 + 2.0, "UNAVAILABLE took {waited:?}");
+
+    wait_health(&coordinator.url, ServingStatus::NotServing).await.expect("no group after the loss");
+    let refused = generate(&mut client, greedy(prompt("Hello"), 4)).await.expect_err("no group to serve");
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    workers.push(etcd_worker(&etcd.url(), "w-c", TTL_SECS).unwrap());
+    wait_health(&coordinator.url, ServingStatus::Serving).await.expect("a new group forms with the newcomer");
+    let out = generate(&mut client, greedy(prompt("Hello"), 8)).await.expect("served again without a restart");
+    assert_eq!(out.tokens().len(), 8);
+    let mut placed = out.workers();
+    placed.sort();
+    assert_eq!(placed, ["w-a", "w-c"], "the survivor and the newcomer form the new group");
+}
+
+async fn reflection_v1(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = client.server_reflection_info(tokio_stream::iter([request])).await.expect("reflection v1 call").into_inner();
+    match responses.message().await.expect("answer").and_then(|r| r.message_response) {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+async fn reflection_v1alpha(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses =
+        client.server_reflection_info(tokio_stream::iter([request])).await.expect("reflection v1alpha call").into_inner();
+    match responses.message().await.expect("answer").and_then(|r| r.message_response) {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}

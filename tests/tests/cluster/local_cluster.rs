@@ -1,0 +1,150 @@
+//! Clusters started with `tessera up` on the embedded in-memory registry: the one-machine
+//! default a newcomer runs first.
+
+use std::time::{Duration, Instant};
+
+use tessera_model::fixture::demo;
+use tessera_proto::v1 as pb;
+use tonic::Code;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_workers_form_two_groups_that_serve_concurrently() {
+    let dir = fixture(&demo(), "two-groups");
+    let cluster = up(&dir, &["--workers", "4", "--tp", "2"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let models = client.list_models(pb::ListModelsRequest {}).await.expect("ListModels").into_inner().models;
+    assert_eq!(models[0].serving_groups, 2, "up prints its address only once every group is loaded");
+
+    let request = || greedy(prompt("The quick brown fox"), 48);
+    let (mut c1, mut c2) = (client.clone(), client.clone());
+    let (a, b) = tokio::join!(generate(&mut c1, request()), generate(&mut c2, request()));
+    let (a, b) = (a.expect("first request"), b.expect("second request"));
+    let (wa, wb) = (a.workers(), b.workers());
+    assert_eq!((wa.len(), wb.len()), (2, 2));
+    assert!(wa.iter().all(|w| !wb.contains(w)), "concurrent requests must go to different groups: {wa:?} vs {wb:?}");
+    assert_eq!(a.tokens(), b.tokens(), "both groups hold the same model and decode greedily");
+    assert_eq!(a.tokens().len(), 48);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_is_released_on_every_rank() {
+    let dir = fixture(&demo(), "cancel");
+    let cluster = up(&dir, &["--workers", "2", "--tp", "2"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let mut stream = client.generate(greedy(prompt("Once upon a time"), 4000)).await.expect("generate").into_inner();
+    let mut chunks = 0;
+    while chunks < 3 {
+        let message = stream.message().await.expect("stream").expect("open");
+        chunks += matches!(message.event, Some(pb::generate_response::Event::Chunk(_))) as usize;
+    }
+    let during = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    assert_eq!(during.workers.len(), 2);
+    for w in &during.workers {
+        assert_eq!((w.state.as_str(), w.sequences), ("serving", 1), "mid-stream, every rank holds the sequence: {w:?}");
+        assert!(w.kv_tokens > 0, "{w:?}");
+    }
+    assert_eq!(during.running_requests, 1);
+
+    drop(stream);
+    // The group loop notices the closed stream before its next step and releases the sequence
+    // on every rank; poll the workers' own reports until it has.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let status = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+        if status.workers.iter().all(|w| w.sequences == 0 && w.kv_tokens == 0) && status.running_requests == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sequence still held after cancel: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = generate(&mut client, greedy(prompt("Hello"), 4)).await.expect("still serving after a cancel");
+    assert_eq!(after.tokens().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_naming_the_limit() {
+    let dir = fixture(&demo(), "bad-input");
+    let cluster = up(&dir, &["--workers", "1"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let base = || greedy(prompt("Hello"), 4);
+    let with_sampling = |s: pb::SamplingParams| pb::GenerateRequest { sampling: Some(s), ..base() };
+    let with_stopping = |s: pb::StoppingCriteria| pb::GenerateRequest { stopping: Some(s), ..base() };
+
+    let cases: Vec<(&str, pb::GenerateRequest, Code, &str)> = vec![
+        ("unknown model", pb::GenerateRequest { model: "nope".into(), ..base() }, Code::NotFound, "\"nope\" is not served"),
+        ("no input", pb::GenerateRequest { input: None, ..base() }, Code::InvalidArgument, "no input"),
+        ("empty prompt", greedy(prompt(""), 4), Code::InvalidArgument, "prompt is empty"),
+        ("empty token list", greedy(tokens(vec![]), 4), Code::InvalidArgument, "prompt is empty"),
+        ("negative temperature", with_sampling(pb::SamplingParams { temperature: -0.5, ..Default::default() }), Code::InvalidArgument, "temperature must be a finite number >= 0"),
+        ("NaN temperature", with_sampling(pb::SamplingParams { temperature: f32::NAN, ..Default::default() }), Code::InvalidArgument, "temperature"),
+        ("infinite temperature", with_sampling(pb::SamplingParams { temperature: f32::INFINITY, ..Default::default() }), Code::InvalidArgument, "temperature"),
+        ("top_p zero", with_sampling(pb::SamplingParams { top_p: Some(0.0), ..Default::default() }), Code::InvalidArgument, "top_p must be in (0, 1]"),
+        ("top_p above one", with_sampling(pb::SamplingParams { top_p: Some(1.5), ..Default::default() }), Code::InvalidArgument, "top_p must be in (0, 1]"),
+        ("top_p NaN", with_sampling(pb::SamplingParams { top_p: Some(f32::NAN), ..Default::default() }), Code::InvalidArgument, "top_p"),
+        ("max_new_tokens above the cap", greedy(prompt("Hello"), 1_000_000), Code::InvalidArgument, "max_new_tokens is 1000000; the limit is 8192"),
+        ("prompt plus max_new_tokens past the context", greedy(tokens(vec![40; 4000]), 200), Code::InvalidArgument, "exceeds the model's context of 4096 tokens"),
+        ("token prompt longer than the context", greedy(tokens(vec![40; 5000]), 4), Code::InvalidArgument, "the model's context is 4096 tokens"),
+        ("text prompt longer than the context", greedy(prompt(&"hello ".repeat(6000)), 4), Code::InvalidArgument, "the model's context is 4096 tokens"),
+        ("prompt over the byte limit", greedy(prompt(&"x".repeat((1 << 20) + 1)), 4), Code::InvalidArgument, "the limit is 1048576"),
+        ("token id outside the vocabulary", greedy(tokens(vec![5, 100_000]), 4), Code::InvalidArgument, "outside the vocabulary (size 320)"),
+        ("too many stop strings", with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["x".into(); 17], ..Default::default() }), Code::InvalidArgument, "17 stop strings; the limit is 16"),
+        ("stop string too long", with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["y".repeat(300)], ..Default::default() }), Code::InvalidArgument, "a stop string is 300 bytes; the limit is 256"),
+        ("too many stop token ids", with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop_token_ids: vec![5; 65], ..Default::default() }), Code::InvalidArgument, "65 stop token ids; the limit is 64"),
+        ("request id too long", pb::GenerateRequest { request_id: "r".repeat(200), ..base() }, Code::InvalidArgument, "request_id is 200 bytes; the limit is 128"),
+        ("chat without messages", greedy(pb::generate_request::Input::Chat(pb::ChatInput { messages: vec![] }), 4), Code::InvalidArgument, "chat has no messages"),
+    ];
+    for (what, request, code, needle) in cases {
+        let status = generate(&mut client, request).await.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(status.message().contains(needle), "{what}: message {:?} lacks {needle:?}", status.message());
+    }
+    let ok = generate(&mut client, base()).await.expect("the cluster keeps serving after bad input");
+    assert_eq!(ok.tokens().len(), 4);
+    let status = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    assert!(status.workers.iter().all(|w| w.state == "serving" && w.sequences == 0), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chinese_streams_whole_characters_and_stops_where_asked() {
+    use tessera_model::fixture::scripted::{write_scripted, Script, CHINESE_IDS, CHINESE_TEXT};
+    use tessera_model::fixture::WriteOptions;
+    // A model whose greedy continuation of "风" is "和日丽" then EOS, with every character split
+    // over two or three byte-level tokens.
+    let script = Script::chinese().expect("script");
+    let dir = write_scripted(&script, &scratch("chinese"), &WriteOptions::default()).expect("write scripted model");
+    let cluster = up(&dir, &["--workers", "2", "--tp", "2"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let request = |stop: Vec<String>| pb::GenerateRequest {
+        input: Some(prompt("风")),
+        stopping: Some(pb::StoppingCriteria { max_new_tokens: 64, stop, ..Default::default() }),
+        ..greedy(prompt("风"), 64)
+    };
+
+    let out = generate(&mut client, request(vec![])).await.expect("generate");
+    for chunk in &out.chunks {
+        assert!(!chunk.text.contains('\u{FFFD}'), "chunk {chunk:?} holds half a character");
+    }
+    let expected: String = CHINESE_TEXT.chars().skip(1).collect();
+    assert_eq!(out.text(), expected, "streamed pieces concatenate to the full decode");
+    assert_eq!(out.tokens(), CHINESE_IDS[3..], "EOS ends the stream without being streamed");
+    assert_eq!(out.reason(), Some(pb::FinishReason::Eos));
+    assert!(out.chunks.iter().filter(|c| !c.text.is_empty()).count() >= 3, "text arrives as it completes, not at the end");
+    assert_eq!(out.finished.as_ref().and_then(|f| f.usage).map(|u| u.completion_tokens), Some(CHINESE_IDS.len() as u32 - 3 + 1));
+
+    let stopped = generate(&mut client, request(vec!["日".into()])).await.expect("generate with a stop string");
+    assert_eq!(stopped.text(), "和", "text stops before the stop string");
+    assert_eq!(stopped.reason(), Some(pb::FinishReason::Stop));
+    assert_eq!(stopped.finished.as_ref().map(|f| f.matched_stop.as_str()), Some("日"));
+
+    let chat = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Chat(pb::ChatInput {
+            messages: vec![pb::ChatMessage { role: "user".into(), content: "风".into() }],
+        })),
+        ..greedy(prompt("unused"), 4)
+    };
+    let rendered = generate(&mut client, chat).await.expect("chat input through the template");
+    let prompt_tokens = rendered.started.as_ref().map(|s| s.prompt_tokens).unwrap_or(0);
+    assert!(prompt_tokens > 3, "the chat template wraps the message in role markers ({prompt_tokens} tokens)");
+}

@@ -1,0 +1,185 @@
+//! Shared pieces of the cluster tests: starting `tessera up`, `tessera coordinator` and
+//! workers as real processes, writing fixtures, and a client that collects a whole stream.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tessera_model::fixture::{write_fixture, FixtureSpec, WriteOptions};
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_client::InferenceClient;
+use tessera_tests::{tessera_bin, ChildGuard};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub type Client = InferenceClient<Channel>;
+
+/// Longest any single test step may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A scratch directory under the target dir, unique to this test process and `name`.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+pub fn fixture(spec: &FixtureSpec, name: &str) -> PathBuf {
+    write_fixture(spec, &scratch(name), &WriteOptions::default()).expect("write fixture")
+}
+
+/// A `tessera` child process and the URL it serves on.
+pub struct Served {
+    /// Killed when dropped.
+    pub _process: ChildGuard,
+    pub url: String,
+}
+
+/// Starts `tessera up --port 0 <args>` and waits for its "serving NAME on URL" line, which it
+/// prints once every group has loaded.
+pub fn up(model: &Path, args: &[&str]) -> anyhow::Result<Served> {
+    let mut child = Command::new(tessera_bin())
+        .args(["--threads", "1", "up", "--port", "0", "--model"])
+        .arg(model)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn tessera up")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let process = ChildGuard(child);
+    let line = first_line(stdout)?;
+    let url = line.trim().rsplit(' ').next().filter(|u| u.starts_with("http://")).with_context(|| format!("tessera up printed {line:?}"))?;
+    Ok(Served { url: url.to_string(), _process: process })
+}
+
+/// The first line a child prints, or an error after [`PATIENCE`] (a child that never gets
+/// ready must fail the test, not hang it).
+fn first_line(stdout: std::process::ChildStdout) -> anyhow::Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(read);
+    });
+    Ok(rx.recv_timeout(PATIENCE).context("the process printed nothing in time")??)
+}
+
+/// Starts `tessera coordinator` on a free port against etcd.
+pub fn coordinator(model: &Path, etcd: &str, tp: usize) -> anyhow::Result<Served> {
+    let mut child = Command::new(tessera_bin())
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--etcd", etcd, "--tp", &tp.to_string(), "--model"])
+        .arg(model)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn tessera coordinator")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let process = ChildGuard(child);
+    let line = first_line(stdout)?;
+    let addr: std::net::SocketAddr = line.trim().parse().with_context(|| format!("coordinator printed {line:?}"))?;
+    Ok(Served { url: format!("http://{addr}"), _process: process })
+}
+
+/// Starts `tessera worker` registered in etcd with a short lease.
+pub fn etcd_worker(etcd: &str, id: &str, lease_ttl_secs: u64) -> anyhow::Result<ChildGuard> {
+    let ttl = lease_ttl_secs.to_string();
+    let (guard, _addr) =
+        tessera_tests::spawn_worker(&["--id", id, "--etcd", etcd, "--lease-ttl-secs", &ttl, "--kv-capacity-tokens", "65536"])?;
+    Ok(guard)
+}
+
+/// A channel to `url` (the generated clients of other crates have no `connect`).
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string()).expect("valid URL").connect().await.expect("connect")
+}
+
+pub async fn connect(url: &str) -> Client {
+    InferenceClient::connect(url.to_string()).await.expect("connect to the coordinator")
+}
+
+/// Waits (on the health service's watch stream, not by polling) until the inference service
+/// reports `want`.
+pub async fn wait_health(url: &str, want: ServingStatus) -> anyhow::Result<()> {
+    let mut health = HealthClient::new(channel(url).await);
+    let mut stream =
+        health.watch(HealthCheckRequest { service: "tessera.v1.Inference".into() }).await?.into_inner();
+    let wait = async {
+        while let Some(update) = stream.message().await? {
+            if update.status == want as i32 {
+                return Ok(());
+            }
+        }
+        bail!("health watch ended before {want:?}")
+    };
+    tokio::time::timeout(PATIENCE, wait).await.context("health did not change in time")?
+}
+
+/// Everything one `Generate` call returned.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub started: Option<pb::Started>,
+    pub chunks: Vec<pb::TokenChunk>,
+    pub finished: Option<pb::Finished>,
+}
+
+impl Collected {
+    pub fn tokens(&self) -> Vec<u32> {
+        self.chunks.iter().flat_map(|c| c.tokens.iter().map(|t| t.id)).collect()
+    }
+
+    pub fn text(&self) -> String {
+        self.chunks.iter().map(|c| c.text.as_str()).collect()
+    }
+
+    pub fn reason(&self) -> Option<pb::FinishReason> {
+        self.finished.as_ref().and_then(|f| pb::FinishReason::try_from(f.reason).ok())
+    }
+
+    pub fn workers(&self) -> Vec<String> {
+        self.started.as_ref().and_then(|s| s.placement.as_ref()).map(|p| p.workers.clone()).unwrap_or_default()
+    }
+}
+
+/// A greedy request for `input` that ignores EOS, so it runs exactly `max_new_tokens`.
+pub fn greedy(input: pb::generate_request::Input, max_new_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: String::new(),
+        input: Some(input),
+        sampling: Some(pb::SamplingParams::default()),
+        stopping: Some(pb::StoppingCriteria { max_new_tokens, ignore_eos: true, ..Default::default() }),
+        request_id: String::new(),
+    }
+}
+
+pub fn tokens(ids: Vec<u32>) -> pb::generate_request::Input {
+    pb::generate_request::Input::Tokens(pb::TokenIds { ids })
+}
+
+pub fn prompt(text: &str) -> pb::generate_request::Input {
+    pb::generate_request::Input::Prompt(text.to_string())
+}
+
+/// Runs a request to its end; an error status mid-stream is returned as `Err`.
+pub async fn generate(client: &mut Client, request: pb::GenerateRequest) -> Result<Collected, tonic::Status> {
+    let run = async {
+        let mut stream = client.generate(request).await?.into_inner();
+        let mut out = Collected::default();
+        while let Some(message) = stream.message().await? {
+            match message.event {
+                Some(pb::generate_response::Event::Started(s)) => out.started = Some(s),
+                Some(pb::generate_response::Event::Chunk(c)) => out.chunks.push(c),
+                Some(pb::generate_response::Event::Finished(f)) => out.finished = Some(f),
+                None => {}
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(PATIENCE, run).await.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("test patience ran out")))
+}

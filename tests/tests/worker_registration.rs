@@ -1,0 +1,104 @@
+//! `tessera worker --etcd` against a real etcd: the worker registers itself with the address it
+//! printed, registers again after its lease is revoked behind its back, and revokes its own
+//! registration on SIGTERM so a watcher sees it leave long before the lease could expire.
+//!
+//! Every wait is on a membership event with a timeout, never a sleep.
+
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use tessera_etcd_harness::EtcdServer;
+use tessera_registry::keys::worker_key;
+use tessera_registry::{EtcdConfig, EtcdRegistry, LeaseId, MembershipEvent, Registry, WorkerRecord, WorkerWatch};
+use tessera_tests::spawn_worker;
+use tokio::time::Instant;
+
+const ID: &str = "registration-test-worker";
+const KV_CAPACITY_TOKENS: u64 = 4096;
+/// The worker's lease TTL, in seconds: etcd's minimum, so a missed revoke would show.
+const LEASE_TTL_SECS: &str = "2";
+/// Generous bound for events that should come promptly; only a stuck test waits it out.
+const PROMPT: Duration = Duration::from_secs(10);
+/// A worker told to stop must be seen to leave well within its 2 s lease TTL: only a revoke,
+/// not an expiry, can be that quick.
+const LEAVE_LIMIT: Duration = Duration::from_secs(1);
+
+async fn next_event(watch: &mut WorkerWatch, within: Duration) -> anyhow::Result<MembershipEvent> {
+    tokio::time::timeout(within, watch.next())
+        .await
+        .with_context(|| format!("no membership event within {within:?}"))?
+        .context("the watch ended")
+}
+
+async fn expect_up(watch: &mut WorkerWatch, within: Duration) -> anyhow::Result<WorkerRecord> {
+    match next_event(watch, within).await? {
+        MembershipEvent::Up(record) if record.id == ID => Ok(record),
+        other => bail!("expected {ID} to come up, got {other:?}"),
+    }
+}
+
+async fn expect_down(watch: &mut WorkerWatch, within: Duration) -> anyhow::Result<()> {
+    match next_event(watch, within).await? {
+        MembershipEvent::Down(id) if id == ID => Ok(()),
+        other => bail!("expected {ID} to go down, got {other:?}"),
+    }
+}
+
+/// Waits for `child` to exit, polling: `Child::wait` would block the runtime with no timeout.
+async fn exit_status(child: &mut Child, within: Duration) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + within;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while Instant::now() < deadline {
+        poll.tick().await;
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+    }
+    bail!("the worker did not exit within {within:?} of SIGTERM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_registers_comes_back_after_losing_its_lease_and_revokes_on_sigterm() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await;
+    let registry = EtcdRegistry::connect(EtcdConfig::new(vec![etcd.url()])).await?;
+    let mut watch = registry.snapshot_and_watch().await?;
+    match next_event(&mut watch, PROMPT).await? {
+        MembershipEvent::Snapshot(records) => ensure!(records.is_empty(), "fresh etcd lists {records:?}"),
+        other => bail!("a watch starts with a snapshot, got {other:?}"),
+    }
+
+    // The first spawn builds the binary and reading the printed address blocks: off the runtime.
+    let url = etcd.url();
+    let capacity = KV_CAPACITY_TOKENS.to_string();
+    let (mut worker, addr) = tokio::task::spawn_blocking(move || {
+        spawn_worker(&["--etcd", &url, "--lease-ttl-secs", LEASE_TTL_SECS, "--id", ID, "--kv-capacity-tokens", &capacity])
+    })
+    .await??;
+
+    let record = expect_up(&mut watch, PROMPT).await?;
+    ensure!(record.address == addr.to_string(), "registered {:?}, printed {addr}", record.address);
+    ensure!(record.device == "cpu", "device {:?}", record.device);
+    ensure!(record.kv_capacity_tokens == KV_CAPACITY_TOKENS, "kv capacity {}", record.kv_capacity_tokens);
+    ensure!(record.version == env!("CARGO_PKG_VERSION"), "version {:?}", record.version);
+
+    // Revoke the worker's lease behind its back, as an operator (or an expiry) would.
+    let mut client = etcd.client().await;
+    let stored = client.get(worker_key(ID), None).await?;
+    let lease = stored.kvs().first().context("the worker's key is in etcd")?.lease();
+    ensure!(registry.revoke_lease(LeaseId(lease)).await?, "lease {lease:x} did not exist");
+    expect_down(&mut watch, PROMPT).await?;
+    let again = expect_up(&mut watch, PROMPT).await.context("the worker did not register again")?;
+    ensure!(again == record, "re-registered as {again:?}, first as {record:?}");
+    let relisted = client.get(worker_key(ID), None).await?;
+    let new_lease = relisted.kvs().first().context("the worker's key is back")?.lease();
+    ensure!(new_lease != lease, "re-registered under the revoked lease {lease:x}");
+
+    let pid = worker.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().context("run kill")?;
+    ensure!(killed.success(), "kill -TERM {pid} failed: {killed}");
+    expect_down(&mut watch, LEAVE_LIMIT).await.context("SIGTERM did not revoke the registration")?;
+    let status = exit_status(&mut worker.0, PROMPT).await?;
+    ensure!(status.success(), "the worker exited with {status} after SIGTERM");
+    Ok(())
+}
