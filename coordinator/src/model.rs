@@ -85,7 +85,13 @@ impl ServedModel {
             Err(ChatError::NoTemplate | ChatError::Read { .. }) => None,
             Err(e) => return Err(err(e.to_string())),
         };
-        let vocab_size = tokenizer.get_vocab_size(true);
+        // The embedding often has more rows than the tokenizer has tokens (padded for fast
+        // matmuls); every row is a valid input id.
+        let vocab_size = config
+            .get("vocab_size")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or_else(|| tokenizer.get_vocab_size(true));
         Ok(Self { spec, tokenizer: Arc::new(tokenizer), chat, max_context, eos, vocab_size })
     }
 

@@ -12,21 +12,70 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-/// Path of the `tessera` binary, built once per test process with the same profile as the tests.
+/// Path of the `tessera` binary, built once per test process with the dev profile the tests use.
 pub fn tessera_bin() -> &'static Path {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "tessera", "--bin", "tessera"])
-            .current_dir(&root)
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the tessera binary failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
-        target.join("debug").join("tessera")
-    })
+    BIN.get_or_init(|| build_tessera(false))
+}
+
+/// Path of an optimised `tessera` binary, for benchmarks that compare it with in-process code
+/// compiled in release.
+pub fn tessera_bin_release() -> &'static Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| build_tessera(true))
+}
+
+fn build_tessera(release: bool) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args = vec!["build", "-q", "-p", "tessera", "--bin", "tessera"];
+    if release {
+        args.push("--release");
+    }
+    let status = Command::new(cargo).args(&args).current_dir(&root).status().expect("run cargo build");
+    assert!(status.success(), "building the tessera binary failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
+    target.join(if release { "release" } else { "debug" }).join("tessera")
+}
+
+/// How long a starting `tessera` process may take to print its first line.
+pub const STARTUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The first line a child prints, or an error after [`STARTUP_PATIENCE`]: a child that never
+/// gets ready must fail the caller, not hang it.
+pub fn first_line(stdout: std::process::ChildStdout) -> anyhow::Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(read);
+    });
+    Ok(rx.recv_timeout(STARTUP_PATIENCE).context("the process printed nothing in time")??)
+}
+
+/// Starts `bin --threads T up --port 0 --model MODEL <args>` and waits for its "serving NAME on
+/// URL" line, printed once every group has loaded. Returns the process and the URL.
+pub fn spawn_up(bin: &Path, threads: usize, model: &Path, args: &[&str]) -> anyhow::Result<(ChildGuard, String)> {
+    let mut child = Command::new(bin)
+        .args(["--threads", &threads.to_string(), "up", "--port", "0", "--model"])
+        .arg(model)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn tessera up")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let process = ChildGuard(child);
+    let line = first_line(stdout)?;
+    let url = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|u| u.starts_with("http://"))
+        .with_context(|| format!("tessera up printed {line:?}"))?
+        .to_string();
+    Ok((process, url))
 }
 
 /// Starts `tessera worker` on a free port and returns it with the gRPC address it printed.

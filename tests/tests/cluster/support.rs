@@ -1,7 +1,6 @@
 //! Shared pieces of the cluster tests: starting `tessera up`, `tessera coordinator` and
 //! workers as real processes, writing fixtures, and a client that collects a whole stream.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -10,7 +9,7 @@ use anyhow::{bail, Context};
 use tessera_model::fixture::{write_fixture, FixtureSpec, WriteOptions};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
-use tessera_tests::{tessera_bin, ChildGuard};
+use tessera_tests::{first_line, tessera_bin, ChildGuard};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -39,35 +38,11 @@ pub struct Served {
     pub url: String,
 }
 
-/// Starts `tessera up --port 0 <args>` and waits for its "serving NAME on URL" line, which it
-/// prints once every group has loaded.
+/// Starts `tessera up --port 0 <args>` (one math thread per worker) and waits until every
+/// group has loaded.
 pub fn up(model: &Path, args: &[&str]) -> anyhow::Result<Served> {
-    let mut child = Command::new(tessera_bin())
-        .args(["--threads", "1", "up", "--port", "0", "--model"])
-        .arg(model)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawn tessera up")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let process = ChildGuard(child);
-    let line = first_line(stdout)?;
-    let url = line.trim().rsplit(' ').next().filter(|u| u.starts_with("http://")).with_context(|| format!("tessera up printed {line:?}"))?;
-    Ok(Served { url: url.to_string(), _process: process })
-}
-
-/// The first line a child prints, or an error after [`PATIENCE`] (a child that never gets
-/// ready must fail the test, not hang it).
-fn first_line(stdout: std::process::ChildStdout) -> anyhow::Result<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
-        let _ = tx.send(read);
-    });
-    Ok(rx.recv_timeout(PATIENCE).context("the process printed nothing in time")??)
+    let (process, url) = tessera_tests::spawn_up(tessera_bin(), 1, model, args)?;
+    Ok(Served { url, _process: process })
 }
 
 /// Starts `tessera coordinator` on a free port against etcd.

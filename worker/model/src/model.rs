@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::RmsNorm;
@@ -58,7 +59,19 @@ impl Model {
 
     /// Loads weights from `dir` for an already parsed `config`.
     pub fn load_with_config(dir: &Path, config: ModelConfig, load: &LoadConfig) -> Result<Self> {
+        let start = Instant::now();
         let layout = TpLayout::new(&config, load.tp_rank, load.tp_size)?;
+        let (rank, n_layers) = (load.tp_rank, config.num_hidden_layers);
+        let mb = shard_bytes(&config, &layout, load.dtype) as f64 / 1e6;
+        tracing::info!(
+            dir = %dir.display(),
+            rank,
+            size = load.tp_size,
+            dtype = load.dtype.as_str(),
+            layers = n_layers,
+            mb,
+            "loading model shard"
+        );
         let ckpt = Checkpoint::open(dir, load.dtype, &load.device)?;
         let (h, v) = (config.hidden_size, config.vocab_size);
         let embed = ckpt.get("model.embed_tokens.weight", &[v, h], Shard::FULL)?;
@@ -67,13 +80,25 @@ impl Model {
         } else {
             ckpt.get("lm_head.weight", &[v, h], Shard::FULL)?
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&ckpt, &config, &layout, i))
+        // A quarter of the layers between progress lines: a 70B shard takes minutes, and one
+        // line per layer would bury everything else in the log.
+        let every = n_layers.div_ceil(4).max(1);
+        let layers = (0..n_layers)
+            .map(|i| {
+                let layer = DecoderLayer::load(&ckpt, &config, &layout, i)?;
+                let done = i + 1;
+                if done % every == 0 && done < n_layers {
+                    tracing::info!(rank, secs = start.elapsed().as_secs_f64(), "loaded layers {done}/{n_layers}");
+                }
+                Ok(layer)
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(ckpt.get("model.norm.weight", &[h], Shard::FULL)?, config.rms_norm_eps);
         let mut windows: Vec<Option<usize>> = config.sliding_window.clone();
         windows.sort();
         windows.dedup();
+        let secs = start.elapsed().as_secs_f64();
+        tracing::info!(rank, layers = n_layers, secs, mb_per_s = mb / secs, "model shard loaded");
         Ok(Self {
             rope: Rope::new(&config),
             config,
@@ -190,5 +215,47 @@ impl Model {
             return Err(ModelError::InvalidBatch(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
         Ok(())
+    }
+}
+
+/// Bytes of `layout`'s weights once loaded in `dtype`, from the shapes alone, so the first
+/// progress line can say how much is coming before any of it is read.
+fn shard_bytes(cfg: &ModelConfig, layout: &TpLayout, dtype: DType) -> u64 {
+    let n = |x: usize| x as u64;
+    let (h, v, d) = (n(cfg.hidden_size), n(cfg.vocab_size), n(cfg.head_dim));
+    let (q, kv, inter) = (n(layout.heads) * d, n(layout.kv_heads) * d, n(layout.intermediate));
+    let matrices = (q + 2 * kv) * h + h * q + 3 * inter * h;
+    let biases = [(cfg.qkv_bias, q + 2 * kv), (cfg.o_bias, h), (cfg.mlp_bias, 2 * inter + h)]
+        .iter()
+        .filter(|(present, _)| *present)
+        .map(|(_, size)| size)
+        .sum::<u64>();
+    let per_layer = matrices + biases + 2 * h;
+    let lm_head = if cfg.tie_word_embeddings { 0 } else { v * h };
+    let params = n(cfg.num_hidden_layers) * per_layer + v * h + lm_head + h;
+    params * n(dtype.size_in_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{test_fixtures, write_fixture, WriteOptions};
+
+    /// At tp=1 in the file's own dtype a shard is the whole checkpoint, so the estimate must
+    /// equal the tensor bytes in the file; every fixture shape (biases, tying, GQA) is covered.
+    #[test]
+    fn shard_bytes_match_the_checkpoint_at_tp1() {
+        let root = std::env::temp_dir().join(format!("tessera-shard-bytes-{}", std::process::id()));
+        for spec in test_fixtures() {
+            let dir = write_fixture(&spec, &root, &WriteOptions::default()).unwrap();
+            let file = std::fs::read(dir.join("model.safetensors")).unwrap();
+            let tensors = safetensors::SafeTensors::deserialize(&file).unwrap();
+            let in_file: u64 = tensors.tensors().iter().map(|(_, t)| t.data().len() as u64).sum();
+            let config = ModelConfig::from_dir(&dir).unwrap();
+            let layout = TpLayout::new(&config, 0, 1).unwrap();
+            assert_eq!(shard_bytes(&config, &layout, DType::F32), in_file, "{}", spec.name);
+            assert_eq!(shard_bytes(&config, &layout, DType::BF16) * 2, in_file, "{}", spec.name);
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -1,0 +1,120 @@
+//! One stream through a local cluster (`tessera up`, one worker, TP=1) against the same model
+//! decoded in this process: decode tokens/s and time to first token, side by side.
+//!
+//! usage: cargo bench -p tessera-tests --bench cluster_decode -- [MODEL_DIR]
+//! Without MODEL_DIR it writes the SmolLM-135M-sized fixture (f32) with the fixtures'
+//! tokenizer. The two engines alternate round by round so machine noise hits both alike; both
+//! use every core for the math (the worker through `--threads`, this process through rayon's
+//! default) and both are release builds. Reported: medians over the rounds, and their ratios.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tessera_collective::SingleRank;
+use tessera_model::fixture::{demo, smol135, write_fixture, WriteOptions};
+use tessera_model::sampler::argmax;
+use tessera_model::{Batch, LoadConfig, LogitsMode, Model, SeqChunk};
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_client::InferenceClient;
+
+const PROMPT_LEN: usize = 16;
+const NEW_TOKENS: usize = 64;
+const ROUNDS: usize = 7;
+
+/// Time to first token and decode rate of one stream.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    ttft: Duration,
+    decode_tok_s: f64,
+}
+
+fn model_dir(arg: Option<String>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = arg {
+        return Ok(PathBuf::from(dir));
+    }
+    let root = std::env::temp_dir().join("tessera-bench");
+    let dir = write_fixture(&smol135(), &root, &WriteOptions::default())?;
+    // The benchmark model feeds token ids; the coordinator still wants a tokenizer to detokenize.
+    let text_side = write_fixture(&demo(), &root.join("text-side"), &WriteOptions::default())?;
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(text_side.join(file), dir.join(file))?;
+    }
+    Ok(dir)
+}
+
+fn prompt() -> Vec<u32> {
+    (0..PROMPT_LEN as u32).map(|i| (i * 7919 + 13) % 49152).collect()
+}
+
+fn in_process(model: &Model) -> anyhow::Result<Run> {
+    let prompt = prompt();
+    let mut kv = model.new_kv_cache();
+    let start = Instant::now();
+    let chunk = [SeqChunk { seq: 1, start: 0, len: prompt.len() }];
+    let logits = model.forward(&Batch { tokens: &prompt, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?;
+    let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+    let first = Instant::now();
+    for i in 1..NEW_TOKENS {
+        let chunk = [SeqChunk { seq: 1, start: prompt.len() + i - 1, len: 1 }];
+        let logits = model.forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?;
+        next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+    }
+    let last = Instant::now();
+    Ok(Run { ttft: first - start, decode_tok_s: (NEW_TOKENS - 1) as f64 / (last - first).as_secs_f64() })
+}
+
+async fn through_cluster(url: &str) -> anyhow::Result<Run> {
+    let mut client = InferenceClient::connect(url.to_string()).await?;
+    let request = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Tokens(pb::TokenIds { ids: prompt() })),
+        sampling: Some(pb::SamplingParams::default()),
+        stopping: Some(pb::StoppingCriteria { max_new_tokens: NEW_TOKENS as u32, ignore_eos: true, ..Default::default() }),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut stream = client.generate(request).await?.into_inner();
+    let (mut first, mut last, mut tokens) = (None, start, 0usize);
+    while let Some(message) = stream.message().await? {
+        if let Some(pb::generate_response::Event::Chunk(c)) = message.event {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+            tokens += c.tokens.len();
+        }
+    }
+    anyhow::ensure!(tokens == NEW_TOKENS, "cluster streamed {tokens} tokens, expected {NEW_TOKENS}");
+    let first = first.ok_or_else(|| anyhow::anyhow!("no tokens"))?;
+    Ok(Run { ttft: first - start, decode_tok_s: (NEW_TOKENS - 1) as f64 / (last - first).as_secs_f64() })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let arg = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let dir = model_dir(arg)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let bin = tessera_tests::tessera_bin_release();
+    println!("model {}, {cores} cores, prompt {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, {ROUNDS} rounds", dir.display());
+    let model = Model::load(&dir, &LoadConfig::default())?;
+    let (_cluster, url) = tessera_tests::spawn_up(bin, cores, &dir, &["--workers", "1"])?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // One untimed round each: page in the weights, warm the connection.
+    in_process(&model)?;
+    runtime.block_on(through_cluster(&url))?;
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        local.push(in_process(&model)?);
+        remote.push(runtime.block_on(through_cluster(&url))?);
+    }
+    let rate = |runs: &[Run]| median(runs.iter().map(|r| r.decode_tok_s).collect());
+    let ttft = |runs: &[Run]| median(runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect());
+    let (lr, rr, lt, rt) = (rate(&local), rate(&remote), ttft(&local), ttft(&remote));
+    println!("in-process : decode {lr:7.2} tok/s   time to first token p50 {lt:7.2} ms");
+    println!("cluster    : decode {rr:7.2} tok/s   time to first token p50 {rt:7.2} ms");
+    println!("ratio cluster/in-process decode: {:.3}   added time to first token (p50): {:+.2} ms", rr / lr, rt - lt);
+    Ok(())
+}
+
