@@ -79,6 +79,8 @@ struct GroupEntry {
     model: usize,
     /// Worker ids by rank.
     members: Vec<String>,
+    /// KV tokens of the member with the least: what one group can hold.
+    kv_capacity: u64,
     serving: Option<Serving>,
     lost: watch::Sender<Option<String>>,
 }
@@ -282,19 +284,28 @@ impl Cluster {
             }
             let group = self.next_group.fetch_add(1, Ordering::Relaxed);
             let mut members = Vec::with_capacity(tp);
+            let mut kv_capacity = u64::MAX;
             for id in &free {
                 if let Some(slot) = state.workers.get_mut(id) {
                     slot.role = Role::Busy(group);
+                    kv_capacity = kv_capacity.min(slot.record.kv_capacity_tokens);
                     members.push(Member { id: id.clone(), client: slot.client.clone() });
                 }
             }
             let (lost, lost_rx) = watch::channel(None);
-            state.groups.insert(group, GroupEntry { model, members: free, serving: None, lost });
-            tokio::spawn(self.clone().form(group, model, members, lost_rx));
+            state.groups.insert(group, GroupEntry { model, members: free, kv_capacity, serving: None, lost });
+            tokio::spawn(self.clone().form(group, model, members, kv_capacity, lost_rx));
         }
     }
 
-    async fn form(self: Arc<Self>, group: u64, model: usize, members: Vec<Member>, mut lost: watch::Receiver<Option<String>>) {
+    async fn form(
+        self: Arc<Self>,
+        group: u64,
+        model: usize,
+        members: Vec<Member>,
+        kv_capacity: u64,
+        mut lost: watch::Receiver<Option<String>>,
+    ) {
         let name = group_name(group);
         let spec = &self.models[model].spec;
         let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
@@ -327,7 +338,7 @@ impl Cluster {
         drop(state);
         self.serving.send_modify(|n| *n += 1);
         tracing::info!(group = %name, model = %spec.name, secs = start.elapsed().as_secs_f64(), "group serving");
-        let group_loop = GroupLoop { name, members, requests, lost, active, config: self.config.group_loop };
+        let group_loop = GroupLoop { name, members, requests, lost, active, config: self.config.group_loop, kv_capacity };
         let cluster = self.clone();
         tokio::spawn(async move {
             let reason = group_loop.run().await;
@@ -377,17 +388,25 @@ impl Cluster {
         Ok(())
     }
 
-    /// The least busy serving group of `model`; among equally busy ones, the one chosen least
-    /// recently.
-    pub(crate) fn place(&self, model: &ServedModel) -> Result<Placement, CoordinatorError> {
+    /// The least busy serving group of `model` that can hold `reserve` KV tokens; among equally
+    /// busy ones, the one chosen least recently.
+    pub(crate) fn place(&self, model: &ServedModel, reserve: u64) -> Result<Placement, CoordinatorError> {
         let state = self.lock();
         let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
             CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
         })?;
+        let serving = || state.groups.iter().filter(|(_, g)| g.model == index && g.serving.is_some());
+        if let Some(largest) = serving().map(|(_, g)| g.kv_capacity).max() {
+            if reserve > largest {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "prompt plus max_new_tokens is {reserve} tokens; the largest KV cache of a serving group holds {largest}"
+                )));
+            }
+        }
         let best = state
             .groups
             .iter()
-            .filter(|(_, g)| g.model == index)
+            .filter(|(_, g)| g.model == index && g.kv_capacity >= reserve)
             .filter_map(|(id, g)| g.serving.as_ref().map(|s| (*id, g, s)))
             .min_by_key(|(_, _, s)| (s.active.load(Ordering::Relaxed), s.last_placed.load(Ordering::Relaxed)));
         let Some((id, entry, serving)) = best else {

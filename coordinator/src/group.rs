@@ -38,6 +38,9 @@ pub(crate) struct Member {
 pub(crate) struct NewSequence {
     pub seq: u64,
     pub prompt: Vec<u32>,
+    /// KV tokens the sequence may grow to (prompt + `max_new_tokens`), reserved on admission so
+    /// a running sequence can never run out of cache.
+    pub reserve: u64,
     pub sampling: wpb::Sampling,
     pub generation: Generation,
     /// Unbounded because the loop must never wait on a slow client; what it can hold is bounded
@@ -61,10 +64,13 @@ pub(crate) struct GroupLoop {
     pub lost: watch::Receiver<Option<String>>,
     pub active: Arc<AtomicUsize>,
     pub config: LoopConfig,
+    /// KV tokens the smallest member can hold: the group's budget.
+    pub kv_capacity: u64,
 }
 
 struct Running {
     seq: u64,
+    reserve: u64,
     /// Tokens to send in the next step: the prompt first, then the last sampled token.
     pending: Vec<u32>,
     /// Tokens already in the workers' KV cache.
@@ -76,7 +82,7 @@ struct Running {
 
 impl Running {
     fn new(s: NewSequence) -> Self {
-        Self { seq: s.seq, pending: s.prompt, cached: 0, sampling: Some(s.sampling), generation: s.generation, events: s.events }
+        Self { seq: s.seq, reserve: s.reserve, pending: s.prompt, cached: 0, sampling: Some(s.sampling), generation: s.generation, events: s.events }
     }
 
     fn take_step(&mut self) -> wpb::SeqStep {
@@ -94,28 +100,50 @@ impl Running {
 
 impl GroupLoop {
     /// Runs until the group is lost or the cluster drops it; returns why it stopped. Every
-    /// sequence still running then gets `UNAVAILABLE`.
+    /// sequence it still holds — running, waiting or queued — then gets `UNAVAILABLE`, so no
+    /// client is left with a stream that ends without a reason.
     pub(crate) async fn run(mut self) -> String {
         let mut running: Vec<Running> = Vec::new();
+        // The oldest queued sequence when it did not fit the KV budget yet; first in line.
+        let mut waiting: Option<NewSequence> = None;
+        let reason = self.iterate(&mut running, &mut waiting).await;
+        let status = Status::unavailable(format!("worker group {} was lost mid-request: {reason}; retry", self.name));
+        self.requests.close();
+        let queued = std::iter::from_fn(|| self.requests.try_recv().ok());
+        let held: Vec<Events> = running.drain(..).map(|r| r.events).chain(waiting.take().into_iter().chain(queued).map(|s| s.events)).collect();
+        for events in held {
+            let _ = events.send(Err(status.clone()));
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        reason
+    }
+
+    async fn iterate(&mut self, running: &mut Vec<Running>, waiting: &mut Option<NewSequence>) -> String {
         let mut step = 0u64;
         loop {
-            if running.is_empty() {
+            if running.is_empty() && waiting.is_none() {
                 tokio::select! {
                     biased;
                     reason = lost_reason(&mut self.lost) => return reason,
                     next = self.requests.recv() => match next {
-                        Some(s) => running.push(Running::new(s)),
+                        Some(s) => *waiting = Some(s),
                         None => return "the coordinator is shutting down".into(),
                     },
                 }
             }
+            let mut reserved: u64 = running.iter().map(|r| r.reserve).sum();
             while running.len() < self.config.max_batch {
-                match self.requests.try_recv() {
-                    Ok(s) => running.push(Running::new(s)),
-                    Err(_) => break,
+                let Some(next) = waiting.take().or_else(|| self.requests.try_recv().ok()) else { break };
+                // Placement refuses sequences larger than the budget, so an idle group always
+                // admits its first one.
+                if reserved + next.reserve > self.kv_capacity && !running.is_empty() {
+                    *waiting = Some(next);
+                    break;
                 }
+                reserved += next.reserve;
+                running.push(Running::new(next));
             }
-            self.drop_cancelled(&mut running).await;
+            self.drop_cancelled(running).await;
             if running.is_empty() {
                 continue;
             }
@@ -128,16 +156,9 @@ impl GroupLoop {
             };
             let sampled = match sampled {
                 Ok(s) => s,
-                Err(reason) => {
-                    let status = Status::unavailable(format!("worker group {} was lost mid-request: {reason}", self.name));
-                    for r in running.drain(..) {
-                        let _ = r.events.send(Err(status.clone()));
-                        self.active.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    return reason;
-                }
+                Err(reason) => return reason,
             };
-            if let Err(reason) = self.deliver(&mut running, sampled).await {
+            if let Err(reason) = self.deliver(running, sampled).await {
                 return reason;
             }
         }

@@ -45,7 +45,8 @@ impl Inference for InferenceService {
         let prepared = tokio::task::spawn_blocking(move || prepare(req.into_inner(), &models, &limits))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
-        let placement = self.cluster.place(&prepared.model)?;
+        let reserve = prepared.prompt.len() as u64 + u64::from(prepared.stopping.max_new_tokens);
+        let placement = self.cluster.place(&prepared.model, reserve)?;
         let seq = self.cluster.next_seq();
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;
@@ -61,7 +62,7 @@ impl Inference for InferenceService {
         };
         let _ = events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Started(started)) }));
         let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
-        placement.submit(NewSequence { seq, prompt: prepared.prompt, sampling, generation, events })?;
+        placement.submit(NewSequence { seq, prompt: prepared.prompt, reserve, sampling, generation, events })?;
         tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
         Ok(Response::new(UnboundedReceiverStream::new(stream)))
     }

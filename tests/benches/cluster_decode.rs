@@ -2,8 +2,9 @@
 //! decoded in this process: decode tokens/s and time to first token, side by side.
 //!
 //! usage: cargo bench -p tessera-tests --bench cluster_decode -- [MODEL_DIR]
-//! Without MODEL_DIR it writes the SmolLM-135M-sized fixture (f32) with the fixtures'
-//! tokenizer. The two engines alternate round by round so machine noise hits both alike; both
+//! Without MODEL_DIR it runs two models: the SmolLM-135M-sized fixture (f32, given the
+//! fixtures' tokenizer), where the math dominates, and the tiny demo model, where a step takes
+//! about a millisecond and the coordinator hop's own cost shows. The two engines alternate round by round so machine noise hits both alike; both
 //! use every core for the math (the worker through `--threads`, this process through rayon's
 //! default) and both are release builds. Reported: medians over the rounds, and their ratios.
 
@@ -28,9 +29,9 @@ struct Run {
     decode_tok_s: f64,
 }
 
-fn model_dir(arg: Option<String>) -> anyhow::Result<PathBuf> {
+fn model_dirs(arg: Option<String>) -> anyhow::Result<Vec<PathBuf>> {
     if let Some(dir) = arg {
-        return Ok(PathBuf::from(dir));
+        return Ok(vec![PathBuf::from(dir)]);
     }
     let root = std::env::temp_dir().join("tessera-bench");
     let dir = write_fixture(&smol135(), &root, &WriteOptions::default())?;
@@ -39,15 +40,16 @@ fn model_dir(arg: Option<String>) -> anyhow::Result<PathBuf> {
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(text_side.join(file), dir.join(file))?;
     }
-    Ok(dir)
+    Ok(vec![dir, text_side])
 }
 
-fn prompt() -> Vec<u32> {
-    (0..PROMPT_LEN as u32).map(|i| (i * 7919 + 13) % 49152).collect()
+fn prompt(vocab: u32) -> Vec<u32> {
+    // Past the fixtures' special tokens, inside any vocabulary.
+    (0..PROMPT_LEN as u32).map(|i| 8 + (i * 7919 + 13) % (vocab - 8)).collect()
 }
 
 fn in_process(model: &Model) -> anyhow::Result<Run> {
-    let prompt = prompt();
+    let prompt = prompt(model.config().vocab_size as u32);
     let mut kv = model.new_kv_cache();
     let start = Instant::now();
     let chunk = [SeqChunk { seq: 1, start: 0, len: prompt.len() }];
@@ -63,10 +65,10 @@ fn in_process(model: &Model) -> anyhow::Result<Run> {
     Ok(Run { ttft: first - start, decode_tok_s: (NEW_TOKENS - 1) as f64 / (last - first).as_secs_f64() })
 }
 
-async fn through_cluster(url: &str) -> anyhow::Result<Run> {
+async fn through_cluster(url: &str, vocab: u32) -> anyhow::Result<Run> {
     let mut client = InferenceClient::connect(url.to_string()).await?;
     let request = pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::Tokens(pb::TokenIds { ids: prompt() })),
+        input: Some(pb::generate_request::Input::Tokens(pb::TokenIds { ids: prompt(vocab) })),
         sampling: Some(pb::SamplingParams::default()),
         stopping: Some(pb::StoppingCriteria { max_new_tokens: NEW_TOKENS as u32, ignore_eos: true, ..Default::default() }),
         ..Default::default()
@@ -94,27 +96,34 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let arg = std::env::args().skip(1).find(|a| !a.starts_with("--"));
-    let dir = model_dir(arg)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let bin = tessera_tests::tessera_bin_release();
-    println!("model {}, {cores} cores, prompt {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, {ROUNDS} rounds", dir.display());
-    let model = Model::load(&dir, &LoadConfig::default())?;
-    let (_cluster, url) = tessera_tests::spawn_up(bin, cores, &dir, &["--workers", "1"])?;
+    println!("{cores} cores, prompt {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, {ROUNDS} rounds, medians");
+    for dir in model_dirs(arg)? {
+        compare(bin, &dir, cores)?;
+    }
+    Ok(())
+}
+
+fn compare(bin: &std::path::Path, dir: &std::path::Path, cores: usize) -> anyhow::Result<()> {
+    let model = Model::load(dir, &LoadConfig::default())?;
+    let vocab = model.config().vocab_size as u32;
+    let (_cluster, url) = tessera_tests::spawn_up(bin, cores, dir, &["--workers", "1"])?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     // One untimed round each: page in the weights, warm the connection.
     in_process(&model)?;
-    runtime.block_on(through_cluster(&url))?;
+    runtime.block_on(through_cluster(&url, vocab))?;
     let (mut local, mut remote) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         local.push(in_process(&model)?);
-        remote.push(runtime.block_on(through_cluster(&url))?);
+        remote.push(runtime.block_on(through_cluster(&url, vocab))?);
     }
     let rate = |runs: &[Run]| median(runs.iter().map(|r| r.decode_tok_s).collect());
     let ttft = |runs: &[Run]| median(runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect());
     let (lr, rr, lt, rt) = (rate(&local), rate(&remote), ttft(&local), ttft(&remote));
-    println!("in-process : decode {lr:7.2} tok/s   time to first token p50 {lt:7.2} ms");
-    println!("cluster    : decode {rr:7.2} tok/s   time to first token p50 {rt:7.2} ms");
-    println!("ratio cluster/in-process decode: {:.3}   added time to first token (p50): {:+.2} ms", rr / lr, rt - lt);
+    println!("model {}", dir.display());
+    println!("  in-process : decode {lr:8.2} tok/s   time to first token {lt:7.2} ms");
+    println!("  cluster    : decode {rr:8.2} tok/s   time to first token {rt:7.2} ms");
+    println!("  ratio cluster/in-process decode: {:.3}   added time to first token: {:+.2} ms", rr / lr, rt - lt);
     Ok(())
 }
-

@@ -148,3 +148,26 @@ async fn chinese_streams_whole_characters_and_stops_where_asked() {
     let prompt_tokens = rendered.started.as_ref().map(|s| s.prompt_tokens).unwrap_or(0);
     assert!(prompt_tokens > 3, "the chat template wraps the message in role markers ({prompt_tokens} tokens)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_wait_for_kv_room_instead_of_failing_the_group() {
+    let dir = fixture(&demo(), "kv-budget");
+    // Room for one sequence of 16 + 200 tokens at a time, not two.
+    let cluster = up(&dir, &["--workers", "1", "--kv-capacity-tokens", "300"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let prompt_ids: Vec<u32> = (0..16).map(|i| 40 + i).collect();
+
+    let too_big = generate(&mut client, greedy(tokens(prompt_ids.clone()), 400)).await.expect_err("cannot ever fit");
+    assert_eq!(too_big.code(), Code::InvalidArgument, "{too_big:?}");
+    assert!(too_big.message().contains("holds 300"), "{}", too_big.message());
+
+    let (mut c1, mut c2) = (client.clone(), client.clone());
+    let (a, b) = tokio::join!(
+        generate(&mut c1, greedy(tokens(prompt_ids.clone()), 200)),
+        generate(&mut c2, greedy(tokens(prompt_ids.clone()), 200))
+    );
+    let (a, b) = (a.expect("first fits"), b.expect("second waits for room, then runs"));
+    assert_eq!((a.tokens().len(), b.tokens().len()), (200, 200));
+    assert_eq!(a.tokens(), b.tokens());
+    assert_eq!((a.reason(), b.reason()), (Some(pb::FinishReason::Length), Some(pb::FinishReason::Length)));
+}
