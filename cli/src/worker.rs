@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Args;
 use tessera_registry::EtcdConfig;
 use tessera_worker::{EngineConfig, EngineHandle, WorkerService};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::record::worker_record;
 use crate::signal::shutdown_signal;
@@ -91,6 +91,9 @@ fn advertise_host(flag: Option<&str>, listen_ip: IpAddr) -> anyhow::Result<Strin
     Ok(if host.parse::<Ipv6Addr>().is_ok() { format!("[{host}]") } else { host })
 }
 
+/// The name health checks use for the worker's own service.
+pub const WORKER_SERVICE: &str = "tessera.worker.v1.Worker";
+
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(serve(args))
@@ -113,12 +116,17 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let engine = EngineHandle::spawn(config.clone())?;
     let service = WorkerService::new(id.clone(), engine, config);
     let admission = service.admission();
+    // Health for probes: "" while the process serves; the worker service while it takes work.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status(WORKER_SERVICE, tonic_health::ServingStatus::Serving).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
+            .add_service(health_service)
             .add_service(service.into_server())
             // A dropped sender stops the server as well as a sent value does.
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            // TCP_NODELAY on accepted sockets: a step's reply must not wait on Nagle's algorithm.
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
                 let _ = stopped.await;
             }),
     );
@@ -131,7 +139,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
             }
             Some(registering) => {
                 let record = worker_record(&id, registering.address(addr.port()), kv_capacity_tokens);
-                registration::stay_registered(registering.etcd, record, admission, shutdown).await
+                registration::stay_registered(registering.etcd, record, admission, health, shutdown).await
             }
         }
     };

@@ -130,9 +130,7 @@ fn prompt_tokens(input: Option<pb::generate_request::Input>, model: &ServedModel
                     model.max_context
                 )));
             }
-            if let Some(&bad) = tokens.ids.iter().find(|&&id| id as usize >= model.vocab_size) {
-                return Err(invalid(format!("token id {bad} is outside the vocabulary (size {})", model.vocab_size)));
-            }
+            check_ids(&tokens.ids, model, "token id")?;
             tokens.ids
         }
     };
@@ -149,6 +147,14 @@ fn prompt_tokens(input: Option<pb::generate_request::Input>, model: &ServedModel
         )));
     }
     Ok(ids)
+}
+
+/// Every id must index the model's embedding.
+fn check_ids(ids: &[u32], model: &ServedModel, what: &str) -> Result<(), CoordinatorError> {
+    match ids.iter().find(|&&id| id as usize >= model.vocab_size) {
+        Some(bad) => Err(invalid(format!("{what} {bad} is outside the vocabulary (size {})", model.vocab_size))),
+        None => Ok(()),
+    }
 }
 
 fn encode(model: &ServedModel, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CoordinatorError> {
@@ -184,9 +190,7 @@ fn stopping(s: pb::StoppingCriteria, prompt_len: usize, model: &ServedModel, lim
             limits.max_stop_token_ids
         )));
     }
-    if let Some(&bad) = s.stop_token_ids.iter().find(|&&id| id as usize >= model.vocab_size) {
-        return Err(invalid(format!("stop token id {bad} is outside the vocabulary (size {})", model.vocab_size)));
-    }
+    check_ids(&s.stop_token_ids, model, "stop token id")?;
     let eos = if s.ignore_eos { Vec::new() } else { model.eos.clone() };
     Ok(Stopping { max_new_tokens, stop: s.stop, stop_token_ids: s.stop_token_ids, eos })
 }

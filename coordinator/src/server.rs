@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tessera_proto::v1::inference_server::InferenceServer;
 use tessera_registry::Registry;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::cluster::{Cluster, ClusterConfig};
@@ -82,7 +82,10 @@ impl Coordinator {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(inference)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            // Accepted sockets need TCP_NODELAY set here (the builder's setting applies only to
+            // sockets it binds itself); without it a streamed token can wait on Nagle's
+            // algorithm and a delayed ACK.
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
             .await;
         health_task.abort();
         self.follower.abort();

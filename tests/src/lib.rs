@@ -53,45 +53,39 @@ pub fn first_line(stdout: std::process::ChildStdout) -> anyhow::Result<String> {
     Ok(rx.recv_timeout(STARTUP_PATIENCE).context("the process printed nothing in time")??)
 }
 
-/// Starts `bin --threads T up --port 0 --model MODEL <args>` and waits for its "serving NAME on
-/// URL" line, printed once every group has loaded. Returns the process and the URL.
-pub fn spawn_up(bin: &Path, threads: usize, model: &Path, args: &[&str]) -> anyhow::Result<(ChildGuard, String)> {
+/// Starts `bin <args>` and returns it with the first line it printed on stdout (its address,
+/// or whatever line says it is ready).
+pub fn spawn_tessera<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> anyhow::Result<(ChildGuard, String)> {
     let mut child = Command::new(bin)
-        .args(["--threads", &threads.to_string(), "up", "--port", "0", "--model"])
-        .arg(model)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("spawn tessera up")?;
+        .with_context(|| format!("spawn {}", bin.display()))?;
     let stdout = child.stdout.take().context("stdout")?;
     let process = ChildGuard(child);
     let line = first_line(stdout)?;
-    let url = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .filter(|u| u.starts_with("http://"))
-        .with_context(|| format!("tessera up printed {line:?}"))?
-        .to_string();
-    Ok((process, url))
+    Ok((process, line.trim().to_string()))
+}
+
+/// Starts `bin --threads T up --port 0 --model MODEL <args>` and waits for its "serving NAME on
+/// URL" line, printed once every group has loaded. Returns the process and the URL.
+pub fn spawn_up(bin: &Path, threads: usize, model: &Path, args: &[&str]) -> anyhow::Result<(ChildGuard, String)> {
+    let threads = threads.to_string();
+    let mut all: Vec<&std::ffi::OsStr> = ["--threads", &threads, "up", "--port", "0", "--model"].map(std::ffi::OsStr::new).to_vec();
+    all.push(model.as_os_str());
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    let (process, line) = spawn_tessera(bin, &all)?;
+    let url = line.rsplit(' ').next().filter(|u| u.starts_with("http://")).with_context(|| format!("tessera up printed {line:?}"))?;
+    Ok((process, url.to_string()))
 }
 
 /// Starts `tessera worker` on a free port and returns it with the gRPC address it printed.
 pub fn spawn_worker(extra_args: &[&str]) -> anyhow::Result<(ChildGuard, SocketAddr)> {
-    let mut child = Command::new(tessera_bin())
-        .arg("worker")
-        .args(extra_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawn tessera worker")?;
-    let mut stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
-    let guard = ChildGuard(child);
-    let mut line = String::new();
-    stdout.read_line(&mut line)?;
-    let addr = line.trim().parse().with_context(|| format!("worker printed {line:?}, not an address"))?;
+    let args: Vec<&str> = std::iter::once("worker").chain(extra_args.iter().copied()).collect();
+    let (guard, line) = spawn_tessera(tessera_bin(), &args)?;
+    let addr = line.parse().with_context(|| format!("worker printed {line:?}, not an address"))?;
     Ok((guard, addr))
 }
 

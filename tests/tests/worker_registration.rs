@@ -82,6 +82,17 @@ async fn worker_registers_comes_back_after_losing_its_lease_and_revokes_on_sigte
     ensure!(record.kv_capacity_tokens == KV_CAPACITY_TOKENS, "kv capacity {}", record.kv_capacity_tokens);
     ensure!(record.version == env!("CARGO_PKG_VERSION"), "version {:?}", record.version);
 
+    // Probes see the worker serving, both as a process ("") and as a worker taking work.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "tessera.worker.v1.Worker"] {
+        let answer = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await?.into_inner();
+        ensure!(
+            answer.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "health of {service:?}: {answer:?}"
+        );
+    }
+
     // Revoke the worker's lease behind its back, as an operator (or an expiry) would.
     let mut client = etcd.client().await;
     let stored = client.get(worker_key(ID), None).await?;

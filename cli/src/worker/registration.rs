@@ -13,6 +13,10 @@ use anyhow::Context;
 use tessera_registry::{EtcdConfig, EtcdRegistry, Registration, Registry, RegistryError, Retry, WorkerRecord};
 use tessera_worker::Admission;
 use tokio::time::Instant;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use super::WORKER_SERVICE;
 
 /// First pause between registration attempts; it doubles up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -36,6 +40,7 @@ pub async fn stay_registered(
     etcd: EtcdConfig,
     record: WorkerRecord,
     admission: Admission,
+    health: HealthReporter,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let start_patience = Patience::Until(Instant::now() + 2 * etcd.lease_ttl);
@@ -55,11 +60,13 @@ pub async fn stay_registered(
             loss = registration.lost() => {
                 tracing::warn!(id = %record.id, ?loss, "worker registration lost; taking no new work until registered again");
                 admission.pause().await.context("reset the engine after losing the registration")?;
+                health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
                 registration = match register(&registry, &record, Patience::Forever, shutdown.as_mut()).await? {
                     Some(registration) => registration,
                     None => return Ok(()),
                 };
                 admission.resume();
+                health.set_service_status(WORKER_SERVICE, ServingStatus::Serving).await;
                 tracing::info!(id = %record.id, lease = %registration.lease_id(), "worker registered again; taking new work");
             }
         }

@@ -71,11 +71,7 @@ async fn a_killed_worker_fails_its_stream_fast_and_a_new_worker_restores_service
 
     // Long enough that it cannot finish before the kill lands.
     let mut stream = client.generate(greedy(prompt("Once upon a time"), 4000)).await.expect("generate").into_inner();
-    let mut chunks = 0;
-    while chunks < 3 {
-        let message = stream.message().await.expect("stream healthy before the kill").expect("stream open");
-        chunks += matches!(message.event, Some(pb::generate_response::Event::Chunk(_))) as usize;
-    }
+    read_chunks(&mut stream, 3).await;
     workers[1].0.kill().expect("SIGKILL w-b");
     let killed = Instant::now();
     let status = tokio::time::timeout(PATIENCE, async {

@@ -34,11 +34,7 @@ async fn a_cancelled_stream_is_released_on_every_rank() {
     let cluster = up(&dir, &["--workers", "2", "--tp", "2"]).expect("tessera up");
     let mut client = connect(&cluster.url).await;
     let mut stream = client.generate(greedy(prompt("Once upon a time"), 4000)).await.expect("generate").into_inner();
-    let mut chunks = 0;
-    while chunks < 3 {
-        let message = stream.message().await.expect("stream").expect("open");
-        chunks += matches!(message.event, Some(pb::generate_response::Event::Chunk(_))) as usize;
-    }
+    read_chunks(&mut stream, 3).await;
     let during = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
     assert_eq!(during.workers.len(), 2);
     for w in &during.workers {

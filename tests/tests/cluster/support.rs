@@ -2,14 +2,13 @@
 //! workers as real processes, writing fixtures, and a client that collects a whole stream.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tessera_model::fixture::{write_fixture, FixtureSpec, WriteOptions};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
-use tessera_tests::{first_line, tessera_bin, ChildGuard};
+use tessera_tests::{tessera_bin, ChildGuard};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -47,19 +46,22 @@ pub fn up(model: &Path, args: &[&str]) -> anyhow::Result<Served> {
 
 /// Starts `tessera coordinator` on a free port against etcd.
 pub fn coordinator(model: &Path, etcd: &str, tp: usize) -> anyhow::Result<Served> {
-    let mut child = Command::new(tessera_bin())
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--etcd", etcd, "--tp", &tp.to_string(), "--model"])
-        .arg(model)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawn tessera coordinator")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let process = ChildGuard(child);
-    let line = first_line(stdout)?;
-    let addr: std::net::SocketAddr = line.trim().parse().with_context(|| format!("coordinator printed {line:?}"))?;
+    let tp = tp.to_string();
+    let args = ["coordinator", "--listen", "127.0.0.1:0", "--etcd", etcd, "--tp", &tp, "--model"].map(std::ffi::OsStr::new);
+    let mut args = args.to_vec();
+    args.push(model.as_os_str());
+    let (process, line) = tessera_tests::spawn_tessera(tessera_bin(), &args)?;
+    let addr: std::net::SocketAddr = line.parse().with_context(|| format!("coordinator printed {line:?}"))?;
     Ok(Served { url: format!("http://{addr}"), _process: process })
+}
+
+/// Reads `stream` until `n` chunks have arrived; the stream must stay healthy meanwhile.
+pub async fn read_chunks(stream: &mut tonic::Streaming<pb::GenerateResponse>, n: usize) {
+    let mut chunks = 0;
+    while chunks < n {
+        let message = stream.message().await.expect("stream healthy").expect("stream open");
+        chunks += matches!(message.event, Some(pb::generate_response::Event::Chunk(_))) as usize;
+    }
 }
 
 /// Starts `tessera worker` registered in etcd with a short lease.
