@@ -16,6 +16,10 @@ pub struct ServeArgs {
     /// Sequences one group runs at once.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// Tokens one step may carry; longer prompts are prefilled in chunks so running streams
+    /// keep decoding meanwhile.
+    #[arg(long, default_value_t = 256)]
+    pub step_tokens: usize,
     /// Requests waiting per group before new ones are refused.
     #[arg(long, default_value_t = 256)]
     pub queue_depth: usize,
@@ -27,6 +31,7 @@ pub struct ServeArgs {
 /// Largest values the flags accept: a typo must not allocate the machine away.
 const MAX_BATCH: usize = 4096;
 const MAX_QUEUE: usize = 1 << 16;
+const MAX_STEP_TOKENS: usize = 1 << 20;
 
 impl ServeArgs {
     /// The coordinator's configuration for serving `dir` with groups of `tp` ranks.
@@ -34,6 +39,7 @@ impl ServeArgs {
         anyhow::ensure!((1..=MAX_BATCH).contains(&self.max_batch), "--max-batch must be in 1..={MAX_BATCH}");
         anyhow::ensure!((1..=MAX_QUEUE).contains(&self.queue_depth), "--queue-depth must be in 1..={MAX_QUEUE}");
         anyhow::ensure!(self.max_new_tokens_limit > 0, "--max-new-tokens-limit must be at least 1");
+        anyhow::ensure!((1..=MAX_STEP_TOKENS).contains(&self.step_tokens), "--step-tokens must be in 1..={MAX_STEP_TOKENS}");
         let name = match &self.name {
             Some(n) => n.clone(),
             None => model_name(dir),
@@ -45,7 +51,7 @@ impl ServeArgs {
         };
         let cluster = ClusterConfig {
             queue_depth: self.queue_depth,
-            group_loop: LoopConfig { max_batch: self.max_batch },
+            group_loop: LoopConfig { max_batch: self.max_batch, step_tokens: self.step_tokens },
             ..ClusterConfig::default()
         };
         let spec = ModelSpec { name, dir: absolute(dir)?, tp, dtype: self.dtype.clone() };

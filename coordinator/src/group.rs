@@ -1,11 +1,12 @@
 //! A tensor-parallel group of workers and its iteration loop.
 //!
 //! The loop owns the group's running sequences. Each iteration it admits waiting sequences (up
-//! to `max_batch`), drops the ones whose client went away (releasing them on every rank), sends
-//! one `Step` with every sequence's next tokens to all ranks at once, and hands the sampled
-//! tokens to each sequence's [`Generation`]. Prefills and decodes of different sequences share
-//! a step: this is continuous batching, with the policy kept deliberately simple for now
-//! (whole-prompt prefill, first come first served).
+//! to `max_batch`, and only while their worst-case KV fits the group's budget), drops the ones
+//! whose client went away (releasing them on every rank), sends one `Step` to all ranks at once,
+//! and hands the sampled tokens to each sequence's [`Generation`]. A step carries one token for
+//! every decoding sequence plus prompt chunks from the rest of a token budget (chunked prefill:
+//! see [`GroupLoop::schedule`]), so prefills and decodes of different sequences share steps —
+//! continuous batching.
 //!
 //! Every rank samples the same token (identical logits, identical seeded samplers), so rank 0's
 //! answer is used and the others are checked against it: a mismatch means the group's replicated
@@ -53,7 +54,13 @@ pub(crate) struct NewSequence {
 pub struct LoopConfig {
     /// Sequences running at once in one group.
     pub max_batch: usize,
+    /// Tokens one step may carry. Decode tokens come first; prompts are prefilled in chunks
+    /// from what is left, so a long prompt never stalls running streams for its whole prefill.
+    pub step_tokens: usize,
 }
+
+/// Prompt tokens a step carries even when decodes fill its budget, so prefills always move.
+const MIN_PREFILL_CHUNK: usize = 16;
 
 /// Everything the loop needs; built by the cluster once the group is loaded.
 pub(crate) struct GroupLoop {
@@ -71,8 +78,11 @@ pub(crate) struct GroupLoop {
 struct Running {
     seq: u64,
     reserve: u64,
-    /// Tokens to send in the next step: the prompt first, then the last sampled token.
+    prompt_len: u32,
+    /// Tokens not yet sent: what is left of the prompt, then the last sampled token.
     pending: Vec<u32>,
+    /// The last step sent this sequence's final pending token, so a sampled token is due.
+    awaiting: bool,
     /// Tokens already in the workers' KV cache.
     cached: u32,
     sampling: Option<wpb::Sampling>,
@@ -82,14 +92,32 @@ struct Running {
 
 impl Running {
     fn new(s: NewSequence) -> Self {
-        Self { seq: s.seq, reserve: s.reserve, pending: s.prompt, cached: 0, sampling: Some(s.sampling), generation: s.generation, events: s.events }
+        Self {
+            seq: s.seq,
+            reserve: s.reserve,
+            prompt_len: s.prompt.len() as u32,
+            pending: s.prompt,
+            awaiting: false,
+            cached: 0,
+            sampling: Some(s.sampling),
+            generation: s.generation,
+            events: s.events,
+        }
     }
 
-    fn take_step(&mut self) -> wpb::SeqStep {
-        let tokens = std::mem::take(&mut self.pending);
+    fn prefilling(&self) -> bool {
+        self.cached < self.prompt_len
+    }
+
+    /// Up to `budget` pending tokens as this sequence's part of the next step. A token is
+    /// sampled only after the last of them: inner chunks of a prompt just fill the cache.
+    fn take_step(&mut self, budget: usize) -> wpb::SeqStep {
+        let n = self.pending.len().min(budget);
+        let tokens: Vec<u32> = self.pending.drain(..n).collect();
         let start = self.cached;
-        self.cached += tokens.len() as u32;
-        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling: self.sampling.take(), sample: true }
+        self.cached += n as u32;
+        self.awaiting = self.pending.is_empty();
+        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling: self.sampling.take(), sample: self.awaiting }
     }
 
     fn send(&self, event: pb::generate_response::Event) {
@@ -148,7 +176,7 @@ impl GroupLoop {
                 continue;
             }
             step += 1;
-            let request = wpb::StepRequest { group_id: self.name.clone(), step, seqs: running.iter_mut().map(Running::take_step).collect() };
+            let request = wpb::StepRequest { group_id: self.name.clone(), step, seqs: self.schedule(running) };
             let sampled = tokio::select! {
                 biased;
                 reason = lost_reason(&mut self.lost) => Err(reason),
@@ -164,16 +192,50 @@ impl GroupLoop {
         }
     }
 
-    /// Hands each sequence its token; finished sequences are streamed their end and released.
+    /// What the next step carries: one token for every decoding sequence, then prompt chunks
+    /// from the budget that is left. The oldest prompt is guaranteed a quarter of that budget
+    /// (so it finishes however many others arrive); the rest goes to the prompts closest to
+    /// done first, so a short request is not queued behind a long prefill.
+    fn schedule(&self, running: &mut [Running]) -> Vec<wpb::SeqStep> {
+        let mut seqs = Vec::with_capacity(running.len());
+        for r in running.iter_mut().filter(|r| !r.prefilling()) {
+            seqs.push(r.take_step(1));
+        }
+        let mut budget = self.config.step_tokens.saturating_sub(seqs.len()).max(MIN_PREFILL_CHUNK);
+        let prefills: Vec<usize> = (0..running.len()).filter(|&i| running[i].prefilling()).collect();
+        let mut grant = vec![0usize; running.len()];
+        if let Some(&oldest) = prefills.first() {
+            grant[oldest] = running[oldest].pending.len().min((budget / 4).max(MIN_PREFILL_CHUNK)).min(budget);
+            budget -= grant[oldest];
+        }
+        let mut by_need = prefills.clone();
+        by_need.sort_by_key(|&i| running[i].pending.len());
+        for i in by_need {
+            let extra = (running[i].pending.len() - grant[i]).min(budget);
+            grant[i] += extra;
+            budget -= extra;
+        }
+        for i in prefills {
+            if grant[i] > 0 {
+                seqs.push(running[i].take_step(grant[i]));
+            }
+        }
+        seqs
+    }
+
+    /// Hands each sequence that finished its step's tokens the token sampled for it; finished
+    /// sequences are streamed their end and released.
     async fn deliver(&mut self, running: &mut Vec<Running>, sampled: Vec<wpb::SampledToken>) -> Result<(), String> {
-        if sampled.len() != running.len() {
-            return Err(format!("rank 0 returned {} tokens for {} sequences", sampled.len(), running.len()));
+        let due = running.iter().filter(|r| r.awaiting).count();
+        if sampled.len() != due {
+            return Err(format!("rank 0 returned {} tokens where {due} were due", sampled.len()));
         }
         let mut done = Vec::new();
-        for (r, t) in running.iter_mut().zip(&sampled) {
-            if t.seq_id != r.seq {
-                return Err(format!("rank 0 answered for sequence {} where {} was expected", t.seq_id, r.seq));
-            }
+        for t in &sampled {
+            let Some(r) = running.iter_mut().find(|r| r.seq == t.seq_id && r.awaiting) else {
+                return Err(format!("rank 0 answered for sequence {}, which expected no token", t.seq_id));
+            };
+            r.awaiting = false;
             match r.generation.accept(t.token, t.logprob) {
                 Ok(emitted) => {
                     if let Some(chunk) = emitted.chunk {

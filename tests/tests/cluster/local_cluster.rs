@@ -167,3 +167,31 @@ async fn sequences_wait_for_kv_room_instead_of_failing_the_group() {
     assert_eq!(a.tokens(), b.tokens());
     assert_eq!((a.reason(), b.reason()), (Some(pb::FinishReason::Length), Some(pb::FinishReason::Length)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prefill_does_not_hold_back_a_short_request() {
+    let dir = fixture(&demo(), "chunked-prefill");
+    // 64 tokens per step: the 3,000-token prompt needs ~47 steps of prefill.
+    let cluster = up(&dir, &["--workers", "1", "--step-tokens", "64"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let long_prompt: Vec<u32> = (0..3000).map(|i| 8 + (i * 7919 % 300)).collect();
+    let mut long = client.generate(greedy(tokens(long_prompt), 4)).await.expect("long request").into_inner();
+    let started = long.message().await.expect("stream").and_then(|m| m.event);
+    assert!(matches!(started, Some(pb::generate_response::Event::Started(_))), "{started:?}");
+    let long_first_token = tokio::spawn(async move {
+        loop {
+            match long.message().await.expect("long stream").and_then(|m| m.event) {
+                Some(pb::generate_response::Event::Chunk(_)) => return Instant::now(),
+                Some(_) => continue,
+                None => panic!("long stream ended without a token"),
+            }
+        }
+    });
+    let short = generate(&mut client, greedy(tokens(vec![40, 41, 42, 43, 44, 45, 46, 47]), 4)).await.expect("short request");
+    let short_done = Instant::now();
+    assert_eq!(short.tokens().len(), 4);
+    let long_first = tokio::time::timeout(PATIENCE, long_first_token).await.expect("long request finishes").expect("task");
+    // The bound: the short request is prefilled and decodes all its tokens while the long
+    // prompt is still being prefilled, instead of waiting behind it.
+    assert!(short_done < long_first, "the short request finished {:?} after the long one's first token", short_done - long_first);
+}
