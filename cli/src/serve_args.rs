@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// Requests waiting per group before new ones are refused.
     #[arg(long, default_value_t = 256)]
     pub queue_depth: usize,
+    /// Accept sequences up to this many tokens instead of the model's own context limit
+    /// (positions past it are extrapolated; quality may drop).
+    #[arg(long)]
+    pub max_context: Option<usize>,
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, default_value_t = Limits::default().max_new_tokens)]
     pub max_new_tokens_limit: u32,
@@ -54,7 +58,7 @@ impl ServeArgs {
             group_loop: LoopConfig { max_batch: self.max_batch, step_tokens: self.step_tokens },
             ..ClusterConfig::default()
         };
-        let spec = ModelSpec { name, dir: absolute(dir)?, tp, dtype: self.dtype.clone() };
+        let spec = ModelSpec { name, dir: absolute(dir)?, tp, dtype: self.dtype.clone(), max_context: self.max_context };
         Ok(CoordinatorConfig { models: vec![spec], limits, cluster })
     }
 }

@@ -27,6 +27,10 @@ pub struct ModelSpec {
     pub tp: usize,
     /// Weight dtype on the workers: "f32", "bf16" or "f16".
     pub dtype: String,
+    /// Longest sequence to accept instead of the model's own limit. Above that limit positions
+    /// are extrapolated past what the model was trained (or scaled) for, and quality may drop:
+    /// an operator's explicit choice.
+    pub max_context: Option<usize>,
 }
 
 /// A model ready to accept requests: spec plus its text-side files.
@@ -63,11 +67,17 @@ impl ServedModel {
             return Err(err(format!("dtype {:?} is not one of f32, bf16, f16", spec.dtype)));
         }
         let config = read_json(&spec.dir.join("config.json")).map_err(err)?;
-        let max_context = config
-            .get("max_position_embeddings")
-            .and_then(Value::as_u64)
-            .filter(|&n| n > 1)
-            .ok_or_else(|| err("config.json has no max_position_embeddings".into()))? as usize;
+        let trained = scaled_context(&config).ok_or_else(|| err("config.json has no max_position_embeddings".into()))?;
+        let max_context = match spec.max_context {
+            Some(n) if n < 2 => return Err(err(format!("max_context {n} leaves no room to generate"))),
+            Some(n) => {
+                if n > trained {
+                    tracing::warn!(model = %spec.name, trained, allowed = n, "accepting sequences past the model's context; positions beyond it are extrapolated");
+                }
+                n
+            }
+            None => trained,
+        };
         let mut eos = token_ids(config.get("eos_token_id"));
         // generation_config.json often lists more end tokens (chat models end turns with one).
         if let Ok(generation) = read_json(&spec.dir.join("generation_config.json")) {
@@ -98,6 +108,20 @@ impl ServedModel {
     pub fn name(&self) -> &str {
         &self.spec.name
     }
+}
+
+/// The longest sequence the model supports with its rope scaling: `max_position_embeddings`,
+/// except for dynamic NTK scaling, whose configs keep the original length there and reach
+/// `factor` times further (the model crate's `ModelConfig::max_context` follows the same rule).
+fn scaled_context(config: &Value) -> Option<usize> {
+    let positions = config.get("max_position_embeddings").and_then(Value::as_u64).filter(|&n| n > 1)? as usize;
+    let scaling = ["rope_parameters", "rope_scaling"].iter().find_map(|k| config.get(*k).filter(|v| v.is_object()));
+    let kind = scaling.and_then(|p| p.get("rope_type").or_else(|| p.get("type"))).and_then(Value::as_str);
+    let factor = scaling.and_then(|p| p.get("factor")).and_then(Value::as_f64).filter(|f| f.is_finite() && *f >= 1.0);
+    Some(match (kind, factor) {
+        (Some("dynamic"), Some(f)) => (positions as f64 * f) as usize,
+        _ => positions,
+    })
 }
 
 fn read_json(path: &Path) -> Result<Value, String> {

@@ -195,3 +195,21 @@ async fn a_long_prefill_does_not_hold_back_a_short_request() {
     // prompt is still being prefilled, instead of waiting behind it.
     assert!(short_done < long_first, "the short request finished {:?} after the long one's first token", short_done - long_first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_can_allow_sequences_past_the_model_context() {
+    // llama-gqa has 256 positions: small enough to go past quickly.
+    let spec = tessera_model::fixture::test_fixtures().into_iter().find(|s| s.name == "llama-gqa").expect("fixture");
+    let dir = fixture(&spec, "extrapolate");
+    let long: Vec<u32> = (0..300).map(|i| 8 + (i * 7919 % 300)).collect();
+    let strict = up(&dir, &["--workers", "1"]).expect("tessera up");
+    let refused = generate(&mut connect(&strict.url).await, greedy(tokens(long.clone()), 8)).await.expect_err("past 256");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("the model's context is 256 tokens"), "{}", refused.message());
+    drop(strict);
+
+    let lenient = up(&dir, &["--workers", "1", "--max-context", "400"]).expect("tessera up");
+    let out = generate(&mut connect(&lenient.url).await, greedy(tokens(long), 8)).await.expect("served past 256 positions");
+    assert_eq!(out.tokens().len(), 8);
+    assert_eq!(out.reason(), Some(pb::FinishReason::Length));
+}
