@@ -238,6 +238,12 @@ impl Drop for InProcessGroup {
         };
         state.broken = true;
         self.shared.turn.notify_all();
+        drop(state);
+        // Receivers go before senders: a peer learns of the departure when its `recv` sees our
+        // senders disconnect, and by then its next `send` to us must fail too, not land in a
+        // channel nobody reads.
+        self.from_peer.clear();
+        self.to_peer.clear();
     }
 }
 
