@@ -213,3 +213,28 @@ async fn an_operator_can_allow_sequences_past_the_model_context() {
     assert_eq!(out.tokens().len(), 8);
     assert_eq!(out.reason(), Some(pb::FinishReason::Length));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_whole_local_cluster() {
+    let dir = fixture(&demo(), "ctrl-c");
+    let mut cluster = up(&dir, &["--workers", "2", "--tp", "2"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let status = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    let workers: Vec<String> = status.workers.iter().map(|w| w.address.clone()).collect();
+    assert_eq!(workers.len(), 2);
+
+    let pid = cluster._process.0.id().to_string();
+    let sent = std::process::Command::new("kill").args(["-INT", &pid]).status().expect("run kill");
+    assert!(sent.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = cluster._process.0.wait();
+        (status, cluster)
+    });
+    let (status, _cluster) = tokio::time::timeout(PATIENCE, exit).await.expect("up exits after Ctrl-C").expect("join");
+    assert!(status.expect("exit status").success(), "tessera up must exit cleanly on Ctrl-C");
+    // The workers are stopped too: nothing listens on their addresses any more.
+    for address in workers {
+        let refused = std::net::TcpStream::connect(&address);
+        assert!(refused.is_err(), "worker at {address} still accepts connections");
+    }
+}

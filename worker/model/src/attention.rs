@@ -1,11 +1,21 @@
-//! Causal attention of one chunk of a sequence against that sequence's cached keys and values.
+//! Causal attention of one chunk of a sequence against that sequence's cached keys and values,
+//! and attention over part of the keys as an (output, log-sum-exp) pair with its exact merge.
 //!
 //! Grouped-query attention without copying KV heads: the query heads that share a KV head are
 //! stacked into one matrix, so each KV head is read once per chunk.
+//!
+//! Sequence parallelism sees a sequence's keys in pieces (a ring member's block, one member's
+//! share of the cache). [`attend_partial`] normalises over one piece and also returns the log of
+//! that piece's softmax denominator; [`Partial::merge`] and [`merge_stacked`] combine pieces into
+//! exactly the attention over all of them. A piece with no visible key has lse = −∞ and weight
+//! 0; the arithmetic is arranged so that case gives 0, never NaN.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::layer::{AttentionStep, LayerSlot};
+use crate::Batch;
 
 /// Additive mask `[chunk_len, kv_len]` (0 or −∞) for one chunk; `None` when every cached
 /// position is visible, as in plain decode.
@@ -52,4 +62,196 @@ pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> R
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     let out = probs.matmul(values)?; // [kv_heads, group * len, d]
     Ok(out.reshape((heads, len, head_dim))?.transpose(0, 1)?.reshape((len, heads * head_dim))?)
+}
+
+/// Attention of some query rows over part of the keys, in f32.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    /// `[heads, rows, head_dim]`: the output normalised over this part's keys only.
+    pub o: Tensor,
+    /// `[heads, rows, 1]`: log of this part's softmax denominator; −∞ where no key was visible.
+    pub lse: Tensor,
+}
+
+impl Partial {
+    /// The attention over no keys: weight 0 in any merge.
+    pub fn empty(heads: usize, rows: usize, head_dim: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
+            o: Tensor::zeros((heads, rows, head_dim), DType::F32, device)?,
+            lse: Tensor::full(f32::NEG_INFINITY, (heads, rows, 1), device)?,
+        })
+    }
+
+    /// The attention over the keys of both parts (which must be disjoint):
+    /// `lse = M + ln(e^(a − M) + e^(b − M))`, `o = e^(a − lse)·o_a + e^(b − lse)·o_b`.
+    pub fn merge(&self, other: &Partial) -> Result<Partial> {
+        let m = finite_max(&self.lse.maximum(&other.lse)?)?;
+        let wa = self.lse.broadcast_sub(&m)?.exp()?;
+        let wb = other.lse.broadcast_sub(&m)?.exp()?;
+        let sum = (&wa + &wb)?;
+        let o = (self.o.broadcast_mul(&wa)? + other.o.broadcast_mul(&wb)?)?;
+        Ok(Partial { o: o.broadcast_div(&nonzero(&sum)?)?, lse: (m + sum.log()?)? })
+    }
+
+    /// `[rows, heads * head_dim]` in `dtype`, the layout a layer's output projection takes.
+    pub fn into_output(self, dtype: DType) -> Result<Tensor> {
+        let (heads, rows, head_dim) = self.o.dims3()?;
+        Ok(self.o.to_dtype(dtype)?.transpose(0, 1)?.reshape((rows, heads * head_dim))?)
+    }
+}
+
+/// Merges parts stacked along dimension 0 (`o`: `[parts, heads, rows, d]`, `lse`:
+/// `[parts, heads, rows, 1]`) into one, summing in part order: every caller holding the same
+/// stacked parts gets the same bits.
+pub fn merge_stacked(o: &Tensor, lse: &Tensor) -> Result<Partial> {
+    let m = finite_max(&lse.max_keepdim(0)?)?;
+    let w = lse.broadcast_sub(&m)?.exp()?;
+    let sum = w.sum_keepdim(0)?;
+    let o = o.broadcast_mul(&w)?.sum_keepdim(0)?.broadcast_div(&nonzero(&sum)?)?;
+    Ok(Partial { o: o.squeeze(0)?, lse: (m + sum.log()?)?.squeeze(0)? })
+}
+
+/// The running maximum with −∞ (nothing visible anywhere) replaced by a finite number, so that
+/// `lse − max` is −∞ rather than NaN and its exponential is a clean 0.
+fn finite_max(max: &Tensor) -> Result<Tensor> {
+    Ok(max.maximum(f32::MIN)?)
+}
+
+/// A softmax denominator safe to divide by. Whenever any key is visible the largest term is
+/// `e^0 = 1`, so the sum is at least 1 and this changes nothing; when none is, every numerator
+/// is 0 and dividing by 1 keeps the output at 0.
+fn nonzero(sum: &Tensor) -> Result<Tensor> {
+    Ok(sum.maximum(1f32)?)
+}
+
+/// Attention of `q` (`[rows, heads, head_dim]`, rotated) over `keys`, `values`
+/// (`[kv_heads, kv_len, head_dim]`), with an optional additive `mask` `[rows, kv_len]`, as a
+/// [`Partial`]. Rows that see no key, and empty inputs, come out as [`Partial::empty`].
+pub fn attend_partial(q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Partial> {
+    let (len, heads, head_dim) = q.dims3()?;
+    let (kv_heads, kv_len, _) = keys.dims3()?;
+    if len == 0 || kv_len == 0 {
+        return Partial::empty(heads, len, head_dim, q.device());
+    }
+    let group = heads / kv_heads;
+    let dtype = q.dtype();
+    let q = (q.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?
+        .reshape((kv_heads, group * len, head_dim))?;
+    let scores = q.matmul(&keys.t()?)?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores.reshape((kv_heads, group, len, kv_len))?.broadcast_add(m)?.reshape((kv_heads, group * len, kv_len))?,
+        None => scores,
+    };
+    // The softmax of `attend`, with its denominator kept: lse = max + ln Σ e^(s − max).
+    let max = finite_max(&scores.max_keepdim(D::Minus1)?)?;
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let probs = e.broadcast_div(&nonzero(&sum)?)?.to_dtype(dtype)?;
+    let o = probs.matmul(values)?.to_dtype(DType::F32)?; // [kv_heads, group * len, d]
+    let lse = (max + sum.log()?)?;
+    Ok(Partial { o: o.reshape((heads, len, head_dim))?, lse: lse.reshape((heads, len, 1))? })
+}
+
+/// Attention of a batch's chunks against their sequences' caches on one rank: what
+/// `Model::forward` runs at every tensor-parallel size.
+pub struct CacheAttention<'a> {
+    pub batch: &'a Batch<'a>,
+    pub kv: &'a mut KvCache,
+    /// Per distinct sliding window, the mask of every chunk.
+    pub masks: &'a [(Option<usize>, Vec<ChunkMask>)],
+}
+
+impl AttentionStep for CacheAttention<'_> {
+    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        // The model builds masks for every window its layers use.
+        let Some((_, masks)) = self.masks.iter().find(|(w, _)| *w == layer.window) else {
+            return Err(ModelError::InvalidConfig(format!("no attention masks for window {:?}", layer.window)));
+        };
+        let mut outputs = Vec::with_capacity(self.batch.chunks.len());
+        let mut offset = 0;
+        for (chunk, mask) in self.batch.chunks.iter().zip(masks) {
+            let q_c = q.narrow(0, offset, chunk.len)?;
+            let k_c = k.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
+            let v_c = v.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
+            let (keys, values) = self.kv.write(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
+            outputs.push(attend(&q_c, &keys, &values, mask)?);
+            offset += chunk.len;
+        }
+        Ok(if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        let mut rng = crate::sampler::SeededRng::new(seed);
+        let n = shape.0 * shape.1 * shape.2;
+        let values: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    fn all_finite(t: &Tensor) -> bool {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())
+    }
+
+    /// GQA shapes: 4 query heads over 2 KV heads, 5 queries, 12 keys.
+    fn inputs() -> (Tensor, Tensor, Tensor) {
+        (random((5, 4, 8), 1), random((2, 12, 8), 2), random((2, 12, 8), 3))
+    }
+
+    #[test]
+    fn merged_parts_equal_attention_over_all_keys() {
+        let (q, k, v) = inputs();
+        let whole = attend(&q, &k, &v, &ChunkMask(None)).unwrap();
+        let part = |r: std::ops::Range<usize>| {
+            let (k, v) = (k.narrow(1, r.start, r.len()).unwrap(), v.narrow(1, r.start, r.len()).unwrap());
+            attend_partial(&q, &k, &v, None).unwrap()
+        };
+        let (a, empty, b) = (part(0..3), part(3..3), part(3..12));
+        assert!(max_diff(&a.clone().into_output(DType::F32).unwrap(), &whole) > 1e-3, "a part alone differs");
+        for merged in [a.merge(&empty).unwrap().merge(&b).unwrap(), b.merge(&a).unwrap().merge(&empty).unwrap()] {
+            assert!(max_diff(&merged.into_output(DType::F32).unwrap(), &whole) < 1e-6);
+        }
+        let o = Tensor::stack(&[&a.o, &empty.o, &b.o], 0).unwrap();
+        let lse = Tensor::stack(&[&a.lse, &empty.lse, &b.lse], 0).unwrap();
+        let stacked = merge_stacked(&o, &lse).unwrap();
+        assert!(max_diff(&stacked.clone().into_output(DType::F32).unwrap(), &whole) < 1e-6);
+        assert!(max_diff(&stacked.lse, &part(0..12).lse) < 1e-6);
+    }
+
+    #[test]
+    fn rows_that_see_nothing_give_zero_and_minus_infinity_never_nan() {
+        let (q, k, v) = inputs();
+        // Row 0 sees nothing, the others see everything.
+        let mut mask = vec![0f32; 5 * 12];
+        mask[..12].fill(f32::NEG_INFINITY);
+        let mask = Tensor::from_vec(mask, (5, 12), &Device::Cpu).unwrap();
+        let p = attend_partial(&q, &k, &v, Some(&mask)).unwrap();
+        assert!(all_finite(&p.o));
+        let lse = p.lse.to_vec3::<f32>().unwrap();
+        for head in &lse {
+            assert_eq!(head[0][0], f32::NEG_INFINITY);
+            assert!(head[1..].iter().all(|r| r[0].is_finite()));
+        }
+        let row0 = p.o.narrow(1, 0, 1).unwrap();
+        assert_eq!(max_diff(&row0, &row0.zeros_like().unwrap()), 0.0);
+
+        let empty = Partial::empty(4, 5, 8, &Device::Cpu).unwrap();
+        let both_empty = empty.merge(&empty).unwrap();
+        assert!(all_finite(&both_empty.o));
+        assert_eq!(max_diff(&both_empty.o, &empty.o), 0.0);
+        let same = p.merge(&empty).unwrap();
+        assert!(all_finite(&same.o));
+        assert_eq!(max_diff(&same.o, &p.o), 0.0);
+        let o = Tensor::stack(&[&empty.o, &empty.o], 0).unwrap();
+        let lse = Tensor::stack(&[&empty.lse, &empty.lse], 0).unwrap();
+        let stacked = merge_stacked(&o, &lse).unwrap();
+        assert!(all_finite(&stacked.o));
+    }
 }

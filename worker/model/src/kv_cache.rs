@@ -3,6 +3,10 @@
 //! Each sequence keeps, per layer, one preallocated `[kv_heads, capacity, head_dim]` tensor for
 //! keys and one for values. New entries are written in place; capacity doubles when exceeded,
 //! so a generation of n tokens copies O(n) bytes in total rather than O(n²).
+//!
+//! A sequence spread over a sequence-parallel ring also keeps a [`RingPlacement`]: which global
+//! positions this member's slots hold, and how many tokens every member holds. Slots stay dense
+//! (slot `i` is the `i`-th position this member holds), so attention reads them as one tensor.
 
 use std::collections::HashMap;
 
@@ -28,6 +32,63 @@ struct SeqKv {
     capacity: usize,
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
+    /// Set for sequences spread over a ring: slot `i` then holds `ring.positions[i]`.
+    ring: Option<RingPlacement>,
+}
+
+/// Where the tokens of a sequence spread over a sequence-parallel ring live, as one member
+/// records it. Every member applies the same prefill layout and the same append decisions, so
+/// all of them hold the same `held` counts without exchanging them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingPlacement {
+    member: usize,
+    held: Vec<usize>,
+    positions: Vec<usize>,
+}
+
+impl RingPlacement {
+    /// `member`'s record of a sequence whose members hold `held` tokens each, its own slots
+    /// holding `positions` (ascending).
+    pub(crate) fn new(member: usize, held: Vec<usize>, positions: Vec<usize>) -> Self {
+        Self { member, held, positions }
+    }
+
+    /// This member's index in the ring.
+    pub fn member(&self) -> usize {
+        self.member
+    }
+
+    /// Members of the ring.
+    pub fn members(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Tokens cached on each member, in member order (the same record on every member).
+    pub fn held(&self) -> &[usize] {
+        &self.held
+    }
+
+    /// Global positions of this member's cached tokens, ascending, in slot order.
+    pub fn positions(&self) -> &[usize] {
+        &self.positions
+    }
+
+    /// Tokens of the sequence over the whole ring, which is also the next token's position.
+    pub fn len(&self) -> usize {
+        self.held.iter().sum()
+    }
+
+    /// Whether no member holds a token of the sequence.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The member holding the fewest tokens, the lowest index among equals: where a new token's
+    /// keys and values go under [`crate::AppendOn::LeastLoaded`].
+    pub fn least_loaded(&self) -> usize {
+        let fewest = self.held.iter().min().copied().unwrap_or(0);
+        self.held.iter().position(|&n| n == fewest).unwrap_or(0)
+    }
 }
 
 /// All sequences cached on one rank.
@@ -59,6 +120,12 @@ impl KvCache {
         self.seqs.values().map(|s| s.len).sum()
     }
 
+    /// The ring placement of a sequence spread over a sequence-parallel ring; `None` for an
+    /// unknown sequence or one held whole by this rank.
+    pub fn ring(&self, seq: SeqId) -> Option<&RingPlacement> {
+        self.seqs.get(&seq).and_then(|s| s.ring.as_ref())
+    }
+
     /// Drops a sequence's cache. Returns whether it existed.
     pub fn release(&mut self, seq: SeqId) -> bool {
         self.seqs.remove(&seq).is_some()
@@ -76,6 +143,11 @@ impl KvCache {
                 return Ok(());
             }
             None => return Err(ModelError::UnknownSequence(seq)),
+            Some(_) if self.ring(seq).is_some() => {
+                return Err(ModelError::InvalidBatch(format!(
+                    "sequence {seq} is spread over a sequence-parallel ring; continue it with forward_ring"
+                )))
+            }
             Some(len) if len != start => {
                 return Err(ModelError::InvalidBatch(format!(
                     "sequence {seq} holds {len} tokens but the batch writes at position {start}"
@@ -83,8 +155,12 @@ impl KvCache {
             }
             Some(_) => {}
         }
-        let needed = new_len;
-        let capacity = self.seqs[&seq].capacity;
+        self.reserve(seq, new_len)
+    }
+
+    /// Grows `seq`'s tensors, if needed, to hold `needed` tokens.
+    fn reserve(&mut self, seq: SeqId, needed: usize) -> Result<()> {
+        let capacity = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?.capacity;
         if needed <= capacity {
             return Ok(());
         }
@@ -97,8 +173,54 @@ impl KvCache {
             }
         }
         grown.len = old.len;
+        grown.ring = old.ring.clone();
         self.seqs.insert(seq, grown);
         Ok(())
+    }
+
+    /// Starts `seq` as a ring sequence whose local slots will hold `placement.positions()`
+    /// (written by the prefill that follows, then [`KvCache::commit`]ted). A sequence that
+    /// already holds tokens is refused; an empty leftover of a failed call is replaced.
+    pub(crate) fn begin_ring(&mut self, seq: SeqId, placement: RingPlacement) -> Result<()> {
+        if let Some(len) = self.len(seq).filter(|&len| len > 0) {
+            return Err(ModelError::InvalidBatch(format!(
+                "sequence {seq} already holds {len} tokens; a ring prefill starts a new sequence"
+            )));
+        }
+        let mut entry = self.allocate(placement.positions.len().max(MIN_CAPACITY))?;
+        entry.ring = Some(placement);
+        self.seqs.insert(seq, entry);
+        Ok(())
+    }
+
+    /// Makes room for one more token of ring sequence `seq` on this member.
+    pub(crate) fn reserve_ring_append(&mut self, seq: SeqId) -> Result<()> {
+        let len = self.len(seq).ok_or(ModelError::UnknownSequence(seq))?;
+        self.reserve(seq, len + 1)
+    }
+
+    /// Records a decode step of ring sequence `seq`: the token at `position` was appended on
+    /// member `on` (here, if `on` is this member, in the slot after the last one).
+    pub(crate) fn commit_ring_append(&mut self, seq: SeqId, position: usize, on: usize) -> Result<()> {
+        let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        let ring = entry.ring.as_mut().ok_or(ModelError::UnknownSequence(seq))?;
+        let members = ring.held.len();
+        let held = ring
+            .held
+            .get_mut(on)
+            .ok_or_else(|| ModelError::InvalidBatch(format!("append on member {on} of a ring of {members}")))?;
+        *held += 1;
+        if on == ring.member {
+            ring.positions.push(position);
+            entry.len += 1;
+        }
+        Ok(())
+    }
+
+    /// Views of `seq`'s keys and values of `layer` for its first `len` slots, without writing.
+    pub(crate) fn view(&self, seq: SeqId, layer: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        Ok((entry.keys[layer].narrow(1, 0, len)?, entry.values[layer].narrow(1, 0, len)?))
     }
 
     /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) of `layer` at position `start` and returns
@@ -135,6 +257,6 @@ impl KvCache {
             keys.push(Tensor::zeros(shape, s.dtype, &s.device)?);
             values.push(Tensor::zeros(shape, s.dtype, &s.device)?);
         }
-        Ok(SeqKv { len: 0, capacity, keys, values })
+        Ok(SeqKv { len: 0, capacity, keys, values, ring: None })
     }
 }

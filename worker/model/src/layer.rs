@@ -1,14 +1,15 @@
 //! One decoder layer: attention and SwiGLU MLP, each ending in an all-reduce.
+//!
+//! The layer is the same for a rank alone, a tensor-parallel group and a sequence-parallel
+//! ring: everything in it is per token except the step that reads other tokens' keys and
+//! values, which the caller passes in as an [`AttentionStep`].
 
 use candle_core::{Module, Tensor, D};
 use candle_nn::RmsNorm;
 use tessera_collective::{all_reduce_tensor, Collective};
 
-use crate::attention::{attend, ChunkMask};
-use crate::batch::Batch;
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::parallel::TpLayout;
 use crate::weights::{Checkpoint, Shard};
@@ -33,13 +34,19 @@ pub struct DecoderLayer {
     pub window: Option<usize>,
 }
 
-/// Per-forward inputs shared by all layers.
-pub struct LayerInputs<'a> {
-    pub batch: &'a Batch<'a>,
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
-    /// Masks per chunk for this layer's window.
-    pub masks: &'a [ChunkMask],
+/// Which layer an attention step is serving: where its cache lives and which mask it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSlot {
+    pub index: usize,
+    pub window: Option<usize>,
+}
+
+/// The part of a layer that sees other tokens: store this call's keys and values where the
+/// cache keeps them, and attend the queries to every key they may see.
+pub trait AttentionStep {
+    /// `q`: `[tokens, heads, head_dim]`; `k`, `v`: `[tokens, kv_heads, head_dim]`; q and k
+    /// already rotated. Returns `[tokens, heads * head_dim]`.
+    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
 }
 
 fn norm(ckpt: &Checkpoint, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -106,12 +113,19 @@ impl DecoderLayer {
         })
     }
 
-    /// `x`: `[tokens, hidden]` residual stream; returns the updated stream.
+    /// Where this layer's attention step reads and writes.
+    pub fn slot(&self) -> LayerSlot {
+        LayerSlot { index: self.index, window: self.window }
+    }
+
+    /// `x`: `[tokens, hidden]` residual stream; `cos`, `sin`: `[tokens, head_dim / 2]` rotary
+    /// tables of the tokens' positions. Returns the updated stream.
     pub fn forward(
         &self,
         x: &Tensor,
-        inputs: &LayerInputs,
-        kv: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        attention: &mut dyn AttentionStep,
         comm: &mut dyn Collective,
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
@@ -122,20 +136,10 @@ impl DecoderLayer {
         let q = qkv.narrow(1, 0, nh * d)?.reshape((1, tokens, nh, d))?.contiguous()?;
         let k = qkv.narrow(1, nh * d, nkv * d)?.reshape((1, tokens, nkv, d))?.contiguous()?;
         let v = qkv.narrow(1, (nh + nkv) * d, nkv * d)?.reshape((tokens, nkv, d))?;
-        let q = candle_nn::rotary_emb::rope_thd(&q, inputs.cos, inputs.sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k, inputs.cos, inputs.sin)?.squeeze(0)?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
 
-        let mut outputs = Vec::with_capacity(inputs.batch.chunks.len());
-        let mut offset = 0;
-        for (chunk, mask) in inputs.batch.chunks.iter().zip(inputs.masks) {
-            let q_c = q.narrow(0, offset, chunk.len)?;
-            let k_c = k.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
-            let v_c = v.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
-            let (keys, values) = kv.write(chunk.seq, self.index, chunk.start, &k_c, &v_c)?;
-            outputs.push(attend(&q_c, &keys, &values, mask)?);
-            offset += chunk.len;
-        }
-        let attn = if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? };
+        let attn = attention.attend(self.slot(), &q, &k, &v)?;
         let attn = self.o.forward_no_bias(&attn)?;
         let attn = self.o.add_bias(all_reduce_tensor(comm, &attn)?)?;
         let x = (x + attn)?;

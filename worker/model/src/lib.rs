@@ -1,8 +1,10 @@
-//! Tessera's model core: a tensor-parallel Llama-family decoder in candle.
+//! Tessera's model core: a tensor- and sequence-parallel Llama-family decoder in candle.
 //!
 //! No networking and no async code lives here. A worker's engine thread owns a [`Model`], a
 //! [`KvCache`] and a [`tessera_collective::Collective`], and calls [`Model::forward`] once per
-//! step; every rank of a tensor-parallel group makes the same call in lockstep.
+//! step; every rank of a tensor-parallel group makes the same call in lockstep. A sequence
+//! spread over a sequence-parallel ring of such groups goes through [`Model::forward_ring`]
+//! instead, with a second collective joining the ring ([`RingComm`]).
 
 mod attention;
 mod batch;
@@ -15,14 +17,18 @@ mod linear;
 mod matvec;
 mod model;
 mod parallel;
+mod ring;
 mod rope;
 pub mod sampler;
+mod sequence;
 mod weights;
 
 pub use batch::{Batch, LogitsMode, SeqChunk};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use kv_cache::{KvCache, SeqId};
+pub use kv_cache::{KvCache, RingPlacement, SeqId};
 pub use model::{LoadConfig, Model};
 pub use parallel::TpLayout;
+pub use ring::{AppendOn, DecodeStep, LocalLogits, PrefillStep, RingComm, RingLogits, RingOutput, RingStep};
+pub use sequence::ZigzagLayout;
 pub use weights::{Checkpoint, Shard};

@@ -1,6 +1,9 @@
-//! The Llama-family causal LM, one implementation for every tensor-parallel size.
+//! The Llama-family causal LM, one implementation for every tensor-parallel size and for
+//! sequence-parallel rings: `Model::forward` here and `Model::forward_ring` (in `ring.rs`) run
+//! the same layers and differ only in the attention step they hand them.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
 
@@ -8,12 +11,12 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::RmsNorm;
 use tessera_collective::Collective;
 
-use crate::attention::ChunkMask;
+use crate::attention::{CacheAttention, ChunkMask};
 use crate::batch::{Batch, LogitsMode};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvSpec};
-use crate::layer::{DecoderLayer, LayerInputs};
+use crate::layer::{AttentionStep, DecoderLayer};
 use crate::linear::matmul_t;
 use crate::parallel::TpLayout;
 use crate::rope::Rope;
@@ -147,29 +150,20 @@ impl Model {
             kv.prepare(c.seq, c.start, c.start + c.len)?;
         }
 
-        let half = self.rope.half_dim();
-        let tokens = batch.tokens.len();
-        let mut cos = Vec::with_capacity(tokens * half);
-        let mut sin = Vec::with_capacity(tokens * half);
-        for c in batch.chunks {
-            self.rope.extend_tables(c.start..c.start + c.len, c.start + c.len, &mut cos, &mut sin);
-        }
-        let cos = Tensor::from_vec(cos, (tokens, half), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (tokens, half), &self.device)?.to_dtype(self.dtype)?;
-
-        let masks: Vec<Vec<ChunkMask>> = self
+        let runs: Vec<(Range<usize>, usize)> =
+            batch.chunks.iter().map(|c| (c.start..c.start + c.len, c.start + c.len)).collect();
+        let (cos, sin) = self.rope_tables(&runs)?;
+        let masks: Vec<(Option<usize>, Vec<ChunkMask>)> = self
             .windows
             .iter()
-            .map(|w| batch.chunks.iter().map(|c| ChunkMask::new(c.start, c.len, *w, &self.device)).collect())
+            .map(|w| {
+                let masks = batch.chunks.iter().map(|c| ChunkMask::new(c.start, c.len, *w, &self.device));
+                Ok((*w, masks.collect::<Result<_>>()?))
+            })
             .collect::<Result<_>>()?;
 
-        let ids = Tensor::new(batch.tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        for layer in &self.layers {
-            let w = self.windows.iter().position(|w| *w == layer.window).unwrap_or(0);
-            let inputs = LayerInputs { batch, cos: &cos, sin: &sin, masks: &masks[w] };
-            x = layer.forward(&x, &inputs, kv, comm)?;
-        }
+        let mut attention = CacheAttention { batch, kv, masks: &masks };
+        let x = self.run_layers(batch.tokens, &cos, &sin, &mut attention, comm)?;
         for c in batch.chunks {
             kv.commit(c.seq, c.start + c.len)?;
         }
@@ -186,8 +180,72 @@ impl Model {
                 x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
             }
         };
-        let x = self.norm.forward(&x)?;
+        self.logits(&x)
+    }
+
+    /// Rotary tables `[tokens, head_dim / 2]` for runs of positions, each with the length its
+    /// sequence has after this call (which only dynamic NTK scaling reads).
+    pub(crate) fn rope_tables(&self, runs: &[(Range<usize>, usize)]) -> Result<(Tensor, Tensor)> {
+        let half = self.rope.half_dim();
+        let tokens: usize = runs.iter().map(|(r, _)| r.len()).sum();
+        let mut cos = Vec::with_capacity(tokens * half);
+        let mut sin = Vec::with_capacity(tokens * half);
+        for (positions, seq_len) in runs {
+            self.rope.extend_tables(positions.clone(), *seq_len, &mut cos, &mut sin);
+        }
+        let cos = Tensor::from_vec(cos, (tokens, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (tokens, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Embeds `tokens` and runs every layer over them; returns the final residual stream
+    /// `[tokens, hidden]`. How attention reaches the cache is `attention`'s business.
+    pub(crate) fn run_layers(
+        &self,
+        tokens: &[u32],
+        cos: &Tensor,
+        sin: &Tensor,
+        attention: &mut dyn AttentionStep,
+        comm: &mut dyn Collective,
+    ) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, cos, sin, attention, comm)?;
+        }
+        Ok(x)
+    }
+
+    /// f32 logits `[rows, vocab]` of final residual-stream rows `x`.
+    pub(crate) fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(x)?;
         Ok(matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?)
+    }
+
+    pub(crate) fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// Distinct sliding windows over layers (`None`: full causal attention).
+    pub(crate) fn windows(&self) -> &[Option<usize>] {
+        &self.windows
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Refuses token ids outside the vocabulary: they would index past the embedding.
+    pub(crate) fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidBatch(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        Ok(())
     }
 
     fn validate(&self, batch: &Batch) -> Result<()> {
@@ -210,11 +268,7 @@ impl Model {
                 return Err(ModelError::InvalidBatch(format!("sequence {} appears twice in one batch", c.seq)));
             }
         }
-        let vocab = self.config.vocab_size;
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::InvalidBatch(format!("token id {bad} is outside the vocabulary of {vocab}")));
-        }
-        Ok(())
+        self.check_tokens(batch.tokens)
     }
 }
 
