@@ -27,6 +27,24 @@ pub struct GenerateArgs {
     top_p: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Hugging Face semantics; 1 = off.
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// OpenAI semantics, in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// OpenAI semantics, in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// No n-gram of this size repeats; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    no_repeat_ngram_size: u32,
+    /// Stop with REPETITION when the output repeats a unit of up to 32 tokens 3 times, or a
+    /// sentence 3 times.
+    #[arg(long)]
+    loop_guard: bool,
     /// Stop string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -54,7 +72,24 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let request = pb::GenerateRequest {
         model: args.model.clone(),
         input: Some(input),
-        sampling: Some(pb::SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed }),
+        sampling: Some(pb::SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
+            no_repeat_ngram_size: args.no_repeat_ngram_size,
+            dry: None,
+            loop_guard: args.loop_guard.then_some(pb::LoopGuard {
+                max_period: 32,
+                min_repeats: 3,
+                sentences: true,
+                action: pb::LoopAction::Stop as i32,
+            }),
+        }),
         stopping: Some(pb::StoppingCriteria { max_new_tokens: args.max_new_tokens, stop: args.stop.clone(), ..Default::default() }),
         request_id: String::new(),
     };
@@ -92,6 +127,9 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                     "[{reason} | {} tokens | first token {:.0} ms | {rate:.1} tok/s]",
                     usage.completion_tokens, timing.time_to_first_token_ms
                 );
+                if let Some(report) = f.r#loop {
+                    eprintln!("[loop guard: {:?} repeated {} times]", report.text, report.repeats);
+                }
                 return Ok(());
             }
             None => {}

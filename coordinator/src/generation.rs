@@ -13,6 +13,7 @@ use tessera_proto::v1 as pb;
 use tokenizers::Tokenizer;
 
 use crate::detokenize::{DecodeError, IncrementalDecoder};
+use crate::loop_guard::{Loop, LoopGuard};
 use crate::request::Stopping;
 use crate::stop::{StopMatcher, StopOutcome};
 
@@ -29,6 +30,7 @@ pub struct Generation {
     tokenizer: Arc<Tokenizer>,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
+    guard: Option<LoopGuard>,
     stopping: Stopping,
     prompt_tokens: u32,
     generated: u32,
@@ -44,7 +46,8 @@ impl Generation {
         // Special tokens (chat markers) are not part of the completion text, as in HF's
         // `skip_special_tokens=True`.
         let decoder = IncrementalDecoder::new(tokenizer.clone(), true);
-        Self { tokenizer, decoder, stop, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
+        let guard = stopping.loop_guard.map(LoopGuard::new);
+        Self { tokenizer, decoder, stop, guard, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
     }
 
     pub fn generated(&self) -> u32 {
@@ -64,7 +67,16 @@ impl Generation {
         }
         let piece = self.decoder.push(token)?;
         let tokens = vec![pb::Token { id: token, logprob: Some(logprob) }];
+        let looped = self.guard.as_mut().and_then(|g| g.push(token, &piece));
         match self.stop.push(&piece) {
+            // A stop string ends the sequence first: it is what the client asked for.
+            StopOutcome::Continue(text) if looped.is_some() => {
+                let (rest, _) = self.drain()?;
+                let chunk = self.chunk(text + &rest, tokens);
+                let mut finished = self.finished(pb::FinishReason::Repetition, String::new());
+                finished.r#loop = looped.map(|l| self.report(l));
+                Ok(Emitted { chunk: Some(chunk), finished: Some(finished) })
+            }
             StopOutcome::Stopped { text, matched } => {
                 Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: Some(self.finished(pb::FinishReason::Stop, matched)) })
             }
@@ -99,6 +111,19 @@ impl Generation {
         })
     }
 
+    fn report(&self, found: Loop) -> pb::LoopReport {
+        let action = pb::LoopAction::Stop as i32;
+        match found {
+            Loop::Tokens { period, repeats, unit } => pb::LoopReport {
+                period: period as u32,
+                repeats: repeats as u32,
+                text: self.tokenizer.decode(&unit, true).unwrap_or_default(),
+                action,
+            },
+            Loop::Sentence { text, repeats } => pb::LoopReport { period: 0, repeats: repeats as u32, text, action },
+        }
+    }
+
     fn chunk(&mut self, text: String, tokens: Vec<pb::Token>) -> pb::TokenChunk {
         let index = self.streamed;
         self.streamed += tokens.len() as u64;
@@ -115,6 +140,7 @@ impl Generation {
                 total_ms: ms(Instant::now()),
             }),
             matched_stop,
+            r#loop: None,
         }
     }
 }

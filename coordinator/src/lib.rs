@@ -6,7 +6,7 @@
 //! * [`group`] — a group's iteration loop (continuous batching over `Step` RPCs).
 //! * [`request`] — validation and tokenization; [`limits`] the caps it enforces.
 //! * [`generation`] — one sequence's output: detokenization ([`detokenize`]), stop strings
-//!   ([`stop`]), finishing rules.
+//!   ([`stop`]), the loop guard ([`loop_guard`]), finishing rules.
 //! * [`chat`] — chat templates; [`model`] — what a served model is; [`error`] — the one mapping
 //!   to gRPC codes.
 
@@ -17,6 +17,7 @@ pub mod error;
 pub mod generation;
 mod group;
 pub mod limits;
+pub mod loop_guard;
 pub mod model;
 pub mod request;
 pub mod server;

@@ -19,6 +19,8 @@ pub struct Limits {
     pub max_stop_token_ids: usize,
     /// Bytes of a client-chosen request id.
     pub max_request_id_bytes: usize,
+    /// DRY sequence breakers in one request (each capped like a stop string).
+    pub max_dry_breakers: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +34,7 @@ impl Default for Limits {
             max_stop_bytes: 256,
             max_stop_token_ids: 64,
             max_request_id_bytes: 128,
+            max_dry_breakers: 16,
         }
     }
 }

@@ -9,6 +9,7 @@ use tessera_proto::worker::Sampling;
 use crate::chat::{ChatError, ChatMessage};
 use crate::error::{invalid, CoordinatorError};
 use crate::limits::Limits;
+use crate::loop_guard::{LoopGuardConfig, MAX_PERIOD, MAX_REPEATS};
 use crate::model::ServedModel;
 
 /// When to stop generating, after validation.
@@ -19,6 +20,8 @@ pub struct Stopping {
     pub stop_token_ids: Vec<u32>,
     /// End-of-sequence ids that stop generation (empty when the request ignores EOS).
     pub eos: Vec<u32>,
+    /// Set when the request turned the loop guard on.
+    pub loop_guard: Option<LoopGuardConfig>,
 }
 
 /// A request that passed every check.
@@ -64,24 +67,103 @@ pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &L
             limits.max_request_id_bytes
         )));
     }
-    let sampling = sampling(req.sampling.unwrap_or_default())?;
-    let seed_given = req.sampling.as_ref().is_some_and(|s| s.seed.is_some());
+    let params = req.sampling.unwrap_or_default();
+    let seed_given = params.seed.is_some();
+    let loop_guard = loop_guard(params.loop_guard)?;
+    let sampling = sampling(params, &model, limits)?;
     let prompt = prompt_tokens(req.input, &model, limits)?;
-    let stopping = stopping(req.stopping.unwrap_or_default(), prompt.len(), &model, limits)?;
+    let mut stopping = stopping(req.stopping.unwrap_or_default(), prompt.len(), &model, limits)?;
+    stopping.loop_guard = loop_guard;
     Ok(Prepared { model, request_id: req.request_id, prompt, sampling, seed_given, stopping })
 }
 
-fn sampling(s: pb::SamplingParams) -> Result<Sampling, CoordinatorError> {
-    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-        return Err(invalid(format!("temperature must be a finite number >= 0 (0 means greedy); got {}", s.temperature)));
+/// Largest `no_repeat_ngram_size`: longer n-grams cost more to track than they could prevent.
+const MAX_NGRAM: u32 = 64;
+/// Largest DRY `allowed_length`.
+const MAX_DRY_ALLOWED: u32 = 1024;
+
+/// Fails with a message naming `field` unless `ok` holds for `value` (NaN never does).
+fn check(field: &str, value: f32, ok: bool, range: &str) -> Result<(), CoordinatorError> {
+    if ok && value.is_finite() {
+        Ok(())
+    } else {
+        Err(invalid(format!("{field} must be {range}; got {value}")))
     }
+}
+
+fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Result<Sampling, CoordinatorError> {
+    check("temperature", s.temperature, s.temperature >= 0.0, "a finite number >= 0 (0 means greedy)")?;
     if let Some(p) = s.top_p {
-        // Written so that NaN fails too.
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(invalid(format!("top_p must be in (0, 1]; got {p}")));
-        }
+        check("top_p", p, p > 0.0 && p <= 1.0, "in (0, 1]")?;
     }
-    Ok(Sampling { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p, seed: s.seed.unwrap_or(0) })
+    check("min_p", s.min_p, (0.0..=1.0).contains(&s.min_p), "in [0, 1]")?;
+    let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
+    check("repetition_penalty", repetition_penalty, repetition_penalty > 0.0, "a finite number > 0 (1 means off)")?;
+    check("presence_penalty", s.presence_penalty, (-2.0..=2.0).contains(&s.presence_penalty), "in [-2, 2]")?;
+    check("frequency_penalty", s.frequency_penalty, (-2.0..=2.0).contains(&s.frequency_penalty), "in [-2, 2]")?;
+    if s.no_repeat_ngram_size > MAX_NGRAM {
+        return Err(invalid(format!("no_repeat_ngram_size is {}; the limit is {MAX_NGRAM}", s.no_repeat_ngram_size)));
+    }
+    let dry = s.dry.unwrap_or_default();
+    check("dry.multiplier", dry.multiplier, dry.multiplier >= 0.0, "a finite number >= 0 (0 means off)")?;
+    let mut dry_breakers = Vec::new();
+    if dry.multiplier > 0.0 {
+        check("dry.base", dry.base, dry.base >= 1.0, "a finite number >= 1")?;
+        if dry.allowed_length > MAX_DRY_ALLOWED {
+            return Err(invalid(format!("dry.allowed_length is {}; the limit is {MAX_DRY_ALLOWED}", dry.allowed_length)));
+        }
+        if dry.sequence_breakers.len() > limits.max_dry_breakers {
+            return Err(invalid(format!(
+                "{} dry.sequence_breakers; the limit is {}",
+                dry.sequence_breakers.len(),
+                limits.max_dry_breakers
+            )));
+        }
+        for breaker in &dry.sequence_breakers {
+            if breaker.len() > limits.max_stop_bytes {
+                return Err(invalid(format!(
+                    "a dry.sequence_breakers entry is {} bytes; the limit is {}",
+                    breaker.len(),
+                    limits.max_stop_bytes
+                )));
+            }
+            // A breaker is matched by token: every token of its encoding ends a repeat.
+            dry_breakers.extend(encode(model, breaker, false)?);
+        }
+        dry_breakers.sort_unstable();
+        dry_breakers.dedup();
+    }
+    Ok(Sampling {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed.unwrap_or(0),
+        min_p: s.min_p,
+        repetition_penalty,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        no_repeat_ngram_size: s.no_repeat_ngram_size,
+        dry_multiplier: dry.multiplier,
+        dry_base: dry.base,
+        dry_allowed_length: dry.allowed_length,
+        dry_penalty_last_n: dry.penalty_last_n,
+        dry_breakers,
+    })
+}
+
+fn loop_guard(guard: Option<pb::LoopGuard>) -> Result<Option<LoopGuardConfig>, CoordinatorError> {
+    let Some(g) = guard else { return Ok(None) };
+    if g.max_period == 0 || g.max_period > MAX_PERIOD {
+        return Err(invalid(format!("loop_guard.max_period must be in 1..={MAX_PERIOD}; got {}", g.max_period)));
+    }
+    if g.min_repeats < 2 || g.min_repeats > MAX_REPEATS {
+        return Err(invalid(format!("loop_guard.min_repeats must be in 2..={MAX_REPEATS}; got {}", g.min_repeats)));
+    }
+    match pb::LoopAction::try_from(g.action) {
+        Ok(pb::LoopAction::Unspecified | pb::LoopAction::Stop) => {}
+        Err(_) => return Err(invalid(format!("loop_guard.action {} is not a known action", g.action))),
+    }
+    Ok(Some(LoopGuardConfig { max_period: g.max_period as usize, min_repeats: g.min_repeats as usize, sentences: g.sentences }))
 }
 
 fn prompt_tokens(input: Option<pb::generate_request::Input>, model: &ServedModel, limits: &Limits) -> Result<Vec<u32>, CoordinatorError> {
@@ -192,5 +274,5 @@ fn stopping(s: pb::StoppingCriteria, prompt_len: usize, model: &ServedModel, lim
     }
     check_ids(&s.stop_token_ids, model, "stop token id")?;
     let eos = if s.ignore_eos { Vec::new() } else { model.eos.clone() };
-    Ok(Stopping { max_new_tokens, stop: s.stop, stop_token_ids: s.stop_token_ids, eos })
+    Ok(Stopping { max_new_tokens, stop: s.stop, stop_token_ids: s.stop_token_ids, eos, loop_guard: None })
 }

@@ -21,7 +21,7 @@ fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
 }
 
 fn stopping(max_new_tokens: u32) -> Stopping {
-    Stopping { max_new_tokens, stop: Vec::new(), stop_token_ids: Vec::new(), eos: vec![EOS] }
+    Stopping { max_new_tokens, stop: Vec::new(), stop_token_ids: Vec::new(), eos: vec![EOS], loop_guard: None }
 }
 
 /// Distinct and exactly representable, so a test can tell which token a logprob came from.

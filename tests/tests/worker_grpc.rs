@@ -79,10 +79,10 @@ async fn two_worker_processes_serve_a_tp2_group() {
     }
 
     // Prefill (sampled), then greedy decode steps.
-    let sampling = pb::Sampling { temperature: 0.0, top_k: 0, top_p: None, seed: 0 };
+    let sampling = pb::Sampling { temperature: 0.0, top_k: 0, top_p: None, seed: 0, ..Default::default() };
     let first = lockstep(
         &mut clients,
-        step(group, 0, vec![pb::SeqStep { seq_id: 42, start: 0, tokens: prompt.clone(), sampling: Some(sampling), sample: true }]),
+        step(group, 0, vec![pb::SeqStep { seq_id: 42, start: 0, tokens: prompt.clone(), sampling: Some(sampling.clone()), sample: true }]),
     )
     .await
     .unwrap();
@@ -110,7 +110,7 @@ async fn two_worker_processes_serve_a_tp2_group() {
     // Bad input is refused with a clear code and the group keeps serving.
     let bad = lockstep(
         &mut clients,
-        step(group, 99, vec![pb::SeqStep { seq_id: 7, start: 0, tokens: vec![1, 100_000], sampling: Some(sampling), sample: true }]),
+        step(group, 99, vec![pb::SeqStep { seq_id: 7, start: 0, tokens: vec![1, 100_000], sampling: Some(sampling.clone()), sample: true }]),
     )
     .await
     .unwrap_err();
@@ -118,14 +118,14 @@ async fn two_worker_processes_serve_a_tp2_group() {
     assert!(bad.message().contains("100000"), "{bad:?}");
     let too_long = lockstep(
         &mut clients,
-        step(group, 100, vec![pb::SeqStep { seq_id: 8, start: 0, tokens: vec![5; 5000], sampling: Some(sampling), sample: true }]),
+        step(group, 100, vec![pb::SeqStep { seq_id: 8, start: 0, tokens: vec![5; 5000], sampling: Some(sampling.clone()), sample: true }]),
     )
     .await
     .unwrap_err();
     assert_eq!(too_long.code(), Code::ResourceExhausted, "{too_long:?}");
     let ok = lockstep(
         &mut clients,
-        step(group, 101, vec![pb::SeqStep { seq_id: 9, start: 0, tokens: prompt.clone(), sampling: Some(sampling), sample: true }]),
+        step(group, 101, vec![pb::SeqStep { seq_id: 9, start: 0, tokens: prompt.clone(), sampling: Some(sampling.clone()), sample: true }]),
     )
     .await
     .unwrap();

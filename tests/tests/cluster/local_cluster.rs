@@ -238,3 +238,34 @@ async fn ctrl_c_stops_the_whole_local_cluster() {
         assert!(refused.is_err(), "worker at {address} still accepts connections");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_guard_stops_a_looping_generation_and_says_so() {
+    use tessera_model::fixture::scripted::{write_scripted, Script};
+    use tessera_model::fixture::WriteOptions;
+    // Greedy decoding of this model cycles through ten tokens forever.
+    let cycle: Vec<u32> = (0..10).map(|i| 40 + 7 * i).collect();
+    let script = Script::cycle("scripted-cycle", &cycle).expect("script");
+    let dir = write_scripted(&script, &scratch("loop-guard"), &WriteOptions::default()).expect("write scripted model");
+    let cluster = up(&dir, &["--workers", "1"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let guard = pb::LoopGuard { max_period: 16, min_repeats: 3, sentences: false, action: pb::LoopAction::Stop as i32 };
+    let guarded = |prompt_ids: Vec<u32>| pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams { loop_guard: Some(guard), ..Default::default() }),
+        ..greedy(tokens(prompt_ids), 200)
+    };
+
+    let looping = generate(&mut client, guarded(vec![cycle[0]])).await.expect("generate");
+    assert_eq!(looping.reason(), Some(pb::FinishReason::Repetition));
+    let finished = looping.finished.as_ref().expect("finished");
+    let report = finished.r#loop.as_ref().expect("the guard says what it saw");
+    assert_eq!((report.period, report.repeats), (10, 3));
+    assert_eq!(report.action, pb::LoopAction::Stop as i32);
+    assert_eq!(finished.usage.map(|u| u.completion_tokens), Some(30), "stopped as soon as the third repeat closed");
+    assert_eq!(looping.tokens()[..10], looping.tokens()[10..20]);
+
+    // Without the guard the same request runs to its budget.
+    let unguarded = generate(&mut client, greedy(tokens(vec![cycle[0]]), 60)).await.expect("generate");
+    assert_eq!(unguarded.reason(), Some(pb::FinishReason::Length));
+    assert_eq!(unguarded.tokens().len(), 60);
+}
