@@ -111,36 +111,112 @@ impl Drop for ChildGuard {
 /// from its first stdout line, then sends every rank the full peer list on stdin — the
 /// rendezvous a coordinator performs by RPC in a real cluster.
 pub fn spawn_ranks(program: &Path, world: usize, extra_args: &[String]) -> anyhow::Result<Vec<(ChildGuard, BufReader<std::process::ChildStdout>)>> {
-    let mut ranks = Vec::with_capacity(world);
-    let mut stdins: Vec<ChildStdin> = Vec::with_capacity(world);
-    let mut peers: Vec<SocketAddr> = Vec::with_capacity(world);
-    for rank in 0..world {
-        let mut child = Command::new(program)
-            .arg(rank.to_string())
-            .arg(world.to_string())
-            .args(extra_args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("spawn rank {rank}"))?;
-        let stdin = child.stdin.take().context("rank stdin")?;
-        let mut stdout = BufReader::new(child.stdout.take().context("rank stdout")?);
+    let args: Vec<Vec<String>> = (0..world)
+        .map(|rank| [rank.to_string(), world.to_string()].into_iter().chain(extra_args.iter().cloned()).collect())
+        .collect();
+    let launch = RankLaunch { program, args, env: Vec::new(), listeners: 1 };
+    launch.spawn(|_, addresses| vec![addresses.iter().map(|a| a[0]).collect()])
+}
+
+/// A group of rank processes that each bind `listeners` sockets before meeting their peers:
+/// each prints its addresses, space-separated, on its first stdout line, then reads one peer
+/// list per line from stdin.
+pub struct RankLaunch<'a> {
+    pub program: &'a Path,
+    /// The arguments of each rank process, one entry per rank.
+    pub args: Vec<Vec<String>>,
+    /// Environment variables set on every rank process.
+    pub env: Vec<(String, String)>,
+    /// Addresses each rank prints.
+    pub listeners: usize,
+}
+
+impl RankLaunch<'_> {
+    /// Starts every rank (each must print its addresses within [`STARTUP_PATIENCE`]), then
+    /// writes to rank `i` the lines of `peer_lists(i, addresses)`, where `addresses[j]` are
+    /// the addresses rank `j` printed. Returns the processes, killed on drop, with their
+    /// stdout after the first line.
+    pub fn spawn(
+        &self,
+        peer_lists: impl Fn(usize, &[Vec<SocketAddr>]) -> Vec<Vec<SocketAddr>>,
+    ) -> anyhow::Result<Vec<(ChildGuard, BufReader<std::process::ChildStdout>)>> {
+        let world = self.args.len();
+        let mut ranks = Vec::with_capacity(world);
+        let mut stdins: Vec<ChildStdin> = Vec::with_capacity(world);
+        let mut addresses: Vec<Vec<SocketAddr>> = Vec::with_capacity(world);
+        for (rank, args) in self.args.iter().enumerate() {
+            let mut child = Command::new(self.program)
+                .args(args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("spawn rank {rank}"))?;
+            let stdin = child.stdin.take().context("rank stdin")?;
+            let stdout = child.stdout.take().context("rank stdout")?;
+            let guard = ChildGuard(child);
+            let (line, stdout) = read_line_within(BufReader::new(stdout), STARTUP_PATIENCE)
+                .with_context(|| format!("rank {rank} did not print its addresses"))?;
+            let addrs: Vec<SocketAddr> = line
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("rank {rank} printed {line:?}, not addresses"))?;
+            if addrs.len() != self.listeners {
+                bail!("rank {rank} printed {} addresses, not {}: {line:?}", addrs.len(), self.listeners);
+            }
+            addresses.push(addrs);
+            stdins.push(stdin);
+            ranks.push((guard, stdout));
+        }
+        for (rank, mut stdin) in stdins.into_iter().enumerate() {
+            for list in peer_lists(rank, &addresses) {
+                let list = list.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");
+                writeln!(stdin, "{list}").with_context(|| format!("send peers to rank {rank}"))?;
+            }
+        }
+        if ranks.len() != world {
+            bail!("started {} of {world} ranks", ranks.len());
+        }
+        Ok(ranks)
+    }
+}
+
+/// The next line `reader` yields, with the reader for later lines, or an error after
+/// `patience` (or at end of output): a child that stops talking fails the caller instead of
+/// hanging it. On timeout the reader is lost to a thread that ends when the child's stdout
+/// closes (as it does once the child is killed).
+pub fn read_line_within<R: BufRead + Send + 'static>(mut reader: R, patience: std::time::Duration) -> anyhow::Result<(String, R)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let addr: SocketAddr = line.trim().parse().with_context(|| format!("rank {rank} printed {line:?}, not an address"))?;
-        peers.push(addr);
-        stdins.push(stdin);
-        ranks.push((ChildGuard(child), stdout));
+        let read = reader.read_line(&mut line).map(|n| (n, line));
+        let _ = tx.send(read.map(|(n, line)| (n, line, reader)));
+    });
+    let (n, line, reader) = rx.recv_timeout(patience).context("the process printed nothing in time")??;
+    if n == 0 {
+        bail!("the process closed its output");
     }
-    let list = peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");
-    for mut stdin in stdins {
-        writeln!(stdin, "{list}")?;
-    }
-    if ranks.len() != world {
-        bail!("started {} of {world} ranks", ranks.len());
-    }
-    Ok(ranks)
+    Ok((line.trim_end().to_string(), reader))
+}
+
+/// What one rank of a sequence-parallel ring computed (the `tessera-sp-rank` binary's output).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RingTrace {
+    /// Member of the ring and tensor-parallel rank inside it.
+    pub member: usize,
+    pub tp_rank: usize,
+    /// Prefill logits of the rows this member computed, each with its global position.
+    pub local: Vec<(usize, Vec<f32>)>,
+    /// Prefill logits of the prompt's last token.
+    pub last: Vec<f32>,
+    /// Logits of each greedy decode step.
+    pub decode: Vec<Vec<f32>>,
+    /// The greedy tokens: one from the prefill, then one from each decode step but the last.
+    pub greedy: Vec<u32>,
+    /// Tokens each member holds at the end, as this rank records them.
+    pub held: Vec<usize>,
 }
 
 /// Prefill `prompt` as sequence 1, then `steps` greedy decode steps, on one rank of a group.
