@@ -69,7 +69,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let params = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
     let start = Instant::now();
 
     // Every rank runs the same loop; all-reduces are bit-identical across ranks, so each rank's

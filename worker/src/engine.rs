@@ -288,6 +288,13 @@ impl Engine {
             if let Some(params) = &w.sampling {
                 s.samplers.insert(w.seq, Sampler::new(params.clone()));
             }
+            // Until a sequence has sampled, what it is fed is its prompt (possibly in chunks);
+            // afterwards it is fed the tokens its sampler chose, which the sampler has recorded.
+            if let Some(sampler) = s.samplers.get_mut(&w.seq) {
+                if !sampler.has_sampled() {
+                    sampler.observe_prompt(&w.tokens);
+                }
+            }
             chunks.push(SeqChunk { seq: w.seq, start: w.start, len: w.tokens.len() });
             tokens.extend_from_slice(&w.tokens);
         }

@@ -79,7 +79,7 @@ impl Worker for WorkerService {
 
     async fn step(&self, req: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
         let req = req.into_inner();
-        let work = req.seqs.into_iter().map(wire::seq_work).collect();
+        let work = req.seqs.into_iter().map(wire::seq_work).collect::<Result<Vec<_>, _>>()?;
         let sampled = self.engine.step(req.group_id, work).await?;
         Ok(Response::new(pb::StepResponse { tokens: sampled.into_iter().map(wire::sampled).collect() }))
     }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use candle_core::DType;
-use tessera_model::sampler::SamplingParams;
+use tessera_model::sampler::{DryParams, SamplingParams};
 use tessera_proto::worker as pb;
 
 use crate::engine::{Assignment, Sampled, SeqWork};
@@ -39,19 +39,35 @@ pub fn peers(list: &[String]) -> Result<Vec<SocketAddr>, WorkerError> {
         .collect()
 }
 
-pub fn seq_work(s: pb::SeqStep) -> SeqWork {
-    SeqWork {
-        seq: s.seq_id,
-        start: s.start as usize,
-        tokens: s.tokens,
-        sampling: s.sampling.map(|p| SamplingParams {
-            temperature: p.temperature,
-            top_k: (p.top_k > 0).then_some(p.top_k as usize),
-            top_p: p.top_p,
-            seed: p.seed,
-        }),
-        sample: s.sample,
-    }
+pub fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
+    let sampling = match s.sampling {
+        None => None,
+        Some(p) => {
+            let params = SamplingParams {
+                temperature: p.temperature,
+                top_k: (p.top_k > 0).then_some(p.top_k as usize),
+                top_p: p.top_p,
+                seed: p.seed,
+                min_p: p.min_p,
+                // Unset (0) means off, as 1 does.
+                repetition_penalty: if p.repetition_penalty == 0.0 { 1.0 } else { p.repetition_penalty },
+                presence_penalty: p.presence_penalty,
+                frequency_penalty: p.frequency_penalty,
+                no_repeat_ngram_size: p.no_repeat_ngram_size as usize,
+                dry: DryParams {
+                    multiplier: p.dry_multiplier,
+                    base: p.dry_base,
+                    allowed_length: p.dry_allowed_length as usize,
+                    // 0 on the wire means the whole context.
+                    penalty_last_n: (p.dry_penalty_last_n > 0).then_some(p.dry_penalty_last_n as usize),
+                    sequence_breakers: p.dry_breakers.into_iter().map(|t| vec![t]).collect(),
+                },
+            };
+            params.validate().map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
+            Some(params)
+        }
+    };
+    Ok(SeqWork { seq: s.seq_id, start: s.start as usize, tokens: s.tokens, sampling, sample: s.sample })
 }
 
 pub fn sampled(s: Sampled) -> pb::SampledToken {

@@ -14,6 +14,7 @@ pub mod fixture;
 mod kv_cache;
 mod layer;
 mod linear;
+pub mod logits;
 mod matvec;
 mod model;
 mod parallel;

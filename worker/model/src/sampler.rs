@@ -1,8 +1,32 @@
-//! Turning logits into the next token: greedy, temperature, top-k and top-p, with a per-request
-//! seeded random stream so the same request and seed always give the same tokens.
+//! Turning logits into the next token: greedy, temperature, top-k, top-p and min-p, after the
+//! repetition penalties of [`crate::logits`], with a per-request seeded random stream so the same
+//! request and seed always give the same tokens.
+//!
+//! Order: repetition penalty → presence/frequency penalty → DRY → n-gram ban (on raw logits, also
+//! under greedy), then, when sampling, temperature → top-k → top-p → min-p, as transformers'
+//! `generate` orders the ones it has (see [`crate::logits`]).
 
-/// Per-request sampling settings. Validation of client input happens at the API edge; here
-/// out-of-range values are clamped to the nearest meaningful one.
+pub use crate::logits::DryParams;
+use crate::logits::{apply_penalties, Dry, TokenHistory};
+
+/// Largest `no_repeat_ngram_size` [`SamplingParams::validate`] accepts: each step scans the
+/// history comparing n−1 tokens per window, and longer n-grams practically never repeat anyway.
+pub const MAX_NO_REPEAT_NGRAM_SIZE: usize = 64;
+/// Largest DRY `allowed_length` accepted: only longer repeats are penalised, and past this DRY
+/// would practically never fire, while the search still costs O(window) per step.
+pub const MAX_DRY_ALLOWED_LENGTH: usize = 1024;
+/// Most DRY sequence breakers accepted: the coordinator's 16 strings of up to 256 bytes each
+/// tokenize to at most 4096 tokens.
+pub const MAX_DRY_BREAKERS: usize = 4096;
+/// Most tokens in one DRY sequence breaker (llama.cpp keeps a head and at most 20 tail tokens).
+pub const MAX_DRY_BREAKER_TOKENS: usize = 21;
+
+/// Per-request sampling settings. [`SamplingParams::validate`] checks ranges at the API edge.
+/// The sampler never panics on unvalidated values, but what it draws from them is unspecified
+/// (a negative top-p keeps one token, a NaN DRY multiplier is off, NaN logits are skipped).
+///
+/// `Default` is greedy with every penalty off, so callers write
+/// `SamplingParams { temperature: 0.7, ..Default::default() }`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -12,11 +36,111 @@ pub struct SamplingParams {
     /// Keep the smallest set of tokens whose probability reaches `p` (`None` or ≥ 1: all).
     pub top_p: Option<f32>,
     pub seed: u64,
+    /// Keep tokens whose probability is at least `min_p` times the most likely one's, after
+    /// temperature, top-k and top-p (Hugging Face `MinPLogitsWarper`). 0 keeps all.
+    pub min_p: f32,
+    /// Hugging Face / CTRL: the logit of every token in prompt or output is divided by this
+    /// (multiplied when negative). 1 is off; must be > 0.
+    pub repetition_penalty: f32,
+    /// OpenAI: subtracted once from the logit of every token generated so far. In [−2, 2].
+    pub presence_penalty: f32,
+    /// OpenAI: subtracted per occurrence from the logit of every generated token. In [−2, 2].
+    pub frequency_penalty: f32,
+    /// Hugging Face: no n-gram of this size occurs twice in prompt + output. 0 is off.
+    pub no_repeat_ngram_size: usize,
+    /// llama.cpp's DRY penalty; off unless `dry.multiplier` is non-zero.
+    pub dry: DryParams,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+/// A [`SamplingParams`] field out of range; `field` is the parameter's API name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} must be {expected}; got {value}")]
+pub struct InvalidSamplingParam {
+    pub field: &'static str,
+    /// What the field must be, in words.
+    pub expected: String,
+    /// The offending value, printed.
+    pub value: String,
 }
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            no_repeat_ngram_size: 0,
+            dry: DryParams::default(),
+        }
+    }
+
+    /// Whether any step needs the sequence's tokens (penalties, n-gram ban, DRY).
+    pub fn needs_history(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.no_repeat_ngram_size > 0
+            || self.dry.enabled()
+    }
+
+    /// Rejects out-of-range and non-finite values, naming the first offending field.
+    pub fn validate(&self) -> Result<(), InvalidSamplingParam> {
+        fn check(field: &'static str, value: f32, ok: bool, expected: &str) -> Result<(), InvalidSamplingParam> {
+            if ok && value.is_finite() {
+                Ok(())
+            } else {
+                Err(InvalidSamplingParam { field, expected: expected.into(), value: value.to_string() })
+            }
+        }
+        fn at_most(field: &'static str, value: usize, cap: usize) -> Result<(), InvalidSamplingParam> {
+            if value <= cap {
+                Ok(())
+            } else {
+                Err(InvalidSamplingParam { field, expected: format!("at most {cap}"), value: value.to_string() })
+            }
+        }
+        let t = self.temperature;
+        check("temperature", t, t >= 0.0, "a finite number >= 0 (0 means greedy)")?;
+        if let Some(p) = self.top_p {
+            check("top_p", p, p > 0.0 && p <= 1.0, "in (0, 1]")?;
+        }
+        check("min_p", self.min_p, (0.0..=1.0).contains(&self.min_p), "in [0, 1]")?;
+        let r = self.repetition_penalty;
+        check("repetition_penalty", r, r > 0.0, "a finite number > 0 (1 means off)")?;
+        let (pp, fp) = (self.presence_penalty, self.frequency_penalty);
+        check("presence_penalty", pp, (-2.0..=2.0).contains(&pp), "in [-2, 2]")?;
+        check("frequency_penalty", fp, (-2.0..=2.0).contains(&fp), "in [-2, 2]")?;
+        at_most("no_repeat_ngram_size", self.no_repeat_ngram_size, MAX_NO_REPEAT_NGRAM_SIZE)?;
+        let d = &self.dry;
+        check("dry_multiplier", d.multiplier, d.multiplier >= 0.0, "a finite number >= 0 (0 means off)")?;
+        if d.multiplier == 0.0 {
+            // Off: the rest is never read, and an unset wire field may leave it zero.
+            return Ok(());
+        }
+        check("dry_base", d.base, d.base >= 1.0, "a finite number >= 1")?;
+        at_most("dry_allowed_length", d.allowed_length, MAX_DRY_ALLOWED_LENGTH)?;
+        at_most("dry_sequence_breakers", d.sequence_breakers.len(), MAX_DRY_BREAKERS)?;
+        for (i, b) in d.sequence_breakers.iter().enumerate() {
+            if b.is_empty() || b.len() > MAX_DRY_BREAKER_TOKENS {
+                return Err(InvalidSamplingParam {
+                    field: "dry_sequence_breakers",
+                    expected: format!("sequences of 1 to {MAX_DRY_BREAKER_TOKENS} tokens"),
+                    value: format!("{} tokens in entry {i}", b.len()),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -45,77 +169,142 @@ impl SeededRng {
 }
 
 /// Samples tokens for one sequence.
+///
+/// The penalties need the sequence's tokens: give the prompt with [`Sampler::observe_prompt`]
+/// (all of it, or chunk by chunk, before the first sample); every token [`Sampler::sample`]
+/// returns is recorded as generated. Tokens generated elsewhere (e.g. replayed after a restart)
+/// go through [`Sampler::observe_generated`]. With every penalty off nothing is recorded.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: SeededRng,
     /// Reused candidate buffer: (scaled logit, token id).
     candidates: Vec<(f32, u32)>,
+    /// Prompt and generated tokens, kept only when some step needs them.
+    history: Option<TokenHistory>,
+    /// Reused copy of the logits row that the penalties are written into.
+    penalised: Vec<f32>,
+    /// DRY's scratch buffers.
+    dry: Dry,
+    /// Whether `sample` has run: until then, tokens fed to the sequence are its prompt.
+    sampled: bool,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = SeededRng::new(params.seed);
-        Self { params, rng, candidates: Vec::new() }
+        let history = params.needs_history().then(TokenHistory::new);
+        Self { params, rng, candidates: Vec::new(), history, penalised: Vec::new(), dry: Dry::new(), sampled: false }
+    }
+
+    /// Whether this sampler has picked a token yet.
+    pub fn has_sampled(&self) -> bool {
+        self.sampled
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Picks the next token from one row of logits.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        let top_k = p.top_k.filter(|&k| k > 0);
-        if p.temperature <= 0.0 || top_k == Some(1) || logits.len() <= 1 {
-            return argmax(logits);
+    /// Records context the model was given: the prompt, or one chunk of it.
+    pub fn observe_prompt(&mut self, ids: &[u32]) {
+        if let Some(h) = &mut self.history {
+            h.push_prompt(ids);
         }
-        let inv_t = 1.0 / p.temperature;
-        self.candidates.clear();
-        self.candidates.extend(
-            logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (l * inv_t, i as u32)),
-        );
-        if self.candidates.is_empty() {
-            return 0;
-        }
-        // Highest logit first; ties by lower id, so the order never depends on the sort.
-        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        if let Some(k) = top_k.filter(|&k| k < self.candidates.len()) {
-            self.candidates.select_nth_unstable_by(k - 1, order);
-            self.candidates.truncate(k);
-        }
-        self.candidates.sort_unstable_by(order);
-
-        let max = self.candidates[0].0;
-        let mut total = 0f64;
-        for c in self.candidates.iter_mut() {
-            c.0 = (c.0 - max).exp();
-            total += c.0 as f64;
-        }
-        if let Some(top_p) = p.top_p.filter(|&t| t < 1.0) {
-            // Keep the shortest prefix whose mass reaches top_p (always at least one token).
-            let target = top_p.max(0.0) as f64 * total;
-            let mut mass = 0f64;
-            let mut keep = self.candidates.len();
-            for (i, c) in self.candidates.iter().enumerate() {
-                mass += c.0 as f64;
-                if mass >= target {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            self.candidates.truncate(keep);
-            total = mass.min(total);
-        }
-        let mut u = self.rng.next_f64() * total;
-        for c in &self.candidates {
-            u -= c.0 as f64;
-            if u < 0.0 {
-                return c.1;
-            }
-        }
-        self.candidates[self.candidates.len() - 1].1
     }
+
+    /// Records tokens generated for this sequence that this sampler did not pick itself.
+    pub fn observe_generated(&mut self, ids: &[u32]) {
+        if let Some(h) = &mut self.history {
+            for &id in ids {
+                h.push_generated(id);
+            }
+        }
+    }
+
+    /// The tokens recorded so far (`None` when no step needs them).
+    pub fn history(&self) -> Option<&TokenHistory> {
+        self.history.as_ref()
+    }
+
+    /// Picks the next token from one row of logits, and records it as generated.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let token = match &mut self.history {
+            // The row is copied only when there is something to penalise, so with every
+            // penalty off the draw sees exactly the caller's logits.
+            Some(h) if !h.is_empty() => {
+                self.penalised.clear();
+                self.penalised.extend_from_slice(logits);
+                apply_penalties(&mut self.penalised, &self.params, h, &mut self.dry);
+                draw(&self.params, &mut self.rng, &mut self.candidates, &self.penalised)
+            }
+            _ => draw(&self.params, &mut self.rng, &mut self.candidates, logits),
+        };
+        if let Some(h) = &mut self.history {
+            h.push_generated(token);
+        }
+        self.sampled = true;
+        token
+    }
+}
+
+/// Greedy or seeded draw from one (already penalised) row: temperature → top-k → top-p → min-p
+/// on a sorted candidate list, then inverse-CDF sampling with one `rng` draw.
+fn draw(p: &SamplingParams, rng: &mut SeededRng, candidates: &mut Vec<(f32, u32)>, logits: &[f32]) -> u32 {
+    let top_k = p.top_k.filter(|&k| k > 0);
+    if p.temperature <= 0.0 || top_k == Some(1) || logits.len() <= 1 {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / p.temperature;
+    candidates.clear();
+    candidates.extend(logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (l * inv_t, i as u32)));
+    if candidates.is_empty() {
+        return 0;
+    }
+    // Highest logit first; ties by lower id, so the order never depends on the sort.
+    let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if let Some(k) = top_k.filter(|&k| k < candidates.len()) {
+        candidates.select_nth_unstable_by(k - 1, order);
+        candidates.truncate(k);
+    }
+    candidates.sort_unstable_by(order);
+
+    let max = candidates[0].0;
+    let mut total = 0f64;
+    for c in candidates.iter_mut() {
+        c.0 = (c.0 - max).exp();
+        total += c.0 as f64;
+    }
+    if let Some(top_p) = p.top_p.filter(|&t| t < 1.0) {
+        // Keep the shortest prefix whose mass reaches top_p (always at least one token).
+        let target = top_p.max(0.0) as f64 * total;
+        let mut mass = 0f64;
+        let mut keep = candidates.len();
+        for (i, c) in candidates.iter().enumerate() {
+            mass += c.0 as f64;
+            if mass >= target {
+                keep = i + 1;
+                break;
+            }
+        }
+        candidates.truncate(keep);
+        total = mass.min(total);
+    }
+    if p.min_p > 0.0 {
+        // Weights are exp(logit − max), so the first is 1 and "probability ≥ min_p · max
+        // probability" is "weight ≥ min_p"; sorted descending, the survivors are a prefix.
+        let keep = candidates.iter().position(|c| (c.0 as f64) < p.min_p as f64).unwrap_or(candidates.len()).max(1);
+        candidates.truncate(keep);
+        total = candidates.iter().map(|c| c.0 as f64).sum();
+    }
+    let mut u = rng.next_f64() * total;
+    for c in candidates.iter() {
+        u -= c.0 as f64;
+        if u < 0.0 {
+            return c.1;
+        }
+    }
+    candidates[candidates.len() - 1].1
 }
 
 /// Index of the largest logit; the lowest index wins ties and NaNs are skipped.
@@ -145,13 +334,13 @@ mod tests {
         assert_eq!(argmax(&[f32::NAN, 1.0, 3.0]), 2, "NaN is skipped");
         let mut s = Sampler::new(SamplingParams::greedy());
         assert_eq!(s.sample(&logits()), 1);
-        let mut k1 = Sampler::new(SamplingParams { temperature: 1.0, top_k: Some(1), top_p: None, seed: 3 });
+        let mut k1 = Sampler::new(SamplingParams { temperature: 1.0, top_k: Some(1), top_p: None, seed: 3, ..Default::default() });
         assert_eq!(k1.sample(&logits()), 1, "top_k = 1 is greedy");
     }
 
     #[test]
     fn same_seed_same_tokens_different_seed_differs() {
-        let params = |seed| SamplingParams { temperature: 1.0, top_k: None, top_p: None, seed };
+        let params = |seed| SamplingParams { temperature: 1.0, top_k: None, top_p: None, seed, ..Default::default() };
         let draw = |seed| {
             let mut s = Sampler::new(params(seed));
             (0..64).map(|_| s.sample(&logits())).collect::<Vec<_>>()
@@ -162,13 +351,13 @@ mod tests {
 
     #[test]
     fn top_k_and_top_p_restrict_the_support() {
-        let mut k2 = Sampler::new(SamplingParams { temperature: 5.0, top_k: Some(2), top_p: None, seed: 1 });
+        let mut k2 = Sampler::new(SamplingParams { temperature: 5.0, top_k: Some(2), top_p: None, seed: 1, ..Default::default() });
         for _ in 0..200 {
             let t = k2.sample(&logits());
             assert!(t == 1 || t == 4, "top_k=2 keeps only the two tied maxima, got {t}");
         }
         // Probabilities at T=1: ids 1 and 4 hold ~0.36 each, id 3 ~0.22; top_p 0.5 needs two tokens.
-        let mut p = Sampler::new(SamplingParams { temperature: 1.0, top_k: None, top_p: Some(0.5), seed: 2 });
+        let mut p = Sampler::new(SamplingParams { temperature: 1.0, top_k: None, top_p: Some(0.5), seed: 2, ..Default::default() });
         let mut seen = [0usize; 6];
         for _ in 0..400 {
             seen[p.sample(&logits()) as usize] += 1;
@@ -182,7 +371,7 @@ mod tests {
         let l = logits();
         let max = l.iter().cloned().fold(f32::MIN, f32::max);
         let z: f64 = l.iter().map(|v| ((v - max) as f64).exp()).sum();
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: None, top_p: None, seed: 9 });
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: None, top_p: None, seed: 9, ..Default::default() });
         let n = 20_000;
         let mut counts = [0usize; 6];
         for _ in 0..n {
