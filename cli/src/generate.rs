@@ -83,6 +83,7 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             frequency_penalty: args.frequency_penalty,
             no_repeat_ngram_size: args.no_repeat_ngram_size,
             dry: None,
+            logprobs: 0,
             loop_guard: args.loop_guard.then_some(pb::LoopGuard {
                 max_period: 32,
                 min_repeats: 3,

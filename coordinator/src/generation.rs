@@ -56,6 +56,11 @@ impl Generation {
 
     /// Takes the next sampled token.
     pub fn accept(&mut self, token: u32, logprob: f32) -> Result<Emitted, DecodeError> {
+        self.accept_with_top(token, logprob, Vec::new())
+    }
+
+    /// Takes the next sampled token with the alternatives the request asked to see.
+    pub fn accept_with_top(&mut self, token: u32, logprob: f32, top: Vec<pb::TopLogprob>) -> Result<Emitted, DecodeError> {
         self.generated += 1;
         self.first_token.get_or_insert_with(Instant::now);
         if self.stopping.stop_token_ids.contains(&token) {
@@ -66,7 +71,7 @@ impl Generation {
             return self.finish_without(pb::FinishReason::Eos, String::new());
         }
         let piece = self.decoder.push(token)?;
-        let tokens = vec![pb::Token { id: token, logprob: Some(logprob) }];
+        let tokens = vec![pb::Token { id: token, logprob: Some(logprob), top }];
         let looped = self.guard.as_mut().and_then(|g| g.push(token, &piece));
         match self.stop.push(&piece) {
             // A stop string ends the sequence first: it is what the client asked for.

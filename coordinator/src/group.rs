@@ -236,7 +236,8 @@ impl GroupLoop {
                 return Err(format!("rank 0 answered for sequence {}, which expected no token", t.seq_id));
             };
             r.awaiting = false;
-            match r.generation.accept(t.token, t.logprob) {
+            let top = t.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
+            match r.generation.accept_with_top(t.token, t.logprob, top) {
                 Ok(emitted) => {
                     if let Some(chunk) = emitted.chunk {
                         r.send(pb::generate_response::Event::Chunk(chunk));

@@ -81,6 +81,8 @@ pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &L
 const MAX_NGRAM: u32 = 64;
 /// Largest DRY `allowed_length`.
 const MAX_DRY_ALLOWED: u32 = 1024;
+/// Most alternatives a token may carry (as OpenAI's API).
+pub const MAX_LOGPROBS: u32 = 20;
 
 /// Fails with a message naming `field` unless `ok` holds for `value` (NaN never does).
 fn check(field: &str, value: f32, ok: bool, range: &str) -> Result<(), CoordinatorError> {
@@ -101,6 +103,9 @@ fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Resu
     check("repetition_penalty", repetition_penalty, repetition_penalty > 0.0, "a finite number > 0 (1 means off)")?;
     check("presence_penalty", s.presence_penalty, (-2.0..=2.0).contains(&s.presence_penalty), "in [-2, 2]")?;
     check("frequency_penalty", s.frequency_penalty, (-2.0..=2.0).contains(&s.frequency_penalty), "in [-2, 2]")?;
+    if s.logprobs > MAX_LOGPROBS {
+        return Err(invalid(format!("logprobs is {}; the limit is {MAX_LOGPROBS}", s.logprobs)));
+    }
     if s.no_repeat_ngram_size > MAX_NGRAM {
         return Err(invalid(format!("no_repeat_ngram_size is {}; the limit is {MAX_NGRAM}", s.no_repeat_ngram_size)));
     }
@@ -148,6 +153,7 @@ fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Resu
         dry_allowed_length: dry.allowed_length,
         dry_penalty_last_n: dry.penalty_last_n,
         dry_breakers,
+        top_logprobs: s.logprobs,
     })
 }
 

@@ -98,7 +98,7 @@ fn max_new_tokens_finishes_with_length_after_exactly_n_tokens() {
     assert_eq!(s.chunks.len(), n);
     for (i, c) in s.chunks.iter().enumerate() {
         assert_eq!(c.index, i as u64, "chunk {i}");
-        assert_eq!(c.tokens, vec![pb::Token { id: ids[i], logprob: Some(logprob(i)) }], "chunk {i}");
+        assert_eq!(c.tokens, vec![pb::Token { id: ids[i], logprob: Some(logprob(i)), top: Vec::new() }], "chunk {i}");
     }
     assert!(!s.text_after[n - 2].contains('\u{FFFD}'), "an incomplete character was streamed before the end");
 }

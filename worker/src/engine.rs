@@ -47,15 +47,25 @@ pub struct SeqWork {
     pub tokens: Vec<u32>,
     /// Present on a sequence's first step.
     pub sampling: Option<SamplingParams>,
+    /// Alternatives to report with each sampled token; read with `sampling`.
+    pub top_logprobs: usize,
     pub sample: bool,
 }
 
 /// A token chosen for a sequence at the end of a step.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub seq: SeqId,
     pub token: u32,
     pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (empty unless asked).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A sequence's sampler and what it reports.
+struct SeqSampling {
+    sampler: Sampler,
+    top_logprobs: usize,
 }
 
 /// A snapshot of the engine for status reports.
@@ -153,7 +163,7 @@ struct Serving {
     model: Model,
     kv: KvCache,
     comm: Box<dyn Collective>,
-    samplers: HashMap<SeqId, Sampler>,
+    samplers: HashMap<SeqId, SeqSampling>,
 }
 
 enum State {
@@ -286,13 +296,14 @@ impl Engine {
         let mut chunks = Vec::with_capacity(work.len());
         for w in &work {
             if let Some(params) = &w.sampling {
-                s.samplers.insert(w.seq, Sampler::new(params.clone()));
+                let sampling = SeqSampling { sampler: Sampler::new(params.clone()), top_logprobs: w.top_logprobs };
+                s.samplers.insert(w.seq, sampling);
             }
             // Until a sequence has sampled, what it is fed is its prompt (possibly in chunks);
             // afterwards it is fed the tokens its sampler chose, which the sampler has recorded.
-            if let Some(sampler) = s.samplers.get_mut(&w.seq) {
-                if !sampler.has_sampled() {
-                    sampler.observe_prompt(&w.tokens);
+            if let Some(seq) = s.samplers.get_mut(&w.seq) {
+                if !seq.sampler.has_sampled() {
+                    seq.sampler.observe_prompt(&w.tokens);
                 }
             }
             chunks.push(SeqChunk { seq: w.seq, start: w.start, len: w.tokens.len() });
@@ -315,12 +326,14 @@ impl Engine {
             if !w.sample {
                 continue;
             }
-            let sampler = s
+            let seq = s
                 .samplers
                 .get_mut(&w.seq)
                 .ok_or_else(|| WorkerError::InvalidArgument(format!("sequence {} has no sampling parameters", w.seq)))?;
-            let token = sampler.sample(row);
-            out.push(Sampled { seq: w.seq, token, logprob: log_softmax_at(row, token as usize) });
+            let token = seq.sampler.sample(row);
+            let norm = LogSoftmax::of(row);
+            let top = if seq.top_logprobs > 0 { norm.top(row, seq.top_logprobs) } else { Vec::new() };
+            out.push(Sampled { seq: w.seq, token, logprob: norm.at(row, token as usize), top });
         }
         Ok(out)
     }
@@ -365,9 +378,33 @@ fn state_name(state: &State) -> &'static str {
     }
 }
 
-/// `log softmax(row)[i]`, computed stably in f64.
-fn log_softmax_at(row: &[f32], i: usize) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    (row[i] as f64 - max as f64 - sum.ln()) as f32
+/// The normaliser of `log softmax(row)`, computed stably in f64 once per row.
+struct LogSoftmax {
+    /// `max(row) + ln Σ exp(row − max)`.
+    log_z: f64,
+}
+
+impl LogSoftmax {
+    fn of(row: &[f32]) -> Self {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        Self { log_z: max as f64 + sum.ln() }
+    }
+
+    fn at(&self, row: &[f32], i: usize) -> f32 {
+        (row[i] as f64 - self.log_z) as f32
+    }
+
+    /// The `n` most likely tokens, most likely first (ties: lower id first).
+    fn top(&self, row: &[f32], n: usize) -> Vec<(u32, f32)> {
+        let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+        let n = n.min(ids.len());
+        let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+        if n < ids.len() {
+            ids.select_nth_unstable_by(n, by_logit);
+            ids.truncate(n);
+        }
+        ids.sort_by(by_logit);
+        ids.into_iter().map(|i| (i, self.at(row, i as usize))).collect()
+    }
 }

@@ -39,7 +39,14 @@ pub fn peers(list: &[String]) -> Result<Vec<SocketAddr>, WorkerError> {
         .collect()
 }
 
+/// Most alternatives a token may carry (as OpenAI's API).
+const MAX_TOP_LOGPROBS: u32 = 20;
+
 pub fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
+    let top_logprobs = s.sampling.as_ref().map_or(0, |p| p.top_logprobs);
+    if top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(WorkerError::InvalidArgument(format!("top_logprobs is {top_logprobs}; the limit is {MAX_TOP_LOGPROBS}")));
+    }
     let sampling = match s.sampling {
         None => None,
         Some(p) => {
@@ -67,9 +74,17 @@ pub fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
             Some(params)
         }
     };
-    Ok(SeqWork { seq: s.seq_id, start: s.start as usize, tokens: s.tokens, sampling, sample: s.sample })
+    Ok(SeqWork {
+        seq: s.seq_id,
+        start: s.start as usize,
+        tokens: s.tokens,
+        sampling,
+        top_logprobs: top_logprobs as usize,
+        sample: s.sample,
+    })
 }
 
 pub fn sampled(s: Sampled) -> pb::SampledToken {
-    pb::SampledToken { seq_id: s.seq, token: s.token, logprob: s.logprob }
+    let top = s.top.into_iter().map(|(token, logprob)| pb::TopToken { token, logprob }).collect();
+    pb::SampledToken { seq_id: s.seq, token: s.token, logprob: s.logprob, top }
 }

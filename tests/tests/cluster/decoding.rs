@@ -63,3 +63,31 @@ async fn a_seed_gives_the_same_tokens_at_any_tp_and_in_any_batch() {
     assert_ne!(other[..32], alone[..], "another seed gives other tokens");
     assert_eq!(third.expect("seed 9").tokens().len(), 16);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_report_the_top_alternatives_and_are_capped() {
+    let dir = fixture(&demo(), "logprobs");
+    let cluster = up(&dir, &["--workers", "2", "--tp", "2"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let request = |logprobs: u32| pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams { logprobs, ..Default::default() }),
+        ..greedy(prompt("Once upon a time"), 8)
+    };
+    let out = generate(&mut client, request(5)).await.expect("generate");
+    let tokens: Vec<&pb::Token> = out.chunks.iter().flat_map(|c| c.tokens.iter()).collect();
+    assert_eq!(tokens.len(), 8);
+    for t in tokens {
+        assert_eq!(t.top.len(), 5, "{t:?}");
+        // Greedy: the chosen token is the most likely one, with the same log-probability.
+        assert_eq!(t.top[0].id, t.id);
+        assert_eq!(Some(t.top[0].logprob), t.logprob);
+        assert!(t.top.windows(2).all(|w| w[0].logprob >= w[1].logprob), "most likely first: {:?}", t.top);
+        let mass: f32 = t.top.iter().map(|a| a.logprob.exp()).sum();
+        assert!(t.top.iter().all(|a| a.logprob <= 0.0) && mass <= 1.0 + 1e-5, "{:?}", t.top);
+    }
+    let plain = generate(&mut client, request(0)).await.expect("generate");
+    assert!(plain.chunks.iter().flat_map(|c| &c.tokens).all(|t| t.top.is_empty() && t.logprob.is_some()));
+    let refused = generate(&mut client, request(21)).await.expect_err("over the cap");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("logprobs is 21; the limit is 20"), "{}", refused.message());
+}
