@@ -86,6 +86,7 @@ async fn a_killed_worker_fails_its_stream_fast_and_a_new_worker_restores_service
     .await
     .expect("the stream must not hang");
     let waited = killed.elapsed();
+    eprintln!("UNAVAILABLE {waited:?} after SIGKILL (limit {} s)", TTL_SECS + 2);
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("lost"), "the message should say the group was lost: {}", status.message());
     assert!(waited.as_secs_f64() < TTL_SECS as f64 + 2.0, "UNAVAILABLE took {waited:?}");
