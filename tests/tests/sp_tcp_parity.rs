@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use tessera_collective::SingleRank;
+use tessera_model::fixture::max_rel_diff;
 use tessera_model::fixture::{test_fixtures, write_fixture, WriteOptions};
 use tessera_model::sampler::SeededRng;
 use tessera_model::{LoadConfig, Model};
@@ -37,20 +38,6 @@ fn fixture_dir() -> &'static Path {
 fn prompt(len: usize, seed: u64) -> Vec<u32> {
     let mut rng = SeededRng::new(seed);
     (0..len).map(|_| 3 + (rng.next_u64() % 317) as u32).collect()
-}
-
-/// max |a − b| / max(max |b row|, 1e-3) over matching rows.
-fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len(), "row counts differ");
-    let mut worst = 0f32;
-    for (ra, rb) in a.iter().zip(b) {
-        assert_eq!(ra.len(), rb.len(), "row widths differ");
-        let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-        for (x, y) in ra.iter().zip(rb) {
-            worst = worst.max((x - y).abs() / scale);
-        }
-    }
-    worst
 }
 
 /// Runs a ring of `members` × `tp` rank processes; returns each rank's trace, ordered by

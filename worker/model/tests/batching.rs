@@ -63,7 +63,7 @@ fn batched_decode_equals_each_sequence_alone() {
             }
         }
         for s in 0..prompts.len() {
-            let d = common::max_rel_diff(&together[s], &alone[s]);
+            let d = tessera_model::fixture::max_rel_diff(&together[s], &alone[s]);
             assert!(d <= 1e-5, "{name} seq {s}: batched vs alone max rel diff {d}");
         }
         assert_eq!(kv.num_sequences(), prompts.len());
@@ -90,7 +90,7 @@ fn chunked_prefill_equals_one_piece() {
             pieces.extend(rows(m.forward(&Batch { tokens: t, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::All).unwrap()));
             start += len;
         }
-        let d = common::max_rel_diff(&pieces, &whole);
+        let d = tessera_model::fixture::max_rel_diff(&pieces, &whole);
         assert!(d <= 1e-5, "{name}: chunked prefill max rel diff {d}");
     }
 }

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use common::{max_rel_diff, run_trace, spec};
+use common::{run_trace, spec};
+use tessera_model::fixture::max_rel_diff;
 use tessera_collective::{Collective as _, InProcessGroup, SingleRank};
 use tessera_model::fixture::{write_fixture, FixtureSpec, WriteOptions};
 use tessera_model::sampler::{argmax, SeededRng};

@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{max_rel_diff, run_tp, spec};
+use common::{run_tp, spec};
+use tessera_model::fixture::max_rel_diff;
 use tessera_model::fixture::{prompt_ids, test_fixtures};
 
 const DECODE_STEPS: usize = 16;

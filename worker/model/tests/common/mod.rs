@@ -93,20 +93,6 @@ pub fn run_tp(name: &str, tp: usize, prompt: &[u32], steps: usize) -> Vec<Trace>
     })
 }
 
-/// max |a − b| / max(|b|, floor) over matching rows.
-pub fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len(), "row counts differ");
-    let mut worst = 0f32;
-    for (ra, rb) in a.iter().zip(b) {
-        assert_eq!(ra.len(), rb.len(), "row widths differ");
-        let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-        for (x, y) in ra.iter().zip(rb) {
-            worst = worst.max((x - y).abs() / scale);
-        }
-    }
-    worst
-}
-
 pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len(), "row counts differ");
     a.iter()
