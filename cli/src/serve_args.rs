@@ -20,6 +20,9 @@ pub struct ServeArgs {
     /// keep decoding meanwhile.
     #[arg(long, default_value_t = 256)]
     pub step_tokens: usize,
+    /// Seconds a step may take before its group is declared lost (a hung worker).
+    #[arg(long, default_value_t = 300)]
+    pub step_timeout_secs: u64,
     /// Requests waiting per group before new ones are refused.
     #[arg(long, default_value_t = 256)]
     pub queue_depth: usize,
@@ -44,6 +47,7 @@ impl ServeArgs {
         anyhow::ensure!((1..=MAX_QUEUE).contains(&self.queue_depth), "--queue-depth must be in 1..={MAX_QUEUE}");
         anyhow::ensure!(self.max_new_tokens_limit > 0, "--max-new-tokens-limit must be at least 1");
         anyhow::ensure!((1..=MAX_STEP_TOKENS).contains(&self.step_tokens), "--step-tokens must be in 1..={MAX_STEP_TOKENS}");
+        anyhow::ensure!((1..=86_400).contains(&self.step_timeout_secs), "--step-timeout-secs must be in 1..=86400");
         let name = match &self.name {
             Some(n) => n.clone(),
             None => model_name(dir),
@@ -55,7 +59,11 @@ impl ServeArgs {
         };
         let cluster = ClusterConfig {
             queue_depth: self.queue_depth,
-            group_loop: LoopConfig { max_batch: self.max_batch, step_tokens: self.step_tokens },
+            group_loop: LoopConfig {
+                max_batch: self.max_batch,
+                step_tokens: self.step_tokens,
+                step_timeout: std::time::Duration::from_secs(self.step_timeout_secs),
+            },
             ..ClusterConfig::default()
         };
         let spec = ModelSpec { name, dir: absolute(dir)?, tp, dtype: self.dtype.clone(), max_context: self.max_context };

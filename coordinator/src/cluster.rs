@@ -48,7 +48,7 @@ impl Default for ClusterConfig {
             rpc_timeout: Duration::from_secs(3),
             load_timeout: Duration::from_secs(600),
             queue_depth: 256,
-            group_loop: LoopConfig { max_batch: 32, step_tokens: 256 },
+            group_loop: LoopConfig { max_batch: 32, step_tokens: 256, step_timeout: Duration::from_secs(300) },
             max_retry_backoff: Duration::from_secs(30),
         }
     }

@@ -57,6 +57,10 @@ pub struct LoopConfig {
     /// Tokens one step may carry. Decode tokens come first; prompts are prefilled in chunks
     /// from what is left, so a long prompt never stalls running streams for its whole prefill.
     pub step_tokens: usize,
+    /// Longest a step may take before the group is declared lost. A worker that hangs without
+    /// dying keeps its registration alive (and under `tessera up` its lease is renewed for
+    /// it), so this is what frees its clients.
+    pub step_timeout: std::time::Duration,
 }
 
 /// Prompt tokens a step carries even when decodes fill its budget, so prefills always move.
@@ -180,7 +184,9 @@ impl GroupLoop {
             let sampled = tokio::select! {
                 biased;
                 reason = lost_reason(&mut self.lost) => Err(reason),
-                r = step_all(&self.members, request) => r,
+                r = tokio::time::timeout(self.config.step_timeout, step_all(&self.members, request)) => {
+                    r.unwrap_or_else(|_| Err(format!("a step did not finish within {:?}", self.config.step_timeout)))
+                }
             };
             let sampled = match sampled {
                 Ok(s) => s,

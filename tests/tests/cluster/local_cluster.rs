@@ -269,3 +269,52 @@ async fn the_loop_guard_stops_a_looping_generation_and_says_so() {
     assert_eq!(unguarded.reason(), Some(pb::FinishReason::Length));
     assert_eq!(unguarded.tokens().len(), 60);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_fails_its_stream_after_the_step_timeout_and_then_rejoins() {
+    let dir = fixture(&demo(), "hung");
+    let cluster = up(&dir, &["--workers", "1", "--step-timeout-secs", "1"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    // Under `tessera up` the worker's registration is renewed by `up`, so a hung worker never
+    // loses its lease: only the step timeout can free its clients.
+    let up_pid = cluster._process.0.id().to_string();
+    let children = std::process::Command::new("pgrep").args(["-P", &up_pid]).output().expect("pgrep");
+    let worker_pid = String::from_utf8_lossy(&children.stdout).trim().to_string();
+    assert!(!worker_pid.is_empty() && !worker_pid.contains('\n'), "one worker child, got {worker_pid:?}");
+
+    let mut stream = client.generate(greedy(prompt("Once upon a time"), 4000)).await.expect("generate").into_inner();
+    read_chunks(&mut stream, 3).await;
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill").args([sig, &worker_pid]).status().expect("kill");
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let status = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended cleanly although its worker hung"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream must not hang with its worker");
+    signal("-CONT");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("did not finish within 1s"), "{}", status.message());
+
+    // Resumed, the worker answers the reset and forms a new group on its own, so there is no
+    // event to wait for: retry (bounded) until the group is back.
+    let deadline = Instant::now() + PATIENCE;
+    let again = loop {
+        match generate(&mut client, greedy(prompt("Hello"), 4)).await {
+            Ok(out) => break out,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(s) => panic!("not served again: {s:?}"),
+        }
+    };
+    assert_eq!(again.tokens().len(), 4);
+}
