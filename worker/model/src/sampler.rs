@@ -250,6 +250,12 @@ impl Sampler {
 
 /// Greedy or seeded draw from one (already penalised) row: temperature → top-k → top-p → min-p
 /// on a sorted candidate list, then inverse-CDF sampling with one `rng` draw.
+///
+/// Only the candidates that can matter are sorted: with top-p, the shortest head holding its
+/// mass; with min-p alone, those at or above its threshold; with neither, the head up to the
+/// drawn token (see [`sort_nucleus`]). Sorting the whole row instead costs milliseconds at a
+/// 128k vocabulary; the tokens drawn are the same up to rounding, as the totals that targets are
+/// taken of are summed in candidate order rather than sorted order.
 fn draw(p: &SamplingParams, rng: &mut SeededRng, candidates: &mut Vec<(f32, u32)>, logits: &[f32]) -> u32 {
     let top_k = p.top_k.filter(|&k| k > 0);
     if p.temperature <= 0.0 || top_k == Some(1) || logits.len() <= 1 {
@@ -261,36 +267,46 @@ fn draw(p: &SamplingParams, rng: &mut SeededRng, candidates: &mut Vec<(f32, u32)
     if candidates.is_empty() {
         return 0;
     }
-    // Highest logit first; ties by lower id, so the order never depends on the sort.
-    let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     if let Some(k) = top_k.filter(|&k| k < candidates.len()) {
-        candidates.select_nth_unstable_by(k - 1, order);
+        candidates.select_nth_unstable_by(k - 1, by_logit);
         candidates.truncate(k);
     }
-    candidates.sort_unstable_by(order);
+    // Weights are exp(logit − max), so the first candidate in order weighs 1.
+    let max = candidates.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0));
+    let mass_of_all = |candidates: &[(f32, u32)]| candidates.iter().map(|c| (c.0 - max).exp() as f64).sum::<f64>();
 
-    let max = candidates[0].0;
-    let mut total = 0f64;
-    for c in candidates.iter_mut() {
-        c.0 = (c.0 - max).exp();
-        total += c.0 as f64;
+    let top_p = p.top_p.filter(|&t| t < 1.0);
+    let min_p = p.min_p > 0.0;
+    if top_p.is_none() && !min_p {
+        // Plain temperature: the token is the first, in order, at which the mass passes u · total.
+        let target = rng.next_f64() * mass_of_all(candidates);
+        sort_nucleus(candidates, max, target);
+        return candidates[candidates.len() - 1].1;
     }
-    if let Some(top_p) = p.top_p.filter(|&t| t < 1.0) {
+    let mut total = 0f64;
+    if let Some(top_p) = top_p {
         // Keep the shortest prefix whose mass reaches top_p (always at least one token).
-        let target = top_p.max(0.0) as f64 * total;
-        let mut mass = 0f64;
-        let mut keep = candidates.len();
-        for (i, c) in candidates.iter().enumerate() {
-            mass += c.0 as f64;
-            if mass >= target {
-                keep = i + 1;
-                break;
+        total = sort_nucleus(candidates, max, top_p.max(0.0) as f64 * mass_of_all(candidates));
+    } else {
+        // Min-p alone keeps the weights ≥ min_p, a prefix once sorted: sort only those.
+        let mut kept = 0;
+        for i in 0..candidates.len() {
+            if ((candidates[i].0 - max).exp() as f64) >= p.min_p as f64 {
+                candidates.swap(kept, i);
+                kept += 1;
             }
         }
-        candidates.truncate(keep);
-        total = mass.min(total);
+        if kept == 0 {
+            candidates.select_nth_unstable_by(0, by_logit);
+            kept = 1;
+        }
+        candidates.truncate(kept);
+        candidates.sort_unstable_by(by_logit);
+        for c in candidates.iter_mut() {
+            c.0 = (c.0 - max).exp();
+        }
     }
-    if p.min_p > 0.0 {
+    if min_p {
         // Weights are exp(logit − max), so the first is 1 and "probability ≥ min_p · max
         // probability" is "weight ≥ min_p"; sorted descending, the survivors are a prefix.
         let keep = candidates.iter().position(|c| (c.0 as f64) < p.min_p as f64).unwrap_or(candidates.len()).max(1);
@@ -305,6 +321,48 @@ fn draw(p: &SamplingParams, rng: &mut SeededRng, candidates: &mut Vec<(f32, u32)
         }
     }
     candidates[candidates.len() - 1].1
+}
+
+/// Candidate order: highest logit first; ties by lower id, so the order never depends on the
+/// sort.
+fn by_logit(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// Size of the first head [`sort_nucleus`] sorts; each next one is four times larger.
+const FIRST_HEAD: usize = 256;
+
+/// Sorts, in [`by_logit`] order, the shortest head of `candidates` whose weights
+/// `exp(logit − max)`, added in that order, reach `target` (all of them if none does); turns the
+/// head's logits into those weights, drops the rest, and returns the head's mass. Heads of
+/// growing size are selected and sorted in turn, so a 128k-token row costs a few linear
+/// selections instead of a full sort, with the same head, weights and mass a full sort gives.
+/// Never empties a non-empty list (a target ≤ 0 keeps the first candidate).
+fn sort_nucleus(candidates: &mut Vec<(f32, u32)>, max: f32, target: f64) -> f64 {
+    let mut mass = 0f64;
+    let mut sorted = 0;
+    let mut end = candidates.len().min(FIRST_HEAD);
+    loop {
+        if end < candidates.len() {
+            // The top `end` candidates to the front, the first `sorted` of them already placed.
+            candidates[sorted..].select_nth_unstable_by(end - sorted - 1, by_logit);
+        }
+        candidates[sorted..end].sort_unstable_by(by_logit);
+        for i in sorted..end {
+            let w = (candidates[i].0 - max).exp();
+            candidates[i].0 = w;
+            mass += w as f64;
+            if mass >= target {
+                candidates.truncate(i + 1);
+                return mass;
+            }
+        }
+        if end >= candidates.len() {
+            return mass;
+        }
+        sorted = end;
+        end = end.saturating_mul(4).min(candidates.len());
+    }
 }
 
 /// Index of the largest logit; the lowest index wins ties and NaNs are skipped.
@@ -364,6 +422,36 @@ mod tests {
         }
         assert_eq!(seen[0] + seen[2] + seen[3] + seen[5], 0, "only the top two survive top_p=0.5: {seen:?}");
         assert!(seen[1] > 100 && seen[4] > 100, "both survivors are drawn: {seen:?}");
+    }
+
+    #[test]
+    fn sort_nucleus_gives_the_head_of_a_full_sort() {
+        // 3000 candidates with many tied logits, so heads cross several growth steps.
+        let mut rng = SeededRng::new(5);
+        let all: Vec<(f32, u32)> = (0..3000).map(|i| ((rng.next_u64() % 200) as f32 * 0.05, i)).collect();
+        let max = all.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0));
+        let mut sorted = all.clone();
+        sorted.sort_unstable_by(by_logit);
+        let weights: Vec<f32> = sorted.iter().map(|c| (c.0 - max).exp()).collect();
+        let total: f64 = weights.iter().map(|&w| w as f64).sum();
+        for fraction in [-1.0, 0.0, 1e-9, 0.01, 0.5, 0.9, 0.999, 1.0, 2.0] {
+            let target = fraction * total;
+            let (mut mass, mut keep) = (0f64, sorted.len());
+            for (i, &w) in weights.iter().enumerate() {
+                mass += w as f64;
+                if mass >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            let mut head = all.clone();
+            let got = sort_nucleus(&mut head, max, target);
+            assert_eq!(head.len(), keep, "target {fraction} of the total");
+            assert_eq!(got.to_bits(), mass.to_bits(), "target {fraction}: mass");
+            for (h, (s, w)) in head.iter().zip(sorted.iter().zip(&weights)) {
+                assert_eq!((h.1, h.0.to_bits()), (s.1, w.to_bits()), "target {fraction}");
+            }
+        }
     }
 
     #[test]
