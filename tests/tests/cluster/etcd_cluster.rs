@@ -74,17 +74,7 @@ async fn a_killed_worker_fails_its_stream_fast_and_a_new_worker_restores_service
     read_chunks(&mut stream, 3).await;
     workers[1].0.kill().expect("SIGKILL w-b");
     let killed = Instant::now();
-    let status = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the stream ended cleanly although its group lost a worker"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("the stream must not hang");
+    let status = until_error(&mut stream).await;
     let waited = killed.elapsed();
     eprintln!("UNAVAILABLE {waited:?} after SIGKILL (limit {} s)", TTL_SECS + 2);
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

@@ -289,17 +289,7 @@ async fn a_hung_worker_fails_its_stream_after_the_step_timeout_and_then_rejoins(
         assert!(status.success(), "kill {sig}");
     };
     signal("-STOP");
-    let status = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the stream ended cleanly although its worker hung"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("the stream must not hang with its worker");
+    let status = until_error(&mut stream).await;
     signal("-CONT");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("did not finish within 1s"), "{}", status.message());

@@ -55,6 +55,21 @@ pub fn coordinator(model: &Path, etcd: &str, tp: usize) -> anyhow::Result<Served
     Ok(Served { url: format!("http://{addr}"), _process: process })
 }
 
+/// Reads `stream` until it fails and returns the error status; panics if it ends cleanly or
+/// stays open past [`PATIENCE`] (a stream whose group broke must neither succeed nor hang).
+pub async fn until_error(stream: &mut tonic::Streaming<pb::GenerateResponse>) -> tonic::Status {
+    let wait = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended cleanly although its group broke"),
+                Err(status) => return status,
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait).await.expect("the stream must not hang")
+}
+
 /// Reads `stream` until `n` chunks have arrived; the stream must stay healthy meanwhile.
 pub async fn read_chunks(stream: &mut tonic::Streaming<pb::GenerateResponse>, n: usize) {
     let mut chunks = 0;
