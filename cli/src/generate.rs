@@ -89,6 +89,7 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 min_repeats: 3,
                 sentences: true,
                 action: pb::LoopAction::Stop as i32,
+                ..Default::default()
             }),
         }),
         stopping: Some(pb::StoppingCriteria { max_new_tokens: args.max_new_tokens, stop: args.stop.clone(), ..Default::default() }),

@@ -13,7 +13,7 @@ use tessera_proto::v1 as pb;
 use tokenizers::Tokenizer;
 
 use crate::detokenize::{DecodeError, IncrementalDecoder};
-use crate::loop_guard::{Loop, LoopGuard};
+use crate::loop_guard::{Loop, LoopGuard, MAX_REMEDIES};
 use crate::request::Stopping;
 use crate::stop::{StopMatcher, StopOutcome};
 
@@ -23,6 +23,17 @@ pub struct Emitted {
     pub chunk: Option<pb::TokenChunk>,
     /// Set when the sequence is done; release it on every rank.
     pub finished: Option<pb::Finished>,
+    /// The loop guard's remedy starts or ends: change how the next tokens are sampled.
+    pub resample: Option<Resample>,
+}
+
+/// A change of sampling the loop guard asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Resample {
+    /// Sample at this temperature from the next token on.
+    Raise { temperature: f32 },
+    /// Go back to the request's own sampling.
+    Restore,
 }
 
 /// Output state of one running sequence.
@@ -31,6 +42,11 @@ pub struct Generation {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     guard: Option<LoopGuard>,
+    /// Remedies applied so far, and the loop that caused the last one.
+    remedies: u32,
+    last_loop: Option<Loop>,
+    /// Tokens left in the running remedy.
+    remedy_left: u32,
     stopping: Stopping,
     prompt_tokens: u32,
     generated: u32,
@@ -47,7 +63,7 @@ impl Generation {
         // `skip_special_tokens=True`.
         let decoder = IncrementalDecoder::new(tokenizer.clone(), true);
         let guard = stopping.loop_guard.map(LoopGuard::new);
-        Self { tokenizer, decoder, stop, guard, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
+        Self { tokenizer, decoder, stop, guard, remedies: 0, last_loop: None, remedy_left: 0, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
     }
 
     pub fn generated(&self) -> u32 {
@@ -72,7 +88,35 @@ impl Generation {
         }
         let piece = self.decoder.push(token)?;
         let tokens = vec![pb::Token { id: token, logprob: Some(logprob), top }];
-        let looped = self.guard.as_mut().and_then(|g| g.push(token, &piece));
+        let mut looped = self.guard.as_mut().and_then(|g| g.push(token, &piece));
+        let mut resample = None;
+        if self.remedy_left > 0 {
+            self.remedy_left -= 1;
+            if self.remedy_left == 0 {
+                resample = Some(Resample::Restore);
+            }
+        }
+        let remedy = self.stopping.loop_guard.and_then(|c| c.remedy);
+        if let (Some(found), Some(remedy)) = (&looped, remedy) {
+            if self.remedies < MAX_REMEDIES {
+                self.remedies += 1;
+                self.remedy_left = remedy.tokens;
+                self.last_loop = looped.take();
+                if let Some(g) = self.guard.as_mut() {
+                    g.reset();
+                }
+                resample = Some(Resample::Raise { temperature: remedy.temperature });
+            } else {
+                tracing::debug!(?found, "loop found again after every remedy; stopping");
+            }
+        }
+        let mut emitted = self.emit(piece, tokens, looped)?;
+        emitted.resample = resample;
+        Ok(emitted)
+    }
+
+    /// The chunk and, when the sequence ends, the `Finished` for one streamed token.
+    fn emit(&mut self, piece: String, tokens: Vec<pb::Token>, looped: Option<Loop>) -> Result<Emitted, DecodeError> {
         match self.stop.push(&piece) {
             // A stop string ends the sequence first: it is what the client asked for.
             StopOutcome::Continue(text) if looped.is_some() => {
@@ -80,18 +124,19 @@ impl Generation {
                 let chunk = self.chunk(text + &rest, tokens);
                 let mut finished = self.finished(pb::FinishReason::Repetition, String::new());
                 finished.r#loop = looped.map(|l| self.report(l));
-                Ok(Emitted { chunk: Some(chunk), finished: Some(finished) })
+                Ok(Emitted { chunk: Some(chunk), finished: Some(finished), resample: None })
             }
             StopOutcome::Stopped { text, matched } => {
-                Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: Some(self.finished(pb::FinishReason::Stop, matched)) })
+                let finished = self.finished(pb::FinishReason::Stop, matched);
+                Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: Some(finished), resample: None })
             }
             StopOutcome::Continue(text) if self.generated >= self.stopping.max_new_tokens => {
                 let (rest, matched) = self.drain()?;
                 let reason = if matched.is_some() { pb::FinishReason::Stop } else { pb::FinishReason::Length };
                 let chunk = self.chunk(text + &rest, tokens);
-                Ok(Emitted { chunk: Some(chunk), finished: Some(self.finished(reason, matched.unwrap_or_default())) })
+                Ok(Emitted { chunk: Some(chunk), finished: Some(self.finished(reason, matched.unwrap_or_default())), resample: None })
             }
-            StopOutcome::Continue(text) => Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: None }),
+            StopOutcome::Continue(text) => Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: None, resample: None }),
         }
     }
 
@@ -103,7 +148,7 @@ impl Generation {
             None => (reason, matched),
         };
         let chunk = (!rest.is_empty()).then(|| self.chunk(rest, Vec::new()));
-        Ok(Emitted { chunk, finished: Some(self.finished(reason, matched)) })
+        Ok(Emitted { chunk, finished: Some(self.finished(reason, matched)), resample: None })
     }
 
     /// Everything the decoder and the stop matcher still hold, and the stop string it
@@ -116,17 +161,26 @@ impl Generation {
         })
     }
 
-    fn report(&self, found: Loop) -> pb::LoopReport {
-        let action = pb::LoopAction::Stop as i32;
+    /// What the guard saw (`found`) and did: stopped (`stopped`), after `self.remedies` remedies.
+    fn report_of(&self, found: &Loop, stopped: bool) -> pb::LoopReport {
+        let action = if stopped { pb::LoopAction::Stop } else { pb::LoopAction::RaiseTemperature } as i32;
+        let remedies = self.remedies;
         match found {
             Loop::Tokens { period, repeats, unit } => pb::LoopReport {
-                period: period as u32,
-                repeats: repeats as u32,
-                text: self.tokenizer.decode(&unit, true).unwrap_or_default(),
+                period: *period as u32,
+                repeats: *repeats as u32,
+                text: self.tokenizer.decode(unit, true).unwrap_or_default(),
                 action,
+                remedies,
             },
-            Loop::Sentence { text, repeats } => pb::LoopReport { period: 0, repeats: repeats as u32, text, action },
+            Loop::Sentence { text, repeats } => {
+                pb::LoopReport { period: 0, repeats: *repeats as u32, text: text.clone(), action, remedies }
+            }
         }
+    }
+
+    fn report(&self, found: Loop) -> pb::LoopReport {
+        self.report_of(&found, true)
     }
 
     fn chunk(&mut self, text: String, tokens: Vec<pb::Token>) -> pb::TokenChunk {
@@ -145,7 +199,8 @@ impl Generation {
                 total_ms: ms(Instant::now()),
             }),
             matched_stop,
-            r#loop: None,
+            // A generation the guard steered out of a loop says so however it ended.
+            r#loop: self.last_loop.as_ref().map(|l| self.report_of(l, false)),
         }
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::generation::Generation;
+use crate::generation::{Generation, Resample};
 
 /// Stream of events for one client.
 pub(crate) type Events = mpsc::UnboundedSender<Result<pb::GenerateResponse, Status>>;
@@ -89,7 +89,10 @@ struct Running {
     awaiting: bool,
     /// Tokens already in the workers' KV cache.
     cached: u32,
+    /// Sent with the next step: the request's sampling on the first, a change after that.
     sampling: Option<wpb::Sampling>,
+    /// The request's own sampling, to return to after a loop-guard remedy.
+    base: wpb::Sampling,
     generation: Generation,
     events: Events,
 }
@@ -103,6 +106,7 @@ impl Running {
             pending: s.prompt,
             awaiting: false,
             cached: 0,
+            base: s.sampling.clone(),
             sampling: Some(s.sampling),
             generation: s.generation,
             events: s.events,
@@ -245,6 +249,13 @@ impl GroupLoop {
             let top = t.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
             match r.generation.accept_with_top(t.token, t.logprob, top) {
                 Ok(emitted) => {
+                    match emitted.resample {
+                        Some(Resample::Raise { temperature }) => {
+                            r.sampling = Some(wpb::Sampling { temperature, ..r.base.clone() });
+                        }
+                        Some(Resample::Restore) => r.sampling = Some(r.base.clone()),
+                        None => {}
+                    }
                     if let Some(chunk) = emitted.chunk {
                         r.send(pb::generate_response::Event::Chunk(chunk));
                     }

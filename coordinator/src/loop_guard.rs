@@ -12,12 +12,27 @@ pub const MAX_PERIOD: u32 = 256;
 /// Largest repeat count a request may ask for.
 pub const MAX_REPEATS: u32 = 1024;
 
+/// Remedies applied before a loop that keeps coming back ends the generation.
+pub const MAX_REMEDIES: u32 = 3;
+/// Longest a remedy may last, in tokens.
+pub const MAX_REMEDY_TOKENS: u32 = 1024;
+
 /// What the request asked the guard to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoopGuardConfig {
     pub max_period: usize,
     pub min_repeats: usize,
     pub sentences: bool,
+    /// `None`: stop at the first loop. Otherwise sample hotter for a while, up to
+    /// [`MAX_REMEDIES`] times.
+    pub remedy: Option<Remedy>,
+}
+
+/// Sampling at a raised temperature for a number of tokens, to leave a loop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Remedy {
+    pub temperature: f32,
+    pub tokens: u32,
 }
 
 /// A loop the guard found.
@@ -47,6 +62,12 @@ fn ends_sentence(c: char) -> bool {
 impl LoopGuard {
     pub fn new(config: LoopGuardConfig) -> Self {
         Self { config, tokens: Vec::new(), sentence: String::new(), seen: HashMap::new() }
+    }
+
+    /// Forgets the tokens seen so far (after a remedy, only a loop that forms again counts).
+    /// Sentence counts are kept: a sentence said again after the remedy still repeats.
+    pub fn reset(&mut self) {
+        self.tokens.clear();
     }
 
     /// Takes the next generated token and the text it completed; returns the loop it closes.
@@ -104,7 +125,7 @@ mod tests {
     use super::*;
 
     fn guard(max_period: usize, min_repeats: usize, sentences: bool) -> LoopGuard {
-        LoopGuard::new(LoopGuardConfig { max_period, min_repeats, sentences })
+        LoopGuard::new(LoopGuardConfig { max_period, min_repeats, sentences, remedy: None })
     }
 
     #[test]

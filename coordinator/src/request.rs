@@ -9,7 +9,7 @@ use tessera_proto::worker::Sampling;
 use crate::chat::{ChatError, ChatMessage};
 use crate::error::{invalid, CoordinatorError};
 use crate::limits::Limits;
-use crate::loop_guard::{LoopGuardConfig, MAX_PERIOD, MAX_REPEATS};
+use crate::loop_guard::{LoopGuardConfig, Remedy, MAX_PERIOD, MAX_REMEDY_TOKENS, MAX_REPEATS};
 use crate::model::ServedModel;
 
 /// When to stop generating, after validation.
@@ -165,11 +165,25 @@ fn loop_guard(guard: Option<pb::LoopGuard>) -> Result<Option<LoopGuardConfig>, C
     if g.min_repeats < 2 || g.min_repeats > MAX_REPEATS {
         return Err(invalid(format!("loop_guard.min_repeats must be in 2..={MAX_REPEATS}; got {}", g.min_repeats)));
     }
-    match pb::LoopAction::try_from(g.action) {
-        Ok(pb::LoopAction::Unspecified | pb::LoopAction::Stop) => {}
+    let remedy = match pb::LoopAction::try_from(g.action) {
+        Ok(pb::LoopAction::Unspecified | pb::LoopAction::Stop) => None,
+        Ok(pb::LoopAction::RaiseTemperature) => {
+            let temperature = if g.remedy_temperature == 0.0 { 1.0 } else { g.remedy_temperature };
+            check("loop_guard.remedy_temperature", temperature, temperature > 0.0, "a finite number > 0 (0 means 1.0)")?;
+            let tokens = if g.remedy_tokens == 0 { 32 } else { g.remedy_tokens };
+            if tokens > MAX_REMEDY_TOKENS {
+                return Err(invalid(format!("loop_guard.remedy_tokens is {tokens}; the limit is {MAX_REMEDY_TOKENS}")));
+            }
+            Some(Remedy { temperature, tokens })
+        }
         Err(_) => return Err(invalid(format!("loop_guard.action {} is not a known action", g.action))),
-    }
-    Ok(Some(LoopGuardConfig { max_period: g.max_period as usize, min_repeats: g.min_repeats as usize, sentences: g.sentences }))
+    };
+    Ok(Some(LoopGuardConfig {
+        max_period: g.max_period as usize,
+        min_repeats: g.min_repeats as usize,
+        sentences: g.sentences,
+        remedy,
+    }))
 }
 
 fn prompt_tokens(input: Option<pb::generate_request::Input>, model: &ServedModel, limits: &Limits) -> Result<Vec<u32>, CoordinatorError> {

@@ -283,3 +283,84 @@ fn timing_is_measured_from_arrival() {
     let timing = generation.accept(EOS, 0.0).unwrap().finished.unwrap().timing.unwrap();
     assert!(timing.time_to_first_token_ms >= 0.0 && timing.time_to_first_token_ms <= timing.total_ms, "{timing:?}");
 }
+
+mod loop_guard {
+    use super::*;
+    use tessera_coordinator::generation::Resample;
+    use tessera_coordinator::loop_guard::{LoopGuardConfig, Remedy};
+
+    fn guarded(remedy: Option<Remedy>) -> Stopping {
+        let config = LoopGuardConfig { max_period: 8, min_repeats: 3, sentences: false, remedy };
+        Stopping { loop_guard: Some(config), ..stopping(1000) }
+    }
+
+    /// Accepts `ids` one by one, returning each token's resample event and the finish, if any.
+    fn feed(generation: &mut Generation, ids: &[u32]) -> (Vec<Option<Resample>>, Option<pb::Finished>) {
+        let mut events = Vec::new();
+        for &id in ids {
+            let emitted = generation.accept(id, -1.0).unwrap();
+            events.push(emitted.resample);
+            if emitted.finished.is_some() {
+                return (events, emitted.finished);
+            }
+        }
+        (events, None)
+    }
+
+    #[test]
+    fn stop_ends_at_the_third_repeat_with_a_report() {
+        let tok = tokenizer();
+        let unit = encode(&tok, "ab");
+        let ids: Vec<u32> = unit.iter().copied().cycle().take(unit.len() * 5).collect();
+        let s = run(&tok, guarded(None), &ids);
+        assert_eq!(s.accepted, unit.len() * 3);
+        let f = s.finished();
+        assert_eq!(f.reason, pb::FinishReason::Repetition as i32);
+        let report = f.r#loop.as_ref().unwrap();
+        assert_eq!((report.period as usize, report.repeats, report.remedies), (unit.len(), 3, 0));
+        assert_eq!(report.action, pb::LoopAction::Stop as i32);
+    }
+
+    #[test]
+    fn a_remedy_raises_the_temperature_then_restores_it_and_is_reported() {
+        let tok = tokenizer();
+        let remedy = Remedy { temperature: 1.5, tokens: 4 };
+        let mut g = Generation::new(tok.clone(), guarded(Some(remedy)), PROMPT_TOKENS, Instant::now());
+        // A 1-token loop: the third repeat triggers the remedy instead of stopping.
+        let (events, finished) = feed(&mut g, &[40, 40, 40]);
+        assert!(finished.is_none());
+        assert_eq!(events, [None, None, Some(Resample::Raise { temperature: 1.5 })]);
+        // Varied tokens while the remedy lasts; the fourth ends it.
+        let (events, finished) = feed(&mut g, &[41, 42, 43, 44, 45]);
+        assert!(finished.is_none());
+        assert_eq!(events, [None, None, None, Some(Resample::Restore), None]);
+        // The generation ends normally and reports the remedy it needed.
+        let mut last = None;
+        for id in 46..2000u32 {
+            let emitted = g.accept(40 + id % 50, -1.0).unwrap();
+            if emitted.finished.is_some() {
+                last = emitted.finished;
+                break;
+            }
+        }
+        let f = last.expect("finishes at max_new_tokens");
+        assert_eq!(f.reason, pb::FinishReason::Length as i32);
+        let report = f.r#loop.expect("the remedy is reported");
+        assert_eq!((report.period, report.remedies, report.action), (1, 1, pb::LoopAction::RaiseTemperature as i32));
+    }
+
+    #[test]
+    fn a_loop_that_survives_every_remedy_is_stopped() {
+        let tok = tokenizer();
+        let remedy = Remedy { temperature: 2.0, tokens: 2 };
+        let mut g = Generation::new(tok.clone(), guarded(Some(remedy)), PROMPT_TOKENS, Instant::now());
+        let (events, finished) = feed(&mut g, &[7; 100]);
+        let f = finished.expect("stopped");
+        // Each loop takes 3 tokens to see again: remedies at 3, 6 and 9, the stop at 12.
+        assert_eq!(events.len(), 12);
+        assert_eq!(events.iter().filter(|e| matches!(e, Some(Resample::Raise { .. }))).count(), 3);
+        assert_eq!(f.reason, pb::FinishReason::Repetition as i32);
+        let report = f.r#loop.unwrap();
+        assert_eq!((report.remedies, report.action), (3, pb::LoopAction::Stop as i32));
+    }
+}

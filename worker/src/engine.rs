@@ -296,8 +296,18 @@ impl Engine {
         let mut chunks = Vec::with_capacity(work.len());
         for w in &work {
             if let Some(params) = &w.sampling {
-                let sampling = SeqSampling { sampler: Sampler::new(params.clone()), top_logprobs: w.top_logprobs };
-                s.samplers.insert(w.seq, sampling);
+                match s.samplers.get_mut(&w.seq) {
+                    // A change mid-sequence (the coordinator's loop guard raising the
+                    // temperature, then restoring it) keeps the history and the random stream.
+                    Some(seq) => {
+                        seq.sampler.set_params(params.clone());
+                        seq.top_logprobs = w.top_logprobs;
+                    }
+                    None => {
+                        let sampling = SeqSampling { sampler: Sampler::new(params.clone()), top_logprobs: w.top_logprobs };
+                        s.samplers.insert(w.seq, sampling);
+                    }
+                }
             }
             // Until a sequence has sampled, what it is fed is its prompt (possibly in chunks);
             // afterwards it is fed the tokens its sampler chose, which the sampler has recorded.

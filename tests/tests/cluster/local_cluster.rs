@@ -249,7 +249,7 @@ async fn the_loop_guard_stops_a_looping_generation_and_says_so() {
     let dir = write_scripted(&script, &scratch("loop-guard"), &WriteOptions::default()).expect("write scripted model");
     let cluster = up(&dir, &["--workers", "1"]).expect("tessera up");
     let mut client = connect(&cluster.url).await;
-    let guard = pb::LoopGuard { max_period: 16, min_repeats: 3, sentences: false, action: pb::LoopAction::Stop as i32 };
+    let guard = pb::LoopGuard { max_period: 16, min_repeats: 3, sentences: false, action: pb::LoopAction::Stop as i32, ..Default::default() };
     let guarded = |prompt_ids: Vec<u32>| pb::GenerateRequest {
         sampling: Some(pb::SamplingParams { loop_guard: Some(guard), ..Default::default() }),
         ..greedy(tokens(prompt_ids), 200)
@@ -263,6 +263,26 @@ async fn the_loop_guard_stops_a_looping_generation_and_says_so() {
     assert_eq!(report.action, pb::LoopAction::Stop as i32);
     assert_eq!(finished.usage.map(|u| u.completion_tokens), Some(30), "stopped as soon as the third repeat closed");
     assert_eq!(looping.tokens()[..10], looping.tokens()[10..20]);
+
+    // The remedy: sample hotter for a while. This model's loop is far too strong to leave
+    // (its scripted logit wins by ~76), so the loop forms again after each remedy and, after
+    // the third, the generation stops: 4 loops of 30 tokens.
+    let remedy = pb::LoopGuard {
+        action: pb::LoopAction::RaiseTemperature as i32,
+        remedy_temperature: 1.5,
+        remedy_tokens: 8,
+        ..guard
+    };
+    let request = pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams { loop_guard: Some(remedy), seed: Some(3), ..Default::default() }),
+        ..greedy(tokens(vec![cycle[0]]), 200)
+    };
+    let remedied = generate(&mut client, request).await.expect("generate");
+    assert_eq!(remedied.reason(), Some(pb::FinishReason::Repetition));
+    let finished = remedied.finished.as_ref().expect("finished");
+    let report = finished.r#loop.as_ref().expect("report");
+    assert_eq!((report.remedies, report.action), (3, pb::LoopAction::Stop as i32), "{report:?}");
+    assert_eq!(finished.usage.map(|u| u.completion_tokens), Some(120));
 
     // Without the guard the same request runs to its budget.
     let unguarded = generate(&mut client, greedy(tokens(vec![cycle[0]]), 60)).await.expect("generate");

@@ -197,6 +197,15 @@ impl Sampler {
         Self { params, rng, candidates: Vec::new(), history, penalised: Vec::new(), dry: Dry::new(), sampled: false }
     }
 
+    /// Changes how the next tokens are drawn, keeping the random stream (the new seed is
+    /// ignored) and the history. A history started only now sees the tokens from here on.
+    pub fn set_params(&mut self, params: SamplingParams) {
+        if self.history.is_none() && params.needs_history() {
+            self.history = Some(TokenHistory::new());
+        }
+        self.params = params;
+    }
+
     /// Whether this sampler has picked a token yet.
     pub fn has_sampled(&self) -> bool {
         self.sampled
@@ -381,6 +390,25 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_parameters_take_effect_and_keep_the_random_stream() {
+        let row: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let greedy = SamplingParams { seed: 5, ..SamplingParams::default() };
+        let hot = SamplingParams { temperature: 50.0, seed: 999, ..SamplingParams::default() };
+        let mut switched = Sampler::new(greedy.clone());
+        assert_eq!(switched.sample(&row), argmax(&row));
+        switched.set_params(hot.clone());
+        let draws: Vec<u32> = (0..32).map(|_| switched.sample(&row)).collect();
+        assert!(draws.iter().any(|&t| t != argmax(&row)), "a high temperature must spread the draws");
+        // The stream continues from seed 5 (greedy draws consume none of it), not from 999.
+        let mut fresh = Sampler::new(SamplingParams { seed: 5, ..hot });
+        let expected: Vec<u32> = (0..32).map(|_| fresh.sample(&row)).collect();
+        assert_eq!(draws, expected);
+        switched.set_params(greedy);
+        assert_eq!(switched.sample(&row), argmax(&row));
+        assert!(switched.has_sampled());
+    }
 
     fn logits() -> Vec<f32> {
         vec![0.5, 2.0, -1.0, 1.5, 2.0, 0.0]
