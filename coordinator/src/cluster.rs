@@ -26,6 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::CoordinatorError;
 use crate::group::{GroupLoop, LoopConfig, Member, NewSequence};
+use crate::metrics::Metrics;
 use crate::model::ServedModel;
 
 /// Timeouts and sizes of group management.
@@ -132,6 +133,7 @@ pub(crate) struct Cluster {
     next_group: AtomicU64,
     next_seq: AtomicU64,
     placements: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl Cluster {
@@ -144,6 +146,7 @@ impl Cluster {
             next_group: AtomicU64::new(1),
             next_seq: AtomicU64::new(1),
             placements: AtomicU64::new(1),
+            metrics: Arc::new(Metrics::default()),
         })
     }
 
@@ -338,7 +341,8 @@ impl Cluster {
         drop(state);
         self.serving.send_modify(|n| *n += 1);
         tracing::info!(group = %name, model = %spec.name, secs = start.elapsed().as_secs_f64(), "group serving");
-        let group_loop = GroupLoop { name, members, requests, lost, active, config: self.config.group_loop, kv_capacity };
+        let metrics = self.metrics.clone();
+        let group_loop = GroupLoop { name, members, requests, lost, active, config: self.config.group_loop, kv_capacity, metrics };
         let cluster = self.clone();
         tokio::spawn(async move {
             let reason = group_loop.run().await;
@@ -489,7 +493,12 @@ impl Cluster {
                 kv_capacity_tokens: record.kv_capacity_tokens,
             }
         });
-        pb::ClusterStatusResponse { workers: join_all(reports).await, queued_requests: queued, running_requests: running }
+        pb::ClusterStatusResponse {
+            workers: join_all(reports).await,
+            queued_requests: queued,
+            running_requests: running,
+            counters: Some(self.metrics.snapshot()),
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::generation::{Generation, Resample};
+use crate::metrics::Metrics;
 
 /// Stream of events for one client.
 pub(crate) type Events = mpsc::UnboundedSender<Result<pb::GenerateResponse, Status>>;
@@ -77,6 +78,7 @@ pub(crate) struct GroupLoop {
     pub config: LoopConfig,
     /// KV tokens the smallest member can hold: the group's budget.
     pub kv_capacity: u64,
+    pub metrics: Arc<Metrics>,
 }
 
 struct Running {
@@ -147,6 +149,7 @@ impl GroupLoop {
         self.requests.close();
         let queued = std::iter::from_fn(|| self.requests.try_recv().ok());
         let held: Vec<Events> = running.drain(..).map(|r| r.events).chain(waiting.take().into_iter().chain(queued).map(|s| s.events)).collect();
+        self.metrics.lost(held.len());
         for events in held {
             let _ = events.send(Err(status.clone()));
             self.active.fetch_sub(1, Ordering::Relaxed);
@@ -261,6 +264,7 @@ impl GroupLoop {
                     }
                     match emitted.finished {
                         Some(finished) => {
+                            self.metrics.finished(&finished);
                             r.send(pb::generate_response::Event::Finished(finished));
                             done.push(r.seq);
                         }
@@ -290,6 +294,7 @@ impl GroupLoop {
         }
         running.retain(|r| !gone.iter().any(|(seq, _)| *seq == r.seq));
         self.active.fetch_sub(gone.len(), Ordering::Relaxed);
+        self.metrics.cancelled(gone.len());
         tracing::info!(group = %self.name, sequences = ?gone.iter().map(|g| g.0).collect::<Vec<_>>(), "client went away; releasing");
         // A sequence never stepped holds nothing on the workers.
         let cached: Vec<u64> = gone.into_iter().filter(|g| g.1).map(|g| g.0).collect();

@@ -18,6 +18,7 @@ pub mod generation;
 mod group;
 pub mod limits;
 pub mod loop_guard;
+pub mod metrics;
 pub mod model;
 pub mod request;
 pub mod server;

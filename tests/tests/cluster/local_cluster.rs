@@ -57,6 +57,9 @@ async fn a_cancelled_stream_is_released_on_every_rank() {
     }
     let after = generate(&mut client, greedy(prompt("Hello"), 4)).await.expect("still serving after a cancel");
     assert_eq!(after.tokens().len(), 4);
+    let status = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    let counters = status.counters.expect("counters");
+    assert_eq!((counters.finished["CANCELLED"], counters.finished["LENGTH"]), (1, 1), "{counters:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,6 +291,12 @@ async fn the_loop_guard_stops_a_looping_generation_and_says_so() {
     let unguarded = generate(&mut client, greedy(tokens(vec![cycle[0]]), 60)).await.expect("generate");
     assert_eq!(unguarded.reason(), Some(pb::FinishReason::Length));
     assert_eq!(unguarded.tokens().len(), 60);
+
+    // The coordinator's counters saw all three.
+    let status = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    let counters = status.counters.expect("counters");
+    assert_eq!((counters.finished["REPETITION"], counters.finished["LENGTH"]), (2, 1), "{counters:?}");
+    assert_eq!((counters.loop_guard_stops, counters.loop_guard_remedies), (2, 3), "{counters:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
