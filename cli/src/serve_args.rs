@@ -1,6 +1,6 @@
 //! Options shared by `tessera coordinator` and `tessera up`: what to serve and the limits.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::Args;
 use tessera_coordinator::{ClusterConfig, CoordinatorConfig, Limits, LoopConfig, ModelSpec};
@@ -66,14 +66,10 @@ impl ServeArgs {
             },
             ..ClusterConfig::default()
         };
-        let spec = ModelSpec { name, dir: absolute(dir)?, tp, dtype: self.dtype.clone(), max_context: self.max_context };
+        // Workers may run in another directory: give them an absolute path.
+        let spec = ModelSpec { name, dir: std::path::absolute(dir)?, tp, dtype: self.dtype.clone(), max_context: self.max_context };
         Ok(CoordinatorConfig { models: vec![spec], limits, cluster })
     }
-}
-
-/// Workers may run in another directory: give them an absolute path.
-fn absolute(dir: &Path) -> anyhow::Result<PathBuf> {
-    Ok(std::path::absolute(dir)?)
 }
 
 fn model_name(dir: &Path) -> String {

@@ -399,8 +399,8 @@ impl Cluster {
         let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
             CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
         })?;
-        let serving = || state.groups.iter().filter(|(_, g)| g.model == index && g.serving.is_some());
-        if let Some(largest) = serving().map(|(_, g)| g.kv_capacity).max() {
+        let largest = state.groups.values().filter(|g| g.model == index && g.serving.is_some()).map(|g| g.kv_capacity).max();
+        if let Some(largest) = largest {
             if reserve > largest {
                 return Err(CoordinatorError::InvalidArgument(format!(
                     "prompt plus max_new_tokens is {reserve} tokens; the largest KV cache of a serving group holds {largest}"

@@ -159,6 +159,21 @@ impl Outcome {
     }
 }
 
+/// One markdown row of the results table; `stuck_label` prefixes the stuck share.
+fn table_row(o: &Outcome, stuck_label: &str) -> String {
+    format!(
+        "| {} | {:.3} | {:.3} | {stuck_label}{:.0}% | {:.0}% | {:.0}% | {:.1} | {:.1} |",
+        o.name,
+        o.mean(seq_rep_4),
+        o.mean(distinct_2),
+        100.0 * o.stuck_share(|_| true),
+        100.0 * o.stuck_share(|p| p < ENGLISH.len()),
+        100.0 * o.stuck_share(|p| p >= ENGLISH.len()),
+        o.mean(longest_run),
+        o.mean(|t| t.len() as f64),
+    )
+}
+
 /// Copies of `tokens[at - period..at]` that `tokens` holds in a row from `at - MIN_REPEATS·period`.
 fn copies_from(tokens: &[u32], at: usize, period: usize) -> usize {
     let unit = &tokens[at - period..at];
@@ -185,8 +200,6 @@ fn greedy_runs(model: &Model, prompts: &[Vec<u32>]) -> anyhow::Result<Outcome> {
 
 /// Runs every control on `model` and prints its table and the loop guard's check.
 fn bench_model(title: &str, model: &Model, prompts: &[Vec<u32>]) -> anyhow::Result<()> {
-    let english = |p: usize| p < ENGLISH.len();
-    let chinese = |p: usize| p >= ENGLISH.len();
     let greedy = SamplingParams::greedy();
     let controls: Vec<(&'static str, Vec<SamplingParams>)> = vec![
         ("repetition_penalty 1.3", vec![SamplingParams { repetition_penalty: 1.3, ..greedy.clone() }]),
@@ -232,30 +245,10 @@ fn bench_model(title: &str, model: &Model, prompts: &[Vec<u32>]) -> anyhow::Resu
     println!("| control | seq-rep-4 | distinct-2 | stuck in a loop | en | zh | longest one-token run | mean new tokens |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for o in &outcomes {
-        println!(
-            "| {} | {:.3} | {:.3} | {:.0}% | {:.0}% | {:.0}% | {:.1} | {:.1} |",
-            o.name,
-            o.mean(seq_rep_4),
-            o.mean(distinct_2),
-            100.0 * o.stuck_share(|_| true),
-            100.0 * o.stuck_share(english),
-            100.0 * o.stuck_share(chinese),
-            o.mean(longest_run),
-            o.mean(|t| t.len() as f64),
-        );
+        println!("{}", table_row(o, ""));
     }
     // Under the guard a generation is stuck exactly when it was stopped.
-    println!(
-        "| {} | {:.3} | {:.3} | stopped {:.0}% | {:.0}% | {:.0}% | {:.1} | {:.1} |",
-        guarded.name,
-        guarded.mean(seq_rep_4),
-        guarded.mean(distinct_2),
-        100.0 * guarded.stuck_share(|_| true),
-        100.0 * guarded.stuck_share(english),
-        100.0 * guarded.stuck_share(chinese),
-        guarded.mean(longest_run),
-        guarded.mean(|t| t.len() as f64),
-    );
+    println!("{}", table_row(&guarded, "stopped "));
 
     // The guard against the metric: which stopped generations does the metric not call stuck?
     let mut stopped = 0;
