@@ -45,6 +45,15 @@ pub struct GenerateArgs {
     /// sentence 3 times.
     #[arg(long)]
     loop_guard: bool,
+    /// Drop sentences already streamed from the text.
+    #[arg(long)]
+    remove_repeated_sentences: bool,
+    /// Beam search with this many beams (>= 2); prints the best hypotheses at the end.
+    #[arg(long, default_value_t = 0)]
+    num_beams: u32,
+    /// Hypotheses to print with --num-beams.
+    #[arg(long, default_value_t = 1)]
+    num_return_sequences: u32,
     /// Stop string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -91,6 +100,12 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 action: pb::LoopAction::Stop as i32,
                 ..Default::default()
             }),
+            beam_search: (args.num_beams >= 2).then_some(pb::BeamSearch {
+                num_beams: args.num_beams,
+                num_return_sequences: args.num_return_sequences,
+                ..Default::default()
+            }),
+            remove_repeated_sentences: args.remove_repeated_sentences,
         }),
         stopping: Some(pb::StoppingCriteria { max_new_tokens: args.max_new_tokens, stop: args.stop.clone(), ..Default::default() }),
         request_id: String::new(),
@@ -131,6 +146,12 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 );
                 if let Some(report) = f.r#loop {
                     eprintln!("[loop guard: {:?} repeated {} times]", report.text, report.repeats);
+                }
+                if f.removed_sentences > 0 {
+                    eprintln!("[{} repeated sentences removed]", f.removed_sentences);
+                }
+                for (i, h) in f.hypotheses.iter().enumerate().skip(1) {
+                    eprintln!("[hypothesis {} | score {:.4}] {}", i + 1, h.score, h.text);
                 }
                 return Ok(());
             }

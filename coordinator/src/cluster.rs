@@ -160,8 +160,9 @@ impl Cluster {
         self.serving.subscribe()
     }
 
-    pub(crate) fn next_seq(&self) -> u64 {
-        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    /// The first of `n` fresh, consecutive sequence ids.
+    pub(crate) fn next_seqs(&self, n: u64) -> u64 {
+        self.next_seq.fetch_add(n, Ordering::Relaxed)
     }
 
     /// Applies membership events until the watch ends.

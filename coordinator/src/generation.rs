@@ -12,9 +12,11 @@ use std::time::Instant;
 use tessera_proto::v1 as pb;
 use tokenizers::Tokenizer;
 
+use crate::beam::Hypothesis;
 use crate::detokenize::{DecodeError, IncrementalDecoder};
 use crate::loop_guard::{Loop, LoopGuard, MAX_REMEDIES};
 use crate::request::Stopping;
+use crate::sentences::SentenceFilter;
 use crate::stop::{StopMatcher, StopOutcome};
 
 /// What one accepted token produced for the client.
@@ -42,6 +44,8 @@ pub struct Generation {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     guard: Option<LoopGuard>,
+    /// Set when the request asked for repeated sentences to be removed from the text.
+    sentences: Option<SentenceFilter>,
     /// Remedies applied so far, and the loop that caused the last one.
     remedies: u32,
     last_loop: Option<Loop>,
@@ -63,11 +67,24 @@ impl Generation {
         // `skip_special_tokens=True`.
         let decoder = IncrementalDecoder::new(tokenizer.clone(), true);
         let guard = stopping.loop_guard.map(LoopGuard::new);
-        Self { tokenizer, decoder, stop, guard, remedies: 0, last_loop: None, remedy_left: 0, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
+        let sentences = stopping.remove_repeated_sentences.then(SentenceFilter::new);
+        Self { tokenizer, decoder, stop, guard, sentences, remedies: 0, last_loop: None, remedy_left: 0, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
     }
 
     pub fn generated(&self) -> u32 {
         self.generated
+    }
+
+    pub fn max_new_tokens(&self) -> u32 {
+        self.stopping.max_new_tokens
+    }
+
+    /// Tokens that end a generation without being streamed: end-of-sequence and stop tokens.
+    pub fn end_tokens(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.stopping.eos.iter().chain(&self.stopping.stop_token_ids).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Takes the next sampled token.
@@ -115,25 +132,75 @@ impl Generation {
         Ok(emitted)
     }
 
+    /// Ends a beam search: its best hypothesis goes through the same rules as sampled tokens
+    /// (end and stop tokens, `max_new_tokens`) into one chunk, and `Finished` lists all of
+    /// `best` (best first).
+    pub fn accept_hypotheses(&mut self, best: &[Hypothesis]) -> Result<Emitted, DecodeError> {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut finished = None;
+        if let Some(first) = best.first() {
+            for (&token, &logprob) in first.tokens.iter().zip(&first.logprobs) {
+                let emitted = self.accept(token, logprob)?;
+                if let Some(chunk) = emitted.chunk {
+                    text.push_str(&chunk.text);
+                    tokens.extend(chunk.tokens);
+                }
+                if emitted.finished.is_some() {
+                    finished = emitted.finished;
+                    break;
+                }
+            }
+        }
+        let mut finished = match finished {
+            Some(f) => f,
+            // A hypothesis always ends with an end token or at the length limit; an empty
+            // search (no hypothesis at all) is reported as having run out of length.
+            None => {
+                let (rest, _) = self.drain()?;
+                text.push_str(&rest);
+                self.finished(pb::FinishReason::Length, String::new())
+            }
+        };
+        finished.hypotheses = best.iter().map(|h| self.hypothesis(h)).collect();
+        let chunk = (!text.is_empty() || !tokens.is_empty()).then_some(pb::TokenChunk { index: 0, text, tokens });
+        Ok(Emitted { chunk, finished: Some(finished), resample: None })
+    }
+
+    fn hypothesis(&self, h: &Hypothesis) -> pb::Hypothesis {
+        let last = h.tokens.last().copied();
+        let ends = |ids: &[u32]| last.is_some_and(|t| ids.contains(&t));
+        let (reason, ids) = if h.ended && ends(&self.stopping.stop_token_ids) {
+            (pb::FinishReason::Stop, &h.tokens[..h.tokens.len() - 1])
+        } else if h.ended {
+            (pb::FinishReason::Eos, &h.tokens[..h.tokens.len() - 1])
+        } else {
+            (pb::FinishReason::Length, &h.tokens[..])
+        };
+        let text = self.tokenizer.decode(ids, true).unwrap_or_default();
+        pb::Hypothesis { text, ids: ids.to_vec(), score: h.score, reason: reason as i32 }
+    }
+
     /// The chunk and, when the sequence ends, the `Finished` for one streamed token.
     fn emit(&mut self, piece: String, tokens: Vec<pb::Token>, looped: Option<Loop>) -> Result<Emitted, DecodeError> {
         match self.stop.push(&piece) {
             // A stop string ends the sequence first: it is what the client asked for.
             StopOutcome::Continue(text) if looped.is_some() => {
                 let (rest, _) = self.drain()?;
-                let chunk = self.chunk(text + &rest, tokens);
+                let chunk = self.final_chunk(text + &rest, tokens);
                 let mut finished = self.finished(pb::FinishReason::Repetition, String::new());
                 finished.r#loop = looped.map(|l| self.report(l));
                 Ok(Emitted { chunk: Some(chunk), finished: Some(finished), resample: None })
             }
             StopOutcome::Stopped { text, matched } => {
+                let chunk = self.final_chunk(text, tokens);
                 let finished = self.finished(pb::FinishReason::Stop, matched);
-                Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: Some(finished), resample: None })
+                Ok(Emitted { chunk: Some(chunk), finished: Some(finished), resample: None })
             }
             StopOutcome::Continue(text) if self.generated >= self.stopping.max_new_tokens => {
                 let (rest, matched) = self.drain()?;
                 let reason = if matched.is_some() { pb::FinishReason::Stop } else { pb::FinishReason::Length };
-                let chunk = self.chunk(text + &rest, tokens);
+                let chunk = self.final_chunk(text + &rest, tokens);
                 Ok(Emitted { chunk: Some(chunk), finished: Some(self.finished(reason, matched.unwrap_or_default())), resample: None })
             }
             StopOutcome::Continue(text) => Ok(Emitted { chunk: Some(self.chunk(text, tokens)), finished: None, resample: None }),
@@ -147,7 +214,8 @@ impl Generation {
             Some(stop) => (pb::FinishReason::Stop, stop),
             None => (reason, matched),
         };
-        let chunk = (!rest.is_empty()).then(|| self.chunk(rest, Vec::new()));
+        let chunk = self.final_chunk(rest, Vec::new());
+        let chunk = (!chunk.text.is_empty()).then_some(chunk);
         Ok(Emitted { chunk, finished: Some(self.finished(reason, matched)), resample: None })
     }
 
@@ -183,7 +251,20 @@ impl Generation {
         self.report_of(&found, true)
     }
 
+    /// The last chunk of a sequence: also releases what the sentence filter still holds.
+    fn final_chunk(&mut self, text: String, tokens: Vec<pb::Token>) -> pb::TokenChunk {
+        let mut chunk = self.chunk(text, tokens);
+        if let Some(f) = self.sentences.as_mut() {
+            chunk.text.push_str(&f.finish());
+        }
+        chunk
+    }
+
     fn chunk(&mut self, text: String, tokens: Vec<pb::Token>) -> pb::TokenChunk {
+        let text = match self.sentences.as_mut() {
+            Some(f) => f.push(&text),
+            None => text,
+        };
         let index = self.streamed;
         self.streamed += tokens.len() as u64;
         pb::TokenChunk { index, text, tokens }
@@ -201,6 +282,8 @@ impl Generation {
             matched_stop,
             // A generation the guard steered out of a loop says so however it ended.
             r#loop: self.last_loop.as_ref().map(|l| self.report_of(l, false)),
+            hypotheses: Vec::new(),
+            removed_sentences: self.sentences.as_ref().map_or(0, SentenceFilter::removed),
         }
     }
 }

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tonic::Status;
 
+use crate::beam::{Advance, BeamConfig, BeamSearch, Candidates, Fork};
 use crate::generation::{Generation, Resample};
 use crate::metrics::Metrics;
 
@@ -45,6 +46,8 @@ pub(crate) struct NewSequence {
     pub reserve: u64,
     pub sampling: wpb::Sampling,
     pub generation: Generation,
+    /// Beam search: the request holds worker sequences `seq .. seq + num_beams`.
+    pub beam: Option<BeamConfig>,
     /// Unbounded because the loop must never wait on a slow client; what it can hold is bounded
     /// by `max_new_tokens`, which is capped.
     pub events: Events,
@@ -97,10 +100,35 @@ struct Running {
     base: wpb::Sampling,
     generation: Generation,
     events: Events,
+    /// Set for a beam search, which runs one worker sequence per beam once its prompt is in.
+    beam: Option<BeamRun>,
+}
+
+/// A beam search's worker sequences: slot `i` is sequence `first + i`; slot 0 takes the prompt.
+struct BeamRun {
+    search: BeamSearch,
+    first: u64,
+    /// Slots that hold a sequence on the workers, to release at the end.
+    used: Vec<bool>,
+    /// What the next step does: copies between slots, then one token per live slot.
+    forks: Vec<Fork>,
+    feed: Vec<(usize, u32)>,
+    /// Slots the last step asked for candidates, and what came back.
+    asked: usize,
+    candidates: Vec<Candidates>,
 }
 
 impl Running {
     fn new(s: NewSequence) -> Self {
+        let max_new = s.generation.max_new_tokens() as usize;
+        let mut sampling = s.sampling;
+        let beam = s.beam.map(|config| {
+            let search = BeamSearch::new(config, max_new, s.generation.end_tokens());
+            sampling.beam_candidates = search.candidates_per_slot() as u32;
+            let mut used = vec![false; config.num_beams];
+            used[0] = true;
+            BeamRun { search, first: s.seq, used, forks: Vec::new(), feed: Vec::new(), asked: 1, candidates: Vec::new() }
+        });
         Self {
             seq: s.seq,
             reserve: s.reserve,
@@ -108,11 +136,48 @@ impl Running {
             pending: s.prompt,
             awaiting: false,
             cached: 0,
-            base: s.sampling.clone(),
-            sampling: Some(s.sampling),
+            base: sampling.clone(),
+            sampling: Some(sampling),
             generation: s.generation,
             events: s.events,
+            beam,
         }
+    }
+
+    /// Worker sequences this request holds (once it has been stepped).
+    fn worker_seqs(&self) -> Vec<u64> {
+        match &self.beam {
+            None => vec![self.seq],
+            Some(b) => (0..b.used.len()).filter(|&i| b.used[i]).map(|i| b.first + i as u64).collect(),
+        }
+    }
+
+    /// Whether a token the workers sampled for sequence `id` belongs to this request's last step.
+    fn expects(&self, id: u64) -> bool {
+        match &self.beam {
+            _ if !self.awaiting => false,
+            None => id == self.seq,
+            Some(b) => id >= b.first && id < b.first + b.used.len() as u64,
+        }
+    }
+
+    /// One decode step of every live beam, after its forks.
+    fn take_beam_step(&mut self, forks: &mut Vec<wpb::Fork>) -> Vec<wpb::SeqStep> {
+        let start = self.cached;
+        let Some(b) = self.beam.as_mut() else { return Vec::new() };
+        for f in b.forks.drain(..) {
+            b.used[f.to] = true;
+            forks.push(wpb::Fork { from: b.first + f.from as u64, to: b.first + f.to as u64 });
+        }
+        let steps = b
+            .feed
+            .drain(..)
+            .map(|(slot, token)| wpb::SeqStep { seq_id: b.first + slot as u64, start, tokens: vec![token], sampling: None, sample: true })
+            .collect::<Vec<_>>();
+        b.asked = steps.len();
+        self.cached += 1;
+        self.awaiting = true;
+        steps
     }
 
     fn prefilling(&self) -> bool {
@@ -187,7 +252,8 @@ impl GroupLoop {
                 continue;
             }
             step += 1;
-            let request = wpb::StepRequest { group_id: self.name.clone(), step, seqs: self.schedule(running) };
+            let (seqs, forks) = self.schedule(running);
+            let request = wpb::StepRequest { group_id: self.name.clone(), step, seqs, forks };
             let sampled = tokio::select! {
                 biased;
                 reason = lost_reason(&mut self.lost) => Err(reason),
@@ -209,10 +275,15 @@ impl GroupLoop {
     /// from the budget that is left. The oldest prompt is guaranteed a quarter of that budget
     /// (so it finishes however many others arrive); the rest goes to the prompts closest to
     /// done first, so a short request is not queued behind a long prefill.
-    fn schedule(&self, running: &mut [Running]) -> Vec<wpb::SeqStep> {
+    fn schedule(&self, running: &mut [Running]) -> (Vec<wpb::SeqStep>, Vec<wpb::Fork>) {
         let mut seqs = Vec::with_capacity(running.len());
+        let mut forks = Vec::new();
         for r in running.iter_mut().filter(|r| !r.prefilling()) {
-            seqs.push(r.take_step(1));
+            if r.beam.is_some() {
+                seqs.extend(r.take_beam_step(&mut forks));
+            } else {
+                seqs.push(r.take_step(1));
+            }
         }
         let mut budget = self.config.step_tokens.saturating_sub(seqs.len()).max(MIN_PREFILL_CHUNK);
         let prefills: Vec<usize> = (0..running.len()).filter(|&i| running[i].prefilling()).collect();
@@ -233,21 +304,26 @@ impl GroupLoop {
                 seqs.push(running[i].take_step(grant[i]));
             }
         }
-        seqs
+        (seqs, forks)
     }
 
     /// Hands each sequence that finished its step's tokens the token sampled for it; finished
     /// sequences are streamed their end and released.
     async fn deliver(&mut self, running: &mut Vec<Running>, sampled: Vec<wpb::SampledToken>) -> Result<(), String> {
-        let due = running.iter().filter(|r| r.awaiting).count();
+        let due: usize = running.iter().filter(|r| r.awaiting).map(|r| r.beam.as_ref().map_or(1, |b| b.asked)).sum();
         if sampled.len() != due {
             return Err(format!("rank 0 returned {} tokens where {due} were due", sampled.len()));
         }
         let mut done = Vec::new();
-        for t in &sampled {
-            let Some(r) = running.iter_mut().find(|r| r.seq == t.seq_id && r.awaiting) else {
+        for t in sampled {
+            let Some(r) = running.iter_mut().find(|r| r.expects(t.seq_id)) else {
                 return Err(format!("rank 0 answered for sequence {}, which expected no token", t.seq_id));
             };
+            if let Some(b) = r.beam.as_mut() {
+                let top = t.top.iter().map(|c| (c.token, c.logprob)).collect();
+                b.candidates.push(Candidates { slot: (t.seq_id - b.first) as usize, top });
+                continue;
+            }
             r.awaiting = false;
             let top = t.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
             match r.generation.accept_with_top(t.token, t.logprob, top) {
@@ -277,27 +353,68 @@ impl GroupLoop {
                 }
             }
         }
+        for r in running.iter_mut().filter(|r| r.awaiting && r.beam.is_some()) {
+            r.awaiting = false;
+            if self.advance_beams(r)? {
+                done.push(r.seq);
+            }
+        }
         if !done.is_empty() {
+            let release: Vec<u64> = running.iter().filter(|r| done.contains(&r.seq)).flat_map(Running::worker_seqs).collect();
             running.retain(|r| !done.contains(&r.seq));
             self.active.fetch_sub(done.len(), Ordering::Relaxed);
-            release_all(&self.members, &self.name, done).await;
+            release_all(&self.members, &self.name, release).await;
         }
         Ok(())
+    }
+
+    /// Moves a beam search on with the candidates its step returned; returns whether it ended.
+    fn advance_beams(&self, r: &mut Running) -> Result<bool, String> {
+        let Some(b) = r.beam.as_mut() else { return Ok(false) };
+        let candidates = std::mem::take(&mut b.candidates);
+        if candidates.len() != b.asked {
+            return Err(format!("rank 0 returned {} beam candidates where {} were due", candidates.len(), b.asked));
+        }
+        match b.search.advance(&candidates) {
+            Advance::Continue { forks, feed } => {
+                b.forks = forks;
+                b.feed = feed;
+                Ok(false)
+            }
+            Advance::Done(best) => {
+                match r.generation.accept_hypotheses(&best) {
+                    Ok(emitted) => {
+                        if let Some(chunk) = emitted.chunk {
+                            r.send(pb::generate_response::Event::Chunk(chunk));
+                        }
+                        if let Some(finished) = emitted.finished {
+                            self.metrics.finished(&finished);
+                            r.send(pb::generate_response::Event::Finished(finished));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = r.events.send(Err(Status::internal(e.to_string())));
+                    }
+                }
+                Ok(true)
+            }
+        }
     }
 
     /// Removes sequences whose client has gone (cancelled or disconnected) and frees their KV
     /// cache on every rank.
     async fn drop_cancelled(&mut self, running: &mut Vec<Running>) {
-        let gone: Vec<(u64, bool)> = running.iter().filter(|r| r.events.is_closed()).map(|r| (r.seq, r.cached > 0)).collect();
+        let gone: Vec<u64> = running.iter().filter(|r| r.events.is_closed()).map(|r| r.seq).collect();
         if gone.is_empty() {
             return;
         }
-        running.retain(|r| !gone.iter().any(|(seq, _)| *seq == r.seq));
+        // A sequence never stepped holds nothing on the workers.
+        let cached: Vec<u64> =
+            running.iter().filter(|r| gone.contains(&r.seq) && r.cached > 0).flat_map(Running::worker_seqs).collect();
+        running.retain(|r| !gone.contains(&r.seq));
         self.active.fetch_sub(gone.len(), Ordering::Relaxed);
         self.metrics.cancelled(gone.len());
-        tracing::info!(group = %self.name, sequences = ?gone.iter().map(|g| g.0).collect::<Vec<_>>(), "client went away; releasing");
-        // A sequence never stepped holds nothing on the workers.
-        let cached: Vec<u64> = gone.into_iter().filter(|g| g.1).map(|g| g.0).collect();
+        tracing::info!(group = %self.name, sequences = ?gone, "client went away; releasing");
         if !cached.is_empty() {
             release_all(&self.members, &self.name, cached).await;
         }

@@ -10,6 +10,7 @@
 //! * [`chat`] — chat templates; [`model`] — what a served model is; [`error`] — the one mapping
 //!   to gRPC codes.
 
+pub mod beam;
 pub mod chat;
 pub mod cluster;
 pub mod detokenize;
@@ -21,6 +22,7 @@ pub mod loop_guard;
 pub mod metrics;
 pub mod model;
 pub mod request;
+pub mod sentences;
 pub mod server;
 mod service;
 pub mod stop;

@@ -55,7 +55,7 @@ pub struct LoopGuard {
 }
 
 /// Characters that end a sentence, in Latin and CJK punctuation.
-fn ends_sentence(c: char) -> bool {
+pub(crate) fn ends_sentence(c: char) -> bool {
     matches!(c, '.' | '!' | '?' | '\n' | '。' | '！' | '？')
 }
 

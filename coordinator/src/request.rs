@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tessera_proto::v1 as pb;
 use tessera_proto::worker::Sampling;
 
+use crate::beam::{BeamConfig, EarlyStopping, MAX_BEAMS};
 use crate::chat::{ChatError, ChatMessage};
 use crate::error::{invalid, CoordinatorError};
 use crate::limits::Limits;
@@ -22,6 +23,8 @@ pub struct Stopping {
     pub eos: Vec<u32>,
     /// Set when the request turned the loop guard on.
     pub loop_guard: Option<LoopGuardConfig>,
+    /// Drop repeated sentences from the streamed text.
+    pub remove_repeated_sentences: bool,
 }
 
 /// A request that passed every check.
@@ -35,6 +38,8 @@ pub struct Prepared {
     /// The client gave no seed: the caller picks one.
     pub seed_given: bool,
     pub stopping: Stopping,
+    /// Set when the request asked for beam search.
+    pub beam: Option<BeamConfig>,
 }
 
 /// The served model a request names. An empty name means the only served model, if there is
@@ -69,12 +74,55 @@ pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &L
     }
     let params = req.sampling.unwrap_or_default();
     let seed_given = params.seed.is_some();
+    let beam = beam_search(&params, req.stopping.as_ref())?;
     let loop_guard = loop_guard(params.loop_guard)?;
+    let remove_repeated_sentences = params.remove_repeated_sentences;
     let sampling = sampling(params, &model, limits)?;
     let prompt = prompt_tokens(req.input, &model, limits)?;
     let mut stopping = stopping(req.stopping.unwrap_or_default(), prompt.len(), &model, limits)?;
     stopping.loop_guard = loop_guard;
-    Ok(Prepared { model, request_id: req.request_id, prompt, sampling, seed_given, stopping })
+    stopping.remove_repeated_sentences = remove_repeated_sentences;
+    Ok(Prepared { model, request_id: req.request_id, prompt, sampling, seed_given, stopping, beam })
+}
+
+/// Beam search settings, when asked for (`num_beams` ≥ 2). Beam search is deterministic and
+/// streams only its result, so the sampling controls, alternatives, the loop guard and stop
+/// strings, which act on a stream of sampled tokens, are refused beside it rather than ignored.
+fn beam_search(params: &pb::SamplingParams, stopping: Option<&pb::StoppingCriteria>) -> Result<Option<BeamConfig>, CoordinatorError> {
+    let Some(b) = params.beam_search.as_ref().filter(|b| b.num_beams >= 2) else { return Ok(None) };
+    if b.num_beams > MAX_BEAMS {
+        return Err(invalid(format!("beam_search.num_beams is {}; the limit is {MAX_BEAMS}", b.num_beams)));
+    }
+    let num_return = b.num_return_sequences.max(1);
+    if num_return > b.num_beams {
+        return Err(invalid(format!(
+            "beam_search.num_return_sequences is {num_return}; it must be at most num_beams ({})",
+            b.num_beams
+        )));
+    }
+    let length_penalty = b.length_penalty.unwrap_or(1.0);
+    check("beam_search.length_penalty", length_penalty, true, "a finite number")?;
+    let unused = [
+        ("temperature", params.temperature != 0.0),
+        ("top_k", params.top_k != 0),
+        ("top_p", params.top_p.is_some_and(|p| p < 1.0)),
+        ("min_p", params.min_p != 0.0),
+        ("logprobs", params.logprobs != 0),
+        ("loop_guard", params.loop_guard.is_some()),
+        ("stop", stopping.is_some_and(|s| !s.stop.is_empty())),
+    ];
+    if let Some((field, _)) = unused.iter().find(|u| u.1) {
+        return Err(invalid(format!(
+            "{field} cannot be combined with beam_search: beam search is deterministic and streams only its result"
+        )));
+    }
+    let early_stopping = match pb::EarlyStopping::try_from(b.early_stopping) {
+        Ok(pb::EarlyStopping::Heuristic) => EarlyStopping::Heuristic,
+        Ok(pb::EarlyStopping::First) => EarlyStopping::First,
+        Ok(pb::EarlyStopping::Never) => EarlyStopping::Never,
+        Err(_) => return Err(invalid(format!("beam_search.early_stopping {} is not a known value", b.early_stopping))),
+    };
+    Ok(Some(BeamConfig { num_beams: b.num_beams as usize, length_penalty, early_stopping, num_return: num_return as usize }))
 }
 
 /// Largest `no_repeat_ngram_size`: longer n-grams cost more to track than they could prevent.
@@ -154,6 +202,8 @@ fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Resu
         dry_penalty_last_n: dry.penalty_last_n,
         dry_breakers,
         top_logprobs: s.logprobs,
+        // Set by the group loop for a beam search, from its width.
+        beam_candidates: 0,
     })
 }
 
@@ -294,5 +344,5 @@ fn stopping(s: pb::StoppingCriteria, prompt_len: usize, model: &ServedModel, lim
     }
     check_ids(&s.stop_token_ids, model, "stop token id")?;
     let eos = if s.ignore_eos { Vec::new() } else { model.eos.clone() };
-    Ok(Stopping { max_new_tokens, stop: s.stop, stop_token_ids: s.stop_token_ids, eos, loop_guard: None })
+    Ok(Stopping { max_new_tokens, stop: s.stop, stop_token_ids: s.stop_token_ids, eos, loop_guard: None, remove_repeated_sentences: false })
 }

@@ -45,9 +45,11 @@ impl Inference for InferenceService {
         let prepared = tokio::task::spawn_blocking(move || prepare(req.into_inner(), &models, &limits))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
-        let reserve = prepared.prompt.len() as u64 + u64::from(prepared.stopping.max_new_tokens);
+        // Each beam holds a whole sequence of KV cache: its own copy of the prompt included.
+        let beams = prepared.beam.map_or(1, |b| b.num_beams) as u64;
+        let reserve = beams * (prepared.prompt.len() as u64 + u64::from(prepared.stopping.max_new_tokens));
         let placement = self.cluster.place(&prepared.model, reserve)?;
-        let seq = self.cluster.next_seq();
+        let seq = self.cluster.next_seqs(beams);
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;
         if !prepared.seed_given {
@@ -62,7 +64,8 @@ impl Inference for InferenceService {
         };
         let _ = events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Started(started)) }));
         let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
-        placement.submit(NewSequence { seq, prompt: prepared.prompt, reserve, sampling, generation, events })?;
+        let beam = prepared.beam;
+        placement.submit(NewSequence { seq, prompt: prepared.prompt, reserve, sampling, generation, beam, events })?;
         tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
         Ok(Response::new(UnboundedReceiverStream::new(stream)))
     }

@@ -21,7 +21,7 @@ fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
 }
 
 fn stopping(max_new_tokens: u32) -> Stopping {
-    Stopping { max_new_tokens, stop: Vec::new(), stop_token_ids: Vec::new(), eos: vec![EOS], loop_guard: None }
+    Stopping { max_new_tokens, stop: Vec::new(), stop_token_ids: Vec::new(), eos: vec![EOS], loop_guard: None, remove_repeated_sentences: false }
 }
 
 /// Distinct and exactly representable, so a test can tell which token a logprob came from.
@@ -363,4 +363,24 @@ mod loop_guard {
         let report = f.r#loop.unwrap();
         assert_eq!((report.remedies, report.action), (3, pb::LoopAction::Stop as i32));
     }
+}
+
+#[test]
+fn repeated_sentences_are_removed_from_the_text_but_every_token_is_reported() {
+    let tok = tokenizer();
+    let text = "The cat sat. The cat sat. 风和日丽。风和日丽。The dog ran. The cat sat. The end";
+    let mut ids = encode(&tok, text);
+    ids.push(EOS);
+    let s = run(&tok, Stopping { remove_repeated_sentences: true, ..stopping(1000) }, &ids);
+    assert_eq!(s.text(), "The cat sat. 风和日丽。The dog ran. The end");
+    assert_eq!(s.finished().removed_sentences, 3);
+    assert_eq!(s.token_ids(), &ids[..ids.len() - 1], "tokens are streamed whatever the text drops");
+    assert_eq!(s.finished().reason(), pb::FinishReason::Eos);
+    // Text waits for its sentence to end: nothing of "The cat sat." before its period.
+    let period = ids.iter().position(|&i| tok.decode(&[i], false).unwrap().contains('.')).unwrap();
+    assert!(s.text_after[..period].iter().all(String::is_empty), "{:?}", &s.text_after[..period]);
+    // Off, the same tokens give the whole text.
+    let plain = run(&tok, stopping(1000), &ids);
+    assert_eq!(plain.text(), text);
+    assert_eq!(plain.finished().removed_sentences, 0);
 }

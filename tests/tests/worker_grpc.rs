@@ -19,7 +19,7 @@ async fn connect(addr: std::net::SocketAddr) -> Client {
 }
 
 fn step(group: &str, step: u64, seqs: Vec<pb::SeqStep>) -> pb::StepRequest {
-    pb::StepRequest { group_id: group.into(), step, seqs }
+    pb::StepRequest { group_id: group.into(), step, seqs, forks: Vec::new() }
 }
 
 /// Runs one lockstep step on every rank and checks they agree.

@@ -18,6 +18,9 @@ use tokio::sync::oneshot;
 
 use crate::error::WorkerError;
 
+mod ring;
+pub use ring::{RingMembership, RingSampled, RingSampling, RingSeqStep, RingWork};
+
 type Result<T> = std::result::Result<T, WorkerError>;
 
 /// Fixed settings of one worker's engine.
@@ -49,7 +52,16 @@ pub struct SeqWork {
     pub sampling: Option<SamplingParams>,
     /// Alternatives to report with each sampled token; read with `sampling`.
     pub top_logprobs: usize,
+    /// Beam search: report this many best next tokens instead of sampling; read with `sampling`.
+    pub beam_candidates: usize,
     pub sample: bool,
+}
+
+/// One step: forks applied first (`to` becomes a copy of `from`), then one forward over `seqs`.
+#[derive(Debug, Clone, Default)]
+pub struct StepWork {
+    pub forks: Vec<(SeqId, SeqId)>,
+    pub seqs: Vec<SeqWork>,
 }
 
 /// A token chosen for a sequence at the end of a step.
@@ -63,9 +75,12 @@ pub struct Sampled {
 }
 
 /// A sequence's sampler and what it reports.
+#[derive(Clone)]
 struct SeqSampling {
     sampler: Sampler,
     top_logprobs: usize,
+    /// Beam search: candidates reported per step (0: the sampler picks the token).
+    beam_candidates: usize,
 }
 
 /// A snapshot of the engine for status reports.
@@ -82,10 +97,12 @@ pub struct EngineStatus {
 enum Command {
     Assign(Assignment, oneshot::Sender<Result<Option<SocketAddr>>>),
     Rendezvous(String, Vec<SocketAddr>, oneshot::Sender<Result<()>>),
-    Step(String, Vec<SeqWork>, oneshot::Sender<Result<Vec<Sampled>>>),
+    Step(String, StepWork, oneshot::Sender<Result<Vec<Sampled>>>),
     Release(String, Vec<SeqId>, oneshot::Sender<Result<()>>),
     Reset(oneshot::Sender<()>),
     Status(oneshot::Sender<EngineStatus>),
+    /// Sequence-parallel ring membership and steps (`ring.rs`), for the named group.
+    Ring(String, ring::RingCommand),
 }
 
 /// Cloneable handle to the engine thread.
@@ -140,7 +157,7 @@ impl EngineHandle {
         self.call(|r| Command::Rendezvous(group, peers, r)).await?
     }
 
-    pub async fn step(&self, group: String, work: Vec<SeqWork>) -> Result<Vec<Sampled>> {
+    pub async fn step(&self, group: String, work: StepWork) -> Result<Vec<Sampled>> {
         self.call(|r| Command::Step(group, work, r)).await?
     }
 
@@ -164,6 +181,8 @@ struct Serving {
     kv: KvCache,
     comm: Box<dyn Collective>,
     samplers: HashMap<SeqId, SeqSampling>,
+    /// The sequence-parallel ring this group's rank belongs to, if any.
+    ring: Option<ring::Ring>,
 }
 
 enum State {
@@ -210,6 +229,7 @@ impl Engine {
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
                 }
+                Command::Ring(group, cmd) => self.ring_command(&group, cmd),
             }
         }
     }
@@ -272,7 +292,7 @@ impl Engine {
         let model = Model::load(&a.model_dir, &load)?;
         tracing::info!(group = %a.group_id, rank = a.tp_rank, secs = start.elapsed().as_secs_f64(), "shard loaded");
         let kv = model.new_kv_cache();
-        Ok(Serving { group_id: a.group_id.clone(), tp_rank: a.tp_rank, model, kv, comm, samplers: HashMap::new() })
+        Ok(Serving { group_id: a.group_id.clone(), tp_rank: a.tp_rank, model, kv, comm, samplers: HashMap::new(), ring: None })
     }
 
     fn serving(&mut self, group: &str, action: &'static str) -> Result<&mut Serving> {
@@ -284,13 +304,23 @@ impl Engine {
         }
     }
 
-    fn step(&mut self, group: &str, work: Vec<SeqWork>) -> Result<Vec<Sampled>> {
+    fn step(&mut self, group: &str, StepWork { forks, seqs: work }: StepWork) -> Result<Vec<Sampled>> {
         let capacity = self.config.kv_capacity_tokens;
         let s = self.serving(group, "step")?;
         let new_tokens: u64 = work.iter().map(|w| w.tokens.len() as u64).sum();
-        let needed = s.kv.tokens() as u64 + new_tokens;
+        let forked = fork_growth(&s.kv, &forks)?;
+        let needed = (s.kv.tokens() as u64 + forked).saturating_add(new_tokens);
         if needed > capacity {
             return Err(WorkerError::KvExhausted { needed, capacity });
+        }
+        for &(from, to) in &forks {
+            let sampling = s
+                .samplers
+                .get(&from)
+                .cloned()
+                .ok_or_else(|| WorkerError::InvalidArgument(format!("fork from sequence {from}, which has no sampler")))?;
+            s.kv.fork(from, to)?;
+            s.samplers.insert(to, sampling);
         }
         let mut tokens = Vec::with_capacity(new_tokens as usize);
         let mut chunks = Vec::with_capacity(work.len());
@@ -302,18 +332,26 @@ impl Engine {
                     Some(seq) => {
                         seq.sampler.set_params(params.clone());
                         seq.top_logprobs = w.top_logprobs;
+                        seq.beam_candidates = w.beam_candidates;
                     }
                     None => {
-                        let sampling = SeqSampling { sampler: Sampler::new(params.clone()), top_logprobs: w.top_logprobs };
+                        let sampling = SeqSampling {
+                            sampler: Sampler::new(params.clone()),
+                            top_logprobs: w.top_logprobs,
+                            beam_candidates: w.beam_candidates,
+                        };
                         s.samplers.insert(w.seq, sampling);
                     }
                 }
             }
             // Until a sequence has sampled, what it is fed is its prompt (possibly in chunks);
-            // afterwards it is fed the tokens its sampler chose, which the sampler has recorded.
+            // afterwards it is fed the tokens its sampler chose, which the sampler has recorded,
+            // or, in beam search, the tokens the coordinator chose, recorded here.
             if let Some(seq) = s.samplers.get_mut(&w.seq) {
                 if !seq.sampler.has_sampled() {
                     seq.sampler.observe_prompt(&w.tokens);
+                } else if seq.beam_candidates > 0 {
+                    seq.sampler.observe_generated(&w.tokens);
                 }
             }
             chunks.push(SeqChunk { seq: w.seq, start: w.start, len: w.tokens.len() });
@@ -340,6 +378,13 @@ impl Engine {
                 .samplers
                 .get_mut(&w.seq)
                 .ok_or_else(|| WorkerError::InvalidArgument(format!("sequence {} has no sampling parameters", w.seq)))?;
+            if seq.beam_candidates > 0 {
+                let mut top = Vec::with_capacity(seq.beam_candidates);
+                seq.sampler.score(row, seq.beam_candidates, &mut top);
+                let (token, logprob) = top.first().copied().unwrap_or((0, f32::NEG_INFINITY));
+                out.push(Sampled { seq: w.seq, token, logprob, top });
+                continue;
+            }
             let token = seq.sampler.sample(row);
             let norm = LogSoftmax::of(row);
             let top = if seq.top_logprobs > 0 { norm.top(row, seq.top_logprobs) } else { Vec::new() };
@@ -377,6 +422,20 @@ impl Engine {
             }
         }
     }
+}
+
+/// KV tokens `forks` add: each target ends up holding its source's tokens instead of its own.
+/// Refuses forks whose targets repeat or are also sources, as their order would then matter.
+fn fork_growth(kv: &KvCache, forks: &[(SeqId, SeqId)]) -> Result<u64> {
+    let mut added = 0u64;
+    for (i, &(from, to)) in forks.iter().enumerate() {
+        if forks[..i].iter().any(|&(_, t)| t == to) || forks.iter().any(|&(f, _)| f == to) {
+            return Err(WorkerError::InvalidArgument(format!("fork target {to} repeats or is also a fork source")));
+        }
+        let len = kv.len(from).ok_or_else(|| WorkerError::InvalidArgument(format!("fork from unknown sequence {from}")))?;
+        added = added.saturating_add(len as u64).saturating_sub(kv.len(to).unwrap_or(0) as u64);
+    }
+    Ok(added)
 }
 
 fn state_name(state: &State) -> &'static str {

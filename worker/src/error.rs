@@ -25,13 +25,26 @@ pub enum WorkerError {
     /// coordinator already counts it as gone, so it must not join a group until it is back.
     #[error("worker is re-registering after losing its lease; not taking new work")]
     NotAccepting,
+    /// A ring call named a ring this worker does not hold (or it holds none).
+    #[error("worker is not in ring {0:?}")]
+    WrongRing(String),
+    /// The worker's ring is in the wrong phase for the call (e.g. stepped before it was joined).
+    #[error("worker's ring {ring:?} is {state}, cannot {action}")]
+    RingState { ring: String, state: &'static str, action: &'static str },
+    /// Another rank of the ring refused a ring step; every rank refused it, nothing changed.
+    #[error("ring step refused by member(s) {members:?} of the ring; nothing was computed")]
+    RingRefused { members: Vec<usize> },
 }
 
 impl From<WorkerError> for tonic::Status {
     fn from(e: WorkerError) -> Self {
         use tonic::Code;
         let code = match &e {
-            WorkerError::WrongGroup(_) | WorkerError::BadState { .. } => Code::FailedPrecondition,
+            WorkerError::WrongGroup(_)
+            | WorkerError::BadState { .. }
+            | WorkerError::WrongRing(_)
+            | WorkerError::RingState { .. } => Code::FailedPrecondition,
+            WorkerError::RingRefused { .. } => Code::Aborted,
             WorkerError::InvalidArgument(_) => Code::InvalidArgument,
             WorkerError::KvExhausted { .. } => Code::ResourceExhausted,
             WorkerError::Collective(_) | WorkerError::EngineGone | WorkerError::NotAccepting => Code::Unavailable,

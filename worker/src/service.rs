@@ -79,8 +79,8 @@ impl Worker for WorkerService {
 
     async fn step(&self, req: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
         let req = req.into_inner();
-        let work = req.seqs.into_iter().map(wire::seq_work).collect::<Result<Vec<_>, _>>()?;
-        let sampled = self.engine.step(req.group_id, work).await?;
+        let group = req.group_id.clone();
+        let sampled = self.engine.step(group, wire::step_work(req)?).await?;
         Ok(Response::new(pb::StepResponse { tokens: sampled.into_iter().map(wire::sampled).collect() }))
     }
 
@@ -107,6 +107,31 @@ impl Worker for WorkerService {
             kv_capacity_tokens: self.config.kv_capacity_tokens,
             error: s.error,
         }))
+    }
+
+    async fn prepare_ring(&self, req: Request<pb::PrepareRingRequest>) -> Result<Response<pb::PrepareRingResponse>, Status> {
+        let (group, membership) = wire::ring::membership(req.into_inner())?;
+        let addr = self.engine.prepare_ring(group, membership).await?;
+        Ok(Response::new(pb::PrepareRingResponse { ring_address: addr.to_string() }))
+    }
+
+    async fn join_ring(&self, req: Request<pb::JoinRingRequest>) -> Result<Response<pb::JoinRingResponse>, Status> {
+        let req = req.into_inner();
+        let peers = wire::peers(&req.peers)?;
+        self.engine.join_ring(req.group_id, req.ring_id, peers).await?;
+        Ok(Response::new(pb::JoinRingResponse {}))
+    }
+
+    async fn leave_ring(&self, req: Request<pb::LeaveRingRequest>) -> Result<Response<pb::LeaveRingResponse>, Status> {
+        let req = req.into_inner();
+        let released = self.engine.leave_ring(req.group_id, req.ring_id).await?;
+        Ok(Response::new(pb::LeaveRingResponse { released_seq_ids: released }))
+    }
+
+    async fn ring_step(&self, req: Request<pb::RingStepRequest>) -> Result<Response<pb::RingStepResponse>, Status> {
+        let (group, step) = wire::ring::ring_step(req.into_inner())?;
+        let sampled = self.engine.ring_step(group, step).await?;
+        Ok(Response::new(wire::ring::ring_sampled(sampled)))
     }
 }
 

@@ -8,8 +8,10 @@ use candle_core::DType;
 use tessera_model::sampler::{DryParams, SamplingParams};
 use tessera_proto::worker as pb;
 
-use crate::engine::{Assignment, Sampled, SeqWork};
+use crate::engine::{Assignment, Sampled, SeqWork, StepWork};
 use crate::error::WorkerError;
+
+pub mod ring;
 
 /// Largest tensor-parallel group a worker accepts.
 const MAX_TP: u32 = 256;
@@ -42,10 +44,29 @@ pub fn peers(list: &[String]) -> Result<Vec<SocketAddr>, WorkerError> {
 /// Most alternatives a token may carry (as OpenAI's API).
 const MAX_TOP_LOGPROBS: u32 = 20;
 
-pub fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
+/// Most next-token candidates a beam-search step may ask for per sequence.
+const MAX_BEAM_CANDIDATES: u32 = 64;
+/// Most forks one step may carry (a few per beam of every batched beam search).
+const MAX_FORKS: usize = 4096;
+
+pub fn step_work(req: pb::StepRequest) -> Result<StepWork, WorkerError> {
+    if req.forks.len() > MAX_FORKS {
+        return Err(WorkerError::InvalidArgument(format!("{} forks in one step; the limit is {MAX_FORKS}", req.forks.len())));
+    }
+    let seqs = req.seqs.into_iter().map(seq_work).collect::<Result<Vec<_>, _>>()?;
+    Ok(StepWork { forks: req.forks.iter().map(|f| (f.from, f.to)).collect(), seqs })
+}
+
+fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
     let top_logprobs = s.sampling.as_ref().map_or(0, |p| p.top_logprobs);
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(WorkerError::InvalidArgument(format!("top_logprobs is {top_logprobs}; the limit is {MAX_TOP_LOGPROBS}")));
+    }
+    let beam_candidates = s.sampling.as_ref().map_or(0, |p| p.beam_candidates);
+    if beam_candidates > MAX_BEAM_CANDIDATES {
+        return Err(WorkerError::InvalidArgument(format!(
+            "beam_candidates is {beam_candidates}; the limit is {MAX_BEAM_CANDIDATES}"
+        )));
     }
     let sampling = match s.sampling {
         None => None,
@@ -80,6 +101,7 @@ pub fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
         tokens: s.tokens,
         sampling,
         top_logprobs: top_logprobs as usize,
+        beam_candidates: beam_candidates as usize,
         sample: s.sample,
     })
 }

@@ -70,6 +70,14 @@ async fn bad_input_gets_a_clear_error_naming_the_limit() {
     let base = || greedy(prompt("Hello"), 4);
     let with_sampling = |s: pb::SamplingParams| pb::GenerateRequest { sampling: Some(s), ..base() };
     let with_stopping = |s: pb::StoppingCriteria| pb::GenerateRequest { stopping: Some(s), ..base() };
+    let beams = |num_beams: u32, num_return_sequences: u32, length_penalty: f32, temperature: f32| {
+        let beam_search = Some(pb::BeamSearch { num_beams, num_return_sequences, length_penalty: Some(length_penalty), ..Default::default() });
+        with_sampling(pb::SamplingParams { beam_search, temperature, ..Default::default() })
+    };
+    let beams_with_stop = pb::GenerateRequest {
+        stopping: Some(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["x".into()], ..Default::default() }),
+        ..beams(2, 1, 1.0, 0.0)
+    };
 
     let cases: Vec<(&str, pb::GenerateRequest, Code, &str)> = vec![
         ("unknown model", pb::GenerateRequest { model: "nope".into(), ..base() }, Code::NotFound, "\"nope\" is not served"),
@@ -92,6 +100,11 @@ async fn bad_input_gets_a_clear_error_naming_the_limit() {
         ("stop string too long", with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["y".repeat(300)], ..Default::default() }), Code::InvalidArgument, "a stop string is 300 bytes; the limit is 256"),
         ("too many stop token ids", with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop_token_ids: vec![5; 65], ..Default::default() }), Code::InvalidArgument, "65 stop token ids; the limit is 64"),
         ("request id too long", pb::GenerateRequest { request_id: "r".repeat(200), ..base() }, Code::InvalidArgument, "request_id is 200 bytes; the limit is 128"),
+        ("too many beams", beams(9, 1, 1.0, 0.0), Code::InvalidArgument, "beam_search.num_beams is 9; the limit is 8"),
+        ("more hypotheses than beams", beams(2, 3, 1.0, 0.0), Code::InvalidArgument, "num_return_sequences is 3; it must be at most num_beams (2)"),
+        ("NaN length penalty", beams(2, 1, f32::NAN, 0.0), Code::InvalidArgument, "beam_search.length_penalty must be a finite number"),
+        ("sampling with beams", beams(2, 1, 1.0, 0.7), Code::InvalidArgument, "temperature cannot be combined with beam_search"),
+        ("stop strings with beams", beams_with_stop, Code::InvalidArgument, "stop cannot be combined with beam_search"),
         ("chat without messages", greedy(pb::generate_request::Input::Chat(pb::ChatInput { messages: vec![] }), 4), Code::InvalidArgument, "chat has no messages"),
     ];
     for (what, request, code, needle) in cases {

@@ -131,6 +131,26 @@ impl KvCache {
         self.seqs.remove(&seq).is_some()
     }
 
+    /// Makes `to` an independent copy of `from` (replacing whatever `to` held), for beam search:
+    /// a beam that continues from another beam's prefix. The copy holds only `from`'s tokens, so
+    /// it costs one pass over them; sequences spread over a ring cannot be copied.
+    pub fn fork(&mut self, from: SeqId, to: SeqId) -> Result<()> {
+        let src = self.seqs.get(&from).ok_or(ModelError::UnknownSequence(from))?;
+        if src.ring.is_some() {
+            return Err(ModelError::InvalidBatch(format!("sequence {from} is spread over a ring and cannot be forked")));
+        }
+        let len = src.len;
+        let mut copy = self.allocate(src.capacity)?;
+        if len > 0 {
+            for (dst, s) in copy.keys.iter_mut().zip(&src.keys).chain(copy.values.iter_mut().zip(&src.values)) {
+                dst.slice_set(&s.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+        }
+        copy.len = len;
+        self.seqs.insert(to, copy);
+        Ok(())
+    }
+
     /// Makes room for `seq` to reach `new_len` tokens, creating it if `start == 0`. The caller
     /// promises that `start` is where this forward call writes, which must be the current length.
     pub(crate) fn prepare(&mut self, seq: SeqId, start: usize, new_len: usize) -> Result<()> {

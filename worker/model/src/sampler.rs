@@ -255,6 +255,33 @@ impl Sampler {
         self.sampled = true;
         token
     }
+
+    /// Beam search's view of one row: the `n` most likely next tokens by `log_softmax(row)`
+    /// after the penalties (applied to log-probabilities, as transformers' beam search applies
+    /// its processors), most likely first (ties: lower id first), written into `out`. Nothing is
+    /// recorded: the caller chooses what the sequence is fed next and reports it with
+    /// [`Sampler::observe_generated`]. Marks the prompt as done, like [`Sampler::sample`].
+    pub fn score(&mut self, logits: &[f32], n: usize, out: &mut Vec<(u32, f32)>) {
+        self.penalised.clear();
+        let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| ((l - max) as f64).exp()).sum();
+        let log_z = max as f64 + sum.ln();
+        self.penalised.extend(logits.iter().map(|&l| (l as f64 - log_z) as f32));
+        if let Some(h) = self.history.as_ref().filter(|h| !h.is_empty()) {
+            apply_penalties(&mut self.penalised, &self.params, h, &mut self.dry);
+        }
+        self.candidates.clear();
+        self.candidates.extend(self.penalised.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (l, i as u32)));
+        let n = n.min(self.candidates.len());
+        if n > 0 && n < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(n - 1, by_logit);
+        }
+        self.candidates.truncate(n);
+        self.candidates.sort_unstable_by(by_logit);
+        out.clear();
+        out.extend(self.candidates.iter().map(|&(l, i)| (i, l)));
+        self.sampled = true;
+    }
 }
 
 /// Greedy or seeded draw from one (already penalised) row: temperature → top-k → top-p → min-p
@@ -412,6 +439,29 @@ mod tests {
 
     fn logits() -> Vec<f32> {
         vec![0.5, 2.0, -1.0, 1.5, 2.0, 0.0]
+    }
+
+    #[test]
+    fn scoring_ranks_penalised_log_probabilities_and_records_nothing() {
+        let row = logits();
+        let params = SamplingParams { repetition_penalty: 2.0, no_repeat_ngram_size: 2, ..SamplingParams::default() };
+        let mut s = Sampler::new(params.clone());
+        s.observe_prompt(&[1, 3, 1]);
+        let mut out = Vec::new();
+        s.score(&row, 3, &mut out);
+        // By hand: log_softmax, then token 1 and 3 (in the history) have their (negative)
+        // log-probabilities doubled, and 3 is banned (the bigram "1 3" already occurred).
+        let max = 2.0f64;
+        let log_z = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        let lp = |i: usize| (row[i] as f64 - log_z) as f32;
+        let mut want = vec![(0u32, lp(0)), (1, lp(1) * 2.0), (2, lp(2)), (4, lp(4)), (5, lp(5))];
+        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        want.truncate(3);
+        assert_eq!(out, want);
+        assert!(s.has_sampled());
+        assert_eq!(s.history().map(|h| h.generated_len()), Some(0), "scoring records no token");
+        s.observe_generated(&[4]);
+        assert_eq!(s.history().map(|h| h.tokens().to_vec()), Some(vec![1, 3, 1, 4]));
     }
 
     #[test]

@@ -117,3 +117,36 @@ fn malformed_batches_are_refused_and_leave_the_cache_usable() {
     assert!(kv.release(1));
     assert_eq!(kv.num_sequences(), 0);
 }
+
+/// Beam search copies one beam's cache into another slot: the copy continues exactly as the
+/// original would, and the two are independent afterwards.
+#[test]
+fn a_forked_sequence_continues_like_its_source_and_independently() {
+    let m = model("llama-gqa");
+    let prompt: Vec<u32> = (0..23).map(|i| 3 + (i * 17 % 200) as u32).collect();
+    let mut kv = m.new_kv_cache();
+    let step = |kv: &mut tessera_model::KvCache, seq: u64, start: usize, tokens: &[u32]| {
+        let chunk = [SeqChunk { seq, start, len: tokens.len() }];
+        rows(m.forward(&Batch { tokens, chunks: &chunk }, kv, &mut SingleRank, LogitsMode::LastPerChunk).unwrap()).remove(0)
+    };
+    step(&mut kv, 1, 0, &prompt);
+    kv.fork(1, 2).expect("fork");
+    assert_eq!(kv.len(2), Some(prompt.len()));
+    // Source and copy fed different tokens, then the same one: each matches a fresh run.
+    let a = step(&mut kv, 1, prompt.len(), &[7]);
+    let b = step(&mut kv, 2, prompt.len(), &[9]);
+    let a2 = step(&mut kv, 1, prompt.len() + 1, &[11]);
+    let b2 = step(&mut kv, 2, prompt.len() + 1, &[11]);
+    for (fed, got) in [(vec![7u32], &a), (vec![9], &b), (vec![7, 11], &a2), (vec![9, 11], &b2)] {
+        let mut fresh = m.new_kv_cache();
+        let mut all = prompt.clone();
+        all.extend(&fed);
+        let want = step(&mut fresh, 5, 0, &all);
+        let d = tessera_model::fixture::max_rel_diff(std::slice::from_ref(got), &[want]);
+        assert!(d <= 1e-5, "after {fed:?}: fork vs fresh max rel diff {d}");
+    }
+    // Forking over an existing sequence replaces it; an unknown source is an error.
+    kv.fork(1, 2).expect("fork over");
+    assert_eq!(kv.len(2), kv.len(1));
+    assert!(matches!(kv.fork(42, 3), Err(ModelError::UnknownSequence(42))));
+}
