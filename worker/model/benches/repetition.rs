@@ -31,6 +31,8 @@
 //! The "loop guard" row decodes greedily and stops at the first token after which that rule
 //! holds, as the coordinator does; the bench reports how many generations it stopped, and which
 //! of them the metric does not call stuck (the full 128-token greedy generation left the loop).
+//! The remedy row applies `LOOP_ACTION_RAISE_TEMPERATURE` with the API's defaults instead of
+//! stopping (see `generate_with_remedy`), over 3 seeds.
 //! DRY runs without sequence breakers (the API's default).
 //!
 //! usage: cargo bench -p tessera-model --bench repetition
@@ -141,6 +143,49 @@ fn generate(model: &Model, prompt: &[u32], params: &SamplingParams, guard: bool)
     Ok(out)
 }
 
+/// The loop guard's remedy, as the coordinator applies it (`coordinator/src/generation.rs`):
+/// greedy until the tail loops, then `REMEDY_TOKENS` tokens at temperature `REMEDY_T` with the
+/// same sampler (so the same random stream), then greedy again with the guard looking only at
+/// what came after the remedy started; after `MAX_REMEDIES` remedies the next loop stops.
+/// Returns the tokens and how many remedies ran.
+fn generate_with_remedy(model: &Model, prompt: &[u32], seed: u64) -> anyhow::Result<(Vec<u32>, usize)> {
+    let greedy = SamplingParams { seed, ..SamplingParams::greedy() };
+    let mut kv = model.new_kv_cache();
+    let mut sampler = Sampler::new(greedy.clone());
+    let mut out = Vec::with_capacity(NEW_TOKENS);
+    let (mut pos, mut input) = (0, prompt.to_vec());
+    let (mut remedies, mut remedy_left, mut since) = (0, 0, 0);
+    while out.len() < NEW_TOKENS {
+        let chunk = [SeqChunk { seq: 0, start: pos, len: input.len() }];
+        let logits = model.forward(&Batch { tokens: &input, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?;
+        let token = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        out.push(token);
+        if remedy_left > 0 {
+            remedy_left -= 1;
+            if remedy_left == 0 {
+                sampler.set_params(greedy.clone());
+            }
+        }
+        if ends_in_loop(&out[since..]) {
+            if remedies == MAX_REMEDIES {
+                break;
+            }
+            remedies += 1;
+            remedy_left = REMEDY_TOKENS;
+            since = out.len();
+            sampler.set_params(SamplingParams { temperature: REMEDY_T, ..greedy.clone() });
+        }
+        pos += input.len();
+        input = vec![token];
+    }
+    Ok((out, remedies))
+}
+
+/// The remedy row's settings: the API's defaults for `LOOP_ACTION_RAISE_TEMPERATURE`.
+const REMEDY_T: f32 = 1.0;
+const REMEDY_TOKENS: usize = 32;
+const MAX_REMEDIES: usize = 3;
+
 /// One control's generations, one per prompt (and per seed for the sampled control).
 struct Outcome {
     name: &'static str,
@@ -233,6 +278,16 @@ fn bench_model(title: &str, model: &Model, prompts: &[Vec<u32>]) -> anyhow::Resu
     }
     let guard_runs = prompts.iter().enumerate().map(|(i, p)| Ok((i, generate(model, p, &greedy, true)?)));
     let guarded = Outcome { name: "loop guard (greedy, stop)", runs: guard_runs.collect::<anyhow::Result<_>>()? };
+    let mut remedy_runs = Vec::new();
+    let mut remedies = 0;
+    for &seed in &SEEDS {
+        for (i, p) in prompts.iter().enumerate() {
+            let (tokens, n) = generate_with_remedy(model, p, seed)?;
+            remedies += n;
+            remedy_runs.push((i, tokens));
+        }
+    }
+    let remedied = Outcome { name: "loop guard (greedy, raise T 1.0 × 32 tokens, ≤ 3 times; 3 seeds)", runs: remedy_runs };
 
     let greedy_out = &outcomes[0].runs;
     let mut periods: Vec<usize> = greedy_out.iter().filter_map(|(_, t)| loop_period(t)).collect();
@@ -249,6 +304,7 @@ fn bench_model(title: &str, model: &Model, prompts: &[Vec<u32>]) -> anyhow::Resu
     }
     // Under the guard a generation is stuck exactly when it was stopped.
     println!("{}", table_row(&guarded, "stopped "));
+    println!("{}", table_row(&remedied, ""));
 
     // The guard against the metric: which stopped generations does the metric not call stuck?
     let mut stopped = 0;
@@ -279,6 +335,12 @@ fn bench_model(title: &str, model: &Model, prompts: &[Vec<u32>]) -> anyhow::Resu
     for line in &not_stuck {
         println!("  {line}");
     }
+    let stopped_after = remedied.runs.iter().filter(|(_, t)| t.len() < NEW_TOKENS).count();
+    println!(
+        "loop guard remedy: {remedies} remedies over {} generations ({:.2} each); {stopped_after} stopped after the third",
+        remedied.runs.len(),
+        remedies as f64 / remedied.runs.len() as f64
+    );
     Ok(())
 }
 
