@@ -91,3 +91,25 @@ async fn logprobs_report_the_top_alternatives_and_are_capped() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("logprobs is 21; the limit is 20"), "{}", refused.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_sentences_are_removed_from_the_streamed_text() {
+    // A model that says "Birds sing." for ever.
+    let tokenizer = tessera_model::fixture::scripted::fixture_tokenizer().expect("tokenizer");
+    let sentence: Vec<u32> = tokenizer.encode(" Birds sing.", false).expect("encode").get_ids().to_vec();
+    let script = Script::cycle("scripted-sentence", &sentence).expect("script");
+    let dir = write_scripted(&script, &scratch("sentences"), &WriteOptions::default()).expect("write scripted model");
+    let cluster = up(&dir, &["--workers", "1"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let n = 5 * sentence.len() as u32;
+    let request = |remove: bool| pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams { remove_repeated_sentences: remove, ..Default::default() }),
+        ..greedy(tokens(vec![*sentence.last().expect("token")]), n)
+    };
+    let plain = generate(&mut client, request(false)).await.expect("generate");
+    assert_eq!(plain.text(), " Birds sing.".repeat(5));
+    let removed = generate(&mut client, request(true)).await.expect("generate");
+    assert_eq!(removed.text(), " Birds sing.");
+    assert_eq!(removed.finished.as_ref().map(|f| f.removed_sentences), Some(4));
+    assert_eq!(removed.tokens(), plain.tokens(), "every token is still reported");
+}
