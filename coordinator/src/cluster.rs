@@ -21,7 +21,7 @@ use tessera_proto::v1 as pb;
 use tessera_proto::worker as wpb;
 use tessera_proto::worker::worker_client::WorkerClient;
 use tessera_registry::{MembershipEvent, WorkerRecord, WorkerWatch};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::CoordinatorError;
@@ -84,6 +84,8 @@ struct GroupEntry {
     kv_capacity: u64,
     serving: Option<Serving>,
     lost: watch::Sender<Option<String>>,
+    /// The ring that holds this group: no new request is placed on it until the ring ends.
+    held_by: Option<u64>,
 }
 
 #[derive(Default)]
@@ -133,7 +135,61 @@ pub(crate) struct Cluster {
     next_group: AtomicU64,
     next_seq: AtomicU64,
     placements: AtomicU64,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Woken when a group finishes a request or a ring lets its groups go.
+    pub(crate) idle: Arc<Notify>,
+    next_ring: AtomicU64,
+}
+
+/// Where a request goes.
+pub(crate) enum Route {
+    Group(Placement),
+    /// A ring of `size` groups, each holding at most `share` tokens of the sequence.
+    Ring(RingPlan),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RingPlan {
+    pub model: usize,
+    pub size: usize,
+    pub share: u64,
+}
+
+/// One ring member: a serving group and its ranks.
+pub(crate) struct RingMember {
+    pub group: u64,
+    pub name: String,
+    pub members: Vec<Member>,
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Groups held for a ring; they take new requests again when this is dropped.
+pub(crate) struct RingLease {
+    pub ring: u64,
+    pub members: Vec<RingMember>,
+    cluster: Arc<Cluster>,
+}
+
+impl Drop for RingLease {
+    fn drop(&mut self) {
+        let mut state = self.cluster.lock();
+        for m in &self.members {
+            if let Some(g) = state.groups.get_mut(&m.group) {
+                if g.held_by == Some(self.ring) {
+                    g.held_by = None;
+                }
+            }
+        }
+        drop(state);
+        self.cluster.idle.notify_waiters();
+    }
+}
+
+/// Most tokens one ring member holds of a sequence of `total` tokens over `size` members: the
+/// zigzag prefill splits the prompt within two tokens per member, and each decoded token goes to
+/// the member holding the fewest.
+pub(crate) fn ring_share(total: u64, size: usize) -> u64 {
+    total.div_ceil(size as u64) + 2
 }
 
 impl Cluster {
@@ -147,6 +203,8 @@ impl Cluster {
             next_seq: AtomicU64::new(1),
             placements: AtomicU64::new(1),
             metrics: Arc::new(Metrics::default()),
+            idle: Arc::new(Notify::new()),
+            next_ring: AtomicU64::new(1),
         })
     }
 
@@ -297,7 +355,7 @@ impl Cluster {
                 }
             }
             let (lost, lost_rx) = watch::channel(None);
-            state.groups.insert(group, GroupEntry { model, members: free, kv_capacity, serving: None, lost });
+            state.groups.insert(group, GroupEntry { model, members: free, kv_capacity, serving: None, lost, held_by: None });
             tokio::spawn(self.clone().form(group, model, members, kv_capacity, lost_rx));
         }
     }
@@ -343,7 +401,9 @@ impl Cluster {
         self.serving.send_modify(|n| *n += 1);
         tracing::info!(group = %name, model = %spec.name, secs = start.elapsed().as_secs_f64(), "group serving");
         let metrics = self.metrics.clone();
-        let group_loop = GroupLoop { name, members, requests, lost, active, config: self.config.group_loop, kv_capacity, metrics };
+        let idle = self.idle.clone();
+        let group_loop =
+            GroupLoop { name, members, requests, lost, active, config: self.config.group_loop, kv_capacity, metrics, idle };
         let cluster = self.clone();
         tokio::spawn(async move {
             let reason = group_loop.run().await;
@@ -393,25 +453,38 @@ impl Cluster {
         Ok(())
     }
 
-    /// The least busy serving group of `model` that can hold `reserve` KV tokens; among equally
-    /// busy ones, the one chosen least recently.
-    pub(crate) fn place(&self, model: &ServedModel, reserve: u64) -> Result<Placement, CoordinatorError> {
+    /// Where a request of `reserve` KV tokens goes: the least busy serving group of `model` that
+    /// can hold it (among equally busy ones, the one chosen least recently); when no group can,
+    /// the smallest ring of serving groups whose members can each hold their share.
+    pub(crate) fn place(&self, model: &ServedModel, reserve: u64) -> Result<Route, CoordinatorError> {
         let state = self.lock();
         let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
             CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
         })?;
-        let largest = state.groups.values().filter(|g| g.model == index && g.serving.is_some()).map(|g| g.kv_capacity).max();
-        if let Some(largest) = largest {
-            if reserve > largest {
+        let mut capacities: Vec<u64> =
+            state.groups.values().filter(|g| g.model == index && g.serving.is_some()).map(|g| g.kv_capacity).collect();
+        capacities.sort_unstable_by(|a, b| b.cmp(a));
+        if capacities.first().is_some_and(|&largest| reserve > largest) {
+            // The smallest ring whose smallest member holds its share.
+            let size = (2..=capacities.len()).find(|&r| capacities[r - 1] >= ring_share(reserve, r));
+            let Some(size) = size else {
+                let most = (1..=capacities.len())
+                    .map(|r| if r == 1 { capacities[0] } else { (capacities[r - 1].saturating_sub(2)) * r as u64 })
+                    .max()
+                    .unwrap_or(0);
                 return Err(CoordinatorError::InvalidArgument(format!(
-                    "prompt plus max_new_tokens is {reserve} tokens; the largest KV cache of a serving group holds {largest}"
+                    "prompt plus max_new_tokens is {reserve} tokens; the most this cluster can hold for one request now \
+                     is {most} ({} serving groups of at most {} KV tokens each)",
+                    capacities.len(),
+                    capacities[0]
                 )));
-            }
+            };
+            return Ok(Route::Ring(RingPlan { model: index, size, share: ring_share(reserve, size) }));
         }
         let best = state
             .groups
             .iter()
-            .filter(|(_, g)| g.model == index && g.kv_capacity >= reserve)
+            .filter(|(_, g)| g.model == index && g.kv_capacity >= reserve && g.held_by.is_none())
             .filter_map(|(id, g)| g.serving.as_ref().map(|s| (*id, g, s)))
             .min_by_key(|(_, _, s)| (s.active.load(Ordering::Relaxed), s.last_placed.load(Ordering::Relaxed)));
         let Some((id, entry, serving)) = best else {
@@ -424,13 +497,64 @@ impl Cluster {
             )));
         };
         serving.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-        Ok(Placement {
+        Ok(Route::Group(Placement {
             group: group_name(id),
             tp: entry.members.len() as u32,
             workers: entry.members.clone(),
             submit: serving.submit.clone(),
             active: serving.active.clone(),
-        })
+        }))
+    }
+
+    /// Holds `plan.size` serving groups that can each hold `plan.share` tokens for a new ring,
+    /// the least busy first, or returns `Ok(None)` when too many are held by other rings now.
+    /// Held groups take no new requests; the ring waits for what they run to finish.
+    pub(crate) fn hold_ring(self: &Arc<Self>, plan: RingPlan) -> Result<Option<RingLease>, CoordinatorError> {
+        let mut state = self.lock();
+        let eligible =
+            |g: &GroupEntry| g.model == plan.model && g.kv_capacity >= plan.share && g.serving.is_some();
+        if state.groups.values().filter(|g| eligible(g)).count() < plan.size {
+            return Err(CoordinatorError::Unavailable(format!(
+                "fewer than {} groups can hold this request's share of {} tokens now; retry",
+                plan.size, plan.share
+            )));
+        }
+        let mut free: Vec<(u64, usize)> = state
+            .groups
+            .iter()
+            .filter(|(_, g)| eligible(g) && g.held_by.is_none())
+            .filter_map(|(id, g)| g.serving.as_ref().map(|s| (*id, s.active.load(Ordering::Relaxed))))
+            .collect();
+        if free.len() < plan.size {
+            return Ok(None);
+        }
+        free.sort_by_key(|&(id, active)| (active, id));
+        let ring = self.next_ring.fetch_add(1, Ordering::Relaxed);
+        let mut members = Vec::with_capacity(plan.size);
+        for &(id, _) in &free[..plan.size] {
+            let Some(entry) = state.groups.get(&id) else { continue };
+            let ranks = entry
+                .members
+                .iter()
+                .filter_map(|w| state.workers.get(w).map(|s| Member { id: w.clone(), client: s.client.clone() }))
+                .collect();
+            let active = entry.serving.as_ref().map(|s| s.active.clone()).unwrap_or_default();
+            members.push(RingMember { group: id, name: group_name(id), members: ranks, active });
+            if let Some(entry) = state.groups.get_mut(&id) {
+                entry.held_by = Some(ring);
+            }
+        }
+        Ok(Some(RingLease { ring, members, cluster: self.clone() }))
+    }
+
+    /// Tears a group down from outside its loop (a ring step failed on it).
+    pub(crate) fn fail_group_by_id(self: &Arc<Self>, group: u64, reason: String) {
+        let mut state = self.lock();
+        self.fail_group(&mut state, group, reason);
+    }
+
+    pub(crate) fn step_timeout(&self) -> Duration {
+        self.config.group_loop.step_timeout
     }
 
     /// Groups per model, for `ListModels`.

@@ -82,6 +82,8 @@ pub(crate) struct GroupLoop {
     /// KV tokens the smallest member can hold: the group's budget.
     pub kv_capacity: u64,
     pub metrics: Arc<Metrics>,
+    /// Woken whenever this group finishes a request, for rings waiting for groups to drain.
+    pub idle: Arc<tokio::sync::Notify>,
 }
 
 struct Running {
@@ -219,6 +221,7 @@ impl GroupLoop {
             let _ = events.send(Err(status.clone()));
             self.active.fetch_sub(1, Ordering::Relaxed);
         }
+        self.idle.notify_waiters();
         reason
     }
 
@@ -315,6 +318,9 @@ impl GroupLoop {
             return Err(format!("rank 0 returned {} tokens where {due} were due", sampled.len()));
         }
         let mut done = Vec::new();
+        // Sent once the workers have freed the sequences: a client that sees `Finished` sees a
+        // cluster that no longer holds its request.
+        let mut finishes: Vec<(Events, pb::Finished)> = Vec::new();
         for t in sampled {
             let Some(r) = running.iter_mut().find(|r| r.expects(t.seq_id)) else {
                 return Err(format!("rank 0 answered for sequence {}, which expected no token", t.seq_id));
@@ -341,7 +347,7 @@ impl GroupLoop {
                     match emitted.finished {
                         Some(finished) => {
                             self.metrics.finished(&finished);
-                            r.send(pb::generate_response::Event::Finished(finished));
+                            finishes.push((r.events.clone(), finished));
                             done.push(r.seq);
                         }
                         None => r.pending.push(t.token),
@@ -355,7 +361,7 @@ impl GroupLoop {
         }
         for r in running.iter_mut().filter(|r| r.awaiting && r.beam.is_some()) {
             r.awaiting = false;
-            if self.advance_beams(r)? {
+            if self.advance_beams(r, &mut finishes)? {
                 done.push(r.seq);
             }
         }
@@ -363,13 +369,17 @@ impl GroupLoop {
             let release: Vec<u64> = running.iter().filter(|r| done.contains(&r.seq)).flat_map(Running::worker_seqs).collect();
             running.retain(|r| !done.contains(&r.seq));
             self.active.fetch_sub(done.len(), Ordering::Relaxed);
+            self.idle.notify_waiters();
             release_all(&self.members, &self.name, release).await;
+        }
+        for (events, finished) in finishes {
+            let _ = events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Finished(finished)) }));
         }
         Ok(())
     }
 
     /// Moves a beam search on with the candidates its step returned; returns whether it ended.
-    fn advance_beams(&self, r: &mut Running) -> Result<bool, String> {
+    fn advance_beams(&self, r: &mut Running, finishes: &mut Vec<(Events, pb::Finished)>) -> Result<bool, String> {
         let Some(b) = r.beam.as_mut() else { return Ok(false) };
         let candidates = std::mem::take(&mut b.candidates);
         if candidates.len() != b.asked {
@@ -389,7 +399,7 @@ impl GroupLoop {
                         }
                         if let Some(finished) = emitted.finished {
                             self.metrics.finished(&finished);
-                            r.send(pb::generate_response::Event::Finished(finished));
+                            finishes.push((r.events.clone(), finished));
                         }
                     }
                     Err(e) => {
@@ -413,6 +423,7 @@ impl GroupLoop {
             running.iter().filter(|r| gone.contains(&r.seq) && r.cached > 0).flat_map(Running::worker_seqs).collect();
         running.retain(|r| !gone.contains(&r.seq));
         self.active.fetch_sub(gone.len(), Ordering::Relaxed);
+        self.idle.notify_waiters();
         self.metrics.cancelled(gone.len());
         tracing::info!(group = %self.name, sequences = ?gone, "client went away; releasing");
         if !cached.is_empty() {

@@ -22,6 +22,7 @@ pub mod loop_guard;
 pub mod metrics;
 pub mod model;
 pub mod request;
+mod ring;
 pub mod sentences;
 pub mod server;
 mod service;

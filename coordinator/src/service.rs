@@ -14,12 +14,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Route};
 use crate::error::CoordinatorError;
 use crate::generation::Generation;
 use crate::group::NewSequence;
 use crate::limits::Limits;
 use crate::request::prepare;
+use crate::ring::{self, RingRequest};
 
 /// Serves `tessera.v1.Inference`.
 pub struct InferenceService {
@@ -48,7 +49,7 @@ impl Inference for InferenceService {
         // Each beam holds a whole sequence of KV cache: its own copy of the prompt included.
         let beams = prepared.beam.map_or(1, |b| b.num_beams) as u64;
         let reserve = beams * (prepared.prompt.len() as u64 + u64::from(prepared.stopping.max_new_tokens));
-        let placement = self.cluster.place(&prepared.model, reserve)?;
+        let route = self.cluster.place(&prepared.model, reserve)?;
         let seq = self.cluster.next_seqs(beams);
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;
@@ -57,6 +58,23 @@ impl Inference for InferenceService {
         }
         let prompt_tokens = prepared.prompt.len() as u32;
         let (events, stream) = mpsc::unbounded_channel();
+        let placement = match route {
+            Route::Group(placement) => placement,
+            Route::Ring(plan) => {
+                if prepared.beam.is_some() {
+                    return Err(CoordinatorError::InvalidArgument(format!(
+                        "beam search runs on one group, and {reserve} KV tokens (prompt plus max_new_tokens, times num_beams) \
+                         fit no group; lower num_beams or max_new_tokens"
+                    ))
+                    .into());
+                }
+                let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
+                let request = RingRequest { seq, prompt: prepared.prompt, sampling, generation, events, request_id: request_id.clone() };
+                tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, "generate on a ring");
+                tokio::spawn(ring::serve(self.cluster.clone(), plan, request));
+                return Ok(Response::new(UnboundedReceiverStream::new(stream)));
+            }
+        };
         let started = pb::Started {
             request_id: request_id.clone(),
             prompt_tokens,

@@ -5,4 +5,5 @@ mod beams;
 mod decoding;
 mod etcd_cluster;
 mod local_cluster;
+mod long_context;
 mod support;

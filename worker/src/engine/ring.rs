@@ -293,7 +293,7 @@ fn release_ring_seqs(s: &mut Serving, ring: Ring) -> Vec<SeqId> {
     released
 }
 
-fn run_step(s: &mut Serving, capacity: u64, step: RingSeqStep) -> std::result::Result<RingSampled, Failure> {
+fn run_step(s: &mut Serving, capacity: u64, mut step: RingSeqStep) -> std::result::Result<RingSampled, Failure> {
     // Without a joined ring this rank cannot take part at all, not even to refuse.
     let membership = match &s.ring {
         Some(Ring { membership, link: Link::Joined { .. } }) if membership.ring_id == step.ring_id => membership.clone(),
@@ -303,6 +303,14 @@ fn run_step(s: &mut Serving, capacity: u64, step: RingSeqStep) -> std::result::R
         }
         _ => return Err(Failure::Refused(WorkerError::WrongRing(step.ring_id))),
     };
+    // A prefill sent as the whole prompt alone: this member cuts its own share.
+    if let RingWork::Prefill { prompt_len, tokens, prompt: Some(prompt), .. } = &mut step.work {
+        if tokens.is_empty() && prompt.len() == *prompt_len {
+            if let Ok(share) = ZigzagLayout::new(*prompt_len, membership.members).and_then(|l| l.local_tokens(prompt, membership.member)) {
+                *tokens = share;
+            }
+        }
+    }
     let verdict = check(s, &membership, capacity, &step);
     let Serving { model, kv, comm, samplers, ring, .. } = s;
     let Some(Ring { link: Link::Joined { comm: sp, seqs }, .. }) = ring else {

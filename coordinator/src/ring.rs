@@ -1,0 +1,262 @@
+//! A request too long for any one group, served by a sequence-parallel ring of groups.
+//!
+//! The ring is made for the request: it holds `R` serving groups (no new request is placed on
+//! them), waits for what they were running to finish, then joins the equal-`tp_rank` workers of
+//! the groups into a ring by RPC (`PrepareRing` on every rank, then `JoinRing` on all at once).
+//! The prompt goes to every rank of every member in one `RingStep` (each member cuts its zigzag
+//! share); each decode step sends the same `RingStep` to all of them. Every rank samples the same
+//! token, which is checked. At the end `LeaveRing` frees the sequence everywhere and the groups
+//! take requests again.
+//!
+//! Why holding whole groups keeps this deadlock-free: a worker's ring steps and its group's own
+//! steps both block until all of their peers arrive, so two loops that issued them in different
+//! orders could wait on each other for ever. A held group issues no steps of its own, each group
+//! is in at most one ring, and one task issues a ring's steps in order, so every rank sees the
+//! same sequence of collective calls.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tessera_proto::v1 as pb;
+use tessera_proto::worker as wpb;
+use tonic::Status;
+
+use crate::cluster::{Cluster, RingLease, RingMember, RingPlan};
+use crate::error::CoordinatorError;
+use crate::generation::{Generation, Resample};
+use crate::group::{Events, Member};
+
+/// A request routed to a ring.
+pub(crate) struct RingRequest {
+    pub seq: u64,
+    pub prompt: Vec<u32>,
+    pub sampling: wpb::Sampling,
+    pub generation: Generation,
+    pub events: Events,
+    pub request_id: String,
+}
+
+/// Why a ring request ended early.
+enum Stop {
+    /// The client went away.
+    Cancelled,
+    /// A worker refused or failed; `lost` names the groups that must be re-formed.
+    Failed { status: Status, lost: Vec<(u64, String)> },
+}
+
+/// Serves `req` on a ring of `plan.size` groups, queueing until that many can be held.
+pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRequest) {
+    let lease = match hold(&cluster, plan, &req.events).await {
+        Ok(Some(lease)) => lease,
+        Ok(None) => {
+            cluster.metrics.cancelled(1);
+            return;
+        }
+        Err(e) => {
+            let _ = req.events.send(Err(e.into()));
+            return;
+        }
+    };
+    let ring_id = format!("ring-{}", lease.ring);
+    let workers: Vec<String> = lease.members.iter().flat_map(|m| m.members.iter().map(|w| w.id.clone())).collect();
+    let tp = lease.members.first().map_or(0, |m| m.members.len()) as u32;
+    let started = pb::Started {
+        request_id: req.request_id.clone(),
+        prompt_tokens: req.prompt.len() as u32,
+        placement: Some(pb::Placement { tp, sp: lease.members.len() as u32, workers }),
+    };
+    let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Started(started)) }));
+    tracing::info!(request_id = %req.request_id, ring = %ring_id, members = lease.members.len(), prompt_tokens = req.prompt.len(), "ring formed for a long request");
+    let ring = Ring { lease: &lease, id: ring_id, timeout: cluster.step_timeout() };
+    let result = ring.run(&mut req).await;
+    ring.leave().await;
+    match result {
+        // Sent after the ring let go of the sequence, as a group sends it after its release.
+        Ok(finished) => {
+            cluster.metrics.finished(&finished);
+            let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Finished(finished)) }));
+        }
+        Err(Stop::Cancelled) => cluster.metrics.cancelled(1),
+        Err(Stop::Failed { status, lost }) => {
+            cluster.metrics.lost(1);
+            let _ = req.events.send(Err(status));
+            for (group, reason) in lost {
+                cluster.fail_group_by_id(group, reason);
+            }
+        }
+    }
+    drop(lease);
+}
+
+/// Holds the ring's groups and waits for them to finish what they run. `Ok(None)`: the client
+/// went away while waiting.
+async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, events: &Events) -> Result<Option<RingLease>, CoordinatorError> {
+    // Wake-ups are registered before each check, so none between the check and the wait is lost.
+    let lease = loop {
+        let woken = cluster.idle.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if let Some(lease) = cluster.hold_ring(plan)? {
+            break lease;
+        }
+        tokio::select! {
+            _ = &mut woken => {}
+            _ = events.closed() => return Ok(None),
+        }
+    };
+    loop {
+        let woken = cluster.idle.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if lease.members.iter().all(|m| m.active.load(Ordering::Relaxed) == 0) {
+            return Ok(Some(lease));
+        }
+        tokio::select! {
+            _ = &mut woken => {}
+            _ = events.closed() => return Ok(None),
+        }
+    }
+}
+
+struct Ring<'a> {
+    lease: &'a RingLease,
+    id: String,
+    timeout: Duration,
+}
+
+impl Ring<'_> {
+    async fn run(&self, req: &mut RingRequest) -> Result<pb::Finished, Stop> {
+        self.join().await?;
+        let prefill = wpb::RingPrefill {
+            prompt_len: req.prompt.len() as u32,
+            tokens: Vec::new(),
+            sampling: Some(req.sampling.clone()),
+            prompt: req.prompt.clone(),
+        };
+        let mut answer = self.step(req.seq, wpb::ring_step_request::Step::Prefill(prefill)).await?;
+        let mut position = req.prompt.len() as u32;
+        loop {
+            if req.events.is_closed() {
+                return Err(Stop::Cancelled);
+            }
+            let top = answer.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
+            let emitted = req.generation.accept_with_top(answer.token, answer.logprob, top).map_err(|e| Stop::Failed {
+                status: Status::internal(e.to_string()),
+                lost: Vec::new(),
+            })?;
+            if let Some(chunk) = emitted.chunk {
+                let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Chunk(chunk)) }));
+            }
+            if let Some(finished) = emitted.finished {
+                return Ok(finished);
+            }
+            let sampling = match emitted.resample {
+                Some(Resample::Raise { temperature }) => Some(wpb::Sampling { temperature, ..req.sampling.clone() }),
+                Some(Resample::Restore) => Some(req.sampling.clone()),
+                None => None,
+            };
+            let decode = wpb::RingDecode { token: answer.token, position, append_member: None, sampling };
+            answer = self.step(req.seq, wpb::ring_step_request::Step::Decode(decode)).await?;
+            position += 1;
+        }
+    }
+
+    /// `PrepareRing` on every rank, then `JoinRing` on all of them at once.
+    async fn join(&self) -> Result<(), Stop> {
+        let members = self.lease.members.len() as u32;
+        let prepares = self.ranks().map(|(m, g, w)| {
+            let mut client = w.client.clone();
+            let request = wpb::PrepareRingRequest { group_id: g.name.clone(), ring_id: self.id.clone(), member: m as u32, members };
+            async move { client.prepare_ring(request).await.map(|r| r.into_inner().ring_address) }
+        });
+        let addresses = self.gather(join_all(prepares).await, "prepare the ring")?;
+        // Rank t of member m is at index m * tp + t.
+        let tp = self.lease.members.first().map_or(0, |m| m.members.len());
+        let joins = self.ranks().map(|(_, g, w)| {
+            let t = g.members.iter().position(|x| x.id == w.id).unwrap_or(0);
+            let peers = (0..self.lease.members.len()).map(|m| addresses[m * tp + t].clone()).collect();
+            let mut client = w.client.clone();
+            let request = wpb::JoinRingRequest { group_id: g.name.clone(), ring_id: self.id.clone(), peers };
+            async move { client.join_ring(request).await.map(|_| ()) }
+        });
+        self.gather(join_all(joins).await, "join the ring")?;
+        Ok(())
+    }
+
+    /// One ring step on every rank of every member; all must sample the same token.
+    async fn step(&self, seq: u64, step: wpb::ring_step_request::Step) -> Result<wpb::RingStepResponse, Stop> {
+        let calls = self.ranks().map(|(_, g, w)| {
+            let mut client = w.client.clone();
+            let request =
+                wpb::RingStepRequest { group_id: g.name.clone(), ring_id: self.id.clone(), seq_id: seq, step: Some(step.clone()) };
+            async move { client.ring_step(request).await.map(|r| r.into_inner()) }
+        });
+        let answers = match tokio::time::timeout(self.timeout, join_all(calls)).await {
+            Ok(answers) => self.gather(answers, "run a ring step")?,
+            Err(_) => {
+                let reason = format!("a ring step did not finish within {:?}", self.timeout);
+                return Err(Stop::Failed { status: Status::unavailable(format!("{reason}; retry")), lost: self.all_lost(&reason) });
+            }
+        };
+        let first = answers.first().cloned().ok_or_else(|| Stop::Failed { status: Status::internal("the ring has no ranks"), lost: Vec::new() })?;
+        if answers.iter().any(|a| a.token != first.token) {
+            let reason = "ring members sampled different tokens; replicated state diverged".to_string();
+            return Err(Stop::Failed { status: Status::internal(reason.clone()), lost: self.all_lost(&reason) });
+        }
+        Ok(first)
+    }
+
+    /// Frees the ring on every rank; failures only matter to groups being torn down anyway.
+    async fn leave(&self) {
+        let leaves = self.ranks().map(|(_, g, w)| {
+            let mut client = w.client.clone();
+            let request = wpb::LeaveRingRequest { group_id: g.name.clone(), ring_id: self.id.clone() };
+            async move { (w.id.clone(), client.leave_ring(request).await) }
+        });
+        for (id, result) in join_all(leaves).await {
+            if let Err(status) = result {
+                tracing::debug!(ring = %self.id, worker = %id, error = %status.message(), "leave ring failed");
+            }
+        }
+    }
+
+    /// Every rank as (member index, member, worker), member by member, rank by rank.
+    fn ranks(&self) -> impl Iterator<Item = (usize, &RingMember, &Member)> {
+        self.lease.members.iter().enumerate().flat_map(|(m, g)| g.members.iter().map(move |w| (m, g, w)))
+    }
+
+    /// The answers of every rank, or the first failure. A refusal (bad input, no room, a peer
+    /// that refused) leaves the groups serving; anything else means a worker may have lost its
+    /// state, so the member groups are re-formed.
+    fn gather<T>(&self, results: Vec<Result<T, Status>>, what: &str) -> Result<Vec<T>, Stop> {
+        let mut out = Vec::with_capacity(results.len());
+        let mut failure: Option<Stop> = None;
+        for ((_, g, w), r) in self.ranks().zip(results) {
+            match r {
+                Ok(v) => out.push(v),
+                Err(status) if failure.is_none() => {
+                    let message = format!("worker {} of group {} could not {what}: {}", w.id, g.name, status.message());
+                    use tonic::Code;
+                    let refused = matches!(
+                        status.code(),
+                        Code::InvalidArgument | Code::ResourceExhausted | Code::Aborted | Code::FailedPrecondition
+                    );
+                    let lost = if refused { Vec::new() } else { self.all_lost(&message) };
+                    let status = if refused { Status::new(status.code(), message) } else { Status::unavailable(format!("{message}; retry")) };
+                    failure = Some(Stop::Failed { status, lost });
+                }
+                Err(_) => {}
+            }
+        }
+        match failure {
+            Some(stop) => Err(stop),
+            None => Ok(out),
+        }
+    }
+
+    fn all_lost(&self, reason: &str) -> Vec<(u64, String)> {
+        self.lease.members.iter().map(|m| (m.group, format!("ring {} failed: {reason}", self.id))).collect()
+    }
+}
