@@ -33,6 +33,11 @@ pub struct ServeArgs {
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, default_value_t = Limits::default().max_new_tokens)]
     pub max_new_tokens_limit: u32,
+    /// Spread a prompt of at least this many tokens over a sequence-parallel ring of
+    /// ceil(prompt / N) groups even when one group could hold it, to cut its prefill time
+    /// (0: only when no group can hold it).
+    #[arg(long, default_value_t = 0)]
+    pub ring_prefill_tokens: usize,
 }
 
 /// Largest values the flags accept: a typo must not allocate the machine away.
@@ -64,6 +69,7 @@ impl ServeArgs {
                 step_tokens: self.step_tokens,
                 step_timeout: std::time::Duration::from_secs(self.step_timeout_secs),
             },
+            ring_prefill_tokens: self.ring_prefill_tokens,
             ..ClusterConfig::default()
         };
         // Workers may run in another directory: give them an absolute path.

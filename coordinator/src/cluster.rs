@@ -41,6 +41,11 @@ pub struct ClusterConfig {
     pub group_loop: LoopConfig,
     /// Longest pause before retrying after a group failed to form.
     pub max_retry_backoff: Duration,
+    /// Prompts of at least this many tokens go to a ring of `ceil(prompt / this)` groups even
+    /// when one group could hold them: each member then prefills about this many tokens, which
+    /// bounds the prefill time (attention cost grows with the square of the tokens). 0: rings
+    /// only for requests no group can hold.
+    pub ring_prefill_tokens: usize,
 }
 
 impl Default for ClusterConfig {
@@ -51,6 +56,7 @@ impl Default for ClusterConfig {
             queue_depth: 256,
             group_loop: LoopConfig { max_batch: 32, step_tokens: 256, step_timeout: Duration::from_secs(300) },
             max_retry_backoff: Duration::from_secs(30),
+            ring_prefill_tokens: 0,
         }
     }
 }
@@ -456,7 +462,11 @@ impl Cluster {
     /// Where a request of `reserve` KV tokens goes: the least busy serving group of `model` that
     /// can hold it (among equally busy ones, the one chosen least recently); when no group can,
     /// the smallest ring of serving groups whose members can each hold their share.
-    pub(crate) fn place(&self, model: &ServedModel, reserve: u64) -> Result<Route, CoordinatorError> {
+    ///
+    /// With `ring_prefill_tokens` set, a prompt of at least that many tokens goes to a ring of
+    /// `ceil(prompt / ring_prefill_tokens)` groups (as many as serve, at most) when that is more
+    /// than the capacity alone needs: the prefill-cost rule.
+    pub(crate) fn place(&self, model: &ServedModel, prompt_len: usize, reserve: u64) -> Result<Route, CoordinatorError> {
         let state = self.lock();
         let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
             CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
@@ -464,6 +474,13 @@ impl Cluster {
         let mut capacities: Vec<u64> =
             state.groups.values().filter(|g| g.model == index && g.serving.is_some()).map(|g| g.kv_capacity).collect();
         capacities.sort_unstable_by(|a, b| b.cmp(a));
+        let threshold = self.config.ring_prefill_tokens;
+        if threshold > 0 && prompt_len >= threshold && capacities.len() >= 2 {
+            let size = prompt_len.div_ceil(threshold).clamp(2, capacities.len());
+            if capacities[size - 1] >= ring_share(reserve, size) {
+                return Ok(Route::Ring(RingPlan { model: index, size, share: ring_share(reserve, size) }));
+            }
+        }
         if capacities.first().is_some_and(|&largest| reserve > largest) {
             // The smallest ring whose smallest member holds its share.
             let size = (2..=capacities.len()).find(|&r| capacities[r - 1] >= ring_share(reserve, r));
@@ -488,6 +505,14 @@ impl Cluster {
             .filter_map(|(id, g)| g.serving.as_ref().map(|s| (*id, g, s)))
             .min_by_key(|(_, _, s)| (s.active.load(Ordering::Relaxed), s.last_placed.load(Ordering::Relaxed)));
         let Some((id, entry, serving)) = best else {
+            let held = state.groups.values().filter(|g| g.model == index && g.serving.is_some() && g.held_by.is_some()).count();
+            if held > 0 {
+                return Err(CoordinatorError::Unavailable(format!(
+                    "every serving group of model {:?} that can hold this request ({held}) is running a long request on a \
+                     sequence-parallel ring; retry shortly",
+                    model.name()
+                )));
+            }
             let registered = state.workers.len();
             let forming = state.groups.values().filter(|g| g.model == index && g.serving.is_none()).count();
             return Err(CoordinatorError::Unavailable(format!(

@@ -49,7 +49,10 @@ impl Inference for InferenceService {
         // Each beam holds a whole sequence of KV cache: its own copy of the prompt included.
         let beams = prepared.beam.map_or(1, |b| b.num_beams) as u64;
         let reserve = beams * (prepared.prompt.len() as u64 + u64::from(prepared.stopping.max_new_tokens));
-        let route = self.cluster.place(&prepared.model, reserve)?;
+        // Beam search runs on one group only: its prompt length is not offered to the rule that
+        // spreads long prompts over rings for speed.
+        let prompt_len = if prepared.beam.is_some() { 0 } else { prepared.prompt.len() };
+        let route = self.cluster.place(&prepared.model, prompt_len, reserve)?;
         let seq = self.cluster.next_seqs(beams);
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;

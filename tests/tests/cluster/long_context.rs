@@ -53,3 +53,31 @@ async fn three_groups_of_1024_tokens_serve_a_3000_token_prompt_that_one_group_re
     let refused = generate(&mut client, too_long).await.expect_err("past three groups");
     assert!(refused.message().contains("the most this cluster can hold for one request now is 3066"), "{}", refused.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rings_of_tp2_groups_and_rings_chosen_for_prefill_cost_give_the_same_tokens() {
+    let dir = fixture(&demo(), "ring-tp2");
+    let prompt: Vec<u32> = (0..1500).map(|i| 5 + (i * 53 % 290) as u32).collect();
+    let request = || greedy(tokens(prompt.clone()), 12);
+    let sp_of = |c: &Collected| c.started.as_ref().and_then(|s| s.placement.as_ref()).map(|p| (p.sp, p.tp));
+
+    let unlimited = up(&dir, &["--workers", "1"]).expect("tessera up, one group");
+    let reference = generate(&mut connect(&unlimited.url).await, request()).await.expect("one group");
+    drop(unlimited);
+
+    // Two TP=2 groups of 1024 tokens each: a ring of two, TP inside each member.
+    let tp2 = up(&dir, &["--workers", "4", "--tp", "2", "--kv-capacity-tokens", "1024"]).expect("tessera up, 2 × TP=2");
+    let ring = generate(&mut connect(&tp2.url).await, request()).await.expect("ring of TP=2 groups");
+    assert_eq!(sp_of(&ring), Some((2, 2)));
+    assert_eq!(ring.tokens(), reference.tokens(), "SP=2 × TP=2 vs one TP=1 group");
+    drop(tp2);
+
+    // Unlimited groups, but prompts of 600+ tokens are spread for a faster prefill.
+    let fast = up(&dir, &["--workers", "2", "--tp", "1", "--ring-prefill-tokens", "600"]).expect("tessera up, prefill rule");
+    let mut client = connect(&fast.url).await;
+    let spread = generate(&mut client, request()).await.expect("ring chosen for prefill cost");
+    assert_eq!(sp_of(&spread), Some((2, 1)), "1500 tokens at 600 per member: as many groups as serve (2)");
+    assert_eq!(spread.tokens(), reference.tokens());
+    let short = generate(&mut client, greedy(tokens(prompt[..100].to_vec()), 4)).await.expect("short prompt");
+    assert_eq!(sp_of(&short), Some((1, 1)), "a short prompt stays on one group");
+}
