@@ -122,3 +122,28 @@ async fn reflection_v1alpha(url: &str) -> Vec<String> {
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_started_later_join_a_ring_without_restarting_anything() {
+    let etcd = EtcdServer::start().await;
+    let dir = fixture(&demo(), "ring-scale");
+    let coordinator = coordinator(&dir, &etcd.url(), 1).expect("start coordinator");
+    let mut workers = vec![etcd_worker_with_kv(&etcd.url(), "w-a", TTL_SECS, 1024).unwrap()];
+    wait_health(&coordinator.url, ServingStatus::Serving).await.expect("one group loaded");
+    let mut client = connect(&coordinator.url).await;
+    let long = || greedy(tokens((0..2000).map(|i| 3 + (i * 41 % 300) as u32).collect()), 8);
+
+    let refused = generate(&mut client, long()).await.expect_err("one group of 1024 tokens");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("the most this cluster can hold for one request now is 1024"), "{}", refused.message());
+
+    // Scale out: two more workers register; the same coordinator forms groups for them and
+    // places the long request on a ring over all three.
+    workers.push(etcd_worker_with_kv(&etcd.url(), "w-b", TTL_SECS, 1024).unwrap());
+    workers.push(etcd_worker_with_kv(&etcd.url(), "w-c", TTL_SECS, 1024).unwrap());
+    until_serving_groups(&mut client, 3).await;
+    let served = generate(&mut client, long()).await.expect("served by a ring after scaling out");
+    let placement = served.started.as_ref().and_then(|s| s.placement.clone()).expect("placement");
+    assert_eq!(placement.sp, 2, "2008 tokens need two members of 1024: {placement:?}");
+    assert_eq!(served.tokens().len(), 8);
+}

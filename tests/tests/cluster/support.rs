@@ -81,10 +81,29 @@ pub async fn read_chunks(stream: &mut tonic::Streaming<pb::GenerateResponse>, n:
 
 /// Starts `tessera worker` registered in etcd with a short lease.
 pub fn etcd_worker(etcd: &str, id: &str, lease_ttl_secs: u64) -> anyhow::Result<ChildGuard> {
-    let ttl = lease_ttl_secs.to_string();
-    let (guard, _addr) =
-        tessera_tests::spawn_worker(&["--id", id, "--etcd", etcd, "--lease-ttl-secs", &ttl, "--kv-capacity-tokens", "65536"])?;
+    etcd_worker_with_kv(etcd, id, lease_ttl_secs, 65536)
+}
+
+/// [`etcd_worker`] with a given KV capacity.
+pub fn etcd_worker_with_kv(etcd: &str, id: &str, lease_ttl_secs: u64, kv_tokens: u64) -> anyhow::Result<ChildGuard> {
+    let (ttl, kv) = (lease_ttl_secs.to_string(), kv_tokens.to_string());
+    let (guard, _addr) = tessera_tests::spawn_worker(&["--id", id, "--etcd", etcd, "--lease-ttl-secs", &ttl, "--kv-capacity-tokens", &kv])?;
     Ok(guard)
+}
+
+/// Waits until the coordinator reports `n` serving groups of its only model, asking again each
+/// time the previous answer came back (a bounded wait on a condition, not a fixed sleep).
+pub async fn until_serving_groups(client: &mut Client, n: u32) {
+    let wait = async {
+        loop {
+            let models = client.list_models(pb::ListModelsRequest {}).await.expect("list models").into_inner().models;
+            if models.first().is_some_and(|m| m.serving_groups == n) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait).await.unwrap_or_else(|_| panic!("{n} groups did not start serving in time"));
 }
 
 /// A channel to `url` (the generated clients of other crates have no `connect`).
