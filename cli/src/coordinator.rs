@@ -1,22 +1,22 @@
 //! `tessera coordinator`: serves `tessera.v1` for a cluster whose workers register in etcd.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
 use tessera_coordinator::Coordinator;
 use tessera_registry::{EtcdConfig, EtcdRegistry, Registry};
 
-use crate::serve_args::ServeArgs;
+use crate::serve_args::{ModelArg, ServeArgs};
 use crate::signal::shutdown_signal;
 
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorArgs {
-    /// Hugging Face model directory, at the same path on every worker.
-    #[arg(long)]
-    model: PathBuf,
-    /// Tensor-parallel degree of each group.
+    /// Hugging Face model directory, at the same path on every worker: `DIR` or `NAME=DIR`;
+    /// repeat to serve several models (BERT encoders run on one worker per group).
+    #[arg(long, required = true)]
+    model: Vec<ModelArg>,
+    /// Tensor-parallel degree of each decoder group.
     #[arg(long, default_value_t = 1)]
     tp: usize,
     /// gRPC listen address; port 0 picks a free port (printed on the first line of stdout).
@@ -43,10 +43,14 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     // Tests and scripts read this line to learn the port.
     println!("{addr}");
     tracing::info!(%addr, etcd = ?args.etcd, "coordinator listening; groups form as workers register");
+    let metrics = crate::serve_args::serve_metrics(args.serve.metrics_listen, &coordinator).await?;
     let serving = coordinator.serving_groups();
     let report = tokio::spawn(report_groups(serving));
     coordinator.serve(listener, shutdown_signal()).await?;
     report.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! `tessera`: one binary for every role.
 //!
 //! `up` starts a local cluster (a coordinator in this process plus worker processes) and
-//! `generate` streams a completion from it. `coordinator` and `worker` are the two roles of a
+//! `generate` streams a completion from it; `bench` measures a coordinator's serving throughput and
+//! latencies under many concurrent requests. `coordinator` and `worker` are the two roles of a
 //! real deployment: the coordinator serves `tessera.v1`, each worker one tensor-parallel rank.
 //! `run` loads a model in this process — sharded over `--tp` threads that talk through the
 //! in-process collective, exactly as separate workers do over TCP — and streams a completion.
 
+mod bench;
 mod coordinator;
 mod generate;
 mod record;
@@ -33,6 +35,8 @@ enum Command {
     Up(up::UpArgs),
     /// Stream a completion from a running coordinator.
     Generate(generate::GenerateArgs),
+    /// Measure a coordinator under load: throughput, TTFT, TPOT, inter-token latency, goodput.
+    Bench(bench::BenchArgs),
     /// Serve the public API for workers that register in etcd.
     Coordinator(coordinator::CoordinatorArgs),
     /// Load a model in this process and stream a completion.
@@ -58,6 +62,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args, cli.threads),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Run(args) => run::run(args),
         Command::Worker(args) => worker::run(args),

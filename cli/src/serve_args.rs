@@ -1,13 +1,38 @@
 //! Options shared by `tessera coordinator` and `tessera up`: what to serve and the limits.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use tessera_coordinator::{ClusterConfig, CoordinatorConfig, Limits, LoopConfig, ModelSpec};
 
+/// One `--model` value: `DIR`, or `NAME=DIR` to name the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelArg {
+    pub name: Option<String>,
+    pub dir: PathBuf,
+}
+
+impl std::str::FromStr for ModelArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            // A '/' before the '=' means the '=' belongs to a path.
+            Some((name, dir)) if !name.contains('/') => {
+                if name.is_empty() || dir.is_empty() {
+                    return Err(format!("{s:?}: expected NAME=DIR with both parts non-empty"));
+                }
+                Ok(Self { name: Some(name.to_string()), dir: PathBuf::from(dir) })
+            }
+            _ => Ok(Self { name: None, dir: PathBuf::from(s) }),
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Name clients use for the model (default: the model directory's name).
+    /// Name clients use for the model when one `--model DIR` is served (default: the model
+    /// directory's name); name several with `--model NAME=DIR` instead.
     #[arg(long)]
     pub name: Option<String>,
     /// Weight dtype on the workers: f32, bf16 or f16.
@@ -38,6 +63,13 @@ pub struct ServeArgs {
     /// (0: only when no group can hold it).
     #[arg(long, default_value_t = 0)]
     pub ring_prefill_tokens: usize,
+    /// Static batching (a baseline for benchmarks): a group admits new requests only when it
+    /// runs none, so each batch finishes before the next one forms.
+    #[arg(long)]
+    pub static_batching: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Largest values the flags accept: a typo must not allocate the machine away.
@@ -46,17 +78,38 @@ const MAX_QUEUE: usize = 1 << 16;
 const MAX_STEP_TOKENS: usize = 1 << 20;
 
 impl ServeArgs {
-    /// The coordinator's configuration for serving `dir` with groups of `tp` ranks.
-    pub fn config(&self, dir: &Path, tp: usize) -> anyhow::Result<CoordinatorConfig> {
+    /// The coordinator's configuration for serving `models`: decoders in groups of `tp` ranks,
+    /// BERT encoders (`model_type: "bert"`) on one rank each.
+    pub fn config(&self, models: &[ModelArg], tp: usize) -> anyhow::Result<CoordinatorConfig> {
+        anyhow::ensure!(!models.is_empty(), "no --model to serve");
+        anyhow::ensure!(models.len() == 1 || self.name.is_none(), "--name names a single model; use --model NAME=DIR for several");
+        let mut specs: Vec<ModelSpec> = Vec::with_capacity(models.len());
+        for m in models {
+            let encoder = tessera_model::bert::is_bert_dir(&m.dir).unwrap_or(false);
+            let mut spec = self.spec(&m.dir, if encoder { 1 } else { tp })?;
+            if let Some(name) = m.name.as_ref().or(self.name.as_ref()) {
+                spec.name = name.clone();
+            }
+            anyhow::ensure!(!specs.iter().any(|s| s.name == spec.name), "two models are named {:?}; name them with NAME=DIR", spec.name);
+            specs.push(spec);
+        }
+        let mut config = self.coordinator_config()?;
+        config.models = specs;
+        Ok(config)
+    }
+
+    fn spec(&self, dir: &Path, tp: usize) -> anyhow::Result<ModelSpec> {
+        // Workers may run in another directory: give them an absolute path.
+        Ok(ModelSpec { name: model_name(dir), dir: std::path::absolute(dir)?, tp, dtype: self.dtype.clone(), max_context: self.max_context })
+    }
+
+    /// Everything but the models.
+    fn coordinator_config(&self) -> anyhow::Result<CoordinatorConfig> {
         anyhow::ensure!((1..=MAX_BATCH).contains(&self.max_batch), "--max-batch must be in 1..={MAX_BATCH}");
         anyhow::ensure!((1..=MAX_QUEUE).contains(&self.queue_depth), "--queue-depth must be in 1..={MAX_QUEUE}");
         anyhow::ensure!(self.max_new_tokens_limit > 0, "--max-new-tokens-limit must be at least 1");
         anyhow::ensure!((1..=MAX_STEP_TOKENS).contains(&self.step_tokens), "--step-tokens must be in 1..={MAX_STEP_TOKENS}");
         anyhow::ensure!((1..=86_400).contains(&self.step_timeout_secs), "--step-timeout-secs must be in 1..=86400");
-        let name = match &self.name {
-            Some(n) => n.clone(),
-            None => model_name(dir),
-        };
         let limits = Limits {
             max_new_tokens: self.max_new_tokens_limit,
             default_max_new_tokens: Limits::default().default_max_new_tokens.min(self.max_new_tokens_limit),
@@ -68,16 +121,43 @@ impl ServeArgs {
                 max_batch: self.max_batch,
                 step_tokens: self.step_tokens,
                 step_timeout: std::time::Duration::from_secs(self.step_timeout_secs),
+                static_batching: self.static_batching,
             },
             ring_prefill_tokens: self.ring_prefill_tokens,
             ..ClusterConfig::default()
         };
-        // Workers may run in another directory: give them an absolute path.
-        let spec = ModelSpec { name, dir: std::path::absolute(dir)?, tp, dtype: self.dtype.clone(), max_context: self.max_context };
-        Ok(CoordinatorConfig { models: vec![spec], limits, cluster })
+        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster })
     }
+}
+
+/// Binds `--metrics-listen` and serves `/metrics` there; `None` without the flag.
+pub async fn serve_metrics(
+    addr: Option<std::net::SocketAddr>,
+    coordinator: &tessera_coordinator::Coordinator,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
+    Ok(Some(coordinator.serve_metrics(listener)))
 }
 
 fn model_name(dir: &Path) -> String {
     dir.file_name().and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("model").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_args_take_an_optional_name() {
+        let plain: ModelArg = "/models/llama".parse().expect("dir");
+        assert_eq!(plain, ModelArg { name: None, dir: "/models/llama".into() });
+        let named: ModelArg = "minilm=/models/all-MiniLM".parse().expect("name=dir");
+        assert_eq!(named, ModelArg { name: Some("minilm".into()), dir: "/models/all-MiniLM".into() });
+        let equals_in_path: ModelArg = "./runs/lr=3e-4".parse().expect("dir with '='");
+        assert_eq!(equals_in_path.name, None);
+        assert!("=dir".parse::<ModelArg>().is_err());
+        assert!("name=".parse::<ModelArg>().is_err());
+    }
 }

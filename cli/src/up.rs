@@ -7,7 +7,6 @@
 //! expire. Ctrl-C stops the server, then the workers (SIGTERM, then SIGKILL after a grace period).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,19 +19,21 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::record::worker_record;
-use crate::serve_args::ServeArgs;
+use crate::serve_args::{ModelArg, ServeArgs};
 use crate::signal::shutdown_signal;
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
-    /// Hugging Face model directory. Without it a small demo model with random weights is
-    /// written and served.
+    /// Hugging Face model directory, `DIR` or `NAME=DIR`; repeat to serve several models
+    /// (BERT encoders run on one worker per group). Without it a small demo model with random
+    /// weights is written and served.
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Vec<ModelArg>,
     /// Worker processes to start.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Tensor-parallel degree of each group (default: all workers in one group).
+    /// Tensor-parallel degree of each decoder group (default: all workers in one group; 1 when
+    /// several models are served).
     #[arg(long)]
     tp: Option<usize>,
     /// Port the coordinator listens on (127.0.0.1); 0 picks a free one.
@@ -64,19 +65,30 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
     if args.workers == 0 || args.workers > MAX_WORKERS {
         bail!("--workers must be in 1..={MAX_WORKERS}");
     }
-    let tp = args.tp.unwrap_or(args.workers);
+    let tp = args.tp.unwrap_or(if args.model.len() > 1 { 1 } else { args.workers });
     if tp == 0 || tp > args.workers {
         bail!("--tp {tp} needs at least that many --workers (have {})", args.workers);
     }
     if !args.workers.is_multiple_of(tp) {
         eprintln!("note: {} workers make {} groups of TP={tp}; {} stay idle", args.workers, args.workers / tp, args.workers % tp);
     }
-    let dir = match &args.model {
-        Some(dir) => dir.clone(),
-        None => crate::run::demo_model_dir()?,
+    let models = match args.model.as_slice() {
+        [] => vec![ModelArg { name: None, dir: crate::run::demo_model_dir()? }],
+        given => given.to_vec(),
     };
-    let config = args.serve.config(&dir, tp)?;
-    let model_name = config.models[0].name.clone();
+    let config = args.serve.config(&models, tp)?;
+    let model_name = config.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(",");
+    // One model: as many groups as the workers make. Several: one group each to start with.
+    let groups = match config.models.as_slice() {
+        [only] => args.workers / only.tp,
+        several => {
+            let needed: usize = several.iter().map(|m| m.tp).sum();
+            if needed > args.workers {
+                bail!("one group of every model needs {needed} workers (have {})", args.workers);
+            }
+            several.len()
+        }
+    };
 
     let (registry, memory): (Arc<dyn Registry>, Option<MemoryRegistry>) = if args.etcd.is_empty() {
         let memory = MemoryRegistry::new(MemoryConfig::default())?;
@@ -106,9 +118,9 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{} (use --port to pick another)", args.port))?;
     let addr = listener.local_addr()?;
-    let groups = args.workers / tp;
-    eprintln!("loading {model_name} onto {} workers ({groups} group(s) of TP={tp}) ...", args.workers);
+    eprintln!("loading {model_name} onto {} workers ({groups} group(s)) ...", args.workers);
     let mut serving = coordinator.serving_groups();
+    let metrics = crate::serve_args::serve_metrics(args.serve.metrics_listen, &coordinator).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(coordinator.serve(listener, async {
         let _ = stop_rx.await;
@@ -141,6 +153,9 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     if let Ok(Err(e)) = server.await {
         eprintln!("coordinator: {e}");
+    }
+    if let Some(metrics) = metrics {
+        metrics.abort();
     }
     for w in watchers {
         w.stop().await;

@@ -43,6 +43,11 @@ pub struct WorkerArgs {
     /// --listen). Required with --etcd when listening on a wildcard address such as 0.0.0.0.
     #[arg(long)]
     advertise_host: Option<String>,
+    /// On SIGTERM/Ctrl-C with --etcd: announce draining, let running sequences finish for up
+    /// to this many seconds, then leave (0: leave at once). Keep it below Kubernetes'
+    /// terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_secs: u64,
 }
 
 /// How this worker registers, validated from the flags before anything is bound.
@@ -139,7 +144,8 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
             }
             Some(registering) => {
                 let record = worker_record(&id, registering.address(addr.port()), kv_capacity_tokens);
-                registration::stay_registered(registering.etcd, record, admission, health, shutdown).await
+                let drain = Duration::from_secs(args.drain_timeout_secs);
+                registration::stay_registered(registering.etcd, record, admission, health, shutdown, drain).await
             }
         }
     };

@@ -54,7 +54,12 @@ impl Default for ClusterConfig {
             rpc_timeout: Duration::from_secs(3),
             load_timeout: Duration::from_secs(600),
             queue_depth: 256,
-            group_loop: LoopConfig { max_batch: 32, step_tokens: 256, step_timeout: Duration::from_secs(300) },
+            group_loop: LoopConfig {
+                max_batch: 32,
+                step_tokens: 256,
+                step_timeout: Duration::from_secs(300),
+                static_batching: false,
+            },
             max_retry_backoff: Duration::from_secs(30),
             ring_prefill_tokens: 0,
         }
@@ -92,6 +97,8 @@ struct GroupEntry {
     lost: watch::Sender<Option<String>>,
     /// The ring that holds this group: no new request is placed on it until the ring ends.
     held_by: Option<u64>,
+    /// A member announced it is draining: the group finishes what it runs and takes nothing new.
+    draining: bool,
 }
 
 #[derive(Default)]
@@ -277,11 +284,20 @@ impl Cluster {
                 return;
             }
         };
-        tracing::info!(worker = %record.id, address = %record.address, device = %record.device, "worker joined");
         let role = match state.workers.remove(&record.id) {
             Some(Slot { role: Role::Busy(g), .. }) if state.groups.contains_key(&g) => Role::Busy(g),
             _ => Role::Free,
         };
+        if record.draining {
+            tracing::info!(worker = %record.id, "worker draining: no new requests for its group");
+            if let Role::Busy(g) = role {
+                if let Some(entry) = state.groups.get_mut(&g) {
+                    entry.draining = true;
+                }
+            }
+        } else {
+            tracing::info!(worker = %record.id, address = %record.address, device = %record.device, "worker joined");
+        }
         state.workers.insert(record.id.clone(), Slot { record, client, role });
     }
 
@@ -345,8 +361,13 @@ impl Cluster {
             }
             let Some(model) = (0..self.models.len()).min_by_key(|&m| counts[m]) else { return };
             let tp = self.models[model].spec.tp;
-            let free: Vec<String> =
-                state.workers.iter().filter(|(_, s)| matches!(s.role, Role::Free)).map(|(id, _)| id.clone()).take(tp).collect();
+            let free: Vec<String> = state
+                .workers
+                .iter()
+                .filter(|(_, s)| matches!(s.role, Role::Free) && !s.record.draining)
+                .map(|(id, _)| id.clone())
+                .take(tp)
+                .collect();
             if free.len() < tp {
                 return;
             }
@@ -361,7 +382,7 @@ impl Cluster {
                 }
             }
             let (lost, lost_rx) = watch::channel(None);
-            state.groups.insert(group, GroupEntry { model, members: free, kv_capacity, serving: None, lost, held_by: None });
+            state.groups.insert(group, GroupEntry { model, members: free, kv_capacity, serving: None, lost, held_by: None, draining: false });
             tokio::spawn(self.clone().form(group, model, members, kv_capacity, lost_rx));
         }
     }
@@ -471,8 +492,12 @@ impl Cluster {
         let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
             CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
         })?;
-        let mut capacities: Vec<u64> =
-            state.groups.values().filter(|g| g.model == index && g.serving.is_some()).map(|g| g.kv_capacity).collect();
+        let mut capacities: Vec<u64> = state
+            .groups
+            .values()
+            .filter(|g| g.model == index && g.serving.is_some() && !g.draining)
+            .map(|g| g.kv_capacity)
+            .collect();
         capacities.sort_unstable_by(|a, b| b.cmp(a));
         let threshold = self.config.ring_prefill_tokens;
         if threshold > 0 && prompt_len >= threshold && capacities.len() >= 2 {
@@ -501,7 +526,7 @@ impl Cluster {
         let best = state
             .groups
             .iter()
-            .filter(|(_, g)| g.model == index && g.kv_capacity >= reserve && g.held_by.is_none())
+            .filter(|(_, g)| g.model == index && g.kv_capacity >= reserve && g.held_by.is_none() && !g.draining)
             .filter_map(|(id, g)| g.serving.as_ref().map(|s| (*id, g, s)))
             .min_by_key(|(_, _, s)| (s.active.load(Ordering::Relaxed), s.last_placed.load(Ordering::Relaxed)));
         let Some((id, entry, serving)) = best else {
@@ -537,7 +562,7 @@ impl Cluster {
     pub(crate) fn hold_ring(self: &Arc<Self>, plan: RingPlan) -> Result<Option<RingLease>, CoordinatorError> {
         let mut state = self.lock();
         let eligible =
-            |g: &GroupEntry| g.model == plan.model && g.kv_capacity >= plan.share && g.serving.is_some();
+            |g: &GroupEntry| g.model == plan.model && g.kv_capacity >= plan.share && g.serving.is_some() && !g.draining;
         if state.groups.values().filter(|g| eligible(g)).count() < plan.size {
             return Err(CoordinatorError::Unavailable(format!(
                 "fewer than {} groups can hold this request's share of {} tokens now; retry",
@@ -570,6 +595,29 @@ impl Cluster {
             }
         }
         Ok(Some(RingLease { ring, members, cluster: self.clone() }))
+    }
+
+    /// The serving group of encoder `model` for one `Embed` call: the least busy (ties: the one
+    /// chosen least recently), counted busy until the returned target is dropped.
+    pub(crate) fn embed_target(&self, model: &ServedModel) -> Result<crate::embed::EmbedTarget, CoordinatorError> {
+        let state = self.lock();
+        let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
+            CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
+        })?;
+        let best = state
+            .groups
+            .iter()
+            .filter(|(_, g)| g.model == index && !g.draining)
+            .filter_map(|(id, g)| g.serving.as_ref().map(|s| (*id, g, s)))
+            .min_by_key(|(_, _, s)| (s.active.load(Ordering::Relaxed), s.last_placed.load(Ordering::Relaxed)));
+        let target = best.and_then(|(id, g, s)| {
+            let slot = state.workers.get(g.members.first()?)?;
+            s.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+            Some(crate::embed::EmbedTarget::new(group_name(id), slot.client.clone(), s.active.clone()))
+        });
+        target.ok_or_else(|| {
+            CoordinatorError::Unavailable(format!("model {:?} has no serving group yet; retry shortly", model.name()))
+        })
     }
 
     /// Tears a group down from outside its loop (a ring step failed on it).
@@ -614,14 +662,18 @@ impl Cluster {
                             .unwrap_or_default(),
                         _ => Default::default(),
                     };
-                    let quarantined = matches!(slot.role, Role::Quarantined);
-                    (slot.record.clone(), slot.client.clone(), model, group, rank, quarantined)
+                    let note = match slot.role {
+                        Role::Quarantined => " (quarantined)",
+                        _ if slot.record.draining => " (draining)",
+                        _ => "",
+                    };
+                    (slot.record.clone(), slot.client.clone(), model, group, rank, note)
                 })
                 .collect();
             (views, queued, running.saturating_sub(queued))
         };
         let timeout = self.config.rpc_timeout;
-        let reports = views.into_iter().map(|(record, mut client, model, group, tp_rank, quarantined)| async move {
+        let reports = views.into_iter().map(|(record, mut client, model, group, tp_rank, note)| async move {
             let report = tokio::time::timeout(timeout, client.status(wpb::StatusRequest {})).await;
             let (state, sequences, kv_tokens) = match report {
                 Ok(Ok(r)) => {
@@ -630,7 +682,7 @@ impl Cluster {
                 }
                 _ => ("unreachable".to_string(), 0, 0),
             };
-            let state = if quarantined { format!("{state} (quarantined)") } else { state };
+            let state = format!("{state}{note}");
             pb::WorkerStatus {
                 id: record.id,
                 address: record.address,

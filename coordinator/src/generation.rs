@@ -71,6 +71,11 @@ impl Generation {
         Self { tokenizer, decoder, stop, guard, sentences, remedies: 0, last_loop: None, remedy_left: 0, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
     }
 
+    /// When the request arrived.
+    pub fn arrived(&self) -> Instant {
+        self.started
+    }
+
     pub fn generated(&self) -> u32 {
         self.generated
     }

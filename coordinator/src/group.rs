@@ -65,6 +65,9 @@ pub struct LoopConfig {
     /// dying keeps its registration alive (and under `tessera up` its lease is renewed for
     /// it), so this is what frees its clients.
     pub step_timeout: std::time::Duration,
+    /// Static batching, a baseline for benchmarks: new sequences are admitted only while the
+    /// group runs none, so each batch runs to completion before the next one forms.
+    pub static_batching: bool,
 }
 
 /// Prompt tokens a step carries even when decodes fill its budget, so prefills always move.
@@ -104,6 +107,8 @@ struct Running {
     events: Events,
     /// Set for a beam search, which runs one worker sequence per beam once its prompt is in.
     beam: Option<BeamRun>,
+    /// When the last sampled token arrived, for the inter-token-latency metric.
+    last_token: Option<std::time::Instant>,
 }
 
 /// A beam search's worker sequences: slot `i` is sequence `first + i`; slot 0 takes the prompt.
@@ -143,6 +148,7 @@ impl Running {
             generation: s.generation,
             events: s.events,
             beam,
+            last_token: None,
         }
     }
 
@@ -239,7 +245,8 @@ impl GroupLoop {
                 }
             }
             let mut reserved: u64 = running.iter().map(|r| r.reserve).sum();
-            while running.len() < self.config.max_batch {
+            let admitting = !self.config.static_batching || running.is_empty();
+            while admitting && running.len() < self.config.max_batch {
                 let Some(next) = waiting.take().or_else(|| self.requests.try_recv().ok()) else { break };
                 // Placement refuses sequences larger than the budget, so an idle group always
                 // admits its first one.
@@ -321,6 +328,7 @@ impl GroupLoop {
         // Sent once the workers have freed the sequences: a client that sees `Finished` sees a
         // cluster that no longer holds its request.
         let mut finishes: Vec<(Events, pb::Finished)> = Vec::new();
+        let now = std::time::Instant::now();
         for t in sampled {
             let Some(r) = running.iter_mut().find(|r| r.expects(t.seq_id)) else {
                 return Err(format!("rank 0 answered for sequence {}, which expected no token", t.seq_id));
@@ -331,6 +339,7 @@ impl GroupLoop {
                 continue;
             }
             r.awaiting = false;
+            r.last_token = Some(self.metrics.token(r.generation.arrived(), r.last_token, now));
             let top = t.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
             match r.generation.accept_with_top(t.token, t.logprob, top) {
                 Ok(emitted) => {

@@ -5,6 +5,9 @@
 //! * [`cluster`] — membership, group formation and teardown, placement of requests.
 //! * [`group`] — a group's iteration loop (continuous batching over `Step` RPCs).
 //! * [`request`] — validation and tokenization; [`limits`] the caps it enforces.
+//! * [`embed`] — `Embed` on encoder models: validation, truncation, the one worker call.
+//! * [`metrics`] — counters and latency histograms ([`histogram`]); `prometheus` serves them
+//!   as `GET /metrics`.
 //! * [`generation`] — one sequence's output: detokenization ([`detokenize`]), stop strings
 //!   ([`stop`]), the loop guard ([`loop_guard`]), finishing rules.
 //! * [`chat`] — chat templates; [`model`] — what a served model is; [`error`] — the one mapping
@@ -14,13 +17,16 @@ pub mod beam;
 pub mod chat;
 pub mod cluster;
 pub mod detokenize;
+pub mod embed;
 pub mod error;
 pub mod generation;
 mod group;
+pub mod histogram;
 pub mod limits;
 pub mod loop_guard;
 pub mod metrics;
 pub mod model;
+mod prometheus;
 pub mod request;
 mod ring;
 pub mod sentences;

@@ -21,6 +21,10 @@ pub struct Limits {
     pub max_request_id_bytes: usize,
     /// DRY sequence breakers in one request (each capped like a stop string).
     pub max_dry_breakers: usize,
+    /// Inputs of one `Embed` request.
+    pub max_embed_inputs: usize,
+    /// Bytes of all texts of one `Embed` request together.
+    pub max_embed_bytes: usize,
 }
 
 impl Default for Limits {
@@ -35,6 +39,8 @@ impl Default for Limits {
             max_stop_token_ids: 64,
             max_request_id_bytes: 128,
             max_dry_breakers: 16,
+            max_embed_inputs: 256,
+            max_embed_bytes: 1 << 20,
         }
     }
 }

@@ -1,14 +1,25 @@
-//! Counters of what generations did, for `ClusterStatus`: finish reasons and the loop guard's
-//! actions. Updated by the group loops, read on demand; relaxed atomics suffice because each
-//! counter stands alone.
+//! Counters of what generations did, for `ClusterStatus` and `/metrics`: finish reasons, the
+//! loop guard's actions, output tokens, and time-to-first-token and inter-token-latency
+//! histograms. Updated by the group loops and rings, read on demand; relaxed atomics suffice
+//! because each counter stands alone.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tessera_proto::v1 as pb;
 
+use crate::histogram::{Histogram, HistogramSnapshot};
+
+/// Time-to-first-token buckets (seconds): vLLM's, from 1 ms to 40 min.
+const TTFT_BOUNDS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0];
+/// Inter-token-latency buckets (seconds): vLLM's, with finer ones below 10 ms for small models.
+const ITL_BOUNDS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+
 /// Coordinator-wide counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     length: AtomicU64,
     stop: AtomicU64,
@@ -18,9 +29,60 @@ pub struct Metrics {
     lost: AtomicU64,
     loop_guard_stops: AtomicU64,
     loop_guard_remedies: AtomicU64,
+    output_tokens: AtomicU64,
+    time_to_first_token: Histogram,
+    inter_token_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let zero = || AtomicU64::new(0);
+        Self {
+            length: zero(),
+            stop: zero(),
+            eos: zero(),
+            repetition: zero(),
+            cancelled: zero(),
+            lost: zero(),
+            loop_guard_stops: zero(),
+            loop_guard_remedies: zero(),
+            output_tokens: zero(),
+            time_to_first_token: Histogram::new(TTFT_BOUNDS),
+            inter_token_latency: Histogram::new(ITL_BOUNDS),
+        }
+    }
+}
+
+/// Output-side counters for `/metrics`, beyond what [`Metrics::snapshot`] reports.
+#[derive(Debug, Clone)]
+pub struct TokenMetrics {
+    pub output_tokens: u64,
+    pub time_to_first_token: HistogramSnapshot,
+    pub inter_token_latency: HistogramSnapshot,
 }
 
 impl Metrics {
+    /// Counts one sampled token of a sequence that arrived at `arrived`, received at `now`;
+    /// `previous` is when the sequence's previous token was received (`None` for its first:
+    /// then the time to first token is recorded, else the inter-token latency). Returns `now`,
+    /// to keep as the next call's `previous`.
+    pub fn token(&self, arrived: Instant, previous: Option<Instant>, now: Instant) -> Instant {
+        self.output_tokens.fetch_add(1, Ordering::Relaxed);
+        match previous {
+            None => self.time_to_first_token.record(now.saturating_duration_since(arrived)),
+            Some(previous) => self.inter_token_latency.record(now.saturating_duration_since(previous)),
+        }
+        now
+    }
+
+    pub fn token_snapshot(&self) -> TokenMetrics {
+        TokenMetrics {
+            output_tokens: self.output_tokens.load(Ordering::Relaxed),
+            time_to_first_token: self.time_to_first_token.snapshot(),
+            inter_token_latency: self.inter_token_latency.snapshot(),
+        }
+    }
+
     /// Counts a generation that ended with `finished`.
     pub fn finished(&self, finished: &pb::Finished) {
         let counter = match pb::FinishReason::try_from(finished.reason) {

@@ -33,9 +33,19 @@ pub struct ModelSpec {
     pub max_context: Option<usize>,
 }
 
+/// Whether a model generates text or embeds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Llama-family decoders: `Generate`.
+    Decoder,
+    /// BERT encoders (`config.json` `model_type: "bert"`): `Embed`, one rank per group.
+    Encoder,
+}
+
 /// A model ready to accept requests: spec plus its text-side files.
 pub struct ServedModel {
     pub spec: ModelSpec,
+    pub kind: ModelKind,
     pub tokenizer: Arc<Tokenizer>,
     /// `None` when the model ships no chat template; chat requests are then refused.
     pub chat: Option<ChatTemplate>,
@@ -67,6 +77,13 @@ impl ServedModel {
             return Err(err(format!("dtype {:?} is not one of f32, bf16, f16", spec.dtype)));
         }
         let config = read_json(&spec.dir.join("config.json")).map_err(err)?;
+        let kind = match config.get("model_type").and_then(Value::as_str) {
+            Some("bert") => ModelKind::Encoder,
+            _ => ModelKind::Decoder,
+        };
+        if kind == ModelKind::Encoder && spec.tp != 1 {
+            return Err(err(format!("an encoder runs on one worker per group; tp {} is not supported", spec.tp)));
+        }
         let trained = scaled_context(&config).ok_or_else(|| err("config.json has no max_position_embeddings".into()))?;
         let max_context = match spec.max_context {
             Some(n) if n < 2 => return Err(err(format!("max_context {n} leaves no room to generate"))),
@@ -78,6 +95,9 @@ impl ServedModel {
             }
             None => trained,
         };
+        if kind == ModelKind::Encoder && max_context > trained {
+            return Err(err(format!("an encoder has no positions past {trained}; max_context {max_context} is too long")));
+        }
         let mut eos = token_ids(config.get("eos_token_id"));
         // generation_config.json often lists more end tokens (chat models end turns with one).
         if let Ok(generation) = read_json(&spec.dir.join("generation_config.json")) {
@@ -88,8 +108,12 @@ impl ServedModel {
             }
         }
         let tokenizer_path = spec.dir.join("tokenizer.json");
-        let tokenizer =
+        let mut tokenizer =
             Tokenizer::from_file(&tokenizer_path).map_err(|e| err(format!("cannot load {}: {e}", tokenizer_path.display())))?;
+        // Encoder tokenizers often ship fixed padding and truncation (all-MiniLM: 128 tokens);
+        // lengths are the coordinator's to check, and a cut is reported, never silent.
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).map_err(|e| err(format!("cannot switch off truncation: {e}")))?;
         let chat = match ChatTemplate::from_model_dir(&spec.dir) {
             Ok(t) => Some(t),
             Err(ChatError::NoTemplate | ChatError::Read { .. }) => None,
@@ -102,7 +126,7 @@ impl ServedModel {
             .and_then(Value::as_u64)
             .map(|v| v as usize)
             .unwrap_or_else(|| tokenizer.get_vocab_size(true));
-        Ok(Self { spec, tokenizer: Arc::new(tokenizer), chat, max_context, eos, vocab_size })
+        Ok(Self { spec, kind, tokenizer: Arc::new(tokenizer), chat, max_context, eos, vocab_size })
     }
 
     pub fn name(&self) -> &str {

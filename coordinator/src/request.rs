@@ -11,7 +11,7 @@ use crate::chat::{ChatError, ChatMessage};
 use crate::error::{invalid, CoordinatorError};
 use crate::limits::Limits;
 use crate::loop_guard::{LoopGuardConfig, Remedy, MAX_PERIOD, MAX_REMEDY_TOKENS, MAX_REPEATS};
-use crate::model::ServedModel;
+use crate::model::{ModelKind, ServedModel};
 
 /// When to stop generating, after validation.
 #[derive(Debug, Clone)]
@@ -65,6 +65,9 @@ fn names(models: &[Arc<ServedModel>]) -> String {
 /// Checks every field of `req` against `limits` and the model, and tokenizes its input.
 pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &Limits) -> Result<Prepared, CoordinatorError> {
     let model = find_model(models, &req.model)?;
+    if model.kind == ModelKind::Encoder {
+        return Err(invalid(format!("model {:?} is an encoder: it serves Embed, not Generate", model.name())));
+    }
     if req.request_id.len() > limits.max_request_id_bytes {
         return Err(invalid(format!(
             "request_id is {} bytes; the limit is {}",

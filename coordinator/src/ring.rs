@@ -69,7 +69,7 @@ pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRe
     };
     let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Started(started)) }));
     tracing::info!(request_id = %req.request_id, ring = %ring_id, members = lease.members.len(), prompt_tokens = req.prompt.len(), "ring formed for a long request");
-    let ring = Ring { lease: &lease, id: ring_id, timeout: cluster.step_timeout() };
+    let ring = Ring { lease: &lease, id: ring_id, timeout: cluster.step_timeout(), metrics: &cluster.metrics };
     let result = ring.run(&mut req).await;
     ring.leave().await;
     match result {
@@ -124,6 +124,7 @@ struct Ring<'a> {
     lease: &'a RingLease,
     id: String,
     timeout: Duration,
+    metrics: &'a crate::metrics::Metrics,
 }
 
 impl Ring<'_> {
@@ -137,10 +138,12 @@ impl Ring<'_> {
         };
         let mut answer = self.step(req.seq, wpb::ring_step_request::Step::Prefill(prefill)).await?;
         let mut position = req.prompt.len() as u32;
+        let mut last_token = None;
         loop {
             if req.events.is_closed() {
                 return Err(Stop::Cancelled);
             }
+            last_token = Some(self.metrics.token(req.generation.arrived(), last_token, std::time::Instant::now()));
             let top = answer.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
             let emitted = req.generation.accept_with_top(answer.token, answer.logprob, top).map_err(|e| Stop::Failed {
                 status: Status::internal(e.to_string()),

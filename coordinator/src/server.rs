@@ -62,6 +62,12 @@ impl Coordinator {
         self.cluster.serving_groups()
     }
 
+    /// Serves `GET /metrics` (Prometheus text format) on `listener` until the returned task is
+    /// aborted.
+    pub fn serve_metrics(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(crate::prometheus::serve(listener, self.cluster.clone()))
+    }
+
     /// Serves gRPC on `listener` until `shutdown` resolves.
     pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
         let (reporter, health) = tonic_health::server::health_reporter();
@@ -96,9 +102,11 @@ impl Coordinator {
 /// Mirrors "is any group serving" into the health service, for the whole server ("") and for
 /// the inference service by name.
 async fn report_health(reporter: tonic_health::server::HealthReporter, mut serving: watch::Receiver<usize>) {
+    // "" is the process itself (liveness: a coordinator waiting for workers is alive and must
+    // not be restarted); the inference service is ready only while a group serves.
+    reporter.set_service_status("", ServingStatus::Serving).await;
     loop {
         let status = if *serving.borrow_and_update() > 0 { ServingStatus::Serving } else { ServingStatus::NotServing };
-        reporter.set_service_status("", status).await;
         reporter.set_service_status(INFERENCE_SERVICE, status).await;
         if serving.changed().await.is_err() {
             return;

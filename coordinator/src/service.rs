@@ -15,10 +15,12 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, Route};
+use crate::embed::{embed, prepare_embed};
 use crate::error::CoordinatorError;
 use crate::generation::Generation;
 use crate::group::NewSequence;
 use crate::limits::Limits;
+use crate::model::ModelKind;
 use crate::request::prepare;
 use crate::ring::{self, RingRequest};
 
@@ -99,13 +101,26 @@ impl Inference for InferenceService {
             .enumerate()
             .map(|(i, m)| pb::ModelInfo {
                 name: m.name().to_string(),
-                kind: pb::ModelKind::Decoder as i32,
+                kind: match m.kind {
+                    ModelKind::Decoder => pb::ModelKind::Decoder,
+                    ModelKind::Encoder => pb::ModelKind::Encoder,
+                } as i32,
                 max_context: m.max_context as u32,
                 tp: m.spec.tp as u32,
                 serving_groups: self.cluster.serving_groups_of(i),
             })
             .collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn embed(&self, req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let models = self.cluster.models.clone();
+        let limits = self.limits.clone();
+        // Tokenizing up to a megabyte of text would stall the runtime's threads.
+        let prepared = tokio::task::spawn_blocking(move || prepare_embed(req.into_inner(), &models, &limits))
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
+        Ok(Response::new(embed(&self.cluster, prepared).await?))
     }
 
     async fn cluster_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {

@@ -240,6 +240,7 @@ mod tests {
             memory_bytes: 0,
             kv_capacity_tokens: 0,
             version: "v".into(),
+            draining: false,
         };
         let json = serde_json::to_vec(&record).expect("encode");
         assert_eq!(decode_record("w1", &json), Some(record));

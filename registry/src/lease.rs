@@ -16,6 +16,7 @@ use std::future::Future;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{RegistryError, Result};
+use crate::record::WorkerRecord;
 
 /// Id of a lease, as the backend numbers it (etcd's 64-bit lease id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,6 +57,8 @@ pub enum LeaseLoss {
 pub(crate) enum LeaseCommand {
     /// Revoke the lease now and answer when done.
     Revoke(oneshot::Sender<Result<()>>),
+    /// Replace the stored record (same key, same lease) and answer when done.
+    Update(Box<WorkerRecord>, oneshot::Sender<Result<()>>),
 }
 
 /// A worker's live registration. See the module documentation for its life cycle.
@@ -111,6 +114,20 @@ impl Registration {
                 Err(_) => LeaseLoss::KeepAliveStopped,
             }
         }
+    }
+
+    /// Replaces the worker's record under the same lease: watchers see an `Up` with the new
+    /// record (a draining worker announces itself this way). The id cannot change.
+    pub async fn update(&self, record: WorkerRecord) -> Result<()> {
+        if record.id != self.worker_id {
+            return Err(RegistryError::InvalidWorkerId {
+                worker_id: record.id,
+                reason: "a registration cannot change its worker id",
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(LeaseCommand::Update(Box::new(record), reply)).await.map_err(|_| RegistryError::KeepAliveStopped)?;
+        answer.await.map_err(|_| RegistryError::KeepAliveStopped)?
     }
 
     /// Revokes the lease: the worker's key is deleted at once and watchers see it leave.

@@ -142,6 +142,17 @@ impl Shared {
         }
     }
 
+    /// Replaces the record of the lease's worker and tells watchers.
+    fn update(&self, lease: LeaseId, record: WorkerRecord) -> Result<()> {
+        let mut state = self.lock();
+        if state.leases.get(&lease).is_none_or(|l| l.worker_id != record.id) {
+            return Err(RegistryError::KeepAliveStopped);
+        }
+        state.workers.insert(record.id.clone(), record.clone());
+        self.publish(MembershipEvent::Up(record));
+        Ok(())
+    }
+
     /// Removes the lease and its worker; returns whether the lease existed.
     fn end_lease(&self, lease: LeaseId, loss: LeaseLoss) -> bool {
         self.end_lease_locked(&mut self.lock(), lease, loss)
@@ -233,6 +244,9 @@ async fn keep_alive(
                     let _ = reply.send(Ok(()));
                     return;
                 }
+                Some(LeaseCommand::Update(record, reply)) => {
+                    let _ = reply.send(shared.update(lease, *record));
+                }
                 // The handle was dropped: stop renewing and let the lease expire.
                 None => {
                     shared.keep_alive_stopped(lease);
@@ -287,6 +301,7 @@ mod tests {
             memory_bytes: 1,
             kv_capacity_tokens: 1,
             version: "test".into(),
+            draining: false,
         }
     }
 
@@ -307,6 +322,21 @@ mod tests {
         assert_eq!(lost.await, LeaseLoss::KeepAliveStopped);
         assert_eq!(watch.next().await, Some(MembershipEvent::Down("w1".into())));
         assert_eq!(start.elapsed(), ttl);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_replaces_the_record_and_a_new_id_is_refused() {
+        let registry = MemoryRegistry::new(MemoryConfig::default()).expect("config");
+        let mut watch = registry.snapshot_and_watch().await.expect("watch");
+        assert_eq!(watch.next().await, Some(MembershipEvent::Snapshot(vec![])));
+        let registration = registry.register(record("w1")).await.expect("register");
+        assert_eq!(watch.next().await, Some(MembershipEvent::Up(record("w1"))));
+        let draining = WorkerRecord { draining: true, ..record("w1") };
+        registration.update(draining.clone()).await.expect("update");
+        assert_eq!(watch.next().await, Some(MembershipEvent::Up(draining)));
+        assert!(registration.update(record("w2")).await.is_err(), "a registration keeps its id");
+        registration.revoke().await.expect("revoke");
+        assert_eq!(watch.next().await, Some(MembershipEvent::Down("w1".into())));
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,6 +21,9 @@ pub struct WorkerRecord {
     pub kv_capacity_tokens: u64,
     /// Version of the worker binary, so a coordinator can refuse mismatched workers.
     pub version: String,
+    /// The worker is shutting down: it finishes what it runs but takes no new requests.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[cfg(test)]
@@ -36,6 +39,7 @@ mod tests {
             memory_bytes: 80 << 30,
             kv_capacity_tokens: 131_072,
             version: "0.1.0".into(),
+            draining: true,
         };
         let json = serde_json::to_string(&record).expect("encode");
         let back: WorkerRecord = serde_json::from_str(&json).expect("decode");

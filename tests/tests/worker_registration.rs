@@ -108,6 +108,10 @@ async fn worker_registers_comes_back_after_losing_its_lease_and_revokes_on_sigte
     let pid = worker.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().context("run kill")?;
     ensure!(killed.success(), "kill -TERM {pid} failed: {killed}");
+    // A graceful leave first announces draining under the same lease, then (holding no
+    // sequences) revokes at once.
+    let draining = expect_up(&mut watch, LEAVE_LIMIT).await.context("SIGTERM did not announce draining")?;
+    ensure!(draining == WorkerRecord { draining: true, ..record.clone() }, "announced {draining:?}");
     expect_down(&mut watch, LEAVE_LIMIT).await.context("SIGTERM did not revoke the registration")?;
     let status = exit_status(&mut worker.0, PROMPT).await?;
     ensure!(status.success(), "the worker exited with {status} after SIGTERM");

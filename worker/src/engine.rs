@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc};
 use candle_core::{DType, Device};
 use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
 use tessera_model::sampler::{Sampler, SamplingParams};
-use tessera_model::{Batch, KvCache, LoadConfig, LogitsMode, Model, SeqChunk, SeqId};
+use tessera_model::{Batch, BertModel, KvCache, LoadConfig, LogitsMode, Model, SeqChunk, SeqId};
 use tokio::sync::oneshot;
 
 use crate::error::WorkerError;
@@ -103,6 +103,7 @@ enum Command {
     Status(oneshot::Sender<EngineStatus>),
     /// Sequence-parallel ring membership and steps (`ring.rs`), for the named group.
     Ring(String, ring::RingCommand),
+    Embed(String, Vec<Vec<u32>>, oneshot::Sender<Result<Vec<Vec<f32>>>>),
 }
 
 /// Cloneable handle to the engine thread.
@@ -172,6 +173,11 @@ impl EngineHandle {
     pub async fn status(&self) -> Result<EngineStatus> {
         self.call(Command::Status).await
     }
+
+    /// One vector per input, from a group serving an encoder.
+    pub async fn embed(&self, group: String, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
+        self.call(|r| Command::Embed(group, inputs, r)).await?
+    }
 }
 
 struct Serving {
@@ -185,10 +191,20 @@ struct Serving {
     ring: Option<ring::Ring>,
 }
 
+/// Inputs an encoder runs through the model at once.
+const EMBED_BATCH: usize = 16;
+
+/// A group of one rank serving a BERT encoder: no KV cache, no sampler, no collective.
+struct Encoding {
+    group_id: String,
+    model: BertModel,
+}
+
 enum State {
     Idle,
     Assigned { assignment: Assignment, listener: Option<TcpListener> },
     Serving(Box<Serving>),
+    Encoding(Box<Encoding>),
     Failed { group_id: String, error: String },
 }
 
@@ -230,6 +246,9 @@ impl Engine {
                     let _ = reply.send(self.status());
                 }
                 Command::Ring(group, cmd) => self.ring_command(&group, cmd),
+                Command::Embed(group, inputs, reply) => {
+                    let _ = reply.send(self.embed(&group, &inputs));
+                }
             }
         }
     }
@@ -264,10 +283,14 @@ impl Engine {
                 return Err(err);
             }
         };
-        let result = self.connect_and_load(&assignment, listener, peers);
+        let result = match tessera_model::bert::is_bert_dir(&assignment.model_dir) {
+            Ok(true) => self.load_encoder(&assignment).map(|e| State::Encoding(Box::new(e))),
+            // Not an encoder, or no readable config.json: the decoder loader reports which.
+            Ok(false) | Err(_) => self.connect_and_load(&assignment, listener, peers).map(|s| State::Serving(Box::new(s))),
+        };
         match result {
-            Ok(serving) => {
-                self.state = State::Serving(Box::new(serving));
+            Ok(state) => {
+                self.state = state;
                 Ok(())
             }
             Err(e) => {
@@ -295,10 +318,52 @@ impl Engine {
         Ok(Serving { group_id: a.group_id.clone(), tp_rank: a.tp_rank, model, kv, comm, samplers: HashMap::new(), ring: None })
     }
 
+    /// Encoders run whole on one rank (tensor parallelism is for decoders).
+    fn load_encoder(&self, a: &Assignment) -> Result<Encoding> {
+        if a.tp_size != 1 {
+            return Err(WorkerError::InvalidArgument(format!("an encoder runs on one rank, not tp {}", a.tp_size)));
+        }
+        let start = std::time::Instant::now();
+        let model = BertModel::load(&a.model_dir, &Device::Cpu)?;
+        tracing::info!(group = %a.group_id, secs = start.elapsed().as_secs_f64(), "encoder loaded");
+        Ok(Encoding { group_id: a.group_id.clone(), model })
+    }
+
+    fn embed(&mut self, group: &str, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let state = state_name(&self.state);
+        match &self.state {
+            State::Encoding(e) if e.group_id == group => {
+                // Batches of a few inputs bound the attention scores' memory; padding is per batch.
+                let mut out = Vec::with_capacity(inputs.len());
+                for batch in inputs.chunks(EMBED_BATCH) {
+                    out.extend(e.model.embed(batch).map_err(|err| match err {
+                        tessera_model::ModelError::SequenceTooLong { index, len, max } => {
+                            let index = index + out.len();
+                            tessera_model::ModelError::SequenceTooLong { index, len, max }
+                        }
+                        other => other,
+                    })?);
+                }
+                if out.is_empty() {
+                    return Err(WorkerError::InvalidArgument("no inputs to embed".into()));
+                }
+                Ok(out)
+            }
+            State::Serving(s) if s.group_id == group => {
+                Err(WorkerError::WrongModelKind { group: group.into(), loaded: "a decoder", action: "embed" })
+            }
+            State::Serving(_) | State::Encoding(_) => Err(WorkerError::WrongGroup(group.into())),
+            _ => Err(WorkerError::BadState { state, action: "embed" }),
+        }
+    }
+
     fn serving(&mut self, group: &str, action: &'static str) -> Result<&mut Serving> {
         let state = state_name(&self.state);
         match &mut self.state {
             State::Serving(s) if s.group_id == group => Ok(s),
+            State::Encoding(e) if e.group_id == group => {
+                Err(WorkerError::WrongModelKind { group: group.into(), loaded: "an encoder", action })
+            }
             State::Serving(_) => Err(WorkerError::WrongGroup(group.into())),
             _ => Err(WorkerError::BadState { state, action }),
         }
@@ -417,6 +482,7 @@ impl Engine {
                 kv_tokens: s.kv.tokens() as u64,
                 error: String::new(),
             },
+            State::Encoding(e) => EngineStatus { state, group_id: e.group_id.clone(), ..EngineStatus::default() },
             State::Failed { group_id, error } => {
                 EngineStatus { state, group_id: group_id.clone(), error: error.clone(), ..EngineStatus::default() }
             }
@@ -442,7 +508,7 @@ fn state_name(state: &State) -> &'static str {
     match state {
         State::Idle => "idle",
         State::Assigned { .. } => "assigned",
-        State::Serving(_) => "serving",
+        State::Serving(_) | State::Encoding(_) => "serving",
         State::Failed { .. } => "failed",
     }
 }

@@ -34,6 +34,9 @@ pub enum WorkerError {
     /// Another rank of the ring refused a ring step; every rank refused it, nothing changed.
     #[error("ring step refused by member(s) {members:?} of the ring; nothing was computed")]
     RingRefused { members: Vec<usize> },
+    /// A decoder call on an encoder group or the reverse (e.g. `Step` on a BERT encoder).
+    #[error("group {group:?} serves {loaded}, which cannot {action}")]
+    WrongModelKind { group: String, loaded: &'static str, action: &'static str },
 }
 
 impl From<WorkerError> for tonic::Status {
@@ -45,10 +48,12 @@ impl From<WorkerError> for tonic::Status {
             | WorkerError::WrongRing(_)
             | WorkerError::RingState { .. } => Code::FailedPrecondition,
             WorkerError::RingRefused { .. } => Code::Aborted,
-            WorkerError::InvalidArgument(_) => Code::InvalidArgument,
+            WorkerError::InvalidArgument(_) | WorkerError::WrongModelKind { .. } => Code::InvalidArgument,
             WorkerError::KvExhausted { .. } => Code::ResourceExhausted,
             WorkerError::Collective(_) | WorkerError::EngineGone | WorkerError::NotAccepting => Code::Unavailable,
-            WorkerError::Model(ModelError::InvalidBatch(_) | ModelError::UnknownSequence(_)) => Code::InvalidArgument,
+            WorkerError::Model(ModelError::InvalidBatch(_) | ModelError::UnknownSequence(_) | ModelError::SequenceTooLong { .. }) => {
+                Code::InvalidArgument
+            },
             WorkerError::Model(ModelError::Collective(_)) => Code::Unavailable,
             WorkerError::Model(_) | WorkerError::Bind(_) => Code::Internal,
         };

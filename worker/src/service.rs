@@ -60,6 +60,11 @@ impl Admission {
     pub fn is_accepting(&self) -> bool {
         self.engine.is_accepting()
     }
+
+    /// Sequences the engine holds now (a draining worker waits for none).
+    pub async fn sequences(&self) -> Result<usize, WorkerError> {
+        Ok(self.engine.status().await?.sequences)
+    }
 }
 
 #[tonic::async_trait]
@@ -132,6 +137,13 @@ impl Worker for WorkerService {
         let (group, step) = wire::ring::ring_step(req.into_inner())?;
         let sampled = self.engine.ring_step(group, step).await?;
         Ok(Response::new(wire::ring::ring_sampled(sampled)))
+    }
+
+    async fn embed(&self, req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let req = req.into_inner();
+        let group = req.group_id.clone();
+        let vectors = self.engine.embed(group, wire::embed_inputs(req)).await?;
+        Ok(Response::new(wire::embeddings(vectors)))
     }
 }
 

@@ -110,3 +110,12 @@ pub fn sampled(s: Sampled) -> pb::SampledToken {
     let top = s.top.into_iter().map(|(token, logprob)| pb::TopToken { token, logprob }).collect();
     pb::SampledToken { seq_id: s.seq, token: s.token, logprob: s.logprob, top }
 }
+
+/// The inputs of an `Embed` call, as token-id lists.
+pub fn embed_inputs(req: pb::EmbedRequest) -> Vec<Vec<u32>> {
+    req.inputs.into_iter().map(|i| i.ids).collect()
+}
+
+pub fn embeddings(vectors: Vec<Vec<f32>>) -> pb::EmbedResponse {
+    pb::EmbedResponse { embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect() }
+}

@@ -33,15 +33,16 @@ enum Patience {
     Forever,
 }
 
-/// Registers `record` and keeps it registered until `shutdown` resolves, then revokes it.
-/// Fails if etcd cannot be reached at start, if the record is refused outright, or if the
-/// engine is gone when admission must be paused.
+/// Registers `record` and keeps it registered until `shutdown` resolves, then drains (for up
+/// to `drain`) and revokes it. Fails if etcd cannot be reached at start, if the record is
+/// refused outright, or if the engine is gone when admission must be paused.
 pub async fn stay_registered(
     etcd: EtcdConfig,
     record: WorkerRecord,
     admission: Admission,
     health: HealthReporter,
     shutdown: impl Future<Output = ()>,
+    drain: Duration,
 ) -> anyhow::Result<()> {
     let start_patience = Patience::Until(Instant::now() + 2 * etcd.lease_ttl);
     let endpoints = etcd.endpoints.join(",");
@@ -54,7 +55,7 @@ pub async fn stay_registered(
     loop {
         tokio::select! {
             () = shutdown.as_mut() => {
-                leave(registration).await;
+                drain_then_leave(registration, &record, &admission, &health, drain).await;
                 return Ok(());
             }
             loss = registration.lost() => {
@@ -71,6 +72,39 @@ pub async fn stay_registered(
             }
         }
     }
+}
+
+/// How often a draining worker looks at what its engine still holds.
+const DRAIN_CHECK: Duration = Duration::from_millis(50);
+
+/// The graceful way out: announce `draining` (coordinators stop placing work here at once),
+/// let the sequences the engine holds finish for up to `drain`, then revoke.
+async fn drain_then_leave(registration: Registration, record: &WorkerRecord, admission: &Admission, health: &HealthReporter, drain: Duration) {
+    let id = &record.id;
+    if !drain.is_zero() {
+        health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
+        let draining = WorkerRecord { draining: true, ..record.clone() };
+        match registration.update(draining).await {
+            Ok(()) => {
+                tracing::info!(%id, limit = ?drain, "draining: finishing running sequences before leaving");
+                let deadline = Instant::now() + drain;
+                let mut check = tokio::time::interval(DRAIN_CHECK);
+                loop {
+                    check.tick().await;
+                    match admission.sequences().await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) if Instant::now() >= deadline => {
+                            tracing::warn!(%id, sequences = n, "drain time is up; leaving with sequences still running");
+                            break;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%id, %error, "could not announce draining; leaving now"),
+        }
+    }
+    leave(registration).await;
 }
 
 /// Revokes the registration so watchers see the worker leave now. A failure is only logged:

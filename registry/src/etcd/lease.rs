@@ -23,6 +23,7 @@ use super::{connect_client, revoke, with_timeout, EtcdConfig};
 use crate::error::{is_lease_not_found, RegistryError, Result};
 use crate::keys::worker_key;
 use crate::lease::{LeaseCommand, LeaseId, LeaseLoss, LeaseState, Registration};
+use crate::record::WorkerRecord;
 
 /// Starts the keep-alive thread, which creates the lease and the key, and waits for its answer.
 pub(super) async fn register(
@@ -165,16 +166,20 @@ impl Holder {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                command = commands.recv() => {
-                    // `None`: the handle was dropped. Stop renewing; etcd expires the lease.
-                    if let Some(LeaseCommand::Revoke(reply)) = command {
+                command = commands.recv() => match command {
+                    Some(LeaseCommand::Revoke(reply)) => {
                         let timeout = self.config.request_timeout;
                         let result = revoke(&mut self.client, self.lease, timeout).await;
                         self.state.send_replace(LeaseState::Lost(LeaseLoss::Released));
                         let _ = reply.send(result.map(|_existed| ()));
+                        return;
                     }
-                    return;
-                }
+                    Some(LeaseCommand::Update(record, reply)) => {
+                        let _ = reply.send(self.put(&record).await);
+                    }
+                    // The handle was dropped. Stop renewing; etcd expires the lease.
+                    None => return,
+                },
                 _ = tick.tick() => {
                     if let Some(loss) = self.renew_in_time(attempt_timeout, &mut renewed_at).await {
                         self.state.send_replace(LeaseState::Lost(loss));
@@ -183,6 +188,15 @@ impl Holder {
                 }
             }
         }
+    }
+
+    /// Overwrites the worker's key under the same lease.
+    async fn put(&mut self, record: &WorkerRecord) -> Result<()> {
+        let value = serde_json::to_vec(record)
+            .map_err(|source| RegistryError::EncodeRecord { worker_id: record.id.clone(), source })?;
+        let options = Some(PutOptions::new().with_lease(self.lease.0));
+        let put = self.client.put(worker_key(&self.worker_id), value, options);
+        with_timeout("update worker", self.config.request_timeout, put).await.map(|_| ())
     }
 
     /// One renewal; the loss if the lease is gone or has gone unrenewed for a whole TTL.

@@ -14,6 +14,7 @@ pub fn record(id: &str) -> WorkerRecord {
         memory_bytes: 1 << 30,
         kv_capacity_tokens: 4096,
         version: "test".to_string(),
+        draining: false,
     }
 }
 

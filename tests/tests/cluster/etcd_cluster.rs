@@ -147,3 +147,73 @@ async fn workers_started_later_join_a_ring_without_restarting_anything() {
     assert_eq!(placement.sp, 2, "2008 tokens need two members of 1024: {placement:?}");
     assert_eq!(served.tokens().len(), 8);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_worker_the_running_stream_finishes_and_new_requests_go_elsewhere() {
+    use tessera_registry::{EtcdConfig, EtcdRegistry, MembershipEvent, Registry};
+
+    let etcd = EtcdServer::start().await;
+    let dir = fixture(&demo(), "drain");
+    let coordinator = coordinator(&dir, &etcd.url(), 1).expect("start coordinator");
+    let mut workers = vec![etcd_worker(&etcd.url(), "w-a", TTL_SECS).unwrap(), etcd_worker(&etcd.url(), "w-b", TTL_SECS).unwrap()];
+    let mut client = connect(&coordinator.url).await;
+    until_serving_groups(&mut client, 2).await;
+
+    let long = 400u32;
+    let mut stream = client.generate(greedy(prompt("Once upon a time"), long)).await.expect("generate").into_inner();
+    let Some(pb::generate_response::Event::Started(started)) = stream.message().await.expect("started").and_then(|m| m.event) else {
+        panic!("the stream did not start with Started");
+    };
+    let busy = started.placement.expect("placement").workers[0].clone();
+    let (index, other) = if busy == "w-a" { (0, "w-b") } else { (1, "w-a") };
+    read_chunks(&mut stream, 1).await;
+    let pid = workers[index].0.id().to_string();
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+    assert!(killed.success());
+
+    // The coordinator learns of the drain from the registry (or sees the worker gone).
+    let started_at = Instant::now();
+    let seen = async {
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tick.tick().await;
+            let status = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+            let w = status.workers.iter().find(|w| w.id == busy);
+            if w.is_none_or(|w| w.state.contains("draining")) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, seen).await.expect("the drain was never seen");
+    eprintln!("drain seen after {:?}", started_at.elapsed());
+    let routed = generate(&mut client.clone(), greedy(prompt("Hello"), 4)).await.expect("a new request");
+    assert_eq!(routed.workers(), vec![other.to_string()], "new work avoids the draining worker");
+
+    // The running stream finishes in full.
+    let mut tokens = 0usize;
+    let mut finished = None;
+    while let Some(message) = stream.message().await.expect("the draining worker's stream must not fail") {
+        match message.event {
+            Some(pb::generate_response::Event::Chunk(c)) => tokens += c.tokens.len(),
+            Some(pb::generate_response::Event::Finished(f)) => finished = Some(f),
+            _ => {}
+        }
+    }
+    let finished = finished.expect("finished");
+    assert_eq!(finished.reason, pb::FinishReason::Length as i32);
+    assert_eq!(finished.usage.map(|u| u.completion_tokens), Some(long));
+    assert!(tokens >= long as usize - 1, "{tokens} tokens streamed");
+
+    eprintln!("stream done after {:?}", started_at.elapsed());
+    // Then the worker exits cleanly and its key is gone from etcd.
+    let mut drained = workers.remove(index);
+    let exit = tokio::task::spawn_blocking(move || drained.0.wait());
+    let exit = tokio::time::timeout(PATIENCE, exit).await.expect("the worker did not exit").expect("join").expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    eprintln!("worker exited after {:?}", started_at.elapsed());
+    let registry = EtcdRegistry::connect(EtcdConfig::new(vec![etcd.url()])).await.expect("etcd");
+    let mut watch = registry.snapshot_and_watch().await.expect("watch");
+    let Some(MembershipEvent::Snapshot(records)) = watch.next().await else { panic!("no snapshot") };
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, vec![other], "only the other worker is registered");
+}

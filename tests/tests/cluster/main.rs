@@ -3,7 +3,9 @@
 
 mod beams;
 mod decoding;
+mod encoders;
 mod etcd_cluster;
 mod local_cluster;
 mod long_context;
+mod serving;
 mod support;

@@ -91,16 +91,20 @@ pub fn etcd_worker_with_kv(etcd: &str, id: &str, lease_ttl_secs: u64, kv_tokens:
     Ok(guard)
 }
 
-/// Waits until the coordinator reports `n` serving groups of its only model, asking again each
-/// time the previous answer came back (a bounded wait on a condition, not a fixed sleep).
+/// How often [`until_serving_groups`] and similar waits ask again.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Waits until the coordinator reports `n` serving groups of its only model, asking every
+/// [`POLL`] (a bounded wait on a condition, not a fixed sleep).
 pub async fn until_serving_groups(client: &mut Client, n: u32) {
     let wait = async {
+        let mut tick = tokio::time::interval(POLL);
         loop {
+            tick.tick().await;
             let models = client.list_models(pb::ListModelsRequest {}).await.expect("list models").into_inner().models;
             if models.first().is_some_and(|m| m.serving_groups == n) {
                 return;
             }
-            tokio::task::yield_now().await;
         }
     };
     tokio::time::timeout(PATIENCE, wait).await.unwrap_or_else(|_| panic!("{n} groups did not start serving in time"));

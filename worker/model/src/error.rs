@@ -47,6 +47,9 @@ pub enum ModelError {
     UnknownSequence(u64),
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// An encoder input longer than the model's positions; nothing is cut silently.
+    #[error("input {index} has {len} tokens, more than the model's {max}")]
+    SequenceTooLong { index: usize, len: usize, max: usize },
     #[error(transparent)]
     Collective(#[from] CollectiveError),
     #[error(transparent)]

