@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 # Every kustomization a user may apply; base/ and the overlays must all render and pass.
-KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/cpu-dev", "k8s/overlays/gpu", "k8s/overlays/external-etcd"]
+KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/cpu-dev", "k8s/overlays/gpu", "k8s/overlays/external-etcd", "k8s/overlays/autoscale"]
 ROLES = ("coordinator", "worker")
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 CLUSTER_SCOPED = ("Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding")

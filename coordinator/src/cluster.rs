@@ -166,6 +166,8 @@ pub(crate) struct RingPlan {
     pub model: usize,
     pub size: usize,
     pub share: u64,
+    /// The request's KV tokens (prompt plus `max_new_tokens`).
+    pub tokens: u64,
 }
 
 /// One ring member: a serving group and its ranks.
@@ -503,13 +505,14 @@ impl Cluster {
         if threshold > 0 && prompt_len >= threshold && capacities.len() >= 2 {
             let size = prompt_len.div_ceil(threshold).clamp(2, capacities.len());
             if capacities[size - 1] >= ring_share(reserve, size) {
-                return Ok(Route::Ring(RingPlan { model: index, size, share: ring_share(reserve, size) }));
+                return Ok(Route::Ring(RingPlan { model: index, size, share: ring_share(reserve, size), tokens: reserve }));
             }
         }
         if capacities.first().is_some_and(|&largest| reserve > largest) {
             // The smallest ring whose smallest member holds its share.
             let size = (2..=capacities.len()).find(|&r| capacities[r - 1] >= ring_share(reserve, r));
             let Some(size) = size else {
+                self.metrics.capacity_refused(reserve);
                 let most = (1..=capacities.len())
                     .map(|r| if r == 1 { capacities[0] } else { (capacities[r - 1].saturating_sub(2)) * r as u64 })
                     .max()
@@ -521,7 +524,7 @@ impl Cluster {
                     capacities[0]
                 )));
             };
-            return Ok(Route::Ring(RingPlan { model: index, size, share: ring_share(reserve, size) }));
+            return Ok(Route::Ring(RingPlan { model: index, size, share: ring_share(reserve, size), tokens: reserve }));
         }
         let best = state
             .groups
@@ -700,6 +703,7 @@ impl Cluster {
             queued_requests: queued,
             running_requests: running,
             counters: Some(self.metrics.snapshot()),
+            ring_waiting_tokens: self.metrics.ring_waiting_tokens(),
         }
     }
 }

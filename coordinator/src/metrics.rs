@@ -30,6 +30,9 @@ pub struct Metrics {
     loop_guard_stops: AtomicU64,
     loop_guard_remedies: AtomicU64,
     output_tokens: AtomicU64,
+    capacity_refused_tokens: AtomicU64,
+    /// A gauge: tokens of ring requests waiting for their groups now.
+    ring_waiting_tokens: AtomicU64,
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
 }
@@ -47,9 +50,23 @@ impl Default for Metrics {
             loop_guard_stops: zero(),
             loop_guard_remedies: zero(),
             output_tokens: zero(),
+            capacity_refused_tokens: zero(),
+            ring_waiting_tokens: zero(),
             time_to_first_token: Histogram::new(TTFT_BOUNDS),
             inter_token_latency: Histogram::new(ITL_BOUNDS),
         }
+    }
+}
+
+/// Tokens counted as waiting for a ring while this lives.
+pub struct RingWaiting<'a> {
+    metrics: &'a Metrics,
+    tokens: u64,
+}
+
+impl Drop for RingWaiting<'_> {
+    fn drop(&mut self) {
+        self.metrics.ring_waiting_tokens.fetch_sub(self.tokens, Ordering::Relaxed);
     }
 }
 
@@ -128,6 +145,23 @@ impl Metrics {
             finished: finished.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             loop_guard_stops: read(&self.loop_guard_stops),
             loop_guard_remedies: read(&self.loop_guard_remedies),
+            capacity_refused_tokens: read(&self.capacity_refused_tokens),
         }
+    }
+
+    /// Counts a request of `tokens` KV tokens that no placement could hold.
+    pub fn capacity_refused(&self, tokens: u64) {
+        self.capacity_refused_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Tokens of ring requests waiting for their groups now.
+    pub fn ring_waiting_tokens(&self) -> u64 {
+        self.ring_waiting_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Counts `tokens` as waiting for a ring until the returned guard is dropped.
+    pub fn ring_waiting(&self, tokens: u64) -> RingWaiting<'_> {
+        self.ring_waiting_tokens.fetch_add(tokens, Ordering::Relaxed);
+        RingWaiting { metrics: self, tokens }
     }
 }

@@ -74,6 +74,18 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     gauge(&mut out, "tessera_queued_requests", "Requests placed on a group and not yet running.", u64::from(status.queued_requests));
     gauge(&mut out, "tessera_running_requests", "Requests a group is running.", u64::from(status.running_requests));
     gauge(&mut out, "tessera_serving_groups", "Worker groups loaded and serving.", serving_groups as u64);
+    gauge(
+        &mut out,
+        "tessera_ring_waiting_tokens",
+        "KV tokens of long requests waiting for groups to form their ring (scale workers up on it).",
+        status.ring_waiting_tokens,
+    );
+    let refused = status.counters.as_ref().map_or(0, |c| c.capacity_refused_tokens);
+    let name = "tessera_capacity_refused_tokens_total";
+    let _ = write!(
+        out,
+        "# HELP {name} KV tokens of requests refused because no group or ring could hold them.\n# TYPE {name} counter\n{name} {refused}\n"
+    );
 
     let counters = status.counters.clone().unwrap_or_default();
     let name = "tessera_requests_finished_total";
@@ -137,17 +149,24 @@ mod tests {
         let first = metrics.token(arrived, None, arrived + std::time::Duration::from_millis(30));
         metrics.token(arrived, Some(first), first + std::time::Duration::from_millis(4));
         metrics.finished(&pb::Finished { reason: pb::FinishReason::Length as i32, ..Default::default() });
+        metrics.capacity_refused(5000);
+        let waiting = metrics.ring_waiting(3016);
         let status = pb::ClusterStatusResponse {
             workers: vec![pb::WorkerStatus { id: "w\"1".into(), kv_tokens: 12, kv_capacity_tokens: 4096, sequences: 1, ..Default::default() }],
             queued_requests: 2,
             running_requests: 1,
             counters: Some(metrics.snapshot()),
+            ring_waiting_tokens: metrics.ring_waiting_tokens(),
         };
+        drop(waiting);
+        assert_eq!(metrics.ring_waiting_tokens(), 0, "the gauge drops when the wait ends");
         let text = render(&status, &metrics.token_snapshot(), 1);
         for line in [
             "tessera_queued_requests 2",
             "tessera_running_requests 1",
             "tessera_serving_groups 1",
+            "tessera_ring_waiting_tokens 3016",
+            "tessera_capacity_refused_tokens_total 5000",
             "tessera_requests_finished_total{reason=\"LENGTH\"} 1",
             "tessera_requests_finished_total{reason=\"CANCELLED\"} 0",
             "tessera_output_tokens_total 2",

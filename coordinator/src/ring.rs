@@ -93,6 +93,7 @@ pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRe
 /// Holds the ring's groups and waits for them to finish what they run. `Ok(None)`: the client
 /// went away while waiting.
 async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, events: &Events) -> Result<Option<RingLease>, CoordinatorError> {
+    let _waiting = cluster.metrics.ring_waiting(plan.tokens);
     // Wake-ups are registered before each check, so none between the check and the wait is lost.
     let lease = loop {
         let woken = cluster.idle.notified();

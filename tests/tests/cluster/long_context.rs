@@ -24,13 +24,18 @@ async fn three_groups_of_1024_tokens_serve_a_3000_token_prompt_that_one_group_re
     drop(unlimited);
 
     let one = up(&dir, &["--workers", "1", "--kv-capacity-tokens", "1024"]).expect("tessera up, one small group");
-    let refused = generate(&mut connect(&one.url).await, request()).await.expect_err("one group of 1024 cannot hold 3016 tokens");
+    let mut one_client = connect(&one.url).await;
+    let refused = generate(&mut one_client, request()).await.expect_err("one group of 1024 cannot hold 3016 tokens");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(
         refused.message().contains("prompt plus max_new_tokens is 3016 tokens; the most this cluster can hold for one request now is 1024"),
         "{}",
         refused.message()
     );
+    // The refused demand is counted, for autoscaling on it.
+    let status = one_client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    assert_eq!(status.counters.map(|c| c.capacity_refused_tokens), Some(3016));
+    assert_eq!(status.ring_waiting_tokens, 0);
     drop(one);
 
     let three = up(&dir, &["--workers", "3", "--tp", "1", "--kv-capacity-tokens", "1024"]).expect("tessera up, three small groups");
