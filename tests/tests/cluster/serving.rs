@@ -115,3 +115,29 @@ fn scrape(port: u16, path: &str) -> (String, String) {
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     (head.to_string(), body.to_string())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_streams_equal_each_run_alone() {
+    let dir = fixture(&demo(), "concurrent-32");
+    let cluster = up(&dir, &["--workers", "1", "--max-batch", "32"]).expect("tessera up");
+    let client = connect(&cluster.url).await;
+    // Prompts of different lengths, so sequences prefill and finish at different steps.
+    let request = |i: usize| {
+        let prompt: Vec<u32> = (0..3 + (i * 7) % 40).map(|j| 3 + ((i * 31 + j * 17) % 300) as u32).collect();
+        greedy(tokens(prompt), 8 + (i % 5) as u32 * 6)
+    };
+    let mut alone = Vec::new();
+    for i in 0..32 {
+        alone.push(generate(&mut client.clone(), request(i)).await.expect("alone").tokens());
+    }
+    let together = futures::future::join_all((0..32).map(|i| {
+        let mut c = client.clone();
+        async move { generate(&mut c, request(i)).await.expect("concurrent").tokens() }
+    }))
+    .await;
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, t, "request {i}: concurrent vs alone");
+    }
+    let status = connect(&cluster.url).await.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    assert_eq!(status.counters.and_then(|c| c.finished.get("LENGTH").copied()), Some(64));
+}
