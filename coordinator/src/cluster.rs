@@ -83,6 +83,8 @@ struct Slot {
 struct Serving {
     submit: mpsc::Sender<NewSequence>,
     active: Arc<AtomicUsize>,
+    /// Encoder groups: the queue that batches `Embed` requests for the group's worker.
+    embed: Option<crate::embed::EmbedBatcher>,
     /// When the group was last chosen (a placement counter), so ties go round-robin.
     last_placed: AtomicU64,
 }
@@ -424,7 +426,10 @@ impl Cluster {
         let Some(entry) = state.groups.get_mut(&group) else { return };
         let (submit, requests) = mpsc::channel(self.config.queue_depth);
         let active = Arc::new(AtomicUsize::new(0));
-        entry.serving = Some(Serving { submit, active: active.clone(), last_placed: AtomicU64::new(0) });
+        let embed = (self.models[model].kind == crate::model::ModelKind::Encoder)
+            .then(|| members.first().map(|m| crate::embed::EmbedBatcher::spawn(name.clone(), m.client.clone(), self.config.group_loop.step_timeout)))
+            .flatten();
+        entry.serving = Some(Serving { submit, active: active.clone(), last_placed: AtomicU64::new(0), embed });
         state.backoff = Duration::ZERO;
         drop(state);
         self.serving.send_modify(|n| *n += 1);
@@ -613,10 +618,10 @@ impl Cluster {
             .filter(|(_, g)| g.model == index && !g.draining)
             .filter_map(|(id, g)| g.serving.as_ref().map(|s| (*id, g, s)))
             .min_by_key(|(_, _, s)| (s.active.load(Ordering::Relaxed), s.last_placed.load(Ordering::Relaxed)));
-        let target = best.and_then(|(id, g, s)| {
-            let slot = state.workers.get(g.members.first()?)?;
+        let target = best.and_then(|(_, _, s)| {
+            let batcher = s.embed.clone()?;
             s.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-            Some(crate::embed::EmbedTarget::new(group_name(id), slot.client.clone(), s.active.clone()))
+            Some(crate::embed::EmbedTarget::new(batcher, s.active.clone()))
         });
         target.ok_or_else(|| {
             CoordinatorError::Unavailable(format!("model {:?} has no serving group yet; retry shortly", model.name()))

@@ -84,6 +84,18 @@ async fn an_encoder_and_a_decoder_serve_side_by_side() {
         assert!(cosine(&e.values, &c.vector) >= 0.9999, "ids of {:?}", c.text);
     }
 
+    // One text per request, all at once: the coordinator batches what waits, and each request
+    // still gets its own vector.
+    let singles = cases.iter().map(|c| {
+        let mut client = client.clone();
+        let request = embed_texts(vec![c.text.clone()], false);
+        async move { client.embed(request).await.expect("concurrent embed").into_inner().embeddings }
+    });
+    for (out, c) in futures::future::join_all(singles).await.iter().zip(&cases) {
+        assert_eq!(out.len(), 1);
+        assert!(cosine(&out[0].values, &c.vector) >= 0.9999, "concurrent {:?}", c.text);
+    }
+
     // Past the model's 512 positions: refused, or cut and reported when asked.
     let long = "tessera ".repeat(600);
     let refused = client.embed(embed_texts(vec![long.clone()], false)).await.expect_err("too long");
