@@ -84,6 +84,9 @@ impl ServedModel {
         if kind == ModelKind::Encoder && spec.tp != 1 {
             return Err(err(format!("an encoder runs on one worker per group; tp {} is not supported", spec.tp)));
         }
+        if kind == ModelKind::Decoder {
+            check_tp_split(&config, spec.tp).map_err(err)?;
+        }
         let trained = scaled_context(&config).ok_or_else(|| err("config.json has no max_position_embeddings".into()))?;
         let max_context = match spec.max_context {
             Some(n) if n < 2 => return Err(err(format!("max_context {n} leaves no room to generate"))),
@@ -146,6 +149,26 @@ fn scaled_context(config: &Value) -> Option<usize> {
         (Some("dynamic"), Some(f)) => (positions as f64 * f) as usize,
         _ => positions,
     })
+}
+
+/// Refuses a TP degree the model cannot be split over, the rules the workers' `TpLayout`
+/// applies, so a coordinator fails at start instead of retrying group formation for ever.
+fn check_tp_split(config: &Value, tp: usize) -> Result<(), String> {
+    let field = |name: &str| config.get(name).and_then(Value::as_u64).map(|v| v as usize);
+    let heads = field("num_attention_heads").ok_or("config.json has no num_attention_heads")?;
+    let kv = field("num_key_value_heads").unwrap_or(heads);
+    let intermediate = field("intermediate_size").ok_or("config.json has no intermediate_size")?;
+    let uneven = |what: &str, n: usize| format!("cannot split {what} = {n} evenly over tensor-parallel size {tp}");
+    if !heads.is_multiple_of(tp) {
+        return Err(uneven("num_attention_heads", heads));
+    }
+    if !intermediate.is_multiple_of(tp) {
+        return Err(uneven("intermediate_size", intermediate));
+    }
+    if kv == 0 || !(kv.is_multiple_of(tp) || tp.is_multiple_of(kv)) {
+        return Err(uneven("num_key_value_heads", kv));
+    }
+    Ok(())
 }
 
 fn read_json(path: &Path) -> Result<Value, String> {

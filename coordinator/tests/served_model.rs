@@ -43,3 +43,16 @@ fn an_operator_may_allow_longer_sequences_but_not_a_useless_limit() {
     let refused = ServedModel::load(spec(dir, Some(1))).expect_err("no room to generate");
     assert!(refused.to_string().contains("leaves no room"), "{refused}");
 }
+
+#[test]
+fn a_tp_degree_the_model_cannot_split_over_is_refused_at_start() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let dir = write_fixture(&demo(), root.path(), &WriteOptions::default()).expect("write fixture");
+    let with_tp = |tp| ModelSpec { tp, ..spec(dir.clone(), None) };
+    for tp in [1, 2, 4] {
+        ServedModel::load(with_tp(tp)).unwrap_or_else(|e| panic!("tp {tp}: {e}"));
+    }
+    // The demo model has 4 attention heads, as the model crate's own split check also says.
+    let refused = ServedModel::load(with_tp(3)).expect_err("4 heads over 3 ranks");
+    assert!(refused.to_string().contains("cannot split num_attention_heads = 4 evenly over tensor-parallel size 3"), "{refused}");
+}
