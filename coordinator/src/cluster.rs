@@ -385,6 +385,8 @@ impl Cluster {
                     members.push(Member { id: id.clone(), client: slot.client.clone() });
                 }
             }
+            // Workers count KV memory in whole blocks; a partial block holds nothing.
+            let kv_capacity = kv_capacity / tessera_proto::KV_BLOCK_TOKENS * tessera_proto::KV_BLOCK_TOKENS;
             let (lost, lost_rx) = watch::channel(None);
             state.groups.insert(group, GroupEntry { model, members: free, kv_capacity, serving: None, lost, held_by: None, draining: false });
             tokio::spawn(self.clone().form(group, model, members, kv_capacity, lost_rx));
@@ -683,12 +685,12 @@ impl Cluster {
         let timeout = self.config.rpc_timeout;
         let reports = views.into_iter().map(|(record, mut client, model, group, tp_rank, note)| async move {
             let report = tokio::time::timeout(timeout, client.status(wpb::StatusRequest {})).await;
-            let (state, sequences, kv_tokens) = match report {
+            let (state, sequences, kv_tokens, kv_blocks) = match report {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
-                    (r.state, r.sequences, r.kv_tokens)
+                    (r.state, r.sequences, r.kv_tokens, r.kv_blocks)
                 }
-                _ => ("unreachable".to_string(), 0, 0),
+                _ => ("unreachable".to_string(), 0, 0, 0),
             };
             let state = format!("{state}{note}");
             pb::WorkerStatus {
@@ -701,6 +703,8 @@ impl Cluster {
                 sequences,
                 kv_tokens,
                 kv_capacity_tokens: record.kv_capacity_tokens,
+                kv_blocks,
+                kv_capacity_blocks: record.kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
             }
         });
         pb::ClusterStatusResponse {

@@ -1,9 +1,19 @@
 //! A tensor-parallel group of workers and its iteration loop.
 //!
 //! The loop owns the group's running sequences. Each iteration it admits waiting sequences (up
-//! to `max_batch`, and only while their worst-case KV fits the group's budget), drops the ones
-//! whose client went away (releasing them on every rank), sends one `Step` to all ranks at once,
-//! and hands the sampled tokens to each sequence's [`Generation`]. A step carries one token for
+//! to `max_batch`, and only while the KV blocks they need fit the group's budget), drops the
+//! ones whose client went away or whose deadline passed (releasing them on every rank), makes
+//! room for every running sequence's next token, sends one `Step` to all ranks at once, and
+//! hands the sampled tokens to each sequence's [`Generation`].
+//!
+//! KV memory is counted in blocks of [`KV_BLOCK_TOKENS`] tokens, the unit the workers allocate
+//! in, so the loop knows what the workers hold without asking. A sequence is admitted when the
+//! blocks of its prompt fit, not its worst case, so memory is shared by what sequences actually
+//! use. When decoding sequences grow past the budget, the most recently admitted one is
+//! preempted (vLLM's recompute policy): its blocks are released on every rank, and it waits at
+//! the head of the queue to be prefilled again — prompt plus the tokens it had generated —
+//! with a sampler resumed where it stopped ([`wpb::Resume`]), so its output is what it would
+//! have been. Beam searches hold their worst case from admission and are never preempted. A step carries one token for
 //! every decoding sequence plus prompt chunks from the rest of a token budget (chunked prefill:
 //! see [`GroupLoop::schedule`]), so prefills and decodes of different sequences share steps —
 //! continuous batching.
@@ -23,6 +33,11 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tonic::Status;
 
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use tessera_proto::{kv_blocks, KV_BLOCK_TOKENS};
+
 use crate::beam::{Advance, BeamConfig, BeamSearch, Candidates, Fork};
 use crate::generation::{Generation, Resample};
 use crate::metrics::Metrics;
@@ -41,9 +56,11 @@ pub(crate) struct Member {
 pub(crate) struct NewSequence {
     pub seq: u64,
     pub prompt: Vec<u32>,
-    /// KV tokens the sequence may grow to (prompt + `max_new_tokens`), reserved on admission so
-    /// a running sequence can never run out of cache.
+    /// KV tokens the sequence may grow to (prompt + `max_new_tokens`, times the beams): what
+    /// placement checked fits the group, and what a beam search holds from admission.
     pub reserve: u64,
+    /// When the client's deadline passes: the request then ends with `DEADLINE_EXCEEDED`.
+    pub deadline: Option<Instant>,
     pub sampling: wpb::Sampling,
     pub generation: Generation,
     /// Beam search: the request holds worker sequences `seq .. seq + num_beams`.
@@ -82,17 +99,36 @@ pub(crate) struct GroupLoop {
     pub lost: watch::Receiver<Option<String>>,
     pub active: Arc<AtomicUsize>,
     pub config: LoopConfig,
-    /// KV tokens the smallest member can hold: the group's budget.
+    /// KV tokens the smallest member can hold: the group's budget (a whole number of blocks).
     pub kv_capacity: u64,
     pub metrics: Arc<Metrics>,
     /// Woken whenever this group finishes a request, for rings waiting for groups to drain.
     pub idle: Arc<tokio::sync::Notify>,
 }
 
+/// The sequences a group's loop holds.
+#[derive(Default)]
+struct Sequences {
+    /// In admission order: the last is the first to be preempted.
+    running: Vec<Running>,
+    /// Preempted sequences waiting to be recomputed, first in line.
+    preempted: VecDeque<Running>,
+    /// The oldest queued request when it did not fit the KV budget yet; next in line after
+    /// the preempted ones.
+    waiting: Option<NewSequence>,
+}
+
 struct Running {
     seq: u64,
-    reserve: u64,
-    prompt_len: u32,
+    /// Blocks a beam search holds from admission to the end (0 for other sequences).
+    beam_blocks: u64,
+    /// The request's prompt, kept to recompute the sequence after a preemption.
+    prompt: Vec<u32>,
+    /// Tokens generated so far, fed again (after the prompt) when recomputing.
+    outputs: Vec<u32>,
+    /// Tokens to prefill before the first sample: the prompt, or after a preemption the prompt
+    /// and the outputs.
+    prefill_len: u32,
     /// Tokens not yet sent: what is left of the prompt, then the last sampled token.
     pending: Vec<u32>,
     /// The last step sent this sequence's final pending token, so a sampled token is due.
@@ -103,6 +139,11 @@ struct Running {
     sampling: Option<wpb::Sampling>,
     /// The request's own sampling, to return to after a loop-guard remedy.
     base: wpb::Sampling,
+    /// The sampling the workers last received, to resume with after a preemption.
+    in_force: wpb::Sampling,
+    /// Random numbers the workers' sampler had drawn after the last token.
+    rng_draws: u64,
+    deadline: Option<Instant>,
     generation: Generation,
     events: Events,
     /// Set for a beam search, which runs one worker sequence per beam once its prompt is in.
@@ -136,14 +177,23 @@ impl Running {
             used[0] = true;
             BeamRun { search, first: s.seq, used, forks: Vec::new(), feed: Vec::new(), asked: 1, candidates: Vec::new() }
         });
+        let beam_blocks = match &beam {
+            Some(b) => b.used.len() as u64 * kv_blocks(s.reserve / b.used.len() as u64),
+            None => 0,
+        };
         Self {
             seq: s.seq,
-            reserve: s.reserve,
-            prompt_len: s.prompt.len() as u32,
+            beam_blocks,
+            prompt: s.prompt.clone(),
+            outputs: Vec::new(),
+            prefill_len: s.prompt.len() as u32,
             pending: s.prompt,
             awaiting: false,
             cached: 0,
             base: sampling.clone(),
+            in_force: sampling.clone(),
+            rng_draws: 0,
+            deadline: s.deadline,
             sampling: Some(sampling),
             generation: s.generation,
             events: s.events,
@@ -189,7 +239,30 @@ impl Running {
     }
 
     fn prefilling(&self) -> bool {
-        self.cached < self.prompt_len
+        self.cached < self.prefill_len
+    }
+
+    /// KV blocks this sequence needs on every rank for its next step to run: all it has cached
+    /// plus all it still has to feed (a whole prompt, however it is chunked).
+    fn claim(&self) -> u64 {
+        if self.beam.is_some() {
+            return self.beam_blocks;
+        }
+        kv_blocks(u64::from(self.cached) + self.pending.len() as u64)
+    }
+
+    /// Forgets what the workers held for this sequence so that it can be prefilled again: the
+    /// prompt and every token generated so far, with a sampler that resumes where it was.
+    fn preempt(&mut self) {
+        let mut sampling = self.sampling.take().unwrap_or_else(|| self.in_force.clone());
+        sampling.resume = Some(wpb::Resume { prompt_len: self.prompt.len() as u32, rng_draws: self.rng_draws });
+        self.pending.clear();
+        self.pending.extend_from_slice(&self.prompt);
+        self.pending.extend_from_slice(&self.outputs);
+        self.prefill_len = self.pending.len() as u32;
+        self.cached = 0;
+        self.awaiting = false;
+        self.sampling = Some(sampling);
     }
 
     /// Up to `budget` pending tokens as this sequence's part of the next step. A token is
@@ -200,7 +273,11 @@ impl Running {
         let start = self.cached;
         self.cached += n as u32;
         self.awaiting = self.pending.is_empty();
-        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling: self.sampling.take(), sample: self.awaiting }
+        let sampling = self.sampling.take();
+        if let Some(s) = &sampling {
+            self.in_force = wpb::Sampling { resume: None, ..s.clone() };
+        }
+        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling, sample: self.awaiting }
     }
 
     fn send(&self, event: pb::generate_response::Event) {
@@ -214,14 +291,18 @@ impl GroupLoop {
     /// sequence it still holds — running, waiting or queued — then gets `UNAVAILABLE`, so no
     /// client is left with a stream that ends without a reason.
     pub(crate) async fn run(mut self) -> String {
-        let mut running: Vec<Running> = Vec::new();
-        // The oldest queued sequence when it did not fit the KV budget yet; first in line.
-        let mut waiting: Option<NewSequence> = None;
-        let reason = self.iterate(&mut running, &mut waiting).await;
+        let mut seqs = Sequences::default();
+        let reason = self.iterate(&mut seqs).await;
         let status = Status::unavailable(format!("worker group {} was lost mid-request: {reason}; retry", self.name));
         self.requests.close();
         let queued = std::iter::from_fn(|| self.requests.try_recv().ok());
-        let held: Vec<Events> = running.drain(..).map(|r| r.events).chain(waiting.take().into_iter().chain(queued).map(|s| s.events)).collect();
+        let held: Vec<Events> = seqs
+            .running
+            .drain(..)
+            .chain(seqs.preempted.drain(..))
+            .map(|r| r.events)
+            .chain(seqs.waiting.take().into_iter().chain(queued).map(|s| s.events))
+            .collect();
         self.metrics.lost(held.len());
         for events in held {
             let _ = events.send(Err(status.clone()));
@@ -231,33 +312,24 @@ impl GroupLoop {
         reason
     }
 
-    async fn iterate(&mut self, running: &mut Vec<Running>, waiting: &mut Option<NewSequence>) -> String {
+    async fn iterate(&mut self, seqs: &mut Sequences) -> String {
         let mut step = 0u64;
         loop {
-            if running.is_empty() && waiting.is_none() {
+            if seqs.running.is_empty() && seqs.preempted.is_empty() && seqs.waiting.is_none() {
                 tokio::select! {
                     biased;
                     reason = lost_reason(&mut self.lost) => return reason,
                     next = self.requests.recv() => match next {
-                        Some(s) => *waiting = Some(s),
+                        Some(s) => seqs.waiting = Some(s),
                         None => return "the coordinator is shutting down".into(),
                     },
                 }
             }
-            let mut reserved: u64 = running.iter().map(|r| r.reserve).sum();
-            let admitting = !self.config.static_batching || running.is_empty();
-            while admitting && running.len() < self.config.max_batch {
-                let Some(next) = waiting.take().or_else(|| self.requests.try_recv().ok()) else { break };
-                // Placement refuses sequences larger than the budget, so an idle group always
-                // admits its first one.
-                if reserved + next.reserve > self.kv_capacity && !running.is_empty() {
-                    *waiting = Some(next);
-                    break;
-                }
-                reserved += next.reserve;
-                running.push(Running::new(next));
-            }
-            self.drop_cancelled(running).await;
+            self.admit(seqs);
+            self.drop_cancelled(seqs).await;
+            self.drop_expired(seqs).await;
+            self.make_room(seqs).await;
+            let running = &mut seqs.running;
             if running.is_empty() {
                 continue;
             }
@@ -278,6 +350,92 @@ impl GroupLoop {
             if let Err(reason) = self.deliver(running, sampled).await {
                 return reason;
             }
+        }
+    }
+
+    /// Admits queued sequences in order — preempted ones first, as they were admitted before —
+    /// while the blocks they need fit next to what the running ones need. Placement refuses
+    /// sequences larger than the budget, so an idle group always admits its first one.
+    fn admit(&mut self, seqs: &mut Sequences) {
+        if self.config.static_batching && !seqs.running.is_empty() {
+            return;
+        }
+        let budget = self.kv_capacity / KV_BLOCK_TOKENS;
+        let mut claimed: u64 = seqs.running.iter().map(Running::claim).sum();
+        while seqs.running.len() < self.config.max_batch {
+            let next = match seqs.preempted.pop_front() {
+                Some(r) => r,
+                None => match seqs.waiting.take().or_else(|| self.requests.try_recv().ok()) {
+                    Some(s) => Running::new(s),
+                    None => break,
+                },
+            };
+            let claim = next.claim();
+            if claimed + claim > budget && !seqs.running.is_empty() {
+                seqs.preempted.push_front(next);
+                break;
+            }
+            claimed += claim;
+            seqs.running.push(next);
+        }
+    }
+
+    /// Preempts the most recently admitted sequences until every running sequence's next step
+    /// fits the group's KV blocks. The oldest is never preempted for a younger one, so the
+    /// group always makes progress.
+    async fn make_room(&mut self, seqs: &mut Sequences) {
+        let budget = self.kv_capacity / KV_BLOCK_TOKENS;
+        let mut claimed: u64 = seqs.running.iter().map(Running::claim).sum();
+        let mut released = Vec::new();
+        while claimed > budget {
+            let Some(victim) = seqs.running.iter().rposition(|r| r.beam.is_none()).filter(|&i| i > 0) else { break };
+            let mut r = seqs.running.remove(victim);
+            claimed -= r.claim();
+            if r.cached > 0 {
+                released.push(r.seq);
+            }
+            tracing::debug!(group = %self.name, seq = r.seq, cached = r.cached, generated = r.outputs.len(), "preempted");
+            r.preempt();
+            seqs.preempted.push_front(r);
+            self.metrics.preempted();
+        }
+        if !released.is_empty() {
+            release_all(&self.members, &self.name, released).await;
+        }
+    }
+
+    /// Ends every sequence whose deadline has passed with `DEADLINE_EXCEEDED`, wherever it is,
+    /// and frees what it held on every rank.
+    async fn drop_expired(&mut self, seqs: &mut Sequences) {
+        let now = Instant::now();
+        let expired = |d: Option<Instant>| d.is_some_and(|d| d <= now);
+        let mut ended = Vec::new();
+        let mut release = Vec::new();
+        for r in seqs.running.extract_if(.., |r| expired(r.deadline)) {
+            if r.cached > 0 {
+                release.extend(r.worker_seqs());
+            }
+            ended.push((r.events, r.outputs.len()));
+        }
+        for r in seqs.preempted.iter().filter(|r| expired(r.deadline)) {
+            ended.push((r.events.clone(), r.outputs.len()));
+        }
+        seqs.preempted.retain(|r| !expired(r.deadline));
+        if let Some(s) = seqs.waiting.take_if(|s| expired(s.deadline)) {
+            ended.push((s.events, 0));
+        }
+        if ended.is_empty() {
+            return;
+        }
+        if !release.is_empty() {
+            release_all(&self.members, &self.name, release).await;
+        }
+        self.active.fetch_sub(ended.len(), Ordering::Relaxed);
+        self.idle.notify_waiters();
+        self.metrics.deadlines_exceeded(ended.len());
+        for (events, generated) in ended {
+            let status = Status::deadline_exceeded(format!("the request's deadline passed after {generated} generated tokens"));
+            let _ = events.send(Err(status));
         }
     }
 
@@ -339,6 +497,7 @@ impl GroupLoop {
                 continue;
             }
             r.awaiting = false;
+            r.rng_draws = t.rng_draws;
             r.last_token = Some(self.metrics.token(r.generation.arrived(), r.last_token, now));
             let top = t.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
             match r.generation.accept_with_top(t.token, t.logprob, top) {
@@ -359,7 +518,10 @@ impl GroupLoop {
                             finishes.push((r.events.clone(), finished));
                             done.push(r.seq);
                         }
-                        None => r.pending.push(t.token),
+                        None => {
+                            r.pending.push(t.token);
+                            r.outputs.push(t.token);
+                        }
                     }
                 }
                 Err(e) => {
@@ -422,8 +584,12 @@ impl GroupLoop {
 
     /// Removes sequences whose client has gone (cancelled or disconnected) and frees their KV
     /// cache on every rank.
-    async fn drop_cancelled(&mut self, running: &mut Vec<Running>) {
-        let gone: Vec<u64> = running.iter().filter(|r| r.events.is_closed()).map(|r| r.seq).collect();
+    async fn drop_cancelled(&mut self, seqs: &mut Sequences) {
+        let running = &mut seqs.running;
+        let mut gone: Vec<u64> = running.iter().filter(|r| r.events.is_closed()).map(|r| r.seq).collect();
+        // Preempted sequences hold nothing on the workers.
+        gone.extend(seqs.preempted.iter().filter(|r| r.events.is_closed()).map(|r| r.seq));
+        seqs.preempted.retain(|r| !r.events.is_closed());
         if gone.is_empty() {
             return;
         }

@@ -16,6 +16,7 @@
 pub mod beam;
 pub mod chat;
 pub mod cluster;
+mod deadline;
 pub mod detokenize;
 pub mod embed;
 pub mod error;

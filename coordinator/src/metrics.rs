@@ -31,6 +31,8 @@ pub struct Metrics {
     loop_guard_remedies: AtomicU64,
     output_tokens: AtomicU64,
     capacity_refused_tokens: AtomicU64,
+    preemptions: AtomicU64,
+    deadlines_exceeded: AtomicU64,
     /// A gauge: tokens of ring requests waiting for their groups now.
     ring_waiting_tokens: AtomicU64,
     time_to_first_token: Histogram,
@@ -51,6 +53,8 @@ impl Default for Metrics {
             loop_guard_remedies: zero(),
             output_tokens: zero(),
             capacity_refused_tokens: zero(),
+            preemptions: zero(),
+            deadlines_exceeded: zero(),
             ring_waiting_tokens: zero(),
             time_to_first_token: Histogram::new(TTFT_BOUNDS),
             inter_token_latency: Histogram::new(ITL_BOUNDS),
@@ -146,7 +150,19 @@ impl Metrics {
             loop_guard_stops: read(&self.loop_guard_stops),
             loop_guard_remedies: read(&self.loop_guard_remedies),
             capacity_refused_tokens: read(&self.capacity_refused_tokens),
+            preemptions: read(&self.preemptions),
+            deadlines_exceeded: read(&self.deadlines_exceeded),
         }
+    }
+
+    /// Counts a sequence preempted for want of KV blocks.
+    pub fn preempted(&self) {
+        self.preemptions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts requests ended because their deadline passed.
+    pub fn deadlines_exceeded(&self, n: usize) {
+        self.deadlines_exceeded.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Counts a request of `tokens` KV tokens that no placement could hold.

@@ -101,6 +101,8 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     counter(&mut out, "tessera_loop_guard_stops_total", "Generations the loop guard stopped.", counters.loop_guard_stops);
     counter(&mut out, "tessera_loop_guard_remedies_total", "Loop-guard remedies applied.", counters.loop_guard_remedies);
     counter(&mut out, "tessera_output_tokens_total", "Tokens sampled for streamed requests.", tokens.output_tokens);
+    counter(&mut out, "tessera_preemptions_total", "Sequences preempted (and later recomputed) for want of KV blocks.", counters.preemptions);
+    counter(&mut out, "tessera_deadlines_exceeded_total", "Requests ended because their gRPC deadline passed.", counters.deadlines_exceeded);
     histogram(
         &mut out,
         "tessera_time_to_first_token_seconds",
@@ -110,9 +112,11 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     histogram(&mut out, "tessera_inter_token_latency_seconds", "Between consecutive sampled tokens of a request.", &tokens.inter_token_latency);
 
     type Read = fn(&pb::WorkerStatus) -> u64;
-    let per_worker: [(&str, &str, Read); 3] = [
+    let per_worker: [(&str, &str, Read); 5] = [
         ("tessera_worker_kv_tokens", "KV cache tokens a worker holds.", |w| w.kv_tokens),
         ("tessera_worker_kv_capacity_tokens", "KV cache tokens a worker can hold.", |w| w.kv_capacity_tokens),
+        ("tessera_worker_kv_blocks", "KV cache blocks (16 tokens each) a worker holds.", |w| w.kv_blocks),
+        ("tessera_worker_kv_capacity_blocks", "KV cache blocks a worker can hold.", |w| w.kv_capacity_blocks),
         ("tessera_worker_sequences", "Sequences a worker holds.", |w| u64::from(w.sequences)),
     ];
     for (name, help, value) in per_worker {

@@ -207,6 +207,8 @@ fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Resu
         top_logprobs: s.logprobs,
         // Set by the group loop for a beam search, from its width.
         beam_candidates: 0,
+        // Set by the group loop when it recomputes a preempted sequence.
+        resume: None,
     })
 }
 

@@ -42,6 +42,7 @@ impl Inference for InferenceService {
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let arrived = Instant::now();
+        let deadline = crate::deadline::grpc_timeout(req.metadata()).and_then(|t| arrived.checked_add(t));
         let models = self.cluster.models.clone();
         let limits = self.limits.clone();
         // Tokenizing a prompt of megabytes takes long enough to stall the runtime's threads.
@@ -88,7 +89,7 @@ impl Inference for InferenceService {
         let _ = events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Started(started)) }));
         let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
         let beam = prepared.beam;
-        placement.submit(NewSequence { seq, prompt: prepared.prompt, reserve, sampling, generation, beam, events })?;
+        placement.submit(NewSequence { seq, prompt: prepared.prompt, reserve, deadline, sampling, generation, beam, events })?;
         tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
         Ok(Response::new(UnboundedReceiverStream::new(stream)))
     }

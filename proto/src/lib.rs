@@ -16,3 +16,13 @@ pub mod worker {
 
 /// Encoded descriptors of every message and service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tessera_descriptor");
+
+/// Tokens per KV-cache block. Workers allocate and count KV memory in blocks of this many
+/// tokens, and the coordinator admits and preempts sequences by the same count, so both sides
+/// agree on what fits without asking.
+pub const KV_BLOCK_TOKENS: u64 = 16;
+
+/// Blocks that hold `tokens` KV entries.
+pub const fn kv_blocks(tokens: u64) -> u64 {
+    tokens.div_ceil(KV_BLOCK_TOKENS)
+}

@@ -54,6 +54,9 @@ pub struct SeqWork {
     pub top_logprobs: usize,
     /// Beam search: report this many best next tokens instead of sampling; read with `sampling`.
     pub beam_candidates: usize,
+    /// A sequence recomputed after preemption: (original prompt length, random draws so far);
+    /// read with `sampling`.
+    pub resume: Option<(usize, u64)>,
     pub sample: bool,
 }
 
@@ -72,6 +75,8 @@ pub struct Sampled {
     pub logprob: f32,
     /// The most likely tokens and their log-probabilities, most likely first (empty unless asked).
     pub top: Vec<(u32, f32)>,
+    /// Random numbers the sequence's sampler has drawn so far.
+    pub rng_draws: u64,
 }
 
 /// A sequence's sampler and what it reports.
@@ -91,6 +96,7 @@ pub struct EngineStatus {
     pub tp_rank: usize,
     pub sequences: usize,
     pub kv_tokens: u64,
+    pub kv_blocks: u64,
     pub error: String,
 }
 
@@ -371,10 +377,29 @@ impl Engine {
 
     fn step(&mut self, group: &str, StepWork { forks, seqs: work }: StepWork) -> Result<Vec<Sampled>> {
         let capacity = self.config.kv_capacity_tokens;
+        // One span per step with where its time went, for whatever subscriber the process runs
+        // (the `tessera` binary logs them at debug level; a tracing exporter can collect them).
+        let span = tracing::info_span!(
+            "step",
+            group,
+            seqs = work.len(),
+            tokens = tracing::field::Empty,
+            kv_blocks = tracing::field::Empty,
+            forward_ms = tracing::field::Empty,
+            sample_ms = tracing::field::Empty,
+        );
+        let _entered = span.enter();
         let s = self.serving(group, "step")?;
         let new_tokens: u64 = work.iter().map(|w| w.tokens.len() as u64).sum();
-        let forked = fork_growth(&s.kv, &forks)?;
-        let needed = (s.kv.tokens() as u64 + forked).saturating_add(new_tokens);
+        span.record("tokens", new_tokens);
+        // KV memory is counted in blocks; the step is refused whole, before anything runs, if
+        // what it would hold afterwards does not fit.
+        let capacity = capacity / tessera_model::KV_BLOCK_TOKENS as u64;
+        let grown: u64 = work
+            .iter()
+            .map(|w| (tessera_model::blocks_for(w.start + w.tokens.len()).saturating_sub(s.kv.seq_blocks(w.seq))) as u64)
+            .sum();
+        let needed = (s.kv.blocks() as u64).saturating_add(fork_growth(&s.kv, &forks)?).saturating_add(grown);
         if needed > capacity {
             return Err(WorkerError::KvExhausted { needed, capacity });
         }
@@ -400,8 +425,12 @@ impl Engine {
                         seq.beam_candidates = w.beam_candidates;
                     }
                     None => {
+                        let sampler = match w.resume {
+                            Some((prompt_len, draws)) => Sampler::resumed(params.clone(), prompt_len, draws),
+                            None => Sampler::new(params.clone()),
+                        };
                         let sampling = SeqSampling {
-                            sampler: Sampler::new(params.clone()),
+                            sampler,
                             top_logprobs: w.top_logprobs,
                             beam_candidates: w.beam_candidates,
                         };
@@ -414,7 +443,7 @@ impl Engine {
             // or, in beam search, the tokens the coordinator chose, recorded here.
             if let Some(seq) = s.samplers.get_mut(&w.seq) {
                 if !seq.sampler.has_sampled() {
-                    seq.sampler.observe_prompt(&w.tokens);
+                    seq.sampler.observe_context(w.start, &w.tokens);
                 } else if seq.beam_candidates > 0 {
                     seq.sampler.observe_generated(&w.tokens);
                 }
@@ -422,7 +451,10 @@ impl Engine {
             chunks.push(SeqChunk { seq: w.seq, start: w.start, len: w.tokens.len() });
             tokens.extend_from_slice(&w.tokens);
         }
+        let started = std::time::Instant::now();
         let result = s.model.forward(&Batch { tokens: &tokens, chunks: &chunks }, &mut s.kv, s.comm.as_mut(), LogitsMode::LastPerChunk);
+        span.record("forward_ms", started.elapsed().as_secs_f64() * 1e3);
+        span.record("kv_blocks", s.kv.blocks());
         let logits = match result {
             Ok(l) => l,
             // A failed collective leaves the group unusable: every rank must be re-formed.
@@ -433,6 +465,7 @@ impl Engine {
             }
             Err(e) => return Err(e.into()),
         };
+        let started = std::time::Instant::now();
         let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(tessera_model::ModelError::from)?;
         let mut out = Vec::new();
         for (w, row) in work.iter().zip(&rows) {
@@ -447,14 +480,16 @@ impl Engine {
                 let mut top = Vec::with_capacity(seq.beam_candidates);
                 seq.sampler.score(row, seq.beam_candidates, &mut top);
                 let (token, logprob) = top.first().copied().unwrap_or((0, f32::NEG_INFINITY));
-                out.push(Sampled { seq: w.seq, token, logprob, top });
+                out.push(Sampled { seq: w.seq, token, logprob, top, rng_draws: 0 });
                 continue;
             }
             let token = seq.sampler.sample(row);
             let norm = LogSoftmax::of(row);
             let top = if seq.top_logprobs > 0 { norm.top(row, seq.top_logprobs) } else { Vec::new() };
-            out.push(Sampled { seq: w.seq, token, logprob: norm.at(row, token as usize), top });
+            out.push(Sampled { seq: w.seq, token, logprob: norm.at(row, token as usize), top, rng_draws: seq.sampler.rng_draws() });
         }
+        span.record("sample_ms", started.elapsed().as_secs_f64() * 1e3);
+        tracing::debug!("step done");
         Ok(out)
     }
 
@@ -480,6 +515,7 @@ impl Engine {
                 tp_rank: s.tp_rank,
                 sequences: s.kv.num_sequences(),
                 kv_tokens: s.kv.tokens() as u64,
+                kv_blocks: s.kv.blocks() as u64,
                 error: String::new(),
             },
             State::Encoding(e) => EngineStatus { state, group_id: e.group_id.clone(), ..EngineStatus::default() },
@@ -490,7 +526,7 @@ impl Engine {
     }
 }
 
-/// KV tokens `forks` add: each target ends up holding its source's tokens instead of its own.
+/// KV blocks `forks` add: each target ends up holding its source's tokens instead of its own.
 /// Refuses forks whose targets repeat or are also sources, as their order would then matter.
 fn fork_growth(kv: &KvCache, forks: &[(SeqId, SeqId)]) -> Result<u64> {
     let mut added = 0u64;
@@ -499,7 +535,7 @@ fn fork_growth(kv: &KvCache, forks: &[(SeqId, SeqId)]) -> Result<u64> {
             return Err(WorkerError::InvalidArgument(format!("fork target {to} repeats or is also a fork source")));
         }
         let len = kv.len(from).ok_or_else(|| WorkerError::InvalidArgument(format!("fork from unknown sequence {from}")))?;
-        added = added.saturating_add(len as u64).saturating_sub(kv.len(to).unwrap_or(0) as u64);
+        added = added.saturating_add(tessera_model::blocks_for(len) as u64).saturating_sub(kv.seq_blocks(to) as u64);
     }
     Ok(added)
 }

@@ -11,7 +11,7 @@ pub enum WorkerError {
     BadState { state: &'static str, action: &'static str },
     #[error("invalid request: {0}")]
     InvalidArgument(String),
-    #[error("KV capacity exhausted: {needed} tokens needed, capacity {capacity}")]
+    #[error("KV memory exhausted: {needed} blocks of {block} tokens needed, capacity {capacity} blocks", block = tessera_model::KV_BLOCK_TOKENS)]
     KvExhausted { needed: u64, capacity: u64 },
     #[error("group collective failed: {0}")]
     Collective(#[from] CollectiveError),

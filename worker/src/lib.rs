@@ -12,3 +12,7 @@ mod wire;
 pub use engine::{EngineConfig, EngineHandle};
 pub use error::WorkerError;
 pub use service::{Admission, WorkerService};
+
+// The coordinator counts KV blocks with the protocol's block size; the cache allocates with the
+// model crate's. They must be the same number.
+const _: () = assert!(tessera_model::KV_BLOCK_TOKENS as u64 == tessera_proto::KV_BLOCK_TOKENS);

@@ -109,6 +109,8 @@ impl Worker for WorkerService {
             tp_rank: s.tp_rank as u32,
             sequences: s.sequences as u32,
             kv_tokens: s.kv_tokens,
+            kv_blocks: s.kv_blocks,
+            kv_capacity_blocks: self.config.kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
             kv_capacity_tokens: self.config.kv_capacity_tokens,
             error: s.error,
         }))

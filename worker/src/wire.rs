@@ -68,6 +68,7 @@ fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
             "beam_candidates is {beam_candidates}; the limit is {MAX_BEAM_CANDIDATES}"
         )));
     }
+    let resume = s.sampling.as_ref().and_then(|p| p.resume.as_ref()).map(|r| (r.prompt_len as usize, r.rng_draws));
     let sampling = match s.sampling {
         None => None,
         Some(p) => {
@@ -102,13 +103,14 @@ fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
         sampling,
         top_logprobs: top_logprobs as usize,
         beam_candidates: beam_candidates as usize,
+        resume,
         sample: s.sample,
     })
 }
 
 pub fn sampled(s: Sampled) -> pb::SampledToken {
     let top = s.top.into_iter().map(|(token, logprob)| pb::TopToken { token, logprob }).collect();
-    pb::SampledToken { seq_id: s.seq, token: s.token, logprob: s.logprob, top }
+    pb::SampledToken { seq_id: s.seq, token: s.token, logprob: s.logprob, top, rng_draws: s.rng_draws }
 }
 
 /// The inputs of an `Embed` call, as token-id lists.

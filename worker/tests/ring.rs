@@ -133,16 +133,16 @@ fn refusal(results: Vec<Result<tessera_worker::engine::RingSampled, WorkerError>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn penalised_sampling_over_a_ring_matches_one_rank_and_refusals_reach_every_member() {
-    // Member 1 can hold 26 tokens: a 37-token prompt gives it 18 (24 after the decode steps
-    // below), a 61-token one 30.
-    let engines = ring([4096, 26]).await;
+    // Member 1 can hold 32 tokens, 2 blocks: a 37-token prompt gives it 18 (24 after the decode
+    // steps below), a 70-token one 35, which takes 3.
+    let engines = ring([4096, 32]).await;
     let short = prompt(37);
-    let long = prompt(61);
+    let long = prompt(70);
 
     // Out of KV capacity on member 1: it says so, member 0 says who refused; nothing is cached.
     let out_of_kv = refusal(step_all(&engines, 1, |m| prefill(&long, m, true, penalised())).await);
     assert!(matches!(out_of_kv[0], WorkerError::RingRefused { ref members } if *members == [1]), "{out_of_kv:?}");
-    assert!(matches!(out_of_kv[1], WorkerError::KvExhausted { needed: 30, capacity: 26 }), "{out_of_kv:?}");
+    assert!(matches!(out_of_kv[1], WorkerError::KvExhausted { needed: 3, capacity: 2 }), "{out_of_kv:?}");
 
     // Penalties read the history, so the whole prompt must come along.
     let no_prompt = refusal(step_all(&engines, 1, |m| prefill(&short, m, false, penalised())).await);

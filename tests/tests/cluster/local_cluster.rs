@@ -164,14 +164,15 @@ async fn chinese_streams_whole_characters_and_stops_where_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequences_wait_for_kv_room_instead_of_failing_the_group() {
     let dir = fixture(&demo(), "kv-budget");
-    // Room for one sequence of 16 + 200 tokens at a time, not two.
-    let cluster = up(&dir, &["--workers", "1", "--kv-capacity-tokens", "300"]).expect("tessera up");
+    // 20 KV blocks: room for one sequence of 16 + 200 tokens (14 blocks) to finish, not two. The
+    // second waits, or runs and is preempted, and never fails the group.
+    let cluster = up(&dir, &["--workers", "1", "--kv-capacity-tokens", "320"]).expect("tessera up");
     let mut client = connect(&cluster.url).await;
     let prompt_ids: Vec<u32> = (0..16).map(|i| 40 + i).collect();
 
     let too_big = generate(&mut client, greedy(tokens(prompt_ids.clone()), 400)).await.expect_err("cannot ever fit");
     assert_eq!(too_big.code(), Code::InvalidArgument, "{too_big:?}");
-    assert!(too_big.message().contains("the most this cluster can hold for one request now is 300"), "{}", too_big.message());
+    assert!(too_big.message().contains("the most this cluster can hold for one request now is 320"), "{}", too_big.message());
 
     let (mut c1, mut c2) = (client.clone(), client.clone());
     let (a, b) = tokio::join!(

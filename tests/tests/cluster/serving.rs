@@ -141,3 +141,87 @@ async fn thirty_two_concurrent_streams_equal_each_run_alone() {
     let status = connect(&cluster.url).await.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
     assert_eq!(status.counters.and_then(|c| c.finished.get("LENGTH").copied()), Some(64));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_are_identical_when_kv_blocks_run_out_and_sequences_are_preempted() {
+    let dir = fixture(&demo(), "preemption");
+    // 128 KV tokens are 8 blocks: each request fits alone, six together need about 30.
+    let cluster = up(&dir, &["--workers", "2", "--tp", "2", "--kv-capacity-tokens", "128", "--max-batch", "8"]).expect("tessera up");
+    let client = connect(&cluster.url).await;
+    let request = |i: u32| {
+        let ids: Vec<u32> = (0..10 + 2 * i).map(|j| 3 + (i * 41 + j * 13) % 300).collect();
+        let mut r = greedy(tokens(ids), 40 + 4 * i);
+        if i % 2 == 1 {
+            // Seeded sampling with every penalty that reads the history: a recomputed sequence
+            // must resume the random stream and count its earlier tokens as output.
+            r.sampling = Some(pb::SamplingParams {
+                temperature: 1.1,
+                top_k: 40,
+                seed: Some(100 + u64::from(i)),
+                repetition_penalty: Some(1.3),
+                presence_penalty: 0.6,
+                frequency_penalty: 0.4,
+                ..Default::default()
+            });
+        }
+        r
+    };
+    let mut alone = Vec::new();
+    for i in 0..6 {
+        let out = generate(&mut client.clone(), request(i)).await.expect("alone");
+        alone.push((out.tokens(), out.reason()));
+    }
+    let counters = |s: pb::ClusterStatusResponse| s.counters.unwrap_or_default();
+    let before = counters(client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner());
+    assert_eq!(before.preemptions, 0, "a request alone fits its group");
+
+    let together = futures::future::join_all((0..6).map(|i| {
+        let mut c = client.clone();
+        async move {
+            let out = generate(&mut c, request(i)).await.expect("concurrent");
+            (out.tokens(), out.reason())
+        }
+    }))
+    .await;
+    let status = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    assert!(status.workers.iter().all(|w| w.kv_blocks == 0 && w.sequences == 0), "every rank freed every block: {:?}", status.workers);
+    let after = counters(status);
+    assert!(after.preemptions > 0, "the budget must force preemption for this test to mean anything");
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.0.len(), 40 + 4 * i, "request {i}");
+        assert_eq!(a, t, "request {i}: preempted and recomputed vs alone");
+    }
+    println!("{} preemptions over 6 concurrent requests", after.preemptions);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passed_deadline_ends_the_stream_and_frees_every_rank() {
+    let dir = fixture(&demo(), "deadline");
+    let cluster = up(&dir, &["--workers", "2", "--tp", "2"]).expect("tessera up");
+    let client = connect(&cluster.url).await;
+
+    // Mid-stream: 230 tokens take far longer than 150 ms through a TP=2 group.
+    let mut request = tonic::Request::new(greedy(prompt("Once upon a time"), 230));
+    request.set_timeout(std::time::Duration::from_millis(150));
+    let mut stream = client.clone().generate(request).await.expect("accepted").into_inner();
+    let status = until_error(&mut stream).await;
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("deadline passed after"), "{}", status.message());
+    // The sequence is released on every rank before the error is sent.
+    let after = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    assert!(after.workers.iter().all(|w| w.kv_blocks == 0 && w.sequences == 0), "{:?}", after.workers);
+
+    // Already passed on arrival: refused before it runs.
+    let mut request = tonic::Request::new(greedy(prompt("Once upon a time"), 8));
+    request.set_timeout(std::time::Duration::from_nanos(1));
+    let mut stream = client.clone().generate(request).await.expect("accepted").into_inner();
+    let status = until_error(&mut stream).await;
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("after 0 generated tokens"), "{}", status.message());
+
+    let counters = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner().counters.unwrap_or_default();
+    assert_eq!(counters.deadlines_exceeded, 2);
+    // The group still serves.
+    let done = generate(&mut client.clone(), greedy(prompt("Once upon a time"), 4)).await.expect("generate after deadlines");
+    assert_eq!(done.tokens().len(), 4);
+}

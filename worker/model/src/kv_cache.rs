@@ -1,8 +1,12 @@
 //! Per-sequence key/value cache of one rank.
 //!
-//! Each sequence keeps, per layer, one preallocated `[kv_heads, capacity, head_dim]` tensor for
-//! keys and one for values. New entries are written in place; capacity doubles when exceeded,
-//! so a generation of n tokens copies O(n) bytes in total rather than O(n²).
+//! Each sequence keeps, per layer, one `[kv_heads, capacity, head_dim]` tensor for keys and one
+//! for values, written in place. Capacity is a whole number of blocks of [`KV_BLOCK_TOKENS`]
+//! tokens and grows to the blocks a step needs, never more, so the memory a rank holds is
+//! exactly the blocks it counts ([`KvCache::blocks`]) and a scheduler that counts the same
+//! blocks knows what fits. Storage stays contiguous per sequence because attention reads a
+//! sequence's keys as one tensor; the price is that growing copies the sequence's cache, once
+//! per block of new tokens (see BENCHMARKS.md for what that costs in decode).
 //!
 //! A sequence spread over a sequence-parallel ring also keeps a [`RingPlacement`]: which global
 //! positions this member's slots hold, and how many tokens every member holds. Slots stay dense
@@ -97,8 +101,13 @@ pub struct KvCache {
     seqs: HashMap<SeqId, SeqKv>,
 }
 
-/// Smallest allocation per sequence, so short decodes do not reallocate every few tokens.
-const MIN_CAPACITY: usize = 64;
+/// Tokens per block of KV memory.
+pub const KV_BLOCK_TOKENS: usize = 16;
+
+/// Blocks needed to hold `tokens` entries.
+pub fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(KV_BLOCK_TOKENS)
+}
 
 impl KvCache {
     pub fn new(spec: KvSpec) -> Self {
@@ -118,6 +127,16 @@ impl KvCache {
     /// Total tokens held over all sequences.
     pub fn tokens(&self) -> usize {
         self.seqs.values().map(|s| s.len).sum()
+    }
+
+    /// Blocks of KV memory held over all sequences: what the cache's tensors occupy.
+    pub fn blocks(&self) -> usize {
+        self.seqs.values().map(|s| s.capacity / KV_BLOCK_TOKENS).sum()
+    }
+
+    /// Blocks `seq` holds now (0 for an unknown sequence).
+    pub fn seq_blocks(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |s| s.capacity / KV_BLOCK_TOKENS)
     }
 
     /// The ring placement of a sequence spread over a sequence-parallel ring; `None` for an
@@ -140,7 +159,7 @@ impl KvCache {
             return Err(ModelError::InvalidBatch(format!("sequence {from} is spread over a ring and cannot be forked")));
         }
         let len = src.len;
-        let mut copy = self.allocate(src.capacity)?;
+        let mut copy = self.allocate(len)?;
         if len > 0 {
             for (dst, s) in copy.keys.iter_mut().zip(&src.keys).chain(copy.values.iter_mut().zip(&src.values)) {
                 dst.slice_set(&s.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
@@ -157,8 +176,7 @@ impl KvCache {
         let current = self.len(seq);
         match current {
             None if start == 0 => {
-                let capacity = new_len.max(MIN_CAPACITY);
-                let entry = self.allocate(capacity)?;
+                let entry = self.allocate(new_len)?;
                 self.seqs.insert(seq, entry);
                 return Ok(());
             }
@@ -184,8 +202,7 @@ impl KvCache {
         if needed <= capacity {
             return Ok(());
         }
-        let new_capacity = needed.max(capacity * 2);
-        let mut grown = self.allocate(new_capacity)?;
+        let mut grown = self.allocate(needed)?;
         let old = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
         if old.len > 0 {
             for (dst, src) in grown.keys.iter_mut().zip(&old.keys).chain(grown.values.iter_mut().zip(&old.values)) {
@@ -207,7 +224,7 @@ impl KvCache {
                 "sequence {seq} already holds {len} tokens; a ring prefill starts a new sequence"
             )));
         }
-        let mut entry = self.allocate(placement.positions.len().max(MIN_CAPACITY))?;
+        let mut entry = self.allocate(placement.positions.len())?;
         entry.ring = Some(placement);
         self.seqs.insert(seq, entry);
         Ok(())
@@ -268,7 +285,9 @@ impl KvCache {
         Ok(())
     }
 
-    fn allocate(&self, capacity: usize) -> Result<SeqKv> {
+    /// Storage for at least `tokens` entries (at least one block), in whole blocks.
+    fn allocate(&self, tokens: usize) -> Result<SeqKv> {
+        let capacity = blocks_for(tokens.max(1)) * KV_BLOCK_TOKENS;
         let s = &self.spec;
         let shape = (s.kv_heads, capacity, s.head_dim);
         let mut keys = Vec::with_capacity(s.layers);

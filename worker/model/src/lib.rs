@@ -32,7 +32,7 @@ pub use batch::{Batch, LogitsMode, SeqChunk};
 pub use bert::BertModel;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use kv_cache::{KvCache, RingPlacement, SeqId};
+pub use kv_cache::{blocks_for, KvCache, RingPlacement, SeqId, KV_BLOCK_TOKENS};
 pub use model::{LoadConfig, Model};
 pub use parallel::TpLayout;
 pub use ring::{AppendOn, DecodeStep, LocalLogits, PrefillStep, RingComm, RingLogits, RingOutput, RingStep};

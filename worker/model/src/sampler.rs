@@ -146,17 +146,35 @@ impl SamplingParams {
 
 /// SplitMix64: tiny, fast, and fully specified, so a seed means the same stream on every
 /// platform and every version of this crate.
+/// Its state advances by a constant per draw, so skipping ahead is one multiplication.
 #[derive(Debug, Clone)]
-pub struct SeededRng(u64);
+pub struct SeededRng {
+    state: u64,
+    draws: u64,
+}
+
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl SeededRng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self { state: seed, draws: 0 }
+    }
+
+    /// Numbers drawn so far.
+    pub fn draws(&self) -> u64 {
+        self.draws
+    }
+
+    /// Moves on as if `n` more numbers had been drawn.
+    pub fn skip(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(n.wrapping_mul(SPLITMIX_GAMMA));
+        self.draws += n;
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
+        self.state = self.state.wrapping_add(SPLITMIX_GAMMA);
+        self.draws += 1;
+        let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
@@ -188,13 +206,39 @@ pub struct Sampler {
     dry: Dry,
     /// Whether `sample` has run: until then, tokens fed to the sequence are its prompt.
     sampled: bool,
+    /// Set for a sequence recomputed after preemption: positions from here on were generated.
+    resumed_prompt_len: Option<usize>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = SeededRng::new(params.seed);
         let history = params.needs_history().then(TokenHistory::new);
-        Self { params, rng, candidates: Vec::new(), history, penalised: Vec::new(), dry: Dry::new(), sampled: false }
+        Self {
+            params,
+            rng,
+            candidates: Vec::new(),
+            history,
+            penalised: Vec::new(),
+            dry: Dry::new(),
+            sampled: false,
+            resumed_prompt_len: None,
+        }
+    }
+
+    /// A sampler for a sequence recomputed after preemption: it had drawn `rng_draws` random
+    /// numbers, and what it is fed from position `prompt_len` on was generated. Fed the same
+    /// tokens again, it then samples exactly what the first sampler would have sampled next.
+    pub fn resumed(params: SamplingParams, prompt_len: usize, rng_draws: u64) -> Self {
+        let mut s = Self::new(params);
+        s.rng.skip(rng_draws);
+        s.resumed_prompt_len = Some(prompt_len);
+        s
+    }
+
+    /// Random numbers drawn so far (over the whole sequence, across resumptions).
+    pub fn rng_draws(&self) -> u64 {
+        self.rng.draws()
     }
 
     /// Changes how the next tokens are drawn, keeping the random stream (the new seed is
@@ -220,6 +264,17 @@ impl Sampler {
         if let Some(h) = &mut self.history {
             h.push_prompt(ids);
         }
+    }
+
+    /// Records what a sequence is fed before its first sample, starting at position `start`:
+    /// prompt, except that a resumed sequence's tokens past its original prompt were generated.
+    pub fn observe_context(&mut self, start: usize, ids: &[u32]) {
+        let prompt = match self.resumed_prompt_len {
+            Some(p) => p.saturating_sub(start).min(ids.len()),
+            None => ids.len(),
+        };
+        self.observe_prompt(&ids[..prompt]);
+        self.observe_generated(&ids[prompt..]);
     }
 
     /// Records tokens generated for this sequence that this sampler did not pick itself.
@@ -462,6 +517,29 @@ mod tests {
         assert_eq!(s.history().map(|h| h.generated_len()), Some(0), "scoring records no token");
         s.observe_generated(&[4]);
         assert_eq!(s.history().map(|h| h.tokens().to_vec()), Some(vec![1, 3, 1, 4]));
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_the_random_stream_and_the_history() {
+        let params = SamplingParams { temperature: 0.9, seed: 11, presence_penalty: 0.5, frequency_penalty: 0.3, ..SamplingParams::greedy() };
+        let row = |i: usize| (0..40).map(|t| ((t * 7 + i * 3) % 11) as f32 * 0.3).collect::<Vec<f32>>();
+        let prompt = [1u32, 2, 3, 4];
+        let mut first = Sampler::new(params.clone());
+        first.observe_prompt(&prompt);
+        let before: Vec<u32> = (0..6).map(|i| first.sample(&row(i))).collect();
+        let draws = first.rng_draws();
+        assert_eq!(draws, 6, "one draw per sampled token at temperature > 0");
+        let after: Vec<u32> = (6..12).map(|i| first.sample(&row(i))).collect();
+
+        // Preempted after six tokens: the prompt and those tokens are fed again, in two chunks.
+        let mut again = Sampler::resumed(params, prompt.len(), draws);
+        let fed: Vec<u32> = prompt.iter().chain(&before).copied().collect();
+        again.observe_context(0, &fed[..7]);
+        again.observe_context(7, &fed[7..]);
+        assert_eq!(again.history().map(|h| h.generated_len()), Some(6), "the tokens past the prompt count as output");
+        let resumed: Vec<u32> = (6..12).map(|i| again.sample(&row(i))).collect();
+        assert_eq!(resumed, after);
+        assert!(after.iter().collect::<std::collections::HashSet<_>>().len() > 1, "the test draws more than one token");
     }
 
     #[test]

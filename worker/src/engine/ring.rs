@@ -366,7 +366,9 @@ fn run_step(s: &mut Serving, capacity: u64, mut step: RingSeqStep) -> std::resul
 /// the new token's keys and values.
 fn check(s: &Serving, ring: &RingMembership, capacity: u64, step: &RingSeqStep) -> Result<Option<usize>> {
     let (member, members, seq) = (ring.member, ring.members, step.seq);
-    let held = s.kv.tokens() as u64;
+    // KV memory is counted in blocks, as for group steps.
+    let held = s.kv.blocks() as u64;
+    let capacity = capacity / tessera_model::KV_BLOCK_TOKENS as u64;
     match &step.work {
         RingWork::Prefill { prompt_len, tokens, prompt, sampling } => {
             let prompt_len = *prompt_len;
@@ -403,7 +405,7 @@ fn check(s: &Serving, ring: &RingMembership, capacity: u64, step: &RingSeqStep) 
                     "sequence {seq} already holds {len} tokens; a ring prefill starts a new sequence"
                 )));
             }
-            let needed = held + share as u64;
+            let needed = held + tessera_model::blocks_for(share) as u64;
             if needed > capacity {
                 return Err(WorkerError::KvExhausted { needed, capacity });
             }
@@ -429,7 +431,8 @@ fn check(s: &Serving, ring: &RingMembership, capacity: u64, step: &RingSeqStep) 
             if !s.samplers.contains_key(&seq) {
                 return Err(WorkerError::InvalidArgument(format!("sequence {seq} has no sampler")));
             }
-            let needed = held + u64::from(on == member);
+            let grows = on == member && tessera_model::blocks_for(s.kv.len(seq).unwrap_or(0) + 1) > s.kv.seq_blocks(seq);
+            let needed = held + u64::from(grows);
             if needed > capacity {
                 return Err(WorkerError::KvExhausted { needed, capacity });
             }
