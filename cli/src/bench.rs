@@ -134,6 +134,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let plan = plan(&args)?;
     let channel = Channel::from_shared(args.addr.clone())?.connect().await.with_context(|| format!("cannot reach {}", args.addr))?;
     let client = InferenceClient::new(channel);
+    let preempted_before = preemptions(&client).await;
     let limit = Arc::new(Semaphore::new(args.max_concurrency.unwrap_or(Semaphore::MAX_PERMITS)));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(plan.len());
@@ -151,7 +152,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         results.push(t.await?);
     }
     let duration = start.elapsed().as_secs_f64();
-    let report = Report::new(&args, &results, duration);
+    let mut report = Report::new(&args, &results, duration);
+    // The coordinator's counter, so a run under memory pressure says what it cost; absent when
+    // the server does not report it.
+    report.preemptions = preempted_before.zip(preemptions(&client).await).map(|(before, after)| after.saturating_sub(before));
     print!("{}", report.markdown());
     if let Some(e) = results.iter().find(|r| !r.ok) {
         eprintln!("first failure: {}", e.error);
@@ -163,6 +167,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         bail!("no request completed");
     }
     Ok(())
+}
+
+/// Sequences the coordinator has preempted so far (`ClusterStatus.counters.preemptions`).
+async fn preemptions(client: &InferenceClient<Channel>) -> Option<u64> {
+    let status = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.ok()?.into_inner();
+    Some(status.counters?.preemptions)
 }
 
 /// The run's requests: lengths, prompts and arrival times, all from the seed.
@@ -328,6 +338,8 @@ struct Report {
     slo_tpot_ms: Option<f64>,
     /// Requests per second that met every SLO given; absent without SLOs.
     goodput: Option<f64>,
+    /// Sequences the server preempted for want of KV memory during the run.
+    preemptions: Option<u64>,
 }
 
 impl Report {
@@ -367,6 +379,7 @@ impl Report {
             slo_ttft_ms: args.slo_ttft_ms,
             slo_tpot_ms: args.slo_tpot_ms,
             goodput: has_slo.then(|| per_s(good)),
+            preemptions: None,
         }
     }
 
@@ -385,6 +398,9 @@ impl Report {
         if let Some(goodput) = self.goodput {
             let slo = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}"));
             rows.push((format!("goodput (req/s; TTFT ≤ {} ms, TPOT ≤ {} ms)", slo(self.slo_ttft_ms), slo(self.slo_tpot_ms)), format!("{goodput:.2}")));
+        }
+        if let Some(n) = self.preemptions {
+            rows.push(("preemptions (KV memory ran out)".into(), n.to_string()));
         }
         for (name, s) in [("TTFT", self.ttft), ("TPOT", self.tpot), ("ITL", self.itl), ("E2E latency", self.e2e_latency)] {
             rows.push((format!("{name} mean / p50 / p90 / p99 (ms)"), format!("{:.2} / {:.2} / {:.2} / {:.2}", s.mean_ms, s.p50_ms, s.p90_ms, s.p99_ms)));

@@ -32,6 +32,7 @@ fn tessera_bench_reports_counts_and_finite_latencies() {
     assert_eq!((count("completed"), count("failed")), (6, 0), "{report}");
     assert_eq!((count("total_input_tokens"), count("total_output_tokens")), (6 * 12, 6 * 5), "ignore_eos: every output has the asked length");
     assert_eq!(report["label"], "test");
+    assert_eq!(report["preemptions"], 0, "six short requests fit the default KV capacity");
     assert_eq!(report["max_concurrency"], 3);
     for k in ["duration_s", "request_throughput", "output_throughput", "total_token_throughput", "goodput"] {
         let v = report[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {report}"));

@@ -43,8 +43,10 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (w_store, w_layout) = w.storage_and_layout();
     let Some((w0, w1)) = w_layout.contiguous_offsets() else { return Ok(None) };
     let y = match &*w_store {
-        Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(rows, out, inner, &all[w0..w1], x_data, f32_kernel()),
-        Storage::Cpu(CpuStorage::BF16(all)) => rows_parallel(rows, out, inner, &all[w0..w1], x_data, bf16_kernel()),
+        Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(rows, out, inner, &all[w0..w1], x_data, f32_kernel(), block_kernel::<f32>()),
+        Storage::Cpu(CpuStorage::BF16(all)) => {
+            rows_parallel(rows, out, inner, &all[w0..w1], x_data, bf16_kernel(), block_kernel::<half::bf16>())
+        }
         _ => return Ok(None),
     };
     drop((w_store, x_store));
@@ -58,7 +60,10 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     Ok(Some(y.to_dtype(x.dtype())?))
 }
 
-/// `y[r, i] = dot(W[r, :], x[i, :])` with weight rows split over the thread pool.
+/// `y[r, i] = dot(W[r, :], x[i, :])` with weight rows split over the thread pool. With several
+/// activation rows, a register-blocked kernel (when the CPU has one) computes two weight rows
+/// against four activation rows at once: each load then feeds more than one multiply-add, which
+/// is what a batch of decodes is bound by once the weights are in cache.
 fn rows_parallel<W: Sync>(
     rows: usize,
     out: usize,
@@ -66,18 +71,139 @@ fn rows_parallel<W: Sync>(
     w: &[W],
     x: &[f32],
     dot: fn(&[W], &[f32]) -> f32,
+    block: Option<BlockKernel<W>>,
 ) -> Vec<f32> {
     let mut y = vec![0f32; out * rows];
     y.par_chunks_mut(ROWS_PER_TASK * rows).enumerate().for_each(|(task, ys)| {
         let first = task * ROWS_PER_TASK;
-        for (j, yr) in ys.chunks_mut(rows).enumerate() {
-            let w_row = &w[(first + j) * inner..(first + j + 1) * inner];
-            for (i, yi) in yr.iter_mut().enumerate() {
-                *yi = dot(w_row, &x[i * inner..(i + 1) * inner]);
+        let w_row = |j: usize| &w[(first + j) * inner..(first + j + 1) * inner];
+        let x_row = |i: usize| &x[i * inner..(i + 1) * inner];
+        let task_rows = ys.len() / rows;
+        let mut j = 0;
+        if let Some(block) = block.filter(|_| rows > 1) {
+            while j + 2 <= task_rows {
+                let mut i = 0;
+                while i < rows {
+                    let take = (rows - i).min(4);
+                    let mut xs = [x_row(i); 4];
+                    for (k, xk) in xs.iter_mut().enumerate().take(take) {
+                        *xk = x_row(i + k);
+                    }
+                    let sums = block(w_row(j), w_row(j + 1), xs, take);
+                    for k in 0..take {
+                        ys[j * rows + i + k] = sums[0][k];
+                        ys[(j + 1) * rows + i + k] = sums[1][k];
+                    }
+                    i += take;
+                }
+                j += 2;
+            }
+        }
+        for j in j..task_rows {
+            for i in 0..rows {
+                ys[j * rows + i] = dot(w_row(j), x_row(i));
             }
         }
     });
     y
+}
+
+/// Two weight rows against up to four activation rows (the first `take` of `xs`):
+/// `[[dot(w0, x_k)], [dot(w1, x_k)]]`.
+type BlockKernel<W> = fn(&[W], &[W], [&[f32]; 4], usize) -> [[f32; 4]; 2];
+
+/// The register-blocked kernel for weights of type `W`, if this CPU has one.
+fn block_kernel<W: WeightLanes>() -> Option<BlockKernel<W>> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return Some(block_avx2_entry::<W>);
+    }
+    None
+}
+
+/// Weight element types the blocked kernel reads eight at a time as f32 lanes.
+trait WeightLanes: Copy + Sync {
+    /// Eight elements from `p` widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point at eight readable elements; the CPU must have AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    fn to_f32(self) -> f32;
+}
+
+impl WeightLanes for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees eight readable f32 and AVX2.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl WeightLanes for half::bf16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees eight readable bf16 (plain u16) and AVX2. bf16 is the
+        // top half of an f32: widening is a zero-extend and a 16-bit shift.
+        unsafe {
+            let raw = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+        }
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn block_avx2_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
+    // SAFETY: only selected by `block_kernel` after checking that the CPU has AVX2 and FMA.
+    unsafe {
+        match take {
+            4 => block_avx2::<W, 4>(w0, w1, xs),
+            3 => block_avx2::<W, 3>(w0, w1, xs),
+            2 => block_avx2::<W, 2>(w0, w1, xs),
+            _ => block_avx2::<W, 1>(w0, w1, xs),
+        }
+    }
+}
+
+/// Eight accumulators (2 weight rows × 4 activation rows) stay in registers; per eight columns
+/// it loads 2 + R vectors for 2R multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::*;
+    let n = w0.len().min(w1.len()).min(xs.iter().take(R).map(|x| x.len()).min().unwrap_or(0));
+    let mut acc0 = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n, within every row.
+        let (a, b) = unsafe { (W::load8(w0.as_ptr().add(i)), W::load8(w1.as_ptr().add(i))) };
+        for k in 0..R {
+            let v = unsafe { _mm256_loadu_ps(xs[k].as_ptr().add(i)) };
+            acc0[k] = _mm256_fmadd_ps(a, v, acc0[k]);
+            acc1[k] = _mm256_fmadd_ps(b, v, acc1[k]);
+        }
+        i += 8;
+    }
+    let mut out = [[0f32; 4]; 2];
+    for k in 0..R {
+        out[0][k] = horizontal_sum(acc0[k]);
+        out[1][k] = horizontal_sum(acc1[k]);
+        for t in i..n {
+            out[0][k] += w0[t].to_f32() * xs[k][t];
+            out[1][k] += w1[t].to_f32() * xs[k][t];
+        }
+    }
+    out
 }
 
 fn has_avx2_fma() -> bool {
@@ -270,6 +396,30 @@ mod tests {
             for (fr, gr) in fast.iter().zip(&gemm) {
                 for (a, b) in fr.iter().zip(gr) {
                     assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "rows {rows}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_rows_match_gemm_with_odd_shapes_and_tails() {
+        let dev = candle_core::Device::Cpu;
+        for (out, inner) in [(131usize, 37usize), (64, 8), (7, 581)] {
+            let w: Vec<f32> = (0..out * inner).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let w = Tensor::from_vec(w, (out, inner), &dev).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let w = w.to_dtype(dtype).unwrap();
+                let wide = w.to_dtype(DType::F32).unwrap();
+                for rows in [2usize, 3, 5, 7, 13] {
+                    let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+                    let x = Tensor::from_vec(x, (rows, inner), &dev).unwrap();
+                    let fast = matvec_t(&x, &w).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
+                    let gemm = x.matmul(&wide.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+                    for (fr, gr) in fast.iter().zip(&gemm) {
+                        for (a, b) in fr.iter().zip(gr) {
+                            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{dtype:?} {out}x{inner}, rows {rows}: {a} vs {b}");
+                        }
+                    }
                 }
             }
         }
