@@ -226,3 +226,36 @@ async fn a_passed_deadline_ends_the_stream_and_frees_every_rank() {
     let done = generate(&mut client.clone(), greedy(prompt("Once upon a time"), 4)).await.expect("generate after deadlines");
     assert_eq!(done.tokens().len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_resource_exhausted_and_the_queued_request_still_runs() {
+    let dir = fixture(&demo(), "full-queue");
+    // One sequence runs at a time and one more may wait.
+    let cluster = up(&dir, &["--workers", "1", "--max-batch", "1", "--queue-depth", "1"]).expect("tessera up");
+    let client = connect(&cluster.url).await;
+    let mut running = client.clone().generate(greedy(prompt("Once upon a time"), 200)).await.expect("first").into_inner();
+    // Its first token means the group took it off the queue; it holds the only batch slot for
+    // about 200 steps.
+    read_chunks(&mut running, 1).await;
+    let queued = tokio::spawn({
+        let mut c = client.clone();
+        async move { generate(&mut c, greedy(prompt("Once upon a time"), 3)).await }
+    });
+    // The queued request is in once ClusterStatus counts it.
+    let mut c = client.clone();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while c.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner().queued_requests == 0 {
+        assert!(std::time::Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(POLL).await;
+    }
+    let refused = generate(&mut client.clone(), greedy(prompt("Once upon a time"), 3)).await.expect_err("the queue is full");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("1 requests waiting, its limit"), "{}", refused.message());
+    let queued = queued.await.expect("task").expect("the queued request runs after the first");
+    assert_eq!(queued.tokens().len(), 3);
+    while let Some(m) = running.message().await.expect("first stream") {
+        if let Some(pb::generate_response::Event::Finished(f)) = m.event {
+            assert_eq!(f.reason, pb::FinishReason::Length as i32);
+        }
+    }
+}

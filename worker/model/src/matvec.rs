@@ -112,11 +112,17 @@ fn rows_parallel<W: Sync>(
 /// `[[dot(w0, x_k)], [dot(w1, x_k)]]`.
 type BlockKernel<W> = fn(&[W], &[W], [&[f32]; 4], usize) -> [[f32; 4]; 2];
 
-/// The register-blocked kernel for weights of type `W`, if this CPU has one.
+/// The register-blocked kernel for weights of type `W`, if this CPU has one: sixteen lanes with
+/// AVX-512, else eight with AVX2.
 fn block_kernel<W: WeightLanes>() -> Option<BlockKernel<W>> {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        return Some(block_avx2_entry::<W>);
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(block_avx512_entry::<W>);
+        }
+        if has_avx2_fma() {
+            return Some(block_avx2_entry::<W>);
+        }
     }
     None
 }
@@ -129,6 +135,12 @@ trait WeightLanes: Copy + Sync {
     /// `p` must point at eight readable elements; the CPU must have AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen elements from `p` widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point at sixteen readable elements; the CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
     fn to_f32(self) -> f32;
 }
 
@@ -138,6 +150,12 @@ impl WeightLanes for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller guarantees eight readable f32 and AVX2.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees sixteen readable f32 and AVX-512F.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
     fn to_f32(self) -> f32 {
         self
@@ -154,6 +172,16 @@ impl WeightLanes for half::bf16 {
         unsafe {
             let raw = _mm_loadu_si128(p as *const __m128i);
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees sixteen readable bf16 (plain u16) and AVX-512F.
+        unsafe {
+            let raw = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
         }
     }
     fn to_f32(self) -> f32 {
@@ -283,6 +311,50 @@ unsafe fn dot_bf16_avx2(a: &[half::bf16], b: &[f32]) -> f32 {
         i += 1;
     }
     sum
+}
+
+#[cfg(target_arch = "x86_64")]
+fn block_avx512_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
+    // SAFETY: only selected by `block_kernel` after checking that the CPU has AVX-512F.
+    unsafe {
+        match take {
+            4 => block_avx512::<W, 4>(w0, w1, xs),
+            3 => block_avx512::<W, 3>(w0, w1, xs),
+            2 => block_avx512::<W, 2>(w0, w1, xs),
+            _ => block_avx512::<W, 1>(w0, w1, xs),
+        }
+    }
+}
+
+/// As [`block_avx2`] with sixteen lanes per vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::*;
+    let n = w0.len().min(w1.len()).min(xs.iter().take(R).map(|x| x.len()).min().unwrap_or(0));
+    let mut acc0 = [_mm512_setzero_ps(); R];
+    let mut acc1 = [_mm512_setzero_ps(); R];
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, within every row.
+        let (a, b) = unsafe { (W::load16(w0.as_ptr().add(i)), W::load16(w1.as_ptr().add(i))) };
+        for k in 0..R {
+            let v = unsafe { _mm512_loadu_ps(xs[k].as_ptr().add(i)) };
+            acc0[k] = _mm512_fmadd_ps(a, v, acc0[k]);
+            acc1[k] = _mm512_fmadd_ps(b, v, acc1[k]);
+        }
+        i += 16;
+    }
+    let mut out = [[0f32; 4]; 2];
+    for k in 0..R {
+        out[0][k] = _mm512_reduce_add_ps(acc0[k]);
+        out[1][k] = _mm512_reduce_add_ps(acc1[k]);
+        for t in i..n {
+            out[0][k] += w0[t].to_f32() * xs[k][t];
+            out[1][k] += w1[t].to_f32() * xs[k][t];
+        }
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -418,6 +490,35 @@ mod tests {
                     for (fr, gr) in fast.iter().zip(&gemm) {
                         for (a, b) in fr.iter().zip(gr) {
                             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{dtype:?} {out}x{inner}, rows {rows}: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each blocked kernel this CPU can run, not only the one dispatch picks.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn every_block_kernel_this_cpu_runs_matches_the_portable_dot() {
+        let mut kernels: Vec<(&str, BlockKernel<f32>)> = Vec::new();
+        if has_avx2_fma() {
+            kernels.push(("avx2", block_avx2_entry::<f32>));
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            kernels.push(("avx512", block_avx512_entry::<f32>));
+        }
+        for inner in [1usize, 8, 15, 16, 17, 40, 577] {
+            let row = |salt: usize| (0..inner).map(|i| (((i + salt) * 37 % 101) as f32 - 50.0) / 50.0).collect::<Vec<f32>>();
+            let (w0, w1) = (row(1), row(2));
+            let xs: Vec<Vec<f32>> = (0..4).map(|k| row(10 + k)).collect();
+            for (name, kernel) in &kernels {
+                for take in 1..=4 {
+                    let sums = kernel(&w0, &w1, [&xs[0], &xs[1], &xs[2], &xs[3]], take);
+                    for k in 0..take {
+                        for (got, w) in [(sums[0][k], &w0), (sums[1][k], &w1)] {
+                            let want = dot_portable(w, &xs[k]);
+                            assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{name} inner {inner} take {take}: {got} vs {want}");
                         }
                     }
                 }
