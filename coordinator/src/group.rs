@@ -381,14 +381,17 @@ impl GroupLoop {
     }
 
     /// Preempts the most recently admitted sequences until every running sequence's next step
-    /// fits the group's KV blocks. The oldest is never preempted for a younger one, so the
-    /// group always makes progress.
+    /// fits the group's KV blocks. Beam searches, which hold their worst case from admission,
+    /// are never preempted; the oldest other sequence only when beams alone are left beside it
+    /// (it then waits for them to finish). So the group always makes progress.
     async fn make_room(&mut self, seqs: &mut Sequences) {
         let budget = self.kv_capacity / KV_BLOCK_TOKENS;
         let mut claimed: u64 = seqs.running.iter().map(Running::claim).sum();
         let mut released = Vec::new();
         while claimed > budget {
-            let Some(victim) = seqs.running.iter().rposition(|r| r.beam.is_none()).filter(|&i| i > 0) else { break };
+            let Some(victim) = seqs.running.iter().rposition(|r| r.beam.is_none()).filter(|_| seqs.running.len() > 1) else {
+                break;
+            };
             let mut r = seqs.running.remove(victim);
             claimed -= r.claim();
             if r.cached > 0 {

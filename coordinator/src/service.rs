@@ -49,9 +49,11 @@ impl Inference for InferenceService {
         let prepared = tokio::task::spawn_blocking(move || prepare(req.into_inner(), &models, &limits))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
-        // Each beam holds a whole sequence of KV cache: its own copy of the prompt included.
+        // Each beam holds a whole sequence of KV cache: its own copy of the prompt included, in
+        // whole blocks (a single sequence's last block is the group's to round).
         let beams = prepared.beam.map_or(1, |b| b.num_beams) as u64;
-        let reserve = beams * (prepared.prompt.len() as u64 + u64::from(prepared.stopping.max_new_tokens));
+        let total = prepared.prompt.len() as u64 + u64::from(prepared.stopping.max_new_tokens);
+        let reserve = if beams > 1 { beams * tessera_proto::kv_blocks(total) * tessera_proto::KV_BLOCK_TOKENS } else { total };
         // Beam search runs on one group only: its prompt length is not offered to the rule that
         // spreads long prompts over rings for speed.
         let prompt_len = if prepared.beam.is_some() { 0 } else { prepared.prompt.len() };

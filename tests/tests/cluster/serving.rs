@@ -259,3 +259,43 @@ async fn a_full_queue_answers_resource_exhausted_and_the_queued_request_still_ru
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_beam_search_holding_its_blocks_makes_the_oldest_sequence_wait_not_fail() {
+    let dir = fixture(&demo(), "preempt-beside-beams");
+    // 16 blocks. The long greedy request grows to 14; the beam search holds 2 × 3 from admission.
+    let cluster = up(&dir, &["--workers", "1", "--kv-capacity-tokens", "256"]).expect("tessera up");
+    let client = connect(&cluster.url).await;
+    let long = greedy(tokens((0..10).map(|i| 5 + i * 7).collect()), 200);
+    let mut beam = greedy(tokens((0..5).map(|i| 9 + i * 3).collect()), 40);
+    beam.sampling = Some(pb::SamplingParams {
+        beam_search: Some(pb::BeamSearch { num_beams: 2, early_stopping: pb::EarlyStopping::Never as i32, ..Default::default() }),
+        ..Default::default()
+    });
+    let long_alone = generate(&mut client.clone(), long.clone()).await.expect("long alone").tokens();
+    let beam_alone = generate(&mut client.clone(), beam.clone()).await.expect("beam alone");
+
+    // The beam search arrives when the long request holds 135 tokens (9 blocks): it fits
+    // (9 + 6 ≤ 16), and 26 tokens later, while the beams still run (40 steps), the long one
+    // needs an 11th block. Only it can give way. The window leaves 25 steps for the beam
+    // request to arrive.
+    let mut stream = client.clone().generate(long).await.expect("long").into_inner();
+    let mut long_tokens = Vec::new();
+    while long_tokens.len() < 125 {
+        match stream.message().await.expect("long stream").and_then(|m| m.event) {
+            Some(pb::generate_response::Event::Chunk(c)) => long_tokens.extend(c.tokens.iter().map(|t| t.id)),
+            Some(_) => {}
+            None => panic!("the long stream ended early"),
+        }
+    }
+    let beam_run = generate(&mut client.clone(), beam).await.expect("beam beside the long request");
+    while let Some(m) = stream.message().await.expect("the long stream survives") {
+        if let Some(pb::generate_response::Event::Chunk(c)) = m.event {
+            long_tokens.extend(c.tokens.iter().map(|t| t.id));
+        }
+    }
+    assert_eq!(long_tokens, long_alone, "preempted beside a beam search and recomputed");
+    assert_eq!(beam_run.tokens(), beam_alone.tokens());
+    let status = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    assert!(status.counters.unwrap_or_default().preemptions >= 1, "the long request had to give way");
+}
