@@ -12,6 +12,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::decode_attention::{self, DecodeRow};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::layer::{AttentionStep, LayerSlot};
@@ -167,16 +168,36 @@ impl AttentionStep for CacheAttention<'_> {
         let Some((_, masks)) = self.masks.iter().find(|(w, _)| *w == layer.window) else {
             return Err(ModelError::InvalidConfig(format!("no attention masks for window {:?}", layer.window)));
         };
-        let mut outputs = Vec::with_capacity(self.batch.chunks.len());
+        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(self.batch.chunks.len());
+        // Decode rows (one query seeing every cached key) go through one fused pass below.
+        let mut decode = Vec::new();
         let mut offset = 0;
         for (chunk, mask) in self.batch.chunks.iter().zip(masks) {
             let q_c = q.narrow(0, offset, chunk.len)?;
             let k_c = k.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
             let v_c = v.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
             let (keys, values) = self.kv.write(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
-            outputs.push(attend(&q_c, &keys, &values, mask)?);
+            if chunk.len == 1 && mask.0.is_none() && decode_attention::applies(&q_c, &keys) {
+                decode.push((outputs.len(), DecodeRow { q: q_c, keys, values }));
+                outputs.push(None);
+            } else {
+                outputs.push(Some(attend(&q_c, &keys, &values, mask)?));
+            }
             offset += chunk.len;
         }
+        if decode.len() == outputs.len() {
+            // A pure decode step: the fused rows are the output, in chunk order.
+            let rows: Vec<DecodeRow> = decode.into_iter().map(|(_, r)| r).collect();
+            return decode_attention::decode_attention(&rows);
+        }
+        if !decode.is_empty() {
+            let (slots, rows): (Vec<usize>, Vec<DecodeRow>) = decode.into_iter().unzip();
+            let fused = decode_attention::decode_attention(&rows)?;
+            for (j, slot) in slots.into_iter().enumerate() {
+                outputs[slot] = Some(fused.narrow(0, j, 1)?);
+            }
+        }
+        let mut outputs: Vec<Tensor> = outputs.into_iter().flatten().collect();
         Ok(if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? })
     }
 }

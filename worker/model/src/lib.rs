@@ -13,6 +13,7 @@ mod attention;
 mod batch;
 pub mod bert;
 pub mod config;
+mod decode_attention;
 mod error;
 pub mod fixture;
 mod kv_cache;
