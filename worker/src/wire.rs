@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use tessera_model::sampler::{DryParams, SamplingParams};
+use tessera_model::Quantization;
 use tessera_proto::worker as pb;
 
 use crate::engine::{Assignment, Sampled, SeqWork, StepWork};
@@ -17,11 +18,16 @@ pub mod ring;
 const MAX_TP: u32 = 256;
 
 pub fn assignment(req: pb::AssignRequest) -> Result<Assignment, WorkerError> {
-    let dtype = match req.dtype.as_str() {
-        "" | "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => return Err(WorkerError::InvalidArgument(format!("unknown dtype {other:?}"))),
+    // A quantized format names how the projections are stored; everything else (embeddings,
+    // norms, activations, KV cache) stays f32.
+    let (dtype, quantization) = match req.dtype.as_str() {
+        "" | "f32" => (DType::F32, None),
+        "bf16" => (DType::BF16, None),
+        "f16" => (DType::F16, None),
+        other => match Quantization::from_name(other) {
+            Some(q) => (DType::F32, Some(q)),
+            None => return Err(WorkerError::InvalidArgument(format!("unknown dtype {other:?}"))),
+        },
     };
     if req.tp_size == 0 || req.tp_size > MAX_TP || req.tp_rank >= req.tp_size {
         return Err(WorkerError::InvalidArgument(format!("rank {} of tp {} (max {MAX_TP})", req.tp_rank, req.tp_size)));
@@ -30,6 +36,7 @@ pub fn assignment(req: pb::AssignRequest) -> Result<Assignment, WorkerError> {
         group_id: req.group_id,
         model_dir: PathBuf::from(req.model_dir),
         dtype,
+        quantization,
         tp_rank: req.tp_rank as usize,
         tp_size: req.tp_size as usize,
     })

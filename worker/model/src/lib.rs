@@ -33,6 +33,7 @@ pub use bert::BertModel;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, RingPlacement, SeqId};
+pub use linear::Quantization;
 pub use model::{LoadConfig, Model};
 pub use parallel::TpLayout;
 pub use ring::{AppendOn, DecodeStep, LocalLogits, PrefillStep, RingComm, RingLogits, RingOutput, RingStep};
