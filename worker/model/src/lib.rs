@@ -22,6 +22,7 @@ pub mod logits;
 mod matvec;
 mod model;
 mod parallel;
+pub mod qmatvec;
 mod ring;
 mod rope;
 pub mod sampler;

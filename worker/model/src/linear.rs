@@ -22,6 +22,29 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `x Wᵀ` for block-quantized `W`, returning `x`'s dtype:
+/// - q8_0 and at most `MAX_ROWS` rows (decode): our row-parallel kernel (`qmatvec.rs`);
+/// - more rows (prefill): f32 GEMM on the dequantized weights, which is the same function with
+///   f32 activations and, on the benchmark machine, several times faster than candle's
+///   quantized GEMM (BENCHMARKS.md);
+/// - otherwise (q4_k decode): candle's ggml kernel, which quantizes the activations per block.
+fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+    let (out, inner) = q.shape().dims2()?;
+    let rows = x.dims().first().copied().unwrap_or(0);
+    if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() {
+        if let Some(y) = crate::qmatvec::q8_0_matvec_t(x, &q.data()?, out, inner)? {
+            return y.to_dtype(x.dtype());
+        }
+    }
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let y = if rows > crate::matvec::MAX_ROWS {
+        x32.matmul(&q.dequantize(&q.device())?.t()?)?
+    } else {
+        QMatMul::QTensor(q.clone()).forward(&x32)?
+    };
+    y.to_dtype(x.dtype())
+}
+
 /// A ggml block format the linear projections can be quantized to on load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantization {
@@ -150,10 +173,7 @@ impl Linear {
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
             Weight::Float(w) => matmul_t(x, w),
-            // ggml kernels read the activations as one contiguous f32 buffer.
-            Weight::Quantized(q) => {
-                QMatMul::QTensor(q.clone()).forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())
-            }
+            Weight::Quantized(q) => quantized_matmul_t(x, q),
         }
     }
 
