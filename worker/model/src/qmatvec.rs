@@ -66,16 +66,12 @@ pub fn q8_0_matvec_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize) -> can
     };
     let xq = quantize_rows(&x_all[x0..x1]);
     drop(x_store);
-    let per_row = inner / BLOCK;
     let dot = kernel();
     let mut y = vec![0f32; out * rows];
     y.par_chunks_mut(ROWS_PER_TASK * rows).enumerate().for_each(|(task, ys)| {
         let first = task * ROWS_PER_TASK;
         for (j, yr) in ys.chunks_mut(rows).enumerate() {
-            let w_row = &blocks[(first + j) * row_bytes..(first + j + 1) * row_bytes];
-            for (i, yi) in yr.iter_mut().enumerate() {
-                *yi = dot(w_row, &xq.q[i * inner..(i + 1) * inner], &xq.d[i * per_row..(i + 1) * per_row]);
-            }
+            dot(&blocks[(first + j) * row_bytes..(first + j + 1) * row_bytes], &xq, yr);
         }
     });
     // Written `[out, rows]` so each task owns a contiguous block; one row needs no transpose.
@@ -87,7 +83,8 @@ pub fn q8_0_matvec_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize) -> can
     Ok(Some(y))
 }
 
-type Dot = fn(&[u8], &[i8], &[f32]) -> f32;
+/// One weight row against every quantized activation row: `y[i] = dot(row, x[i])`.
+type Dot = fn(&[u8], &QuantizedRows, &mut [f32]);
 
 /// Picks the best dot product this CPU supports, once per call rather than once per row.
 fn kernel() -> Dot {
@@ -98,7 +95,14 @@ fn kernel() -> Dot {
     {
         return dot_avx2_entry;
     }
-    dot_portable
+    dot_rows_portable
+}
+
+fn dot_rows_portable(row: &[u8], xq: &QuantizedRows, y: &mut [f32]) {
+    let (inner, per_row) = (xq.q.len() / y.len(), xq.d.len() / y.len());
+    for (i, yi) in y.iter_mut().enumerate() {
+        *yi = dot_portable(row, &xq.q[i * inner..(i + 1) * inner], &xq.d[i * per_row..(i + 1) * per_row]);
+    }
 }
 
 fn scale(block: &[u8]) -> f32 {
@@ -117,36 +121,60 @@ fn dot_portable(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn dot_avx2_entry(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-    // SAFETY: only selected by `kernel` after checking that the CPU has AVX2, FMA and F16C.
-    unsafe { dot_avx2(row, xq, xd) }
+fn dot_avx2_entry(row: &[u8], xq: &QuantizedRows, y: &mut [f32]) {
+    let (inner, per_row) = (xq.q.len() / y.len(), xq.d.len() / y.len());
+    let x = |i: usize| (&xq.q[i * inner..(i + 1) * inner], &xq.d[i * per_row..(i + 1) * per_row]);
+    // Four activation rows at a time share each weight block's load and sign work.
+    let mut i = 0;
+    while i < y.len() {
+        let n = (y.len() - i).min(4);
+        // SAFETY: only selected by `kernel` after checking that the CPU has AVX2, FMA and F16C.
+        unsafe {
+            match n {
+                4 => y[i..i + 4].copy_from_slice(&dot_avx2::<4>(row, [x(i), x(i + 1), x(i + 2), x(i + 3)])),
+                3 => y[i..i + 3].copy_from_slice(&dot_avx2::<3>(row, [x(i), x(i + 1), x(i + 2)])),
+                2 => y[i..i + 2].copy_from_slice(&dot_avx2::<2>(row, [x(i), x(i + 1)])),
+                _ => y[i] = dot_avx2::<1>(row, [x(i)])[0],
+            }
+        }
+        i += n;
+    }
 }
 
-/// llama.cpp's `mul_sum_i8_pairs_float`: `maddubs` multiplies unsigned by signed bytes, so the
-/// weights' signs are moved onto the activations first; pairs of products (at most
-/// 2 × 127 × 127) fit the i16 it sums them into. The f16 block scale is widened with F16C: a
-/// software conversion per 32 weights cost more than the block's integer dot product.
+/// llama.cpp's `mul_sum_i8_pairs_float` for `N` activation rows at once: `maddubs` multiplies
+/// unsigned by signed bytes, so the weights' signs are moved onto the activations first; pairs
+/// of products (at most 2 × 128 × 127) fit the i16 it sums them into. The f16 block scale is
+/// widened with F16C: a software conversion per 32 weights cost more than the block's integer
+/// dot product.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+unsafe fn dot_avx2<const N: usize>(row: &[u8], x: [(&[i8], &[f32]); N]) -> [f32; N] {
     use std::arch::x86_64::*;
-    let blocks = (row.len() / BLOCK_BYTES).min(xq.len() / BLOCK).min(xd.len());
+    let blocks = x.iter().fold(row.len() / BLOCK_BYTES, |m, (q, d)| m.min(q.len() / BLOCK).min(d.len()));
     let ones = _mm256_set1_epi16(1);
-    // Two running sums over alternate blocks hide the FMA latency between blocks.
-    let mut total = [_mm256_setzero_ps(); 2];
+    // Two running sums per row over alternate blocks hide the FMA latency between blocks.
+    let mut total = [[_mm256_setzero_ps(); 2]; N];
     for b in 0..blocks {
         let block = &row[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
-        // SAFETY: the block holds 32 weight bytes after its 2-byte scale; xq holds 32 bytes at
-        // b * 32 (b < blocks); unaligned loads.
+        // SAFETY: the block holds 32 weight bytes after its 2-byte scale; unaligned load.
         let w = unsafe { _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i) };
-        let x = unsafe { _mm256_loadu_si256(xq.as_ptr().add(b * BLOCK) as *const __m256i) };
-        let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        let int = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-        let w_scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(u16::from_le_bytes([block[0], block[1]])))));
-        let d = _mm256_set1_ps(w_scale * xd[b]);
-        total[b % 2] = _mm256_fmadd_ps(d, int, total[b % 2]);
+        let w_abs = _mm256_sign_epi8(w, w);
+        let bits = i32::from(u16::from_le_bytes([block[0], block[1]]));
+        let w_scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+        for (r, (xq, xd)) in x.iter().enumerate() {
+            // SAFETY: xq holds 32 bytes at b * 32 (b < blocks); unaligned load.
+            let xv = unsafe { _mm256_loadu_si256(xq.as_ptr().add(b * BLOCK) as *const __m256i) };
+            let products = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xv, w));
+            let int = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
+            let d = _mm256_set1_ps(w_scale * xd[b]);
+            total[r][b % 2] = _mm256_fmadd_ps(d, int, total[r][b % 2]);
+        }
     }
-    horizontal_sum(_mm256_add_ps(total[0], total[1]))
+    let mut out = [0f32; N];
+    for (o, t) in out.iter_mut().zip(&total) {
+        *o = horizontal_sum(_mm256_add_ps(t[0], t[1]));
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -165,7 +193,7 @@ mod tests {
     use candle_core::Device;
 
     /// The fast path stays within activation-quantization error (8 bits per 32-block) of f32
-    /// GEMM on the dequantized weights, for 1, 8 and 16 rows, and the portable kernel equals
+    /// GEMM on the dequantized weights, for 1 to 16 rows (groups of four and every remainder), and the portable kernel equals
     /// the selected one up to float summation order.
     #[test]
     fn matches_gemm_on_dequantized_weights() {
@@ -176,7 +204,7 @@ mod tests {
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let deq = q.dequantize(&dev).unwrap();
         let data = q.data().unwrap();
-        for rows in [1usize, 8, MAX_ROWS] {
+        for rows in [1usize, 2, 3, 5, 8, MAX_ROWS] {
             let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
             let x = Tensor::from_vec(x, (rows, inner), &dev).unwrap();
             let fast = q8_0_matvec_t(&x, &data, out, inner).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
