@@ -80,6 +80,10 @@ fn main() -> anyhow::Result<()> {
     let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
     // Optional: "prefill" or "decode" alone, for profiling one phase.
     let only = args.get(3).map(String::as_str);
+    // A directory holding a GGUF instead of safetensors is labelled as such in the RESULT line.
+    let gguf = !dir.join("model.safetensors").exists()
+        && std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "gguf"));
+    let label = if gguf { format!("{dtype_name}-gguf") } else { dtype_name.to_string() };
     let t = Instant::now();
     let model = Model::load(&dir, &LoadConfig { dtype, quantization, ..LoadConfig::default() })?;
     println!(
@@ -105,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("first 8 generated ids: {first:?}");
     println!(
-        "RESULT tessera {dtype_name} prefill512_median={:.1} decode_median={:.2} decode_b8_median={:.2}",
+        "RESULT tessera {label} prefill512_median={:.1} decode_median={:.2} decode_b8_median={:.2}",
         median(pre),
         median(d1),
         median(d8)
