@@ -126,3 +126,25 @@ pub fn embed_inputs(req: pb::EmbedRequest) -> Vec<Vec<u32>> {
 pub fn embeddings(vectors: Vec<Vec<f32>>) -> pb::EmbedResponse {
     pb::EmbedResponse { embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assign(dtype: &str) -> Result<Assignment, WorkerError> {
+        assignment(pb::AssignRequest { dtype: dtype.into(), tp_size: 1, ..Default::default() })
+    }
+
+    /// A quantized format keeps f32 for everything but the projections; unknown names are
+    /// refused rather than loaded as f32.
+    #[test]
+    fn quantized_dtypes_name_a_quantization_over_f32() {
+        let a = assign("q8_0").expect("q8_0");
+        assert_eq!((a.dtype, a.quantization), (DType::F32, Some(Quantization::Q8_0)));
+        let a = assign("q4_k").expect("q4_k");
+        assert_eq!((a.dtype, a.quantization), (DType::F32, Some(Quantization::Q4K)));
+        let a = assign("bf16").expect("bf16");
+        assert_eq!((a.dtype, a.quantization), (DType::BF16, None));
+        assert!(matches!(assign("q5_0"), Err(WorkerError::InvalidArgument(_))));
+    }
+}
