@@ -23,11 +23,12 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// `x Wᵀ` for block-quantized `W`, returning `x`'s dtype:
-/// - q8_0 and at most `MAX_ROWS` rows (decode): our row-parallel kernel (`qmatvec.rs`);
-/// - more rows (prefill): f32 GEMM on the dequantized weights, which is the same function with
-///   f32 activations and, on the benchmark machine, several times faster than candle's
-///   quantized GEMM (BENCHMARKS.md);
-/// - otherwise (q4_k decode): candle's ggml kernel, which quantizes the activations per block.
+/// - q8_0 and at most `MAX_ROWS` rows (decode): our row-parallel kernel (`qmatvec.rs`), which
+///   quantizes the activations to 8 bits per block as llama.cpp does;
+/// - more rows (prefill): f32 GEMM on the dequantized weights — the same weights with exact f32
+///   activations, and on the benchmark machine several times faster than candle's quantized
+///   GEMM (BENCHMARKS.md). Prefill and decode therefore differ by the activation rounding only;
+/// - otherwise (q4_k decode): candle's ggml kernel, which also quantizes the activations.
 fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor> {
     let (out, inner) = q.shape().dims2()?;
     let rows = x.dims().first().copied().unwrap_or(0);
