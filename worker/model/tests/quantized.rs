@@ -293,3 +293,19 @@ fn a_gguf_for_other_head_counts_is_refused() {
     }
 }
 
+
+/// A GGUF cut short (a partial download) is an error naming the file, not a panic or garbage.
+#[test]
+fn a_truncated_gguf_is_refused() {
+    let gguf = scratch().join("llama-gqa-truncated-gguf");
+    let path = write_gguf(&fixture_dir("llama-gqa"), &gguf, &q8_0_gguf()).expect("write gguf");
+    let bytes = std::fs::read(&path).expect("read gguf");
+    for keep in [bytes.len() - 1000, 64] {
+        std::fs::write(&path, &bytes[..keep]).expect("truncate");
+        match Model::load(&gguf, &LoadConfig::default()) {
+            Err(ModelError::Gguf { .. } | ModelError::InvalidConfig(_)) => {}
+            Err(other) => panic!("cut at {keep}: unexpected error {other}"),
+            Ok(_) => panic!("cut at {keep}: loaded"),
+        }
+    }
+}

@@ -188,17 +188,24 @@ impl GgufFile {
             _ => return Err(ModelError::InvalidConfig(format!("{hf_name}: {}-D tensors are not read from GGUF", shape.len()))),
         };
         // A 1-D tensor is a column of `rows` one-element rows, so only row shards apply.
-        let (unit_elems, unit_bytes) = if shape.len() == 1 { (1, stored.unit().1) } else { stored.unit() };
+        let (unit_elems, unit_bytes) = match (shape.len(), stored) {
+            (1, Stored::Float(d)) => (1, d.size_in_bytes()),
+            (1, Stored::Quantized(q)) => return Err(self.bad(format!("{name}: a 1-D tensor stored as {q:?} is not supported"))),
+            _ => stored.unit(),
+        };
         if !cols.is_multiple_of(unit_elems) {
             return Err(self.bad(format!("{name}: {cols} columns do not fill {unit_elems}-element blocks")));
         }
         let row_bytes = cols / unit_elems * unit_bytes;
-        let start = usize::try_from(self.content.tensor_data_offset + info.offset)
-            .map_err(|_| self.bad(format!("{name}: offset out of range")))?;
-        let data = self
-            .map
-            .get(start..start + rows * row_bytes)
-            .ok_or_else(|| self.bad(format!("{name}: data runs past the end of the file")))?;
+        let past_end = || self.bad(format!("{name}: data runs past the end of the file"));
+        let start = self
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|s| usize::try_from(s).ok())
+            .ok_or_else(past_end)?;
+        let end = rows.checked_mul(row_bytes).and_then(|n| n.checked_add(start)).ok_or_else(past_end)?;
+        let data = self.map.get(start..end).ok_or_else(past_end)?;
 
         let (row_range, col_range) = shard_ranges(hf_name, rows, cols, shard)?;
         let (u0, u1) = if shape.len() == 1 { (0, 1) } else { (col_range.start, col_range.end) };
@@ -212,6 +219,11 @@ impl GgufFile {
         }
         let (b0, b1) = (u0 / unit_elems * unit_bytes, u1 / unit_elems * unit_bytes);
         let heads = self.row_heads(hf_name);
+        if let Some(h) = heads {
+            if !rows.is_multiple_of(2 * h) {
+                return Err(self.bad(format!("{name}: {rows} rows cannot hold {h} heads of even size")));
+            }
+        }
         let mut bytes = Vec::with_capacity(row_range.len() * (b1 - b0));
         for r in row_range.clone() {
             let src = match heads {
