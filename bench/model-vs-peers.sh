@@ -3,6 +3,11 @@
 # SmolLM-135M-shaped random checkpoint, one engine after another in one run (the machine is
 # shared and noisy, so only ratios within one run mean much).
 #
+# The q8_0 rows: llama.cpp on smol135-q8_0.gguf, Tessera on that same GGUF (a directory with the
+# f32 checkpoint's config.json and the GGUF linked in; no tokenizer: the benchmarks feed ids), and
+# Tessera quantizing the f32 safetensors to q8_0 on load. The Tessera lines also print the first
+# 8 greedy ids, to compare with the f32 run.
+#
 # usage: bench/model-vs-peers.sh [RUNS]
 # Needs the peer engines set up as in ../shared/bench/peers/README.md under $PEERS (default
 # /opt/peers): $PEERS/hf (venv), $PEERS/ckpt/smol135-{f32,bf16}, $PEERS/candle-bench,
@@ -21,17 +26,32 @@ for dt in f32 bf16; do
   "$PEERS/hf/bin/python" "$SCRIPTS/hf_bench.py" "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
   "$PEERS/candle-bench/target/release/candle-bench" "$ckpt" "$dt" "$RUNS" 2>&1 | grep '^RESULT' | tee -a "$out"
   NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-$dt.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
-  cargo bench -q -p tessera-model --bench model -- "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
+  cargo bench -q -p tessera-model --bench model -- "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
 done
+
+gguf_dir=$(mktemp -d)
+cp "$PEERS/ckpt/smol135-f32/config.json" "$gguf_dir/"
+ln -s "$PEERS/smol135-q8_0.gguf" "$gguf_dir/model.gguf"
+NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-q8_0.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
+cargo bench -q -p tessera-model --bench model -- "$gguf_dir" f32 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
+cargo bench -q -p tessera-model --bench model -- "$PEERS/ckpt/smol135-f32" q8_0 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
+rm -rf "$gguf_dir"
 
 python3 - "$out" <<'PY'
 import re, sys
 rows = {}
 for line in open(sys.argv[1]):
+    if not line.startswith("RESULT"):
+        continue
     f = line.split()
     engine, dtype = f[1], f[2].lower()
     if engine == "llama.cpp":
-        dtype = "bf16" if "bf16" in dtype else "f32"
+        dtype = next(d for d in ("bf16", "q8_0", "f32") if d in dtype)
+    elif engine == "tessera" and dtype == "q8_0":
+        # Quantized on load from the f32 safetensors; the q8_0 reference row is the same GGUF.
+        engine = "tessera (q8_0 on load)"
+    elif engine == "tessera" and dtype == "f32-gguf":
+        dtype = "q8_0"
     kv = dict(re.findall(r"(\w+)=([\d.]+)", line))
     rows[(engine, dtype)] = kv
 print("\n| engine | dtype | prefill512 tok/s | decode b1 tok/s | decode b8 tok/s | Tessera/engine prefill | Tessera/engine decode |")

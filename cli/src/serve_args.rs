@@ -35,7 +35,9 @@ pub struct ServeArgs {
     /// directory's name); name several with `--model NAME=DIR` instead.
     #[arg(long)]
     pub name: Option<String>,
-    /// Weight dtype on the workers: f32, bf16 or f16.
+    /// Weight dtype on the workers: f32, bf16 or f16; or q8_0 / q4_k to quantize the linear
+    /// projections on load (each rank its own shard; embeddings, norms and activations stay
+    /// f32). A directory holding a `.gguf` instead of safetensors uses its stored quantization.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Sequences one group runs at once.

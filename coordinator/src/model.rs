@@ -25,7 +25,8 @@ pub struct ModelSpec {
     pub dir: PathBuf,
     /// Tensor-parallel degree of each group serving this model.
     pub tp: usize,
-    /// Weight dtype on the workers: "f32", "bf16" or "f16".
+    /// Weight dtype on the workers: "f32", "bf16" or "f16", or "q8_0" / "q4_k" for
+    /// projections block-quantized on load (f32 elsewhere).
     pub dtype: String,
     /// Longest sequence to accept instead of the model's own limit. Above that limit positions
     /// are extrapolated past what the model was trained (or scaled) for, and quality may drop:
@@ -73,8 +74,8 @@ impl ServedModel {
         if spec.tp == 0 || spec.tp > MAX_TP {
             return Err(err(format!("tp {} is outside 1..={MAX_TP}", spec.tp)));
         }
-        if !matches!(spec.dtype.as_str(), "f32" | "bf16" | "f16") {
-            return Err(err(format!("dtype {:?} is not one of f32, bf16, f16", spec.dtype)));
+        if !matches!(spec.dtype.as_str(), "f32" | "bf16" | "f16" | "q8_0" | "q4_k") {
+            return Err(err(format!("dtype {:?} is not one of f32, bf16, f16, q8_0, q4_k", spec.dtype)));
         }
         let config = read_json(&spec.dir.join("config.json")).map_err(err)?;
         let kind = match config.get("model_type").and_then(Value::as_str) {

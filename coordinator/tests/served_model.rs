@@ -56,3 +56,18 @@ fn a_tp_degree_the_model_cannot_split_over_is_refused_at_start() {
     let refused = ServedModel::load(with_tp(3)).expect_err("4 heads over 3 ranks");
     assert!(refused.to_string().contains("cannot split num_attention_heads = 4 evenly over tensor-parallel size 3"), "{refused}");
 }
+
+/// The workers' quantized formats pass the coordinator's check; anything else is refused when
+/// the model is configured, not when a worker tries to load it.
+#[test]
+fn quantized_dtypes_are_accepted_and_unknown_ones_refused() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let fixture = test_fixtures().into_iter().next().expect("a fixture");
+    let dir = write_fixture(&fixture, root.path(), &WriteOptions::default()).expect("write fixture");
+    for dtype in ["q8_0", "q4_k"] {
+        let spec = ModelSpec { dtype: dtype.into(), ..spec(dir.clone(), None) };
+        ServedModel::load(spec).unwrap_or_else(|e| panic!("{dtype}: {e}"));
+    }
+    let spec = ModelSpec { dtype: "q5_0".into(), ..spec(dir, None) };
+    assert!(ServedModel::load(spec).is_err(), "q5_0 accepted");
+}

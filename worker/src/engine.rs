@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc};
 use candle_core::{DType, Device};
 use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
 use tessera_model::sampler::{Sampler, SamplingParams};
-use tessera_model::{Batch, BertModel, KvCache, LoadConfig, LogitsMode, Model, SeqChunk, SeqId};
+use tessera_model::{Batch, BertModel, KvCache, LoadConfig, LogitsMode, Model, Quantization, SeqChunk, SeqId};
 use tokio::sync::oneshot;
 
 use crate::error::WorkerError;
@@ -38,6 +38,8 @@ pub struct Assignment {
     pub group_id: String,
     pub model_dir: PathBuf,
     pub dtype: DType,
+    /// Projections block-quantized on load (`LoadConfig::quantization`).
+    pub quantization: Option<Quantization>,
     pub tp_rank: usize,
     pub tp_size: usize,
 }
@@ -316,7 +318,7 @@ impl Engine {
                 Box::new(TcpCollective::connect(TcpConfig::new(a.tp_rank, peers), listener)?)
             }
         };
-        let load = LoadConfig { dtype: a.dtype, tp_rank: a.tp_rank, tp_size: a.tp_size, device: Device::Cpu };
+        let load = LoadConfig { dtype: a.dtype, quantization: a.quantization, tp_rank: a.tp_rank, tp_size: a.tp_size, device: Device::Cpu };
         let start = std::time::Instant::now();
         let model = Model::load(&a.model_dir, &load)?;
         tracing::info!(group = %a.group_id, rank = a.tp_rank, secs = start.elapsed().as_secs_f64(), "shard loaded");

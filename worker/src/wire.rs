@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use tessera_model::sampler::{DryParams, SamplingParams};
+use tessera_model::Quantization;
 use tessera_proto::worker as pb;
 
 use crate::engine::{Assignment, Sampled, SeqWork, StepWork};
@@ -17,11 +18,16 @@ pub mod ring;
 const MAX_TP: u32 = 256;
 
 pub fn assignment(req: pb::AssignRequest) -> Result<Assignment, WorkerError> {
-    let dtype = match req.dtype.as_str() {
-        "" | "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => return Err(WorkerError::InvalidArgument(format!("unknown dtype {other:?}"))),
+    // A quantized format names how the projections are stored; everything else (embeddings,
+    // norms, activations, KV cache) stays f32.
+    let (dtype, quantization) = match req.dtype.as_str() {
+        "" | "f32" => (DType::F32, None),
+        "bf16" => (DType::BF16, None),
+        "f16" => (DType::F16, None),
+        other => match Quantization::from_name(other) {
+            Some(q) => (DType::F32, Some(q)),
+            None => return Err(WorkerError::InvalidArgument(format!("unknown dtype {other:?}"))),
+        },
     };
     if req.tp_size == 0 || req.tp_size > MAX_TP || req.tp_rank >= req.tp_size {
         return Err(WorkerError::InvalidArgument(format!("rank {} of tp {} (max {MAX_TP})", req.tp_rank, req.tp_size)));
@@ -30,6 +36,7 @@ pub fn assignment(req: pb::AssignRequest) -> Result<Assignment, WorkerError> {
         group_id: req.group_id,
         model_dir: PathBuf::from(req.model_dir),
         dtype,
+        quantization,
         tp_rank: req.tp_rank as usize,
         tp_size: req.tp_size as usize,
     })
@@ -120,4 +127,26 @@ pub fn embed_inputs(req: pb::EmbedRequest) -> Vec<Vec<u32>> {
 
 pub fn embeddings(vectors: Vec<Vec<f32>>) -> pb::EmbedResponse {
     pb::EmbedResponse { embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assign(dtype: &str) -> Result<Assignment, WorkerError> {
+        assignment(pb::AssignRequest { dtype: dtype.into(), tp_size: 1, ..Default::default() })
+    }
+
+    /// A quantized format keeps f32 for everything but the projections; unknown names are
+    /// refused rather than loaded as f32.
+    #[test]
+    fn quantized_dtypes_name_a_quantization_over_f32() {
+        let a = assign("q8_0").expect("q8_0");
+        assert_eq!((a.dtype, a.quantization), (DType::F32, Some(Quantization::Q8_0)));
+        let a = assign("q4_k").expect("q4_k");
+        assert_eq!((a.dtype, a.quantization), (DType::F32, Some(Quantization::Q4K)));
+        let a = assign("bf16").expect("bf16");
+        assert_eq!((a.dtype, a.quantization), (DType::BF16, None));
+        assert!(matches!(assign("q5_0"), Err(WorkerError::InvalidArgument(_))));
+    }
 }

@@ -49,6 +49,7 @@ async fn ring(capacities: [u64; 2]) -> Vec<EngineHandle> {
             group_id: group(m),
             model_dir: fixture_dir().to_path_buf(),
             dtype: DType::F32,
+            quantization: None,
             tp_rank: 0,
             tp_size: 1,
         };

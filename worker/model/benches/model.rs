@@ -2,7 +2,9 @@
 //! scripts (`../shared/bench/peers/`): prefill of one 512-token prompt, and 128 greedy decode
 //! tokens after a 128-token prompt, at batch 1 and batch 8.
 //!
-//! usage: cargo bench -p tessera-model --bench model -- MODEL_DIR [f32|bf16|f16] [RUNS]
+//! usage: cargo bench -p tessera-model --bench model -- MODEL_DIR [f32|bf16|f16|q8_0|q4_k] [RUNS]
+//! MODEL_DIR holds config.json and safetensors, or config.json and one llama.cpp `.gguf` (its
+//! quantized tensors are used as stored); q8_0 / q4_k quantize the projections on load.
 //! Prints one `RESULT tessera ...` line with medians, like the peer scripts.
 
 use std::path::PathBuf;
@@ -10,7 +12,7 @@ use std::time::Instant;
 
 use candle_core::DType;
 use tessera_collective::SingleRank;
-use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, SeqChunk};
+use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, Quantization, SeqChunk};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -66,17 +68,24 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let dir = PathBuf::from(args.first().map(String::as_str).unwrap_or("/opt/peers/ckpt/smol135-f32"));
     let dtype_name = args.get(1).map(String::as_str).unwrap_or("f32");
-    let dtype = match dtype_name {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => anyhow::bail!("unknown dtype {other}"),
+    let (dtype, quantization) = match dtype_name {
+        "f32" => (DType::F32, None),
+        "bf16" => (DType::BF16, None),
+        "f16" => (DType::F16, None),
+        other => match Quantization::from_name(other) {
+            Some(q) => (DType::F32, Some(q)),
+            None => anyhow::bail!("unknown dtype {other}"),
+        },
     };
     let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
     // Optional: "prefill" or "decode" alone, for profiling one phase.
     let only = args.get(3).map(String::as_str);
+    // A directory holding a GGUF instead of safetensors is labelled as such in the RESULT line.
+    let gguf = !dir.join("model.safetensors").exists()
+        && std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "gguf"));
+    let label = if gguf { format!("{dtype_name}-gguf") } else { dtype_name.to_string() };
     let t = Instant::now();
-    let model = Model::load(&dir, &LoadConfig { dtype, ..LoadConfig::default() })?;
+    let model = Model::load(&dir, &LoadConfig { dtype, quantization, ..LoadConfig::default() })?;
     println!(
         "loaded {} ({dtype_name}) in {:.2} s, threads {}",
         dir.display(),
@@ -100,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("first 8 generated ids: {first:?}");
     println!(
-        "RESULT tessera {dtype_name} prefill512_median={:.1} decode_median={:.2} decode_b8_median={:.2}",
+        "RESULT tessera {label} prefill512_median={:.1} decode_median={:.2} decode_b8_median={:.2}",
         median(pre),
         median(d1),
         median(d8)

@@ -43,6 +43,15 @@ pub enum ModelError {
         #[source]
         source: candle_core::Error,
     },
+    /// A quantized projection whose rows (this rank's shard of them) do not fill whole blocks.
+    #[error("tensor {name:?}: its input length {len} on this rank is not a multiple of the {format} block of {block}")]
+    QuantBlock { name: String, len: usize, block: usize, format: String },
+    #[error("invalid GGUF file {path}: {source}")]
+    Gguf {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
     #[error("unknown sequence {0}")]
     UnknownSequence(u64),
     #[error("invalid batch: {0}")]

@@ -10,7 +10,7 @@ use tessera_collective::{all_reduce_tensor, Collective};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::linear::Linear;
+use crate::linear::{Linear, Quantization, Weight};
 use crate::parallel::TpLayout;
 use crate::weights::{Checkpoint, Shard};
 
@@ -62,22 +62,30 @@ fn optional_bias(ckpt: &Checkpoint, present: bool, name: &str, size: usize, shar
 }
 
 impl DecoderLayer {
-    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, layout: &TpLayout, index: usize) -> Result<Self> {
+    /// Loads layer `index` of this rank; projections are quantized to `quant` if given.
+    pub fn load(
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        layout: &TpLayout,
+        index: usize,
+        quant: Option<Quantization>,
+    ) -> Result<Self> {
         let p = format!("model.layers.{index}");
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let inter = cfg.intermediate_size;
         let (col, row, kv) = (layout.column(), layout.row(), layout.kv_shard);
 
-        let proj = |name: &str, shape: [usize; 2], shard: Shard| ckpt.get(&format!("{p}.{name}.weight"), &shape, shard);
+        let proj = |name: &str, shape: [usize; 2], shard: Shard| ckpt.get_weight(&format!("{p}.{name}.weight"), shape, shard, quant);
         let bias = |name: &str, present: bool, size: usize, shard: Shard| {
             optional_bias(ckpt, present, &format!("{p}.{name}.bias"), size, shard)
         };
 
-        let qkv_w = Tensor::cat(
-            &[proj("self_attn.q_proj", [q_out, h], col)?, proj("self_attn.k_proj", [kv_out, h], kv)?, proj("self_attn.v_proj", [kv_out, h], kv)?],
-            0,
-        )?;
+        let qkv_w = Weight::cat_rows(vec![
+            proj("self_attn.q_proj", [q_out, h], col)?,
+            proj("self_attn.k_proj", [kv_out, h], kv)?,
+            proj("self_attn.v_proj", [kv_out, h], kv)?,
+        ])?;
         let qkv_b = match (
             bias("self_attn.q_proj", cfg.qkv_bias, q_out, col)?,
             bias("self_attn.k_proj", cfg.qkv_bias, kv_out, kv)?,
@@ -90,7 +98,7 @@ impl DecoderLayer {
             proj("self_attn.o_proj", [h, q_out], row)?,
             bias("self_attn.o_proj", cfg.o_bias, h, Shard::FULL)?,
         );
-        let gate_up_w = Tensor::cat(&[proj("mlp.gate_proj", [inter, h], col)?, proj("mlp.up_proj", [inter, h], col)?], 0)?;
+        let gate_up_w = Weight::cat_rows(vec![proj("mlp.gate_proj", [inter, h], col)?, proj("mlp.up_proj", [inter, h], col)?])?;
         let gate_up_b = match (bias("mlp.gate_proj", cfg.mlp_bias, inter, col)?, bias("mlp.up_proj", cfg.mlp_bias, inter, col)?) {
             (Some(g), Some(u)) => Some(Tensor::cat(&[g, u], 0)?),
             _ => None,

@@ -1,5 +1,10 @@
-//! Dense projections with optional bias, stored in Hugging Face's `[out, in]` layout.
+//! Dense projections with optional bias, stored in Hugging Face's `[out, in]` layout, either as
+//! float tensors or as ggml block-quantized matrices (quantized along `in`, one row at a time).
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 /// `x Wᵀ` for `W` in `[out, in]` layout. Half-precision weights are widened to f32 for the
@@ -17,21 +22,160 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `x Wᵀ` for block-quantized `W`, returning `x`'s dtype:
+/// - q8_0 and at most `MAX_ROWS` rows (decode): our row-parallel kernel (`qmatvec.rs`), which
+///   quantizes the activations to 8 bits per block as llama.cpp does;
+/// - more rows (prefill): f32 GEMM on the dequantized weights — the same weights with exact f32
+///   activations, and on the benchmark machine several times faster than candle's quantized
+///   GEMM (BENCHMARKS.md). Prefill and decode therefore differ by the activation rounding only;
+/// - otherwise (q4_k decode): candle's ggml kernel, which also quantizes the activations.
+fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+    let (out, inner) = q.shape().dims2()?;
+    let rows = x.dims().first().copied().unwrap_or(0);
+    if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() {
+        if let Some(y) = crate::qmatvec::q8_0_matvec_t(x, &q.data()?, out, inner)? {
+            return y.to_dtype(x.dtype());
+        }
+    }
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let y = if rows > crate::matvec::MAX_ROWS {
+        x32.matmul(&q.dequantize(&q.device())?.t()?)?
+    } else {
+        QMatMul::QTensor(q.clone()).forward(&x32)?
+    };
+    y.to_dtype(x.dtype())
+}
+
+/// A ggml block format the linear projections can be quantized to on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// 32 weights per block: one f16 scale and 32 signed bytes (8.5 bits per weight).
+    Q8_0,
+    /// 256 weights per super-block of eight 32-weight sub-blocks with 6-bit scales and mins,
+    /// 4-bit weights (4.5 bits per weight).
+    Q4K,
+}
+
+impl Quantization {
+    /// Parses the names llama.cpp uses: `q8_0`, `q4_k` (any case).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "q8_0" => Some(Self::Q8_0),
+            "q4_k" => Some(Self::Q4K),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
+        }
+    }
+
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// Weights per block along a row's `in` dimension.
+    pub fn block(self) -> usize {
+        self.ggml().block_size()
+    }
+
+    /// Stored bytes of `elems` weights (a multiple of the block).
+    pub fn bytes(self, elems: u64) -> u64 {
+        elems / self.block() as u64 * self.ggml().type_size() as u64
+    }
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The weight matrix of a projection, `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Float(Tensor),
+    /// Block-quantized rows; `quantized_matmul_t` says which kernel multiplies them.
+    /// Activations stay f32 outside the product.
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// `[out, in]`.
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Self::Float(t) => t.dims(),
+            Self::Quantized(q) => q.shape().dims(),
+        }
+    }
+
+    /// Stacks projections with the same `in` along `out` (the fused `[q|k|v]` and `[gate|up]`).
+    /// Quantized rows are independent, so stacking them is concatenating their bytes; a mix of
+    /// formats (a GGUF that stores `v` in another type than `q`) is widened to f32.
+    pub fn cat_rows(parts: Vec<Weight>) -> candle_core::Result<Weight> {
+        let quantized: Option<Vec<&Arc<QTensor>>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Quantized(q) => Some(q),
+                Self::Float(_) => None,
+            })
+            .collect();
+        if let Some(qs) = quantized {
+            let dtype = qs[0].dtype();
+            if qs.iter().all(|q| q.dtype() == dtype) {
+                let cols = qs[0].shape().dims()[1];
+                let mut rows = 0;
+                let mut bytes = Vec::with_capacity(qs.iter().map(|q| q.storage_size_in_bytes()).sum());
+                for q in &qs {
+                    rows += q.shape().dims()[0];
+                    bytes.extend_from_slice(&q.data()?);
+                }
+                let storage = QStorage::from_data(Cow::Owned(bytes), &qs[0].device(), dtype)?;
+                return Ok(Self::Quantized(Arc::new(QTensor::new(storage, (rows, cols))?)));
+            }
+        }
+        let floats = parts.iter().map(Self::to_f32_if_quantized).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self::Float(Tensor::cat(&floats, 0)?))
+    }
+
+    fn to_f32_if_quantized(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Float(t) => Ok(t.clone()),
+            Self::Quantized(q) => q.dequantize(&q.device()),
+        }
+    }
+}
+
+impl From<Tensor> for Weight {
+    fn from(t: Tensor) -> Self {
+        Self::Float(t)
+    }
+}
+
 /// `y = x Wᵀ + b` for `x` of shape `[tokens, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    pub fn new(weight: impl Into<Weight>, bias: Option<Tensor>) -> Self {
+        Self { weight: weight.into(), bias }
     }
 
     /// The projection without its bias; row-parallel layers add the bias after the all-reduce.
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        matmul_t(x, &self.weight)
+        match &self.weight {
+            Weight::Float(w) => matmul_t(x, w),
+            Weight::Quantized(q) => quantized_matmul_t(x, q),
+        }
     }
 
     /// Adds the bias (if any) to an already projected `y`.

@@ -17,7 +17,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvSpec};
 use crate::layer::{AttentionStep, DecoderLayer};
-use crate::linear::matmul_t;
+use crate::linear::{Linear, Quantization, Weight};
 use crate::parallel::TpLayout;
 use crate::rope::Rope;
 use crate::weights::{Checkpoint, Shard};
@@ -25,7 +25,12 @@ use crate::weights::{Checkpoint, Shard};
 /// How to load a model: where from, in which dtype, and which tensor-parallel rank this is.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
+    /// Embeddings, norms, float weights, activations and the KV cache.
     pub dtype: DType,
+    /// Block-quantize the linear projections (fused qkv, o, gate_up, down, lm_head) of this
+    /// rank's shard after it is read; `None` keeps them in `dtype`. Projections a GGUF file
+    /// stores quantized are used as stored whatever this says. Quantized products run in f32.
+    pub quantization: Option<Quantization>,
     pub tp_rank: usize,
     pub tp_size: usize,
     pub device: Device,
@@ -33,7 +38,7 @@ pub struct LoadConfig {
 
 impl Default for LoadConfig {
     fn default() -> Self {
-        Self { dtype: DType::F32, tp_rank: 0, tp_size: 1, device: Device::Cpu }
+        Self { dtype: DType::F32, quantization: None, tp_rank: 0, tp_size: 1, device: Device::Cpu }
     }
 }
 
@@ -44,8 +49,8 @@ pub struct Model {
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `[vocab, hidden]`; the embedding matrix itself when tied.
-    lm_head: Tensor,
+    /// `[vocab, hidden]`; the embedding matrix itself when tied and not quantized.
+    lm_head: Linear,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -54,7 +59,8 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads this rank's shard of the model in `dir` (config.json plus safetensors).
+    /// Loads this rank's shard of the model in `dir`: config.json plus safetensors, or plus one
+    /// llama.cpp GGUF file. The tokenizer is not read here.
     pub fn load(dir: &Path, load: &LoadConfig) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         Self::load_with_config(dir, config, load)
@@ -65,30 +71,42 @@ impl Model {
         let start = Instant::now();
         let layout = TpLayout::new(&config, load.tp_rank, load.tp_size)?;
         let (rank, n_layers) = (load.tp_rank, config.num_hidden_layers);
-        let mb = shard_bytes(&config, &layout, load.dtype) as f64 / 1e6;
+        let mb = shard_bytes(&config, &layout, load.dtype, load.quantization) as f64 / 1e6;
         tracing::info!(
             dir = %dir.display(),
             rank,
             size = load.tp_size,
             dtype = load.dtype.as_str(),
+            quantization = load.quantization.map(Quantization::name),
             layers = n_layers,
             mb,
             "loading model shard"
         );
         let ckpt = Checkpoint::open(dir, load.dtype, &load.device)?;
+        if let Some((heads, kv)) = ckpt.permuted_heads() {
+            if (heads, kv) != (config.num_attention_heads, config.num_key_value_heads) {
+                return Err(ModelError::InvalidConfig(format!(
+                    "the GGUF file was written for {heads} query / {kv} KV heads, config.json says {} / {}",
+                    config.num_attention_heads, config.num_key_value_heads
+                )));
+            }
+        }
         let (h, v) = (config.hidden_size, config.vocab_size);
-        let embed = ckpt.get("model.embed_tokens.weight", &[v, h], Shard::FULL)?;
-        let lm_head = if config.tie_word_embeddings {
-            embed.clone()
-        } else {
-            ckpt.get("lm_head.weight", &[v, h], Shard::FULL)?
+        let embed_name = "model.embed_tokens.weight";
+        let embed = ckpt.get(embed_name, &[v, h], Shard::FULL)?;
+        let head_name = if config.tie_word_embeddings { embed_name } else { "lm_head.weight" };
+        let lm_head = match ckpt.get_weight(head_name, [v, h], Shard::FULL, load.quantization)? {
+            // Tied float weights share the embedding's storage instead of a second copy.
+            Weight::Float(_) if config.tie_word_embeddings => Weight::Float(embed.clone()),
+            w => w,
         };
+        let lm_head = Linear::new(lm_head, None);
         // A quarter of the layers between progress lines: a 70B shard takes minutes, and one
         // line per layer would bury everything else in the log.
         let every = n_layers.div_ceil(4).max(1);
         let layers = (0..n_layers)
             .map(|i| {
-                let layer = DecoderLayer::load(&ckpt, &config, &layout, i)?;
+                let layer = DecoderLayer::load(&ckpt, &config, &layout, i, load.quantization)?;
                 let done = i + 1;
                 if done % every == 0 && done < n_layers {
                     tracing::info!(rank, secs = start.elapsed().as_secs_f64(), "loaded layers {done}/{n_layers}");
@@ -219,7 +237,7 @@ impl Model {
     /// f32 logits `[rows, vocab]` of final residual-stream rows `x`.
     pub(crate) fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.norm.forward(x)?;
-        Ok(matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward_no_bias(&x)?.to_dtype(DType::F32)?)
     }
 
     pub(crate) fn layers(&self) -> &[DecoderLayer] {
@@ -272,9 +290,10 @@ impl Model {
     }
 }
 
-/// Bytes of `layout`'s weights once loaded in `dtype`, from the shapes alone, so the first
-/// progress line can say how much is coming before any of it is read.
-fn shard_bytes(cfg: &ModelConfig, layout: &TpLayout, dtype: DType) -> u64 {
+/// Bytes of `layout`'s weights once loaded in `dtype` (projections in `quant`, if given), from
+/// the shapes alone, so the first progress line can say how much is coming before any of it is
+/// read. A GGUF file's own quantization is not seen here, so its shards count as `dtype`.
+fn shard_bytes(cfg: &ModelConfig, layout: &TpLayout, dtype: DType, quant: Option<Quantization>) -> u64 {
     let n = |x: usize| x as u64;
     let (h, v, d) = (n(cfg.hidden_size), n(cfg.vocab_size), n(cfg.head_dim));
     let (q, kv, inter) = (n(layout.heads) * d, n(layout.kv_heads) * d, n(layout.intermediate));
@@ -284,10 +303,14 @@ fn shard_bytes(cfg: &ModelConfig, layout: &TpLayout, dtype: DType) -> u64 {
         .filter(|(present, _)| *present)
         .map(|(_, size)| size)
         .sum::<u64>();
-    let per_layer = matrices + biases + 2 * h;
-    let lm_head = if cfg.tie_word_embeddings { 0 } else { v * h };
-    let params = n(cfg.num_hidden_layers) * per_layer + v * h + lm_head + h;
-    params * n(dtype.size_in_bytes())
+    let layers = n(cfg.num_hidden_layers);
+    let lm_head = if cfg.tie_word_embeddings && quant.is_none() { 0 } else { v * h };
+    let float_params = layers * (biases + 2 * h) + v * h + h;
+    let elem = n(dtype.size_in_bytes());
+    match quant {
+        None => (float_params + layers * matrices + lm_head) * elem,
+        Some(q) => float_params * elem + q.bytes(layers * matrices + lm_head),
+    }
 }
 
 #[cfg(test)]
@@ -307,9 +330,26 @@ mod tests {
             let in_file: u64 = tensors.tensors().iter().map(|(_, t)| t.data().len() as u64).sum();
             let config = ModelConfig::from_dir(&dir).unwrap();
             let layout = TpLayout::new(&config, 0, 1).unwrap();
-            assert_eq!(shard_bytes(&config, &layout, DType::F32), in_file, "{}", spec.name);
-            assert_eq!(shard_bytes(&config, &layout, DType::BF16) * 2, in_file, "{}", spec.name);
+            assert_eq!(shard_bytes(&config, &layout, DType::F32, None), in_file, "{}", spec.name);
+            assert_eq!(shard_bytes(&config, &layout, DType::BF16, None) * 2, in_file, "{}", spec.name);
         }
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Quantized projections count their blocks' bytes (q8_0: 34 bytes per 32 weights), the
+    /// rest stays in `dtype`; a tied lm_head becomes a second, quantized matrix.
+    #[test]
+    fn shard_bytes_count_quantized_blocks() {
+        let spec = test_fixtures().into_iter().find(|s| s.name == "qwen2-tied").unwrap();
+        let config = ModelConfig::from_json_bytes(spec.config.to_string().as_bytes()).unwrap();
+        let layout = TpLayout::new(&config, 0, 1).unwrap();
+        let float = shard_bytes(&config, &layout, DType::F32, None);
+        let q8 = shard_bytes(&config, &layout, DType::F32, Some(Quantization::Q8_0));
+        // Per layer: qkv 96×64, o 64×64, gate/up/down 3 × 128×64 weights; q/k/v biases (96)
+        // and two norms (128). Then the 320×64 embedding and the final norm (64).
+        let matrices = 2 * (96 * 64 + 64 * 64 + 3 * 128 * 64) + 320 * 64;
+        let floats = 2 * (96 + 128) + 320 * 64 + 64;
+        assert_eq!(float, (floats + matrices - 320 * 64) * 4);
+        assert_eq!(q8, floats * 4 + matrices / 32 * 34);
     }
 }

@@ -1,17 +1,25 @@
-//! Sharded reads from safetensors checkpoints.
+//! Sharded reads from safetensors checkpoints, or from a single llama.cpp GGUF file
+//! (`gguf.rs`), always under Hugging Face tensor names.
 //!
 //! Each rank memory-maps the checkpoint files and copies out only its own slice of each tensor,
 //! so a rank touches roughly `1 / tp` of the weight bytes. Shapes are checked against the config
 //! before slicing, so a wrong checkpoint fails with the tensor's name instead of garbage.
+//! Projection weights may be quantized: shard first, then quantize, so every rank's blocks are
+//! whole rows of its own shard (`get_weight`).
+
+pub(crate) mod gguf;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QTensor;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
+use crate::linear::{Quantization, Weight};
+use gguf::GgufFile;
 
 /// Which part of a tensor a rank reads: block `index` of `parts` equal blocks along `dim`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,14 +42,21 @@ impl Shard {
     }
 }
 
-/// The memory-mapped safetensors files of one model directory.
+/// The memory-mapped weight files of one model directory.
 pub struct Checkpoint {
-    files: MmapedSafetensors,
-    /// Every tensor name, to tell a missing tensor from a broken file.
-    names: HashSet<String>,
+    source: Source,
     dir: PathBuf,
     dtype: DType,
     device: Device,
+}
+
+enum Source {
+    Safetensors {
+        files: MmapedSafetensors,
+        /// Every tensor name, to tell a missing tensor from a broken file.
+        names: HashSet<String>,
+    },
+    Gguf(GgufFile),
 }
 
 #[derive(Deserialize)]
@@ -50,9 +65,17 @@ struct SafetensorsIndex {
 }
 
 impl Checkpoint {
-    /// Opens `model.safetensors`, or every file listed by `model.safetensors.index.json`.
-    /// Tensors are converted to `dtype` as they are read.
+    /// Opens `model.safetensors`, or every file listed by `model.safetensors.index.json`, or
+    /// else the directory's only `*.gguf` file. Float tensors are converted to `dtype` as they
+    /// are read.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let has_safetensors = dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists();
+        if !has_safetensors {
+            if let Some(path) = gguf::find_gguf(dir)? {
+                let file = GgufFile::open(&path)?;
+                return Ok(Self { source: Source::Gguf(file), dir: dir.to_path_buf(), dtype, device: device.clone() });
+            }
+        }
         let index_path = dir.join("model.safetensors.index.json");
         let paths: Vec<PathBuf> = if index_path.exists() {
             let bytes = std::fs::read(&index_path)
@@ -84,7 +107,7 @@ impl Checkpoint {
         let files = unsafe { MmapedSafetensors::multi(&paths) }
             .map_err(|source| ModelError::Safetensors { path: dir.to_path_buf(), source })?;
         let names = files.tensors().into_iter().map(|(name, _)| name).collect();
-        Ok(Self { files, names, dir: dir.to_path_buf(), dtype, device: device.clone() })
+        Ok(Self { source: Source::Safetensors { files, names }, dir: dir.to_path_buf(), dtype, device: device.clone() })
     }
 
     pub fn dtype(&self) -> DType {
@@ -92,15 +115,54 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains(name)
+        match &self.source {
+            Source::Safetensors { names, .. } => names.contains(name),
+            Source::Gguf(g) => g.contains(name),
+        }
+    }
+
+    /// Query and KV head counts a GGUF file's q/k rows were interleaved with (llama.cpp's
+    /// converter), so the loader can check them against the config; `None` for other files.
+    pub fn permuted_heads(&self) -> Option<(usize, usize)> {
+        match &self.source {
+            Source::Gguf(g) => g.permuted_heads(),
+            Source::Safetensors { .. } => None,
+        }
+    }
+
+    /// Reads this rank's `shard` of projection `name` (`[out, in]`, full shape `full_shape`).
+    /// Quantized in the file: kept as stored. Float in the file: quantized to `quant` after
+    /// sharding, if given. The shard's `in` length must fill whole quantization blocks.
+    pub fn get_weight(&self, name: &str, full_shape: [usize; 2], shard: Shard, quant: Option<Quantization>) -> Result<Weight> {
+        if let Source::Gguf(g) = &self.source {
+            if g.is_quantized(name) {
+                let q = g.get(name, &full_shape, shard)?.into_qtensor(&self.device)?;
+                return Ok(Weight::Quantized(std::sync::Arc::new(q)));
+            }
+        }
+        let t = self.get(name, &full_shape, shard)?;
+        let Some(quant) = quant else { return Ok(Weight::Float(t)) };
+        let len = t.dim(1)?;
+        if !len.is_multiple_of(quant.block()) {
+            return Err(ModelError::QuantBlock { name: name.into(), len, block: quant.block(), format: quant.name().into() });
+        }
+        let q = QTensor::quantize(&t.to_dtype(DType::F32)?, quant.ggml())?;
+        Ok(Weight::Quantized(std::sync::Arc::new(q)))
     }
 
     /// Reads this rank's `shard` of tensor `name`, whose full shape must be `full_shape`.
     pub fn get(&self, name: &str, full_shape: &[usize], shard: Shard) -> Result<Tensor> {
+        let files = match &self.source {
+            Source::Safetensors { files, .. } => files,
+            Source::Gguf(g) => {
+                let t = g.get(name, full_shape, shard)?.into_tensor(&self.device)?;
+                return Ok(if t.dtype() == self.dtype { t } else { t.to_dtype(self.dtype)? });
+            }
+        };
         if !self.contains(name) {
             return Err(ModelError::MissingTensor { name: name.to_string() });
         }
-        let view = self.files.get(name).map_err(|source| ModelError::Safetensors {
+        let view = files.get(name).map_err(|source| ModelError::Safetensors {
             path: self.dir.clone(),
             source,
         })?;

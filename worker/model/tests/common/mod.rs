@@ -2,7 +2,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::Tensor;
@@ -70,9 +70,13 @@ pub fn run_trace(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps
 
 /// Runs the same trace on every rank of an in-process group of `tp` threads; returns each rank's.
 pub fn run_tp(name: &str, tp: usize, prompt: &[u32], steps: usize) -> Vec<Trace> {
-    let dir = fixture_dir(name);
+    run_tp_loaded(&fixture_dir(name), &LoadConfig::default(), tp, prompt, steps)
+}
+
+/// [`run_tp`] for the model in `dir`, loaded as `base` says (its rank and size are set here).
+pub fn run_tp_loaded(dir: &Path, base: &LoadConfig, tp: usize, prompt: &[u32], steps: usize) -> Vec<Trace> {
     if tp == 1 {
-        let model = Model::load(&dir, &LoadConfig::default()).expect("load tp=1");
+        let model = Model::load(dir, base).expect("load tp=1");
         return vec![run_trace(&model, &mut SingleRank, prompt, steps)];
     }
     let comms = InProcessGroup::new(tp);
@@ -81,10 +85,9 @@ pub fn run_tp(name: &str, tp: usize, prompt: &[u32], steps: usize) -> Vec<Trace>
             .into_iter()
             .enumerate()
             .map(|(rank, mut comm)| {
-                let dir = dir.clone();
+                let load = LoadConfig { tp_rank: rank, tp_size: tp, ..base.clone() };
                 s.spawn(move || {
-                    let load = LoadConfig { tp_rank: rank, tp_size: tp, ..LoadConfig::default() };
-                    let model = Model::load(&dir, &load).expect("load shard");
+                    let model = Model::load(dir, &load).expect("load shard");
                     run_trace(&model, &mut comm, prompt, steps)
                 })
             })
