@@ -30,7 +30,7 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         [o, i] => (*o, *i),
         _ => return Ok(None),
     };
-    if rows == 0 || rows > MAX_ROWS || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16) {
+    if rows == 0 || rows > MAX_ROWS || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         return Ok(None);
     }
     // f32 activations are read in place; only other dtypes are widened into a new tensor.
@@ -46,6 +46,9 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(rows, out, inner, &all[w0..w1], x_data, f32_kernel(), block_kernel::<f32>()),
         Storage::Cpu(CpuStorage::BF16(all)) => {
             rows_parallel(rows, out, inner, &all[w0..w1], x_data, bf16_kernel(), block_kernel::<half::bf16>())
+        }
+        Storage::Cpu(CpuStorage::F16(all)) => {
+            rows_parallel(rows, out, inner, &all[w0..w1], x_data, f16_kernel(), block_kernel::<half::f16>())
         }
         _ => return Ok(None),
     };
@@ -162,6 +165,26 @@ impl WeightLanes for f32 {
     }
 }
 
+impl WeightLanes for half::f16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees eight readable f16 (plain u16) and AVX2 with F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees sixteen readable f16 and AVX-512F.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
 impl WeightLanes for half::bf16 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -205,7 +228,7 @@ fn block_avx2_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: u
 /// Eight accumulators (2 weight rows × 4 activation rows) stay in registers; per eight columns
 /// it loads 2 + R vectors for 2R multiply-adds.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_avx2<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
     use std::arch::x86_64::*;
     let n = w0.len().min(w1.len()).min(xs.iter().take(R).map(|x| x.len()).min().unwrap_or(0));
@@ -237,7 +260,9 @@ unsafe fn block_avx2<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -260,6 +285,57 @@ fn bf16_kernel() -> fn(&[half::bf16], &[f32]) -> f32 {
         return dot_bf16_avx2_entry;
     }
     dot_bf16_portable
+}
+
+fn f16_kernel() -> fn(&[half::f16], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return dot_lanes_avx2_entry::<half::f16>;
+    }
+    dot_lanes_portable::<half::f16>
+}
+
+/// Any weight type widened element by element; the compiler vectorises the f32 part.
+fn dot_lanes_portable<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (pa, pb) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += pa[k].to_f32() * pb[k];
+        }
+    }
+    acc.iter().sum::<f32>() + ta.iter().zip(tb).map(|(p, q)| p.to_f32() * q).sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_lanes_avx2_entry<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+    // SAFETY: only selected after checking that the CPU has AVX2, FMA and F16C.
+    unsafe { dot_lanes_avx2(a, b) }
+}
+
+/// One weight row against one activation row, eight lanes at a time with four accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_lanes_avx2<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, a_k) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8k + 8 <= n, within both slices.
+            let (va, vb) = unsafe { (W::load8(a.as_ptr().add(i + 8 * k)), _mm256_loadu_ps(b.as_ptr().add(i + 8 * k))) };
+            *a_k = _mm256_fmadd_ps(va, vb, *a_k);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = horizontal_sum(s);
+    for t in i..n {
+        sum += a[t].to_f32() * b[t];
+    }
+    sum
 }
 
 fn dot_bf16_portable(a: &[half::bf16], b: &[f32]) -> f32 {
@@ -286,7 +362,7 @@ fn dot_bf16_avx2_entry(a: &[half::bf16], b: &[f32]) -> f32 {
 
 /// bf16 is the top half of an f32: widening is a zero-extend and a 16-bit shift.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_bf16_avx2(a: &[half::bf16], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(b.len());
@@ -358,7 +434,7 @@ unsafe fn block_avx512<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn horizontal_sum(s: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let q = _mm_add_ps(_mm256_extractf128_ps(s, 1), _mm256_castps256_ps128(s));
@@ -390,7 +466,7 @@ fn dot_avx2_entry(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(b.len());
@@ -479,7 +555,7 @@ mod tests {
         for (out, inner) in [(131usize, 37usize), (64, 8), (7, 581)] {
             let w: Vec<f32> = (0..out * inner).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let w = Tensor::from_vec(w, (out, inner), &dev).unwrap();
-            for dtype in [DType::F32, DType::BF16] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let w = w.to_dtype(dtype).unwrap();
                 let wide = w.to_dtype(DType::F32).unwrap();
                 for rows in [2usize, 3, 5, 7, 13] {
@@ -527,15 +603,33 @@ mod tests {
     }
 
     #[test]
-    fn bf16_weights_match_widened_gemm() {
-        for inner in [5usize, 32, 40, 576] {
+    fn f16_dot_products_match_the_widened_f32_dot() {
+        for n in [1usize, 7, 31, 32, 33, 577] {
+            let a: Vec<half::f16> = (0..n).map(|i| half::f16::from_f32(((i * 37 % 101) as f32 - 50.0) / 50.0)).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+            let wide: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+            let want = dot_portable(&wide, &b);
+            let mut got = vec![("portable", dot_lanes_portable(&a, &b))];
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                got.push(("avx2", dot_lanes_avx2_entry(&a, &b)));
+            }
+            for (name, g) in got {
+                assert!((g - want).abs() <= 1e-4 * want.abs().max(1.0), "{name}, n {n}: {g} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn half_weights_match_widened_gemm() {
+        for (dtype, inner) in [DType::BF16, DType::F16].into_iter().flat_map(|d| [5usize, 32, 40, 576].map(|i| (d, i))) {
             let out = 70;
             let w: Vec<f32> = (0..out * inner).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let x: Vec<f32> = (0..inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
             let dev = candle_core::Device::Cpu;
-            let w = Tensor::from_vec(w, (out, inner), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let w = Tensor::from_vec(w, (out, inner), &dev).unwrap().to_dtype(dtype).unwrap();
             let x = Tensor::from_vec(x, (1, inner), &dev).unwrap();
-            let fast = matvec_t(&x, &w).unwrap().expect("bf16 fast path").to_vec2::<f32>().unwrap();
+            let fast = matvec_t(&x, &w).unwrap().expect("half fast path").to_vec2::<f32>().unwrap();
             let reference = x.matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
             for (a, b) in fast[0].iter().zip(&reference[0]) {
                 assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "inner {inner}: {a} vs {b}");
@@ -549,7 +643,7 @@ mod tests {
         let w = Tensor::zeros((4, 8), DType::F32, &dev).unwrap();
         assert!(matvec_t(&Tensor::zeros((MAX_ROWS + 1, 8), DType::F32, &dev).unwrap(), &w).unwrap().is_none(), "too many rows");
         assert!(matvec_t(&Tensor::zeros((1, 8), DType::F32, &dev).unwrap(), &w.t().unwrap()).unwrap().is_none(), "shape");
-        let half = w.to_dtype(DType::F16).unwrap();
-        assert!(matvec_t(&Tensor::zeros((1, 8), DType::F16, &dev).unwrap(), &half).unwrap().is_none(), "f16 weights");
+        let wide = w.to_dtype(DType::F64).unwrap();
+        assert!(matvec_t(&Tensor::zeros((1, 8), DType::F64, &dev).unwrap(), &wide).unwrap().is_none(), "f64 weights");
     }
 }
