@@ -282,9 +282,9 @@ fn f32_kernel() -> fn(&[f32], &[f32]) -> f32 {
 fn bf16_kernel() -> fn(&[half::bf16], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        return dot_bf16_avx2_entry;
+        return dot_lanes_avx2_entry::<half::bf16>;
     }
-    dot_bf16_portable
+    dot_lanes_portable::<half::bf16>
 }
 
 fn f16_kernel() -> fn(&[half::f16], &[f32]) -> f32 {
@@ -334,57 +334,6 @@ unsafe fn dot_lanes_avx2<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
     let mut sum = horizontal_sum(s);
     for t in i..n {
         sum += a[t].to_f32() * b[t];
-    }
-    sum
-}
-
-fn dot_bf16_portable(a: &[half::bf16], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (pa, pb) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += pa[k].to_f32() * pb[k];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (p, q) in ta.iter().zip(tb) {
-        sum += p.to_f32() * q;
-    }
-    sum
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dot_bf16_avx2_entry(a: &[half::bf16], b: &[f32]) -> f32 {
-    // SAFETY: only selected by `bf16_kernel` after checking that the CPU has AVX2 and FMA.
-    unsafe { dot_bf16_avx2(a, b) }
-}
-
-/// bf16 is the top half of an f32: widening is a zero-extend and a 16-bit shift.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_bf16_avx2(a: &[half::bf16], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (k, a_k) in acc.iter_mut().enumerate() {
-            // SAFETY: i + 8k + 8 <= n, within both slices; bf16 is a plain u16.
-            let raw = unsafe { _mm_loadu_si128(pa.add(i + 8 * k) as *const __m128i) };
-            let va = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-            let vb = unsafe { _mm256_loadu_ps(pb.add(i + 8 * k)) };
-            *a_k = _mm256_fmadd_ps(va, vb, *a_k);
-        }
-        i += 32;
-    }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut sum = horizontal_sum(s);
-    while i < n {
-        // SAFETY: i < n.
-        sum += unsafe { (*a.as_ptr().add(i)).to_f32() * *pb.add(i) };
-        i += 1;
     }
     sum
 }
