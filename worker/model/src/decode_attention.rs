@@ -28,11 +28,19 @@ pub(crate) fn applies(q: &Tensor, keys: &Tensor) -> bool {
 
 /// Where one tensor's f32 elements live: its storage and the element offset and strides of
 /// a `[a, b, c]` view whose last dimension is contiguous.
+#[derive(Clone, Copy)]
 struct View<'a> {
     data: &'a [f32],
     start: usize,
     stride0: usize,
     stride1: usize,
+}
+
+impl View<'_> {
+    /// The rows of index `i` along the first dimension (one KV head).
+    fn head(self, i: usize) -> Self {
+        Self { start: self.start + i * self.stride0, ..self }
+    }
 }
 
 fn view<'a>(t: &Tensor, storage: &'a Storage) -> Result<View<'a>> {
@@ -68,6 +76,7 @@ pub(crate) fn decode_attention(rows: &[DecodeRow]) -> Result<Tensor> {
         }
         views.push((view(&r.q, q)?, view(&r.keys, k)?, view(&r.values, v)?, r.keys.dim(1)?));
     }
+    let dot = crate::matvec::f32_kernel();
     let mut out = vec![0f32; rows.len() * heads * head_dim];
     out.par_chunks_mut(head_dim).enumerate().for_each(|(task, o)| {
         let (row, h) = (task / heads, task % heads);
@@ -75,21 +84,22 @@ pub(crate) fn decode_attention(rows: &[DecodeRow]) -> Result<Tensor> {
         let kvh = h / group;
         let q_start = q.start + h * q.stride1;
         let qh = &q.data[q_start..q_start + head_dim];
-        attend_one(qh, k, v, kvh, *len, scale, o);
+        attend_one(qh, k.head(kvh), v.head(kvh), *len, scale, dot, o);
     });
     Ok(Tensor::from_vec(out, (rows.len(), heads * head_dim), first.q.device())?)
 }
 
-/// `o = softmax(scale · K qᵀ) V` for one query head over `len` keys of KV head `kvh`, with an
-/// online softmax: when a larger score arrives, what was summed so far is rescaled.
-fn attend_one(q: &[f32], k: &View, v: &View, kvh: usize, len: usize, scale: f32, o: &mut [f32]) {
+/// `o = softmax(scale · K qᵀ) V` for one query head over the first `len` keys of one KV head
+/// (`k`, `v` already at that head), with an online softmax: when a larger score arrives, what
+/// was summed so far is rescaled.
+fn attend_one(q: &[f32], k: View, v: View, len: usize, scale: f32, dot: fn(&[f32], &[f32]) -> f32, o: &mut [f32]) {
     let d = q.len();
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     o.fill(0.0);
     for t in 0..len {
-        let ks = k.start + kvh * k.stride0 + t * k.stride1;
+        let ks = k.start + t * k.stride1;
         let s = dot(q, &k.data[ks..ks + d]) * scale;
-        let vs = v.start + kvh * v.stride0 + t * v.stride1;
+        let vs = v.start + t * v.stride1;
         let vt = &v.data[vs..vs + d];
         if s > max {
             let shrink = (max - s).exp();
@@ -111,19 +121,6 @@ fn attend_one(q: &[f32], k: &View, v: &View, kvh: usize, len: usize, scale: f32,
             *x *= inv;
         }
     }
-}
-
-/// Eight partial sums, a shape the compiler vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (pa, pb) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += pa[i] * pb[i];
-        }
-    }
-    acc.iter().sum::<f32>() + ta.iter().zip(tb).map(|(x, y)| x * y).sum::<f32>()
 }
 
 #[cfg(test)]

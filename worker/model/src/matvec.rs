@@ -271,7 +271,7 @@ fn has_avx2_fma() -> bool {
 }
 
 /// Picks the best f32 dot product this CPU supports, once per call rather than once per row.
-fn f32_kernel() -> fn(&[f32], &[f32]) -> f32 {
+pub(crate) fn f32_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         return dot_avx2_entry;
