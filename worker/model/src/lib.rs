@@ -12,6 +12,7 @@
 mod attention;
 mod batch;
 pub mod bert;
+mod bf16_matmul;
 pub mod config;
 mod decode_attention;
 mod error;
@@ -23,6 +24,7 @@ pub mod logits;
 mod matvec;
 mod model;
 mod parallel;
+mod pool;
 pub mod qmatvec;
 mod ring;
 mod rope;

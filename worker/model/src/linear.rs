@@ -7,10 +7,14 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Module, Tensor};
 
-/// `x Wᵀ` for `W` in `[out, in]` layout. Half-precision weights are widened to f32 for the
-/// product: candle's CPU half-precision GEMM is several times slower than its f32 GEMM, which
-/// more than pays for the conversion (measured in BENCHMARKS.md).
+/// `x Wᵀ` for `W` in `[out, in]` layout. bf16 activations and weights use AVX-512 BF16 where
+/// the CPU has it (`bf16_matmul.rs`). Otherwise half-precision weights are widened to f32 for
+/// the product: candle's CPU half-precision GEMM is several times slower than its f32 GEMM,
+/// which more than pays for the conversion (measured in BENCHMARKS.md).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = crate::bf16_matmul::matmul_t(x, w)? {
+        return Ok(y);
+    }
     if let Some(y) = crate::matvec::matvec_t(x, w)? {
         return Ok(y);
     }

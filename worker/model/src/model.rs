@@ -163,6 +163,13 @@ impl Model {
         comm: &mut dyn Collective,
         mode: LogitsMode,
     ) -> Result<Tensor> {
+        if self.device.is_cpu() {
+            return crate::pool::on_worker_thread(|| self.forward_here(batch, kv, comm, mode));
+        }
+        self.forward_here(batch, kv, comm, mode)
+    }
+
+    fn forward_here(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {
         self.validate(batch)?;
         for c in batch.chunks {
             kv.prepare(c.seq, c.start, c.start + c.len)?;

@@ -1,0 +1,360 @@
+//! bf16 × bf16 products on CPUs with AVX-512 BF16, whose `vdpbf16ps` does 32 multiply-adds of
+//! bf16 pairs into 16 f32 lanes in one instruction.
+//!
+//! In a bf16 model the activations are bf16 already, so every product is exact in f32 and only
+//! the order of the f32 sums differs from widening both sides first. Widening a weight costs a
+//! zero-extend, a shift and an FMA per 16 weights; `vdpbf16ps` is one instruction per 32, which
+//! is what lets two cores keep up with the memory in decode. Prefill gets a GEMM at twice the f32
+//! multiply-add rate that reads the bf16 weights as they are, instead of widening the whole
+//! matrix to f32 on every call.
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::matvec::MAX_ROWS;
+
+/// Weight rows per parallel task of the few-rows (decode) path.
+const ROWS_PER_TASK: usize = 64;
+/// Output columns per GEMM panel: two vectors of sixteen f32 lanes.
+const PANEL: usize = 32;
+/// Activation rows per GEMM tile: 12 rows × 2 vectors = 24 accumulators, plus the two panel
+/// vectors and a broadcast, fit the 32 vector registers.
+const TILE_ROWS: usize = 12;
+
+/// Whether this CPU runs the kernels here.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x Wᵀ` for bf16 `x` (`[rows, in]`) and bf16 `W` (`[out, in]`), both contiguous on the CPU,
+/// accumulated in f32 and rounded to bf16. `None` when the CPU lacks AVX-512 BF16 or the
+/// operands do not fit (the caller then widens to f32).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !available() || x.dtype() != DType::BF16 || w.dtype() != DType::BF16 || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let (&[rows, inner], &[out, w_inner]) = (x.dims(), w.dims()) else { return Ok(None) };
+    if rows == 0 || inner == 0 || inner != w_inner {
+        return Ok(None);
+    }
+    let (x_store, x_layout) = x.storage_and_layout();
+    let (w_store, w_layout) = w.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::BF16(x_all)), Storage::Cpu(CpuStorage::BF16(w_all))) = (&*x_store, &*w_store) else {
+        return Ok(None);
+    };
+    let (Some((x0, x1)), Some((w0, w1))) = (x_layout.contiguous_offsets(), w_layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let (xs, ws) = (&x_all[x0..x1], &w_all[w0..w1]);
+    let y = if rows <= MAX_ROWS {
+        let y = few_rows(xs, rows, ws, out, inner);
+        // Written as [out, rows] so that each task owns a contiguous block.
+        if rows == 1 {
+            Tensor::from_vec(y, (1, out), x.device())?
+        } else {
+            Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()?
+        }
+    } else if inner % 2 == 0 {
+        Tensor::from_vec(gemm(xs, rows, ws, out, inner), (rows, out), x.device())?
+    } else {
+        return Ok(None);
+    };
+    drop((x_store, w_store));
+    Ok(Some(y.to_dtype(DType::BF16)?))
+}
+
+/// Decode: `y[j, i] = dot(W[j], x[i])` laid out `[out, rows]`, weight rows split over the
+/// thread pool. Four weight rows share each activation load and up to four activation rows
+/// share each weight load; every weight byte is read from memory once.
+fn few_rows(x: &[bf16], rows: usize, w: &[bf16], out: usize, inner: usize) -> Vec<f32> {
+    let mut y = vec![0f32; out * rows];
+    y.par_chunks_mut(ROWS_PER_TASK * rows).enumerate().for_each(|(task, ys)| {
+        let first = task * ROWS_PER_TASK;
+        let task_rows = ys.len() / rows;
+        let w_row = |j: usize| w[(first + j) * inner..].as_ptr();
+        let x_row = |i: usize| x[i * inner..].as_ptr();
+        let mut j = 0;
+        while j < task_rows {
+            // Four weight rows at a time, the last few one by one.
+            let wr = if task_rows - j >= 4 && rows > 1 { 4 } else { 1 };
+            let mut i = 0;
+            while i < rows {
+                let xr = (rows - i).min(4);
+                // Rows past the counts repeat the last one; their sums are ignored.
+                let ws = std::array::from_fn(|a| w_row(j + a.min(wr - 1)));
+                let xs = std::array::from_fn(|b| x_row(i + b.min(xr - 1)));
+                let mut sums = [[0f32; 4]; 4];
+                // SAFETY: `available()` was checked by the caller; every row pointed at holds
+                // `inner` elements.
+                unsafe { dot_block_dispatch(wr, xr, ws, xs, inner, &mut sums) };
+                for (a, row) in sums.iter().enumerate().take(wr) {
+                    for (b, s) in row.iter().enumerate().take(xr) {
+                        ys[(j + a) * rows + i + b] = *s;
+                    }
+                }
+                i += xr;
+            }
+            j += wr;
+        }
+    });
+    y
+}
+
+/// Runs [`dot_block`] for `wr` (4 or 1) weight rows and `xr` (1..=4) activation rows.
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW and BF16; every pointer must address `n` readable elements.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_block_dispatch(wr: usize, xr: usize, w: [*const bf16; 4], x: [*const bf16; 4], n: usize, sums: &mut [[f32; 4]; 4]) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match (wr, xr) {
+            (4, 4) => dot_block::<4, 4>(w, x, n, sums),
+            (4, 3) => dot_block::<4, 3>(w, x, n, sums),
+            (4, 2) => dot_block::<4, 2>(w, x, n, sums),
+            (4, _) => dot_block::<4, 1>(w, x, n, sums),
+            (_, 4) => dot_block::<1, 4>(w, x, n, sums),
+            (_, 3) => dot_block::<1, 3>(w, x, n, sums),
+            (_, 2) => dot_block::<1, 2>(w, x, n, sums),
+            _ => dot_block::<1, 1>(w, x, n, sums),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_block_dispatch(_: usize, _: usize, _: [*const bf16; 4], _: [*const bf16; 4], _: usize, _: &mut [[f32; 4]; 4]) {
+    unreachable!("available() is false off x86_64")
+}
+
+/// `sums[a][b] = dot(w[a], x[b])` over `n` elements, 32 at a time, the tail through masked
+/// loads (zeros add nothing).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dot_block<const WR: usize, const XR: usize>(w: [*const bf16; 4], x: [*const bf16; 4], n: usize, sums: &mut [[f32; 4]; 4]) {
+    use std::arch::x86_64::{__m512, __m512bh, _mm512_castsi512_ps, _mm512_dpbf16_ps, _mm512_maskz_loadu_epi16, _mm512_reduce_add_ps, _mm512_setzero_ps};
+    let mut acc = [[_mm512_setzero_ps(); XR]; WR];
+    let mut i = 0;
+    // No closures or `array::from_fn` here: they would not inherit the target features, and a
+    // call per load costs more than the load.
+    while i < n {
+        let mask = if n - i >= 32 { u32::MAX } else { (1u32 << (n - i)) - 1 };
+        let mut ws = [_mm512_setzero_ps(); WR];
+        for a in 0..WR {
+            // SAFETY: the mask keeps the load within the row's `n` elements.
+            ws[a] = unsafe { _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, w[a].add(i) as *const i16)) };
+        }
+        for b in 0..XR {
+            // SAFETY: as above.
+            let v = unsafe { _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, x[b].add(i) as *const i16)) };
+            for a in 0..WR {
+                // SAFETY: same-size bit casts between vector types.
+                acc[a][b] = unsafe { _mm512_dpbf16_ps(acc[a][b], std::mem::transmute::<__m512, __m512bh>(ws[a]), std::mem::transmute::<__m512, __m512bh>(v)) };
+            }
+        }
+        i += 32;
+    }
+    for a in 0..WR {
+        for b in 0..XR {
+            sums[a][b] = _mm512_reduce_add_ps(acc[a][b]);
+        }
+    }
+}
+
+/// A raw output pointer the GEMM tasks share; each task writes its own columns only.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own panel's columns) and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Prefill: `y = x Wᵀ` as `[m, n]` for even `k`. Each task packs 32 weight rows as bf16 pairs
+/// (`panel[p][c]` = row `c`'s elements `2p, 2p + 1`), then sweeps every 12-row tile of `x`
+/// across the panel, broadcasting one pair of each activation row per step.
+fn gemm(x: &[bf16], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
+    let pairs = k / 2;
+    let mut y = vec![0f32; m * n];
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(Vec::new, |panel: &mut Vec<u32>, p| {
+        let c0 = p * PANEL;
+        let cols = (n - c0).min(PANEL);
+        pack_panel(w, k, c0, cols, panel);
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(TILE_ROWS);
+            let tile = Tile { panel: panel.as_ptr(), x: x[r * k..].as_ptr() as *const u32, pairs, rows, y: out, y_stride: n, row0: r, col0: c0, cols };
+            // SAFETY: `available()` was checked by the caller; the panel holds `pairs * 32`
+            // words, x rows r..r+rows hold `k` elements, and this task alone writes columns
+            // c0..c0+cols.
+            unsafe { tile.run() };
+            r += rows;
+        }
+    });
+    y
+}
+
+/// Packs rows `c0..c0 + cols` of `w` (`[_, k]`) into `panel` as `[k / 2][32]` words, each the
+/// bf16 pair `(w[c][2p], w[c][2p + 1])`; columns past `cols` are zero.
+fn pack_panel(w: &[bf16], k: usize, c0: usize, cols: usize, panel: &mut Vec<u32>) {
+    let pairs = k / 2;
+    panel.clear();
+    panel.resize(pairs * PANEL, 0);
+    for c in 0..cols {
+        let row = &w[(c0 + c) * k..(c0 + c + 1) * k];
+        for (p, pair) in row.chunks_exact(2).enumerate() {
+            panel[p * PANEL + c] = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+        }
+    }
+}
+
+/// One tile of the GEMM: up to 12 activation rows against a packed 32-column panel.
+struct Tile {
+    panel: *const u32,
+    /// First activation row, read as bf16 pairs.
+    x: *const u32,
+    pairs: usize,
+    rows: usize,
+    y: OutPtr,
+    y_stride: usize,
+    row0: usize,
+    col0: usize,
+    cols: usize,
+}
+
+impl Tile {
+    /// # Safety
+    /// As in [`gemm`]: the CPU has AVX-512 BF16 and every pointer covers what the tile reads
+    /// or writes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run(&self) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self.rows {
+                12 => self.kernel::<12>(),
+                11 => self.kernel::<11>(),
+                10 => self.kernel::<10>(),
+                9 => self.kernel::<9>(),
+                8 => self.kernel::<8>(),
+                7 => self.kernel::<7>(),
+                6 => self.kernel::<6>(),
+                5 => self.kernel::<5>(),
+                4 => self.kernel::<4>(),
+                3 => self.kernel::<3>(),
+                2 => self.kernel::<2>(),
+                _ => self.kernel::<1>(),
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run(&self) {
+        unreachable!("available() is false off x86_64")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn kernel<const R: usize>(&self) {
+        use std::arch::x86_64::{__m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_set1_epi32, _mm512_setzero_ps};
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let row_words = self.pairs;
+        for p in 0..self.pairs {
+            // SAFETY: p < pairs; the panel has 32 words per pair and each x row `pairs` words.
+            unsafe {
+                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(self.panel.add(p * PANEL) as *const __m512i));
+                let b1 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(self.panel.add(p * PANEL + 16) as *const __m512i));
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*self.x.add(r * row_words + p) as i32));
+                    acc_r[0] = _mm512_dpbf16_ps(acc_r[0], a, b0);
+                    acc_r[1] = _mm512_dpbf16_ps(acc_r[1], a, b1);
+                }
+            }
+        }
+        let (lo, hi) = (mask16(self.cols), mask16(self.cols.saturating_sub(16)));
+        for (r, acc_r) in acc.iter().enumerate() {
+            // SAFETY: row row0 + r < m and columns col0.. below the masks are within row length n.
+            unsafe {
+                let dst = self.y.0.add((self.row0 + r) * self.y_stride + self.col0);
+                _mm512_mask_storeu_ps(dst, lo, acc_r[0]);
+                _mm512_mask_storeu_ps(dst.add(16), hi, acc_r[1]);
+            }
+        }
+    }
+}
+
+/// A mask of the first `n.min(16)` lanes.
+fn mask16(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len).map(|i| (((i + salt) * 37 % 101) as f32 - 50.0) / 32.0).collect()
+    }
+
+    /// Inputs exactly representable in bf16, so the reference products are the kernel's.
+    fn bf16_tensor(len: usize, shape: (usize, usize), salt: usize) -> Tensor {
+        Tensor::from_vec(values(len, salt), shape, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()
+    }
+
+    fn check(rows: usize, out: usize, inner: usize) {
+        let x = bf16_tensor(rows * inner, (rows, inner), 3);
+        let w = bf16_tensor(out * inner, (out, inner), 11);
+        let Some(got) = matmul_t(&x, &w).unwrap() else {
+            assert!(!available() || (rows > MAX_ROWS && inner % 2 == 1), "declined {rows}x{inner} · {out}");
+            return;
+        };
+        assert_eq!(got.dims(), &[rows, out]);
+        let got = got.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        let (x32, w32) = (x.to_dtype(DType::F32).unwrap(), w.to_dtype(DType::F32).unwrap());
+        let want = x32.matmul(&w32.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        for (r, (gr, wr)) in got.iter().zip(&want).enumerate() {
+            for (c, (g, e)) in gr.iter().zip(wr).enumerate() {
+                // The result is rounded to bf16 (8 significant bits).
+                assert!((g - e).abs() <= e.abs() / 128.0 + 1e-3, "{rows}x{inner}·{out} at [{r}, {c}]: {g} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn few_rows_match_the_widened_product_for_every_tail() {
+        for rows in [1usize, 2, 3, 4, 5, 8, MAX_ROWS] {
+            for (out, inner) in [(1usize, 1usize), (3, 31), (7, 32), (65, 33), (130, 576), (5, 100)] {
+                check(rows, out, inner);
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_the_widened_product_for_every_tail() {
+        for rows in [MAX_ROWS + 1, 24, 37] {
+            for (out, inner) in [(1usize, 2usize), (31, 64), (32, 576), (33, 30), (100, 1536), (9, 7)] {
+                check(rows, out, inner);
+            }
+        }
+    }
+
+    #[test]
+    fn declines_other_dtypes() {
+        let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((4, 8), DType::BF16, &Device::Cpu).unwrap();
+        assert!(matmul_t(&x, &w).unwrap().is_none());
+        assert!(matmul_t(&w, &w.to_dtype(DType::F32).unwrap()).unwrap().is_none());
+    }
+}
