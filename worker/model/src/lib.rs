@@ -17,6 +17,7 @@ pub mod config;
 mod decode_attention;
 mod error;
 pub mod fixture;
+mod heap;
 mod kv_cache;
 mod layer;
 mod linear;

@@ -69,6 +69,7 @@ impl Model {
     /// Loads weights from `dir` for an already parsed `config`.
     pub fn load_with_config(dir: &Path, config: ModelConfig, load: &LoadConfig) -> Result<Self> {
         let start = Instant::now();
+        crate::heap::keep_freed_buffers();
         let layout = TpLayout::new(&config, load.tp_rank, load.tp_size)?;
         let (rank, n_layers) = (load.tp_rank, config.num_hidden_layers);
         let mb = shard_bytes(&config, &layout, load.dtype, load.quantization) as f64 / 1e6;
