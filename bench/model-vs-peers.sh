@@ -20,7 +20,11 @@ SCRIPTS=${PEER_SCRIPTS:-../shared/bench/peers}
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
 
 cargo bench -p tessera-model --bench model --no-run >/dev/null 2>&1
+cargo bench -p tessera-model --bench bandwidth --no-run >/dev/null 2>&1
 out=$(mktemp)
+# Memory read bandwidth before and after the engines (it drifts on shared machines): the decode
+# rooflines below use the mean.
+cargo bench -q -p tessera-model --bench bandwidth 2>/dev/null | grep '^RESULT' | tee -a "$out"
 for dt in f32 bf16; do
   ckpt=$PEERS/ckpt/smol135-$dt
   "$PEERS/hf/bin/python" "$SCRIPTS/hf_bench.py" "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
@@ -36,14 +40,19 @@ NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol1
 cargo bench -q -p tessera-model --bench model -- "$gguf_dir" f32 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
 cargo bench -q -p tessera-model --bench model -- "$PEERS/ckpt/smol135-f32" q8_0 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
 rm -rf "$gguf_dir"
+cargo bench -q -p tessera-model --bench bandwidth 2>/dev/null | grep '^RESULT' | tee -a "$out"
 
-python3 - "$out" <<'PY'
-import re, sys
+python3 - "$out" "$PEERS/ckpt/smol135-f32/config.json" <<'PY'
+import json, re, sys
 rows = {}
+bandwidth = []
 for line in open(sys.argv[1]):
     if not line.startswith("RESULT"):
         continue
     f = line.split()
+    if f[1] == "bandwidth":
+        bandwidth.append(float(f[2].split("=")[1]))
+        continue
     engine, dtype = f[1], f[2].lower()
     if engine == "llama.cpp":
         dtype = next(d for d in ("bf16", "q8_0", "f32") if d in dtype)
@@ -63,5 +72,21 @@ for (engine, dtype), kv in rows.items():
     rd = float(t.get("decode_median", "nan")) / dec
     b8 = kv.get("decode_b8_median", "")
     print(f"| {engine} | {dtype} | {pre:.1f} | {dec:.2f} | {b8} | {rp:.2f}x | {rd:.2f}x |")
+
+# Decode reads every parameter once per token (the tied embedding as the lm_head); norms are
+# noise. q8_0 stores 34 bytes per 32 weights.
+c = json.load(open(sys.argv[2]))
+h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+d = c.get("head_dim", h // c["num_attention_heads"])
+q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+params = vocab * h + layers * ((q + 2 * kv) * h + h * q + 3 * inter * h)
+bw = sum(bandwidth) / len(bandwidth)
+print(f"\nmemory read bandwidth {bw:.1f} GB/s (runs: {bandwidth}); {params / 1e6:.1f} M parameters read per decode step")
+print("\n| engine | dtype | decode roofline tok/s | decode b1 ÷ roofline |")
+print("|---|---|---:|---:|")
+for (engine, dtype), kv in rows.items():
+    per_token = params * {"f32": 4, "bf16": 2, "q8_0": 34 / 32}[dtype]
+    roof = bw * 1e9 / per_token
+    print(f"| {engine} | {dtype} | {roof:.1f} | {float(kv['decode_median']) / roof * 100:.0f}% |")
 PY
 rm -f "$out"
