@@ -13,6 +13,8 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the model's compute threads: {0}")]
+    ThreadPool(#[from] rayon::ThreadPoolBuildError),
     #[error("{path} is not a valid model config: {source}")]
     ConfigJson {
         path: PathBuf,

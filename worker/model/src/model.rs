@@ -19,6 +19,7 @@ use crate::kv_cache::{KvCache, KvSpec};
 use crate::layer::{AttentionStep, DecoderLayer};
 use crate::linear::{Linear, Quantization, Weight};
 use crate::parallel::TpLayout;
+use crate::pool::ComputePool;
 use crate::rope::Rope;
 use crate::weights::{Checkpoint, Shard};
 
@@ -56,6 +57,8 @@ pub struct Model {
     device: Device,
     /// Distinct sliding windows over layers, so masks are built once per forward, not per layer.
     windows: Vec<Option<usize>>,
+    /// Where CPU forward passes run (`pool.rs`); `None` on GPUs.
+    pool: Option<ComputePool>,
 }
 
 impl Model {
@@ -132,6 +135,7 @@ impl Model {
             dtype: load.dtype,
             device: load.device.clone(),
             windows,
+            pool: if load.device.is_cpu() { Some(ComputePool::new()?) } else { None },
         })
     }
 
@@ -164,10 +168,10 @@ impl Model {
         comm: &mut dyn Collective,
         mode: LogitsMode,
     ) -> Result<Tensor> {
-        if self.device.is_cpu() {
-            return crate::pool::on_worker_thread(|| self.forward_here(batch, kv, comm, mode));
+        match &self.pool {
+            Some(pool) => pool.run(|| self.forward_here(batch, kv, comm, mode)),
+            None => self.forward_here(batch, kv, comm, mode),
         }
-        self.forward_here(batch, kv, comm, mode)
     }
 
     fn forward_here(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {

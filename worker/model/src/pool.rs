@@ -1,29 +1,57 @@
-//! Where a CPU forward pass runs.
+//! The threads a CPU model computes on.
 //!
-//! The kernels split each product over rayon's pool. Called from a thread outside the pool, every
-//! product hands its work to the pool's threads and sleeps until they finish, and between
+//! The kernels split each product over a rayon pool. Called from a thread outside that pool,
+//! every product hands its work to the pool's threads and sleeps until they finish, and between
 //! products those threads spin and yield for a core the calling thread needs for the serial parts
-//! (norms, rotary embeddings, attention bookkeeping). On two cores that costs more than a
-//! fifth of a decode step (measured in BENCHMARKS.md). Running the whole pass on one of the
-//! pool's threads hands over once per pass instead, and the serial parts run on a pool thread.
+//! (norms, rotary embeddings, attention bookkeeping). On two cores that cost a fifth or more of
+//! a decode step (BENCHMARKS.md). So each model owns a pool and runs the whole forward pass on
+//! one of its threads: one hand-over per pass, and the serial parts run on a pool thread.
+//!
+//! The pool is the model's own, not rayon's global one, because ranks of one tensor-parallel
+//! group may live in one process (tests do this): in a shared pool a thread waiting inside one
+//! rank's product can pick up another rank's whole forward pass and block in its all-reduce,
+//! waiting for the rank buried under it on its own stack.
 
-/// Runs `f` on a thread of rayon's global pool (directly, if this already is one) and returns
-/// its result; the caller blocks meanwhile.
-pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R) -> R {
-    if rayon::current_thread_index().is_some() {
-        return f();
+use std::sync::Arc;
+
+/// A model's compute threads.
+#[derive(Clone)]
+pub struct ComputePool(Arc<rayon::ThreadPool>);
+
+impl ComputePool {
+    /// As many threads as candle uses (`RAYON_NUM_THREADS`, which `tessera --threads` sets, else
+    /// the physical cores).
+    pub fn new() -> Result<Self, rayon::ThreadPoolBuildError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(candle_core::utils::get_num_threads())
+            .thread_name(|i| format!("tessera-compute-{i}"))
+            .build()?;
+        Ok(Self(Arc::new(pool)))
     }
-    let job = AssertSend(f);
-    // `rayon::scope` runs its closure on a pool thread when called from outside the pool.
-    rayon::scope(move |_| {
-        let job = job;
-        (job.0)()
-    })
+
+    /// Runs `f` on one of the pool's threads (directly, if this already is one) and returns its
+    /// result; the caller blocks meanwhile.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R) -> R {
+        if self.0.current_thread_index().is_some() {
+            return f();
+        }
+        let job = AssertSend(f);
+        self.0.install(move || {
+            let job = job;
+            (job.0)()
+        })
+    }
+}
+
+impl std::fmt::Debug for ComputePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ComputePool({} threads)", self.0.current_num_threads())
+    }
 }
 
 /// Lets a closure that borrows non-`Send` state (`&mut dyn Collective`) run on a pool thread.
 struct AssertSend<F>(F);
-// SAFETY: the calling thread is blocked in `rayon::scope` until the closure has finished, so the
+// SAFETY: the calling thread is blocked in `install` until the closure has finished, so the
 // borrowed state is never used by two threads at once; what is borrowed is plain CPU-side state
-// (TCP streams, tensors) with no affinity to the thread that created it.
+// (TCP streams, channels, tensors) with no affinity to the thread that created it.
 unsafe impl<F> Send for AssertSend<F> {}
