@@ -46,6 +46,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread starts: candle reads this when its element-wise pool starts.
+    tessera_model::limit_candle_spinning();
     let cli = Cli::parse();
     // Logs go to stderr so stdout stays for results; RUST_LOG overrides the level.
     tracing_subscriber::fmt()

@@ -64,6 +64,8 @@ fn prefill(model: &Model) -> anyhow::Result<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `tessera` binary does, so the bench measures what a worker runs.
+    tessera_model::limit_candle_spinning();
     // `cargo bench` appends `--bench`; ignore flags.
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let dir = PathBuf::from(args.first().map(String::as_str).unwrap_or("/opt/peers/ckpt/smol135-f32"));

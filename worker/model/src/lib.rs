@@ -41,6 +41,7 @@ pub use kv_cache::{blocks_for, KvCache, RingPlacement, SeqId, KV_BLOCK_TOKENS};
 pub use linear::Quantization;
 pub use model::{LoadConfig, Model};
 pub use parallel::TpLayout;
+pub use pool::limit_candle_spinning;
 pub use ring::{AppendOn, DecodeStep, LocalLogits, PrefillStep, RingComm, RingLogits, RingOutput, RingStep};
 pub use sequence::ZigzagLayout;
 pub use weights::{Checkpoint, Shard};
