@@ -252,7 +252,9 @@ impl Tile {
                 let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(self.panel.add(p * PANEL) as *const __m512i));
                 let b1 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(self.panel.add(p * PANEL + 16) as *const __m512i));
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*self.x.add(r * row_words + p) as i32));
+                    // A view's bf16 data need not be 4-byte aligned: read the pair unaligned.
+                    let pair = self.x.add(r * row_words + p).read_unaligned();
+                    let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair as i32));
                     acc_r[0] = _mm512_dpbf16_ps(acc_r[0], a, b0);
                     acc_r[1] = _mm512_dpbf16_ps(acc_r[1], a, b1);
                 }
@@ -328,6 +330,24 @@ mod tests {
                 check(rows, out, inner);
             }
         }
+    }
+
+    /// A view that starts one element into its storage: its bf16 pairs are not 4-byte aligned.
+    #[test]
+    fn gemm_reads_views_at_odd_offsets() {
+        let (rows, out, inner) = (MAX_ROWS + 3, 20, 64);
+        let flat = bf16_tensor(1 + rows * inner, (1, 1 + rows * inner), 3).flatten_all().unwrap();
+        let x = flat.narrow(0, 1, rows * inner).unwrap().reshape((rows, inner)).unwrap();
+        let w = bf16_tensor(out * inner, (out, inner), 11);
+        let Some(got) = matmul_t(&x, &w).unwrap() else {
+            assert!(!available());
+            return;
+        };
+        let want = x.to_dtype(DType::F32).unwrap().matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+        let diff = (got.to_dtype(DType::F32).unwrap() - &want).unwrap().abs().unwrap();
+        let bound = (want.abs().unwrap() / 128.0).unwrap().affine(1.0, 1e-3).unwrap();
+        let beyond = diff.ge(&bound).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(beyond, 0.0, "elements beyond bf16 rounding of the widened product");
     }
 
     #[test]
