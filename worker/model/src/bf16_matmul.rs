@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::matvec::MAX_ROWS;
+use crate::matvec::{from_out_major, MAX_ROWS};
 
 /// Weight rows per parallel task of the few-rows (decode) path.
 const ROWS_PER_TASK: usize = 64;
@@ -57,13 +57,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     };
     let (xs, ws) = (&x_all[x0..x1], &w_all[w0..w1]);
     let y = if rows <= MAX_ROWS {
-        let y = few_rows(xs, rows, ws, out, inner);
-        // Written as [out, rows] so that each task owns a contiguous block.
-        if rows == 1 {
-            Tensor::from_vec(y, (1, out), x.device())?
-        } else {
-            Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()?
-        }
+        from_out_major(few_rows(xs, rows, ws, out, inner), out, rows, x.device())?
     } else if inner % 2 == 0 {
         Tensor::from_vec(gemm(xs, rows, ws, out, inner), (rows, out), x.device())?
     } else {

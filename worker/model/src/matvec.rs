@@ -53,14 +53,17 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         _ => return Ok(None),
     };
     drop((w_store, x_store));
-    // The kernel writes [out, rows] so each task owns a contiguous block; transpose at the end
-    // (a single row needs no transpose).
-    let y = if rows == 1 {
-        Tensor::from_vec(y, (1, out), x.device())?
+    Ok(Some(from_out_major(y, out, rows, x.device())?.to_dtype(x.dtype())?))
+}
+
+/// `[rows, out]` from products written `[out, rows]`, the layout the row-parallel kernels use so
+/// that each task owns a contiguous block; a single row needs no transpose.
+pub(crate) fn from_out_major(y: Vec<f32>, out: usize, rows: usize, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+    if rows == 1 {
+        Tensor::from_vec(y, (1, out), device)
     } else {
-        Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()?
-    };
-    Ok(Some(y.to_dtype(x.dtype())?))
+        Tensor::from_vec(y, (out, rows), device)?.t()?.contiguous()
+    }
 }
 
 /// `y[r, i] = dot(W[r, :], x[i, :])` with weight rows split over the thread pool. With several

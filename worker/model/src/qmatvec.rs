@@ -74,13 +74,7 @@ pub fn q8_0_matvec_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize) -> can
             dot(&blocks[(first + j) * row_bytes..(first + j + 1) * row_bytes], &xq, yr);
         }
     });
-    // Written `[out, rows]` so each task owns a contiguous block; one row needs no transpose.
-    let y = if rows == 1 {
-        Tensor::from_vec(y, (1, out), x.device())?
-    } else {
-        Tensor::from_vec(y, (out, rows), x.device())?.t()?.contiguous()?
-    };
-    Ok(Some(y))
+    Ok(Some(crate::matvec::from_out_major(y, out, rows, x.device())?))
 }
 
 /// One weight row against every quantized activation row: `y[i] = dot(row, x[i])`.
