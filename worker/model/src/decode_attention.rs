@@ -8,9 +8,11 @@
 //! once, with an online softmax (a running maximum and rescaled sums), and writes its output
 //! row in place. Queries that share a KV head read the same rows, which stay in cache.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{DType, Storage, Tensor};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::elem::Elem;
 use crate::error::{ModelError, Result};
 
 /// One decoding sequence of a step: its query row (`[1, heads, head_dim]`) and views of its
@@ -21,31 +23,42 @@ pub(crate) struct DecodeRow {
     pub values: Tensor,
 }
 
-/// Whether [`decode_attention`] handles these tensors: f32 on the CPU.
+/// Whether [`decode_attention`] handles these tensors: f32, bf16 or f16 on the CPU, queries
+/// and cache of one type.
 pub(crate) fn applies(q: &Tensor, keys: &Tensor) -> bool {
-    q.dtype() == DType::F32 && keys.dtype() == DType::F32 && q.device().is_cpu()
+    matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16) && keys.dtype() == q.dtype() && q.device().is_cpu()
 }
 
-/// Where one tensor's f32 elements live: its storage and the element offset and strides of
-/// a `[a, b, c]` view whose last dimension is contiguous.
+/// Where one tensor's elements live: its storage and the element offset and strides of a
+/// `[a, b, c]` view whose last dimension is contiguous.
 #[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
+struct View<'a, T> {
+    data: &'a [T],
     start: usize,
     stride0: usize,
     stride1: usize,
 }
 
-impl View<'_> {
+impl<T> View<'_, T> {
     /// The rows of index `i` along the first dimension (one KV head).
     fn head(self, i: usize) -> Self {
         Self { start: self.start + i * self.stride0, ..self }
     }
+
+    /// Row `j` of a head, `len` elements.
+    fn row(&self, j: usize, len: usize) -> &[T] {
+        let s = self.start + j * self.stride1;
+        &self.data[s..s + len]
+    }
 }
 
-fn view<'a>(t: &Tensor, storage: &'a Storage) -> Result<View<'a>> {
-    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
-        return Err(ModelError::InvalidBatch("decode attention needs f32 CPU tensors".into()));
+fn view<'a, T: Elem>(t: &Tensor, storage: &'a Storage) -> Result<View<'a, T>> {
+    let data = match storage {
+        Storage::Cpu(cpu) => T::of(cpu),
+        _ => None,
+    };
+    let Some(data) = data else {
+        return Err(ModelError::InvalidBatch(format!("decode attention needs {:?} CPU tensors", T::DTYPE)));
     };
     let layout = t.layout();
     match layout.stride() {
@@ -54,12 +67,23 @@ fn view<'a>(t: &Tensor, storage: &'a Storage) -> Result<View<'a>> {
     }
 }
 
-/// Attention outputs `[rows.len(), heads * head_dim]` for decode rows of `heads` query heads
-/// over their caches (grouped-query: `heads / kv_heads` query heads per KV head).
+/// Attention outputs `[rows.len(), heads * head_dim]`, in the queries' dtype, for decode rows
+/// of `heads` query heads over their caches (grouped-query: `heads / kv_heads` query heads per
+/// KV head).
 pub(crate) fn decode_attention(rows: &[DecodeRow]) -> Result<Tensor> {
     let Some(first) = rows.first() else {
         return Err(ModelError::InvalidBatch("decode attention over no rows".into()));
     };
+    match first.q.dtype() {
+        DType::F32 => decode_attention_as::<f32>(rows),
+        DType::BF16 => decode_attention_as::<bf16>(rows),
+        DType::F16 => decode_attention_as::<f16>(rows),
+        other => Err(ModelError::InvalidBatch(format!("decode attention does not take {other:?}"))),
+    }
+}
+
+fn decode_attention_as<T: Elem>(rows: &[DecodeRow]) -> Result<Tensor> {
+    let first = &rows[0];
     let (_, heads, head_dim) = first.q.dims3()?;
     let kv_heads = first.keys.dim(0)?;
     let group = heads / kv_heads.max(1);
@@ -71,54 +95,100 @@ pub(crate) fn decode_attention(rows: &[DecodeRow]) -> Result<Tensor> {
         .collect();
     let mut views = Vec::with_capacity(rows.len());
     for (r, (q, k, v)) in rows.iter().zip(&guards) {
-        if r.q.dims3()? != (1, heads, head_dim) || r.keys.dims3()?.0 != kv_heads || r.keys.dims() != r.values.dims() {
+        if r.q.dims3()? != (1, heads, head_dim) || r.keys.dim(0)? != kv_heads || r.keys.dims() != r.values.dims() {
             return Err(ModelError::InvalidBatch("decode rows of different shapes in one step".into()));
         }
-        views.push((view(&r.q, q)?, view(&r.keys, k)?, view(&r.values, v)?, r.keys.dim(1)?));
+        views.push((view::<T>(&r.q, q)?, view::<T>(&r.keys, k)?, view::<T>(&r.values, v)?, r.keys.dim(1)?));
     }
     let dot = crate::matvec::f32_kernel();
-    let mut out = vec![0f32; rows.len() * heads * head_dim];
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(task, o)| {
+    let mut out = vec![T::from_f32(0.0); rows.len() * heads * head_dim];
+    // One (sequence, head) pair per task; `init` gives each worker its f32 scratch rows once.
+    let init = || Scratch::new(head_dim);
+    out.par_chunks_mut(head_dim).enumerate().for_each_init(init, |scratch, (task, o)| {
         let (row, h) = (task / heads, task % heads);
         let (q, k, v, len) = &views[row];
         let kvh = h / group;
-        let q_start = q.start + h * q.stride1;
-        let qh = &q.data[q_start..q_start + head_dim];
-        attend_one(qh, k.head(kvh), v.head(kvh), *len, scale, dot, o);
+        scratch.widen_q(q.row(0, heads * head_dim), h);
+        scratch.attend(k.head(kvh), v.head(kvh), *len, scale, dot);
+        for (o, x) in o.iter_mut().zip(&scratch.out) {
+            *o = T::from_f32(*x);
+        }
     });
-    Ok(Tensor::from_vec(out, (rows.len(), heads * head_dim), first.q.device())?)
+    Ok(T::tensor(out, &[rows.len(), heads * head_dim])?)
 }
 
-/// `o = softmax(scale · K qᵀ) V` for one query head over the first `len` keys of one KV head
-/// (`k`, `v` already at that head), with an online softmax: when a larger score arrives, what
-/// was summed so far is rescaled.
-fn attend_one(q: &[f32], k: View, v: View, len: usize, scale: f32, dot: fn(&[f32], &[f32]) -> f32, o: &mut [f32]) {
-    let d = q.len();
-    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-    o.fill(0.0);
-    for t in 0..len {
-        let ks = k.start + t * k.stride1;
-        let s = dot(q, &k.data[ks..ks + d]) * scale;
-        let vs = v.start + t * v.stride1;
-        let vt = &v.data[vs..vs + d];
-        if s > max {
-            let shrink = (max - s).exp();
-            sum *= shrink;
-            for x in o.iter_mut() {
-                *x *= shrink;
-            }
-            max = s;
-        }
-        let w = (s - max).exp();
-        sum += w;
-        for (x, &y) in o.iter_mut().zip(vt) {
-            *x += w * y;
-        }
+/// A task's f32 working rows: the query head, one widened key or value row, the output.
+struct Scratch {
+    q: Vec<f32>,
+    key: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(head_dim: usize) -> Self {
+        Self { q: vec![0.0; head_dim], key: vec![0.0; head_dim], out: vec![0.0; head_dim] }
     }
-    if sum > 0.0 {
-        let inv = 1.0 / sum;
-        for x in o.iter_mut() {
-            *x *= inv;
+
+    /// Head `h` of a query row, widened to f32.
+    fn widen_q<T: Elem>(&mut self, q: &[T], h: usize) {
+        let d = self.q.len();
+        widen(&q[h * d..(h + 1) * d], &mut self.q);
+    }
+}
+
+/// `src` as f32 in `dst`.
+#[inline]
+fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+impl Scratch {
+    /// `out = softmax(scale · K qᵀ) V` for the query head in `q` over the first `len` keys of
+    /// one KV head (`k`, `v` already at that head), with an online softmax: when a larger
+    /// score arrives, what was summed so far is rescaled. Half-precision rows are widened into
+    /// `key` one at a time; f32 rows are read in place.
+    fn attend<T: Elem>(&mut self, k: View<T>, v: View<T>, len: usize, scale: f32, dot: fn(&[f32], &[f32]) -> f32) {
+        let Scratch { q, key, out } = self;
+        let d = q.len();
+        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+        out.fill(0.0);
+        for t in 0..len {
+            let kr = match T::f32s(k.row(t, d)) {
+                Some(r) => r,
+                None => {
+                    widen(k.row(t, d), key.as_mut_slice());
+                    key.as_slice()
+                }
+            };
+            let s = dot(q, kr) * scale;
+            if s > max {
+                let shrink = (max - s).exp();
+                sum *= shrink;
+                for x in out.iter_mut() {
+                    *x *= shrink;
+                }
+                max = s;
+            }
+            let w = (s - max).exp();
+            sum += w;
+            let vr = match T::f32s(v.row(t, d)) {
+                Some(r) => r,
+                None => {
+                    widen(v.row(t, d), key.as_mut_slice());
+                    key.as_slice()
+                }
+            };
+            for (x, &y) in out.iter_mut().zip(vr) {
+                *x += w * y;
+            }
+        }
+        if sum > 0.0 {
+            let inv = 1.0 / sum;
+            for x in out.iter_mut() {
+                *x *= inv;
+            }
         }
     }
 }
@@ -143,25 +213,31 @@ mod tests {
         // with room past their length, viewed the way KvCache hands them out.
         let (heads, kv_heads, d) = (6, 2, 20);
         let lens = [1usize, 2, 17, 64, 129];
-        let rows: Vec<DecodeRow> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &len)| {
-                let capacity = len.next_multiple_of(16) + 16;
-                let keys = random((kv_heads, capacity, d), 10 + i as u64).narrow(1, 0, len).unwrap();
-                let values = random((kv_heads, capacity, d), 20 + i as u64).narrow(1, 0, len).unwrap();
-                DecodeRow { q: random((1, heads, d), i as u64), keys, values }
-            })
-            .collect();
-        assert!(applies(&rows[0].q, &rows[0].keys));
-        let fused = decode_attention(&rows).unwrap().to_vec2::<f32>().unwrap();
-        for (i, r) in rows.iter().enumerate() {
-            let reference = attend(&r.q, &r.keys.contiguous().unwrap(), &r.values.contiguous().unwrap(), &ChunkMask::new(lens[i] - 1, 1, None, &Device::Cpu).unwrap())
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            for (a, b) in fused[i].iter().zip(&reference[0]) {
-                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "row {i} (len {}): {a} vs {b}", lens[i]);
+        // bf16 and f16 inputs are compared with the f32 tensor path on the same (rounded)
+        // values: the pass computes in f32 and rounds its output once.
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+            let rounded = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let rows: Vec<DecodeRow> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    let capacity = len.next_multiple_of(16) + 16;
+                    let keys = rounded(random((kv_heads, capacity, d), 10 + i as u64)).narrow(1, 0, len).unwrap();
+                    let values = rounded(random((kv_heads, capacity, d), 20 + i as u64)).narrow(1, 0, len).unwrap();
+                    DecodeRow { q: rounded(random((1, heads, d), i as u64)), keys, values }
+                })
+                .collect();
+            assert!(applies(&rows[0].q, &rows[0].keys));
+            let fused = decode_attention(&rows).unwrap();
+            assert_eq!(fused.dtype(), dtype);
+            let fused = fused.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            for (i, r) in rows.iter().enumerate() {
+                let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().contiguous().unwrap();
+                let mask = ChunkMask::new(lens[i] - 1, 1, None, &Device::Cpu).unwrap();
+                let reference = attend(&f32s(&r.q), &f32s(&r.keys), &f32s(&r.values), &mask).unwrap().to_vec2::<f32>().unwrap();
+                for (a, b) in fused[i].iter().zip(&reference[0]) {
+                    assert!((a - b).abs() <= tolerance * b.abs().max(1.0), "{dtype:?} row {i} (len {}): {a} vs {b}", lens[i]);
+                }
             }
         }
     }

@@ -10,6 +10,7 @@ use tessera_collective::{all_reduce_tensor, Collective};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::fused::{self, Heads};
 use crate::linear::{Linear, Quantization, Weight};
 use crate::parallel::TpLayout;
 use crate::weights::{Checkpoint, Shard};
@@ -141,11 +142,18 @@ impl DecoderLayer {
 
         let h = self.input_norm.forward(x)?;
         let qkv = self.qkv.forward(&h)?;
-        let q = qkv.narrow(1, 0, nh * d)?.reshape((1, tokens, nh, d))?.contiguous()?;
-        let k = qkv.narrow(1, nh * d, nkv * d)?.reshape((1, tokens, nkv, d))?.contiguous()?;
-        let v = qkv.narrow(1, (nh + nkv) * d, nkv * d)?.reshape((tokens, nkv, d))?;
-        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
+        let heads = Heads { heads: nh, kv_heads: nkv, head_dim: d };
+        let [q, k, v] = match fused::split_rotate(&qkv, cos, sin, heads)? {
+            Some(qkv) => qkv,
+            None => {
+                let q = qkv.narrow(1, 0, nh * d)?.reshape((1, tokens, nh, d))?.contiguous()?;
+                let k = qkv.narrow(1, nh * d, nkv * d)?.reshape((1, tokens, nkv, d))?.contiguous()?;
+                let v = qkv.narrow(1, (nh + nkv) * d, nkv * d)?.reshape((tokens, nkv, d))?;
+                let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
+                let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
+                [q, k, v]
+            }
+        };
 
         let attn = attention.attend(self.slot(), &q, &k, &v)?;
         let attn = self.o.forward_no_bias(&attn)?;
@@ -154,9 +162,14 @@ impl DecoderLayer {
 
         let h = self.post_attention_norm.forward(&x)?;
         let gate_up = self.gate_up.forward(&h)?;
-        let gate = gate_up.narrow(D::Minus1, 0, self.intermediate)?;
-        let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
-        let mlp = (candle_nn::ops::silu(&gate)? * up)?;
+        let mlp = match fused::silu_mul(&gate_up, self.intermediate)? {
+            Some(mlp) => mlp,
+            None => {
+                let gate = gate_up.narrow(D::Minus1, 0, self.intermediate)?;
+                let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
+                (candle_nn::ops::silu(&gate)? * up)?
+            }
+        };
         let mlp = self.down.forward_no_bias(&mlp)?;
         let mlp = self.down.add_bias(all_reduce_tensor(comm, &mlp)?)?;
         Ok((x + mlp)?)

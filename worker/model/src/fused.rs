@@ -1,0 +1,207 @@
+//! A decoder layer's element-wise steps as single passes on the CPU.
+//!
+//! As tensor ops, splitting the fused `[q | k | v]` projection and rotating q and k is six
+//! operations (narrows, two copies, two rotary ops) and SwiGLU is four (two narrows, SiLU, a
+//! product), each allocating its output and some fanning out to the thread pool. In a decode
+//! step the vectors are a few hundred elements and those fixed costs, 30 layers over, are a
+//! visible share of the step next to the weight reads (BENCHMARKS.md). Here each is one pass
+//! that reads its input once and writes only what the next step consumes, in f32 arithmetic
+//! whatever the storage type.
+//!
+//! Each function returns `None` where it does not apply (not on the CPU, not contiguous, an
+//! unexpected shape); the layer then runs the tensor ops, which compute the same values.
+
+use candle_core::{DType, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::elem::{with_slice, Elem};
+
+/// Rows below which a pass runs on the calling thread: waking the pool costs more than a few
+/// rows' work (a decode step has one row per sequence).
+const PARALLEL_ROWS: usize = 16;
+
+/// Head counts of one rank's attention.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Splits `qkv` (`[tokens, (heads + 2 kv_heads) · head_dim]`) into q `[tokens, heads, head_dim]`,
+/// k and v `[tokens, kv_heads, head_dim]`, rotating q and k by the tables `cos`, `sin`
+/// (`[tokens, head_dim / 2]`) as `candle_nn::rotary_emb::rope_thd` does: the first and second
+/// halves of each head are the two coordinates of each rotated pair.
+pub(crate) fn split_rotate(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Heads) -> candle_core::Result<Option<[Tensor; 3]>> {
+    match qkv.dtype() {
+        DType::F32 => split_rotate_as::<f32>(qkv, cos, sin, heads),
+        DType::BF16 => split_rotate_as::<bf16>(qkv, cos, sin, heads),
+        DType::F16 => split_rotate_as::<f16>(qkv, cos, sin, heads),
+        _ => Ok(None),
+    }
+}
+
+fn split_rotate_as<T: Elem>(qkv: &Tensor, cos: &Tensor, sin: &Tensor, h: Heads) -> candle_core::Result<Option<[Tensor; 3]>> {
+    let Heads { heads, kv_heads, head_dim: d } = h;
+    let tokens = qkv.dim(0)?;
+    let (q_width, kv_width) = (heads * d, kv_heads * d);
+    let width = q_width + 2 * kv_width;
+    let half = d / 2;
+    if !d.is_multiple_of(2) || qkv.dims() != [tokens, width] || cos.dims() != [tokens, half] || sin.dims() != cos.dims() {
+        return Ok(None);
+    }
+    let zero = T::from_f32(0.0);
+    let (mut q, mut k, mut v) = (vec![zero; tokens * q_width], vec![zero; tokens * kv_width], vec![zero; tokens * kv_width]);
+    let done = with_slice::<T, _>(qkv, |x| {
+        with_slice::<T, _>(cos, |cos| {
+            with_slice::<T, _>(sin, |sin| {
+                let rows = q.par_chunks_mut(q_width).zip(k.par_chunks_mut(kv_width)).zip(v.par_chunks_mut(kv_width));
+                rows.enumerate().with_min_len(PARALLEL_ROWS).for_each(|(t, ((qt, kt), vt))| {
+                    let row = &x[t * width..(t + 1) * width];
+                    let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                    for (src, dst) in row[..q_width].chunks_exact(d).zip(qt.chunks_exact_mut(d)) {
+                        rotate(src, c, s, dst);
+                    }
+                    for (src, dst) in row[q_width..q_width + kv_width].chunks_exact(d).zip(kt.chunks_exact_mut(d)) {
+                        rotate(src, c, s, dst);
+                    }
+                    vt.copy_from_slice(&row[q_width + kv_width..]);
+                });
+            })
+        })
+    });
+    if done.flatten().flatten().is_none() {
+        return Ok(None);
+    }
+    Ok(Some([
+        T::tensor(q, &[tokens, heads, d])?,
+        T::tensor(k, &[tokens, kv_heads, d])?,
+        T::tensor(v, &[tokens, kv_heads, d])?,
+    ]))
+}
+
+/// One head rotated: pair `i` is `(x[i], x[i + d/2])`; same arithmetic, in the same order, as
+/// candle's CPU rotary kernel, so f32 results are bit for bit the tensor path's.
+#[inline]
+fn rotate<T: Elem>(x: &[T], cos: &[T], sin: &[T], out: &mut [T]) {
+    let half = cos.len();
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = out.split_at_mut(half);
+    for i in 0..half {
+        let (a, b, c, s) = (x1[i].to_f32(), x2[i].to_f32(), cos[i].to_f32(), sin[i].to_f32());
+        o1[i] = T::from_f32(a * c - b * s);
+        o2[i] = T::from_f32(a * s + b * c);
+    }
+}
+
+/// SwiGLU of a fused `[gate | up]` projection `[tokens, 2 · inter]`: `silu(gate) · up`,
+/// `[tokens, inter]`. SiLU is `g / (1 + e^−g)`, as candle computes it.
+pub(crate) fn silu_mul(gate_up: &Tensor, inter: usize) -> candle_core::Result<Option<Tensor>> {
+    match gate_up.dtype() {
+        DType::F32 => silu_mul_as::<f32>(gate_up, inter),
+        DType::BF16 => silu_mul_as::<bf16>(gate_up, inter),
+        DType::F16 => silu_mul_as::<f16>(gate_up, inter),
+        _ => Ok(None),
+    }
+}
+
+fn silu_mul_as<T: Elem>(gate_up: &Tensor, inter: usize) -> candle_core::Result<Option<Tensor>> {
+    let tokens = gate_up.dim(0)?;
+    if gate_up.dims() != [tokens, 2 * inter] || inter == 0 {
+        return Ok(None);
+    }
+    let mut out = vec![T::from_f32(0.0); tokens * inter];
+    let done = with_slice::<T, _>(gate_up, |x| {
+        out.par_chunks_mut(inter).enumerate().with_min_len(PARALLEL_ROWS).for_each(|(t, o)| {
+            let (gate, up) = x[t * 2 * inter..(t + 1) * 2 * inter].split_at(inter);
+            for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+                let g = g.to_f32();
+                *o = T::from_f32(g / (1.0 + (-g).exp()) * u.to_f32());
+            }
+        });
+    });
+    if done.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(T::tensor(out, &[tokens, inter])?))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, D};
+
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::sampler::SeededRng::new(seed);
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 4.0 - 2.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The tensor ops the layer runs where the fused pass does not apply.
+    fn reference_split_rotate(qkv: &Tensor, cos: &Tensor, sin: &Tensor, h: Heads) -> [Tensor; 3] {
+        let (tokens, d) = (qkv.dim(0).unwrap(), h.head_dim);
+        let part = |start: usize, n: usize| qkv.narrow(1, start * d, n * d).unwrap().reshape((1, tokens, n, d)).unwrap().contiguous().unwrap();
+        let q = candle_nn::rotary_emb::rope_thd(&part(0, h.heads), cos, sin).unwrap().squeeze(0).unwrap();
+        let k = candle_nn::rotary_emb::rope_thd(&part(h.heads, h.kv_heads), cos, sin).unwrap().squeeze(0).unwrap();
+        let v = part(h.heads + h.kv_heads, h.kv_heads).squeeze(0).unwrap();
+        [q, k, v]
+    }
+
+    /// One decode row and a prefill long enough to run in parallel; f32 is bit for bit the
+    /// tensor path, bf16 and f16 within their rounding (the tensor path rounds after every op).
+    #[test]
+    fn split_rotate_equals_the_tensor_ops() {
+        let h = Heads { heads: 6, kv_heads: 2, head_dim: 10 };
+        for tokens in [1usize, 3 * PARALLEL_ROWS + 5] {
+            let qkv = random(&[tokens, 10 * 10], tokens as u64);
+            let (cos, sin) = (random(&[tokens, 5], 1), random(&[tokens, 5], 2));
+            for (dtype, tolerance) in [(DType::F32, 0.0), (DType::BF16, 0.07), (DType::F16, 0.01)] {
+                let [qkv, cos, sin] = [&qkv, &cos, &sin].map(|t| t.to_dtype(dtype).unwrap());
+                let fused = split_rotate(&qkv, &cos, &sin, h).unwrap().expect("fused pass applies");
+                let reference = reference_split_rotate(&qkv, &cos, &sin, h);
+                for (f, r) in fused.iter().zip(&reference) {
+                    assert_eq!(f.dims(), r.dims());
+                    assert_eq!(f.dtype(), dtype);
+                    assert!(max_diff(f, r) <= tolerance, "{dtype:?}, {tokens} tokens: {}", max_diff(f, r));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn silu_mul_equals_the_tensor_ops() {
+        let inter = 37;
+        for tokens in [1usize, 3 * PARALLEL_ROWS + 5] {
+            let gate_up = random(&[tokens, 2 * inter], 7 + tokens as u64);
+            for (dtype, tolerance) in [(DType::F32, 0.0), (DType::BF16, 0.05), (DType::F16, 0.01)] {
+                let gate_up = gate_up.to_dtype(dtype).unwrap();
+                let fused = silu_mul(&gate_up, inter).unwrap().expect("fused pass applies");
+                let gate = gate_up.narrow(D::Minus1, 0, inter).unwrap();
+                let up = gate_up.narrow(D::Minus1, inter, inter).unwrap();
+                let reference = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
+                assert_eq!(fused.dims(), reference.dims());
+                assert!(max_diff(&fused, &reference) <= tolerance, "{dtype:?}, {tokens} tokens: {}", max_diff(&fused, &reference));
+            }
+        }
+    }
+
+    #[test]
+    fn declines_shapes_it_does_not_know() {
+        let h = Heads { heads: 2, kv_heads: 1, head_dim: 4 };
+        let (cos, sin) = (random(&[3, 2], 1), random(&[3, 2], 2));
+        assert!(split_rotate(&random(&[3, 15], 0), &cos, &sin, h).unwrap().is_none(), "wrong width");
+        assert!(split_rotate(&random(&[3, 16], 0), &cos.narrow(0, 0, 2).unwrap(), &sin, h).unwrap().is_none(), "short tables");
+        let strided = random(&[16, 3], 0).t().unwrap();
+        assert!(split_rotate(&strided, &cos, &sin, h).unwrap().is_none(), "not contiguous");
+        assert!(silu_mul(&random(&[3, 9], 0), 4).unwrap().is_none(), "odd width");
+        assert!(silu_mul(&random(&[8, 3], 0).t().unwrap(), 4).unwrap().is_none(), "not contiguous");
+    }
+}
