@@ -5,7 +5,7 @@
 //! (transposes, copies, two matmuls, a softmax), each with its own allocation and dispatch; at
 //! a batch of 16 short sequences that overhead rivals the weight reads. Here each (sequence,
 //! head) pair is one task that reads its keys and values straight from the cache's storage
-//! once, with an online softmax (a running maximum and rescaled sums), and writes its output
+//! once (scores, one vectorised exponential, the weighted sum of values), and writes its output
 //! row in place. Queries that share a KV head read the same rows, which stay in cache.
 
 use candle_core::{DType, Storage, Tensor};
@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::elem::Elem;
 use crate::error::{ModelError, Result};
+use crate::exp::exp_in_place;
 
 /// One decoding sequence of a step: its query row (`[1, heads, head_dim]`) and views of its
 /// cached keys and values (`[kv_heads, len, head_dim]`, as `KvCache::write` returns them).
@@ -100,16 +101,19 @@ fn decode_attention_as<T: Elem>(rows: &[DecodeRow]) -> Result<Tensor> {
         }
         views.push((view::<T>(&r.q, q)?, view::<T>(&r.keys, k)?, view::<T>(&r.values, v)?, r.keys.dim(1)?));
     }
-    let dot = crate::matvec::f32_kernel();
+    let dot = T::dot_kernel();
     let mut out = vec![T::from_f32(0.0); rows.len() * heads * head_dim];
-    // One (sequence, head) pair per task; `init` gives each worker its f32 scratch rows once.
-    let init = || Scratch::new(head_dim);
+    // One (sequence, head) pair per task; `init` gives each worker its f32 scratch once.
+    let init = || Scratch { q: vec![0.0; head_dim], scores: Vec::new(), out: vec![0.0; head_dim] };
     out.par_chunks_mut(head_dim).enumerate().for_each_init(init, |scratch, (task, o)| {
         let (row, h) = (task / heads, task % heads);
         let (q, k, v, len) = &views[row];
         let kvh = h / group;
-        scratch.widen_q(q.row(0, heads * head_dim), h);
-        scratch.attend(k.head(kvh), v.head(kvh), *len, scale, dot);
+        let qh = &q.row(0, heads * head_dim)[h * head_dim..(h + 1) * head_dim];
+        for (s, x) in scratch.q.iter_mut().zip(qh) {
+            *s = x.to_f32() * scale;
+        }
+        scratch.attend(k.head(kvh), v.head(kvh), *len, dot);
         for (o, x) in o.iter_mut().zip(&scratch.out) {
             *o = T::from_f32(*x);
         }
@@ -117,77 +121,39 @@ fn decode_attention_as<T: Elem>(rows: &[DecodeRow]) -> Result<Tensor> {
     Ok(T::tensor(out, &[rows.len(), heads * head_dim])?)
 }
 
-/// A task's f32 working rows: the query head, one widened key or value row, the output.
+/// A task's f32 working rows: the scaled query head, the scores, the output.
 struct Scratch {
     q: Vec<f32>,
-    key: Vec<f32>,
+    scores: Vec<f32>,
     out: Vec<f32>,
 }
 
 impl Scratch {
-    fn new(head_dim: usize) -> Self {
-        Self { q: vec![0.0; head_dim], key: vec![0.0; head_dim], out: vec![0.0; head_dim] }
-    }
-
-    /// Head `h` of a query row, widened to f32.
-    fn widen_q<T: Elem>(&mut self, q: &[T], h: usize) {
-        let d = self.q.len();
-        widen(&q[h * d..(h + 1) * d], &mut self.q);
-    }
-}
-
-/// `src` as f32 in `dst`.
-#[inline]
-fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
-    }
-}
-
-impl Scratch {
-    /// `out = softmax(scale · K qᵀ) V` for the query head in `q` over the first `len` keys of
-    /// one KV head (`k`, `v` already at that head), with an online softmax: when a larger
-    /// score arrives, what was summed so far is rescaled. Half-precision rows are widened into
-    /// `key` one at a time; f32 rows are read in place.
-    fn attend<T: Elem>(&mut self, k: View<T>, v: View<T>, len: usize, scale: f32, dot: fn(&[f32], &[f32]) -> f32) {
-        let Scratch { q, key, out } = self;
+    /// `out = softmax(K q) V` for the query head in `q` (already scaled by 1/√d) over the first
+    /// `len` keys of one KV head (`k`, `v` already at that head). All scores first, then one
+    /// vectorised exponential over them, then the weighted sum of value rows: every key and
+    /// value row is read once, straight from the cache in its own type.
+    fn attend<T: Elem>(&mut self, k: View<T>, v: View<T>, len: usize, dot: fn(&[T], &[f32]) -> f32) {
+        let Scratch { q, scores, out } = self;
         let d = q.len();
-        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+        scores.clear();
+        scores.extend((0..len).map(|t| dot(k.row(t, d), q)));
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in scores.iter_mut() {
+            *s -= max;
+        }
+        exp_in_place(scores);
+        let sum: f32 = scores.iter().sum();
         out.fill(0.0);
-        for t in 0..len {
-            let kr = match T::f32s(k.row(t, d)) {
-                Some(r) => r,
-                None => {
-                    widen(k.row(t, d), key.as_mut_slice());
-                    key.as_slice()
-                }
-            };
-            let s = dot(q, kr) * scale;
-            if s > max {
-                let shrink = (max - s).exp();
-                sum *= shrink;
-                for x in out.iter_mut() {
-                    *x *= shrink;
-                }
-                max = s;
-            }
-            let w = (s - max).exp();
-            sum += w;
-            let vr = match T::f32s(v.row(t, d)) {
-                Some(r) => r,
-                None => {
-                    widen(v.row(t, d), key.as_mut_slice());
-                    key.as_slice()
-                }
-            };
-            for (x, &y) in out.iter_mut().zip(vr) {
-                *x += w * y;
+        for (t, &w) in scores.iter().enumerate() {
+            for (o, x) in out.iter_mut().zip(v.row(t, d)) {
+                *o += w * x.to_f32();
             }
         }
         if sum > 0.0 {
             let inv = 1.0 / sum;
-            for x in out.iter_mut() {
-                *x *= inv;
+            for o in out.iter_mut() {
+                *o *= inv;
             }
         }
     }

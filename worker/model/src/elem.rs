@@ -8,8 +8,8 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
-    /// The slice itself when the type is f32, so f32 data is read in place, not widened.
-    fn f32s(s: &[Self]) -> Option<&[f32]>;
+    /// The fastest dot product of a row of this type with an f32 row on this CPU.
+    fn dot_kernel() -> fn(&[Self], &[f32]) -> f32;
     /// The storage's elements, if it holds this type.
     fn of(storage: &CpuStorage) -> Option<&[Self]>;
     /// Wraps computed elements in a tensor (on the CPU, where this module's passes run).
@@ -17,7 +17,7 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
 }
 
 macro_rules! elem {
-    ($t:ty, $dtype:ident, $to:expr, $from:expr, $f32s:expr) => {
+    ($t:ty, $dtype:ident, $to:expr, $from:expr, $dot:path) => {
         impl Elem for $t {
             const DTYPE: DType = DType::$dtype;
             #[inline(always)]
@@ -28,9 +28,8 @@ macro_rules! elem {
             fn from_f32(v: f32) -> Self {
                 $from(v)
             }
-            #[inline(always)]
-            fn f32s(s: &[Self]) -> Option<&[f32]> {
-                $f32s(s)
+            fn dot_kernel() -> fn(&[Self], &[f32]) -> f32 {
+                $dot()
             }
             fn of(storage: &CpuStorage) -> Option<&[Self]> {
                 match storage {
@@ -45,9 +44,9 @@ macro_rules! elem {
     };
 }
 
-elem!(f32, F32, |v| v, |v| v, Some);
-elem!(bf16, BF16, bf16::to_f32, bf16::from_f32, |_| None);
-elem!(f16, F16, f16::to_f32, f16::from_f32, |_| None);
+elem!(f32, F32, |v| v, |v| v, crate::matvec::f32_kernel);
+elem!(bf16, BF16, bf16::to_f32, bf16::from_f32, crate::matvec::bf16_kernel);
+elem!(f16, F16, f16::to_f32, f16::from_f32, crate::matvec::f16_kernel);
 
 /// Runs `f` on the elements of `t` when it is a contiguous CPU tensor of type `T`; `None`
 /// otherwise (the caller then takes the tensor-op path).

@@ -4,7 +4,8 @@
 //! operations (narrows, two copies, two rotary ops) and SwiGLU is four (two narrows, SiLU, a
 //! product), each allocating its output and some fanning out to the thread pool. In a decode
 //! step the vectors are a few hundred elements and those fixed costs, 30 layers over, are a
-//! visible share of the step next to the weight reads (BENCHMARKS.md). Here each is one pass
+//! visible share of the step next to the weight reads (BENCHMARKS.md). The residual adds go
+//! with the norm that follows each of them. Here each is one pass
 //! that reads its input once and writes only what the next step consumes, in f32 arithmetic
 //! whatever the storage type.
 //!
@@ -16,10 +17,14 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::elem::{with_slice, Elem};
+use crate::exp::exp_in_place;
 
 /// Rows below which a pass runs on the calling thread: waking the pool costs more than a few
 /// rows' work (a decode step has one row per sequence).
 const PARALLEL_ROWS: usize = 16;
+
+/// Gate values whose exponentials are computed together (a 1 KiB stack buffer).
+const SILU_BLOCK: usize = 256;
 
 /// Head counts of one rank's attention.
 #[derive(Debug, Clone, Copy)]
@@ -96,7 +101,8 @@ fn rotate<T: Elem>(x: &[T], cos: &[T], sin: &[T], out: &mut [T]) {
 }
 
 /// SwiGLU of a fused `[gate | up]` projection `[tokens, 2 · inter]`: `silu(gate) · up`,
-/// `[tokens, inter]`. SiLU is `g / (1 + e^−g)`, as candle computes it.
+/// `[tokens, inter]`. SiLU is `g / (1 + e^−g)`, as candle computes it, with the vectorised
+/// exponential of `exp.rs` (a few ulp from libm's).
 pub(crate) fn silu_mul(gate_up: &Tensor, inter: usize) -> candle_core::Result<Option<Tensor>> {
     match gate_up.dtype() {
         DType::F32 => silu_mul_as::<f32>(gate_up, inter),
@@ -115,9 +121,17 @@ fn silu_mul_as<T: Elem>(gate_up: &Tensor, inter: usize) -> candle_core::Result<O
     let done = with_slice::<T, _>(gate_up, |x| {
         out.par_chunks_mut(inter).enumerate().with_min_len(PARALLEL_ROWS).for_each(|(t, o)| {
             let (gate, up) = x[t * 2 * inter..(t + 1) * 2 * inter].split_at(inter);
-            for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-                let g = g.to_f32();
-                *o = T::from_f32(g / (1.0 + (-g).exp()) * u.to_f32());
+            // e^−g a stack block at a time, so the exponentials run vectorised.
+            let mut e = [0f32; SILU_BLOCK];
+            for ((o, g), u) in o.chunks_mut(SILU_BLOCK).zip(gate.chunks(SILU_BLOCK)).zip(up.chunks(SILU_BLOCK)) {
+                let e = &mut e[..g.len()];
+                for (e, g) in e.iter_mut().zip(g) {
+                    *e = -g.to_f32();
+                }
+                exp_in_place(e);
+                for (((o, g), u), e) in o.iter_mut().zip(g).zip(u).zip(e.iter()) {
+                    *o = T::from_f32(g.to_f32() / (1.0 + e) * u.to_f32());
+                }
             }
         });
     });
@@ -125,6 +139,52 @@ fn silu_mul_as<T: Elem>(gate_up: &Tensor, inter: usize) -> candle_core::Result<O
         return Ok(None);
     }
     Ok(Some(T::tensor(out, &[tokens, inter])?))
+}
+
+/// The residual update and the norm that follows it, in one pass over each row: `sum = x + delta`
+/// (rounded to the stream's type, as the tensor add would) and `sum / rms(sum) · weight` with
+/// `rms = sqrt(mean(sum²) + eps)`, in the order candle's `rms_norm` computes it. Returns
+/// `[sum, normed]`.
+pub(crate) fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Option<[Tensor; 2]>> {
+    match x.dtype() {
+        DType::F32 => add_rms_norm_as::<f32>(x, delta, weight, eps as f32),
+        DType::BF16 => add_rms_norm_as::<bf16>(x, delta, weight, eps as f32),
+        DType::F16 => add_rms_norm_as::<f16>(x, delta, weight, eps as f32),
+        _ => Ok(None),
+    }
+}
+
+fn add_rms_norm_as<T: Elem>(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Option<[Tensor; 2]>> {
+    let (tokens, hidden) = x.dims2()?;
+    if delta.dims() != x.dims() || weight.dims() != [hidden] || hidden == 0 {
+        return Ok(None);
+    }
+    let zero = T::from_f32(0.0);
+    let (mut sum, mut normed) = (vec![zero; tokens * hidden], vec![zero; tokens * hidden]);
+    let done = with_slice::<T, _>(x, |x| {
+        with_slice::<T, _>(delta, |delta| {
+            with_slice::<T, _>(weight, |weight| {
+                let rows = sum.par_chunks_mut(hidden).zip(normed.par_chunks_mut(hidden));
+                rows.enumerate().with_min_len(PARALLEL_ROWS).for_each(|(t, (s, n))| {
+                    let (xr, dr) = (&x[t * hidden..(t + 1) * hidden], &delta[t * hidden..(t + 1) * hidden]);
+                    let mut sum2 = 0f32;
+                    for ((s, a), b) in s.iter_mut().zip(xr).zip(dr) {
+                        *s = T::from_f32(a.to_f32() + b.to_f32());
+                        let v = s.to_f32();
+                        sum2 += v * v;
+                    }
+                    let m = T::from_f32((sum2 / hidden as f32 + eps).sqrt()).to_f32();
+                    for ((n, s), w) in n.iter_mut().zip(s.iter()).zip(weight) {
+                        *n = T::from_f32(s.to_f32() / m * w.to_f32());
+                    }
+                });
+            })
+        })
+    });
+    if done.flatten().flatten().is_none() {
+        return Ok(None);
+    }
+    Ok(Some([T::tensor(sum, &[tokens, hidden])?, T::tensor(normed, &[tokens, hidden])?]))
 }
 
 #[cfg(test)]
@@ -178,10 +238,11 @@ mod tests {
 
     #[test]
     fn silu_mul_equals_the_tensor_ops() {
-        let inter = 37;
+        // Wider than one exponential block, with a tail.
+        let inter = SILU_BLOCK + 37;
         for tokens in [1usize, 3 * PARALLEL_ROWS + 5] {
             let gate_up = random(&[tokens, 2 * inter], 7 + tokens as u64);
-            for (dtype, tolerance) in [(DType::F32, 0.0), (DType::BF16, 0.05), (DType::F16, 0.01)] {
+            for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 0.05), (DType::F16, 0.01)] {
                 let gate_up = gate_up.to_dtype(dtype).unwrap();
                 let fused = silu_mul(&gate_up, inter).unwrap().expect("fused pass applies");
                 let gate = gate_up.narrow(D::Minus1, 0, inter).unwrap();
@@ -189,6 +250,23 @@ mod tests {
                 let reference = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
                 assert_eq!(fused.dims(), reference.dims());
                 assert!(max_diff(&fused, &reference) <= tolerance, "{dtype:?}, {tokens} tokens: {}", max_diff(&fused, &reference));
+            }
+        }
+    }
+
+    /// f32 is bit for bit candle's add and `rms_norm`; half types within their rounding.
+    #[test]
+    fn add_rms_norm_equals_the_tensor_ops() {
+        let hidden = 40;
+        for tokens in [1usize, 3 * PARALLEL_ROWS + 5] {
+            let (x, delta, weight) = (random(&[tokens, hidden], 3), random(&[tokens, hidden], 4), random(&[hidden], 5));
+            for (dtype, tolerance) in [(DType::F32, 0.0), (DType::BF16, 0.1), (DType::F16, 0.02)] {
+                let [x, delta, weight] = [&x, &delta, &weight].map(|t| t.to_dtype(dtype).unwrap());
+                let [sum, normed] = add_rms_norm(&x, &delta, &weight, 1e-5).unwrap().expect("fused pass applies");
+                let want_sum = (&x + &delta).unwrap();
+                let want_normed = candle_nn::ops::rms_norm(&want_sum, &weight, 1e-5).unwrap();
+                assert_eq!(max_diff(&sum, &want_sum), 0.0, "{dtype:?}: the sum is rounded as the tensor add rounds it");
+                assert!(max_diff(&normed, &want_normed) <= tolerance, "{dtype:?}, {tokens} tokens: {}", max_diff(&normed, &want_normed));
             }
         }
     }
@@ -203,5 +281,8 @@ mod tests {
         assert!(split_rotate(&strided, &cos, &sin, h).unwrap().is_none(), "not contiguous");
         assert!(silu_mul(&random(&[3, 9], 0), 4).unwrap().is_none(), "odd width");
         assert!(silu_mul(&random(&[8, 3], 0).t().unwrap(), 4).unwrap().is_none(), "not contiguous");
+        let x = random(&[3, 4], 0);
+        assert!(add_rms_norm(&x, &random(&[3, 5], 0), &random(&[4], 0), 1e-5).unwrap().is_none(), "delta's shape");
+        assert!(add_rms_norm(&x, &x, &random(&[5], 0), 1e-5).unwrap().is_none(), "weight's shape");
     }
 }

@@ -127,21 +127,29 @@ impl DecoderLayer {
         LayerSlot { index: self.index, window: self.window }
     }
 
-    /// `x`: `[tokens, hidden]` residual stream; `cos`, `sin`: `[tokens, head_dim / 2]` rotary
-    /// tables of the tokens' positions. Returns the updated stream.
+    /// The norm this layer applies to its input; the layer before computes it (`forward`'s
+    /// `next_norm`) in the pass that finishes its residual stream.
+    pub fn input_norm(&self) -> &RmsNorm {
+        &self.input_norm
+    }
+
+    /// `x`: `[tokens, hidden]` residual stream and `h` its [`input_norm`](Self::input_norm);
+    /// `rope`: cos and sin tables `[tokens, head_dim / 2]` of the tokens' positions. Returns the
+    /// updated stream and, when `next_norm` is given, the stream normed by it.
     pub fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        h: &Tensor,
+        next_norm: Option<&RmsNorm>,
+        rope: [&Tensor; 2],
         attention: &mut dyn AttentionStep,
         comm: &mut dyn Collective,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let [cos, sin] = rope;
         let tokens = x.dim(0)?;
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
 
-        let h = self.input_norm.forward(x)?;
-        let qkv = self.qkv.forward(&h)?;
+        let qkv = self.qkv.forward(h)?;
         let heads = Heads { heads: nh, kv_heads: nkv, head_dim: d };
         let [q, k, v] = match fused::split_rotate(&qkv, cos, sin, heads)? {
             Some(qkv) => qkv,
@@ -158,9 +166,7 @@ impl DecoderLayer {
         let attn = attention.attend(self.slot(), &q, &k, &v)?;
         let attn = self.o.forward_no_bias(&attn)?;
         let attn = self.o.add_bias(all_reduce_tensor(comm, &attn)?)?;
-        let x = (x + attn)?;
-
-        let h = self.post_attention_norm.forward(&x)?;
+        let (x, h) = add_norm(x, &attn, &self.post_attention_norm)?;
         let gate_up = self.gate_up.forward(&h)?;
         let mlp = match fused::silu_mul(&gate_up, self.intermediate)? {
             Some(mlp) => mlp,
@@ -172,6 +178,19 @@ impl DecoderLayer {
         };
         let mlp = self.down.forward_no_bias(&mlp)?;
         let mlp = self.down.add_bias(all_reduce_tensor(comm, &mlp)?)?;
-        Ok((x + mlp)?)
+        match next_norm {
+            Some(norm) => add_norm(&x, &mlp, norm).map(|(x, h)| (x, Some(h))),
+            None => Ok(((x + mlp)?, None)),
+        }
     }
+}
+
+/// `x + delta` and its norm, in one pass where `fused.rs` applies.
+fn add_norm(x: &Tensor, delta: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
+    if let Some([x, h]) = fused::add_rms_norm(x, delta, norm.weight(), norm.eps())? {
+        return Ok((x, h));
+    }
+    let x = (x + delta)?;
+    let h = norm.forward(&x)?;
+    Ok((x, h))
 }

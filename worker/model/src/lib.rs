@@ -17,6 +17,7 @@ pub mod config;
 mod decode_attention;
 mod elem;
 mod error;
+mod exp;
 pub mod fixture;
 mod fused;
 mod heap;

@@ -282,7 +282,7 @@ pub(crate) fn f32_kernel() -> fn(&[f32], &[f32]) -> f32 {
     dot_portable
 }
 
-fn bf16_kernel() -> fn(&[half::bf16], &[f32]) -> f32 {
+pub(crate) fn bf16_kernel() -> fn(&[half::bf16], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         return dot_lanes_avx2_entry::<half::bf16>;
@@ -290,7 +290,7 @@ fn bf16_kernel() -> fn(&[half::bf16], &[f32]) -> f32 {
     dot_lanes_portable::<half::bf16>
 }
 
-fn f16_kernel() -> fn(&[half::f16], &[f32]) -> f32 {
+pub(crate) fn f16_kernel() -> fn(&[half::f16], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         return dot_lanes_avx2_entry::<half::f16>;

@@ -240,8 +240,18 @@ impl Model {
     ) -> Result<Tensor> {
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, cos, sin, attention, comm)?;
+        let Some(first) = self.layers.first() else {
+            return Ok(x);
+        };
+        // Each layer hands the next its input norm, computed with its last residual add.
+        let mut h = first.input_norm().forward(&x)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let next_norm = self.layers.get(i + 1).map(DecoderLayer::input_norm);
+            let (x_next, h_next) = layer.forward(&x, &h, next_norm, [cos, sin], attention, comm)?;
+            x = x_next;
+            if let Some(h_next) = h_next {
+                h = h_next;
+            }
         }
         Ok(x)
     }
