@@ -43,6 +43,14 @@ impl ChunkMask {
     }
 }
 
+#[cfg(test)]
+impl ChunkMask {
+    /// The mask, if the chunk needs one.
+    pub(crate) fn tensor(&self) -> Option<&Tensor> {
+        self.0.as_ref()
+    }
+}
+
 /// Query rows per block of a long chunk. Each block attends only to the keys up to its own last
 /// position, so a long prompt skips most of the masked half of the score matrix, and each
 /// block's scores stay small enough for the caches (a 512-token chunk's full scores are 9 MB).
@@ -83,11 +91,16 @@ fn attend_block(q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor
     let q = (q.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?
         .reshape((kv_heads, group * len, head_dim))?;
     let scores = q.matmul(&keys.t()?)?.to_dtype(DType::F32)?;
-    let scores = match mask {
-        Some(m) => scores.reshape((kv_heads, group, len, kv_len))?.broadcast_add(m)?.reshape((kv_heads, group * len, kv_len))?,
-        None => scores,
+    let probs = match crate::fused::masked_softmax(&scores, mask, dtype)? {
+        Some(probs) => probs,
+        None => {
+            let scores = match mask {
+                Some(m) => scores.reshape((kv_heads, group, len, kv_len))?.broadcast_add(m)?.reshape((kv_heads, group * len, kv_len))?,
+                None => scores,
+            };
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?
+        }
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     let out = probs.matmul(values)?; // [kv_heads, group * len, d]
     Ok(out.reshape((heads, len, head_dim))?.transpose(0, 1)?.reshape((len, heads * head_dim))?)
 }

@@ -187,6 +187,72 @@ fn add_rms_norm_as<T: Elem>(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f3
     Ok(Some([T::tensor(sum, &[tokens, hidden])?, T::tensor(normed, &[tokens, hidden])?]))
 }
 
+/// Attention probabilities from f32 `scores` `[kv_heads, group · len, kv_len]` (query rows of
+/// one KV head stacked by head, then position): adds the additive `mask` `[len, kv_len]` (0 or
+/// −∞) to each head's rows, takes the softmax along the keys with the vectorised exponential,
+/// and writes the result in `dtype`. A row that sees no key at all comes out NaN, as candle's
+/// softmax gives it; a causal mask always shows a row its own key.
+pub(crate) fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, dtype: DType) -> candle_core::Result<Option<Tensor>> {
+    match dtype {
+        DType::F32 => masked_softmax_as::<f32>(scores, mask),
+        DType::BF16 => masked_softmax_as::<bf16>(scores, mask),
+        DType::F16 => masked_softmax_as::<f16>(scores, mask),
+        _ => Ok(None),
+    }
+}
+
+fn masked_softmax_as<T: Elem>(scores: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Option<Tensor>> {
+    let (kv_heads, rows, kv_len) = scores.dims3()?;
+    let len = match mask {
+        Some(m) => match m.dims() {
+            [len, k] if *k == kv_len && *len > 0 && rows.is_multiple_of(*len) => *len,
+            _ => return Ok(None),
+        },
+        None => 1,
+    };
+    if kv_len == 0 {
+        return Ok(None);
+    }
+    let mut out = vec![T::from_f32(0.0); kv_heads * rows * kv_len];
+    let mut run = |s: &[f32], m: Option<&[f32]>| {
+        out.par_chunks_mut(kv_len).enumerate().with_min_len(PARALLEL_ROWS).for_each_init(
+            || vec![0f32; kv_len],
+            |e, (r, o)| {
+                let row = &s[r * kv_len..(r + 1) * kv_len];
+                match m {
+                    Some(m) => {
+                        let q = r % len;
+                        for ((e, s), m) in e.iter_mut().zip(row).zip(&m[q * kv_len..(q + 1) * kv_len]) {
+                            *e = s + m;
+                        }
+                    }
+                    None => e.copy_from_slice(row),
+                }
+                let max = e.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                for v in e.iter_mut() {
+                    *v -= max;
+                }
+                exp_in_place(e);
+                let inv = 1.0 / e.iter().sum::<f32>();
+                for (o, v) in o.iter_mut().zip(e.iter()) {
+                    *o = T::from_f32(v * inv);
+                }
+            },
+        );
+    };
+    let done = with_slice::<f32, _>(scores, |s| match mask {
+        Some(m) => with_slice::<f32, _>(m, |m| run(s, Some(m))),
+        None => {
+            run(s, None);
+            Some(())
+        }
+    });
+    if done.flatten().is_none() {
+        return Ok(None);
+    }
+    Ok(Some(T::tensor(out, &[kv_heads, rows, kv_len])?))
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, D};
@@ -271,6 +337,29 @@ mod tests {
         }
     }
 
+    /// Against the tensor path of `attention::attend_block`: broadcast mask add, candle's
+    /// softmax, conversion to the output type.
+    #[test]
+    fn masked_softmax_equals_the_tensor_ops() {
+        let (kv_heads, group, len, kv_len) = (2, 3, 7, 20);
+        let scores = random(&[kv_heads, group * len, kv_len], 11);
+        let mask = crate::attention::ChunkMask::new(kv_len - len, len, Some(9), &Device::Cpu).unwrap();
+        let mask = mask.tensor().expect("a prefill chunk has a mask").clone();
+        for with_mask in [true, false] {
+            let m = with_mask.then_some(&mask);
+            let masked = match m {
+                Some(m) => scores.reshape((kv_heads, group, len, kv_len)).unwrap().broadcast_add(m).unwrap().reshape((kv_heads, group * len, kv_len)).unwrap(),
+                None => scores.clone(),
+            };
+            let want = candle_nn::ops::softmax_last_dim(&masked).unwrap();
+            for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 4e-3), (DType::F16, 5e-4)] {
+                let got = masked_softmax(&scores, m, dtype).unwrap().expect("fused pass applies");
+                assert_eq!(got.dtype(), dtype);
+                assert!(max_diff(&got, &want) <= tolerance, "{dtype:?}, mask {with_mask}: {}", max_diff(&got, &want));
+            }
+        }
+    }
+
     #[test]
     fn declines_shapes_it_does_not_know() {
         let h = Heads { heads: 2, kv_heads: 1, head_dim: 4 };
@@ -284,5 +373,8 @@ mod tests {
         let x = random(&[3, 4], 0);
         assert!(add_rms_norm(&x, &random(&[3, 5], 0), &random(&[4], 0), 1e-5).unwrap().is_none(), "delta's shape");
         assert!(add_rms_norm(&x, &x, &random(&[5], 0), 1e-5).unwrap().is_none(), "weight's shape");
+        let scores = random(&[2, 6, 5], 0);
+        assert!(masked_softmax(&scores, Some(&random(&[4, 5], 0)), DType::F32).unwrap().is_none(), "rows not a multiple of the mask's");
+        assert!(masked_softmax(&scores, Some(&random(&[3, 4], 0)), DType::F32).unwrap().is_none(), "mask width");
     }
 }
