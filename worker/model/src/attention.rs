@@ -59,6 +59,19 @@ const QUERY_BLOCK: usize = 128;
 /// `q`: `[len, heads, head_dim]` (already rotated); `keys`, `values`: `[kv_heads, kv_len, head_dim]`
 /// where the chunk's own keys are the last `len`. Returns `[len, heads * head_dim]`.
 pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> Result<Tensor> {
+    let dtype = q.dtype();
+    if q.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
+        // candle's CPU half-precision GEMM is several times slower than its f32 GEMM, and these
+        // operands (one chunk's queries, one sequence's cache) are small next to the weights:
+        // widen them once, here, rather than per query block.
+        let wide = |t: &Tensor| t.to_dtype(DType::F32);
+        return Ok(attend_blocks(&wide(q)?, &wide(keys)?, &wide(values)?, mask)?.to_dtype(dtype)?);
+    }
+    attend_blocks(q, keys, values, mask)
+}
+
+/// [`attend`] in the inputs' own type.
+fn attend_blocks(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> Result<Tensor> {
     let (len, kv_len) = (q.dim(0)?, keys.dim(1)?);
     let Some(m) = mask.0.as_ref().filter(|_| len > QUERY_BLOCK) else {
         return attend_block(q, keys, values, mask.0.as_ref());
