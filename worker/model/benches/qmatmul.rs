@@ -1,10 +1,11 @@
 //! Speed of one quantized projection on the shapes of the SmolLM-135M benchmark model, against
 //! the memory-bandwidth roofline: decode (1 and 8 activation rows) and a 512-row prefill.
-//! Columns: candle's `QMatMul`; for q8_0 decode our `qmatvec` kernel; f32 GEMM on the float
-//! weights for scale.
+//! Columns: candle's `QMatMul`; for q8_0 decode our `qmatvec` kernel, for q8_0 prefill our
+//! int8 GEMM (`q8_gemm`, on CPUs with AVX-512 VNNI); f32 GEMM on the float weights for scale.
 //!
 //! usage: cargo bench -p tessera-model --bench qmatmul -- [q8_0|q4_k] [ITERS]
-//! Prints, per shape and row count, µs per product and the weight bytes streamed per second.
+//! Prints, per shape and row count, µs per product and the weight bytes streamed per second
+//! (for the int8 GEMM, multiply-adds per second).
 
 use std::time::Instant;
 
@@ -50,6 +51,15 @@ fn main() -> anyhow::Result<()> {
                 }
                 let secs = start.elapsed().as_secs_f64() / n as f64;
                 format!("ours {:>8.1} µs {:>5.1} GB/s", secs * 1e6, bytes / secs / 1e9)
+            } else if quant == Quantization::Q8_0 && tessera_model::q8_gemm::available() {
+                let data = q_data.as_slice();
+                tessera_model::q8_gemm::q8_0_gemm_t(&x, data, out, inp)?;
+                let start = Instant::now();
+                for _ in 0..n {
+                    std::hint::black_box(tessera_model::q8_gemm::q8_0_gemm_t(&x, data, out, inp)?);
+                }
+                let secs = start.elapsed().as_secs_f64() / n as f64;
+                format!("ours {:>8.1} µs {:>5.1} Gmac/s", secs * 1e6, (rows * out * inp) as f64 / secs / 1e9)
             } else {
                 String::new()
             };

@@ -29,6 +29,7 @@ mod matvec;
 mod model;
 mod parallel;
 mod pool;
+pub mod q8_gemm;
 pub mod qmatvec;
 mod ring;
 mod rope;

@@ -29,15 +29,21 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// `x Wᵀ` for block-quantized `W`, returning `x`'s dtype:
 /// - q8_0 and at most `MAX_ROWS` rows (decode): our row-parallel kernel (`qmatvec.rs`), which
 ///   quantizes the activations to 8 bits per block as llama.cpp does;
-/// - more rows (prefill): f32 GEMM on the dequantized weights — the same weights with exact f32
+/// - q8_0 and more rows (prefill) on a CPU with AVX-512 VNNI: our int8 GEMM (`q8_gemm.rs`),
+///   the same arithmetic as decode, so prefill and decode agree;
+/// - other prefill: f32 GEMM on the dequantized weights — the same weights with exact f32
 ///   activations, and on the benchmark machine several times faster than candle's quantized
-///   GEMM (BENCHMARKS.md). Prefill and decode therefore differ by the activation rounding only;
+///   GEMM (BENCHMARKS.md). Prefill and decode then differ by the activation rounding only;
 /// - otherwise (q4_k decode): candle's ggml kernel, which also quantizes the activations.
 fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor> {
     let (out, inner) = q.shape().dims2()?;
     let rows = x.dims().first().copied().unwrap_or(0);
     if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() {
-        if let Some(y) = crate::qmatvec::q8_0_matvec_t(x, &q.data()?, out, inner)? {
+        let data = q.data()?;
+        if let Some(y) = crate::qmatvec::q8_0_matvec_t(x, &data, out, inner)? {
+            return y.to_dtype(x.dtype());
+        }
+        if let Some(y) = crate::q8_gemm::q8_0_gemm_t(x, &data, out, inner)? {
             return y.to_dtype(x.dtype());
         }
     }
