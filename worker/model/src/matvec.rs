@@ -60,10 +60,16 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
 /// that each task owns a contiguous block; a single row needs no transpose.
 pub(crate) fn from_out_major(y: Vec<f32>, out: usize, rows: usize, device: &candle_core::Device) -> candle_core::Result<Tensor> {
     if rows == 1 {
-        Tensor::from_vec(y, (1, out), device)
-    } else {
-        Tensor::from_vec(y, (out, rows), device)?.t()?.contiguous()
+        return Tensor::from_vec(y, (1, out), device);
     }
+    // A plain loop: candle's strided copy of the transposed view was 13% of an 8-row product.
+    let mut t = vec![0f32; out * rows];
+    for (o, col) in y.chunks_exact(rows).enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            t[r * out + o] = *v;
+        }
+    }
+    Tensor::from_vec(t, (rows, out), device)
 }
 
 /// `y[r, i] = dot(W[r, :], x[i, :])` with weight rows split over the thread pool. With several
