@@ -22,25 +22,25 @@ export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
 cargo bench -p tessera-model --bench model --no-run >/dev/null 2>&1
 cargo bench -p tessera-model --bench bandwidth --no-run >/dev/null 2>&1
 out=$(mktemp)
-# Memory read bandwidth before and after the engines (it drifts on shared machines): the decode
-# rooflines below use the mean.
-cargo bench -q -p tessera-model --bench bandwidth 2>/dev/null | grep '^RESULT' | tee -a "$out"
+# Memory read bandwidth right before every engine: on these shared machines it switches between
+# about 35 and 55 GB/s from minute to minute, so each row's decode roofline uses the measurement
+# taken just before it (best of 3 passes over 1 GiB).
+bw() { cargo bench -q -p tessera-model --bench bandwidth -- 1024 3 2>/dev/null | grep '^RESULT' | tee -a "$out"; }
 for dt in f32 bf16; do
   ckpt=$PEERS/ckpt/smol135-$dt
-  "$PEERS/hf/bin/python" "$SCRIPTS/hf_bench.py" "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
-  "$PEERS/candle-bench/target/release/candle-bench" "$ckpt" "$dt" "$RUNS" 2>&1 | grep '^RESULT' | tee -a "$out"
-  NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-$dt.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
-  cargo bench -q -p tessera-model --bench model -- "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
+  bw; "$PEERS/hf/bin/python" "$SCRIPTS/hf_bench.py" "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
+  bw; "$PEERS/candle-bench/target/release/candle-bench" "$ckpt" "$dt" "$RUNS" 2>&1 | grep '^RESULT' | tee -a "$out"
+  bw; NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-$dt.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
+  bw; cargo bench -q -p tessera-model --bench model -- "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
 done
 
 gguf_dir=$(mktemp -d)
 cp "$PEERS/ckpt/smol135-f32/config.json" "$gguf_dir/"
 ln -s "$PEERS/smol135-q8_0.gguf" "$gguf_dir/model.gguf"
-NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-q8_0.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
-cargo bench -q -p tessera-model --bench model -- "$gguf_dir" f32 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
-cargo bench -q -p tessera-model --bench model -- "$PEERS/ckpt/smol135-f32" q8_0 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
+bw; NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-q8_0.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
+bw; cargo bench -q -p tessera-model --bench model -- "$gguf_dir" f32 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
+bw; cargo bench -q -p tessera-model --bench model -- "$PEERS/ckpt/smol135-f32" q8_0 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
 rm -rf "$gguf_dir"
-cargo bench -q -p tessera-model --bench bandwidth 2>/dev/null | grep '^RESULT' | tee -a "$out"
 
 python3 - "$out" "$PEERS/ckpt/smol135-f32/config.json" <<'PY'
 import json, re, sys
@@ -53,6 +53,7 @@ for line in open(sys.argv[1]):
     if f[1] == "bandwidth":
         bandwidth.append(float(f[2].split("=")[1]))
         continue
+    # Each engine's row keeps the bandwidth measured just before it.
     engine, dtype = f[1], f[2].lower()
     if engine == "llama.cpp":
         dtype = next(d for d in ("bf16", "q8_0", "f32") if d in dtype)
@@ -62,6 +63,7 @@ for line in open(sys.argv[1]):
     elif engine == "tessera" and dtype == "f32-gguf":
         dtype = "q8_0"
     kv = dict(re.findall(r"(\w+)=([\d.]+)", line))
+    kv["bandwidth"] = bandwidth[-1]
     rows[(engine, dtype)] = kv
 print("\n| engine | dtype | prefill512 tok/s | decode b1 tok/s | decode b8 tok/s | Tessera/engine prefill | Tessera/engine decode |")
 print("|---|---|---:|---:|---:|---:|---:|")
@@ -80,13 +82,12 @@ h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidde
 d = c.get("head_dim", h // c["num_attention_heads"])
 q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
 params = vocab * h + layers * ((q + 2 * kv) * h + h * q + 3 * inter * h)
-bw = sum(bandwidth) / len(bandwidth)
-print(f"\nmemory read bandwidth {bw:.1f} GB/s (runs: {bandwidth}); {params / 1e6:.1f} M parameters read per decode step")
-print("\n| engine | dtype | decode roofline tok/s | decode b1 ÷ roofline |")
-print("|---|---|---:|---:|")
+print(f"\nmemory read bandwidth {min(bandwidth):.1f}–{max(bandwidth):.1f} GB/s over the run; {params / 1e6:.1f} M parameters read per decode step")
+print("\n| engine | dtype | bandwidth just before, GB/s | decode roofline tok/s | decode b1 ÷ roofline |")
+print("|---|---|---:|---:|---:|")
 for (engine, dtype), kv in rows.items():
     per_token = params * {"f32": 4, "bf16": 2, "q8_0": 34 / 32}[dtype]
-    roof = bw * 1e9 / per_token
-    print(f"| {engine} | {dtype} | {roof:.1f} | {float(kv['decode_median']) / roof * 100:.0f}% |")
+    roof = kv["bandwidth"] * 1e9 / per_token
+    print(f"| {engine} | {dtype} | {kv['bandwidth']:.1f} | {roof:.1f} | {float(kv['decode_median']) / roof * 100:.0f}% |")
 PY
 rm -f "$out"
