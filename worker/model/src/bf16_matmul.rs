@@ -13,6 +13,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::matvec::{from_out_major, MAX_ROWS};
+use crate::pool::OutPtr;
 
 /// Weight rows per parallel task of the few-rows (decode) path.
 const ROWS_PER_TASK: usize = 64;
@@ -147,13 +148,6 @@ unsafe fn dot_rows<const XR: usize>(w: *const bf16, x: [*const bf16; 4], n: usiz
         sums[b] = _mm512_reduce_add_ps(acc[b]);
     }
 }
-
-/// A raw output pointer the GEMM tasks share; each task writes its own columns only.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (their own panel's columns) and the buffer outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// Prefill: `y = x Wᵀ` as `[m, n]` for even `k`. Each task packs 32 weight rows as bf16 pairs
 /// (`panel[p][c]` = row `c`'s elements `2p, 2p + 1`), then sweeps every 12-row tile of `x`

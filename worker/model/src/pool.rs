@@ -63,6 +63,14 @@ impl std::fmt::Debug for ComputePool {
     }
 }
 
+/// A raw pointer to an output buffer that a product's pool tasks share (the GEMMs in
+/// `bf16_matmul.rs` and `q8_gemm.rs`); each task writes its own columns only.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub *mut f32);
+// SAFETY: tasks write disjoint elements (their own panel's columns) and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
 /// Lets a closure that borrows non-`Send` state (`&mut dyn Collective`) run on a pool thread.
 struct AssertSend<F>(F);
 // SAFETY: the calling thread is blocked in `install` until the closure has finished, so the

@@ -19,6 +19,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::matvec::MAX_ROWS;
+use crate::pool::OutPtr;
 
 /// Weights per q8_0 block, and the block's bytes: an f16 scale, then 32 signed bytes.
 const BLOCK: usize = 32;
@@ -168,13 +169,6 @@ unsafe fn quantize_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], off: &mut [i32
         *ob = -128 * _mm512_reduce_add_epi32(sum);
     }
 }
-
-/// A raw output pointer the GEMM tasks share; each task writes its own columns only.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (their own panel's columns) and the buffer outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// `y = x Wᵀ` as `[m, n]` (row-major) for quantized activations `xq` (`[m, k]`) and q8_0 `w`
 /// (`[n, k]`). Each task packs one panel of 16 weight rows ([`pack_panel`]), then sweeps every
