@@ -46,7 +46,8 @@ impl<T> View<'_, T> {
         Self { start: self.start + i * self.stride0, ..self }
     }
 
-    /// Row `j` of a head, `len` elements.
+    /// Row `j` along the second dimension (a key or value position; for a query, a head),
+    /// `len` elements.
     fn row(&self, j: usize, len: usize) -> &[T] {
         let s = self.start + j * self.stride1;
         &self.data[s..s + len]
@@ -109,8 +110,7 @@ fn decode_attention_as<T: Elem>(rows: &[DecodeRow]) -> Result<Tensor> {
         let (row, h) = (task / heads, task % heads);
         let (q, k, v, len) = &views[row];
         let kvh = h / group;
-        let qh = &q.row(0, heads * head_dim)[h * head_dim..(h + 1) * head_dim];
-        for (s, x) in scratch.q.iter_mut().zip(qh) {
+        for (s, x) in scratch.q.iter_mut().zip(q.row(h, head_dim)) {
             *s = x.to_f32() * scale;
         }
         scratch.attend(k.head(kvh), v.head(kvh), *len, dot);
