@@ -1,12 +1,13 @@
 //! Attention for decode rows — one query per sequence, every cached key visible — in one
-//! parallel pass over all the step's decoding sequences and heads.
+//! parallel pass over all the step's decoding sequences and KV heads.
 //!
 //! Going through tensor ops costs about fifteen small operations per sequence and layer
 //! (transposes, copies, two matmuls, a softmax), each with its own allocation and dispatch; at
-//! a batch of 16 short sequences that overhead rivals the weight reads. Here each (sequence,
-//! head) pair is one task that reads its keys and values straight from the cache's storage
-//! once (scores, one vectorised exponential, the weighted sum of values), and writes its output
-//! row in place. Queries that share a KV head read the same rows, which stay in cache.
+//! a batch of 16 short sequences that overhead rivals the weight reads. Here each task takes the
+//! query heads that share one KV head of one sequence, reads those keys and values straight
+//! from the cache's storage once for all of them (scores, one vectorised exponential, the
+//! weighted sums), and a long cache is split between two tasks whose partial sums are merged
+//! exactly by their maxima.
 
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
@@ -103,57 +104,117 @@ fn decode_attention_as<T: Elem>(rows: &[DecodeRow]) -> Result<Tensor> {
         views.push((view::<T>(&r.q, q)?, view::<T>(&r.keys, k)?, view::<T>(&r.values, v)?, r.keys.dim(1)?));
     }
     let dot = T::dot_kernel();
-    let mut out = vec![T::from_f32(0.0); rows.len() * heads * head_dim];
-    // One (sequence, head) pair per task; `init` gives each worker its f32 scratch once.
-    let init = || Scratch { q: vec![0.0; head_dim], scores: Vec::new(), out: vec![0.0; head_dim] };
-    out.par_chunks_mut(head_dim).enumerate().for_each_init(init, |scratch, (task, o)| {
-        let (row, h) = (task / heads, task % heads);
-        let (q, k, v, len) = &views[row];
-        let kvh = h / group;
-        for (s, x) in scratch.q.iter_mut().zip(q.row(h, head_dim)) {
-            *s = x.to_f32() * scale;
+    // One task per (sequence, KV head, part of the keys): the query heads of a group read each
+    // key and value row once between them, and a long cache is split in two so that a batch of
+    // one still gives both threads of a small machine equal work.
+    let mut tasks = Vec::with_capacity(rows.len() * kv_heads * 2);
+    // Per sequence: its first task and how many parts its keys are split into.
+    let mut spans = Vec::with_capacity(rows.len());
+    for (row, (_, _, _, len)) in views.iter().enumerate() {
+        let parts = if *len >= 2 * MIN_KEYS_PER_PART { 2 } else { 1 };
+        spans.push((tasks.len(), parts));
+        for kv_head in 0..kv_heads {
+            for p in 0..parts {
+                tasks.push(Task { row, kv_head, keys: p * len / parts..(p + 1) * len / parts });
+            }
         }
-        scratch.attend(k.head(kvh), v.head(kvh), *len, dot);
-        for (o, x) in o.iter_mut().zip(&scratch.out) {
-            *o = T::from_f32(*x);
+    }
+    let stride = group * (head_dim + 2);
+    let mut partials = vec![0f32; tasks.len() * stride];
+    let init = || Scratch { q: vec![0.0; group * head_dim], scores: Vec::new() };
+    partials.par_chunks_mut(stride).zip(&tasks).for_each_init(init, |scratch, (part, task)| {
+        let (q, k, v, _) = &views[task.row];
+        let first_head = task.kv_head * group;
+        for (j, qs) in scratch.q.chunks_exact_mut(head_dim).enumerate() {
+            for (s, x) in qs.iter_mut().zip(q.row(first_head + j, head_dim)) {
+                *s = x.to_f32() * scale;
+            }
         }
+        scratch.attend(k.head(task.kv_head), v.head(task.kv_head), task.keys.clone(), dot, part);
     });
+
+    // Merge each head's parts (at most two) by their maxima: the exact softmax over all keys.
+    let mut out = vec![T::from_f32(0.0); rows.len() * heads * head_dim];
+    let mut merged = vec![0f32; head_dim];
+    for (row, o_row) in out.chunks_exact_mut(heads * head_dim).enumerate() {
+        let (first, parts) = spans[row];
+        for (h, o) in o_row.chunks_exact_mut(head_dim).enumerate() {
+            let (kv_head, j) = (h / group, h % group);
+            let tasks_of_head = first + kv_head * parts..first + (kv_head + 1) * parts;
+            let head_in = |i: usize| &partials[i * stride + j * (head_dim + 2)..i * stride + (j + 1) * (head_dim + 2)];
+            let max = tasks_of_head.clone().map(|i| head_in(i)[head_dim]).fold(f32::NEG_INFINITY, f32::max);
+            merged.fill(0.0);
+            let mut sum = 0f32;
+            for i in tasks_of_head {
+                let p = head_in(i);
+                let w = (p[head_dim] - max).exp();
+                sum += w * p[head_dim + 1];
+                for (m, x) in merged.iter_mut().zip(&p[..head_dim]) {
+                    *m += w * x;
+                }
+            }
+            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            for (o, m) in o.iter_mut().zip(&merged) {
+                *o = T::from_f32(m * inv);
+            }
+        }
+    }
     Ok(T::tensor(out, &[rows.len(), heads * head_dim])?)
 }
 
-/// A task's f32 working rows: the scaled query head, the scores, the output.
+/// Keys below which a sequence's cache is not split between two tasks.
+const MIN_KEYS_PER_PART: usize = 64;
+
+/// One task of a decode step: the query heads of one KV head of one sequence, over some keys.
+struct Task {
+    row: usize,
+    kv_head: usize,
+    keys: std::ops::Range<usize>,
+}
+
+/// A task's f32 working rows: its query heads (scaled), and their scores.
 struct Scratch {
     q: Vec<f32>,
     scores: Vec<f32>,
-    out: Vec<f32>,
 }
 
 impl Scratch {
-    /// `out = softmax(K q) V` for the query head in `q` (already scaled by 1/√d) over the first
-    /// `len` keys of one KV head (`k`, `v` already at that head). All scores first, then one
-    /// vectorised exponential over them, then the weighted sum of value rows: every key and
-    /// value row is read once, straight from the cache in its own type.
-    fn attend<T: Elem>(&mut self, k: View<T>, v: View<T>, len: usize, dot: fn(&[T], &[f32]) -> f32) {
-        let Scratch { q, scores, out } = self;
-        let d = q.len();
+    /// For each query head `j` of the group in `q` (already scaled by 1/√d), over `keys` of one
+    /// KV head (`k`, `v` already at that head): writes `Σ e^(s − max) v`, then `max`, then
+    /// `Σ e^(s − max)` into `part[j * (d + 2)..]`. All scores first, one vectorised exponential,
+    /// then the weighted sums: every key and value row is read once for the whole group,
+    /// straight from the cache in its own type.
+    fn attend<T: Elem>(&mut self, k: View<T>, v: View<T>, keys: std::ops::Range<usize>, dot: fn(&[T], &[f32]) -> f32, part: &mut [f32]) {
+        let Scratch { q, scores } = self;
+        // `part` holds d + 2 values per head and `q` holds d.
+        let group = (part.len() - q.len()) / 2;
+        let (n, d) = (keys.len(), q.len() / group);
         scores.clear();
-        scores.extend((0..len).map(|t| dot(k.row(t, d), q)));
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        for s in scores.iter_mut() {
-            *s -= max;
-        }
-        exp_in_place(scores);
-        let sum: f32 = scores.iter().sum();
-        out.fill(0.0);
-        for (t, &w) in scores.iter().enumerate() {
-            for (o, x) in out.iter_mut().zip(v.row(t, d)) {
-                *o += w * x.to_f32();
+        scores.resize(group * n, 0.0);
+        for (i, t) in keys.clone().enumerate() {
+            let kr = k.row(t, d);
+            for (j, qj) in q.chunks_exact(d).enumerate() {
+                scores[j * n + i] = dot(kr, qj);
             }
         }
-        if sum > 0.0 {
-            let inv = 1.0 / sum;
-            for o in out.iter_mut() {
-                *o *= inv;
+        part.fill(0.0);
+        for (j, s) in scores.chunks_exact_mut(n).enumerate() {
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            for x in s.iter_mut() {
+                *x -= max;
+            }
+            exp_in_place(s);
+            let out = &mut part[j * (d + 2)..(j + 1) * (d + 2)];
+            out[d] = max;
+            out[d + 1] = s.iter().sum();
+        }
+        for (i, t) in keys.enumerate() {
+            let vr = v.row(t, d);
+            for j in 0..group {
+                let w = scores[j * n + i];
+                for (o, x) in part[j * (d + 2)..j * (d + 2) + d].iter_mut().zip(vr) {
+                    *o += w * x.to_f32();
+                }
             }
         }
     }
