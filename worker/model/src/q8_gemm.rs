@@ -20,10 +20,8 @@ use rayon::prelude::*;
 
 use crate::matvec::MAX_ROWS;
 use crate::pool::OutPtr;
+use crate::qmatvec::{quantize_block, BLOCK, BLOCK_BYTES};
 
-/// Weights per q8_0 block, and the block's bytes: an f16 scale, then 32 signed bytes.
-const BLOCK: usize = 32;
-const BLOCK_BYTES: usize = 34;
 /// Groups of four consecutive `k` per block: the four byte pairs one `vpdpbusd` lane sums.
 const GROUPS: usize = BLOCK / 4;
 /// Output columns per panel, the unit of parallel work: the i32 / f32 lanes of one zmm register.
@@ -121,16 +119,10 @@ fn quantize_rows(x: &[f32], inner: usize) -> Activations {
     Activations { q, d, off }
 }
 
-/// The scalar quantization, as in `qmatvec.rs`, plus each block's offset.
+/// The scalar quantization of `qmatvec.rs`, plus each block's offset.
 fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], off: &mut [i32]) {
     for (((xb, qb), db), ob) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(d.iter_mut()).zip(off.iter_mut()) {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        for (v, o) in xb.iter().zip(qb.iter_mut()) {
-            *o = (v * inv).round() as i8;
-        }
-        *db = scale;
+        *db = quantize_block(xb, qb);
         *ob = -128 * qb.iter().map(|&v| i32::from(v)).sum::<i32>();
     }
 }

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use crate::matvec::MAX_ROWS;
 
 /// Weights per q8_0 block, and the block's bytes: an f16 scale, then 32 signed bytes.
-const BLOCK: usize = 32;
-const BLOCK_BYTES: usize = 34;
+pub(crate) const BLOCK: usize = 32;
+pub(crate) const BLOCK_BYTES: usize = 34;
 
 /// Output rows per parallel task (as `matvec.rs`).
 const ROWS_PER_TASK: usize = 64;
@@ -37,13 +37,7 @@ fn quantize_rows(x: &[f32]) -> QuantizedRows {
     let mut q = vec![0i8; x.len()];
     let mut d = Vec::with_capacity(x.len() / BLOCK);
     for (xb, qb) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)) {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        for (v, o) in xb.iter().zip(qb.iter_mut()) {
-            *o = round_to_i8(v * inv);
-        }
-        d.push(scale);
+        d.push(quantize_block(xb, qb));
     }
     QuantizedRows {
         q,
@@ -51,6 +45,18 @@ fn quantize_rows(x: &[f32]) -> QuantizedRows {
         #[cfg(target_arch = "x86_64")]
         lanes: None,
     }
+}
+
+/// One 32-block of `quantize_rows` (also prefill's scalar path, `q8_gemm.rs`): writes the
+/// 8-bit values and returns the block's scale.
+pub(crate) fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (v, o) in xb.iter().zip(qb.iter_mut()) {
+        *o = round_to_i8(v * inv);
+    }
+    scale
 }
 
 /// `v.round() as i8` (halfway cases away from zero, saturating, NaN to 0) without `round`'s
