@@ -13,23 +13,29 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::decode_attention::{self, DecodeRow};
+use crate::elem::Dest;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::layer::{AttentionStep, LayerSlot};
 use crate::Batch;
 
-/// Additive mask `[chunk_len, kv_len]` (0 or −∞) for one chunk; `None` when every cached
-/// position is visible, as in plain decode.
-pub struct ChunkMask(Option<Tensor>);
+/// Which keys the queries of one chunk see. A chunk of several queries gets an additive mask
+/// `[chunk_len, kv_len]` (0 or −∞); a single query (decode) sees a run of keys, all of them or
+/// the last `window`, and keeps only where that run starts.
+#[derive(Default)]
+pub struct ChunkMask {
+    tensor: Option<Tensor>,
+    /// The first key a single query sees.
+    first_key: usize,
+}
 
 impl ChunkMask {
     /// Mask for `len` queries at positions `start..start + len` attending to keys `0..start + len`,
     /// limited to the last `window` positions (inclusive of the query's own) when set.
     pub fn new(start: usize, len: usize, window: Option<usize>, device: &Device) -> Result<Self> {
         let total = start + len;
-        let window_bites = window.is_some_and(|w| total > w);
-        if len == 1 && !window_bites {
-            return Ok(Self(None));
+        if len == 1 {
+            return Ok(Self { tensor: None, first_key: total.saturating_sub(window.unwrap_or(total)) });
         }
         let mut mask = Vec::with_capacity(len * total);
         for i in 0..len {
@@ -39,7 +45,13 @@ impl ChunkMask {
                 mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
             }
         }
-        Ok(Self(Some(Tensor::from_vec(mask, (len, total), device)?)))
+        Ok(Self { tensor: Some(Tensor::from_vec(mask, (len, total), device)?), first_key: 0 })
+    }
+
+    /// The first key of `kv_len` a single query sees (0 for a chunk of several, which its mask
+    /// covers).
+    fn first_key(&self, kv_len: usize) -> usize {
+        self.first_key.min(kv_len)
     }
 }
 
@@ -47,7 +59,7 @@ impl ChunkMask {
 impl ChunkMask {
     /// The mask, if the chunk needs one.
     pub(crate) fn tensor(&self) -> Option<&Tensor> {
-        self.0.as_ref()
+        self.tensor.as_ref()
     }
 }
 
@@ -59,6 +71,12 @@ const QUERY_BLOCK: usize = 128;
 /// `q`: `[len, heads, head_dim]` (already rotated); `keys`, `values`: `[kv_heads, kv_len, head_dim]`
 /// where the chunk's own keys are the last `len`. Returns `[len, heads * head_dim]`.
 pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> Result<Tensor> {
+    let kv_len = keys.dim(1)?;
+    let first = mask.first_key(kv_len);
+    if first > 0 {
+        let seen = |t: &Tensor| t.narrow(1, first, kv_len - first);
+        return attend(q, &seen(keys)?, &seen(values)?, &ChunkMask::default());
+    }
     let dtype = q.dtype();
     if q.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
         // candle's CPU half-precision GEMM is several times slower than its f32 GEMM, and these
@@ -73,8 +91,8 @@ pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> R
 /// [`attend`] in the inputs' own type.
 fn attend_blocks(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> Result<Tensor> {
     let (len, kv_len) = (q.dim(0)?, keys.dim(1)?);
-    let Some(m) = mask.0.as_ref().filter(|_| len > QUERY_BLOCK) else {
-        return attend_block(q, keys, values, mask.0.as_ref());
+    let Some(m) = mask.tensor.as_ref().filter(|_| len > QUERY_BLOCK) else {
+        return attend_block(q, keys, values, mask.tensor.as_ref());
     };
     let start = kv_len - len;
     let mut blocks = Vec::with_capacity(len.div_ceil(QUERY_BLOCK));
@@ -216,42 +234,76 @@ pub struct CacheAttention<'a> {
 }
 
 impl AttentionStep for CacheAttention<'_> {
-    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, dest: Option<&Dest>) -> Result<Tensor> {
         // The model builds masks for every window its layers use.
         let Some((_, masks)) = self.masks.iter().find(|(w, _)| *w == layer.window) else {
             return Err(ModelError::InvalidConfig(format!("no attention masks for window {:?}", layer.window)));
         };
-        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(self.batch.chunks.len());
+        let chunks = self.batch.chunks;
+        if chunks.iter().all(|c| c.len == 1) {
+            if let Some(out) = self.decode_step(layer, q, k, v, dest)? {
+                return Ok(out);
+            }
+        }
+        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(chunks.len());
         // Decode rows (one query seeing every cached key) go through one fused pass below.
         let mut decode = Vec::new();
         let mut offset = 0;
-        for (chunk, mask) in self.batch.chunks.iter().zip(masks) {
+        for (chunk, mask) in chunks.iter().zip(masks) {
             let q_c = q.narrow(0, offset, chunk.len)?;
             let k_c = k.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
             let v_c = v.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
             let (keys, values) = self.kv.write(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
-            if chunk.len == 1 && mask.0.is_none() && decode_attention::applies(&q_c, &keys) {
-                decode.push((outputs.len(), DecodeRow { q: q_c, keys, values }));
+            if chunk.len == 1 && decode_attention::applies(&q_c, &keys) {
+                decode.push((outputs.len(), offset, keys, values, mask.first_key(chunk.start + 1)));
                 outputs.push(None);
             } else {
                 outputs.push(Some(attend(&q_c, &keys, &values, mask)?));
             }
             offset += chunk.len;
         }
-        if decode.len() == outputs.len() {
-            // A pure decode step: the fused rows are the output, in chunk order.
-            let rows: Vec<DecodeRow> = decode.into_iter().map(|(_, r)| r).collect();
-            return decode_attention::decode_attention(&rows);
-        }
         if !decode.is_empty() {
-            let (slots, rows): (Vec<usize>, Vec<DecodeRow>) = decode.into_iter().unzip();
-            let fused = decode_attention::decode_attention(&rows)?;
-            for (j, slot) in slots.into_iter().enumerate() {
-                outputs[slot] = Some(fused.narrow(0, j, 1)?);
+            let row = |i: usize| {
+                let (_, q_row, keys, values, first) = &decode[i];
+                Ok(DecodeRow { q_row: *q_row, keys, values, visible: *first..keys.dim(1)? })
+            };
+            let fused = decode_attention::decode_attention(q, decode.len(), &row, None)?;
+            for (j, (slot, ..)) in decode.iter().enumerate() {
+                outputs[*slot] = Some(fused.narrow(0, j, 1)?);
             }
         }
         let mut outputs: Vec<Tensor> = outputs.into_iter().flatten().collect();
         Ok(if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? })
+    }
+}
+
+impl CacheAttention<'_> {
+    /// A step of decode rows only (one token per sequence, seeing every cached key or the last
+    /// `window` of them): each row's key and value go straight into its cache, and one fused
+    /// pass attends them all, reading the caches in place. `None` where the CPU pass does not
+    /// apply.
+    fn decode_step(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, dest: Option<&Dest>) -> Result<Option<Tensor>> {
+        let chunks = self.batch.chunks;
+        let Some(first) = chunks.first() else { return Ok(None) };
+        if !decode_attention::applies(q, self.kv.tensors(first.seq, layer.index)?.0) {
+            return Ok(None);
+        }
+        for (i, c) in chunks.iter().enumerate() {
+            // Every row has the same shapes, so a refusal comes at the first row; were it later,
+            // the general path would write the same values again.
+            if !self.kv.write_row(c.seq, layer.index, c.start, k, v, i)? {
+                return Ok(None);
+            }
+        }
+        let kv = &*self.kv;
+        let row = |i: usize| {
+            let c = &chunks[i];
+            let (keys, values) = kv.tensors(c.seq, layer.index)?;
+            // As `ChunkMask`: a query at position p sees keys p - window + 1 ..= p.
+            let end = c.start + 1;
+            Ok(DecodeRow { q_row: i, keys, values, visible: end.saturating_sub(layer.window.unwrap_or(end))..end })
+        };
+        Ok(Some(decode_attention::decode_attention(q, chunks.len(), &row, dest)?))
     }
 }
 
@@ -289,7 +341,7 @@ mod tests {
         for window in [None, Some(100)] {
             let mask = ChunkMask::new(start, len, window, &Device::Cpu).unwrap();
             let blocked = attend(&q, &k, &v, &mask).unwrap();
-            let whole = attend_block(&q, &k, &v, mask.0.as_ref()).unwrap();
+            let whole = attend_block(&q, &k, &v, mask.tensor.as_ref()).unwrap();
             assert_eq!(blocked.dims(), &[len, 4 * 8]);
             assert!(max_diff(&blocked, &whole) < 1e-5, "window {window:?}");
         }
@@ -298,7 +350,7 @@ mod tests {
     #[test]
     fn merged_parts_equal_attention_over_all_keys() {
         let (q, k, v) = inputs();
-        let whole = attend(&q, &k, &v, &ChunkMask(None)).unwrap();
+        let whole = attend(&q, &k, &v, &ChunkMask::default()).unwrap();
         let part = |r: std::ops::Range<usize>| {
             let (k, v) = (k.narrow(1, r.start, r.len()).unwrap(), v.narrow(1, r.start, r.len()).unwrap());
             attend_partial(&q, &k, &v, None).unwrap()

@@ -12,11 +12,10 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::matvec::{from_out_major, MAX_ROWS};
+use crate::elem::Dest;
+use crate::matvec::{product_output, Product, RowsOut, MAX_ROWS};
 use crate::pool::OutPtr;
 
-/// Weight rows per parallel task of the few-rows (decode) path.
-const ROWS_PER_TASK: usize = 64;
 /// Output columns per GEMM panel: two vectors of sixteen f32 lanes.
 const PANEL: usize = 32;
 /// Activation rows per GEMM tile: 12 rows × 2 vectors = 24 accumulators, plus the two panel
@@ -40,7 +39,7 @@ pub fn available() -> bool {
 /// `x Wᵀ` for bf16 `x` (`[rows, in]`) and bf16 `W` (`[out, in]`), both contiguous on the CPU,
 /// accumulated in f32 and rounded to bf16. `None` when the CPU lacks AVX-512 BF16 or the
 /// operands do not fit (the caller then widens to f32).
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
     if !available() || x.dtype() != DType::BF16 || w.dtype() != DType::BF16 || !x.device().is_cpu() {
         return Ok(None);
     }
@@ -57,25 +56,25 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     };
     let (xs, ws) = (&x_all[x0..x1], &w_all[w0..w1]);
-    let y = if rows <= MAX_ROWS {
-        from_out_major(few_rows(xs, rows, ws, out, inner), out, rows, x.device())?
-    } else if inner % 2 == 0 {
-        Tensor::from_vec(gemm(xs, rows, ws, out, inner), (rows, out), x.device())?
-    } else {
+    if rows <= MAX_ROWS {
+        let p = Product { rows, out, inner };
+        return product_output(dest, p, DType::BF16, |y| few_rows(xs, ws, p, y));
+    }
+    if inner % 2 != 0 {
         return Ok(None);
-    };
+    }
+    let y = Tensor::from_vec(gemm(xs, rows, ws, out, inner), (rows, out), x.device())?;
     drop((x_store, w_store));
     Ok(Some(y.to_dtype(DType::BF16)?))
 }
 
-/// Decode: `y[j, i] = dot(W[j], x[i])` laid out `[out, rows]`, weight rows split over the
-/// thread pool. Up to four activation rows share each weight load, so every weight byte is read
-/// from memory once. (Several weight rows per pass as well measured slower: 60 against 86 tok/s
+/// Decode: `y[i, j] = dot(W[j], x[i])`, weight rows split over the thread pool. Up to four
+/// activation rows share each weight load, so every weight byte is read from memory once.
+/// (Several weight rows per pass as well measured slower: 60 against 86 tok/s
 /// at batch 1, 173 against 196 at batch 8; the one sequential stream suits the prefetcher.)
-fn few_rows(x: &[bf16], rows: usize, w: &[bf16], out: usize, inner: usize) -> Vec<f32> {
-    let mut y = vec![0f32; out * rows];
-    y.par_chunks_mut(ROWS_PER_TASK * rows).enumerate().for_each(|(task, ys)| {
-        let first = task * ROWS_PER_TASK;
+fn few_rows(x: &[bf16], w: &[bf16], p: Product, y: RowsOut) {
+    let Product { rows, inner, .. } = p;
+    y.par_tiles(|first, ys| {
         for (j, yj) in ys.chunks_exact_mut(rows).enumerate() {
             let w_row = w[(first + j) * inner..].as_ptr();
             let mut i = 0;
@@ -96,7 +95,6 @@ fn few_rows(x: &[bf16], rows: usize, w: &[bf16], out: usize, inner: usize) -> Ve
             }
         }
     });
-    y
 }
 
 /// Runs [`dot_rows`] for `xr` (1..=4) activation rows.
@@ -290,7 +288,7 @@ mod tests {
     fn check(rows: usize, out: usize, inner: usize) {
         let x = bf16_tensor(rows * inner, (rows, inner), 3);
         let w = bf16_tensor(out * inner, (out, inner), 11);
-        let Some(got) = matmul_t(&x, &w).unwrap() else {
+        let Some(got) = matmul_t(&x, &w, None).unwrap() else {
             assert!(!available() || (rows > MAX_ROWS && inner % 2 == 1), "declined {rows}x{inner} · {out}");
             return;
         };
@@ -331,7 +329,7 @@ mod tests {
         let flat = bf16_tensor(1 + rows * inner, (1, 1 + rows * inner), 3).flatten_all().unwrap();
         let x = flat.narrow(0, 1, rows * inner).unwrap().reshape((rows, inner)).unwrap();
         let w = bf16_tensor(out * inner, (out, inner), 11);
-        let Some(got) = matmul_t(&x, &w).unwrap() else {
+        let Some(got) = matmul_t(&x, &w, None).unwrap() else {
             assert!(!available());
             return;
         };
@@ -346,7 +344,7 @@ mod tests {
     fn declines_other_dtypes() {
         let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((4, 8), DType::BF16, &Device::Cpu).unwrap();
-        assert!(matmul_t(&x, &w).unwrap().is_none());
-        assert!(matmul_t(&w, &w.to_dtype(DType::F32).unwrap()).unwrap().is_none());
+        assert!(matmul_t(&x, &w, None).unwrap().is_none());
+        assert!(matmul_t(&w, &w.to_dtype(DType::F32).unwrap(), None).unwrap().is_none());
     }
 }

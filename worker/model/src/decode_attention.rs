@@ -9,21 +9,30 @@
 //! weighted sums), and a long cache is split between two tasks whose partial sums are merged
 //! exactly by their maxima.
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::elem::Elem;
+use crate::elem::{output, Dest, Elem};
 use crate::error::{ModelError, Result};
 use crate::exp::exp_in_place;
 
-/// One decoding sequence of a step: its query row (`[1, heads, head_dim]`) and views of its
-/// cached keys and values (`[kv_heads, len, head_dim]`, as `KvCache::write` returns them).
-pub(crate) struct DecodeRow {
-    pub q: Tensor,
-    pub keys: Tensor,
-    pub values: Tensor,
+/// One decoding sequence of a step: which row of the step's queries is its own, and its cached
+/// keys and values (`[kv_heads, capacity, head_dim]`, the cache's whole tensors or views of
+/// them), of which positions `visible` are attended to: all of them up to the sequence's
+/// length, or the last `window` under a sliding window.
+pub(crate) struct DecodeRow<'a> {
+    pub q_row: usize,
+    pub keys: &'a Tensor,
+    pub values: &'a Tensor,
+    pub visible: std::ops::Range<usize>,
 }
+
+/// The decoding rows of a step, by index (`0..rows`): looked up rather than collected, so that
+/// a step builds no list of them.
+pub(crate) type Rows<'r, 'a> = &'r (dyn Fn(usize) -> Result<DecodeRow<'a>> + Sync);
 
 /// Whether [`decode_attention`] handles these tensors: f32, bf16 or f16 on the CPU, queries
 /// and cache of one type.
@@ -42,7 +51,7 @@ struct View<'a, T> {
 }
 
 impl<T> View<'_, T> {
-    /// The rows of index `i` along the first dimension (one KV head).
+    /// The rows of index `i` along the first dimension (one KV head; for queries, one token).
     fn head(self, i: usize) -> Self {
         Self { start: self.start + i * self.stride0, ..self }
     }
@@ -70,96 +79,133 @@ fn view<'a, T: Elem>(t: &Tensor, storage: &'a Storage) -> Result<View<'a, T>> {
     }
 }
 
-/// Attention outputs `[rows.len(), heads * head_dim]`, in the queries' dtype, for decode rows
-/// of `heads` query heads over their caches (grouped-query: `heads / kv_heads` query heads per
-/// KV head).
-pub(crate) fn decode_attention(rows: &[DecodeRow]) -> Result<Tensor> {
-    let Some(first) = rows.first() else {
+/// Attention outputs `[rows, heads * head_dim]`, in the queries' dtype, for `rows` decoding
+/// sequences whose query rows are in `q` (`[tokens, heads, head_dim]`), over their caches
+/// (grouped-query: `heads / kv_heads` query heads per KV head). Written into `dest` where given.
+pub(crate) fn decode_attention(q: &Tensor, rows: usize, row: Rows, dest: Option<&Dest>) -> Result<Tensor> {
+    if rows == 0 {
         return Err(ModelError::InvalidBatch("decode attention over no rows".into()));
-    };
-    match first.q.dtype() {
-        DType::F32 => decode_attention_as::<f32>(rows),
-        DType::BF16 => decode_attention_as::<bf16>(rows),
-        DType::F16 => decode_attention_as::<f16>(rows),
+    }
+    match q.dtype() {
+        DType::F32 => decode_attention_as::<f32>(q, rows, row, dest),
+        DType::BF16 => decode_attention_as::<bf16>(q, rows, row, dest),
+        DType::F16 => decode_attention_as::<f16>(q, rows, row, dest),
         other => Err(ModelError::InvalidBatch(format!("decode attention does not take {other:?}"))),
     }
 }
 
-fn decode_attention_as<T: Elem>(rows: &[DecodeRow]) -> Result<Tensor> {
-    let first = &rows[0];
-    let (_, heads, head_dim) = first.q.dims3()?;
-    let kv_heads = first.keys.dim(0)?;
-    let group = heads / kv_heads.max(1);
+/// A step's bookkeeping, kept by the calling thread between steps (see `workspace.rs`).
+#[derive(Default)]
+struct StepBuffers {
+    tasks: Vec<Task>,
+    /// Per sequence: its first task and how many parts its keys are split into.
+    spans: Vec<(usize, usize)>,
+    partials: Vec<f32>,
+    merged: Vec<f32>,
+}
+
+thread_local! {
+    static STEP: RefCell<StepBuffers> = RefCell::new(StepBuffers::default());
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` on this thread's `cell`, or on a fresh value when a caller further up this thread's
+/// stack holds it (a pool thread that took other work while waiting).
+fn with_reused<T: Default + 'static, R>(cell: &'static std::thread::LocalKey<RefCell<T>>, f: impl FnOnce(&mut T) -> R) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut held) => f(&mut held),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
+fn decode_attention_as<T: Elem>(q: &Tensor, rows: usize, row: Rows, dest: Option<&Dest>) -> Result<Tensor> {
+    let (tokens, heads, head_dim) = q.dims3()?;
+    let kv_heads = row(0)?.keys.dim(0)?;
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(ModelError::InvalidBatch(format!("{heads} query heads cannot share {kv_heads} KV heads")));
+    }
+    let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    // Read guards live here, on the calling thread, while the tasks read the slices.
-    let guards: Vec<_> = rows
-        .iter()
-        .map(|r| (r.q.storage_and_layout().0, r.keys.storage_and_layout().0, r.values.storage_and_layout().0))
-        .collect();
-    let mut views = Vec::with_capacity(rows.len());
-    for (r, (q, k, v)) in rows.iter().zip(&guards) {
-        if r.q.dims3()? != (1, heads, head_dim) || r.keys.dim(0)? != kv_heads || r.keys.dims() != r.values.dims() {
+    for i in 0..rows {
+        let r = row(i)?;
+        let (k_heads, capacity, k_dim) = r.keys.dims3()?;
+        if r.q_row >= tokens || (k_heads, k_dim) != (kv_heads, head_dim) || r.keys.dims() != r.values.dims() || r.visible.end > capacity {
             return Err(ModelError::InvalidBatch("decode rows of different shapes in one step".into()));
         }
-        views.push((view::<T>(&r.q, q)?, view::<T>(&r.keys, k)?, view::<T>(&r.values, v)?, r.keys.dim(1)?));
+        if r.keys.dtype() != T::DTYPE || r.values.dtype() != T::DTYPE {
+            return Err(ModelError::InvalidBatch(format!("decode attention needs {:?} caches", T::DTYPE)));
+        }
     }
+    let q_store = q.storage_and_layout().0;
+    let q_view = view::<T>(q, &q_store)?;
     let dot = T::dot_kernel();
-    // One task per (sequence, KV head, part of the keys): the query heads of a group read each
-    // key and value row once between them, and a long cache is split in two so that a batch of
-    // one still gives both threads of a small machine equal work.
-    let mut tasks = Vec::with_capacity(rows.len() * kv_heads * 2);
-    // Per sequence: its first task and how many parts its keys are split into.
-    let mut spans = Vec::with_capacity(rows.len());
-    for (row, (_, _, _, len)) in views.iter().enumerate() {
-        let parts = if *len >= 2 * MIN_KEYS_PER_PART { 2 } else { 1 };
-        spans.push((tasks.len(), parts));
-        for kv_head in 0..kv_heads {
-            for p in 0..parts {
-                tasks.push(Task { row, kv_head, keys: p * len / parts..(p + 1) * len / parts });
-            }
-        }
-    }
-    let stride = group * (head_dim + 2);
-    let mut partials = vec![0f32; tasks.len() * stride];
-    let init = || Scratch { q: vec![0.0; group * head_dim], scores: Vec::new() };
-    partials.par_chunks_mut(stride).zip(&tasks).for_each_init(init, |scratch, (part, task)| {
-        let (q, k, v, _) = &views[task.row];
-        let first_head = task.kv_head * group;
-        for (j, qs) in scratch.q.chunks_exact_mut(head_dim).enumerate() {
-            for (s, x) in qs.iter_mut().zip(q.row(first_head + j, head_dim)) {
-                *s = x.to_f32() * scale;
-            }
-        }
-        scratch.attend(k.head(task.kv_head), v.head(task.kv_head), task.keys.clone(), dot, part);
-    });
-
-    // Merge each head's parts (at most two) by their maxima: the exact softmax over all keys.
-    let mut out = vec![T::from_f32(0.0); rows.len() * heads * head_dim];
-    let mut merged = vec![0f32; head_dim];
-    for (row, o_row) in out.chunks_exact_mut(heads * head_dim).enumerate() {
-        let (first, parts) = spans[row];
-        for (h, o) in o_row.chunks_exact_mut(head_dim).enumerate() {
-            let (kv_head, j) = (h / group, h % group);
-            let tasks_of_head = first + kv_head * parts..first + (kv_head + 1) * parts;
-            let head_in = |i: usize| &partials[i * stride + j * (head_dim + 2)..i * stride + (j + 1) * (head_dim + 2)];
-            let max = tasks_of_head.clone().map(|i| head_in(i)[head_dim]).fold(f32::NEG_INFINITY, f32::max);
-            merged.fill(0.0);
-            let mut sum = 0f32;
-            for i in tasks_of_head {
-                let p = head_in(i);
-                let w = (p[head_dim] - max).exp();
-                sum += w * p[head_dim + 1];
-                for (m, x) in merged.iter_mut().zip(&p[..head_dim]) {
-                    *m += w * x;
+    with_reused(&STEP, |step| {
+        let StepBuffers { tasks, spans, partials, merged } = step;
+        // One task per (sequence, KV head, part of the keys): the query heads of a group read
+        // each key and value row once between them, and a long cache is split in two so that a
+        // batch of one still gives both threads of a small machine equal work.
+        tasks.clear();
+        spans.clear();
+        for r in 0..rows {
+            let visible = row(r)?.visible;
+            let (first, len) = (visible.start, visible.len());
+            let parts = if len >= 2 * MIN_KEYS_PER_PART { 2 } else { 1 };
+            spans.push((tasks.len(), parts));
+            for kv_head in 0..kv_heads {
+                for p in 0..parts {
+                    tasks.push(Task { row: r, kv_head, keys: first + p * len / parts..first + (p + 1) * len / parts });
                 }
             }
-            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-            for (o, m) in o.iter_mut().zip(&merged) {
-                *o = T::from_f32(m * inv);
-            }
         }
-    }
-    Ok(T::tensor(out, &[rows.len(), heads * head_dim])?)
+        let stride = group * (head_dim + 2);
+        partials.clear();
+        partials.resize(tasks.len() * stride, 0.0);
+        partials.par_chunks_mut(stride).zip(&*tasks).try_for_each(|(part, task)| -> Result<()> {
+            let r = row(task.row)?;
+            let (k_store, v_store) = (r.keys.storage_and_layout().0, r.values.storage_and_layout().0);
+            let (k, v) = (view::<T>(r.keys, &k_store)?, view::<T>(r.values, &v_store)?);
+            let q = q_view.head(r.q_row);
+            let first_head = task.kv_head * group;
+            with_reused(&SCRATCH, |scratch| {
+                scratch.q.resize(group * head_dim, 0.0);
+                for (j, qs) in scratch.q.chunks_exact_mut(head_dim).enumerate() {
+                    for (s, x) in qs.iter_mut().zip(q.row(first_head + j, head_dim)) {
+                        *s = x.to_f32() * scale;
+                    }
+                }
+                scratch.attend(k.head(task.kv_head), v.head(task.kv_head), task.keys.clone(), dot, part);
+            });
+            Ok(())
+        })?;
+
+        // Merge each head's parts (at most two) by their maxima: the exact softmax over all keys.
+        merged.resize(head_dim, 0.0);
+        Ok(output::<T>(dest, &[rows, heads * head_dim], |out| {
+            for (r, o_row) in out.chunks_exact_mut(heads * head_dim).enumerate() {
+                let (first, parts) = spans[r];
+                for (h, o) in o_row.chunks_exact_mut(head_dim).enumerate() {
+                    let (kv_head, j) = (h / group, h % group);
+                    let tasks_of_head = first + kv_head * parts..first + (kv_head + 1) * parts;
+                    let head_in = |i: usize| &partials[i * stride + j * (head_dim + 2)..i * stride + (j + 1) * (head_dim + 2)];
+                    let max = tasks_of_head.clone().map(|i| head_in(i)[head_dim]).fold(f32::NEG_INFINITY, f32::max);
+                    merged.fill(0.0);
+                    let mut sum = 0f32;
+                    for i in tasks_of_head {
+                        let p = head_in(i);
+                        let w = (p[head_dim] - max).exp();
+                        sum += w * p[head_dim + 1];
+                        for (m, x) in merged.iter_mut().zip(&p[..head_dim]) {
+                            *m += w * x;
+                        }
+                    }
+                    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                    for (o, m) in o.iter_mut().zip(merged.iter()) {
+                        *o = T::from_f32(m * inv);
+                    }
+                }
+            }
+        })?)
+    })
 }
 
 /// Keys below which a sequence's cache is not split between two tasks.
@@ -173,6 +219,7 @@ struct Task {
 }
 
 /// A task's f32 working rows: its query heads (scaled), and their scores.
+#[derive(Default)]
 struct Scratch {
     q: Vec<f32>,
     scores: Vec<f32>,
@@ -226,6 +273,7 @@ mod tests {
 
     use super::*;
     use crate::attention::{attend, ChunkMask};
+    use crate::workspace::{Slot, Workspace};
 
     fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
         let mut rng = crate::sampler::SeededRng::new(seed);
@@ -237,33 +285,51 @@ mod tests {
     #[test]
     fn equals_tensor_attention_for_every_row_of_a_batch() {
         // 6 query heads over 2 KV heads, head_dim 20 (a tail after the 8-wide chunks); caches
-        // with room past their length, viewed the way KvCache hands them out.
+        // with room past their length, whole (as the decode step reads them) or viewed the way
+        // `KvCache::write` hands them out; the queries' rows in another order than the caches'.
         let (heads, kv_heads, d) = (6, 2, 20);
         let lens = [1usize, 2, 17, 64, 129];
+        // Sliding windows over some rows: none, one shorter than the cache, one longer.
+        let windows = [None, Some(1), Some(5), None, Some(100)];
         // bf16 and f16 inputs are compared with the f32 tensor path on the same (rounded)
         // values: the pass computes in f32 and rounds its output once.
         for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
             let rounded = |t: Tensor| t.to_dtype(dtype).unwrap();
-            let rows: Vec<DecodeRow> = lens
+            let caches: Vec<(Tensor, Tensor)> = lens
                 .iter()
                 .enumerate()
                 .map(|(i, &len)| {
                     let capacity = len.next_multiple_of(16) + 16;
-                    let keys = rounded(random((kv_heads, capacity, d), 10 + i as u64)).narrow(1, 0, len).unwrap();
-                    let values = rounded(random((kv_heads, capacity, d), 20 + i as u64)).narrow(1, 0, len).unwrap();
-                    DecodeRow { q: rounded(random((1, heads, d), i as u64)), keys, values }
+                    let (k, v) = (rounded(random((kv_heads, capacity, d), 10 + i as u64)), rounded(random((kv_heads, capacity, d), 20 + i as u64)));
+                    if i % 2 == 0 {
+                        (k, v)
+                    } else {
+                        (k.narrow(1, 0, len).unwrap(), v.narrow(1, 0, len).unwrap())
+                    }
                 })
                 .collect();
-            assert!(applies(&rows[0].q, &rows[0].keys));
-            let fused = decode_attention(&rows).unwrap();
-            assert_eq!(fused.dtype(), dtype);
-            let fused = fused.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
-            for (i, r) in rows.iter().enumerate() {
-                let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().contiguous().unwrap();
-                let mask = ChunkMask::new(lens[i] - 1, 1, None, &Device::Cpu).unwrap();
-                let reference = attend(&f32s(&r.q), &f32s(&r.keys), &f32s(&r.values), &mask).unwrap().to_vec2::<f32>().unwrap();
-                for (a, b) in fused[i].iter().zip(&reference[0]) {
-                    assert!((a - b).abs() <= tolerance * b.abs().max(1.0), "{dtype:?} row {i} (len {}): {a} vs {b}", lens[i]);
+            let q = rounded(random((lens.len(), heads, d), 99));
+            let q_row = |i: usize| lens.len() - 1 - i;
+            let visible = |i: usize| lens[i].saturating_sub(windows[i].unwrap_or(lens[i]))..lens[i];
+            let row = |i: usize| Ok(DecodeRow { q_row: q_row(i), keys: &caches[i].0, values: &caches[i].1, visible: visible(i) });
+            assert!(applies(&q, &caches[0].0));
+            let mut ws = Workspace::new(&Device::Cpu);
+            for dest in [None, ws.get(Slot::Attn, &[lens.len(), heads * d], dtype).unwrap()] {
+                let fused = decode_attention(&q, lens.len(), &row, dest.as_ref()).unwrap();
+                assert_eq!(fused.dtype(), dtype);
+                if let Some(dest) = &dest {
+                    assert_eq!(fused.id(), dest.tensor().id(), "written into the given tensor");
+                }
+                let fused = fused.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+                for (i, &len) in lens.iter().enumerate() {
+                    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().contiguous().unwrap();
+                    let mask = ChunkMask::new(len - 1, 1, windows[i], &Device::Cpu).unwrap();
+                    let (k, v) = (caches[i].0.narrow(1, 0, len).unwrap(), caches[i].1.narrow(1, 0, len).unwrap());
+                    let qi = q.narrow(0, q_row(i), 1).unwrap();
+                    let reference = attend(&f32s(&qi), &f32s(&k), &f32s(&v), &mask).unwrap().to_vec2::<f32>().unwrap();
+                    for (a, b) in fused[i].iter().zip(&reference[0]) {
+                        assert!((a - b).abs() <= tolerance * b.abs().max(1.0), "{dtype:?} row {i} (len {len}): {a} vs {b}");
+                    }
                 }
             }
         }

@@ -1,7 +1,10 @@
 //! Float element types the CPU passes in `fused.rs` and `decode_attention.rs` read and write:
 //! each computes in f32 and converts once on the way in and once on the way out.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use std::cell::Cell;
+use std::ops::Range;
+
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor};
 use half::{bf16, f16};
 
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
@@ -12,8 +15,19 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn dot_kernel() -> fn(&[Self], &[f32]) -> f32;
     /// The storage's elements, if it holds this type.
     fn of(storage: &CpuStorage) -> Option<&[Self]>;
+    fn of_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+    /// The start of a buffer of this type, for pool tasks that write disjoint parts of it.
+    fn ptr(data: &mut [Self]) -> ElemPtr;
     /// Wraps computed elements in a tensor (on the CPU, where this module's passes run).
     fn tensor(data: Vec<Self>, shape: &[usize]) -> candle_core::Result<Tensor>;
+}
+
+/// A buffer of one of the [`Elem`] types, for pool tasks that each write their own part of it.
+#[derive(Clone, Copy)]
+pub(crate) enum ElemPtr {
+    F32(*mut f32),
+    BF16(*mut bf16),
+    F16(*mut f16),
 }
 
 macro_rules! elem {
@@ -36,6 +50,15 @@ macro_rules! elem {
                     CpuStorage::$dtype(data) => Some(data),
                     _ => None,
                 }
+            }
+            fn of_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+                match storage {
+                    CpuStorage::$dtype(data) => Some(data),
+                    _ => None,
+                }
+            }
+            fn ptr(data: &mut [Self]) -> ElemPtr {
+                ElemPtr::$dtype(data.as_mut_ptr())
             }
             fn tensor(data: Vec<Self>, shape: &[usize]) -> candle_core::Result<Tensor> {
                 Tensor::from_vec(data, shape, &candle_core::Device::Cpu)
@@ -60,4 +83,96 @@ pub(crate) fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> O
     };
     let (start, end) = layout.contiguous_offsets()?;
     Some(f(&T::of(cpu)?[start..end]))
+}
+
+/// Whether `t` is a contiguous CPU tensor of type `T`: what [`with_slice`] needs.
+pub(crate) fn is_slice<T: Elem>(t: &Tensor) -> bool {
+    t.dtype() == T::DTYPE && t.device().is_cpu() && t.is_contiguous()
+}
+
+/// Runs `f` on the elements of `t` for writing, when it is a contiguous CPU tensor of type `T`
+/// (a product's fresh result). candle's in-place op holds `t`'s storage locked for writing
+/// meanwhile, so `f` must not read `t` (or another view of its storage) as a tensor.
+pub(crate) fn with_slice_mut<T: Elem, R>(t: &Tensor, f: impl FnOnce(&mut [T]) -> R) -> candle_core::Result<Option<R>> {
+    let Some((start, end)) = t.layout().contiguous_offsets().filter(|_| is_slice::<T>(t)) else { return Ok(None) };
+    write_range(t, start..end, f)
+}
+
+/// A workspace tensor that a pass writes its output into (`workspace.rs`).
+#[derive(Clone)]
+pub(crate) struct Dest {
+    /// The output, `[rows, ..]`: what the pass returns.
+    tensor: Tensor,
+    /// A one-element view of the same storage that writes go through. candle's in-place op
+    /// first checks the written tensor's layout for overlapping elements, collecting its axes
+    /// longer than 1 into a `Vec`: an allocation per write, fifteen a layer, and none for a
+    /// layout that has no such axis.
+    unit: Tensor,
+}
+
+impl Dest {
+    /// `tensor` and a one-element view `unit` of the same storage.
+    pub fn new(tensor: Tensor, unit: Tensor) -> Self {
+        debug_assert_eq!(unit.elem_count(), 1);
+        Self { tensor, unit }
+    }
+
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+}
+
+/// Runs `f` on `dest`'s elements for writing, if they are of type `T`; as [`with_slice_mut`].
+pub(crate) fn with_dest_mut<T: Elem, R>(dest: &Dest, f: impl FnOnce(&mut [T]) -> R) -> candle_core::Result<Option<R>> {
+    let t = &dest.tensor;
+    let Some((start, end)) = t.layout().contiguous_offsets().filter(|_| is_slice::<T>(t)) else { return Ok(None) };
+    write_range(&dest.unit, start..end, f)
+}
+
+/// Runs `f` on elements `range` of `handle`'s storage, through candle's in-place op on `handle`.
+fn write_range<T: Elem, R>(handle: &Tensor, range: Range<usize>, f: impl FnOnce(&mut [T]) -> R) -> candle_core::Result<Option<R>> {
+    if handle.dtype() != T::DTYPE || !handle.device().is_cpu() {
+        return Ok(None);
+    }
+    let op = WriteOp { range, f: Cell::new(Some(f)), out: Cell::new(None), _elem: std::marker::PhantomData::<T> };
+    handle.inplace_op1(&op)?;
+    Ok(op.out.into_inner())
+}
+
+/// Writes `shape`'s elements with `f`: into `dest` when it is given and has that shape and type
+/// (a workspace tensor, reused from step to step), else into a new tensor. Returns the tensor
+/// written.
+pub(crate) fn output<T: Elem>(dest: Option<&Dest>, shape: &[usize], f: impl FnOnce(&mut [T])) -> candle_core::Result<Tensor> {
+    if let Some(d) = dest.filter(|d| d.tensor.dims() == shape && is_slice::<T>(&d.tensor)) {
+        with_dest_mut(d, f)?;
+        return Ok(d.tensor.clone());
+    }
+    let mut data = vec![T::from_f32(0.0); shape.iter().product()];
+    f(&mut data);
+    T::tensor(data, shape)
+}
+
+/// candle's way to reach a tensor's storage mutably: an in-place custom op.
+struct WriteOp<T, R, F> {
+    /// The storage's elements to hand to `f`.
+    range: Range<usize>,
+    f: Cell<Option<F>>,
+    out: Cell<Option<R>>,
+    _elem: std::marker::PhantomData<T>,
+}
+
+impl<T: Elem, R, F: FnOnce(&mut [T]) -> R> InplaceOp1 for WriteOp<T, R, F> {
+    fn name(&self) -> &'static str {
+        "tessera-write"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        let Some(data) = T::of_mut(storage).and_then(|d| d.get_mut(self.range.clone())) else {
+            return Err(candle_core::Error::Msg(format!("tessera-write: no {:?} elements {:?} here", T::DTYPE, self.range)));
+        };
+        if let Some(f) = self.f.take() {
+            self.out.set(Some(f(data)));
+        }
+        Ok(())
+    }
 }

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::elem::{is_slice, with_dest_mut, with_slice, Dest, Elem};
 use crate::error::{ModelError, Result};
 
 /// Identifies a sequence across the ranks that hold its KV cache.
@@ -36,6 +37,8 @@ struct SeqKv {
     capacity: usize,
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
+    /// Per layer, the keys and values again as targets of in-place writes (`KvCache::write_row`).
+    dests: Vec<[Dest; 2]>,
     /// Set for sequences spread over a ring: slot `i` then holds `ring.positions[i]`.
     ring: Option<RingPlacement>,
 }
@@ -278,6 +281,50 @@ impl KvCache {
         Ok((entry.keys[layer].narrow(1, 0, end)?, entry.values[layer].narrow(1, 0, end)?))
     }
 
+    /// Writes token `row` of `k`, `v` (`[tokens, kv_heads, head_dim]`) at position `pos` of
+    /// `seq`'s `layer`, straight into the cache's storage: a decode step's append, without the
+    /// transposed copies and views of [`KvCache::write`]. `false` where it does not apply
+    /// (not contiguous CPU tensors of the cache's type); the caller then uses `write`.
+    pub(crate) fn write_row(&mut self, seq: SeqId, layer: usize, pos: usize, k: &Tensor, v: &Tensor, row: usize) -> Result<bool> {
+        match self.spec.dtype {
+            DType::F32 => self.write_row_as::<f32>(seq, layer, pos, [k, v], row),
+            DType::BF16 => self.write_row_as::<half::bf16>(seq, layer, pos, [k, v], row),
+            DType::F16 => self.write_row_as::<half::f16>(seq, layer, pos, [k, v], row),
+            _ => Ok(false),
+        }
+    }
+
+    fn write_row_as<T: Elem>(&mut self, seq: SeqId, layer: usize, pos: usize, kv: [&Tensor; 2], row: usize) -> Result<bool> {
+        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        let fits = |t: &Tensor| is_slice::<T>(t) && t.dims().len() == 3 && t.dims()[1..] == [heads, d] && row < t.dims()[0];
+        if pos >= entry.capacity || !kv.iter().all(|t| fits(t)) {
+            return Ok(false);
+        }
+        let capacity = entry.capacity;
+        for (cache, src) in entry.dests[layer].iter().zip(kv) {
+            let written = with_slice::<T, _>(src, |src| {
+                with_dest_mut::<T, _>(cache, |cache| {
+                    for (h, from) in src[row * heads * d..(row + 1) * heads * d].chunks_exact(d).enumerate() {
+                        let at = (h * capacity + pos) * d;
+                        cache[at..at + d].copy_from_slice(from);
+                    }
+                })
+            });
+            if written.transpose()?.flatten().is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// `seq`'s whole key and value tensors of `layer` (`[kv_heads, capacity, head_dim]`; the
+    /// first [`KvCache::len`] slots, plus any this step wrote, hold tokens).
+    pub(crate) fn tensors(&self, seq: SeqId, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        Ok((&entry.keys[layer], &entry.values[layer]))
+    }
+
     /// Records that `seq` now holds `new_len` tokens (after every layer was written).
     pub(crate) fn commit(&mut self, seq: SeqId, new_len: usize) -> Result<()> {
         let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
@@ -292,10 +339,14 @@ impl KvCache {
         let shape = (s.kv_heads, capacity, s.head_dim);
         let mut keys = Vec::with_capacity(s.layers);
         let mut values = Vec::with_capacity(s.layers);
+        let mut dests = Vec::with_capacity(s.layers);
         for _ in 0..s.layers {
-            keys.push(Tensor::zeros(shape, s.dtype, &s.device)?);
-            values.push(Tensor::zeros(shape, s.dtype, &s.device)?);
+            let (k, v) = (Tensor::zeros(shape, s.dtype, &s.device)?, Tensor::zeros(shape, s.dtype, &s.device)?);
+            let dest = |t: &Tensor| Ok::<_, ModelError>(Dest::new(t.clone(), t.flatten_all()?.narrow(0, 0, 1)?));
+            dests.push([dest(&k)?, dest(&v)?]);
+            keys.push(k);
+            values.push(v);
         }
-        Ok(SeqKv { len: 0, capacity, keys, values, ring: None })
+        Ok(SeqKv { len: 0, capacity, keys, values, dests, ring: None })
     }
 }

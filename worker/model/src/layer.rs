@@ -9,11 +9,13 @@ use candle_nn::RmsNorm;
 use tessera_collective::{all_reduce_tensor, Collective};
 
 use crate::config::ModelConfig;
+use crate::elem::Dest;
 use crate::error::Result;
 use crate::fused::{self, Heads};
 use crate::linear::{Linear, Quantization, Weight};
 use crate::parallel::TpLayout;
 use crate::weights::{Checkpoint, Shard};
+use crate::workspace::{Slot, Workspace};
 
 pub struct DecoderLayer {
     index: usize,
@@ -46,8 +48,9 @@ pub struct LayerSlot {
 /// cache keeps them, and attend the queries to every key they may see.
 pub trait AttentionStep {
     /// `q`: `[tokens, heads, head_dim]`; `k`, `v`: `[tokens, kv_heads, head_dim]`; q and k
-    /// already rotated. Returns `[tokens, heads * head_dim]`.
-    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// already rotated. Returns `[tokens, heads * head_dim]`, written into `dest` (a decode
+    /// step's workspace tensor) where the step can.
+    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, dest: Option<&Dest>) -> Result<Tensor>;
 }
 
 fn norm(ckpt: &Checkpoint, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -135,23 +138,34 @@ impl DecoderLayer {
 
     /// `x`: `[tokens, hidden]` residual stream and `h` its [`input_norm`](Self::input_norm);
     /// `rope`: cos and sin tables `[tokens, head_dim / 2]` of the tokens' positions. Returns the
-    /// updated stream and, when `next_norm` is given, the stream normed by it.
+    /// updated stream and the stream normed by `next_norm` (the next layer's input norm, or the
+    /// model's final norm after the last layer). Intermediates go into `ws` where the kernels
+    /// can write them (`workspace.rs`); the results are its `X0` and `H0` slots then, valid
+    /// until the next layer runs.
+    #[allow(clippy::too_many_arguments)] // the step's parts, each from a different owner
     pub fn forward(
         &self,
         x: &Tensor,
         h: &Tensor,
-        next_norm: Option<&RmsNorm>,
+        next_norm: &RmsNorm,
         rope: [&Tensor; 2],
         attention: &mut dyn AttentionStep,
         comm: &mut dyn Collective,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+        ws: &mut Workspace,
+    ) -> Result<(Tensor, Tensor)> {
         let [cos, sin] = rope;
-        let tokens = x.dim(0)?;
+        let (tokens, hidden) = x.dims2()?;
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let dt = x.dtype();
 
-        let qkv = self.qkv.forward(h)?;
+        let qkv = self.qkv.forward_into(h, ws.get(Slot::Qkv, &[tokens, (nh + 2 * nkv) * d], dt)?.as_ref())?;
         let heads = Heads { heads: nh, kv_heads: nkv, head_dim: d };
-        let [q, k, v] = match fused::split_rotate(&qkv, cos, sin, heads)? {
+        let dests = [
+            ws.get(Slot::Q, &[tokens, nh, d], dt)?,
+            ws.get(Slot::K, &[tokens, nkv, d], dt)?,
+            ws.get(Slot::V, &[tokens, nkv, d], dt)?,
+        ];
+        let [q, k, v] = match fused::split_rotate(&qkv, cos, sin, heads, [0, 1, 2].map(|i| dests[i].as_ref()))? {
             Some(qkv) => qkv,
             None => {
                 let q = qkv.narrow(1, 0, nh * d)?.reshape((1, tokens, nh, d))?.contiguous()?;
@@ -163,12 +177,14 @@ impl DecoderLayer {
             }
         };
 
-        let attn = attention.attend(self.slot(), &q, &k, &v)?;
-        let attn = self.o.forward_no_bias(&attn)?;
-        let attn = self.o.add_bias(all_reduce_tensor(comm, &attn)?)?;
-        let (x, h) = add_norm(x, &attn, &self.post_attention_norm)?;
-        let gate_up = self.gate_up.forward(&h)?;
-        let mlp = match fused::silu_mul(&gate_up, self.intermediate)? {
+        let attn = attention.attend(self.slot(), &q, &k, &v, ws.get(Slot::Attn, &[tokens, nh * d], dt)?.as_ref())?;
+        let attn_out = ws.get(Slot::AttnOut, &[tokens, hidden], dt)?;
+        let attn = self.o.forward_no_bias_into(&attn, attn_out.as_ref())?;
+        let attn = self.o.add_bias_in_place(all_reduce_tensor(comm, &attn)?, attn_out.as_ref())?;
+        let (x, h) = add_norm(x, &attn, &self.post_attention_norm, ws.get_pair([Slot::X1, Slot::H1], &[tokens, hidden], dt)?)?;
+        let inter = self.intermediate;
+        let gate_up = self.gate_up.forward_into(&h, ws.get(Slot::GateUp, &[tokens, 2 * inter], dt)?.as_ref())?;
+        let mlp = match fused::silu_mul(&gate_up, inter, ws.get(Slot::Mlp, &[tokens, inter], dt)?.as_ref())? {
             Some(mlp) => mlp,
             None => {
                 let gate = gate_up.narrow(D::Minus1, 0, self.intermediate)?;
@@ -176,18 +192,16 @@ impl DecoderLayer {
                 (candle_nn::ops::silu(&gate)? * up)?
             }
         };
-        let mlp = self.down.forward_no_bias(&mlp)?;
-        let mlp = self.down.add_bias(all_reduce_tensor(comm, &mlp)?)?;
-        match next_norm {
-            Some(norm) => add_norm(&x, &mlp, norm).map(|(x, h)| (x, Some(h))),
-            None => Ok(((x + mlp)?, None)),
-        }
+        let mlp_out = ws.get(Slot::MlpOut, &[tokens, hidden], dt)?;
+        let mlp = self.down.forward_no_bias_into(&mlp, mlp_out.as_ref())?;
+        let mlp = self.down.add_bias_in_place(all_reduce_tensor(comm, &mlp)?, mlp_out.as_ref())?;
+        add_norm(&x, &mlp, next_norm, ws.get_pair([Slot::X0, Slot::H0], &[tokens, hidden], dt)?)
     }
 }
 
-/// `x + delta` and its norm, in one pass where `fused.rs` applies.
-fn add_norm(x: &Tensor, delta: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
-    if let Some([x, h]) = fused::add_rms_norm(x, delta, norm.weight(), norm.eps())? {
+/// `x + delta` and its norm, in one pass where `fused.rs` applies, into `dests` where given.
+pub(crate) fn add_norm(x: &Tensor, delta: &Tensor, norm: &RmsNorm, dests: [Option<Dest>; 2]) -> Result<(Tensor, Tensor)> {
+    if let Some([x, h]) = fused::add_rms_norm(x, delta, norm.weight(), norm.eps(), [0, 1].map(|i| dests[i].as_ref()))? {
         return Ok((x, h));
     }
     let x = (x + delta)?;

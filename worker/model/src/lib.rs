@@ -36,6 +36,7 @@ mod rope;
 pub mod sampler;
 mod sequence;
 mod weights;
+mod workspace;
 
 pub use batch::{Batch, LogitsMode, SeqChunk};
 pub use bert::BertModel;

@@ -7,15 +7,18 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Module, Tensor};
 
+use crate::elem::{is_slice, with_dest_mut, with_slice, with_slice_mut, Dest, Elem};
+
 /// `x Wᵀ` for `W` in `[out, in]` layout. bf16 activations and weights use AVX-512 BF16 where
 /// the CPU has it (`bf16_matmul.rs`). Otherwise half-precision weights are widened to f32 for
 /// the product: candle's CPU half-precision GEMM is several times slower than its f32 GEMM,
-/// which more than pays for the conversion (measured in BENCHMARKS.md).
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if let Some(y) = crate::bf16_matmul::matmul_t(x, w)? {
+/// which more than pays for the conversion (measured in BENCHMARKS.md). Decode products write
+/// into `dest` when it is a fitting workspace tensor (`workspace.rs`).
+pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
+    if let Some(y) = crate::bf16_matmul::matmul_t(x, w, dest)? {
         return Ok(y);
     }
-    if let Some(y) = crate::matvec::matvec_t(x, w)? {
+    if let Some(y) = crate::matvec::matvec_t(x, w, dest)? {
         return Ok(y);
     }
     match w.dtype() {
@@ -35,13 +38,13 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 ///   activations, and on the benchmark machine several times faster than candle's quantized
 ///   GEMM (BENCHMARKS.md). Prefill and decode then differ by the activation rounding only;
 /// - otherwise (q4_k decode): candle's ggml kernel, which also quantizes the activations.
-fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
     let (out, inner) = q.shape().dims2()?;
     let rows = x.dims().first().copied().unwrap_or(0);
     if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() {
         let data = q.data()?;
-        if let Some(y) = crate::qmatvec::q8_0_matvec_t(x, &data, out, inner)? {
-            return y.to_dtype(x.dtype());
+        if let Some(y) = crate::qmatvec::q8_0_matvec_into(x, &data, out, inner, dest)? {
+            return Ok(y);
         }
         if let Some(y) = crate::q8_gemm::q8_0_gemm_t(x, &data, out, inner)? {
             return y.to_dtype(x.dtype());
@@ -182,10 +185,21 @@ impl Linear {
 
     /// The projection without its bias; row-parallel layers add the bias after the all-reduce.
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_no_bias_into(x, None)
+    }
+
+    /// [`Linear::forward_no_bias`], writing into `dest` where the kernel can (a decode step's
+    /// workspace tensor).
+    pub fn forward_no_bias_into(&self, x: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
         match &self.weight {
-            Weight::Float(w) => matmul_t(x, w),
-            Weight::Quantized(q) => quantized_matmul_t(x, q),
+            Weight::Float(w) => matmul_t(x, w, dest),
+            Weight::Quantized(q) => quantized_matmul_t(x, q, dest),
         }
+    }
+
+    /// `x Wᵀ + b` into `dest` where the kernel can; see [`Linear::add_bias_in_place`].
+    pub fn forward_into(&self, x: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
+        self.add_bias_in_place(self.forward_no_bias_into(x, dest)?, dest)
     }
 
     /// Adds the bias (if any) to an already projected `y`.
@@ -195,10 +209,50 @@ impl Linear {
             None => Ok(y),
         }
     }
+
+    /// Adds the bias (if any) to `y` in `y`'s own storage when both are contiguous CPU tensors of
+    /// one float type, else as [`Linear::add_bias`]. For outputs nothing else reads: a product's
+    /// fresh result, or `dest`'s tensor when `y` is it (a decode step's workspace output).
+    pub fn add_bias_in_place(&self, y: Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
+        let Some(b) = &self.bias else { return Ok(y) };
+        let dest = dest.filter(|d| d.tensor().id() == y.id());
+        let done = match y.dtype() {
+            DType::F32 => add_rows_in_place::<f32>(&y, dest, b)?,
+            DType::BF16 => add_rows_in_place::<half::bf16>(&y, dest, b)?,
+            DType::F16 => add_rows_in_place::<half::f16>(&y, dest, b)?,
+            _ => false,
+        };
+        if done {
+            Ok(y)
+        } else {
+            self.add_bias(y)
+        }
+    }
+}
+
+/// `y[i, :] += b` in place (through `dest` when it holds `y`), rounding as the tensor add does;
+/// `false` where it does not apply.
+fn add_rows_in_place<T: Elem>(y: &Tensor, dest: Option<&Dest>, b: &Tensor) -> candle_core::Result<bool> {
+    let width = b.elem_count();
+    if !is_slice::<T>(b) || b.dims().len() != 1 || y.dims().last() != Some(&width) || width == 0 {
+        return Ok(false);
+    }
+    let add = |y: &mut [T], b: &[T]| {
+        for row in y.chunks_exact_mut(width) {
+            for (v, b) in row.iter_mut().zip(b) {
+                *v = T::from_f32(v.to_f32() + b.to_f32());
+            }
+        }
+    };
+    let added = with_slice::<T, _>(b, |b| match dest {
+        Some(dest) => with_dest_mut::<T, _>(dest, |y| add(y, b)),
+        None => with_slice_mut::<T, _>(y, |y| add(y, b)),
+    });
+    Ok(added.transpose()?.flatten().is_some())
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.add_bias(self.forward_no_bias(x)?)
+        self.forward_into(x, None)
     }
 }

@@ -9,8 +9,11 @@
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Output rows per parallel task: large enough to amortise scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 64;
+use crate::elem::{is_slice, output, with_slice, Dest, Elem, ElemPtr};
+
+/// Output columns (weight rows) per parallel task: large enough to amortise scheduling, small
+/// enough to balance.
+pub(crate) const ROWS_PER_TASK: usize = 64;
 
 /// Most activation rows handled by the matrix-vector path (a decode batch); larger inputs are
 /// matrix-matrix products, where GEMM wins.
@@ -19,9 +22,10 @@ pub const MAX_ROWS: usize = 16;
 /// `x Wᵀ` for a few rows `x` (`[rows ≤ MAX_ROWS, in]`) and contiguous f32 or bf16 `W`
 /// (`[out, in]`) on the CPU, accumulating in f32 and returning `x`'s dtype. Each weight row is
 /// read from memory once and used for every activation row while it sits in L1. `None` when the
-/// fast path does not apply, so the caller falls back to GEMM. bf16 weights are widened inside the dot product, so they
-/// stream from memory at half the bytes of f32.
-pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+/// fast path does not apply, so the caller falls back to GEMM. Half-precision weights are widened
+/// inside the dot product, so they stream from memory at half the bytes of f32. The result goes
+/// into `dest` when it is a fitting workspace tensor (`workspace.rs`).
+pub fn matvec_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
     let (rows, inner) = match x.dims() {
         [r, i] => (*r, *i),
         _ => return Ok(None),
@@ -33,61 +37,155 @@ pub fn matvec_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     if rows == 0 || rows > MAX_ROWS || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         return Ok(None);
     }
-    // f32 activations are read in place; only other dtypes are widened into a new tensor.
-    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let (x_store, x_layout) = x32.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(x_all)), Some((x0, x1))) = (&*x_store, x_layout.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    let x_data = &x_all[x0..x1];
     let (w_store, w_layout) = w.storage_and_layout();
     let Some((w0, w1)) = w_layout.contiguous_offsets() else { return Ok(None) };
-    let y = match &*w_store {
-        Storage::Cpu(CpuStorage::F32(all)) => rows_parallel(rows, out, inner, &all[w0..w1], x_data, f32_kernel(), block_kernel::<f32>()),
-        Storage::Cpu(CpuStorage::BF16(all)) => {
-            rows_parallel(rows, out, inner, &all[w0..w1], x_data, bf16_kernel(), block_kernel::<half::bf16>())
-        }
-        Storage::Cpu(CpuStorage::F16(all)) => {
-            rows_parallel(rows, out, inner, &all[w0..w1], x_data, f16_kernel(), block_kernel::<half::f16>())
-        }
-        _ => return Ok(None),
+    let shape = Product { rows, out, inner };
+    with_f32_rows(x, |x_data| {
+        Ok(match &*w_store {
+            Storage::Cpu(CpuStorage::F32(all)) => product_output(dest, shape, x.dtype(), |y| {
+                rows_parallel(shape, &all[w0..w1], x_data, f32_kernel(), block_kernel::<f32>(), y)
+            })?,
+            Storage::Cpu(CpuStorage::BF16(all)) => product_output(dest, shape, x.dtype(), |y| {
+                rows_parallel(shape, &all[w0..w1], x_data, bf16_kernel(), block_kernel::<half::bf16>(), y)
+            })?,
+            Storage::Cpu(CpuStorage::F16(all)) => product_output(dest, shape, x.dtype(), |y| {
+                rows_parallel(shape, &all[w0..w1], x_data, f16_kernel(), block_kernel::<half::f16>(), y)
+            })?,
+            _ => None,
+        })
+    })
+}
+
+thread_local! {
+    /// The calling thread's activations widened to f32, kept between products.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `x`'s elements as f32: read in place when `x` is a contiguous f32 CPU tensor,
+/// else widened, half types into this thread's reused buffer.
+pub(crate) fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<Option<R>>) -> candle_core::Result<Option<R>> {
+    fn widen<T: Elem, R>(x: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
+        WIDE.with(|cell| {
+            let mut own = Vec::new();
+            let mut held = cell.try_borrow_mut();
+            let wide = match held.as_deref_mut() {
+                Ok(wide) => wide,
+                Err(_) => &mut own,
+            };
+            wide.clear();
+            wide.extend(x.iter().map(|v| v.to_f32()));
+            f(wide)
+        })
+    }
+    let done = if is_slice::<f32>(x) {
+        with_slice::<f32, _>(x, f)
+    } else if is_slice::<half::bf16>(x) {
+        with_slice::<half::bf16, _>(x, |x| widen(x, f))
+    } else if is_slice::<half::f16>(x) {
+        with_slice::<half::f16, _>(x, |x| widen(x, f))
+    } else {
+        let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+        with_slice::<f32, _>(&x32, f)
     };
-    drop((w_store, x_store));
-    Ok(Some(from_out_major(y, out, rows, x.device())?.to_dtype(x.dtype())?))
+    done.unwrap_or(Ok(None))
 }
 
-/// `[rows, out]` from products written `[out, rows]`, the layout the row-parallel kernels use so
-/// that each task owns a contiguous block; a single row needs no transpose.
-pub(crate) fn from_out_major(y: Vec<f32>, out: usize, rows: usize, device: &candle_core::Device) -> candle_core::Result<Tensor> {
-    if rows == 1 {
-        return Tensor::from_vec(y, (1, out), device);
+/// The sizes of a decode product `[rows, inner] × [out, inner]ᵀ`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Product {
+    pub rows: usize,
+    pub out: usize,
+    pub inner: usize,
+}
+
+thread_local! {
+    /// A pool thread's products of one task, before they are stored as rows.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where a decode product's pool tasks put `y[i, o]` (`[rows, out]`, row-major, in the
+/// activations' type): see [`RowsOut::par_tiles`].
+#[derive(Clone, Copy)]
+pub(crate) struct RowsOut {
+    ptr: ElemPtr,
+    rows: usize,
+    out: usize,
+}
+
+// SAFETY: the tasks sharing a `RowsOut` write disjoint elements (their own columns, in
+// `par_tiles`), and the buffer outlives them (`product_output` holds it until they return).
+unsafe impl Send for RowsOut {}
+unsafe impl Sync for RowsOut {}
+
+impl RowsOut {
+    /// Splits the output columns (weight rows) over the thread pool, [`ROWS_PER_TASK`] to a task:
+    /// `f(first, tile)` computes columns `first..first + n` into `tile` (`[n, rows]`, the order
+    /// the kernels produce them in), which is then stored into the rows, rounded to their type.
+    pub fn par_tiles(self, f: impl Fn(usize, &mut [f32]) + Sync) {
+        let (rows, out) = (self.rows, self.out);
+        assert!(rows <= MAX_ROWS, "a decode product has at most {MAX_ROWS} rows");
+        (0..out.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+            let first = task * ROWS_PER_TASK;
+            let n = (out - first).min(ROWS_PER_TASK);
+            // The thread's tile from its last task: zeroing a fresh one per task cost more than
+            // the stores (kernels overwrite every element they are given).
+            TILE.with(|cell| {
+                let mut own = Vec::new();
+                let mut held = cell.try_borrow_mut();
+                let tile = match held.as_deref_mut() {
+                    Ok(tile) => tile,
+                    Err(_) => &mut own,
+                };
+                tile.resize(ROWS_PER_TASK * MAX_ROWS, 0.0);
+                let tile = &mut tile[..n * rows];
+                f(first, tile);
+                for i in 0..rows {
+                    self.store_run(i, first, tile.iter().skip(i).step_by(rows));
+                }
+            });
+        });
     }
-    // A plain loop: candle's strided copy of the transposed view was 13% of an 8-row product.
-    let mut t = vec![0f32; out * rows];
-    for (o, col) in y.chunks_exact(rows).enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            t[r * out + o] = *v;
+
+    /// Stores `values` at row `i`, columns `first..`: a run of one task's columns.
+    fn store_run<'a>(self, i: usize, first: usize, values: impl ExactSizeIterator<Item = &'a f32>) {
+        let at = i * self.out + first;
+        assert!(i < self.rows && first + values.len() <= self.out, "product output index out of range");
+        // SAFETY: the run lies within the `rows × out` buffer (checked), and the calling task
+        // alone writes these columns (`par_tiles`).
+        unsafe {
+            match self.ptr {
+                ElemPtr::F32(p) => values.enumerate().for_each(|(c, v)| *p.add(at + c) = *v),
+                ElemPtr::BF16(p) => values.enumerate().for_each(|(c, v)| *p.add(at + c) = half::bf16::from_f32(*v)),
+                ElemPtr::F16(p) => values.enumerate().for_each(|(c, v)| *p.add(at + c) = half::f16::from_f32(*v)),
+            }
         }
     }
-    Tensor::from_vec(t, (rows, out), device)
 }
 
-/// `y[r, i] = dot(W[r, :], x[i, :])` with weight rows split over the thread pool. With several
+/// Runs a decode product that writes through a [`RowsOut`] into `dest` (a workspace tensor) when
+/// it is given and fits, else into a new tensor of `dtype`. `None` for a dtype the kernels do not
+/// write.
+pub(crate) fn product_output(dest: Option<&Dest>, p: Product, dtype: DType, f: impl FnOnce(RowsOut)) -> candle_core::Result<Option<Tensor>> {
+    let shape = [p.rows, p.out];
+    if p.rows > MAX_ROWS {
+        return Ok(None);
+    }
+    let run = |ptr: ElemPtr| f(RowsOut { ptr, rows: p.rows, out: p.out });
+    Ok(Some(match dtype {
+        DType::F32 => output::<f32>(dest, &shape, |y| run(f32::ptr(y)))?,
+        DType::BF16 => output::<half::bf16>(dest, &shape, |y| run(half::bf16::ptr(y)))?,
+        DType::F16 => output::<half::f16>(dest, &shape, |y| run(half::f16::ptr(y)))?,
+        _ => return Ok(None),
+    }))
+}
+
+/// `y[i, o] = dot(W[o, :], x[i, :])` with weight rows split over the thread pool. With several
 /// activation rows, a register-blocked kernel (when the CPU has one) computes two weight rows
 /// against four activation rows at once: each load then feeds more than one multiply-add, which
 /// is what a batch of decodes is bound by once the weights are in cache.
-fn rows_parallel<W: Sync>(
-    rows: usize,
-    out: usize,
-    inner: usize,
-    w: &[W],
-    x: &[f32],
-    dot: fn(&[W], &[f32]) -> f32,
-    block: Option<BlockKernel<W>>,
-) -> Vec<f32> {
-    let mut y = vec![0f32; out * rows];
-    y.par_chunks_mut(ROWS_PER_TASK * rows).enumerate().for_each(|(task, ys)| {
-        let first = task * ROWS_PER_TASK;
+fn rows_parallel<W: Sync>(p: Product, w: &[W], x: &[f32], dot: fn(&[W], &[f32]) -> f32, block: Option<BlockKernel<W>>, y: RowsOut) {
+    let Product { rows, inner, .. } = p;
+    y.par_tiles(|first, ys| {
         let w_row = |j: usize| &w[(first + j) * inner..(first + j + 1) * inner];
         let x_row = |i: usize| &x[i * inner..(i + 1) * inner];
         let task_rows = ys.len() / rows;
@@ -117,7 +215,6 @@ fn rows_parallel<W: Sync>(
             }
         }
     });
-    y
 }
 
 /// Two weight rows against up to four activation rows (the first `take` of `xs`):
@@ -470,7 +567,7 @@ mod tests {
             let x: Vec<f32> = (0..inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
             let w = Tensor::from_vec(w, (out, inner), &candle_core::Device::Cpu).unwrap();
             let x = Tensor::from_vec(x, (1, inner), &candle_core::Device::Cpu).unwrap();
-            let fast = matvec_t(&x, &w).unwrap().expect("fast path applies").to_vec2::<f32>().unwrap();
+            let fast = matvec_t(&x, &w, None).unwrap().expect("fast path applies").to_vec2::<f32>().unwrap();
             let gemm = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
             for (a, b) in fast[0].iter().zip(&gemm[0]) {
                 assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "inner {inner}: {a} vs {b}");
@@ -496,7 +593,7 @@ mod tests {
         for rows in [2usize, 8, MAX_ROWS] {
             let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
             let x = Tensor::from_vec(x, (rows, inner), &dev).unwrap();
-            let fast = matvec_t(&x, &w).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
+            let fast = matvec_t(&x, &w, None).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
             let gemm = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(fast.len(), rows);
             for (fr, gr) in fast.iter().zip(&gemm) {
@@ -519,7 +616,7 @@ mod tests {
                 for rows in [2usize, 3, 5, 7, 13] {
                     let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
                     let x = Tensor::from_vec(x, (rows, inner), &dev).unwrap();
-                    let fast = matvec_t(&x, &w).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
+                    let fast = matvec_t(&x, &w, None).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
                     let gemm = x.matmul(&wide.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
                     for (fr, gr) in fast.iter().zip(&gemm) {
                         for (a, b) in fr.iter().zip(gr) {
@@ -587,7 +684,7 @@ mod tests {
             let dev = candle_core::Device::Cpu;
             let w = Tensor::from_vec(w, (out, inner), &dev).unwrap().to_dtype(dtype).unwrap();
             let x = Tensor::from_vec(x, (1, inner), &dev).unwrap();
-            let fast = matvec_t(&x, &w).unwrap().expect("half fast path").to_vec2::<f32>().unwrap();
+            let fast = matvec_t(&x, &w, None).unwrap().expect("half fast path").to_vec2::<f32>().unwrap();
             let reference = x.matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
             for (a, b) in fast[0].iter().zip(&reference[0]) {
                 assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "inner {inner}: {a} vs {b}");
@@ -599,9 +696,9 @@ mod tests {
     fn declines_what_it_cannot_do() {
         let dev = candle_core::Device::Cpu;
         let w = Tensor::zeros((4, 8), DType::F32, &dev).unwrap();
-        assert!(matvec_t(&Tensor::zeros((MAX_ROWS + 1, 8), DType::F32, &dev).unwrap(), &w).unwrap().is_none(), "too many rows");
-        assert!(matvec_t(&Tensor::zeros((1, 8), DType::F32, &dev).unwrap(), &w.t().unwrap()).unwrap().is_none(), "shape");
+        assert!(matvec_t(&Tensor::zeros((MAX_ROWS + 1, 8), DType::F32, &dev).unwrap(), &w, None).unwrap().is_none(), "too many rows");
+        assert!(matvec_t(&Tensor::zeros((1, 8), DType::F32, &dev).unwrap(), &w.t().unwrap(), None).unwrap().is_none(), "shape");
         let wide = w.to_dtype(DType::F64).unwrap();
-        assert!(matvec_t(&Tensor::zeros((1, 8), DType::F64, &dev).unwrap(), &wide).unwrap().is_none(), "f64 weights");
+        assert!(matvec_t(&Tensor::zeros((1, 8), DType::F64, &dev).unwrap(), &wide, None).unwrap().is_none(), "f64 weights");
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -22,6 +23,8 @@ use crate::parallel::TpLayout;
 use crate::pool::ComputePool;
 use crate::rope::Rope;
 use crate::weights::{Checkpoint, Shard};
+use crate::workspace::{Slot, Workspace};
+use crate::elem::{output, Dest, Elem};
 
 /// How to load a model: where from, in which dtype, and which tensor-parallel rank this is.
 #[derive(Debug, Clone)]
@@ -59,6 +62,8 @@ pub struct Model {
     windows: Vec<Option<usize>>,
     /// Where CPU forward passes run (`pool.rs`); `None` on GPUs.
     pool: Option<ComputePool>,
+    /// Decode steps' reused intermediates (`workspace.rs`).
+    workspace: Mutex<Workspace>,
 }
 
 impl Model {
@@ -136,6 +141,7 @@ impl Model {
             device: load.device.clone(),
             windows,
             pool: if load.device.is_cpu() { Some(ComputePool::new()?) } else { None },
+            workspace: Mutex::new(Workspace::new(&load.device)),
         })
     }
 
@@ -180,56 +186,83 @@ impl Model {
             kv.prepare(c.seq, c.start, c.start + c.len)?;
         }
 
-        let runs: Vec<(Range<usize>, usize)> =
-            batch.chunks.iter().map(|c| (c.start..c.start + c.len, c.start + c.len)).collect();
-        let (cos, sin) = self.rope_tables(&runs)?;
-        let masks: Vec<(Option<usize>, Vec<ChunkMask>)> = self
-            .windows
-            .iter()
-            .map(|w| {
-                let masks = batch.chunks.iter().map(|c| ChunkMask::new(c.start, c.len, *w, &self.device));
-                Ok((*w, masks.collect::<Result<_>>()?))
-            })
-            .collect::<Result<_>>()?;
+        let mut ws = self.workspace();
+        let runs = batch.chunks.iter().map(|c| (c.start..c.start + c.len, c.start + c.len));
+        let (cos, sin) = self.rope_tables(runs, &mut ws)?;
+        // Kept in the workspace between steps; taken out while the layers borrow both.
+        let mut masks = std::mem::take(&mut ws.masks);
+        masks.resize_with(self.windows.len(), Default::default);
+        for ((w, chunk_masks), window) in masks.iter_mut().zip(&self.windows) {
+            *w = *window;
+            chunk_masks.clear();
+            for c in batch.chunks {
+                chunk_masks.push(ChunkMask::new(c.start, c.len, *window, &self.device)?);
+            }
+        }
 
         let mut attention = CacheAttention { batch, kv, masks: &masks };
-        let x = self.run_layers(batch.tokens, &cos, &sin, &mut attention, comm)?;
+        let h = self.run_layers(batch.tokens, &cos, &sin, &mut attention, comm, &mut ws);
+        ws.masks = masks;
+        let h = h?;
         for c in batch.chunks {
             kv.commit(c.seq, c.start + c.len)?;
         }
 
-        let x = match mode {
-            LogitsMode::All => x,
-            LogitsMode::LastPerChunk => {
+        let h = match mode {
+            // A step of one token per sequence has only last rows.
+            LogitsMode::LastPerChunk if batch.tokens.len() > batch.chunks.len() => {
                 let mut last = Vec::with_capacity(batch.chunks.len());
                 let mut end = 0u32;
                 for c in batch.chunks {
                     end += c.len as u32;
                     last.push(end - 1);
                 }
-                x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
+                h.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
             }
+            _ => h,
         };
-        self.logits(&x)
+        self.head(&h)
+    }
+
+    /// The model's workspace for this forward pass; a private, empty one when a pass on this
+    /// thread already holds it (a pool thread that took other work while waiting).
+    pub(crate) fn workspace(&self) -> HeldWorkspace<'_> {
+        match self.workspace.try_lock() {
+            Ok(ws) => HeldWorkspace::Shared(ws),
+            // A pass that failed part-way leaves nothing in the workspace that the next one reads.
+            Err(TryLockError::Poisoned(poisoned)) => HeldWorkspace::Shared(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => HeldWorkspace::Own(Box::new(Workspace::new(&self.device))),
+        }
     }
 
     /// Rotary tables `[tokens, head_dim / 2]` for runs of positions, each with the length its
     /// sequence has after this call (which only dynamic NTK scaling reads).
-    pub(crate) fn rope_tables(&self, runs: &[(Range<usize>, usize)]) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn rope_tables(
+        &self,
+        runs: impl Iterator<Item = (Range<usize>, usize)>,
+        ws: &mut Workspace,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.rope.half_dim();
-        let tokens: usize = runs.iter().map(|(r, _)| r.len()).sum();
-        let mut cos = Vec::with_capacity(tokens * half);
-        let mut sin = Vec::with_capacity(tokens * half);
+        let (mut cos, mut sin) = std::mem::take(&mut ws.rope);
+        cos.clear();
+        sin.clear();
         for (positions, seq_len) in runs {
-            self.rope.extend_tables(positions.clone(), *seq_len, &mut cos, &mut sin);
+            self.rope.extend_tables(positions, seq_len, &mut cos, &mut sin);
         }
-        let cos = Tensor::from_vec(cos, (tokens, half), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (tokens, half), &self.device)?.to_dtype(self.dtype)?;
-        Ok((cos, sin))
+        let shape = [cos.len() / half.max(1), half];
+        let tables = (|| -> Result<_> {
+            let [dc, ds] = ws.get_pair([Slot::Cos, Slot::Sin], &shape, self.dtype)?;
+            Ok((table(&cos, &shape, self.dtype, dc.as_ref())?, table(&sin, &shape, self.dtype, ds.as_ref())?))
+        })();
+        ws.rope = (cos, sin);
+        let (cos, sin) = tables?;
+        Ok((cos.to_device(&self.device)?, sin.to_device(&self.device)?))
     }
 
-    /// Embeds `tokens` and runs every layer over them; returns the final residual stream
-    /// `[tokens, hidden]`. How attention reaches the cache is `attention`'s business.
+    /// Embeds `tokens` and runs every layer over them; returns the final residual stream normed
+    /// by the model's last norm (`[tokens, hidden]`), ready for [`Model::head`]. How attention
+    /// reaches the cache is `attention`'s business. Intermediates live in `ws`, and so may the
+    /// result: it is valid until the workspace's next pass.
     pub(crate) fn run_layers(
         &self,
         tokens: &[u32],
@@ -237,29 +270,32 @@ impl Model {
         sin: &Tensor,
         attention: &mut dyn AttentionStep,
         comm: &mut dyn Collective,
+        ws: &mut Workspace,
     ) -> Result<Tensor> {
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let Some(first) = self.layers.first() else {
-            return Ok(x);
+        let (n, hidden) = (tokens.len(), self.config.hidden_size);
+        let stream = [n, hidden];
+        let x = match crate::fused::gather_rows(&self.embed, tokens, ws.get(Slot::X0, &stream, self.dtype)?.as_ref())? {
+            Some(x) => x,
+            None => self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?,
         };
-        // Each layer hands the next its input norm, computed with its last residual add.
-        let mut h = first.input_norm().forward(&x)?;
+        // Each layer hands the next its input norm, computed with its last residual add; the
+        // last layer's is the model's final norm.
+        let first_norm = self.layers.first().map_or(&self.norm, DecoderLayer::input_norm);
+        let mut h = match crate::fused::rms_norm(&x, first_norm.weight(), first_norm.eps(), ws.get(Slot::H0, &stream, self.dtype)?.as_ref())? {
+            Some(h) => h,
+            None => first_norm.forward(&x)?,
+        };
+        let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            let next_norm = self.layers.get(i + 1).map(DecoderLayer::input_norm);
-            let (x_next, h_next) = layer.forward(&x, &h, next_norm, [cos, sin], attention, comm)?;
-            x = x_next;
-            if let Some(h_next) = h_next {
-                h = h_next;
-            }
+            let next_norm = self.layers.get(i + 1).map_or(&self.norm, DecoderLayer::input_norm);
+            (x, h) = layer.forward(&x, &h, next_norm, [cos, sin], attention, comm, ws)?;
         }
-        Ok(x)
+        Ok(h)
     }
 
-    /// f32 logits `[rows, vocab]` of final residual-stream rows `x`.
-    pub(crate) fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.norm.forward(x)?;
-        Ok(self.lm_head.forward_no_bias(&x)?.to_dtype(DType::F32)?)
+    /// f32 logits `[rows, vocab]` of final-normed rows `h` ([`Model::run_layers`]'s result).
+    pub(crate) fn head(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward_no_bias(h)?.to_dtype(DType::F32)?)
     }
 
     pub(crate) fn layers(&self) -> &[DecoderLayer] {
@@ -299,17 +335,62 @@ impl Model {
                 batch.tokens.len()
             )));
         }
-        let mut seen = HashSet::with_capacity(batch.chunks.len());
         for c in batch.chunks {
             if c.len == 0 {
                 return Err(ModelError::InvalidBatch(format!("empty chunk for sequence {}", c.seq)));
             }
-            if !seen.insert(c.seq) {
-                return Err(ModelError::InvalidBatch(format!("sequence {} appears twice in one batch", c.seq)));
-            }
+        }
+        let repeated = if batch.chunks.len() <= 64 {
+            // A step's few sequences: pairs, without building a set each step.
+            let c = batch.chunks;
+            (0..c.len()).find_map(|i| c[i + 1..].iter().find(|d| d.seq == c[i].seq).map(|d| d.seq))
+        } else {
+            let mut seen = HashSet::with_capacity(batch.chunks.len());
+            batch.chunks.iter().find(|c| !seen.insert(c.seq)).map(|c| c.seq)
+        };
+        if let Some(seq) = repeated {
+            return Err(ModelError::InvalidBatch(format!("sequence {seq} appears twice in one batch")));
         }
         self.check_tokens(batch.tokens)
     }
+}
+
+/// A forward pass's hold on a workspace: the model's own, or a private one.
+pub(crate) enum HeldWorkspace<'a> {
+    Shared(MutexGuard<'a, Workspace>),
+    Own(Box<Workspace>),
+}
+
+impl std::ops::Deref for HeldWorkspace<'_> {
+    type Target = Workspace;
+    fn deref(&self) -> &Workspace {
+        match self {
+            Self::Shared(ws) => ws,
+            Self::Own(ws) => ws,
+        }
+    }
+}
+
+impl std::ops::DerefMut for HeldWorkspace<'_> {
+    fn deref_mut(&mut self) -> &mut Workspace {
+        match self {
+            Self::Shared(ws) => ws,
+            Self::Own(ws) => ws,
+        }
+    }
+}
+
+/// A rotary table in `dtype`, from its f32 values, into `dest` where given.
+fn table(values: &[f32], shape: &[usize; 2], dtype: DType, dest: Option<&Dest>) -> Result<Tensor> {
+    fn convert<T: Elem>(out: &mut [T], values: &[f32]) {
+        out.iter_mut().zip(values).for_each(|(o, v)| *o = T::from_f32(*v));
+    }
+    Ok(match dtype {
+        DType::F32 => output::<f32>(dest, shape, |out| convert(out, values))?,
+        DType::BF16 => output::<half::bf16>(dest, shape, |out| convert(out, values))?,
+        DType::F16 => output::<half::f16>(dest, shape, |out| convert(out, values))?,
+        other => Tensor::from_slice(values, shape, &Device::Cpu)?.to_dtype(other)?,
+    })
 }
 
 /// Bytes of `layout`'s weights once loaded in `dtype` (projections in `quant`, if given), from

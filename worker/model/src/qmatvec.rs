@@ -9,20 +9,19 @@
 //! `vpdpbusd` where the CPU has it), three times fewer instructions than widening the weights to
 //! f32 — widening made the kernel compute-bound at a third of the memory bandwidth.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::Tensor;
 use half::f16;
-use rayon::prelude::*;
 
-use crate::matvec::MAX_ROWS;
+use crate::elem::Dest;
+use crate::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
 
 /// Weights per q8_0 block, and the block's bytes: an f16 scale, then 32 signed bytes.
 pub(crate) const BLOCK: usize = 32;
 pub(crate) const BLOCK_BYTES: usize = 34;
 
-/// Output rows per parallel task (as `matvec.rs`).
-const ROWS_PER_TASK: usize = 64;
 
 /// Activation rows quantized per 32-block: `q` the 8-bit values, `d` one scale per block.
+#[derive(Default)]
 struct QuantizedRows {
     q: Vec<i8>,
     d: Vec<f32>,
@@ -33,18 +32,24 @@ struct QuantizedRows {
 
 /// Symmetric 8-bit quantization of each 32-block of `x` (scale = max |x| / 127), as llama.cpp's
 /// `quantize_row_q8_0`, but with an f32 scale.
-fn quantize_rows(x: &[f32]) -> QuantizedRows {
-    let mut q = vec![0i8; x.len()];
-    let mut d = Vec::with_capacity(x.len() / BLOCK);
+fn quantize_rows(x: &[f32], xq: &mut QuantizedRows) {
+    let QuantizedRows { q, d, .. } = xq;
+    q.clear();
+    q.resize(x.len(), 0);
+    d.clear();
     for (xb, qb) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)) {
         d.push(quantize_block(xb, qb));
     }
-    QuantizedRows {
-        q,
-        d,
-        #[cfg(target_arch = "x86_64")]
-        lanes: None,
+    #[cfg(target_arch = "x86_64")]
+    {
+        xq.lanes = None;
     }
+}
+
+thread_local! {
+    /// The calling thread's quantized activations, kept between products so that a decode step
+    /// does not allocate them again for every projection.
+    static QUANTIZED: std::cell::RefCell<QuantizedRows> = std::cell::RefCell::new(QuantizedRows::default());
 }
 
 /// One 32-block of `quantize_rows` (also prefill's scalar path, `q8_gemm.rs`): writes the
@@ -71,8 +76,13 @@ fn round_to_i8(v: f32) -> i8 {
 }
 
 /// `x Wᵀ` for `x` `[rows ≤ MAX_ROWS, in]` on the CPU and q8_0 `blocks` holding `W` `[out, in]`
-/// row by row; returns f32 `[rows, out]`. `None` when the fast path does not apply.
+/// row by row; returns `[rows, out]` in `x`'s dtype. `None` when the fast path does not apply.
 pub fn q8_0_matvec_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize) -> candle_core::Result<Option<Tensor>> {
+    q8_0_matvec_into(x, blocks, out, inner, None)
+}
+
+/// [`q8_0_matvec_t`] into `dest`, where it fits.
+pub(crate) fn q8_0_matvec_into(x: &Tensor, blocks: &[u8], out: usize, inner: usize, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
     let rows = match x.dims() {
         [r, i] if *i == inner => *r,
         _ => return Ok(None),
@@ -84,22 +94,27 @@ pub fn q8_0_matvec_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize) -> can
     if blocks.len() != out * row_bytes {
         return Ok(None);
     }
-    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let (x_store, x_layout) = x32.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(x_all)), Some((x0, x1))) = (&*x_store, x_layout.contiguous_offsets()) else {
-        return Ok(None);
-    };
     let Kernel { quantize, dot, .. } = kernel();
-    let xq = quantize(&x_all[x0..x1], rows);
-    drop(x_store);
-    let mut y = vec![0f32; out * rows];
-    y.par_chunks_mut(ROWS_PER_TASK * rows).enumerate().for_each(|(task, ys)| {
-        let first = task * ROWS_PER_TASK;
-        for (j, yr) in ys.chunks_mut(rows).enumerate() {
-            dot(&blocks[(first + j) * row_bytes..(first + j + 1) * row_bytes], &xq, yr);
-        }
-    });
-    Ok(Some(crate::matvec::from_out_major(y, out, rows, x.device())?))
+    let p = Product { rows, out, inner };
+    let product = |x_rows: &[f32], xq: &mut QuantizedRows| {
+        quantize(x_rows, rows, xq);
+        let xq = &*xq;
+        product_output(dest, p, x.dtype(), |y| {
+            y.par_tiles(|first, ys| {
+                for (j, yr) in ys.chunks_exact_mut(rows).enumerate() {
+                    dot(&blocks[(first + j) * row_bytes..(first + j + 1) * row_bytes], xq, yr);
+                }
+            })
+        })
+    };
+    // A product nested in another on this thread (a pool thread that stole a second model's
+    // work while waiting) quantizes into its own rows.
+    with_f32_rows(x, |x_rows| {
+        QUANTIZED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut xq) => product(x_rows, &mut xq),
+            Err(_) => product(x_rows, &mut QuantizedRows::default()),
+        })
+    })
 }
 
 /// One weight row against every quantized activation row: `y[i] = dot(row, x[i])`.
@@ -110,7 +125,8 @@ type Dot = fn(&[u8], &QuantizedRows, &mut [f32]);
 struct Kernel {
     #[cfg_attr(not(test), allow(dead_code))]
     name: &'static str,
-    quantize: fn(&[f32], usize) -> QuantizedRows,
+    /// `[rows, in]` f32 activations into the given rows, reusing their buffers.
+    quantize: fn(&[f32], usize, &mut QuantizedRows),
     dot: Dot,
 }
 
@@ -122,10 +138,10 @@ fn kernel() -> Kernel {
             return Kernel { name: "avx512vnni", quantize: quantize_lanes, dot: dot_vnni_entry };
         }
         if has_avx2() {
-            return Kernel { name: "avx2", quantize: |x, _| quantize_rows(x), dot: dot_avx2_entry };
+            return Kernel { name: "avx2", quantize: |x, _, xq| quantize_rows(x, xq), dot: dot_avx2_entry };
         }
     }
-    Kernel { name: "portable", quantize: |x, _| quantize_rows(x), dot: dot_rows_portable }
+    Kernel { name: "portable", quantize: |x, _, xq| quantize_rows(x, xq), dot: dot_rows_portable }
 }
 
 /// Whether the CPU has everything the AVX-512 VNNI kernel's functions enable.
@@ -307,17 +323,20 @@ fn interleave<const T: usize>(r: [std::arch::x86_64::__m256i; GROUP]) -> [std::a
 /// as its scalar loop cost as much as the products on small matrices (eight rows against
 /// 128 × 1536 weights), plus the rows laid out as `LaneRows`.
 #[cfg(target_arch = "x86_64")]
-fn quantize_lanes(x: &[f32], rows: usize) -> QuantizedRows {
+fn quantize_lanes(x: &[f32], rows: usize, xq: &mut QuantizedRows) {
     // SAFETY: only selected by `kernel` after checking the CPU for AVX-512 F/BW/VL/VNNI and AVX2.
-    unsafe { quantize_lanes_avx512(x, rows) }
+    unsafe { quantize_lanes_avx512(x, rows, xq) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2")]
-fn quantize_lanes_avx512(x: &[f32], rows: usize) -> QuantizedRows {
+fn quantize_lanes_avx512(x: &[f32], rows: usize, xq: &mut QuantizedRows) {
     use std::arch::x86_64::*;
-    let mut q = vec![0i8; x.len()];
-    let mut d = vec![0f32; x.len() / BLOCK];
+    let QuantizedRows { q, d, lanes } = xq;
+    q.clear();
+    q.resize(x.len(), 0);
+    d.clear();
+    d.resize(x.len() / BLOCK, 0.0);
     for ((xb, qb), db) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(d.iter_mut()) {
         // SAFETY: xb holds 32 floats.
         let v = unsafe { [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))] };
@@ -344,7 +363,10 @@ fn quantize_lanes_avx512(x: &[f32], rows: usize) -> QuantizedRows {
     }
     let blocks = d.len() / rows.max(1);
     let per_row = blocks.div_ceil(GROUP);
-    let mut groups = vec![LaneGroup { x: [[0; 32]; GROUP], corr: [0; GROUP], d: [0.0; GROUP] }; rows * per_row];
+    let LaneRows { groups, per_row: lanes_per_row } = lanes.get_or_insert_with(|| LaneRows { groups: Vec::new(), per_row });
+    *lanes_per_row = per_row;
+    groups.clear();
+    groups.resize(rows * per_row, LaneGroup { x: [[0; 32]; GROUP], corr: [0; GROUP], d: [0.0; GROUP] });
     for (r, row_groups) in groups.chunks_exact_mut(per_row.max(1)).enumerate() {
         for (g, group) in row_groups.iter_mut().enumerate() {
             let first = r * blocks + g * GROUP;
@@ -363,7 +385,6 @@ fn quantize_lanes_avx512(x: &[f32], rows: usize) -> QuantizedRows {
             }
         }
     }
-    QuantizedRows { q, d, lanes: Some(LaneRows { groups, per_row }) }
 }
 
 /// Fills `group` from the quantized blocks in `regs` (zero past `d.len()` blocks).
@@ -597,6 +618,7 @@ fn horizontal_sum(s: std::arch::x86_64::__m256) -> f32 {
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::DType;
     use candle_core::Device;
 
     /// The fast path stays within activation-quantization error (8 bits per 32-block) of f32
@@ -617,7 +639,7 @@ mod tests {
             let fast = q8_0_matvec_t(&x, &data, out, inner).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
             let gemm = x.matmul(&deq.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
             for (r, (fr, gr)) in fast.iter().zip(&gemm).enumerate() {
-                let xr = quantize_rows(&x.get(r).unwrap().to_vec1::<f32>().unwrap());
+                let xr = quantized(&x.get(r).unwrap().to_vec1::<f32>().unwrap());
                 let scale = gr.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (o, (a, b)) in fr.iter().zip(gr).enumerate() {
                     assert!((a - b).abs() <= 0.01 * scale, "rows {rows}: {a} vs {b}");
@@ -628,14 +650,20 @@ mod tests {
         }
     }
 
+    fn quantized(x: &[f32]) -> QuantizedRows {
+        let mut xq = QuantizedRows::default();
+        quantize_rows(x, &mut xq);
+        xq
+    }
+
     /// Every kernel this CPU can run, the one `kernel()` picks first.
     fn kernels() -> Vec<Kernel> {
         let mut all = vec![kernel()];
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
-            all.push(Kernel { name: "avx2", quantize: |x, _| quantize_rows(x), dot: dot_avx2_entry });
+            all.push(Kernel { name: "avx2", quantize: |x, _, xq| quantize_rows(x, xq), dot: dot_avx2_entry });
         }
-        all.push(Kernel { name: "portable", quantize: |x, _| quantize_rows(x), dot: dot_rows_portable });
+        all.push(Kernel { name: "portable", quantize: |x, _, xq| quantize_rows(x, xq), dot: dot_rows_portable });
         all.dedup_by_key(|k| k.name);
         all
     }
@@ -652,8 +680,12 @@ mod tests {
     fn kernel_matches_portable(kernel: Kernel, weights: &[u8], x: &[f32], rows: usize) {
         let inner = x.len() / rows;
         let row_bytes = inner / BLOCK * BLOCK_BYTES;
-        let xq = (kernel.quantize)(x, rows);
-        let reference = quantize_rows(x);
+        // Rows that held other, longer activations first: reused buffers keep nothing of them.
+        let mut xq = QuantizedRows::default();
+        let longer: Vec<f32> = (0..(rows + 2) * (inner + BLOCK)).map(|i| (i % 29) as f32 - 14.0).collect();
+        (kernel.quantize)(&longer, rows + 2, &mut xq);
+        (kernel.quantize)(x, rows, &mut xq);
+        let reference = quantized(x);
         assert_eq!((&xq.q, &xq.d), (&reference.q, &reference.d), "{}: quantization", kernel.name);
         for (o, row) in weights.chunks_exact(row_bytes).enumerate() {
             let mut y = vec![f32::NAN; rows];
@@ -745,7 +777,8 @@ mod tests {
         x.extend((0..BLOCK).map(|i| (i as f32 - 15.0) * -0.0));
         let rows = x.len() / BLOCK;
         for kernel in kernels() {
-            let xq = (kernel.quantize)(&x, rows);
+            let mut xq = QuantizedRows::default();
+            (kernel.quantize)(&x, rows, &mut xq);
             for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
                 let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let scale = amax / 127.0;

@@ -28,6 +28,7 @@ use candle_core::{DType, Device, Tensor};
 use tessera_collective::{all_gather_tensor, Collective};
 
 use crate::attention::{attend_partial, merge_stacked, Partial};
+use crate::elem::Dest;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, RingPlacement, SeqId};
 use crate::layer::{AttentionStep, LayerSlot};
@@ -165,10 +166,10 @@ impl Model {
             }
             None
         } else {
-            let runs: Vec<(Range<usize>, usize)> =
-                layout.member_runs(member).into_iter().map(|r| (r, prompt_len)).collect();
-            let (cos, sin) = self.rope_tables(&runs)?;
-            Some(self.run_layers(tokens, &cos, &sin, &mut attention, comm.tp)?)
+            let mut ws = self.workspace();
+            let runs = layout.member_runs(member).into_iter().map(|r| (r, prompt_len));
+            let (cos, sin) = self.rope_tables(runs, &mut ws)?;
+            Some(self.run_layers(tokens, &cos, &sin, &mut attention, comm.tp, &mut ws)?)
         };
         kv.commit(seq, tokens.len())?;
 
@@ -181,10 +182,10 @@ impl Model {
             _ => Tensor::zeros((1, hidden), self.dtype(), self.device())?,
         };
         let rows = all_gather_tensor(comm.sp, &row)?;
-        let last = self.logits(&rows.narrow(1, owner * hidden, hidden)?)?;
+        let last = self.head(&rows.narrow(1, owner * hidden, hidden)?)?;
         let local = match (mode, x) {
             (RingLogits::Last, _) => None,
-            (RingLogits::LastAndLocal, Some(x)) => Some(LocalLogits { logits: self.logits(&x)?, positions }),
+            (RingLogits::LastAndLocal, Some(x)) => Some(LocalLogits { logits: self.head(&x)?, positions }),
             (RingLogits::LastAndLocal, None) => Some(LocalLogits {
                 logits: Tensor::zeros((0, self.config().vocab_size), DType::F32, self.device())?,
                 positions,
@@ -234,13 +235,14 @@ impl Model {
             kv.reserve_ring_append(seq)?;
         }
 
-        let (cos, sin) = self.rope_tables(&[(position..position + 1, position + 1)])?;
+        let mut ws = self.workspace();
+        let (cos, sin) = self.rope_tables(std::iter::once((position..position + 1, position + 1)), &mut ws)?;
         let mut attention =
             DecodeAttention { sp: &mut *comm.sp, kv: &mut *kv, seq, local_len, append_here, first_visible };
-        let x = self.run_layers(&[token], &cos, &sin, &mut attention, comm.tp)?;
+        let x = self.run_layers(&[token], &cos, &sin, &mut attention, comm.tp, &mut ws)?;
         kv.commit_ring_append(seq, position, on)?;
 
-        let last = self.logits(&x)?;
+        let last = self.head(&x)?;
         let local = match mode {
             RingLogits::Last => None,
             RingLogits::LastAndLocal => Some(LocalLogits { logits: last.clone(), positions: vec![position] }),
@@ -450,7 +452,7 @@ impl<'a> PrefillAttention<'a> {
 }
 
 impl AttentionStep for PrefillAttention<'_> {
-    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, _dest: Option<&Dest>) -> Result<Tensor> {
         let k = k.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
         let (keys, values) = self.kv.write(self.seq, layer.index, 0, &k, &v)?;
@@ -511,7 +513,7 @@ struct DecodeAttention<'a> {
 }
 
 impl AttentionStep for DecodeAttention<'_> {
-    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, _dest: Option<&Dest>) -> Result<Tensor> {
         let (_, heads, head_dim) = q.dims3()?;
         let (keys, values) = if self.append_here {
             let k = k.transpose(0, 1)?.contiguous()?;
