@@ -5,14 +5,77 @@
 //! usage: cargo bench -p tessera-model --bench model -- MODEL_DIR [f32|bf16|f16|q8_0|q4_k] [RUNS]
 //! MODEL_DIR holds config.json and safetensors, or config.json and one llama.cpp `.gguf` (its
 //! quantized tensors are used as stored); q8_0 / q4_k quantize the projections on load.
-//! Prints one `RESULT tessera ...` line with medians, like the peer scripts.
+//! Prints one `RESULT tessera ...` line with medians, like the peer scripts, and what the
+//! model allocated per decode step (a counting allocator around `Model::forward`).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use candle_core::DType;
 use tessera_collective::SingleRank;
 use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, Quantization, SeqChunk};
+
+/// Counts allocations (and their bytes) made by any thread; otherwise the system allocator.
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+static BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(layout.size(), Relaxed);
+        // SAFETY: the caller's layout, as given.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(layout.size(), Relaxed);
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(new_size, Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations and bytes the model made in each decode step of a run.
+#[derive(Default)]
+struct StepAllocations(Vec<(usize, usize)>);
+
+impl std::fmt::Display for StepAllocations {
+    /// The median step (most steps: those that do not grow the KV cache), then the mean over all
+    /// steps (every 16th grows each sequence's cache by a block).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let steps = self.0.len().max(1) as f64;
+        let mut counts: Vec<(usize, usize)> = self.0.clone();
+        counts.sort_unstable();
+        let (median, median_bytes) = counts.get(counts.len() / 2).copied().unwrap_or_default();
+        let (total, total_bytes) = counts.iter().fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+        write!(
+            f,
+            "median step {median} allocations / {median_bytes} bytes, mean {:.1} / {:.0}",
+            total as f64 / steps,
+            total_bytes as f64 / steps
+        )
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -24,8 +87,9 @@ fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
 }
 
 /// Prefills `batch` sequences of 128 tokens, then decodes 128 greedy tokens each, all sequences
-/// in every step. Returns decode tokens/s (all sequences) and the first sequence's first tokens.
-fn decode(model: &Model, batch: usize) -> anyhow::Result<(f64, Vec<u32>)> {
+/// in every step. Returns decode tokens/s (all sequences), the first sequence's first tokens
+/// and what the decode steps allocated.
+fn decode(model: &Model, batch: usize) -> anyhow::Result<(f64, Vec<u32>, StepAllocations)> {
     let vocab = model.config().vocab_size;
     let mut kv = model.new_kv_cache();
     let prompts: Vec<Vec<u32>> = (0..batch).map(|s| prompt(128, vocab, s)).collect();
@@ -38,11 +102,14 @@ fn decode(model: &Model, batch: usize) -> anyhow::Result<(f64, Vec<u32>)> {
     }
     let mut first = vec![next[0]];
     let steps = 128;
+    let mut counted = StepAllocations(Vec::with_capacity(128));
     let start = Instant::now();
     for i in 0..steps {
         let chunks: Vec<SeqChunk> = (0..batch).map(|s| SeqChunk { seq: s as u64, start: 128 + i, len: 1 }).collect();
-        let logits: Vec<Vec<f32>> =
-            model.forward(&Batch { tokens: &next, chunks: &chunks }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?.to_vec2()?;
+        let (a0, b0) = (ALLOCATIONS.load(Relaxed), BYTES.load(Relaxed));
+        let logits = model.forward(&Batch { tokens: &next, chunks: &chunks }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?;
+        counted.0.push((ALLOCATIONS.load(Relaxed) - a0, BYTES.load(Relaxed) - b0));
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         for (n, row) in next.iter_mut().zip(&logits) {
             *n = argmax(row);
         }
@@ -50,7 +117,7 @@ fn decode(model: &Model, batch: usize) -> anyhow::Result<(f64, Vec<u32>)> {
             first.push(next[0]);
         }
     }
-    Ok(((batch * steps) as f64 / start.elapsed().as_secs_f64(), first))
+    Ok(((batch * steps) as f64 / start.elapsed().as_secs_f64(), first, counted))
 }
 
 fn prefill(model: &Model) -> anyhow::Result<f64> {
@@ -99,17 +166,20 @@ fn main() -> anyhow::Result<()> {
     prefill(&model)?;
     let (mut pre, mut d1, mut d8) = (vec![], vec![], vec![]);
     let mut first = vec![];
+    let (mut allocated_b1, mut allocated_b8) = (StepAllocations::default(), StepAllocations::default());
     for r in 0..runs {
         let p = if only == Some("decode") { f64::NAN } else { prefill(&model)? };
-        let (a, f) = if only == Some("prefill") { (f64::NAN, vec![]) } else { decode(&model, 1)? };
-        let b = if only.is_some() { f64::NAN } else { decode(&model, 8)?.0 };
+        let (a, f, alloc_b1) = if only == Some("prefill") { (f64::NAN, vec![], StepAllocations::default()) } else { decode(&model, 1)? };
+        let (b, _, alloc_b8) = if only.is_some() { (f64::NAN, vec![], StepAllocations::default()) } else { decode(&model, 8)? };
         println!("run {r}: prefill512 {p:.1} tok/s, decode b1 {a:.2} tok/s, decode b8 {b:.2} tok/s");
         pre.push(p);
         d1.push(a);
         d8.push(b);
         first = f;
+        (allocated_b1, allocated_b8) = (alloc_b1, alloc_b8);
     }
     println!("first 8 generated ids: {first:?}");
+    println!("model allocations per decode step (last run): batch 1 {allocated_b1}; batch 8 {allocated_b8}");
     println!(
         "RESULT tessera {label} prefill512_median={:.1} decode_median={:.2} decode_b8_median={:.2}",
         median(pre),

@@ -6,7 +6,8 @@
 //! came back as fresh pages that the kernel zero-fills on first touch: a tenth of a 512-token
 //! prefill went to page faults (BENCHMARKS.md). Raising the threshold to its maximum and
 //! trimming the heap rarely keeps those blocks for reuse. The process keeps its peak heap, which
-//! a server holding a model does anyway.
+//! a server holding a model does anyway. (Decode steps no longer allocate such buffers at all:
+//! they write into the model's workspace, `workspace.rs`; this is for prefill chunks.)
 
 /// Applies the settings above once per process (glibc on Linux; elsewhere nothing to do).
 pub fn keep_freed_buffers() {
