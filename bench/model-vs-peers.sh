@@ -31,15 +31,15 @@ for dt in f32 bf16; do
   bw; "$PEERS/hf/bin/python" "$SCRIPTS/hf_bench.py" "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
   bw; "$PEERS/candle-bench/target/release/candle-bench" "$ckpt" "$dt" "$RUNS" 2>&1 | grep '^RESULT' | tee -a "$out"
   bw; NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-$dt.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
-  bw; cargo bench -q -p tessera-model --bench model -- "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
+  bw; cargo bench -q -p tessera-model --bench model -- "$ckpt" "$dt" "$RUNS" 2>/dev/null | grep '^RESULT\|^first\|^model allocations' | tee -a "$out"
 done
 
 gguf_dir=$(mktemp -d)
 cp "$PEERS/ckpt/smol135-f32/config.json" "$gguf_dir/"
 ln -s "$PEERS/smol135-q8_0.gguf" "$gguf_dir/model.gguf"
 bw; NO_EXTRA_BUFTS=1 "$PEERS/lcpp/bin/python" "$SCRIPTS/lcpp_bench.py" "$PEERS/smol135-q8_0.gguf" "$RUNS" 2>/dev/null | grep '^RESULT' | tee -a "$out"
-bw; cargo bench -q -p tessera-model --bench model -- "$gguf_dir" f32 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
-bw; cargo bench -q -p tessera-model --bench model -- "$PEERS/ckpt/smol135-f32" q8_0 "$RUNS" 2>/dev/null | grep '^RESULT\|^first' | tee -a "$out"
+bw; cargo bench -q -p tessera-model --bench model -- "$gguf_dir" f32 "$RUNS" 2>/dev/null | grep '^RESULT\|^first\|^model allocations' | tee -a "$out"
+bw; cargo bench -q -p tessera-model --bench model -- "$PEERS/ckpt/smol135-f32" q8_0 "$RUNS" 2>/dev/null | grep '^RESULT\|^first\|^model allocations' | tee -a "$out"
 rm -rf "$gguf_dir"
 
 python3 - "$out" "$PEERS/ckpt/smol135-f32/config.json" <<'PY'
