@@ -15,6 +15,7 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn dot_kernel() -> fn(&[Self], &[f32]) -> f32;
     /// The storage's elements, if it holds this type.
     fn of(storage: &CpuStorage) -> Option<&[Self]>;
+    /// The storage's elements for writing, if it holds this type.
     fn of_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
     /// The start of a buffer of this type, for pool tasks that write disjoint parts of it.
     fn ptr(data: &mut [Self]) -> ElemPtr;
@@ -111,10 +112,14 @@ pub(crate) struct Dest {
 }
 
 impl Dest {
-    /// `tensor` and a one-element view `unit` of the same storage.
-    pub fn new(tensor: Tensor, unit: Tensor) -> Self {
-        debug_assert_eq!(unit.elem_count(), 1);
-        Self { tensor, unit }
+    /// `tensor` and a one-element view `unit` of the same storage; an error for any other pair,
+    /// which would send the writes elsewhere.
+    pub fn new(tensor: Tensor, unit: Tensor) -> candle_core::Result<Self> {
+        let storage = |t: &Tensor| &*t.storage_and_layout().0 as *const Storage;
+        if unit.elem_count() != 1 || storage(&tensor) != storage(&unit) {
+            return Err(candle_core::Error::Msg("a workspace destination needs a one-element view of its own storage".into()));
+        }
+        Ok(Self { tensor, unit })
     }
 
     pub fn tensor(&self) -> &Tensor {
@@ -144,7 +149,7 @@ fn write_range<T: Elem, R>(handle: &Tensor, range: Range<usize>, f: impl FnOnce(
 /// written.
 pub(crate) fn output<T: Elem>(dest: Option<&Dest>, shape: &[usize], f: impl FnOnce(&mut [T])) -> candle_core::Result<Tensor> {
     if let Some(d) = dest.filter(|d| d.tensor.dims() == shape && is_slice::<T>(&d.tensor)) {
-        with_dest_mut(d, f)?;
+        with_dest_mut(d, f)?.ok_or_else(|| candle_core::Error::Msg("a workspace destination refused its write".into()))?;
         return Ok(d.tensor.clone());
     }
     let mut data = vec![T::from_f32(0.0); shape.iter().product()];

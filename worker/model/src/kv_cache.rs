@@ -342,7 +342,7 @@ impl KvCache {
         let mut dests = Vec::with_capacity(s.layers);
         for _ in 0..s.layers {
             let (k, v) = (Tensor::zeros(shape, s.dtype, &s.device)?, Tensor::zeros(shape, s.dtype, &s.device)?);
-            let dest = |t: &Tensor| Ok::<_, ModelError>(Dest::new(t.clone(), t.flatten_all()?.narrow(0, 0, 1)?));
+            let dest = |t: &Tensor| Ok::<_, ModelError>(Dest::new(t.clone(), t.flatten_all()?.narrow(0, 0, 1)?)?);
             dests.push([dest(&k)?, dest(&v)?]);
             keys.push(k);
             values.push(v);

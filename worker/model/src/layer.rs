@@ -165,7 +165,7 @@ impl DecoderLayer {
             ws.get(Slot::K, &[tokens, nkv, d], dt)?,
             ws.get(Slot::V, &[tokens, nkv, d], dt)?,
         ];
-        let [q, k, v] = match fused::split_rotate(&qkv, cos, sin, heads, [0, 1, 2].map(|i| dests[i].as_ref()))? {
+        let [q, k, v] = match fused::split_rotate(&qkv, cos, sin, heads, dests.each_ref().map(Option::as_ref))? {
             Some(qkv) => qkv,
             None => {
                 let q = qkv.narrow(1, 0, nh * d)?.reshape((1, tokens, nh, d))?.contiguous()?;
@@ -200,8 +200,8 @@ impl DecoderLayer {
 }
 
 /// `x + delta` and its norm, in one pass where `fused.rs` applies, into `dests` where given.
-pub(crate) fn add_norm(x: &Tensor, delta: &Tensor, norm: &RmsNorm, dests: [Option<Dest>; 2]) -> Result<(Tensor, Tensor)> {
-    if let Some([x, h]) = fused::add_rms_norm(x, delta, norm.weight(), norm.eps(), [0, 1].map(|i| dests[i].as_ref()))? {
+fn add_norm(x: &Tensor, delta: &Tensor, norm: &RmsNorm, dests: [Option<Dest>; 2]) -> Result<(Tensor, Tensor)> {
+    if let Some([x, h]) = fused::add_rms_norm(x, delta, norm.weight(), norm.eps(), dests.each_ref().map(Option::as_ref))? {
         return Ok((x, h));
     }
     let x = (x + delta)?;

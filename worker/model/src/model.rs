@@ -15,6 +15,7 @@ use tessera_collective::Collective;
 use crate::attention::{CacheAttention, ChunkMask};
 use crate::batch::{Batch, LogitsMode};
 use crate::config::ModelConfig;
+use crate::elem::{output, Dest, Elem};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvSpec};
 use crate::layer::{AttentionStep, DecoderLayer};
@@ -24,7 +25,6 @@ use crate::pool::ComputePool;
 use crate::rope::Rope;
 use crate::weights::{Checkpoint, Shard};
 use crate::workspace::{Slot, Workspace};
-use crate::elem::{output, Dest, Elem};
 
 /// How to load a model: where from, in which dtype, and which tensor-parallel rank this is.
 #[derive(Debug, Clone)]
@@ -224,8 +224,10 @@ impl Model {
         self.head(&h)
     }
 
-    /// The model's workspace for this forward pass; a private, empty one when a pass on this
-    /// thread already holds it (a pool thread that took other work while waiting).
+    /// The model's workspace for this forward pass, held until the pass has its logits (the
+    /// layers' result may be one of its tensors); a private, empty one while another pass holds
+    /// it (on another thread, or further up this one: a pool thread that took other work while
+    /// waiting).
     pub(crate) fn workspace(&self) -> HeldWorkspace<'_> {
         match self.workspace.try_lock() {
             Ok(ws) => HeldWorkspace::Shared(ws),

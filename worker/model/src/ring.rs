@@ -158,6 +158,8 @@ impl Model {
         kv.begin_ring(seq, RingPlacement::new(member, held, positions.clone()))?;
 
         let mut attention = PrefillAttention::new(self, seq, layout, kv, comm.sp)?;
+        // Held until the logits are out: `x` may be one of its tensors.
+        let mut ws = self.workspace();
         let x = if tokens.is_empty() {
             // Nothing to compute here (a prompt shorter than the ring), but the blocks of the
             // other members still pass through this one, layer by layer.
@@ -166,7 +168,6 @@ impl Model {
             }
             None
         } else {
-            let mut ws = self.workspace();
             let runs = layout.member_runs(member).into_iter().map(|r| (r, prompt_len));
             let (cos, sin) = self.rope_tables(runs, &mut ws)?;
             Some(self.run_layers(tokens, &cos, &sin, &mut attention, comm.tp, &mut ws)?)

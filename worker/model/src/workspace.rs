@@ -93,7 +93,7 @@ impl Workspace {
             buf.views = vec![None; MAX_ROWS + 1];
         }
         if let (Some(full), Some(unit), None) = (&buf.full, &buf.unit, &buf.views[rows]) {
-            buf.views[rows] = Some(Dest::new(full.narrow(0, 0, rows * row)?.reshape(dims)?, unit.clone()));
+            buf.views[rows] = Some(Dest::new(full.narrow(0, 0, rows * row)?.reshape(dims)?, unit.clone())?);
         }
         Ok(buf.views[rows].clone())
     }
@@ -130,5 +130,7 @@ mod tests {
         assert_eq!(bf.tensor().dtype(), DType::BF16, "a new dtype remakes the slot");
         assert!(ws.get(Slot::Q, &[MAX_ROWS + 1, 3, 4], DType::F32).unwrap().is_none(), "prefill chunks allocate");
         assert!(ws.get(Slot::Q, &[0, 3], DType::F32).unwrap().is_none());
+        let elsewhere = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+        assert!(Dest::new(a.tensor().clone(), elsewhere).is_err(), "writes must reach the tensor's own storage");
     }
 }
