@@ -8,69 +8,35 @@
 //! Prints one `RESULT tessera ...` line with medians, like the peer scripts, and what the
 //! model allocated per decode step (a counting allocator around `Model::forward`).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use candle_core::DType;
 use tessera_collective::SingleRank;
+use tessera_model::fixture::counting::{Allocated, Counting};
 use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, Quantization, SeqChunk};
-
-/// Counts allocations (and their bytes) made by any thread; otherwise the system allocator.
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-static BYTES: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        BYTES.fetch_add(layout.size(), Relaxed);
-        // SAFETY: the caller's layout, as given.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        BYTES.fetch_add(layout.size(), Relaxed);
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        BYTES.fetch_add(new_size, Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
 /// Allocations and bytes the model made in each decode step of a run.
 #[derive(Default)]
-struct StepAllocations(Vec<(usize, usize)>);
+struct StepAllocations(Vec<Allocated>);
 
 impl std::fmt::Display for StepAllocations {
     /// The median step (most steps: those that do not grow the KV cache), then the mean over all
     /// steps (every 16th grows each sequence's cache by a block).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let steps = self.0.len().max(1) as f64;
-        let mut counts: Vec<(usize, usize)> = self.0.clone();
+        let mut counts = self.0.clone();
         counts.sort_unstable();
-        let (median, median_bytes) = counts.get(counts.len() / 2).copied().unwrap_or_default();
-        let (total, total_bytes) = counts.iter().fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+        let median = counts.get(counts.len() / 2).copied().unwrap_or_default();
+        let (total, total_bytes) = counts.iter().fold((0, 0), |(a, b), c| (a + c.allocations, b + c.bytes));
         write!(
             f,
-            "median step {median} allocations / {median_bytes} bytes, mean {:.1} / {:.0}",
+            "median step {} allocations / {} bytes, mean {:.1} / {:.0}",
+            median.allocations,
+            median.bytes,
             total as f64 / steps,
             total_bytes as f64 / steps
         )
@@ -106,9 +72,9 @@ fn decode(model: &Model, batch: usize) -> anyhow::Result<(f64, Vec<u32>, StepAll
     let start = Instant::now();
     for i in 0..steps {
         let chunks: Vec<SeqChunk> = (0..batch).map(|s| SeqChunk { seq: s as u64, start: 128 + i, len: 1 }).collect();
-        let (a0, b0) = (ALLOCATIONS.load(Relaxed), BYTES.load(Relaxed));
+        let before = Counting::now();
         let logits = model.forward(&Batch { tokens: &next, chunks: &chunks }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?;
-        counted.0.push((ALLOCATIONS.load(Relaxed) - a0, BYTES.load(Relaxed) - b0));
+        counted.0.push(Counting::now() - before);
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         for (n, row) in next.iter_mut().zip(&logits) {
             *n = argmax(row);

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use crate::elem::{output, Dest, Elem};
 use crate::error::{ModelError, Result};
 use crate::exp::exp_in_place;
+use crate::pool::with_reused;
 
 /// One decoding sequence of a step: which row of the step's queries is its own, and its cached
 /// keys and values (`[kv_heads, capacity, head_dim]`, the cache's whole tensors or views of
@@ -107,15 +108,6 @@ struct StepBuffers {
 thread_local! {
     static STEP: RefCell<StepBuffers> = RefCell::new(StepBuffers::default());
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
-
-/// Runs `f` on this thread's `cell`, or on a fresh value when a caller further up this thread's
-/// stack holds it (a pool thread that took other work while waiting).
-fn with_reused<T: Default + 'static, R>(cell: &'static std::thread::LocalKey<RefCell<T>>, f: impl FnOnce(&mut T) -> R) -> R {
-    cell.with(|c| match c.try_borrow_mut() {
-        Ok(mut held) => f(&mut held),
-        Err(_) => f(&mut T::default()),
-    })
 }
 
 fn decode_attention_as<T: Elem>(q: &Tensor, rows: usize, row: Rows, dest: Option<&Dest>) -> Result<Tensor> {

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::elem::{is_slice, output, with_slice, Dest, Elem, ElemPtr};
+use crate::pool::with_reused;
 
 /// Output columns (weight rows) per parallel task: large enough to amortise scheduling, small
 /// enough to balance.
@@ -65,13 +66,7 @@ thread_local! {
 /// else widened, half types into this thread's reused buffer.
 pub(crate) fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<Option<R>>) -> candle_core::Result<Option<R>> {
     fn widen<T: Elem, R>(x: &[T], f: impl FnOnce(&[f32]) -> R) -> R {
-        WIDE.with(|cell| {
-            let mut own = Vec::new();
-            let mut held = cell.try_borrow_mut();
-            let wide = match held.as_deref_mut() {
-                Ok(wide) => wide,
-                Err(_) => &mut own,
-            };
+        with_reused(&WIDE, |wide| {
             wide.clear();
             wide.extend(x.iter().map(|v| v.to_f32()));
             f(wide)
@@ -129,13 +124,7 @@ impl RowsOut {
             let n = (out - first).min(ROWS_PER_TASK);
             // The thread's tile from its last task: zeroing a fresh one per task cost more than
             // the stores (kernels overwrite every element they are given).
-            TILE.with(|cell| {
-                let mut own = Vec::new();
-                let mut held = cell.try_borrow_mut();
-                let tile = match held.as_deref_mut() {
-                    Ok(tile) => tile,
-                    Err(_) => &mut own,
-                };
+            with_reused(&TILE, |tile| {
                 tile.resize(ROWS_PER_TASK * MAX_ROWS, 0.0);
                 let tile = &mut tile[..n * rows];
                 f(first, tile);

@@ -14,6 +14,7 @@ use half::f16;
 
 use crate::elem::Dest;
 use crate::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
+use crate::pool::with_reused;
 
 /// Weights per q8_0 block, and the block's bytes: an f16 scale, then 32 signed bytes.
 pub(crate) const BLOCK: usize = 32;
@@ -107,13 +108,8 @@ pub(crate) fn q8_0_matvec_into(x: &Tensor, blocks: &[u8], out: usize, inner: usi
             })
         })
     };
-    // A product nested in another on this thread (a pool thread that stole a second model's
-    // work while waiting) quantizes into its own rows.
     with_f32_rows(x, |x_rows| {
-        QUANTIZED.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut xq) => product(x_rows, &mut xq),
-            Err(_) => product(x_rows, &mut QuantizedRows::default()),
-        })
+        with_reused(&QUANTIZED, |xq| product(x_rows, xq))
     })
 }
 

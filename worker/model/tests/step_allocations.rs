@@ -7,62 +7,19 @@
 //! then does not depend on scheduling, so the counts are exact. With more threads the same
 //! buffers are reused, only first grown on whichever thread meets them first.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
 use candle_core::DType;
 use tessera_collective::SingleRank;
+use tessera_model::fixture::counting::{Allocated, Counting};
 use tessera_model::fixture::{test_fixtures, write_fixture, FixtureSpec, WriteOptions};
 use tessera_model::{Batch, LoadConfig, LogitsMode, Model, Quantization, SeqChunk};
-
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-static BYTES: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        BYTES.fetch_add(layout.size(), Relaxed);
-        // SAFETY: the caller's layout, as given.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        BYTES.fetch_add(layout.size(), Relaxed);
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        BYTES.fetch_add(new_size, Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// What one decode step allocated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Step {
-    allocations: usize,
-    bytes: usize,
-}
-
 /// Prefills `batch` sequences of 20 tokens, runs three decode steps to warm the workspace up,
 /// then counts what each of `steps` more decode steps allocates (the logits they return are
 /// dropped outside the count).
-fn decode_steps(model: &Model, batch: usize, steps: usize) -> Vec<Step> {
+fn decode_steps(model: &Model, batch: usize, steps: usize) -> Vec<Allocated> {
     let vocab = model.config().vocab_size as u32;
     let mut kv = model.new_kv_cache();
     let prompt_len = 20;
@@ -75,14 +32,14 @@ fn decode_steps(model: &Model, batch: usize, steps: usize) -> Vec<Step> {
     let mut chunks: Vec<SeqChunk> = (0..batch).map(|s| SeqChunk { seq: s as u64, start: prompt_len, len: 1 }).collect();
     let mut counted = Vec::with_capacity(steps);
     for step in 0..3 + steps {
-        let (a0, b0) = (ALLOCATIONS.load(Relaxed), BYTES.load(Relaxed));
+        let before = Counting::now();
         let logits = model.forward(&Batch { tokens: &tokens, chunks: &chunks }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk);
-        let (a1, b1) = (ALLOCATIONS.load(Relaxed), BYTES.load(Relaxed));
+        let allocated = Counting::now() - before;
         let logits = logits.expect("decode step");
         assert_eq!(logits.dims(), &[batch, vocab as usize]);
         drop(logits);
         if step >= 3 {
-            counted.push(Step { allocations: a1 - a0, bytes: b1 - b0 });
+            counted.push(allocated);
         }
         for c in &mut chunks {
             c.start += 1;
