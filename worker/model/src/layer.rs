@@ -4,16 +4,17 @@
 //! ring: everything in it is per token except the step that reads other tokens' keys and
 //! values, which the caller passes in as an [`AttentionStep`].
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::RmsNorm;
 use tessera_collective::{all_reduce_tensor, Collective};
 
 use crate::config::ModelConfig;
-use crate::elem::Dest;
+use crate::elem::{with_dest_mut, Dest, Elem};
 use crate::error::Result;
 use crate::fused::{self, Heads};
 use crate::linear::{Linear, Quantization, Weight};
 use crate::parallel::TpLayout;
+use crate::pool::with_reused;
 use crate::weights::{Checkpoint, Shard};
 use crate::workspace::{Slot, Workspace};
 
@@ -180,7 +181,7 @@ impl DecoderLayer {
         let attn = attention.attend(self.slot(), &q, &k, &v, ws.get(Slot::Attn, &[tokens, nh * d], dt)?.as_ref())?;
         let attn_out = ws.get(Slot::AttnOut, &[tokens, hidden], dt)?;
         let attn = self.o.forward_no_bias_into(&attn, attn_out.as_ref())?;
-        let attn = self.o.add_bias_in_place(all_reduce_tensor(comm, &attn)?, attn_out.as_ref())?;
+        let attn = self.o.add_bias_in_place(all_reduce(comm, attn, attn_out.as_ref())?, attn_out.as_ref())?;
         let (x, h) = add_norm(x, &attn, &self.post_attention_norm, ws.get_pair([Slot::X1, Slot::H1], &[tokens, hidden], dt)?)?;
         let inter = self.intermediate;
         let gate_up = self.gate_up.forward_into(&h, ws.get(Slot::GateUp, &[tokens, 2 * inter], dt)?.as_ref())?;
@@ -194,9 +195,49 @@ impl DecoderLayer {
         };
         let mlp_out = ws.get(Slot::MlpOut, &[tokens, hidden], dt)?;
         let mlp = self.down.forward_no_bias_into(&mlp, mlp_out.as_ref())?;
-        let mlp = self.down.add_bias_in_place(all_reduce_tensor(comm, &mlp)?, mlp_out.as_ref())?;
+        let mlp = self.down.add_bias_in_place(all_reduce(comm, mlp, mlp_out.as_ref())?, mlp_out.as_ref())?;
         add_norm(&x, &mlp, next_norm, ws.get_pair([Slot::X0, Slot::H0], &[tokens, hidden], dt)?)
     }
+}
+
+/// The all-reduce (sum) of a row-parallel projection's output `y` over the group. When `y` is
+/// `dest`'s tensor (a decode step's workspace output, on the CPU) it is summed in place through
+/// the collective's host all-reduce, in f32 as `all_reduce_tensor` sums (half types widened into
+/// a reused buffer and rounded once); otherwise through `all_reduce_tensor`.
+fn all_reduce(comm: &mut dyn Collective, y: Tensor, dest: Option<&Dest>) -> Result<Tensor> {
+    if comm.world_size() == 1 {
+        return Ok(y);
+    }
+    let Some(dest) = dest.filter(|d| d.tensor().id() == y.id()) else {
+        return Ok(all_reduce_tensor(comm, &y)?);
+    };
+    fn widened<T: Elem>(comm: &mut dyn Collective, y: &mut [T]) -> tessera_collective::Result<()> {
+        with_reused(&WIDE_SUM, |wide| {
+            wide.clear();
+            wide.extend(y.iter().map(|v| v.to_f32()));
+            comm.all_reduce_sum(wide)?;
+            y.iter_mut().zip(wide.iter()).for_each(|(v, s)| *v = T::from_f32(*s));
+            Ok(())
+        })
+    }
+    let summed = match y.dtype() {
+        DType::F32 => with_dest_mut::<f32, _>(dest, |y| comm.all_reduce_sum(y))?,
+        DType::BF16 => with_dest_mut::<half::bf16, _>(dest, |y| widened(comm, y))?,
+        DType::F16 => with_dest_mut::<half::f16, _>(dest, |y| widened(comm, y))?,
+        _ => None,
+    };
+    match summed {
+        Some(done) => {
+            done?;
+            Ok(y)
+        }
+        None => Ok(all_reduce_tensor(comm, &y)?),
+    }
+}
+
+thread_local! {
+    /// A half-precision all-reduce's f32 sums, kept between layers.
+    static WIDE_SUM: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `x + delta` and its norm, in one pass where `fused.rs` applies, into `dests` where given.
