@@ -38,6 +38,18 @@ pub struct DecoderLayer {
     pub window: Option<usize>,
 }
 
+/// What every layer of one forward pass works with besides its input rows.
+pub struct LayerStep<'a> {
+    /// cos and sin tables `[tokens, head_dim / 2]` of the tokens' positions.
+    pub rope: [&'a Tensor; 2],
+    /// How this pass reaches other tokens' keys and values.
+    pub attention: &'a mut dyn AttentionStep,
+    /// The tensor-parallel group's collective.
+    pub comm: &'a mut dyn Collective,
+    /// Where the intermediates go (`workspace.rs`).
+    pub ws: &'a mut Workspace,
+}
+
 /// Which layer an attention step is serving: where its cache lives and which mask it uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerSlot {
@@ -137,24 +149,14 @@ impl DecoderLayer {
         &self.input_norm
     }
 
-    /// `x`: `[tokens, hidden]` residual stream and `h` its [`input_norm`](Self::input_norm);
-    /// `rope`: cos and sin tables `[tokens, head_dim / 2]` of the tokens' positions. Returns the
-    /// updated stream and the stream normed by `next_norm` (the next layer's input norm, or the
-    /// model's final norm after the last layer). Intermediates go into `ws` where the kernels
-    /// can write them (`workspace.rs`); the results are its `X0` and `H0` slots then, valid
-    /// until the next layer runs.
-    #[allow(clippy::too_many_arguments)] // the step's parts, each from a different owner
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        h: &Tensor,
-        next_norm: &RmsNorm,
-        rope: [&Tensor; 2],
-        attention: &mut dyn AttentionStep,
-        comm: &mut dyn Collective,
-        ws: &mut Workspace,
-    ) -> Result<(Tensor, Tensor)> {
-        let [cos, sin] = rope;
+    /// `x`: `[tokens, hidden]` residual stream and `h` its [`input_norm`](Self::input_norm).
+    /// Returns the updated stream and the stream normed by `next_norm` (the next layer's input
+    /// norm, or the model's final norm after the last layer). Intermediates go into the step's
+    /// workspace where the kernels can write them (`workspace.rs`); the results are its `X0` and
+    /// `H0` slots then, valid until the next layer runs.
+    pub fn forward(&self, x: &Tensor, h: &Tensor, next_norm: &RmsNorm, step: &mut LayerStep) -> Result<(Tensor, Tensor)> {
+        let LayerStep { rope: [cos, sin], attention, comm, ws } = step;
+        let (cos, sin) = (*cos, *sin);
         let (tokens, hidden) = x.dims2()?;
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
         let dt = x.dtype();
@@ -181,7 +183,7 @@ impl DecoderLayer {
         let attn = attention.attend(self.slot(), &q, &k, &v, ws.get(Slot::Attn, &[tokens, nh * d], dt)?.as_ref())?;
         let attn_out = ws.get(Slot::AttnOut, &[tokens, hidden], dt)?;
         let attn = self.o.forward_no_bias_into(&attn, attn_out.as_ref())?;
-        let attn = self.o.add_bias_in_place(all_reduce(comm, attn, attn_out.as_ref())?, attn_out.as_ref())?;
+        let attn = self.o.add_bias_in_place(all_reduce(&mut **comm, attn, attn_out.as_ref())?, attn_out.as_ref())?;
         let (x, h) = add_norm(x, &attn, &self.post_attention_norm, ws.get_pair([Slot::X1, Slot::H1], &[tokens, hidden], dt)?)?;
         let inter = self.intermediate;
         let gate_up = self.gate_up.forward_into(&h, ws.get(Slot::GateUp, &[tokens, 2 * inter], dt)?.as_ref())?;
@@ -195,7 +197,7 @@ impl DecoderLayer {
         };
         let mlp_out = ws.get(Slot::MlpOut, &[tokens, hidden], dt)?;
         let mlp = self.down.forward_no_bias_into(&mlp, mlp_out.as_ref())?;
-        let mlp = self.down.add_bias_in_place(all_reduce(comm, mlp, mlp_out.as_ref())?, mlp_out.as_ref())?;
+        let mlp = self.down.add_bias_in_place(all_reduce(&mut **comm, mlp, mlp_out.as_ref())?, mlp_out.as_ref())?;
         add_norm(&x, &mlp, next_norm, ws.get_pair([Slot::X0, Slot::H0], &[tokens, hidden], dt)?)
     }
 }

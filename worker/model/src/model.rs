@@ -18,7 +18,7 @@ use crate::config::ModelConfig;
 use crate::elem::{output, Dest, Elem};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvSpec};
-use crate::layer::{AttentionStep, DecoderLayer};
+use crate::layer::{AttentionStep, DecoderLayer, LayerStep};
 use crate::linear::{Linear, Quantization, Weight};
 use crate::parallel::TpLayout;
 use crate::pool::ComputePool;
@@ -288,9 +288,10 @@ impl Model {
             None => first_norm.forward(&x)?,
         };
         let mut x = x;
+        let mut step = LayerStep { rope: [cos, sin], attention, comm, ws };
         for (i, layer) in self.layers.iter().enumerate() {
             let next_norm = self.layers.get(i + 1).map_or(&self.norm, DecoderLayer::input_norm);
-            (x, h) = layer.forward(&x, &h, next_norm, [cos, sin], attention, comm, ws)?;
+            (x, h) = layer.forward(&x, &h, next_norm, &mut step)?;
         }
         Ok(h)
     }
