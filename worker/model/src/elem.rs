@@ -122,8 +122,15 @@ impl Dest {
         Ok(Self { tensor, unit })
     }
 
+    /// The output tensor (tests check that a pass returned it).
+    #[cfg(test)]
     pub fn tensor(&self) -> &Tensor {
         &self.tensor
+    }
+
+    /// Whether `t` is this destination's tensor (a pass's output that may be changed in place).
+    pub fn holds(&self, t: &Tensor) -> bool {
+        self.tensor.id() == t.id()
     }
 }
 

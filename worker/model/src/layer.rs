@@ -210,7 +210,7 @@ fn all_reduce(comm: &mut dyn Collective, y: Tensor, dest: Option<&Dest>) -> Resu
     if comm.world_size() == 1 {
         return Ok(y);
     }
-    let Some(dest) = dest.filter(|d| d.tensor().id() == y.id()) else {
+    let Some(dest) = dest.filter(|d| d.holds(&y)) else {
         return Ok(all_reduce_tensor(comm, &y)?);
     };
     fn widened<T: Elem>(comm: &mut dyn Collective, y: &mut [T]) -> tessera_collective::Result<()> {

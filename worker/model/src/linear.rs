@@ -202,20 +202,12 @@ impl Linear {
         self.add_bias_in_place(self.forward_no_bias_into(x, dest)?, dest)
     }
 
-    /// Adds the bias (if any) to an already projected `y`.
-    pub fn add_bias(&self, y: Tensor) -> candle_core::Result<Tensor> {
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-
     /// Adds the bias (if any) to `y` in `y`'s own storage when both are contiguous CPU tensors of
-    /// one float type, else as [`Linear::add_bias`]. For outputs nothing else reads: a product's
-    /// fresh result, or `dest`'s tensor when `y` is it (a decode step's workspace output).
+    /// one float type, else as a new tensor. For outputs nothing else reads: a product's fresh
+    /// result, or `dest`'s tensor when `y` is it (a decode step's workspace output).
     pub fn add_bias_in_place(&self, y: Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
         let Some(b) = &self.bias else { return Ok(y) };
-        let dest = dest.filter(|d| d.tensor().id() == y.id());
+        let dest = dest.filter(|d| d.holds(&y));
         let done = match y.dtype() {
             DType::F32 => add_rows_in_place::<f32>(&y, dest, b)?,
             DType::BF16 => add_rows_in_place::<half::bf16>(&y, dest, b)?,
@@ -225,7 +217,7 @@ impl Linear {
         if done {
             Ok(y)
         } else {
-            self.add_bias(y)
+            y.broadcast_add(b)
         }
     }
 }

@@ -1,12 +1,12 @@
 //! The decode step's reused buffers.
 //!
 //! A decode step on the CPU is thirty-odd layers of small products and element-wise passes,
-//! each of which used to allocate its output: about 90 allocations a layer, 1.9 MB a step at
-//! batch 1 and 20 MB at batch 8, all zero-filled and freed again (BENCHMARKS.md). The model
-//! keeps one [`Workspace`] instead: a tensor per intermediate of a layer ([`Slot`]), sized for
-//! [`MAX_ROWS`] rows and reused by every layer of every step. The CPU passes write into it in
-//! place (`elem::output`); whatever cannot (a GPU, a prefill chunk of more rows) allocates as
-//! before.
+//! each of which used to allocate its output: about 95 allocations a layer, 2 MB a step at
+//! batch 1 and 21 MB at batch 8 on SmolLM-135M, all zero-filled and freed again
+//! (BENCHMARKS.md). The model keeps one [`Workspace`] instead: a tensor per intermediate of a
+//! layer ([`Slot`]), sized for [`MAX_ROWS`] rows and reused by every layer of every step. The
+//! CPU passes write into it in place (`elem::output`); whatever cannot (a GPU, a prefill chunk
+//! of more rows) allocates as before.
 //!
 //! A slot's tensor is overwritten by the next layer that writes that slot, so a layer never
 //! reads a slot it writes in the same pass: the residual stream and its norm alternate between
