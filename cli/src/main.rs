@@ -17,13 +17,22 @@ mod signal;
 mod up;
 mod worker;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+/// Flags of the commands that run the math.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ComputeArgs {
+    /// Compute threads for the math (default: every core; `up` splits the cores between its
+    /// workers).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
 
 #[derive(Parser)]
 #[command(name = "tessera", version, about = "Distributed LLM inference")]
 struct Cli {
-    /// Compute threads for the math (default: every core).
-    #[arg(long, global = true)]
+    /// Also accepted before the command (`tessera --threads N up`), as earlier versions took it.
+    #[arg(long, hide = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -49,20 +58,31 @@ fn main() -> anyhow::Result<()> {
     // Before any thread starts: candle reads this when its element-wise pool starts.
     tessera_model::limit_candle_spinning();
     let cli = Cli::parse();
+    // Only the commands that compute take `--threads`; a client's help does not offer it.
+    let threads = cli.threads.or(match &cli.command {
+        Command::Up(a) => a.compute.threads,
+        Command::Run(a) => a.compute.threads,
+        Command::Worker(a) => a.compute.threads,
+        Command::Generate(_) | Command::Bench(_) | Command::Coordinator(_) => None,
+    });
     // Logs go to stderr so stdout stays for results; RUST_LOG overrides the level.
+    // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org): logs
+    // piped to a file or collected by Kubernetes stay plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    if let Some(n) = cli.threads {
+    if let Some(n) = threads {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         // candle sizes its thread pools from this variable; set it before any math runs.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     match cli.command {
-        Command::Up(args) => up::run(args, cli.threads),
+        Command::Up(args) => up::run(args, threads),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Coordinator(args) => coordinator::run(args),

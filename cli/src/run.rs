@@ -14,6 +14,8 @@ use tokenizers::Tokenizer;
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
     /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json). Without it a
     /// small demo model with random weights is written and used.
     #[arg(long)]

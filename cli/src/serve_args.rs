@@ -143,8 +143,13 @@ pub async fn serve_metrics(
     Ok(Some(coordinator.serve_metrics(listener)))
 }
 
-fn model_name(dir: &Path) -> String {
-    dir.file_name().and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("model").to_string()
+/// The name clients use: the directory's name, or a GGUF file's name without `.gguf`.
+fn model_name(path: &Path) -> String {
+    let name = match path.extension() {
+        Some(x) if x == "gguf" => path.file_stem(),
+        _ => path.file_name(),
+    };
+    name.and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("model").to_string()
 }
 
 #[cfg(test)]
@@ -161,5 +166,11 @@ mod tests {
         assert_eq!(equals_in_path.name, None);
         assert!("=dir".parse::<ModelArg>().is_err());
         assert!("name=".parse::<ModelArg>().is_err());
+    }
+
+    #[test]
+    fn a_gguf_file_is_named_without_its_extension() {
+        assert_eq!(model_name(Path::new("/m/SmolLM2-135M-Instruct.Q4_1.gguf")), "SmolLM2-135M-Instruct.Q4_1");
+        assert_eq!(model_name(Path::new("/models/llama")), "llama");
     }
 }

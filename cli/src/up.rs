@@ -24,7 +24,9 @@ use crate::signal::shutdown_signal;
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
-    /// Hugging Face model directory, `DIR` or `NAME=DIR`; repeat to serve several models
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
+    /// Hugging Face model directory or GGUF file, `PATH` or `NAME=PATH`; repeat to serve several models
     /// (BERT encoders run on one worker per group). Without it a small demo model with random
     /// weights is written and served.
     #[arg(long)]
@@ -32,8 +34,8 @@ pub struct UpArgs {
     /// Worker processes to start.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Tensor-parallel degree of each decoder group (default: all workers in one group; 1 when
-    /// several models are served).
+    /// Tensor-parallel degree of each decoder group (default: the largest that at most
+    /// `--workers` ranks split the model's heads over evenly; 1 when several models are served).
     #[arg(long)]
     tp: Option<usize>,
     /// Port the coordinator listens on (127.0.0.1); 0 picks a free one.
@@ -65,17 +67,26 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
     if args.workers == 0 || args.workers > MAX_WORKERS {
         bail!("--workers must be in 1..={MAX_WORKERS}");
     }
-    let tp = args.tp.unwrap_or(if args.model.len() > 1 { 1 } else { args.workers });
+    let models = match args.model.as_slice() {
+        [] => vec![ModelArg { name: None, dir: crate::run::demo_model_dir()? }],
+        given => given.to_vec(),
+    };
+    let tp = match (args.tp, models.as_slice()) {
+        (Some(tp), _) => tp,
+        // One model: the largest degree the workers allow that splits its heads evenly.
+        (None, [only]) => {
+            let tp = tessera_coordinator::largest_tp(&only.dir, args.workers).map_err(|e| anyhow::anyhow!("{}: {e}", only.dir.display()))?;
+            eprintln!("tensor-parallel size {tp} (the largest of at most {} workers that splits the model evenly; --tp to choose)", args.workers);
+            tp
+        }
+        (None, _) => 1,
+    };
     if tp == 0 || tp > args.workers {
         bail!("--tp {tp} needs at least that many --workers (have {})", args.workers);
     }
     if !args.workers.is_multiple_of(tp) {
         eprintln!("note: {} workers make {} groups of TP={tp}; {} stay idle", args.workers, args.workers / tp, args.workers % tp);
     }
-    let models = match args.model.as_slice() {
-        [] => vec![ModelArg { name: None, dir: crate::run::demo_model_dir()? }],
-        given => given.to_vec(),
-    };
     let config = args.serve.config(&models, tp)?;
     let model_name = config.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(",");
     // One model: as many groups as the workers make. Several: one group each to start with.
@@ -120,6 +131,7 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     eprintln!("loading {model_name} onto {} workers ({groups} group(s)) ...", args.workers);
     let mut serving = coordinator.serving_groups();
+    let mut failed = coordinator.failed_models();
     let metrics = crate::serve_args::serve_metrics(args.serve.metrics_listen, &coordinator).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(coordinator.serve(listener, async {
@@ -139,7 +151,19 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
             }
         }
     };
+    let failure = async {
+        match failed.wait_for(|f| !f.is_empty()).await {
+            Ok(f) => f.iter().map(|(name, reason)| format!("model {name}: {reason}")).collect::<Vec<_>>().join("; "),
+            // The coordinator is gone; `ready` or the server reports why.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let mut outcome = Ok(());
     tokio::select! {
+        reason = failure => {
+            eprintln!("cannot serve: {reason}");
+            outcome = Err(anyhow::anyhow!("the model could not be loaded: {reason}"));
+        }
         _ = ready => {
             // Scripts wait for this line on stdout.
             println!("serving {model_name} on http://{addr}");
@@ -160,7 +184,7 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
     for w in watchers {
         w.stop().await;
     }
-    Ok(())
+    outcome
 }
 
 struct LocalWorker {
@@ -173,7 +197,7 @@ struct LocalWorker {
 async fn spawn_worker(id: &str, args: &UpArgs, threads: usize) -> anyhow::Result<LocalWorker> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.args(["--threads", &threads.to_string(), "worker", "--listen", "127.0.0.1:0", "--id", id])
+    cmd.args(["worker", "--threads", &threads.to_string(), "--listen", "127.0.0.1:0", "--id", id])
         .args(["--kv-capacity-tokens", &args.kv_capacity_tokens.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,8 +1,10 @@
 //! `tessera worker`: serves one rank over gRPC until Ctrl-C or SIGTERM.
 //!
 //! With `--etcd` the worker also registers itself once its server is bound, keeps the
-//! registration while it serves (see [`registration`]) and revokes it on the way out.
+//! registration while it serves (see [`registration`]) and revokes it on the way out. Its
+//! readiness on `grpc.health.v1` follows whether it serves a group ([`readiness`]).
 
+mod readiness;
 mod registration;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -19,6 +21,8 @@ use crate::signal::shutdown_signal;
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
+    #[command(flatten)]
+    pub compute: crate::ComputeArgs,
     /// gRPC listen address; port 0 picks a free port (printed on the first line of stdout).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -119,11 +123,13 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     println!("{addr}");
     let config = EngineConfig { collective_host: args.collective_host, kv_capacity_tokens };
     let engine = EngineHandle::spawn(config.clone())?;
+    let serving = engine.serving();
     let service = WorkerService::new(id.clone(), engine, config);
     let admission = service.admission();
-    // Health for probes: "" while the process serves; the worker service while it takes work.
+    // Health for probes: "" while the process serves; the worker service while it serves a
+    // group and is neither unregistered nor draining.
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status(WORKER_SERVICE, tonic_health::ServingStatus::Serving).await;
+    let readiness = readiness::Readiness::start(health, serving).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -145,7 +151,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
             Some(registering) => {
                 let record = worker_record(&id, registering.address(addr.port()), kv_capacity_tokens);
                 let drain = Duration::from_secs(args.drain_timeout_secs);
-                registration::stay_registered(registering.etcd, record, admission, health, shutdown, drain).await
+                registration::stay_registered(registering.etcd, record, admission, &readiness, shutdown, drain).await
             }
         }
     };

@@ -1,4 +1,5 @@
-//! Chat input rendered with the model's own chat template (`tokenizer_config.json`).
+//! Chat input rendered with the model's own chat template (`chat_template.jinja`,
+//! `chat_template.json`, `tokenizer_config.json` or a GGUF file's `tokenizer.chat_template`).
 //!
 //! Templates are Jinja written for Python: they call string methods (`.strip()`), raise errors
 //! through `raise_exception`, and read `bos_token`/`eos_token`. minijinja with its Python
@@ -7,10 +8,9 @@
 use std::path::Path;
 
 use serde::Serialize;
-use serde_json::Value;
 
 /// One chat turn.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -38,44 +38,39 @@ pub struct ChatTemplate {
 
 const NAME: &str = "chat";
 
-fn token_text(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::String(s)) => s.clone(),
-        // Older configs store added tokens as {"content": "...", ...}.
-        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or("").to_string(),
-        _ => String::new(),
-    }
-}
-
 impl ChatTemplate {
-    /// Reads `dir/tokenizer_config.json`.
-    pub fn from_model_dir(dir: &Path) -> Result<Self, ChatError> {
-        let path = dir.join("tokenizer_config.json");
-        let read_err = |reason: String| ChatError::Read { path: path.display().to_string(), reason };
-        let bytes = std::fs::read(&path).map_err(|e| read_err(e.to_string()))?;
-        let config: Value = serde_json::from_slice(&bytes).map_err(|e| read_err(e.to_string()))?;
-        let template = match config.get("chat_template") {
-            Some(Value::String(t)) => t.clone(),
-            // A list of named templates: the one named "default" serves plain chat.
-            Some(Value::Array(named)) => named
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template").and_then(Value::as_str))
-                .ok_or(ChatError::NoTemplate)?
-                .to_string(),
-            _ => return Err(ChatError::NoTemplate),
-        };
-        Self::new(template, token_text(config.get("bos_token")), token_text(config.get("eos_token")))
+    /// The chat template of the model at `path` (a directory or a GGUF file), found where
+    /// transformers looks for it (`tessera_model_files::ModelFiles::chat_template`).
+    pub fn from_model(path: &Path) -> Result<Self, ChatError> {
+        let read = |e: tessera_model_files::FilesError| ChatError::Read { path: path.display().to_string(), reason: e.to_string() };
+        let files = tessera_model_files::ModelFiles::locate(path).map_err(read)?;
+        let t = files.chat_template().map_err(read)?.ok_or(ChatError::NoTemplate)?;
+        Self::new(t.template, t.bos, t.eos)
     }
 
     pub fn new(template: String, bos: String, eos: String) -> Result<Self, ChatError> {
         let mut env = minijinja::Environment::new();
+        // transformers compiles chat templates with both set; newlines after tags depend on them.
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| ChatError::Template(e.to_string()))?;
+        env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned(NAME, template).map_err(|e| ChatError::Template(e.to_string()))?;
         Ok(Self { env, bos, eos })
+    }
+
+    /// Renders a one-message conversation, so a template that fails on any input (a bad
+    /// filter, an exception it always raises) is found when the model is loaded, not by the
+    /// first client.
+    pub fn check(&self) -> Result<(), ChatError> {
+        let hello = [ChatMessage { role: "user".into(), content: "Hello".into() }];
+        self.render(&hello, true).map(|_| ())
     }
 
     /// Renders `messages`, ending with the assistant's turn opened when `add_generation_prompt`.

@@ -107,8 +107,28 @@ struct GroupEntry {
 struct State {
     workers: BTreeMap<String, Slot>,
     groups: BTreeMap<u64, GroupEntry>,
+    /// Models whose workers refused them for good, with the reason: no group forms for them.
+    failed: BTreeMap<usize, String>,
     retry_at: Option<Instant>,
     backoff: Duration,
+}
+
+/// Why a group did not form, and whether trying again could help.
+struct LoadFailure {
+    reason: String,
+    /// The worker marked the error permanent (`tessera_proto::PERMANENT_ERROR_KEY`).
+    permanent: bool,
+}
+
+impl LoadFailure {
+    fn transient(reason: String) -> Self {
+        Self { reason, permanent: false }
+    }
+
+    fn from_status(status: &tonic::Status, what: String) -> Self {
+        let permanent = status.metadata().contains_key(tessera_proto::PERMANENT_ERROR_KEY);
+        Self { reason: format!("{what}: {}", status.message()), permanent }
+    }
 }
 
 /// Where a request was placed.
@@ -147,6 +167,9 @@ pub(crate) struct Cluster {
     state: Mutex<State>,
     /// Number of groups loaded and serving, for health and for callers waiting to serve.
     serving: watch::Sender<usize>,
+    /// Models failed for good (`State::failed`), by name with the reason, for callers waiting
+    /// to serve.
+    failures: watch::Sender<Vec<(String, String)>>,
     next_group: AtomicU64,
     next_seq: AtomicU64,
     placements: AtomicU64,
@@ -216,6 +239,7 @@ impl Cluster {
             config,
             state: Mutex::new(State::default()),
             serving: watch::channel(0).0,
+            failures: watch::channel(Vec::new()).0,
             next_group: AtomicU64::new(1),
             next_seq: AtomicU64::new(1),
             placements: AtomicU64::new(1),
@@ -233,6 +257,10 @@ impl Cluster {
 
     pub(crate) fn serving_groups(&self) -> watch::Receiver<usize> {
         self.serving.subscribe()
+    }
+
+    pub(crate) fn failed_models(&self) -> watch::Receiver<Vec<(String, String)>> {
+        self.failures.subscribe()
     }
 
     /// The first of `n` fresh, consecutive sequence ids.
@@ -363,7 +391,8 @@ impl Cluster {
             for g in state.groups.values() {
                 counts[g.model] += 1;
             }
-            let Some(model) = (0..self.models.len()).min_by_key(|&m| counts[m]) else { return };
+            let candidates = (0..self.models.len()).filter(|m| !state.failed.contains_key(m));
+            let Some(model) = candidates.min_by_key(|&m| counts[m]) else { return };
             let tp = self.models[model].spec.tp;
             let free: Vec<String> = state
                 .workers
@@ -411,7 +440,15 @@ impl Cluster {
             _ = lost.wait_for(Option::is_some) => return,
         };
         let mut state = self.lock();
-        if let Err(reason) = loaded {
+        if let Err(LoadFailure { reason, permanent: true }) = loaded {
+            tracing::error!(group = %name, model = %spec.name, %reason, "the model cannot be loaded; not retrying");
+            state.failed.insert(model, reason.clone());
+            let failed = state.failed.iter().map(|(&m, r)| (self.models[m].name().to_string(), r.clone())).collect();
+            self.failures.send_replace(failed);
+            self.fail_group(&mut state, group, reason);
+            return;
+        }
+        if let Err(LoadFailure { reason, .. }) = loaded {
             let backoff = (state.backoff * 2).clamp(Duration::from_millis(500), self.config.max_retry_backoff);
             state.backoff = backoff;
             state.retry_at = Some(Instant::now() + backoff);
@@ -449,7 +486,7 @@ impl Cluster {
     }
 
     /// Assigns every rank, then rendezvouses them; returns once all shards are loaded.
-    async fn load(&self, name: &str, model: usize, members: &[Member]) -> Result<(), String> {
+    async fn load(&self, name: &str, model: usize, members: &[Member]) -> Result<(), LoadFailure> {
         let spec = &self.models[model].spec;
         let assigns = members.iter().enumerate().map(|(rank, m)| {
             let mut client = m.client.clone();
@@ -466,8 +503,10 @@ impl Cluster {
         for (m, r) in members.iter().zip(join_all(assigns).await) {
             match r {
                 Ok(Ok(answer)) => peers.push(answer.into_inner().collective_address),
-                Ok(Err(status)) => return Err(format!("worker {} refused its assignment: {}", m.id, status.message())),
-                Err(_) => return Err(format!("worker {} did not answer its assignment", m.id)),
+                Ok(Err(status)) => {
+                    return Err(LoadFailure::from_status(&status, format!("worker {} refused its assignment", m.id)))
+                }
+                Err(_) => return Err(LoadFailure::transient(format!("worker {} did not answer its assignment", m.id))),
             }
         }
         // A single rank has no collective endpoint and needs no peers.
@@ -482,8 +521,12 @@ impl Cluster {
         for (m, r) in members.iter().zip(join_all(rendezvous).await) {
             match r {
                 Ok(Ok(_)) => {}
-                Ok(Err(status)) => return Err(format!("worker {} could not join the group: {}", m.id, status.message())),
-                Err(_) => return Err(format!("worker {} did not load within {:?}", m.id, self.config.load_timeout)),
+                Ok(Err(status)) => {
+                    return Err(LoadFailure::from_status(&status, format!("worker {} could not join the group", m.id)))
+                }
+                Err(_) => {
+                    return Err(LoadFailure::transient(format!("worker {} did not load within {:?}", m.id, self.config.load_timeout)))
+                }
             }
         }
         Ok(())
@@ -501,6 +544,9 @@ impl Cluster {
         let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
             CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
         })?;
+        if let Some(reason) = state.failed.get(&index) {
+            return Err(CoordinatorError::ModelFailed(format!("model {:?} failed to load and is not served: {reason}", model.name())));
+        }
         let mut capacities: Vec<u64> = state
             .groups
             .values()
@@ -614,6 +660,9 @@ impl Cluster {
         let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
             CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
         })?;
+        if let Some(reason) = state.failed.get(&index) {
+            return Err(CoordinatorError::ModelFailed(format!("model {:?} failed to load and is not served: {reason}", model.name())));
+        }
         let best = state
             .groups
             .iter()
@@ -643,6 +692,25 @@ impl Cluster {
     /// Groups per model, for `ListModels`.
     pub(crate) fn serving_groups_of(&self, model: usize) -> u32 {
         self.lock().groups.values().filter(|g| g.model == model && g.serving.is_some()).count() as u32
+    }
+
+    /// Each served model's state: "failed" (with the reason), "serving" while a group of it
+    /// is loaded, else "loading".
+    fn model_states(&self) -> Vec<pb::ModelStatus> {
+        let state = self.lock();
+        self.models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let serving = state.groups.values().filter(|g| g.model == i && g.serving.is_some()).count() as u32;
+                let (status, error) = match state.failed.get(&i) {
+                    Some(reason) => ("failed", reason.clone()),
+                    None if serving > 0 => ("serving", String::new()),
+                    None => ("loading", String::new()),
+                };
+                pb::ModelStatus { name: m.name().to_string(), state: status.into(), error, serving_groups: serving }
+            })
+            .collect()
     }
 
     /// Every known worker with the coordinator's view and the worker's own report.
@@ -707,7 +775,9 @@ impl Cluster {
                 kv_capacity_blocks: record.kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
             }
         });
+        let models = self.model_states();
         pb::ClusterStatusResponse {
+            models,
             workers: join_all(reports).await,
             queued_requests: queued,
             running_requests: running,

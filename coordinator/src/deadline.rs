@@ -1,17 +1,29 @@
 //! The client's gRPC deadline (`grpc-timeout`), read from request metadata.
 //!
 //! tonic enforces `grpc-timeout` only until a handler returns its response; a streamed
-//! generation outlives that, so the coordinator carries the deadline to the group loop itself,
-//! which ends the stream with `DEADLINE_EXCEEDED` and frees the sequence on every rank.
+//! generation outlives that, so the coordinator carries the deadline to the loop that drives
+//! the request (a group's, or a ring's), which frees the sequence on every rank and then ends
+//! the stream with `DEADLINE_EXCEEDED`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
+use tonic::Status;
 
 /// The `grpc-timeout` header as a duration; `None` when absent or malformed (a malformed
 /// header is ignored, as tonic's own server does).
 pub(crate) fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
     parse(metadata.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// Whether `deadline` (none: the client set no `grpc-timeout`) has passed at `now`.
+pub(crate) fn passed(deadline: Option<Instant>, now: Instant) -> bool {
+    deadline.is_some_and(|d| d <= now)
+}
+
+/// The status a request ends with once its deadline passed, after `generated` tokens.
+pub(crate) fn exceeded(generated: usize) -> Status {
+    Status::deadline_exceeded(format!("the request's deadline passed after {generated} generated tokens"))
 }
 
 /// `TimeoutValue TimeoutUnit`: at most 8 ASCII digits, then one of `H M S m u n`.

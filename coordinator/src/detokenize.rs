@@ -5,7 +5,7 @@
 //! decoded over a small window of recent tokens and only the part that became final is emitted:
 //! the window's text is compared with the text before the newest tokens, and nothing is emitted
 //! while it ends in an incomplete character. Concatenating the emitted pieces gives exactly the
-//! decode of all tokens at once.
+//! decode of all tokens at once, less a last character cut off by the end of the sequence.
 
 use std::sync::Arc;
 
@@ -57,16 +57,26 @@ impl IncrementalDecoder {
         Ok(text)
     }
 
-    /// Emits whatever is still pending (at the end of the sequence).
+    /// Emits whatever is still pending (at the end of the sequence), except a last character
+    /// whose bytes did not all arrive.
     pub fn flush(&mut self) -> Result<String, DecodeError> {
         if self.read == self.tokens.len() {
             return Ok(String::new());
         }
         let before = self.decode(&self.tokens[self.prefix..self.read])?;
         let now = self.decode(&self.tokens[self.prefix..])?;
+        let pending = self.tokens.len() - self.read;
         self.prefix = self.read;
         self.read = self.tokens.len();
-        Ok(now.get(before.len()..).unwrap_or("").to_string())
+        let mut text = now.get(before.len()..).unwrap_or("").to_string();
+        // The sequence ended inside a character (e.g. at max_new_tokens): the stream never
+        // carries half a character, so its bytes are withheld; the token ids still report them.
+        if pending < MAX_PENDING {
+            while text.ends_with('\u{FFFD}') {
+                text.pop();
+            }
+        }
+        Ok(text)
     }
 
     /// Every token pushed so far.

@@ -5,9 +5,12 @@
 //! [`EmbedBatcher`]: requests that arrive while the worker is busy are joined into its next
 //! `Embed` call (up to [`MAX_BATCH_INPUTS`] inputs), so many small requests share one forward
 //! pass. An input past the model's context is refused unless the request asks for truncation,
-//! and a truncated input is reported in its `Embedding`.
+//! and a truncated input is reported in its `Embedding`. An encoder's context is
+//! sentence-transformers' `max_seq_length` where its files set one
+//! ([`cap_at_max_seq_length`]), as that is where the reference vectors cut their inputs.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +26,41 @@ use crate::error::{invalid, CoordinatorError};
 use crate::limits::Limits;
 use crate::model::{ModelKind, ServedModel};
 use crate::request::find_model;
+
+/// An encoder `model` with its `max_context` cut to sentence-transformers' `max_seq_length`
+/// (`sentence_bert_config.json` in its directory), when that is shorter. sentence-transformers
+/// feeds the model no more (all-MiniLM-L6-v2: 256 of 512 positions), so an input embedded
+/// whole past it would get a vector no reference gives, and the workers' encoder refuses it.
+/// Decoders, and encoders without the file or the field, are returned as they are.
+pub fn cap_at_max_seq_length(mut model: ServedModel) -> Result<ServedModel, CoordinatorError> {
+    if model.kind != ModelKind::Encoder {
+        return Ok(model);
+    }
+    match read_max_seq_length(&model.spec.dir.join("sentence_bert_config.json")) {
+        Ok(Some(n)) => model.max_context = model.max_context.min(n),
+        Ok(None) => {}
+        Err(reason) => return Err(CoordinatorError::Model { name: model.spec.name.clone(), reason }),
+    }
+    Ok(model)
+}
+
+/// `max_seq_length` from a `sentence_bert_config.json`; `None` without the file, the field, or
+/// with `null`.
+fn read_max_seq_length(path: &Path) -> Result<Option<usize>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
+    match config.get("max_seq_length") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => match v.as_u64().filter(|&n| n > 0) {
+            Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+            None => Err(format!("{}: max_seq_length {v} is not a positive integer", path.display())),
+        },
+    }
+}
 
 /// An `EmbedRequest` that passed every check: token ids within the model's context.
 #[derive(Debug)]
@@ -303,6 +341,21 @@ mod tests {
         }
         let calls = calls.lock().unwrap().clone();
         (out, calls)
+    }
+
+    #[test]
+    fn max_seq_length_is_read_when_set_and_checked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("sentence_bert_config.json");
+        assert_eq!(read_max_seq_length(&path), Ok(None), "no file");
+        for (text, want) in [(r#"{"max_seq_length": 256}"#, Some(256)), (r#"{"do_lower_case": false}"#, None), (r#"{"max_seq_length": null}"#, None)] {
+            std::fs::write(&path, text).expect("write");
+            assert_eq!(read_max_seq_length(&path), Ok(want), "{text}");
+        }
+        for bad in [r#"{"max_seq_length": 0}"#, r#"{"max_seq_length": -3}"#, r#"{"max_seq_length": "256"}"#, "{"] {
+            std::fs::write(&path, bad).expect("write");
+            assert!(read_max_seq_length(&path).is_err(), "{bad}");
+        }
     }
 
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! Coordinator errors and their one mapping to gRPC status codes (DESIGN §7).
+//! Coordinator errors and their one mapping to gRPC status codes.
 //!
 //! Every message says what was wrong and, for limits, what the limit is: a client reading only
 //! the status message must be able to fix its request.
@@ -21,6 +21,10 @@ pub enum CoordinatorError {
     /// A served model's files cannot be used.
     #[error("model {name}: {reason}")]
     Model { name: String, reason: String },
+    /// The model is configured but its workers could not load it (a permanent error, such as
+    /// a tensor of an unsupported type); it serves nothing until the operator fixes it.
+    #[error("{0}")]
+    ModelFailed(String),
     /// Configuration the coordinator cannot start with.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -41,6 +45,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::NotFound(_) => Code::NotFound,
             CoordinatorError::Unavailable(_) => Code::Unavailable,
             CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::ModelFailed(_) => Code::FailedPrecondition,
             CoordinatorError::Model { .. }
             | CoordinatorError::Config(_)
             | CoordinatorError::Internal(_)

@@ -411,7 +411,7 @@ impl GroupLoop {
     /// and frees what it held on every rank.
     async fn drop_expired(&mut self, seqs: &mut Sequences) {
         let now = Instant::now();
-        let expired = |d: Option<Instant>| d.is_some_and(|d| d <= now);
+        let expired = |d: Option<Instant>| crate::deadline::passed(d, now);
         let mut ended = Vec::new();
         let mut release = Vec::new();
         for r in seqs.running.extract_if(.., |r| expired(r.deadline)) {
@@ -437,8 +437,7 @@ impl GroupLoop {
         self.idle.notify_waiters();
         self.metrics.deadlines_exceeded(ended.len());
         for (events, generated) in ended {
-            let status = Status::deadline_exceeded(format!("the request's deadline passed after {generated} generated tokens"));
-            let _ = events.send(Err(status));
+            let _ = events.send(Err(crate::deadline::exceeded(generated)));
         }
     }
 

@@ -39,5 +39,5 @@ pub use cluster::ClusterConfig;
 pub use error::CoordinatorError;
 pub use group::LoopConfig;
 pub use limits::Limits;
-pub use model::ModelSpec;
+pub use model::{largest_tp, ModelSpec};
 pub use server::{Coordinator, CoordinatorConfig, INFERENCE_SERVICE};

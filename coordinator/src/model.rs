@@ -4,13 +4,15 @@
 //! The coordinator never loads weights; it reads only the small JSON files. Workers load the
 //! shards from the same directory path (shared storage or an identical copy on every host).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::chat::{ChatError, ChatTemplate};
+use tessera_model_files::ModelFiles;
+
+use crate::chat::ChatTemplate;
 use crate::error::CoordinatorError;
 
 /// Largest tensor-parallel degree a group may have.
@@ -21,7 +23,7 @@ pub const MAX_TP: usize = 64;
 pub struct ModelSpec {
     /// Name clients put in `GenerateRequest.model`.
     pub name: String,
-    /// Hugging Face model directory, as the workers see it.
+    /// Hugging Face model directory or GGUF file, as the workers see it.
     pub dir: PathBuf,
     /// Tensor-parallel degree of each group serving this model.
     pub tp: usize,
@@ -64,8 +66,9 @@ impl std::fmt::Debug for ServedModel {
 }
 
 impl ServedModel {
-    /// Reads `config.json`, `tokenizer.json` and (when present) `tokenizer_config.json` and
-    /// `generation_config.json` from the model directory.
+    /// Reads the model's text side (`model_files.rs`: a Hugging Face directory's config,
+    /// tokenizer, chat template and generation config, or the same from a GGUF file's
+    /// metadata) and checks it can be served as `spec` asks, so a bad model fails at start.
     pub fn load(spec: ModelSpec) -> Result<Self, CoordinatorError> {
         let err = |reason: String| CoordinatorError::Model { name: spec.name.clone(), reason };
         if spec.name.is_empty() {
@@ -77,7 +80,8 @@ impl ServedModel {
         if !matches!(spec.dtype.as_str(), "f32" | "bf16" | "f16" | "q8_0" | "q4_k") {
             return Err(err(format!("dtype {:?} is not one of f32, bf16, f16, q8_0, q4_k", spec.dtype)));
         }
-        let config = read_json(&spec.dir.join("config.json")).map_err(err)?;
+        let files = ModelFiles::locate(&spec.dir).map_err(|e| err(e.to_string()))?;
+        let config = files.config_json().map_err(|e| err(e.to_string()))?;
         let kind = match config.get("model_type").and_then(Value::as_str) {
             Some("bert") => ModelKind::Encoder,
             _ => ModelKind::Decoder,
@@ -86,6 +90,7 @@ impl ServedModel {
             return Err(err(format!("an encoder runs on one worker per group; tp {} is not supported", spec.tp)));
         }
         if kind == ModelKind::Decoder {
+            check_family(&config).map_err(err)?;
             check_tp_split(&config, spec.tp).map_err(err)?;
         }
         let trained = scaled_context(&config).ok_or_else(|| err("config.json has no max_position_embeddings".into()))?;
@@ -102,26 +107,22 @@ impl ServedModel {
         if kind == ModelKind::Encoder && max_context > trained {
             return Err(err(format!("an encoder has no positions past {trained}; max_context {max_context} is too long")));
         }
-        let mut eos = token_ids(config.get("eos_token_id"));
         // generation_config.json often lists more end tokens (chat models end turns with one).
-        if let Ok(generation) = read_json(&spec.dir.join("generation_config.json")) {
-            for id in token_ids(generation.get("eos_token_id")) {
-                if !eos.contains(&id) {
-                    eos.push(id);
-                }
-            }
-        }
-        let tokenizer_path = spec.dir.join("tokenizer.json");
-        let mut tokenizer =
-            Tokenizer::from_file(&tokenizer_path).map_err(|e| err(format!("cannot load {}: {e}", tokenizer_path.display())))?;
+        let eos = files.eos_ids().map_err(|e| err(e.to_string()))?;
+        let mut tokenizer = files.tokenizer().map_err(|e| err(e.to_string()))?;
         // Encoder tokenizers often ship fixed padding and truncation (all-MiniLM: 128 tokens);
         // lengths are the coordinator's to check, and a cut is reported, never silent.
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(|e| err(format!("cannot switch off truncation: {e}")))?;
-        let chat = match ChatTemplate::from_model_dir(&spec.dir) {
-            Ok(t) => Some(t),
-            Err(ChatError::NoTemplate | ChatError::Read { .. }) => None,
-            Err(e) => return Err(err(e.to_string())),
+        let chat = match files.chat_template().map_err(|e| err(e.to_string()))? {
+            Some(t) => {
+                let source = t.source.clone();
+                let template = ChatTemplate::new(t.template, t.bos, t.eos).map_err(|e| err(format!("{source}: {e}")))?;
+                // A template that cannot render a plain exchange would fail every chat request.
+                template.check().map_err(|e| err(format!("{source}: {e}")))?;
+                Some(template)
+            }
+            None => None,
         };
         // The embedding often has more rows than the tokenizer has tokens (padded for fast
         // matmuls); every row is a valid input id.
@@ -152,6 +153,41 @@ fn scaled_context(config: &Value) -> Option<usize> {
     })
 }
 
+/// The families the workers implement, named as the model crate's `ModelConfig` reads them:
+/// `architectures` (one entry), else `model_type`. Checked here so an unknown one fails `up` at
+/// once instead of every worker failing to load it.
+fn check_family(config: &Value) -> Result<(), String> {
+    const DECODERS: [(&str, &str); 3] =
+        [("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mistral"), ("Qwen2ForCausalLM", "qwen2")];
+    let named = match config.get("architectures") {
+        Some(Value::Array(names)) if names.len() == 1 => names[0].as_str().map(|n| (n, true)),
+        Some(Value::Array(names)) => return Err(format!("expected exactly one entry in `architectures`, found {names:?}")),
+        _ => config.get("model_type").and_then(Value::as_str).map(|t| (t, false)),
+    };
+    match named {
+        None => Err("config.json has neither `architectures` nor `model_type`, so the model family is unknown".into()),
+        Some((name, true)) if DECODERS.iter().any(|(a, _)| *a == name) => Ok(()),
+        Some((name, false)) if DECODERS.iter().any(|(_, t)| *t == name) => Ok(()),
+        Some((name, _)) => Err(format!(
+            "unsupported architecture {name:?}: expected LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM"
+        )),
+    }
+}
+
+/// The largest tensor-parallel degree of at most `max` that the decoder at `path` splits over
+/// evenly (heads, KV heads and MLP features, as `check_tp_split` requires); 1 for encoders.
+pub fn largest_tp(path: &std::path::Path, max: usize) -> Result<usize, String> {
+    let files = ModelFiles::locate(path).map_err(|e| e.to_string())?;
+    let config = files.config_json().map_err(|e| e.to_string())?;
+    if config.get("model_type").and_then(Value::as_str) == Some("bert") {
+        return Ok(1);
+    }
+    (1..=max.max(1))
+        .rev()
+        .find(|&tp| check_tp_split(&config, tp).is_ok())
+        .ok_or_else(|| check_tp_split(&config, 1).err().unwrap_or_default())
+}
+
 /// Refuses a TP degree the model cannot be split over, the rules the workers' `TpLayout`
 /// applies, so a coordinator fails at start instead of retrying group formation for ever.
 fn check_tp_split(config: &Value, tp: usize) -> Result<(), String> {
@@ -170,18 +206,4 @@ fn check_tp_split(config: &Value, tp: usize) -> Result<(), String> {
         return Err(uneven("num_key_value_heads", kv));
     }
     Ok(())
-}
-
-fn read_json(path: &Path) -> Result<Value, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("cannot parse {}: {e}", path.display()))
-}
-
-/// `eos_token_id` is an int, a list of ints, or absent.
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).into_iter().collect(),
-        Some(Value::Array(items)) => items.iter().filter_map(|i| i.as_u64().and_then(|n| u32::try_from(n).ok())).collect(),
-        _ => Vec::new(),
-    }
 }

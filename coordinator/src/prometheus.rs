@@ -161,6 +161,7 @@ mod tests {
             running_requests: 1,
             counters: Some(metrics.snapshot()),
             ring_waiting_tokens: metrics.ring_waiting_tokens(),
+            models: Vec::new(),
         };
         drop(waiting);
         assert_eq!(metrics.ring_waiting_tokens(), 0, "the gauge drops when the wait ends");

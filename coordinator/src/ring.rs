@@ -6,7 +6,9 @@
 //! The prompt goes to every rank of every member in one `RingStep` (each member cuts its zigzag
 //! share); each decode step sends the same `RingStep` to all of them. Every rank samples the same
 //! token, which is checked. At the end `LeaveRing` frees the sequence everywhere and the groups
-//! take requests again.
+//! take requests again. A client that goes away, or whose deadline (`grpc-timeout`) passes, is
+//! noticed before each step, as a group's loop notices it: the ring is left on every rank
+//! first, and only then does the stream end (`DEADLINE_EXCEEDED` for a deadline).
 //!
 //! Why holding whole groups keeps this deadlock-free: a worker's ring steps and its group's own
 //! steps both block until all of their peers arrive, so two loops that issued them in different
@@ -16,7 +18,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tessera_proto::v1 as pb;
@@ -35,23 +37,47 @@ pub(crate) struct RingRequest {
     pub sampling: wpb::Sampling,
     pub generation: Generation,
     pub events: Events,
+    /// When the client's deadline passes: the request then ends with `DEADLINE_EXCEEDED`.
+    pub deadline: Option<Instant>,
     pub request_id: String,
+}
+
+impl RingRequest {
+    /// Why the request must stop before its next step, if it must: its client went away, or
+    /// its deadline passed after `generated` tokens.
+    fn interrupted(&self, generated: usize) -> Result<(), Stop> {
+        if self.events.is_closed() {
+            return Err(Stop::Cancelled);
+        }
+        if crate::deadline::passed(self.deadline, Instant::now()) {
+            return Err(Stop::DeadlineExceeded { generated });
+        }
+        Ok(())
+    }
 }
 
 /// Why a ring request ended early.
 enum Stop {
     /// The client went away.
     Cancelled,
+    /// The client's deadline passed after `generated` tokens.
+    DeadlineExceeded { generated: usize },
     /// A worker refused or failed; `lost` names the groups that must be re-formed.
     Failed { status: Status, lost: Vec<(u64, String)> },
 }
 
 /// Serves `req` on a ring of `plan.size` groups, queueing until that many can be held.
 pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRequest) {
-    let lease = match hold(&cluster, plan, &req.events).await {
-        Ok(Some(lease)) => lease,
-        Ok(None) => {
+    let lease = match hold(&cluster, plan, &req).await {
+        Ok(Held::Lease(lease)) => lease,
+        Ok(Held::Cancelled) => {
             cluster.metrics.cancelled(1);
+            return;
+        }
+        // Nothing was sent to any worker yet, so there is nothing to free.
+        Ok(Held::Expired) => {
+            cluster.metrics.deadlines_exceeded(1);
+            let _ = req.events.send(Err(crate::deadline::exceeded(0)));
             return;
         }
         Err(e) => {
@@ -79,6 +105,10 @@ pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRe
             let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Finished(finished)) }));
         }
         Err(Stop::Cancelled) => cluster.metrics.cancelled(1),
+        Err(Stop::DeadlineExceeded { generated }) => {
+            cluster.metrics.deadlines_exceeded(1);
+            let _ = req.events.send(Err(crate::deadline::exceeded(generated)));
+        }
         Err(Stop::Failed { status, lost }) => {
             cluster.metrics.lost(1);
             let _ = req.events.send(Err(status));
@@ -90,10 +120,28 @@ pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRe
     drop(lease);
 }
 
-/// Holds the ring's groups and waits for them to finish what they run. `Ok(None)`: the client
-/// went away while waiting.
-async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, events: &Events) -> Result<Option<RingLease>, CoordinatorError> {
+/// How waiting for a ring's groups ended.
+enum Held {
+    Lease(RingLease),
+    /// The client went away while waiting.
+    Cancelled,
+    /// The client's deadline passed while waiting.
+    Expired,
+}
+
+/// Resolves when `deadline` passes; never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Holds the ring's groups and waits for them to finish what they run, unless the client goes
+/// away or its deadline passes first.
+async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, req: &RingRequest) -> Result<Held, CoordinatorError> {
     let _waiting = cluster.metrics.ring_waiting(plan.tokens);
+    let events = &req.events;
     // Wake-ups are registered before each check, so none between the check and the wait is lost.
     let lease = loop {
         let woken = cluster.idle.notified();
@@ -104,7 +152,8 @@ async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, events: &Events) -> Result
         }
         tokio::select! {
             _ = &mut woken => {}
-            _ = events.closed() => return Ok(None),
+            _ = events.closed() => return Ok(Held::Cancelled),
+            _ = until(req.deadline) => return Ok(Held::Expired),
         }
     };
     loop {
@@ -112,11 +161,12 @@ async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, events: &Events) -> Result
         tokio::pin!(woken);
         woken.as_mut().enable();
         if lease.members.iter().all(|m| m.active.load(Ordering::Relaxed) == 0) {
-            return Ok(Some(lease));
+            return Ok(Held::Lease(lease));
         }
         tokio::select! {
             _ = &mut woken => {}
-            _ = events.closed() => return Ok(None),
+            _ = events.closed() => return Ok(Held::Cancelled),
+            _ = until(req.deadline) => return Ok(Held::Expired),
         }
     }
 }
@@ -130,7 +180,9 @@ struct Ring<'a> {
 
 impl Ring<'_> {
     async fn run(&self, req: &mut RingRequest) -> Result<pb::Finished, Stop> {
+        req.interrupted(0)?;
         self.join().await?;
+        req.interrupted(0)?;
         let prefill = wpb::RingPrefill {
             prompt_len: req.prompt.len() as u32,
             tokens: Vec::new(),
@@ -140,10 +192,8 @@ impl Ring<'_> {
         let mut answer = self.step(req.seq, wpb::ring_step_request::Step::Prefill(prefill)).await?;
         let mut position = req.prompt.len() as u32;
         let mut last_token = None;
+        let mut generated = 0;
         loop {
-            if req.events.is_closed() {
-                return Err(Stop::Cancelled);
-            }
             last_token = Some(self.metrics.token(req.generation.arrived(), last_token, std::time::Instant::now()));
             let top = answer.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
             let emitted = req.generation.accept_with_top(answer.token, answer.logprob, top).map_err(|e| Stop::Failed {
@@ -156,6 +206,8 @@ impl Ring<'_> {
             if let Some(finished) = emitted.finished {
                 return Ok(finished);
             }
+            generated += 1;
+            req.interrupted(generated)?;
             let sampling = match emitted.resample {
                 Some(Resample::Raise { temperature }) => Some(wpb::Sampling { temperature, ..req.sampling.clone() }),
                 Some(Resample::Restore) => Some(req.sampling.clone()),

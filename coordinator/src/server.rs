@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::cluster::{Cluster, ClusterConfig};
+use crate::embed::cap_at_max_seq_length;
 use crate::error::CoordinatorError;
 use crate::limits::Limits;
 use crate::model::{ModelSpec, ServedModel};
@@ -50,7 +51,11 @@ impl Coordinator {
                 return Err(CoordinatorError::Config(format!("model name {:?} is used twice", m.name)));
             }
         }
-        let models = config.models.into_iter().map(|spec| ServedModel::load(spec).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let models = config
+            .models
+            .into_iter()
+            .map(|spec| ServedModel::load(spec).and_then(cap_at_max_seq_length).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
         let cluster = Cluster::new(models, config.cluster);
         let watch = registry.snapshot_and_watch().await?;
         let follower = tokio::spawn(cluster.clone().follow(watch));
@@ -60,6 +65,12 @@ impl Coordinator {
     /// Number of loaded groups; changes as groups form and are lost.
     pub fn serving_groups(&self) -> watch::Receiver<usize> {
         self.cluster.serving_groups()
+    }
+
+    /// Models whose workers refused them for good, by name with the reason; empty while every
+    /// model loads or serves.
+    pub fn failed_models(&self) -> watch::Receiver<Vec<(String, String)>> {
+        self.cluster.failed_models()
     }
 
     /// Serves `GET /metrics` (Prometheus text format) on `listener` until the returned task is

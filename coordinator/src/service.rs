@@ -77,7 +77,8 @@ impl Inference for InferenceService {
                     .into());
                 }
                 let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
-                let request = RingRequest { seq, prompt: prepared.prompt, sampling, generation, events, request_id: request_id.clone() };
+                let request =
+                    RingRequest { seq, prompt: prepared.prompt, sampling, generation, events, deadline, request_id: request_id.clone() };
                 tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, "generate on a ring");
                 tokio::spawn(ring::serve(self.cluster.clone(), plan, request));
                 return Ok(Response::new(UnboundedReceiverStream::new(stream)));

@@ -1,17 +1,19 @@
 //! `EmbedRequest` validation against an encoder (all-MiniLM-L6-v2 from `scripts/setup.sh`) and
-//! a decoder: caps, kinds, truncation only when asked and reported, `[SEP]` kept when cutting.
+//! a decoder: caps, kinds, truncation (to sentence-transformers' `max_seq_length`) only when
+//! asked and reported, `[SEP]` kept when cutting.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tessera_coordinator::embed::prepare_embed;
+use tessera_coordinator::embed::{cap_at_max_seq_length, prepare_embed};
 use tessera_coordinator::model::{ModelKind, ModelSpec, ServedModel};
 use tessera_coordinator::{CoordinatorError, Limits};
 use tessera_model::fixture::{demo, minilm_dir, write_fixture, WriteOptions};
 use tessera_proto::v1 as pb;
 
+/// A served model as the coordinator loads it.
 fn served(name: &str, dir: PathBuf, tp: usize) -> Result<ServedModel, CoordinatorError> {
-    ServedModel::load(ModelSpec { name: name.into(), dir, tp, dtype: "f32".into(), max_context: None })
+    ServedModel::load(ModelSpec { name: name.into(), dir, tp, dtype: "f32".into(), max_context: None }).and_then(cap_at_max_seq_length)
 }
 
 fn texts(model: &str, texts: &[&str], truncate: bool) -> pb::EmbedRequest {
@@ -31,7 +33,8 @@ fn embed_requests_are_checked_tokenized_and_cut_only_when_asked() {
     let decoder = write_fixture(&demo(), root.path(), &WriteOptions::default()).expect("demo");
     let encoder = served("minilm", minilm_dir(), 1).expect("load MiniLM");
     assert_eq!(encoder.kind, ModelKind::Encoder);
-    assert_eq!(encoder.max_context, 512);
+    // sentence_bert_config.json's max_seq_length, not the 512 positions.
+    assert_eq!(encoder.max_context, 256);
     let models = vec![Arc::new(encoder), Arc::new(served("demo", decoder, 1).expect("load demo"))];
     let limits = Limits::default();
 
@@ -39,16 +42,17 @@ fn embed_requests_are_checked_tokenized_and_cut_only_when_asked() {
     let ok = prepare_embed(texts("minilm", &["Hello world!", "你好"], false), &models, &limits).expect("prepare");
     assert_eq!(ok.inputs[0], vec![101, 7592, 2088, 999, 102]);
     assert_eq!((ok.inputs[1].first(), ok.inputs[1].last()), (Some(&101), Some(&102)));
-    let long = "word ".repeat(300);
-    assert_eq!(prepare_embed(texts("minilm", &[&long], false), &models, &limits).expect("300 words").inputs[0].len(), 302);
+    let long = "word ".repeat(254);
+    assert_eq!(prepare_embed(texts("minilm", &[&long], false), &models, &limits).expect("254 words").inputs[0].len(), 256);
 
-    let longer = "word ".repeat(700);
+    // Past max_seq_length but within the positions: refused, naming the limit, unless cut.
+    let longer = "word ".repeat(300);
     let m = invalid(prepare_embed(texts("minilm", &[&longer], false), &models, &limits));
-    assert!(m.contains("702 tokens") && m.contains("at most 512") && m.contains("truncate"), "{m}");
+    assert!(m.contains("302 tokens") && m.contains("at most 256") && m.contains("truncate"), "{m}");
     let cut = prepare_embed(texts("minilm", &["short", &longer], true), &models, &limits).expect("truncate");
     assert_eq!(cut.truncated, vec![false, true]);
-    assert_eq!(cut.inputs[1].len(), 512);
-    assert_eq!((cut.inputs[1][0], cut.inputs[1][511]), (101, 102), "[CLS] … [SEP] survive the cut");
+    assert_eq!(cut.inputs[1].len(), 256);
+    assert_eq!((cut.inputs[1][0], cut.inputs[1][255]), (101, 102), "[CLS] … [SEP] survive the cut");
 
     let ids = |lists: Vec<Vec<u32>>, truncate: bool| pb::EmbedRequest {
         model: "minilm".into(),
@@ -58,8 +62,8 @@ fn embed_requests_are_checked_tokenized_and_cut_only_when_asked() {
     };
     assert!(invalid(prepare_embed(ids(vec![vec![101, 30522, 102]], false), &models, &limits)).contains("30522"));
     assert!(invalid(prepare_embed(ids(vec![vec![]], false), &models, &limits)).contains("empty"));
-    let cut = prepare_embed(ids(vec![vec![7; 600]], true), &models, &limits).expect("cut ids");
-    assert_eq!((cut.inputs[0].len(), cut.truncated[0]), (512, true));
+    let cut = prepare_embed(ids(vec![vec![7; 300]], true), &models, &limits).expect("cut ids");
+    assert_eq!((cut.inputs[0].len(), cut.truncated[0]), (256, true));
 
     let both = pb::EmbedRequest { token_ids: vec![pb::TokenIds { ids: vec![101, 102] }], ..texts("minilm", &["a"], false) };
     assert!(invalid(prepare_embed(both, &models, &limits)).contains("either"));

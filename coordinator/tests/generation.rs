@@ -93,7 +93,10 @@ fn max_new_tokens_finishes_with_length_after_exactly_n_tokens() {
     let usage = f.usage.unwrap();
     assert_eq!(usage.completion_tokens, n as u32);
     assert_eq!(usage.prompt_tokens, PROMPT_TOKENS);
-    assert_eq!(s.text(), expected);
+    // Half a character is never sent: the cut-off bytes are withheld, their ids reported.
+    assert_eq!(s.text(), expected.trim_end_matches('\u{FFFD}'));
+    assert!(!s.text().contains('\u{FFFD}'), "{:?}", s.text());
+    assert_eq!(s.token_ids(), ids);
     // One chunk per token; the flush rides on the last one.
     assert_eq!(s.chunks.len(), n);
     for (i, c) in s.chunks.iter().enumerate() {
@@ -140,14 +143,12 @@ fn eos_finishes_unstreamed_and_flushes_held_back_text() {
     assert_eq!(s.token_ids(), text_ids, "EOS must not be streamed");
     assert_eq!(s.text(), "hello world");
 
-    // An incomplete character is flushed as the full decode shows it.
+    // An incomplete character at the end is withheld: no U+FFFD, the ids still reported.
     let partial = [CHINESE_IDS[0], CHINESE_IDS[1], EOS];
+    assert!(tok.decode(&partial[..2], true).unwrap().ends_with('\u{FFFD}'));
     let s = run(&tok, stopping(100), &partial);
     assert_eq!(s.finished().reason(), pb::FinishReason::Eos);
-    let last = s.chunks.last().unwrap();
-    assert!(last.tokens.is_empty());
-    assert_eq!(last.text, tok.decode(&partial[..2], true).unwrap());
-    assert!(!last.text.is_empty());
+    assert_eq!(s.text(), "");
     assert_eq!(s.token_ids(), &partial[..2]);
 }
 
@@ -243,18 +244,18 @@ fn text_that_only_looks_like_a_stop_string_is_released() {
 }
 
 #[test]
-fn stop_string_completed_by_the_final_flush_is_a_stop() {
+fn stop_strings_at_the_end_of_a_sequence() {
     let tok = tokenizer();
-    // The decoder holds back only incomplete characters and flushes them as the full decode
-    // shows them, U+FFFD, so only a stop string ending in one can be completed by the flush.
+    // The flush withholds a character cut off at the end, so a stop string cannot be completed
+    // by half a character: "风" then the first bytes of 和 end by length, as "风".
     let ids = &CHINESE_IDS[..4];
     assert_eq!(tok.decode(ids, true).unwrap(), "风\u{FFFD}");
     let s = run(&tok, Stopping { stop: vec!["风\u{FFFD}".into()], ..stopping(4) }, ids);
     assert_eq!(s.accepted, 4);
     let f = s.finished();
-    assert_eq!(f.reason(), pb::FinishReason::Stop);
-    assert_eq!(f.matched_stop, "风\u{FFFD}");
-    assert_eq!(s.text(), "", "the matched text must not leak through the flush");
+    assert_eq!(f.reason(), pb::FinishReason::Length);
+    assert_eq!(f.matched_stop, "");
+    assert_eq!(s.text(), "风");
     assert_eq!(s.token_ids(), ids);
 
     // A stop string completed by the last allowed token is a stop too, not a length finish.

@@ -71,3 +71,89 @@ fn quantized_dtypes_are_accepted_and_unknown_ones_refused() {
     let spec = ModelSpec { dtype: "q5_0".into(), ..spec(dir, None) };
     assert!(ServedModel::load(spec).is_err(), "q5_0 accepted");
 }
+
+fn refusal(spec: ModelSpec) -> String {
+    match ServedModel::load(spec) {
+        Ok(_) => panic!("the model was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A config with `architectures` removed, as some tools save it: `model_type` names the family,
+/// as transformers reads it. With neither, or an unknown one, the reason is given at start.
+#[test]
+fn configs_name_the_family_by_architectures_or_model_type() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let fixture = test_fixtures().into_iter().next().expect("fixture");
+    let dir = write_fixture(&fixture, root.path(), &WriteOptions::default()).expect("write fixture");
+    let path = dir.join("config.json");
+    let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
+    let write = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut config = original.clone();
+        edit(config.as_object_mut().expect("object"));
+        std::fs::write(&path, config.to_string()).expect("write");
+    };
+    write(&|c| {
+        c.remove("architectures");
+        c.insert("model_type".into(), "llama".into());
+    });
+    ServedModel::load(spec(dir.clone(), None)).expect("model_type alone names the family");
+    write(&|c| {
+        c.remove("architectures");
+        c.remove("model_type");
+    });
+    let why = refusal(spec(dir.clone(), None));
+    assert!(why.contains("neither `architectures` nor `model_type`"), "{why}");
+    write(&|c| {
+        c.insert("architectures".into(), serde_json::json!(["GPTNeoXForCausalLM"]));
+    });
+    let why = refusal(spec(dir.clone(), None));
+    assert!(why.contains("unsupported architecture") && why.contains("GPTNeoXForCausalLM"), "{why}");
+}
+
+#[test]
+fn a_template_that_always_raises_is_refused_at_start() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let fixture = test_fixtures().into_iter().next().expect("fixture");
+    let dir = write_fixture(&fixture, root.path(), &WriteOptions::default()).expect("write fixture");
+    std::fs::write(dir.join("chat_template.jinja"), "{{ raise_exception('this template is broken') }}").expect("write");
+    let why = refusal(spec(dir, None));
+    assert!(why.contains("chat_template.jinja") && why.contains("this template is broken"), "{why}");
+}
+
+/// Broken GGUF files are refused with what is wrong, before any worker is asked to load them.
+#[test]
+fn broken_gguf_files_are_refused_at_start() {
+    let real = std::fs::read(tessera_model::fixture::smollm2_gguf()).expect("read SmolLM2");
+    let root = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, bytes: &[u8]| {
+        let path = root.path().join(name);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    };
+    // The file itself loads.
+    let served = ServedModel::load(spec(write("whole.gguf", &real), None)).expect("SmolLM2 GGUF");
+    assert_eq!(served.eos, vec![2]);
+    assert!(served.chat.is_some(), "the GGUF's chat template");
+
+    // Cut inside the metadata, and cut inside the tensor data.
+    let why = refusal(spec(write("header.gguf", &real[..64 << 10]), None));
+    assert!(why.contains("invalid GGUF file"), "{why}");
+    let why = refusal(spec(write("data.gguf", &real[..real.len() / 2]), None));
+    assert!(why.contains("truncated"), "{why}");
+
+    // A tensor type Tessera has no kernel for (16: IQ2_XXS): its info's type field follows the
+    // name, the dimension count and the dimensions.
+    let mut patched = real.clone();
+    let name = b"token_embd.weight";
+    let at = patched.windows(name.len()).position(|w| w == name).expect("tensor info") + name.len();
+    let dims = u32::from_le_bytes(patched[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let ty = at + 4 + 8 * dims;
+    patched[ty..ty + 4].copy_from_slice(&16u32.to_le_bytes());
+    let why = refusal(spec(write("iq2.gguf", &patched), None));
+    assert!(why.contains("invalid GGUF file") && why.contains("16"), "{why}");
+
+    // Named as a file that is not GGUF.
+    let why = refusal(spec(write("model.bin", b"not a model"), None));
+    assert!(why.contains("not a .gguf file"), "{why}");
+}

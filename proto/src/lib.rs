@@ -22,6 +22,11 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tess
 /// agree on what fits without asking.
 pub const KV_BLOCK_TOKENS: u64 = 16;
 
+/// Metadata key a worker sets on an error `Status` whose cause retrying cannot fix (the
+/// model's files cannot be served as they are); the coordinator then marks the model failed
+/// instead of forming groups for it again.
+pub const PERMANENT_ERROR_KEY: &str = "tessera-permanent";
+
 /// Blocks that hold `tokens` KV entries.
 pub const fn kv_blocks(tokens: u64) -> u64 {
     tokens.div_ceil(KV_BLOCK_TOKENS)

@@ -5,9 +5,9 @@ usage: python scripts/golden/make_embedding_golden.py [MODEL_DIR] [OUT_FILE]
 
 MODEL_DIR defaults to what scripts/fetch_minilm.sh prints; OUT_FILE to
 tests/golden/minilm-embeddings.json. The file holds, per text, the token ids sentence-transformers
-fed the model (its own tokenizer call, padding removed) and the output vector (mean pooling +
-Normalize, float32 written as JSON numbers), plus the library versions and the sha256 of
-model.safetensors. worker/model/tests/bert_parity.rs checks Tessera's tokenization and
+fed the model (its own tokenizer call, padding removed, cut to max_seq_length), whether it cut
+them, and the output vector (mean pooling + Normalize, float32 written as JSON numbers), plus the
+library versions and the sha256 of model.safetensors. worker/model/tests/bert_parity.rs checks Tessera's tokenization and
 BertModel against it.
 """
 import hashlib
@@ -45,6 +45,26 @@ TEXTS = [
     "分布式推理集群可以同时服务多个模型。",
     "机器学习模型需要大量的数据进行训练。",
     "请问最近的地铁站在哪里？",
+    # Past max_seq_length (256), below the model's 512 positions: sentence-transformers cuts it
+    # to 256 tokens, and so must Tessera.
+    "A sequence-parallel ring serves a request that no single group can hold: the coordinator "
+    "holds several serving groups, waits for whatever they were running to finish, and joins "
+    "the workers of equal tensor-parallel rank into a ring by remote procedure calls. The prompt "
+    "is cut into twice as many chunks as there are members, and each member keeps one chunk "
+    "from the front and one from the back, so that the causal attention work is balanced among "
+    "them. During the prefill, blocks of keys and values travel around the ring, and every "
+    "member merges the partial attention it computes for each block exactly, by the log-sum-exp "
+    "of the scores, so the result does not depend on the order in which blocks arrive. During "
+    "decoding, each member attends over the slots it holds, one member appends the keys and "
+    "values of the new token, and the partial results are gathered and merged in member order, "
+    "so every rank obtains the same bits and samples the same token without talking to the "
+    "others. When the request finishes, is cancelled by its client, or runs past its deadline, "
+    "the coordinator asks every rank to leave the ring and release the sequence, and only then "
+    "does it tell the client how the request ended; the groups then take ordinary requests "
+    "again. Encoders are simpler: a whole model runs on one worker, requests that arrive while "
+    "it is busy are batched into its next call, and inputs longer than the model accepts are "
+    "refused unless the client asks for them to be truncated, in which case the response says "
+    "which inputs were cut and how many tokens the model actually saw.",
 ]
 
 
@@ -70,13 +90,21 @@ def main():
     model.eval()
 
     features = model.tokenize(TEXTS)
+    # Each text's full length, to tell which ones sentence-transformers cut to max_seq_length.
+    full = [len(model.tokenizer(t, truncation=False)["input_ids"]) for t in TEXTS]
     ids = []
-    for row, mask in zip(features["input_ids"].tolist(), features["attention_mask"].tolist()):
+    truncated = []
+    for row, mask, n_full in zip(features["input_ids"].tolist(), features["attention_mask"].tolist(), full):
         n = sum(mask)
         assert all(mask[:n]) and not any(mask[n:]), "expected right padding"
-        assert n < model.max_seq_length, f"a text reached max_seq_length {model.max_seq_length}: it was truncated"
+        cut = n_full > model.max_seq_length
+        assert n == (model.max_seq_length if cut else n_full), f"{n} of {n_full} tokens fed"
         ids.append(row[:n])
+        truncated.append(cut)
     assert max(len(i) for i in ids) > 128, "the long text should pass tokenizer.json's 128-token truncation"
+    assert any(truncated), f"a text should pass max_seq_length {model.max_seq_length}"
+    positions = model[0].auto_model.config.max_position_embeddings
+    assert max(full) < positions, f"every text should fit the model's {positions} positions"
 
     with torch.no_grad():
         vectors = model.encode(TEXTS, batch_size=len(TEXTS), convert_to_numpy=True, normalize_embeddings=False)
@@ -94,14 +122,14 @@ def main():
         "modules": [type(m).__name__ for m in model],
         "max_seq_length": model.max_seq_length,
         "cases": [
-            {"text": t, "ids": i, "vector": [float(x) for x in v]}
-            for t, i, v in zip(TEXTS, ids, vectors)
+            {"text": t, "ids": i, "truncated": c, "vector": [float(x) for x in v]}
+            for t, i, c, v in zip(TEXTS, ids, truncated, vectors)
         ],
     }
     with open(out, "w", encoding="utf-8") as f:
         json.dump(golden, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    print(f"wrote {out}: {len(TEXTS)} texts, token counts {[len(i) for i in ids]}")
+    print(f"wrote {out}: {len(TEXTS)} texts, token counts {full}, fed {[len(i) for i in ids]}")
 
 
 if __name__ == "__main__":

@@ -69,11 +69,11 @@ pub fn spawn_tessera<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> anyho
     Ok((process, line.trim().to_string()))
 }
 
-/// Starts `bin --threads T up --port 0 --model MODEL <args>` and waits for its "serving NAME on
+/// Starts `bin up --threads T --port 0 --model MODEL <args>` and waits for its "serving NAME on
 /// URL" line, printed once every group has loaded. Returns the process and the URL.
 pub fn spawn_up(bin: &Path, threads: usize, model: &Path, args: &[&str]) -> anyhow::Result<(ChildGuard, String)> {
     let threads = threads.to_string();
-    let mut all: Vec<&std::ffi::OsStr> = ["--threads", &threads, "up", "--port", "0", "--model"].map(std::ffi::OsStr::new).to_vec();
+    let mut all: Vec<&std::ffi::OsStr> = ["up", "--threads", &threads, "--port", "0", "--model"].map(std::ffi::OsStr::new).to_vec();
     all.push(model.as_os_str());
     all.extend(args.iter().map(std::ffi::OsStr::new));
     let (process, line) = spawn_tessera(bin, &all)?;

@@ -91,6 +91,8 @@ fn forbidden_dependency_edges_are_absent() {
         ("tessera-collective", "candle-core", &["tokio", "tonic", "prost", "etcd-client", "tessera-model"]),
         ("tessera-registry", "etcd-client", &["candle-core", "tessera-model", "tessera-proto"]),
         ("tessera-coordinator", "tokenizers", &["candle-core", "tessera-model", "tessera-worker"]),
+        // What a model path holds is read by the coordinator too: headers and small files only.
+        ("tessera-model-files", "tokenizers", &["candle-core", "tokio", "tonic", "tessera-model"]),
         ("tessera-worker", "tessera-model", &["tessera-coordinator", "tessera-registry", "etcd-client"]),
         ("tessera-proto", "tonic", &["candle-core", "etcd-client", "tessera-model"]),
     ];

@@ -1,6 +1,7 @@
 //! `tessera worker --etcd` against a real etcd: the worker registers itself with the address it
 //! printed, registers again after its lease is revoked behind its back, and revokes its own
 //! registration on SIGTERM so a watcher sees it leave long before the lease could expire.
+//! Registered but in no group, it reports itself alive but not ready.
 //!
 //! Every wait is on a membership event with a timeout, never a sleep.
 
@@ -82,15 +83,14 @@ async fn worker_registers_comes_back_after_losing_its_lease_and_revokes_on_sigte
     ensure!(record.kv_capacity_tokens == KV_CAPACITY_TOKENS, "kv capacity {}", record.kv_capacity_tokens);
     ensure!(record.version == env!("CARGO_PKG_VERSION"), "version {:?}", record.version);
 
-    // Probes see the worker serving, both as a process ("") and as a worker taking work.
+    // Probes see the process serving (""), but the worker not ready: no coordinator has put it
+    // in a group.
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    for service in ["", "tessera.worker.v1.Worker"] {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    for (service, want) in [("", ServingStatus::Serving), ("tessera.worker.v1.Worker", ServingStatus::NotServing)] {
         let answer = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await?.into_inner();
-        ensure!(
-            answer.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-            "health of {service:?}: {answer:?}"
-        );
+        ensure!(answer.status == want as i32, "health of {service:?}: {answer:?}, expected {want:?}");
     }
 
     // Revoke the worker's lease behind its back, as an operator (or an expiry) would.

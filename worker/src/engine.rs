@@ -3,6 +3,8 @@
 //! Collectives block, and a rank blocks its peers while it computes, so the math runs on one
 //! dedicated OS thread, never on the async runtime. Callers talk to it through
 //! [`EngineHandle`], a cloneable sender of commands that each carry their reply channel.
+//! Whether the engine serves a group is published after every command
+//! ([`EngineHandle::serving`]), for the worker's readiness.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -14,7 +16,7 @@ use candle_core::{DType, Device};
 use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
 use tessera_model::sampler::{Sampler, SamplingParams};
 use tessera_model::{Batch, BertModel, KvCache, LoadConfig, LogitsMode, Model, Quantization, SeqChunk, SeqId};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::WorkerError;
 
@@ -122,6 +124,8 @@ pub struct EngineHandle {
     /// `Assign`, so an assignment queued before a pause is undone by the pause's reset and one
     /// run after it is refused.
     accepting: Arc<AtomicBool>,
+    /// Whether the engine serves a group: its shard (or encoder) loaded, its peers connected.
+    serving: watch::Receiver<bool>,
 }
 
 impl EngineHandle {
@@ -130,9 +134,19 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let accepting = Arc::new(AtomicBool::new(true));
         let flag = Arc::clone(&accepting);
+        let (publish, serving) = watch::channel(false);
         // Built on its own thread: the engine holds a collective, which need not be `Send`.
-        std::thread::Builder::new().name("tessera-engine".into()).spawn(move || Engine::new(config, flag).run(rx))?;
-        Ok(Self { tx, accepting })
+        std::thread::Builder::new()
+            .name("tessera-engine".into())
+            .spawn(move || Engine::new(config, flag, publish).run(rx))?;
+        Ok(Self { tx, accepting, serving })
+    }
+
+    /// Whether the engine serves a group (shard loaded, rendezvous done), updated as that
+    /// changes: false while idle, assigned, failed, and after a reset. The sender closes when
+    /// the engine thread ends.
+    pub fn serving(&self) -> watch::Receiver<bool> {
+        self.serving.clone()
     }
 
     /// Refuses further assignments, then resets the engine: whatever group it belonged to is
@@ -220,11 +234,13 @@ struct Engine {
     config: EngineConfig,
     state: State,
     accepting: Arc<AtomicBool>,
+    /// Where [`EngineHandle::serving`] is published.
+    serving: watch::Sender<bool>,
 }
 
 impl Engine {
-    fn new(config: EngineConfig, accepting: Arc<AtomicBool>) -> Self {
-        Self { config, state: State::Idle, accepting }
+    fn new(config: EngineConfig, accepting: Arc<AtomicBool>, serving: watch::Sender<bool>) -> Self {
+        Self { config, state: State::Idle, accepting, serving }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
@@ -258,6 +274,10 @@ impl Engine {
                     let _ = reply.send(self.embed(&group, &inputs));
                 }
             }
+            // Any command may have moved the state (a step that breaks the collective fails
+            // the engine), so it is published after each; watchers hear only of changes.
+            let serving = matches!(self.state, State::Serving(_) | State::Encoding(_));
+            self.serving.send_if_modified(|s| std::mem::replace(s, serving) != serving);
         }
     }
 
@@ -318,9 +338,9 @@ impl Engine {
                 Box::new(TcpCollective::connect(TcpConfig::new(a.tp_rank, peers), listener)?)
             }
         };
-        let load = LoadConfig { dtype: a.dtype, quantization: a.quantization, tp_rank: a.tp_rank, tp_size: a.tp_size, device: Device::Cpu };
+        let load = LoadConfig { dtype: a.dtype, quantization: a.quantization, tp_rank: a.tp_rank, tp_size: a.tp_size, device: Device::Cpu, dequantize: false };
         let start = std::time::Instant::now();
-        let model = Model::load(&a.model_dir, &load)?;
+        let model = Model::load(&a.model_dir, &load).map_err(WorkerError::loading)?;
         tracing::info!(group = %a.group_id, rank = a.tp_rank, secs = start.elapsed().as_secs_f64(), "shard loaded");
         let kv = model.new_kv_cache();
         Ok(Serving { group_id: a.group_id.clone(), tp_rank: a.tp_rank, model, kv, comm, samplers: HashMap::new(), ring: None })
@@ -332,7 +352,7 @@ impl Engine {
             return Err(WorkerError::InvalidArgument(format!("an encoder runs on one rank, not tp {}", a.tp_size)));
         }
         let start = std::time::Instant::now();
-        let model = BertModel::load(&a.model_dir, &Device::Cpu)?;
+        let model = BertModel::load(&a.model_dir, &Device::Cpu).map_err(WorkerError::loading)?;
         tracing::info!(group = %a.group_id, secs = start.elapsed().as_secs_f64(), "encoder loaded");
         Ok(Encoding { group_id: a.group_id.clone(), model })
     }

@@ -17,6 +17,11 @@ pub enum WorkerError {
     Collective(#[from] CollectiveError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The model's files cannot be served as they are (bad config, unknown architecture,
+    /// missing or misshapen tensor, unsupported tensor type): retrying cannot help.
+    /// Boxed: a second inline `ModelError` would double the size of every `Result` here.
+    #[error("cannot load the model: {0}")]
+    Load(Box<ModelError>),
     #[error("cannot bind the collective endpoint: {0}")]
     Bind(std::io::Error),
     #[error("worker engine has stopped")]
@@ -39,6 +44,17 @@ pub enum WorkerError {
     WrongModelKind { group: String, loaded: &'static str, action: &'static str },
 }
 
+impl WorkerError {
+    /// Sorts a model-loading error: file-system and collective errors may pass (a mount not
+    /// ready yet, a peer restarting), anything about the files' content will not.
+    pub fn loading(e: ModelError) -> Self {
+        match e {
+            ModelError::Io { .. } | ModelError::Collective(_) | ModelError::ThreadPool(_) => Self::Model(e),
+            e => Self::Load(Box::new(e)),
+        }
+    }
+}
+
 impl From<WorkerError> for tonic::Status {
     fn from(e: WorkerError) -> Self {
         use tonic::Code;
@@ -56,7 +72,13 @@ impl From<WorkerError> for tonic::Status {
             },
             WorkerError::Model(ModelError::Collective(_)) => Code::Unavailable,
             WorkerError::Model(_) | WorkerError::Bind(_) => Code::Internal,
+            WorkerError::Load(_) => Code::FailedPrecondition,
         };
-        tonic::Status::new(code, e.to_string())
+        let permanent = matches!(e, WorkerError::Load(_));
+        let mut status = tonic::Status::new(code, e.to_string());
+        if permanent {
+            status.metadata_mut().insert(tessera_proto::PERMANENT_ERROR_KEY, tonic::metadata::MetadataValue::from_static("1"));
+        }
+        status
     }
 }

@@ -13,10 +13,8 @@ use anyhow::Context;
 use tessera_registry::{EtcdConfig, EtcdRegistry, Registration, Registry, RegistryError, Retry, WorkerRecord};
 use tessera_worker::Admission;
 use tokio::time::Instant;
-use tonic_health::server::HealthReporter;
-use tonic_health::ServingStatus;
 
-use super::WORKER_SERVICE;
+use super::readiness::Readiness;
 
 /// First pause between registration attempts; it doubles up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -40,7 +38,7 @@ pub async fn stay_registered(
     etcd: EtcdConfig,
     record: WorkerRecord,
     admission: Admission,
-    health: HealthReporter,
+    readiness: &Readiness,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> anyhow::Result<()> {
@@ -55,19 +53,20 @@ pub async fn stay_registered(
     loop {
         tokio::select! {
             () = shutdown.as_mut() => {
-                drain_then_leave(registration, &record, &admission, &health, drain).await;
+                drain_then_leave(registration, &record, &admission, readiness, drain).await;
                 return Ok(());
             }
             loss = registration.lost() => {
                 tracing::warn!(id = %record.id, ?loss, "worker registration lost; taking no new work until registered again");
+                readiness.close();
                 admission.pause().await.context("reset the engine after losing the registration")?;
-                health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
                 registration = match register(&registry, &record, Patience::Forever, shutdown.as_mut()).await? {
                     Some(registration) => registration,
                     None => return Ok(()),
                 };
                 admission.resume();
-                health.set_service_status(WORKER_SERVICE, ServingStatus::Serving).await;
+                // Ready again once a coordinator has put the worker in a group.
+                readiness.open();
                 tracing::info!(id = %record.id, lease = %registration.lease_id(), "worker registered again; taking new work");
             }
         }
@@ -79,10 +78,10 @@ const DRAIN_CHECK: Duration = Duration::from_millis(50);
 
 /// The graceful way out: announce `draining` (coordinators stop placing work here at once),
 /// let the sequences the engine holds finish for up to `drain`, then revoke.
-async fn drain_then_leave(registration: Registration, record: &WorkerRecord, admission: &Admission, health: &HealthReporter, drain: Duration) {
+async fn drain_then_leave(registration: Registration, record: &WorkerRecord, admission: &Admission, readiness: &Readiness, drain: Duration) {
     let id = &record.id;
     if !drain.is_zero() {
-        health.set_service_status(WORKER_SERVICE, ServingStatus::NotServing).await;
+        readiness.close();
         let draining = WorkerRecord { draining: true, ..record.clone() };
         match registration.update(draining).await {
             Ok(()) => {

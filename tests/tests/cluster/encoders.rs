@@ -13,7 +13,9 @@ use crate::support::*;
 
 struct Case {
     text: String,
+    /// What sentence-transformers fed the model: cut to its max_seq_length when `truncated`.
     ids: Vec<u32>,
+    truncated: bool,
     vector: Vec<f64>,
 }
 
@@ -25,6 +27,7 @@ fn golden() -> Vec<Case> {
         .map(|c| Case {
             text: c["text"].as_str().expect("text").to_string(),
             ids: c["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect(),
+            truncated: c["truncated"].as_bool().expect("truncated"),
             vector: c["vector"].as_array().expect("vector").iter().map(|v| v.as_f64().expect("f")).collect(),
         })
         .collect()
@@ -51,18 +54,25 @@ async fn an_encoder_and_a_decoder_serve_side_by_side() {
     let models = client.list_models(pb::ListModelsRequest {}).await.expect("list models").into_inner().models;
     let kind = |name: &str| models.iter().find(|m| m.name == name).map(|m| (m.kind, m.tp, m.max_context, m.serving_groups));
     assert_eq!(kind("demo"), Some((pb::ModelKind::Decoder as i32, 1, 4096, 1)), "{models:?}");
-    assert_eq!(kind("minilm"), Some((pb::ModelKind::Encoder as i32, 1, 512, 1)), "{models:?}");
+    // sentence-transformers' max_seq_length (sentence_bert_config.json), not the 512 positions.
+    assert_eq!(kind("minilm"), Some((pb::ModelKind::Encoder as i32, 1, 256, 1)), "{models:?}");
 
-    // Texts, tokenized by the coordinator: the golden ids' lengths and vectors.
+    // Texts, tokenized by the coordinator and cut as sentence-transformers cuts them: the golden
+    // ids' lengths and vectors.
     let cases = golden();
-    let texts = cases.iter().map(|c| c.text.clone()).collect();
-    let out = client.embed(embed_texts(texts, false)).await.expect("embed texts").into_inner().embeddings;
+    assert!(cases.iter().any(|c| c.truncated), "the golden must hold a text past max_seq_length");
+    let texts: Vec<String> = cases.iter().map(|c| c.text.clone()).collect();
+    let out = client.embed(embed_texts(texts.clone(), true)).await.expect("embed texts").into_inner().embeddings;
     assert_eq!(out.len(), cases.len());
     for (e, c) in out.iter().zip(&cases) {
         let cos = cosine(&e.values, &c.vector);
         assert!(cos >= 0.9999, "cosine {cos} for {:?}", c.text);
-        assert_eq!((e.tokens as usize, e.truncated), (c.ids.len(), false), "{:?}", c.text);
+        assert_eq!((e.tokens as usize, e.truncated), (c.ids.len(), c.truncated), "{:?}", c.text);
     }
+    // Without truncate, the text past max_seq_length is refused, naming the limit.
+    let refused = client.embed(embed_texts(texts, false)).await.expect_err("a text past max_seq_length");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("at most 256"), "{}", refused.message());
     // Token ids as given.
     let by_ids = pb::EmbedRequest {
         model: "minilm".into(),
@@ -78,7 +88,7 @@ async fn an_encoder_and_a_decoder_serve_side_by_side() {
     // still gets its own vector.
     let singles = cases.iter().map(|c| {
         let mut client = client.clone();
-        let request = embed_texts(vec![c.text.clone()], false);
+        let request = embed_texts(vec![c.text.clone()], true);
         async move { client.embed(request).await.expect("concurrent embed").into_inner().embeddings }
     });
     for (out, c) in futures::future::join_all(singles).await.iter().zip(&cases) {
@@ -86,13 +96,13 @@ async fn an_encoder_and_a_decoder_serve_side_by_side() {
         assert!(cosine(&out[0].values, &c.vector) >= 0.9999, "concurrent {:?}", c.text);
     }
 
-    // Past the model's 512 positions: refused, or cut and reported when asked.
+    // Past the model's 512 positions too: refused, or cut to max_seq_length and reported.
     let long = "tessera ".repeat(600);
     let refused = client.embed(embed_texts(vec![long.clone()], false)).await.expect_err("too long");
     assert_eq!(refused.code(), Code::InvalidArgument);
-    assert!(refused.message().contains("at most 512"), "{}", refused.message());
+    assert!(refused.message().contains("at most 256"), "{}", refused.message());
     let cut = client.embed(embed_texts(vec!["short".into(), long], true)).await.expect("truncate").into_inner().embeddings;
-    assert_eq!((cut[0].truncated, cut[1].truncated, cut[1].tokens), (false, true, 512));
+    assert_eq!((cut[0].truncated, cut[1].truncated, cut[1].tokens), (false, true, 256));
 
     // Each kind refuses the other's call; the decoder still generates.
     let generate_on_encoder = pb::GenerateRequest { model: "minilm".into(), ..greedy(prompt("hello"), 4) };

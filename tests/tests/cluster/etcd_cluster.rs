@@ -60,6 +60,47 @@ async fn etcd_tp2_group_streams_the_tp1_greedy_tokens() {
     }
 }
 
+/// The name a worker's readiness is reported under.
+const WORKER_SERVICE: &str = "tessera.worker.v1.Worker";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_ready_only_while_its_group_serves() {
+    let etcd = EtcdServer::start().await;
+    let dir = fixture(&demo(), "worker-health");
+    let (_a, a_url) = etcd_worker_at(&etcd.url(), "w-a", TTL_SECS, 65536).expect("start w-a");
+    // Registered, in no group: the process is alive, the worker not ready.
+    assert_eq!(service_health(&a_url, "").await.expect("health of the process"), ServingStatus::Serving);
+    assert_eq!(service_health(&a_url, WORKER_SERVICE).await.expect("health of w-a"), ServingStatus::NotServing);
+
+    // A coordinator that sees it still has no group for it: TP=2 needs a second worker.
+    let coordinator = coordinator(&dir, &etcd.url(), 2).expect("start coordinator");
+    let mut client = connect(&coordinator.url).await;
+    let seen = async {
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tick.tick().await;
+            if client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner().workers.len() == 1 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, seen).await.expect("the coordinator did not see w-a in time");
+    assert_eq!(service_health(&a_url, WORKER_SERVICE).await.expect("health of w-a"), ServingStatus::NotServing);
+
+    // With a second worker the group forms, and both report SERVING once their shards are loaded.
+    let (mut b, b_url) = etcd_worker_at(&etcd.url(), "w-b", TTL_SECS, 65536).expect("start w-b");
+    wait_health(&coordinator.url, ServingStatus::Serving).await.expect("the group loaded");
+    for url in [&a_url, &b_url] {
+        wait_service_health(url, WORKER_SERVICE, ServingStatus::Serving).await.expect("a grouped worker is ready");
+    }
+
+    // w-b dies: the coordinator tears the group down and resets w-a, which is not ready again.
+    b.0.kill().expect("SIGKILL w-b");
+    wait_health(&coordinator.url, ServingStatus::NotServing).await.expect("the group was torn down");
+    wait_service_health(&a_url, WORKER_SERVICE, ServingStatus::NotServing).await.expect("a reset worker is not ready");
+    assert_eq!(service_health(&a_url, "").await.expect("health of the process"), ServingStatus::Serving);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_fails_its_stream_fast_and_a_new_worker_restores_service() {
     let etcd = EtcdServer::start().await;

@@ -86,3 +86,71 @@ async fn rings_of_tp2_groups_and_rings_chosen_for_prefill_cost_give_the_same_tok
     let short = generate(&mut client, greedy(tokens(prompt[..100].to_vec()), 4)).await.expect("short prompt");
     assert_eq!(sp_of(&short), Some((1, 1)), "a short prompt stays on one group");
 }
+
+/// Two unlimited groups where prompts of 600+ tokens go to a ring: a 1,500-token prompt is served
+/// by a ring of both.
+fn ring_of_two(name: &str) -> Served {
+    up(&fixture(&demo(), name), &["--workers", "2", "--tp", "1", "--ring-prefill-tokens", "600"]).expect("tessera up, ring rule")
+}
+
+fn ring_request(max_new_tokens: u32) -> pb::GenerateRequest {
+    greedy(tokens((0..1500).map(|i| 5 + (i * 53 % 290) as u32).collect()), max_new_tokens)
+}
+
+/// Asserts that no worker holds a sequence or a KV block, then that the groups serve again: a
+/// ring request (every worker left the ring, so a new one forms over the same groups) and a
+/// short one.
+async fn assert_freed_and_serving(client: &Client) {
+    let status = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+    assert!(status.workers.iter().all(|w| w.sequences == 0 && w.kv_blocks == 0), "{:?}", status.workers);
+    let ring = generate(&mut client.clone(), ring_request(4)).await.expect("a ring request afterwards");
+    assert_eq!(ring.started.as_ref().and_then(|s| s.placement.as_ref()).map(|p| (p.sp, p.tp)), Some((2, 1)));
+    assert_eq!(ring.tokens().len(), 4);
+    let short = generate(&mut client.clone(), greedy(prompt("Hello"), 4)).await.expect("a short request afterwards");
+    assert_eq!(short.tokens().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_request_past_its_deadline_leaves_the_ring_then_ends_deadline_exceeded() {
+    let cluster = ring_of_two("ring-deadline");
+    let client = connect(&cluster.url).await;
+
+    // 2,000 ring steps take far longer than 300 ms.
+    let mut request = tonic::Request::new(ring_request(2000));
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let mut stream = client.clone().generate(request).await.expect("accepted").into_inner();
+    let status = until_error(&mut stream).await;
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("deadline passed after"), "{}", status.message());
+    let counters = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner().counters;
+    assert_eq!(counters.map(|c| c.deadlines_exceeded), Some(1));
+    // The ring was left on every rank before the error was sent.
+    assert_freed_and_serving(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_request_cancelled_mid_stream_leaves_the_ring() {
+    let cluster = ring_of_two("ring-cancel");
+    let client = connect(&cluster.url).await;
+
+    let mut stream = client.clone().generate(ring_request(2000)).await.expect("accepted").into_inner();
+    let first = stream.message().await.expect("stream healthy").and_then(|m| m.event);
+    let Some(pb::generate_response::Event::Started(started)) = first else { panic!("expected Started first, got {first:?}") };
+    assert_eq!(started.placement.map(|p| p.sp), Some(2), "served by a ring");
+    read_chunks(&mut stream, 2).await;
+    drop(stream);
+
+    // The ring counts the cancellation once it has left the ring on every rank.
+    let cancelled = async {
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tick.tick().await;
+            let status = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
+            if status.counters.and_then(|c| c.finished.get("CANCELLED").copied()) == Some(1) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, cancelled).await.expect("the ring did not notice the cancellation in time");
+    assert_freed_and_serving(&client).await;
+}

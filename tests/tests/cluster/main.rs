@@ -7,5 +7,6 @@ mod encoders;
 mod etcd_cluster;
 mod local_cluster;
 mod long_context;
+mod real_models;
 mod serving;
 mod support;

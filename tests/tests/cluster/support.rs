@@ -86,9 +86,14 @@ pub fn etcd_worker(etcd: &str, id: &str, lease_ttl_secs: u64) -> anyhow::Result<
 
 /// [`etcd_worker`] with a given KV capacity.
 pub fn etcd_worker_with_kv(etcd: &str, id: &str, lease_ttl_secs: u64, kv_tokens: u64) -> anyhow::Result<ChildGuard> {
+    Ok(etcd_worker_at(etcd, id, lease_ttl_secs, kv_tokens)?.0)
+}
+
+/// [`etcd_worker_with_kv`], also returning the worker's gRPC URL.
+pub fn etcd_worker_at(etcd: &str, id: &str, lease_ttl_secs: u64, kv_tokens: u64) -> anyhow::Result<(ChildGuard, String)> {
     let (ttl, kv) = (lease_ttl_secs.to_string(), kv_tokens.to_string());
-    let (guard, _addr) = tessera_tests::spawn_worker(&["--id", id, "--etcd", etcd, "--lease-ttl-secs", &ttl, "--kv-capacity-tokens", &kv])?;
-    Ok(guard)
+    let (guard, addr) = tessera_tests::spawn_worker(&["--id", id, "--etcd", etcd, "--lease-ttl-secs", &ttl, "--kv-capacity-tokens", &kv])?;
+    Ok((guard, format!("http://{addr}")))
 }
 
 /// How often [`until_serving_groups`] and similar waits ask again.
@@ -122,9 +127,21 @@ pub async fn connect(url: &str) -> Client {
 /// Waits (on the health service's watch stream, not by polling) until the inference service
 /// reports `want`.
 pub async fn wait_health(url: &str, want: ServingStatus) -> anyhow::Result<()> {
+    wait_service_health(url, "tessera.v1.Inference", want).await
+}
+
+/// What the health service at `url` says of `service` now.
+pub async fn service_health(url: &str, service: &str) -> anyhow::Result<ServingStatus> {
     let mut health = HealthClient::new(channel(url).await);
-    let mut stream =
-        health.watch(HealthCheckRequest { service: "tessera.v1.Inference".into() }).await?.into_inner();
+    let answer = health.check(HealthCheckRequest { service: service.into() }).await?.into_inner();
+    ServingStatus::try_from(answer.status).context("unknown serving status")
+}
+
+/// Waits (on the health service's watch stream, not by polling) until `service` at `url`
+/// reports `want`.
+pub async fn wait_service_health(url: &str, service: &str, want: ServingStatus) -> anyhow::Result<()> {
+    let mut health = HealthClient::new(channel(url).await);
+    let mut stream = health.watch(HealthCheckRequest { service: service.into() }).await?.into_inner();
     let wait = async {
         while let Some(update) = stream.message().await? {
             if update.status == want as i32 {

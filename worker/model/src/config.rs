@@ -30,6 +30,16 @@ impl Architecture {
         }
     }
 
+    /// The family named by `model_type` (used when `architectures` is absent).
+    fn from_model_type(model_type: &str) -> Result<Self> {
+        match model_type {
+            "llama" => Ok(Self::Llama),
+            "mistral" => Ok(Self::Mistral),
+            "qwen2" => Ok(Self::Qwen2),
+            other => Err(ModelError::UnsupportedArchitecture(format!("model_type {other:?}"))),
+        }
+    }
+
     /// The name Hugging Face uses in `architectures`.
     pub fn hf_name(self) -> &'static str {
         match self {
@@ -117,6 +127,7 @@ pub struct ModelConfig {
 #[derive(Debug, Deserialize)]
 struct RawConfig {
     architectures: Option<Vec<String>>,
+    model_type: Option<String>,
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,
@@ -141,14 +152,17 @@ struct RawConfig {
 }
 
 impl ModelConfig {
-    /// Reads and validates `dir/config.json`.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
-        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-        Self::from_json_bytes(&bytes).map_err(|e| match e {
-            ModelError::ConfigJson { source, .. } => ModelError::ConfigJson { path, source },
-            other => other,
-        })
+    /// Reads and validates the config of the model at `path`: a directory's `config.json`, or
+    /// a GGUF file's metadata (`model_files.rs` says which).
+    pub fn from_dir(path: &Path) -> Result<Self> {
+        Self::from_value(tessera_model_files::ModelFiles::locate(path)?.config_json()?)
+    }
+
+    /// Validates a parsed `config.json` document.
+    pub fn from_value(value: Value) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_value(value)
+            .map_err(|source| ModelError::ConfigJson { path: "config.json".into(), source })?;
+        Self::from_raw(raw)
     }
 
     /// Parses and validates a `config.json` document.
@@ -166,7 +180,15 @@ impl ModelConfig {
                     "expected exactly one entry in `architectures`, found {names:?}"
                 )))
             }
-            None => return Err(ModelError::InvalidConfig("`architectures` is missing".into())),
+            // transformers loads such a directory by its `model_type`.
+            None => match raw.model_type.as_deref() {
+                Some(t) => Architecture::from_model_type(t)?.hf_name().to_string(),
+                None => {
+                    return Err(ModelError::InvalidConfig(
+                        "config.json has neither `architectures` nor `model_type`, so the model family is unknown".into(),
+                    ))
+                }
+            },
         };
         let architecture = Architecture::from_hf_name(&arch_name)?;
         if let Some(act) = raw.hidden_act.as_deref() {

@@ -69,3 +69,16 @@ pub enum ModelError {
 
 /// Result of model operations.
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+impl From<tessera_model_files::FilesError> for ModelError {
+    fn from(e: tessera_model_files::FilesError) -> Self {
+        use tessera_model_files::FilesError as F;
+        match e {
+            F::Io { path, source } => Self::Io { path, source },
+            F::Json { path, source } => Self::ConfigJson { path, source },
+            F::UnsupportedArchitecture(a) => Self::UnsupportedArchitecture(a),
+            F::UnsupportedRopeType(r) => Self::UnsupportedRopeType(r),
+            other => Self::InvalidConfig(other.to_string()),
+        }
+    }
+}

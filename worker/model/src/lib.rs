@@ -45,6 +45,7 @@ pub use error::{ModelError, Result};
 pub use kv_cache::{blocks_for, KvCache, RingPlacement, SeqId, KV_BLOCK_TOKENS};
 pub use linear::Quantization;
 pub use model::{LoadConfig, Model};
+pub use tessera_model_files::{ChatTemplateText, ModelFiles};
 pub use parallel::TpLayout;
 pub use pool::limit_candle_spinning;
 pub use ring::{AppendOn, DecodeStep, LocalLogits, PrefillStep, RingComm, RingLogits, RingOutput, RingStep};

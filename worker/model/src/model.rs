@@ -38,11 +38,14 @@ pub struct LoadConfig {
     pub tp_rank: usize,
     pub tp_size: usize,
     pub device: Device,
+    /// Dequantize the projections a GGUF file stores quantized into `dtype` on load, as
+    /// transformers' GGUF loader does: the reference path for parity with it.
+    pub dequantize: bool,
 }
 
 impl Default for LoadConfig {
     fn default() -> Self {
-        Self { dtype: DType::F32, quantization: None, tp_rank: 0, tp_size: 1, device: Device::Cpu }
+        Self { dtype: DType::F32, quantization: None, tp_rank: 0, tp_size: 1, device: Device::Cpu, dequantize: false }
     }
 }
 
@@ -91,7 +94,7 @@ impl Model {
             mb,
             "loading model shard"
         );
-        let ckpt = Checkpoint::open(dir, load.dtype, &load.device)?;
+        let ckpt = Checkpoint::open(dir, load.dtype, &load.device)?.dequantizing(load.dequantize);
         if let Some((heads, kv)) = ckpt.permuted_heads() {
             if (heads, kv) != (config.num_attention_heads, config.num_key_value_heads) {
                 return Err(ModelError::InvalidConfig(format!(

@@ -48,6 +48,8 @@ pub struct Checkpoint {
     dir: PathBuf,
     dtype: DType,
     device: Device,
+    /// Read quantized GGUF projections as float tensors (`LoadConfig::dequantize`).
+    dequantize: bool,
 }
 
 enum Source {
@@ -68,12 +70,18 @@ impl Checkpoint {
     /// Opens `model.safetensors`, or every file listed by `model.safetensors.index.json`, or
     /// else the directory's only `*.gguf` file. Float tensors are converted to `dtype` as they
     /// are read.
+    /// `dir` may also be a GGUF file itself.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if dir.is_file() {
+            let file = GgufFile::open(dir)?;
+            let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+            return Ok(Self { source: Source::Gguf(file), dir: parent, dtype, device: device.clone(), dequantize: false });
+        }
         let has_safetensors = dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists();
         if !has_safetensors {
             if let Some(path) = gguf::find_gguf(dir)? {
                 let file = GgufFile::open(&path)?;
-                return Ok(Self { source: Source::Gguf(file), dir: dir.to_path_buf(), dtype, device: device.clone() });
+                return Ok(Self { source: Source::Gguf(file), dir: dir.to_path_buf(), dtype, device: device.clone(), dequantize: false });
             }
         }
         let index_path = dir.join("model.safetensors.index.json");
@@ -107,7 +115,14 @@ impl Checkpoint {
         let files = unsafe { MmapedSafetensors::multi(&paths) }
             .map_err(|source| ModelError::Safetensors { path: dir.to_path_buf(), source })?;
         let names = files.tensors().into_iter().map(|(name, _)| name).collect();
-        Ok(Self { source: Source::Safetensors { files, names }, dir: dir.to_path_buf(), dtype, device: device.clone() })
+        Ok(Self { source: Source::Safetensors { files, names }, dir: dir.to_path_buf(), dtype, device: device.clone(), dequantize: false })
+    }
+
+    /// Reads projections a GGUF file stores quantized as float tensors of the checkpoint's
+    /// dtype instead of keeping their blocks.
+    pub fn dequantizing(mut self, dequantize: bool) -> Self {
+        self.dequantize = dequantize;
+        self
     }
 
     pub fn dtype(&self) -> DType {
@@ -135,7 +150,7 @@ impl Checkpoint {
     /// sharding, if given. The shard's `in` length must fill whole quantization blocks.
     pub fn get_weight(&self, name: &str, full_shape: [usize; 2], shard: Shard, quant: Option<Quantization>) -> Result<Weight> {
         if let Source::Gguf(g) = &self.source {
-            if g.is_quantized(name) {
+            if g.is_quantized(name) && !self.dequantize {
                 let q = g.get(name, &full_shape, shard)?.into_qtensor(&self.device)?;
                 return Ok(Weight::Quantized(std::sync::Arc::new(q)));
             }

@@ -22,13 +22,17 @@ fn workspace_root() -> PathBuf {
 
 #[derive(Deserialize)]
 struct Golden {
+    /// The longest input sentence-transformers feeds the model; longer texts were cut to it.
+    max_seq_length: usize,
     cases: Vec<Case>,
 }
 
 #[derive(Deserialize)]
 struct Case {
     text: String,
+    /// What sentence-transformers fed the model: cut to `max_seq_length` when `truncated`.
     ids: Vec<u32>,
+    truncated: bool,
     vector: Vec<f64>,
 }
 
@@ -65,13 +69,28 @@ fn minilm_matches_sentence_transformers() {
     assert!(model.head().normalize, "modules.json lists Normalize");
     assert_eq!(model.dim(), 384);
 
+    // sentence-transformers cuts every input to its max_seq_length (from
+    // sentence_bert_config.json), not to the model's positions; the model takes no more.
+    let max = model.max_tokens();
+    assert_eq!(max, golden.max_seq_length, "the model's input limit is sentence-transformers' max_seq_length");
     let mut ids = Vec::new();
+    let mut cut = 0;
     for case in &golden.cases {
         let enc = tok.encode(case.text.as_str(), true).expect("tokenize");
-        assert_eq!(enc.get_ids(), case.ids.as_slice(), "token ids of {:?}", case.text);
-        ids.push(enc.get_ids().to_vec());
+        let mut got = enc.get_ids().to_vec();
+        assert_eq!(got.len() > max, case.truncated, "{} tokens of {:?}", got.len(), case.text);
+        if got.len() > max {
+            // As the tokenizer truncates: the first max - 1 tokens, then the closing [SEP].
+            let sep = got[got.len() - 1];
+            got.truncate(max - 1);
+            got.push(sep);
+            cut += 1;
+        }
+        assert_eq!(got, case.ids, "token ids of {:?}", case.text);
+        ids.push(got);
     }
     assert!(ids.iter().any(|i| i.len() > 128), "a golden text must be longer than tokenizer.json's 128");
+    assert!(cut > 0, "a golden text must be longer than max_seq_length, so the cut is checked");
 
     // One padded batch, then every text alone: padding must not move a vector.
     let batched = model.embed(&ids).expect("embed batch");
@@ -95,10 +114,11 @@ fn minilm_matches_sentence_transformers() {
 }
 
 #[test]
-fn inputs_past_the_positions_are_refused_not_cut() {
+fn inputs_past_max_seq_length_are_refused_not_cut() {
     let model = BertModel::load(&minilm_dir(), &Device::Cpu).expect("load MiniLM");
     let max = model.max_tokens();
-    assert_eq!(max, 512);
+    // sentence_bert_config.json's max_seq_length, below the 512 positions.
+    assert_eq!((max, model.config().max_position_embeddings), (256, 512));
     let ok = vec![101u32, 2023, 102];
     let long = vec![1996u32; max + 1];
     match model.embed(&[ok.clone(), long]) {
@@ -110,7 +130,7 @@ fn inputs_past_the_positions_are_refused_not_cut() {
     assert!(matches!(model.embed(&[vec![101u32, 30522, 102]]), Err(ModelError::InvalidBatch(_))));
     assert!(matches!(model.embed::<Vec<u32>>(&[]), Err(ModelError::InvalidBatch(_))));
     // Exactly the maximum is fine.
-    let full = model.embed(&[vec![1996u32; max]]).expect("embed 512 tokens");
+    let full = model.embed(&[vec![1996u32; max]]).expect("embed 256 tokens");
     assert_eq!(full[0].len(), 384);
 }
 

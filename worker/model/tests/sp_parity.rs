@@ -12,17 +12,17 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use common::ring::{run_ring, RankTrace};
 use common::{run_trace, spec};
 use tessera_model::fixture::max_rel_diff;
-use tessera_collective::{Collective as _, InProcessGroup, SingleRank};
+use tessera_collective::{InProcessGroup, SingleRank};
 use tessera_model::fixture::{write_fixture, FixtureSpec, WriteOptions};
-use tessera_model::sampler::{argmax, SeededRng};
+use tessera_model::sampler::SeededRng;
 use tessera_model::{
     AppendOn, Batch, DecodeStep, LoadConfig, LogitsMode, Model, ModelError, PrefillStep, RingComm, RingLogits,
     RingStep, SeqChunk, ZigzagLayout,
 };
 
-const SEQ: u64 = 7;
 const STEPS: usize = 32;
 const TOLERANCE: f32 = 1e-4;
 /// Fixtures of every shape the ring must handle: GQA; q/k/v biases with tied embeddings and one
@@ -50,92 +50,6 @@ fn fixture_dir(name: &str) -> PathBuf {
 fn prompt(len: usize, seed: u64) -> Vec<u32> {
     let mut rng = SeededRng::new(seed);
     (0..len).map(|_| 3 + (rng.next_u64() % 317) as u32).collect()
-}
-
-/// What one rank of one member computed.
-#[derive(Debug, Clone)]
-struct RankTrace {
-    member: usize,
-    /// Prefill logits of this member's rows, with their global positions.
-    local: Vec<(usize, Vec<f32>)>,
-    /// Prefill logits of the prompt's last token.
-    last: Vec<f32>,
-    decode: Vec<Vec<f32>>,
-    greedy: Vec<u32>,
-    /// Tokens cached here, and this rank's record of every member's count.
-    cached: usize,
-    held: Vec<usize>,
-}
-
-fn rows(t: &candle_core::Tensor) -> Vec<Vec<f32>> {
-    t.to_vec2::<f32>().expect("logits to host")
-}
-
-/// Prefill `prompt` over the ring, then `steps` greedy decode steps, on one rank.
-fn ring_trace(model: &Model, comm: &mut RingComm, prompt: &[u32], steps: usize, append: AppendOn) -> RankTrace {
-    let member = comm.sp.rank();
-    let layout = ZigzagLayout::new(prompt.len(), comm.sp.world_size()).expect("layout");
-    let tokens = layout.local_tokens(prompt, member).expect("local tokens");
-    let mut kv = model.new_kv_cache();
-    let step = RingStep::Prefill(PrefillStep { seq: SEQ, prompt_len: prompt.len(), tokens: &tokens });
-    let out = model.forward_ring(&step, &mut kv, comm, RingLogits::LastAndLocal).expect("ring prefill");
-    let local = out.local.expect("local rows");
-    let local = local.positions.into_iter().zip(rows(&local.logits)).collect();
-    let last = rows(&out.last).remove(0);
-    let mut next = argmax(&last);
-    let mut greedy = vec![next];
-    let mut decode = Vec::with_capacity(steps);
-    for i in 0..steps {
-        let step = RingStep::Decode(DecodeStep { seq: SEQ, token: next, position: prompt.len() + i, append });
-        let out = model.forward_ring(&step, &mut kv, comm, RingLogits::Last).expect("ring decode");
-        let row = rows(&out.last).remove(0);
-        next = argmax(&row);
-        decode.push(row);
-        if i + 1 < steps {
-            greedy.push(next);
-        }
-    }
-    let placement = kv.ring(SEQ).expect("ring placement");
-    RankTrace {
-        member,
-        local,
-        last,
-        decode,
-        greedy,
-        cached: kv.len(SEQ).expect("cached"),
-        held: placement.held().to_vec(),
-    }
-}
-
-/// Runs `ring_trace` on R × T threads: member m, tensor rank t talks to its member's group of T
-/// and to the ring of the R ranks with tensor rank t.
-fn run_ring(dir: &Path, sp: usize, tp: usize, prompt: &[u32], steps: usize, append: AppendOn) -> Vec<RankTrace> {
-    let mut groups: Vec<Vec<InProcessGroup>> = (0..sp).map(|_| InProcessGroup::new(tp)).collect();
-    let mut rings: Vec<Vec<InProcessGroup>> = (0..tp).map(|_| InProcessGroup::new(sp)).collect();
-    // Hand out in reverse so `pop` yields each rank's own handle.
-    let mut ranks = Vec::new();
-    for m in (0..sp).rev() {
-        for t in (0..tp).rev() {
-            let tp_comm = groups[m].pop().expect("tp handle");
-            let sp_comm = rings[t].pop().expect("sp handle");
-            ranks.push((m, t, tp_comm, sp_comm));
-        }
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .map(|(m, t, mut tp_comm, mut sp_comm)| {
-                s.spawn(move || {
-                    assert_eq!((tp_comm.rank(), sp_comm.rank()), (t, m));
-                    let load = LoadConfig { tp_rank: t, tp_size: tp, ..LoadConfig::default() };
-                    let model = Model::load(dir, &load).expect("load shard");
-                    let mut comm = RingComm { tp: &mut tp_comm, sp: &mut sp_comm };
-                    ring_trace(&model, &mut comm, prompt, steps, append)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
-    })
 }
 
 /// The SP=1/TP=1 reference, computed once per fixture and prompt length.
@@ -193,7 +107,7 @@ fn check_ring(sp: usize, tp: usize) {
             let prompt = prompt(n, n as u64);
             let reference = reference(&dir, &prompt);
             let start = Instant::now();
-            let traces = run_ring(&dir, sp, tp, &prompt, STEPS, AppendOn::LeastLoaded);
+            let traces = run_ring(&dir, &LoadConfig::default(), sp, tp, &prompt, STEPS, AppendOn::LeastLoaded);
             let secs = start.elapsed().as_secs_f64();
             assert_eq!(traces.len(), sp * tp);
             let case = format!("{name} sp={sp} tp={tp} n={n}");
@@ -234,7 +148,7 @@ fn ring_uses_the_global_length_for_dynamic_rope() {
     let prompt = prompt(40, 40);
     let reference = reference(&dir, &prompt);
     for sp in [2, 3] {
-        let traces = run_ring(&dir, sp, 1, &prompt, STEPS, AppendOn::LeastLoaded);
+        let traces = run_ring(&dir, &LoadConfig::default(), sp, 1, &prompt, STEPS, AppendOn::LeastLoaded);
         check(&format!("llama-rope-dynamic sp={sp}"), &reference, &traces, prompt.len(), sp);
     }
 }
@@ -246,12 +160,12 @@ fn appends_land_on_the_chosen_member() {
     let prompt = prompt(9, 9);
     let reference = reference(&dir, &prompt);
     let layout = ZigzagLayout::new(prompt.len(), 3).unwrap();
-    let traces = run_ring(&dir, 3, 1, &prompt, STEPS, AppendOn::Member(1));
+    let traces = run_ring(&dir, &LoadConfig::default(), 3, 1, &prompt, STEPS, AppendOn::Member(1));
     check("llama-gqa sp=3 append on 1", &reference, &traces, prompt.len(), 3);
     let expected: Vec<usize> = (0..3).map(|m| layout.member_len(m) + if m == 1 { STEPS } else { 0 }).collect();
     assert_eq!(traces[0].held, expected);
 
-    let traces = run_ring(&dir, 1, 1, &prompt, STEPS, AppendOn::LeastLoaded);
+    let traces = run_ring(&dir, &LoadConfig::default(), 1, 1, &prompt, STEPS, AppendOn::LeastLoaded);
     check("llama-gqa sp=1 ring", &reference, &traces, prompt.len(), 1);
 }
 

@@ -3,7 +3,9 @@
 //! `config.json` must say `model_type: "bert"` with absolute position embeddings. Pooling comes
 //! from the `Pooling` module named in `modules.json` (else `1_Pooling/config.json`); with neither,
 //! mean pooling is used, as sentence-transformers does for a plain Hugging Face model.
-//! Normalisation is on exactly when `modules.json` lists a `Normalize` module.
+//! Normalisation is on exactly when `modules.json` lists a `Normalize` module. The longest input
+//! is `max_seq_length` from `sentence_bert_config.json` when set (all-MiniLM-L6-v2: 256 of its
+//! 512 positions), else the positions: sentence-transformers never feeds the model more.
 
 use std::path::{Path, PathBuf};
 
@@ -144,6 +146,26 @@ impl BertConfig {
 
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+}
+
+#[derive(Deserialize)]
+struct RawSentenceBert {
+    #[serde(default)]
+    max_seq_length: Option<usize>,
+}
+
+/// sentence-transformers' `max_seq_length` in `dir/sentence_bert_config.json`: the most tokens
+/// it feeds the model, cutting longer inputs. `None` without the file or the field.
+pub fn max_seq_length(dir: &Path) -> Result<Option<usize>> {
+    let path = dir.join("sentence_bert_config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let raw: RawSentenceBert = read_json(&path)?;
+    match raw.max_seq_length {
+        Some(0) => Err(ModelError::InvalidConfig(format!("{}: max_seq_length must be positive", path.display()))),
+        n => Ok(n),
     }
 }
 
@@ -288,5 +310,17 @@ mod tests {
         }
         let escape = dir_with(&[("modules.json", r#"[{"path": "../x", "type": "sentence_transformers.models.Pooling"}]"#)]);
         assert!(matches!(SentenceHead::from_dir(escape.path()), Err(ModelError::InvalidConfig(_))));
+    }
+
+    #[test]
+    fn max_seq_length_from_sentence_bert_config() {
+        assert_eq!(max_seq_length(dir_with(&[]).path()).expect("no file"), None);
+        let file = |text: &str| dir_with(&[("sentence_bert_config.json", text)]);
+        let set = file(r#"{"max_seq_length": 256, "do_lower_case": false}"#);
+        assert_eq!(max_seq_length(set.path()).expect("parse"), Some(256));
+        assert_eq!(max_seq_length(file(r#"{"do_lower_case": true}"#).path()).expect("no field"), None);
+        assert_eq!(max_seq_length(file(r#"{"max_seq_length": null}"#).path()).expect("null"), None);
+        assert!(matches!(max_seq_length(file(r#"{"max_seq_length": 0}"#).path()), Err(ModelError::InvalidConfig(_))));
+        assert!(matches!(max_seq_length(file(r#"{"max_seq_length": -1}"#).path()), Err(ModelError::ConfigJson { .. })));
     }
 }

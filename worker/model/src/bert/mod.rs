@@ -3,9 +3,9 @@
 //!
 //! Tensor-parallel size 1 only: an encoder this size runs whole on one worker. A batch of
 //! token-id sequences is padded on the right to its longest member and masked, so padding never
-//! changes a vector. A sequence longer than `max_position_embeddings` is refused
-//! ([`ModelError::SequenceTooLong`]); callers that want truncation cut the ids themselves and
-//! say so.
+//! changes a vector. A sequence longer than sentence-transformers' `max_seq_length` (else
+//! `max_position_embeddings`) is refused ([`ModelError::SequenceTooLong`]); callers that want
+//! truncation cut the ids themselves and say so.
 
 mod config;
 
@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::LayerNorm;
 
-pub use config::{is_bert_dir, Activation, BertConfig, Pooling, SentenceHead};
+pub use config::{is_bert_dir, max_seq_length, Activation, BertConfig, Pooling, SentenceHead};
 
 use crate::error::{ModelError, Result};
 use crate::linear::Linear;
@@ -104,6 +104,8 @@ impl EncoderLayer {
 pub struct BertModel {
     cfg: BertConfig,
     head: SentenceHead,
+    /// The longest input: sentence-transformers' `max_seq_length`, at most the positions.
+    max_tokens: usize,
     word: Tensor,
     position: Tensor,
     token_type0: Tensor,
@@ -118,6 +120,9 @@ impl BertModel {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg = BertConfig::from_dir(dir)?;
         let head = SentenceHead::from_dir(dir)?;
+        // The vectors sentence-transformers gives are of inputs cut to max_seq_length; a longer
+        // input would give a vector no reference matches, so it is refused instead.
+        let max_tokens = max_seq_length(dir)?.map_or(cfg.max_position_embeddings, |n| n.min(cfg.max_position_embeddings));
         let ckpt = Checkpoint::open(dir, DType::F32, device)?;
         let prefix = if ckpt.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let n = Names { ckpt: &ckpt, prefix };
@@ -128,7 +133,7 @@ impl BertModel {
             n.tensor("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?.narrow(0, 0, 1)?;
         let embed_norm = n.layer_norm("embeddings.LayerNorm", h, cfg.layer_norm_eps)?;
         let layers = (0..cfg.num_hidden_layers).map(|i| EncoderLayer::load(&n, &cfg, i)).collect::<Result<_>>()?;
-        Ok(Self { cfg, head, word, position, token_type0, embed_norm, layers, device: device.clone() })
+        Ok(Self { cfg, head, max_tokens, word, position, token_type0, embed_norm, layers, device: device.clone() })
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -144,9 +149,10 @@ impl BertModel {
         self.cfg.hidden_size
     }
 
-    /// The longest input, in tokens (special tokens included).
+    /// The longest input, in tokens (special tokens included): `max_seq_length` from
+    /// `sentence_bert_config.json` when set, at most `max_position_embeddings`.
     pub fn max_tokens(&self) -> usize {
-        self.cfg.max_position_embeddings
+        self.max_tokens
     }
 
     /// One vector per sequence of token ids (already tokenized, special tokens included;

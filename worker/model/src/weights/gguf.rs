@@ -291,18 +291,8 @@ pub(crate) fn hf_row_of_interleaved(stored: usize, head_dim: usize) -> usize {
     head * head_dim + (within % 2) * half + within / 2
 }
 
-/// The only `*.gguf` file in `dir`, if there is exactly one.
 pub(crate) fn find_gguf(dir: &Path) -> Result<Option<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-        .collect();
-    match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.pop()),
-        n => Err(ModelError::InvalidConfig(format!("{} holds {n} .gguf files; expected one", dir.display()))),
-    }
+    Ok(tessera_model_files::find_gguf(dir)?)
 }
 
 #[cfg(test)]

