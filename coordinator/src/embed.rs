@@ -49,7 +49,8 @@ pub fn cap_at_max_seq_length(mut model: ServedModel) -> Result<ServedModel, Coor
 fn read_max_seq_length(path: &Path) -> Result<Option<usize>, String> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // A model given as a single file (GGUF) has no sentence-transformers files beside it.
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
     let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
@@ -348,6 +349,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("sentence_bert_config.json");
         assert_eq!(read_max_seq_length(&path), Ok(None), "no file");
+        let gguf = dir.path().join("model.gguf");
+        std::fs::write(&gguf, b"GGUF").expect("write");
+        assert_eq!(read_max_seq_length(&gguf.join("sentence_bert_config.json")), Ok(None), "a model file, not a directory");
         for (text, want) in [(r#"{"max_seq_length": 256}"#, Some(256)), (r#"{"do_lower_case": false}"#, None), (r#"{"max_seq_length": null}"#, None)] {
             std::fs::write(&path, text).expect("write");
             assert_eq!(read_max_seq_length(&path), Ok(want), "{text}");

@@ -182,7 +182,12 @@ impl Generation {
         } else {
             (pb::FinishReason::Length, &h.tokens[..])
         };
-        let text = self.tokenizer.decode(ids, true).unwrap_or_default();
+        let mut text = self.tokenizer.decode(ids, true).unwrap_or_default();
+        // Bytes of a character the hypothesis ended inside are withheld, as the stream's final
+        // flush withholds them.
+        while text.ends_with('\u{FFFD}') {
+            text.pop();
+        }
         pb::Hypothesis { text, ids: ids.to_vec(), score: h.score, reason: reason as i32 }
     }
 

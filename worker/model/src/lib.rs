@@ -30,6 +30,7 @@ mod model;
 mod parallel;
 mod pool;
 pub mod q8_gemm;
+pub mod q4matvec;
 pub mod qmatvec;
 mod ring;
 mod rope;

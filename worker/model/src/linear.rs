@@ -32,6 +32,8 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
 /// `x Wᵀ` for block-quantized `W`, returning `x`'s dtype:
 /// - q8_0 and at most `MAX_ROWS` rows (decode): our row-parallel kernel (`qmatvec.rs`), which
 ///   quantizes the activations to 8 bits per block as llama.cpp does;
+/// - q4_0, q4_1, q5_0, q5_1 and at most `MAX_ROWS` rows: the same design for those blocks
+///   (`q4matvec.rs`);
 /// - q8_0 and more rows (prefill) on a CPU with AVX-512 VNNI: our int8 GEMM (`q8_gemm.rs`),
 ///   the same arithmetic as decode, so prefill and decode agree;
 /// - other prefill: f32 GEMM on the dequantized weights — the same weights with exact f32
@@ -41,6 +43,11 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
 fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
     let (out, inner) = q.shape().dims2()?;
     let rows = x.dims().first().copied().unwrap_or(0);
+    if crate::q4matvec::supports(q.dtype()) && q.device().is_cpu() {
+        if let Some(y) = crate::q4matvec::q4_matvec_into(x, &q.data()?, q.dtype(), out, inner, dest)? {
+            return Ok(y);
+        }
+    }
     if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() {
         let data = q.data()?;
         if let Some(y) = crate::qmatvec::q8_0_matvec_into(x, &data, out, inner, dest)? {

@@ -34,16 +34,31 @@ struct QuantizedRows {
 /// Symmetric 8-bit quantization of each 32-block of `x` (scale = max |x| / 127), as llama.cpp's
 /// `quantize_row_q8_0`, but with an f32 scale.
 fn quantize_rows(x: &[f32], xq: &mut QuantizedRows) {
-    let QuantizedRows { q, d, .. } = xq;
+    quantize_blocks_scalar(x, &mut xq.q, &mut xq.d);
+    #[cfg(target_arch = "x86_64")]
+    {
+        xq.lanes = None;
+    }
+}
+
+/// `quantize_rows`'s values and scales into `q` and `d` (cleared first), vectorized where the
+/// CPU has AVX-512 (the same values, bit for bit): also the activation quantization of the 4-
+/// and 5-bit kernels (`q4matvec.rs`).
+pub(crate) fn quantize_blocks(x: &[f32], q: &mut Vec<i8>, d: &mut Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI and AVX2 (checked just above).
+        return unsafe { quantize_blocks_avx512(x, q, d) };
+    }
+    quantize_blocks_scalar(x, q, d)
+}
+
+fn quantize_blocks_scalar(x: &[f32], q: &mut Vec<i8>, d: &mut Vec<f32>) {
     q.clear();
     q.resize(x.len(), 0);
     d.clear();
     for (xb, qb) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)) {
         d.push(quantize_block(xb, qb));
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        xq.lanes = None;
     }
 }
 
@@ -142,14 +157,14 @@ fn kernel() -> Kernel {
 
 /// Whether the CPU has everything the AVX-512 VNNI kernel's functions enable.
 #[cfg(target_arch = "x86_64")]
-fn has_vnni() -> bool {
+pub(crate) fn has_vnni() -> bool {
     use std::arch::is_x86_feature_detected as has;
     has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") && has_avx2()
 }
 
 /// Whether the CPU has everything the AVX2 kernel's functions enable.
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     use std::arch::is_x86_feature_detected as has;
     has!("avx2") && has!("fma") && has!("f16c")
 }
@@ -329,6 +344,37 @@ fn quantize_lanes(x: &[f32], rows: usize, xq: &mut QuantizedRows) {
 fn quantize_lanes_avx512(x: &[f32], rows: usize, xq: &mut QuantizedRows) {
     use std::arch::x86_64::*;
     let QuantizedRows { q, d, lanes } = xq;
+    quantize_blocks_avx512(x, q, d);
+    let blocks = d.len() / rows.max(1);
+    let per_row = blocks.div_ceil(GROUP);
+    let LaneRows { groups, per_row: lanes_per_row } = lanes.get_or_insert_with(|| LaneRows { groups: Vec::new(), per_row });
+    *lanes_per_row = per_row;
+    groups.clear();
+    groups.resize(rows * per_row, LaneGroup { x: [[0; 32]; GROUP], corr: [0; GROUP], d: [0.0; GROUP] });
+    for (r, row_groups) in groups.chunks_exact_mut(per_row.max(1)).enumerate() {
+        for (g, group) in row_groups.iter_mut().enumerate() {
+            let first = r * blocks + g * GROUP;
+            let t = (blocks - g * GROUP).min(GROUP);
+            let regs = core::array::from_fn(|j| match q.get((first + j) * BLOCK..(first + j + 1) * BLOCK) {
+                // SAFETY: a block's 32 bytes.
+                Some(qb) if j < t => unsafe { _mm256_loadu_si256(qb.as_ptr() as *const __m256i) },
+                _ => _mm256_setzero_si256(),
+            });
+            let d = &d[first..first + t];
+            match t.next_power_of_two() {
+                1 => lay_out::<1>(group, regs, d),
+                2 => lay_out::<2>(group, regs, d),
+                4 => lay_out::<4>(group, regs, d),
+                _ => lay_out::<8>(group, regs, d),
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2")]
+fn quantize_blocks_avx512(x: &[f32], q: &mut Vec<i8>, d: &mut Vec<f32>) {
+    use std::arch::x86_64::*;
     q.clear();
     q.resize(x.len(), 0);
     d.clear();
@@ -356,30 +402,6 @@ fn quantize_lanes_avx512(x: &[f32], rows: usize, xq: &mut QuantizedRows) {
             unsafe { _mm_storeu_si128(qb.as_mut_ptr().add(16 * h) as *mut __m128i, bytes) };
         }
         *db = scale;
-    }
-    let blocks = d.len() / rows.max(1);
-    let per_row = blocks.div_ceil(GROUP);
-    let LaneRows { groups, per_row: lanes_per_row } = lanes.get_or_insert_with(|| LaneRows { groups: Vec::new(), per_row });
-    *lanes_per_row = per_row;
-    groups.clear();
-    groups.resize(rows * per_row, LaneGroup { x: [[0; 32]; GROUP], corr: [0; GROUP], d: [0.0; GROUP] });
-    for (r, row_groups) in groups.chunks_exact_mut(per_row.max(1)).enumerate() {
-        for (g, group) in row_groups.iter_mut().enumerate() {
-            let first = r * blocks + g * GROUP;
-            let t = (blocks - g * GROUP).min(GROUP);
-            let regs = core::array::from_fn(|j| match q.get((first + j) * BLOCK..(first + j + 1) * BLOCK) {
-                // SAFETY: a block's 32 bytes.
-                Some(qb) if j < t => unsafe { _mm256_loadu_si256(qb.as_ptr() as *const __m256i) },
-                _ => _mm256_setzero_si256(),
-            });
-            let d = &d[first..first + t];
-            match t.next_power_of_two() {
-                1 => lay_out::<1>(group, regs, d),
-                2 => lay_out::<2>(group, regs, d),
-                4 => lay_out::<4>(group, regs, d),
-                _ => lay_out::<8>(group, regs, d),
-            }
-        }
     }
 }
 
@@ -603,7 +625,7 @@ fn load_tail<const T: usize>(rest: &[u8]) -> ([std::arch::x86_64::__m256i; GROUP
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn horizontal_sum(s: std::arch::x86_64::__m256) -> f32 {
+pub(crate) fn horizontal_sum(s: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let q = _mm_add_ps(_mm256_extractf128_ps(s, 1), _mm256_castps256_ps128(s));
     let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
