@@ -7,4 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/check_deploy.sh
+# Benchmarks and examples too, so they cannot rot unnoticed (the tests build only their own).
+cargo build --workspace --all-targets --locked
 cargo test --workspace --locked "$@"

@@ -38,3 +38,18 @@ fn tp4_matches_tp1_on_every_fixture() {
         check(s.name, 4);
     }
 }
+
+/// The parity measures cannot be fooled by a NaN (which `f32::max` skips): one NaN logit in a
+/// row makes the difference infinite, so every tolerance fails.
+#[test]
+fn a_nan_logit_fails_every_tolerance() {
+    let reference = vec![vec![0.5f32, -1.0, 2.0]];
+    let mut poisoned = reference.clone();
+    poisoned[0][1] = f32::NAN;
+    assert_eq!(tessera_model::fixture::max_rel_diff(&reference, &reference), 0.0);
+    assert!(tessera_model::fixture::max_rel_diff(&poisoned, &reference).is_infinite());
+    assert!(tessera_model::fixture::max_rel_diff(&reference, &poisoned).is_infinite());
+    assert!(common::max_abs_diff(&poisoned, &reference).is_infinite());
+    poisoned[0][1] = f32::INFINITY;
+    assert!(common::max_abs_diff(&poisoned, &reference).is_infinite());
+}

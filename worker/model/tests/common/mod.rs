@@ -104,7 +104,8 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .zip(b)
         .flat_map(|(ra, rb)| {
             assert_eq!(ra.len(), rb.len(), "row widths differ");
-            ra.iter().zip(rb).map(|(x, y)| (x - y).abs())
+            // A non-finite value is an infinite difference: `f32::max` alone would skip a NaN.
+            ra.iter().zip(rb).map(|(x, y)| if x.is_finite() && y.is_finite() { (x - y).abs() } else { f32::INFINITY })
         })
         .fold(0f32, f32::max)
 }
