@@ -90,7 +90,9 @@ impl ServedModel {
             return Err(err(format!("an encoder runs on one worker per group; tp {} is not supported", spec.tp)));
         }
         if kind == ModelKind::Decoder {
-            check_family(&config).map_err(err)?;
+            // The family the workers will build, by the same rule, so an unknown one fails
+            // `up` at once instead of every worker failing to load it.
+            tessera_model_files::decoder_architecture(&config).map_err(|e| err(e.to_string()))?;
             check_tp_split(&config, spec.tp).map_err(err)?;
         }
         let trained = scaled_context(&config).ok_or_else(|| err("config.json has no max_position_embeddings".into()))?;
@@ -131,7 +133,8 @@ impl ServedModel {
             .and_then(Value::as_u64)
             .map(|v| v as usize)
             .unwrap_or_else(|| tokenizer.get_vocab_size(true));
-        Ok(Self { spec, kind, tokenizer: Arc::new(tokenizer), chat, max_context, eos, vocab_size })
+        // Encoders: sentence-transformers' shorter max_seq_length, where the model names one.
+        crate::embed::cap_at_max_seq_length(Self { spec, kind, tokenizer: Arc::new(tokenizer), chat, max_context, eos, vocab_size })
     }
 
     pub fn name(&self) -> &str {
@@ -151,27 +154,6 @@ fn scaled_context(config: &Value) -> Option<usize> {
         (Some("dynamic"), Some(f)) => (positions as f64 * f) as usize,
         _ => positions,
     })
-}
-
-/// The families the workers implement, named as the model crate's `ModelConfig` reads them:
-/// `architectures` (one entry), else `model_type`. Checked here so an unknown one fails `up` at
-/// once instead of every worker failing to load it.
-fn check_family(config: &Value) -> Result<(), String> {
-    const DECODERS: [(&str, &str); 3] =
-        [("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mistral"), ("Qwen2ForCausalLM", "qwen2")];
-    let named = match config.get("architectures") {
-        Some(Value::Array(names)) if names.len() == 1 => names[0].as_str().map(|n| (n, true)),
-        Some(Value::Array(names)) => return Err(format!("expected exactly one entry in `architectures`, found {names:?}")),
-        _ => config.get("model_type").and_then(Value::as_str).map(|t| (t, false)),
-    };
-    match named {
-        None => Err("config.json has neither `architectures` nor `model_type`, so the model family is unknown".into()),
-        Some((name, true)) if DECODERS.iter().any(|(a, _)| *a == name) => Ok(()),
-        Some((name, false)) if DECODERS.iter().any(|(_, t)| *t == name) => Ok(()),
-        Some((name, _)) => Err(format!(
-            "unsupported architecture {name:?}: expected LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM"
-        )),
-    }
 }
 
 /// The largest tensor-parallel degree of at most `max` that the decoder at `path` splits over

@@ -15,7 +15,6 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::cluster::{Cluster, ClusterConfig};
-use crate::embed::cap_at_max_seq_length;
 use crate::error::CoordinatorError;
 use crate::limits::Limits;
 use crate::model::{ModelSpec, ServedModel};
@@ -54,7 +53,7 @@ impl Coordinator {
         let models = config
             .models
             .into_iter()
-            .map(|spec| ServedModel::load(spec).and_then(cap_at_max_seq_length).map(Arc::new))
+            .map(|spec| ServedModel::load(spec).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let cluster = Cluster::new(models, config.cluster);
         let watch = registry.snapshot_and_watch().await?;

@@ -16,6 +16,7 @@
 //! agree on what a path means.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde_json::{json, Map, Value};
 
@@ -44,6 +45,10 @@ pub struct ModelFiles {
 struct Gguf {
     path: PathBuf,
     header: GgufHeader,
+    /// Built once on first use: the config, the chat template's special tokens, the end
+    /// tokens and the tokenizer itself all come from it, and a 50k-token vocabulary with its
+    /// merges is not rebuilt for each.
+    tokenizer: OnceLock<GgufTokenizer>,
 }
 
 impl std::fmt::Debug for ModelFiles {
@@ -122,7 +127,7 @@ impl ModelFiles {
                 .map_err(|e| FilesError::Invalid(format!("cannot load {}: {e}", path.display())));
         }
         match &self.gguf {
-            Some(g) => Ok(g.tokenizer()?.tokenizer),
+            Some(g) => Ok(g.tokenizer()?.tokenizer.clone()),
             None => Err(FilesError::Io {
                 path: self.dir.join("tokenizer.json"),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json"),
@@ -164,8 +169,8 @@ impl ModelFiles {
         if bos.is_none() || eos.is_none() {
             if let Some(g) = &self.gguf {
                 let t = g.tokenizer()?;
-                bos = bos.or(t.bos);
-                eos = eos.or(t.eos);
+                bos = bos.or_else(|| t.bos.clone());
+                eos = eos.or_else(|| t.eos.clone());
             }
         }
         Ok(Some(ChatTemplateText { template, source, bos: bos.unwrap_or_default(), eos: eos.unwrap_or_default() }))
@@ -191,7 +196,7 @@ impl ModelFiles {
             add(token_ids(g.get("eos_token_id")));
         }
         if let Some(g) = &self.gguf {
-            add(g.tokenizer()?.eos_ids);
+            add(g.tokenizer()?.eos_ids.clone());
         }
         Ok(eos)
     }
@@ -199,12 +204,16 @@ impl ModelFiles {
 
 impl Gguf {
     fn read(path: &Path) -> Result<Self> {
-        Ok(Self { path: path.to_path_buf(), header: GgufHeader::read(path)? })
+        Ok(Self { path: path.to_path_buf(), header: GgufHeader::read(path)?, tokenizer: OnceLock::new() })
     }
 
-    fn tokenizer(&self) -> Result<GgufTokenizer> {
-        tokenizer::from_metadata(&self.header.metadata)
-            .map_err(|e| FilesError::Invalid(format!("{}: {e}", self.path.display())))
+    fn tokenizer(&self) -> Result<&GgufTokenizer> {
+        if let Some(t) = self.tokenizer.get() {
+            return Ok(t);
+        }
+        let built = tokenizer::from_metadata(&self.header.metadata)
+            .map_err(|e| FilesError::Invalid(format!("{}: {e}", self.path.display())))?;
+        Ok(self.tokenizer.get_or_init(|| built))
     }
 }
 

@@ -5,10 +5,12 @@
 //! crate to validate and tokenize without a tensor library, the workers to find their weights.
 
 mod error;
+mod family;
 mod files;
 pub mod gguf;
 pub mod tokenizer;
 
 pub use error::{FilesError, Result};
+pub use family::{decoder_architecture, DECODERS};
 pub use files::{find_gguf, ChatTemplateText, ModelFiles};
 pub use gguf::GgufHeader;

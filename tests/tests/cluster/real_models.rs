@@ -4,7 +4,7 @@
 
 use std::io::Read as _;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tessera_etcd_harness::EtcdServer;
 use tessera_model::fixture::{demo, smollm2_gguf};
@@ -117,24 +117,22 @@ fn up_exits_with_the_reason_a_model_cannot_load() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tessera up");
-    // Read while it runs, so a full pipe can never block it.
+    // Read while it runs, so a full pipe can never block it; the pipe reaches its end when
+    // `up` and the workers it started have exited.
     let mut pipe = child.stderr.take().expect("stderr");
-    let reader = std::thread::spawn(move || {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut text = String::new();
-        pipe.read_to_string(&mut text).map(|_| text)
+        let _ = done.send(pipe.read_to_string(&mut text).map(|_| text));
     });
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
+    let stderr = match finished.recv_timeout(PATIENCE) {
+        Ok(text) => text.expect("read stderr"),
+        Err(_) => {
             let _ = child.kill();
             panic!("tessera up did not exit on a model that cannot load");
         }
-        std::thread::sleep(Duration::from_millis(20));
     };
-    let stderr = reader.join().expect("reader thread").expect("read stderr");
+    let status = child.wait().expect("wait");
     assert!(!status.success(), "{status}");
     assert!(stderr.contains("cannot serve") && stderr.contains("cannot load the model"), "{stderr}");
 }

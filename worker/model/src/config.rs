@@ -30,16 +30,6 @@ impl Architecture {
         }
     }
 
-    /// The family named by `model_type` (used when `architectures` is absent).
-    fn from_model_type(model_type: &str) -> Result<Self> {
-        match model_type {
-            "llama" => Ok(Self::Llama),
-            "mistral" => Ok(Self::Mistral),
-            "qwen2" => Ok(Self::Qwen2),
-            other => Err(ModelError::UnsupportedArchitecture(format!("model_type {other:?}"))),
-        }
-    }
-
     /// The name Hugging Face uses in `architectures`.
     pub fn hf_name(self) -> &'static str {
         match self {
@@ -126,8 +116,6 @@ pub struct ModelConfig {
 /// `config.json` as written by transformers; only the fields we read.
 #[derive(Debug, Deserialize)]
 struct RawConfig {
-    architectures: Option<Vec<String>>,
-    model_type: Option<String>,
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,
@@ -160,37 +148,20 @@ impl ModelConfig {
 
     /// Validates a parsed `config.json` document.
     pub fn from_value(value: Value) -> Result<Self> {
+        let architecture = Architecture::from_hf_name(tessera_model_files::decoder_architecture(&value)?)?;
         let raw: RawConfig = serde_json::from_value(value)
             .map_err(|source| ModelError::ConfigJson { path: "config.json".into(), source })?;
-        Self::from_raw(raw)
+        Self::from_raw(raw, architecture)
     }
 
     /// Parses and validates a `config.json` document.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_slice(bytes)
+        let value: Value = serde_json::from_slice(bytes)
             .map_err(|source| ModelError::ConfigJson { path: "config.json".into(), source })?;
-        Self::from_raw(raw)
+        Self::from_value(value)
     }
 
-    fn from_raw(raw: RawConfig) -> Result<Self> {
-        let arch_name = match raw.architectures.as_deref() {
-            Some([name]) => name.clone(),
-            Some(names) => {
-                return Err(ModelError::InvalidConfig(format!(
-                    "expected exactly one entry in `architectures`, found {names:?}"
-                )))
-            }
-            // transformers loads such a directory by its `model_type`.
-            None => match raw.model_type.as_deref() {
-                Some(t) => Architecture::from_model_type(t)?.hf_name().to_string(),
-                None => {
-                    return Err(ModelError::InvalidConfig(
-                        "config.json has neither `architectures` nor `model_type`, so the model family is unknown".into(),
-                    ))
-                }
-            },
-        };
-        let architecture = Architecture::from_hf_name(&arch_name)?;
+    fn from_raw(raw: RawConfig, architecture: Architecture) -> Result<Self> {
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
                 return Err(ModelError::InvalidConfig(format!("hidden_act {act:?} is not supported (only silu)")));

@@ -79,7 +79,7 @@ impl Checkpoint {
         }
         let has_safetensors = dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists();
         if !has_safetensors {
-            if let Some(path) = gguf::find_gguf(dir)? {
+            if let Some(path) = tessera_model_files::find_gguf(dir)? {
                 let file = GgufFile::open(&path)?;
                 return Ok(Self { source: Source::Gguf(file), dir: dir.to_path_buf(), dtype, device: device.clone(), dequantize: false });
             }

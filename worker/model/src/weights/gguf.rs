@@ -291,10 +291,6 @@ pub(crate) fn hf_row_of_interleaved(stored: usize, head_dim: usize) -> usize {
     head * head_dim + (within % 2) * half + within / 2
 }
 
-pub(crate) fn find_gguf(dir: &Path) -> Result<Option<PathBuf>> {
-    Ok(tessera_model_files::find_gguf(dir)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
