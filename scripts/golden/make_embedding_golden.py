@@ -6,7 +6,8 @@ usage: python scripts/golden/make_embedding_golden.py [MODEL_DIR] [OUT_FILE]
 MODEL_DIR defaults to what scripts/fetch_minilm.sh prints; OUT_FILE to
 tests/golden/minilm-embeddings.json. The file holds, per text, the token ids sentence-transformers
 fed the model (its own tokenizer call, padding removed, cut to max_seq_length), whether it cut
-them, and the output vector (mean pooling + Normalize, float32 written as JSON numbers), plus the
+them, and the output vector (mean pooling + Normalize, float32 written as JSON numbers) and the
+same with CLS pooling (`cls_vector`), plus the
 library versions and the sha256 of model.safetensors. worker/model/tests/bert_parity.rs checks Tessera's tokenization and
 BertModel against it.
 """
@@ -21,6 +22,7 @@ import tokenizers
 import torch
 import transformers
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,6 +110,15 @@ def main():
 
     with torch.no_grad():
         vectors = model.encode(TEXTS, batch_size=len(TEXTS), convert_to_numpy=True, normalize_embeddings=False)
+        # The same transformer with CLS pooling instead of mean (then Normalize), for the CLS
+        # path of Tessera's sentence head: bert_parity.rs serves it from a copy of the model
+        # directory whose 1_Pooling/config.json asks for CLS.
+        cls_model = SentenceTransformer(
+            modules=[model[0], Pooling(model[0].get_word_embedding_dimension(), pooling_mode="cls"), Normalize()],
+            device="cpu",
+        )
+        cls_model.eval()
+        cls_vectors = cls_model.encode(TEXTS, batch_size=len(TEXTS), convert_to_numpy=True, normalize_embeddings=False)
 
     golden = {
         "generator": "scripts/golden/make_embedding_golden.py",
@@ -122,8 +133,8 @@ def main():
         "modules": [type(m).__name__ for m in model],
         "max_seq_length": model.max_seq_length,
         "cases": [
-            {"text": t, "ids": i, "truncated": c, "vector": [float(x) for x in v]}
-            for t, i, c, v in zip(TEXTS, ids, truncated, vectors)
+            {"text": t, "ids": i, "truncated": c, "vector": [float(x) for x in v], "cls_vector": [float(x) for x in w]}
+            for t, i, c, v, w in zip(TEXTS, ids, truncated, vectors, cls_vectors)
         ],
     }
     with open(out, "w", encoding="utf-8") as f:

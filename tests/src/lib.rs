@@ -231,6 +231,12 @@ pub fn greedy_trace(
     let chunk = [SeqChunk { seq: 1, start: 0, len: prompt.len() }];
     let prefill: Vec<Vec<f32>> =
         model.forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All)?.to_vec2()?;
+    // `argmax` skips NaN: a non-finite logit must fail the trace, not pick another token.
+    let finite = |rows: &[Vec<f32>], what: &str| -> anyhow::Result<()> {
+        anyhow::ensure!(rows.iter().flatten().all(|v| v.is_finite()), "a non-finite logit in {what}");
+        Ok(())
+    };
+    finite(&prefill, "the prefill")?;
     let mut next = argmax(prefill.last().context("empty prompt")?);
     let mut greedy = vec![next];
     let mut decode = Vec::with_capacity(steps);
@@ -239,6 +245,7 @@ pub fn greedy_trace(
         let mut rows: Vec<Vec<f32>> =
             model.forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, comm, LogitsMode::LastPerChunk)?.to_vec2()?;
         let row = rows.pop().context("one logits row")?;
+        finite(std::slice::from_ref(&row), &format!("decode step {i}"))?;
         next = argmax(&row);
         decode.push(row);
         if i + 1 < steps {

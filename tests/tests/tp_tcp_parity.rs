@@ -5,7 +5,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 use tessera_collective::SingleRank;
-use tessera_model::fixture::{prompt_ids, test_fixtures, write_fixture, WriteOptions};
+use tessera_model::fixture::{max_rel_diff, prompt_ids, test_fixtures, write_fixture, WriteOptions};
 use tessera_model::{LoadConfig, Model};
 use tessera_tests::{greedy_trace, spawn_ranks, Trace};
 
@@ -15,17 +15,6 @@ const DECODE_CHECKED: usize = 16;
 fn reference(dir: &std::path::Path, prompt: &[u32]) -> Trace {
     let model = Model::load(dir, &LoadConfig::default()).unwrap();
     greedy_trace(&model, &mut SingleRank, prompt, STEPS).unwrap()
-}
-
-fn max_rel(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-            x.iter().zip(y).map(|(p, q)| (p - q).abs() / scale).fold(0f32, f32::max)
-        })
-        .fold(0f32, f32::max)
 }
 
 fn check(tp: usize) {
@@ -44,8 +33,8 @@ fn check(tp: usize) {
             let status = child.0.wait().unwrap();
             assert!(status.success(), "{} tp={tp} rank {rank} exited with {status}", spec.name);
             let got: Trace = serde_json::from_str(&line).unwrap_or_else(|e| panic!("rank {rank} output: {e}: {line:?}"));
-            let pre = max_rel(&got.prefill, &expected.prefill);
-            let dec = max_rel(&got.decode[..DECODE_CHECKED], &expected.decode[..DECODE_CHECKED]);
+            let pre = max_rel_diff(&got.prefill, &expected.prefill);
+            let dec = max_rel_diff(&got.decode[..DECODE_CHECKED], &expected.decode[..DECODE_CHECKED]);
             assert!(pre <= 1e-4 && dec <= 1e-4, "{} tp={tp} rank {rank}: prefill {pre}, decode {dec}", spec.name);
             assert_eq!(got.greedy, expected.greedy, "{} tp={tp} rank {rank}: greedy differs", spec.name);
         }

@@ -1,6 +1,7 @@
 //! `tessera worker --etcd` against a real etcd: the worker registers itself with the address it
 //! printed, registers again after its lease is revoked behind its back, and revokes its own
-//! registration on SIGTERM so a watcher sees it leave long before the lease could expire.
+//! registration on SIGTERM (after announcing that it drains), so a watcher sees it leave long
+//! before the lease could expire.
 //! Registered but in no group, it reports itself alive but not ready.
 //!
 //! Every wait is on a membership event with a timeout, never a sleep.
@@ -17,13 +18,13 @@ use tokio::time::Instant;
 
 const ID: &str = "registration-test-worker";
 const KV_CAPACITY_TOKENS: u64 = 4096;
-/// The worker's lease TTL, in seconds: etcd's minimum, so a missed revoke would show.
+/// The worker's lease TTL, in seconds: etcd's minimum, so it notices a revoked lease (and registers again) quickly.
 const LEASE_TTL_SECS: &str = "2";
 /// Generous bound for events that should come promptly; only a stuck test waits it out.
 const PROMPT: Duration = Duration::from_secs(10);
-/// A worker told to stop must be seen to leave well within its 2 s lease TTL: only a revoke,
-/// not an expiry, can be that quick.
-const LEAVE_LIMIT: Duration = Duration::from_secs(1);
+/// The lease TTL of the worker told to stop, in seconds: far longer than `PROMPT`, so a leave
+/// seen within `PROMPT` can only be a revoke, never an expiry, however loaded the machine.
+const LONG_LEASE_TTL_SECS: &str = "120";
 
 async fn next_event(watch: &mut WorkerWatch, within: Duration) -> anyhow::Result<MembershipEvent> {
     tokio::time::timeout(within, watch.next())
@@ -60,7 +61,7 @@ async fn exit_status(child: &mut Child, within: Duration) -> anyhow::Result<Exit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_registers_comes_back_after_losing_its_lease_and_revokes_on_sigterm() -> anyhow::Result<()> {
+async fn worker_registers_and_comes_back_after_losing_its_lease() -> anyhow::Result<()> {
     let etcd = EtcdServer::start().await;
     let registry = EtcdRegistry::connect(EtcdConfig::new(vec![etcd.url()])).await?;
     let mut watch = registry.snapshot_and_watch().await?;
@@ -72,7 +73,7 @@ async fn worker_registers_comes_back_after_losing_its_lease_and_revokes_on_sigte
     // The first spawn builds the binary and reading the printed address blocks: off the runtime.
     let url = etcd.url();
     let capacity = KV_CAPACITY_TOKENS.to_string();
-    let (mut worker, addr) = tokio::task::spawn_blocking(move || {
+    let (_worker, addr) = tokio::task::spawn_blocking(move || {
         spawn_worker(&["--etcd", &url, "--lease-ttl-secs", LEASE_TTL_SECS, "--id", ID, "--kv-capacity-tokens", &capacity])
     })
     .await??;
@@ -104,16 +105,37 @@ async fn worker_registers_comes_back_after_losing_its_lease_and_revokes_on_sigte
     let relisted = client.get(worker_key(ID), None).await?;
     let new_lease = relisted.kvs().first().context("the worker's key is back")?.lease();
     ensure!(new_lease != lease, "re-registered under the revoked lease {lease:x}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_announces_draining_then_revokes_before_the_lease_could_expire() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await;
+    let registry = EtcdRegistry::connect(EtcdConfig::new(vec![etcd.url()])).await?;
+    let mut watch = registry.snapshot_and_watch().await?;
+    ensure!(matches!(next_event(&mut watch, PROMPT).await?, MembershipEvent::Snapshot(_)), "a watch starts with a snapshot");
+    let url = etcd.url();
+    let (mut worker, _) = tokio::task::spawn_blocking(move || {
+        spawn_worker(&["--etcd", &url, "--lease-ttl-secs", LONG_LEASE_TTL_SECS, "--id", ID])
+    })
+    .await??;
+    let record = expect_up(&mut watch, PROMPT).await?;
+    let mut client = etcd.client().await;
+    let lease = client.get(worker_key(ID), None).await?.kvs().first().context("the worker's key is in etcd")?.lease();
 
     let pid = worker.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().context("run kill")?;
     ensure!(killed.success(), "kill -TERM {pid} failed: {killed}");
     // A graceful leave first announces draining under the same lease, then (holding no
-    // sequences) revokes at once.
-    let draining = expect_up(&mut watch, LEAVE_LIMIT).await.context("SIGTERM did not announce draining")?;
+    // sequences) revokes it: the key goes long before the 120 s lease could expire.
+    let draining = expect_up(&mut watch, PROMPT).await.context("SIGTERM did not announce draining")?;
     ensure!(draining == WorkerRecord { draining: true, ..record.clone() }, "announced {draining:?}");
-    expect_down(&mut watch, LEAVE_LIMIT).await.context("SIGTERM did not revoke the registration")?;
+    expect_down(&mut watch, PROMPT).await.context("SIGTERM did not revoke the registration")?;
     let status = exit_status(&mut worker.0, PROMPT).await?;
     ensure!(status.success(), "the worker exited with {status} after SIGTERM");
+    // Revoked, not merely dropped: the lease itself is gone (an abandoned one would live on
+    // until its TTL ran out).
+    let left = client.lease_time_to_live(lease, None).await?.ttl();
+    ensure!(left <= 0, "lease {lease:x} still has {left} s to live: the worker did not revoke it");
     Ok(())
 }

@@ -106,7 +106,10 @@ async fn a_killed_worker_fails_its_stream_fast_and_a_new_worker_restores_service
     let etcd = EtcdServer::start().await;
     let dir = fixture(&demo(), "kill");
     let coordinator = coordinator(&dir, &etcd.url(), 2).expect("start coordinator");
-    let mut workers = vec![etcd_worker(&etcd.url(), "w-a", TTL_SECS).unwrap(), etcd_worker(&etcd.url(), "w-b", TTL_SECS).unwrap()];
+    // w-b's lease outlives the wait below, so the stream cannot learn of the loss from the
+    // registry: only from the broken connection.
+    let b_ttl = 2 * PATIENCE.as_secs();
+    let mut workers = vec![etcd_worker(&etcd.url(), "w-a", TTL_SECS).unwrap(), etcd_worker(&etcd.url(), "w-b", b_ttl).unwrap()];
     wait_health(&coordinator.url, ServingStatus::Serving).await.expect("group loaded");
     let mut client = connect(&coordinator.url).await;
 
@@ -116,11 +119,9 @@ async fn a_killed_worker_fails_its_stream_fast_and_a_new_worker_restores_service
     workers[1].0.kill().expect("SIGKILL w-b");
     let killed = Instant::now();
     let status = until_error(&mut stream).await;
-    let waited = killed.elapsed();
-    eprintln!("UNAVAILABLE {waited:?} after SIGKILL (limit {} s)", TTL_SECS + 2);
+    eprintln!("UNAVAILABLE {:?} after SIGKILL", killed.elapsed());
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("lost"), "the message should say the group was lost: {}", status.message());
-    assert!(waited.as_secs_f64() < TTL_SECS as f64 + 2.0, "UNAVAILABLE took {waited:?}");
 
     wait_health(&coordinator.url, ServingStatus::NotServing).await.expect("no group after the loss");
     let refused = generate(&mut client, greedy(prompt("Hello"), 4)).await.expect_err("no group to serve");

@@ -201,9 +201,10 @@ async fn a_passed_deadline_ends_the_stream_and_frees_every_rank() {
     let cluster = up(&dir, &["--workers", "2", "--tp", "2"]).expect("tessera up");
     let client = connect(&cluster.url).await;
 
-    // Mid-stream: 2,000 tokens take far longer than 150 ms through a TP=2 group.
+    // Mid-stream: a deadline at a quarter of the time 2,000 tokens take here.
+    let per_token = seconds_per_token(&client, greedy(prompt("Once upon a time"), 32)).await;
     let mut request = tonic::Request::new(greedy(prompt("Once upon a time"), 2000));
-    request.set_timeout(std::time::Duration::from_millis(150));
+    request.set_timeout(deadline_well_before(per_token, 2000));
     let mut stream = client.clone().generate(request).await.expect("accepted").into_inner();
     let status = until_error(&mut stream).await;
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
@@ -227,18 +228,23 @@ async fn a_deadline_passing_while_waiting_for_kv_blocks_ends_the_request() {
     let cluster = up(&dir, &["--workers", "1", "--kv-capacity-tokens", "2048"]).expect("tessera up");
     let client = connect(&cluster.url).await;
     let mut long = client.clone().generate(greedy(tokens((0..10).map(|i| 5 + i * 7).collect()), 2000)).await.expect("long").into_inner();
-    let mut generated = 0;
+    let (mut generated, mut from_100) = (0, None);
     while generated < 600 {
         match long.message().await.expect("long stream").and_then(|m| m.event) {
             Some(pb::generate_response::Event::Chunk(c)) => generated += c.tokens.len(),
             Some(_) => {}
             None => panic!("the long stream ended early"),
         }
+        if generated >= 100 && from_100.is_none() {
+            from_100 = Some((generated, std::time::Instant::now()));
+        }
     }
-    // From here the second request waits for blocks for 1,400 steps of the long one, far past
-    // its 150 ms.
+    let (at, since) = from_100.expect("passed 100 tokens");
+    let per_token = since.elapsed().as_secs_f64() / (generated - at).max(1) as f64;
+    // From here the second request waits for blocks for the long one's last 1,400 steps; its
+    // deadline passes at a quarter of that time.
     let mut request = tonic::Request::new(greedy(tokens((0..1500).map(|i| 3 + i % 200).collect()), 8));
-    request.set_timeout(std::time::Duration::from_millis(150));
+    request.set_timeout(deadline_well_before(per_token, 1400));
     let mut waiting = client.clone().generate(request).await.expect("accepted").into_inner();
     let status = until_error(&mut waiting).await;
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");

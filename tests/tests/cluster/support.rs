@@ -215,3 +215,36 @@ pub async fn generate(client: &mut Client, request: pb::GenerateRequest) -> Resu
     };
     tokio::time::timeout(PATIENCE, run).await.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("test patience ran out")))
 }
+
+/// Seconds per decode step of `request` on this machine now: a probe of the same request cut
+/// to 32 tokens, timed from its first token to its last (so neither the queue nor the prefill
+/// counts).
+pub async fn seconds_per_token(client: &Client, mut request: pb::GenerateRequest) -> f64 {
+    const PROBE: usize = 32;
+    request.stopping.get_or_insert_with(Default::default).max_new_tokens = PROBE as u32;
+    let mut stream = client.clone().generate(request).await.expect("probe accepted").into_inner();
+    let (mut first, mut last, mut after_first) = (None, std::time::Instant::now(), 0usize);
+    while let Some(m) = stream.message().await.expect("probe stream") {
+        if let Some(pb::generate_response::Event::Chunk(c)) = m.event {
+            last = std::time::Instant::now();
+            match first {
+                None => first = Some(last),
+                Some(_) => after_first += c.tokens.len(),
+            }
+        }
+    }
+    let first = first.expect("the probe streamed tokens");
+    assert!(after_first > 0, "the probe's tokens came in one chunk");
+    last.duration_since(first).as_secs_f64() / after_first as f64
+}
+
+/// A client deadline for work of `tokens` decode steps at `seconds_per_token`: a quarter of
+/// that time, and at least 200 ms so the request is accepted first. Deadline tests then hold
+/// on a fast idle machine and on a loaded one alike, since they rest on this order, not on a
+/// speed.
+pub fn deadline_well_before(seconds_per_token: f64, tokens: u32) -> Duration {
+    let expected = Duration::from_secs_f64(seconds_per_token * f64::from(tokens));
+    let deadline = (expected / 4).max(Duration::from_millis(200));
+    assert!(deadline < expected / 2, "{tokens} steps take only {expected:?} here: too quick for a deadline of {deadline:?}");
+    deadline
+}

@@ -290,6 +290,9 @@ mod tests {
         let w = bf16_tensor(out * inner, (out, inner), 11);
         let Some(got) = matmul_t(&x, &w, None).unwrap() else {
             assert!(!available() || (rows > MAX_ROWS && inner % 2 == 1), "declined {rows}x{inner} · {out}");
+            if !available() {
+                crate::kernel_paths::not_exercised("bf16_matmul avx512bf16");
+            }
             return;
         };
         assert_eq!(got.dims(), &[rows, out]);
@@ -331,6 +334,7 @@ mod tests {
         let w = bf16_tensor(out * inner, (out, inner), 11);
         let Some(got) = matmul_t(&x, &w, None).unwrap() else {
             assert!(!available());
+            crate::kernel_paths::not_exercised("bf16_matmul avx512bf16");
             return;
         };
         let want = x.to_dtype(DType::F32).unwrap().matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();

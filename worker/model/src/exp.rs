@@ -80,6 +80,27 @@ mod tests {
         let mut runs: Vec<(&str, Vec<f32>)> = vec![("portable", xs.clone()), ("dispatched", xs.clone())];
         exp_portable(&mut runs[0].1);
         exp_in_place(&mut runs[1].1);
+        // Each vector path this CPU has, not only the one dispatch picks.
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") {
+                let mut y = xs.clone();
+                // SAFETY: the CPU has AVX-512F.
+                unsafe { exp_avx512(&mut y) };
+                runs.push(("avx512", y));
+            } else {
+                crate::kernel_paths::not_exercised("exp avx512");
+            }
+            if has!("avx2") && has!("fma") {
+                let mut y = xs.clone();
+                // SAFETY: the CPU has AVX2 and FMA.
+                unsafe { exp_avx2(&mut y) };
+                runs.push(("avx2", y));
+            } else {
+                crate::kernel_paths::not_exercised("exp avx2");
+            }
+        }
         for (name, got) in &runs {
             for (x, y) in xs.iter().zip(got) {
                 let want = x.exp();

@@ -21,6 +21,8 @@ mod exp;
 pub mod fixture;
 mod fused;
 mod heap;
+#[cfg(test)]
+mod kernel_paths;
 mod kv_cache;
 mod layer;
 mod linear;

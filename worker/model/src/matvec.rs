@@ -625,8 +625,12 @@ mod tests {
         if has_avx2_fma() {
             kernels.push(("avx2", block_avx2_entry::<f32>));
         }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            kernels.push(("avx512", block_avx512_entry::<f32>));
+        match std::arch::is_x86_feature_detected!("avx512f") {
+            true => kernels.push(("avx512", block_avx512_entry::<f32>)),
+            false => crate::kernel_paths::not_exercised("matvec avx512"),
+        }
+        if !has_avx2_fma() {
+            crate::kernel_paths::not_exercised("matvec avx2");
         }
         for inner in [1usize, 8, 15, 16, 17, 40, 577] {
             let row = |salt: usize| (0..inner).map(|i| (((i + salt) * 37 % 101) as f32 - 50.0) / 50.0).collect::<Vec<f32>>();

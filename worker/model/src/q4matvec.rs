@@ -626,7 +626,7 @@ mod tests {
     }
 
     /// Every kernel this CPU can run for `F` (the one `kernel()` picks first). The first call
-    /// prints the kernels this CPU cannot run, which the tests then do not check.
+    /// records the kernels this CPU cannot run (`kernel_paths`), which the tests then do not check.
     fn kernels<F: Format>() -> Vec<Kernel> {
         let mut all = vec![kernel::<F>()];
         let mut cannot: Vec<&str> = Vec::new();
@@ -645,8 +645,8 @@ mod tests {
         cannot.extend(["avx512vnni", "avx2"]);
         static REPORTED: std::sync::Once = std::sync::Once::new();
         REPORTED.call_once(|| {
-            if !cannot.is_empty() {
-                eprintln!("q4matvec: this CPU cannot run (so these tests skip) the {} kernel(s)", cannot.join(", "));
+            for path in &cannot {
+                crate::kernel_paths::not_exercised(&format!("q4matvec {path}"));
             }
         });
         all.push(Kernel::new::<F>("portable", false, dot_rows_portable::<F>));

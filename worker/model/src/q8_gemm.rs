@@ -368,7 +368,7 @@ mod tests {
             assert!(available(), "the CPU has AVX-512 VNNI but the kernel is not selected");
             return;
         }
-        println!("skipped: this CPU lacks AVX-512 VNNI, so q8_0 prefill keeps the f32 GEMM path");
+        crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
     }
 
     /// Every tail: rows not a multiple of the tile, columns not a multiple of the panel, one to
@@ -377,7 +377,7 @@ mod tests {
     #[test]
     fn matches_the_quantized_reference_and_the_dequantized_gemm() {
         if !available() {
-            println!("skipped: this CPU lacks AVX-512 VNNI");
+            crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
             return;
         }
         let dev = Device::Cpu;
@@ -413,7 +413,7 @@ mod tests {
     #[test]
     fn vector_quantization_equals_the_scalar_one() {
         if !available() {
-            println!("skipped: this CPU lacks AVX-512");
+            crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
             return;
         }
         // Block 0: exact halves after scaling (max 127 → scale 1); block 1: zeros; then varied.

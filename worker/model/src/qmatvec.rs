@@ -681,6 +681,16 @@ mod tests {
         if has_avx2() {
             all.push(Kernel { name: "avx2", quantize: |x, _, xq| quantize_rows(x, xq), dot: dot_avx2_entry });
         }
+        static REPORTED: std::sync::Once = std::sync::Once::new();
+        REPORTED.call_once(|| {
+            #[cfg(target_arch = "x86_64")]
+            let missing = [("avx512vnni", has_vnni()), ("avx2", has_avx2())];
+            #[cfg(not(target_arch = "x86_64"))]
+            let missing = [("avx512vnni", false), ("avx2", false)];
+            for (name, _) in missing.iter().filter(|(_, has)| !has) {
+                crate::kernel_paths::not_exercised(&format!("qmatvec {name}"));
+            }
+        });
         all.push(Kernel { name: "portable", quantize: |x, _, xq| quantize_rows(x, xq), dot: dot_rows_portable });
         all.dedup_by_key(|k| k.name);
         all

@@ -52,6 +52,8 @@ pub fn run_trace(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps
         .forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All)
         .expect("prefill");
     let prefill = rows(&logits);
+    // `argmax` skips NaN: a non-finite logit must fail the trace, not pick another token.
+    assert!(prefill.iter().flatten().all(|v| v.is_finite()), "a non-finite logit in the prefill");
     let mut next = tessera_model::sampler::argmax(prefill.last().expect("non-empty prompt"));
     let mut greedy = vec![next];
     let mut decode = Vec::with_capacity(steps);
@@ -61,6 +63,7 @@ pub fn run_trace(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps
             .forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, comm, LogitsMode::LastPerChunk)
             .expect("decode");
         let row = rows(&logits).remove(0);
+        assert!(row.iter().all(|v| v.is_finite()), "a non-finite logit at decode step {i}");
         next = tessera_model::sampler::argmax(&row);
         decode.push(row);
         if i + 1 < steps {
