@@ -18,11 +18,13 @@ pub struct GenerateArgs {
     /// 0 = the server's default.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: u32,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: u32,
+    /// 0 = greedy. Unset: the model's default (its generation_config.json), else greedy; the
+    /// same for --top-k, --top-p and --repetition-penalty.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// 0 = no top-k cut.
+    #[arg(long)]
+    top_k: Option<u32>,
     #[arg(long)]
     top_p: Option<f32>,
     #[arg(long)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use tessera_model_files::ModelFiles;
+use tessera_model_files::{ModelFiles, SamplingDefaults};
 
 use crate::chat::ChatTemplate;
 use crate::error::CoordinatorError;
@@ -57,6 +57,8 @@ pub struct ServedModel {
     /// Tokens that end generation unless the request sets `ignore_eos`.
     pub eos: Vec<u32>,
     pub vocab_size: usize,
+    /// `generation_config.json`'s sampling settings, for the fields a request leaves unset.
+    pub sampling_defaults: SamplingDefaults,
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -111,6 +113,8 @@ impl ServedModel {
         }
         // generation_config.json often lists more end tokens (chat models end turns with one).
         let eos = files.eos_ids().map_err(|e| err(e.to_string()))?;
+        let sampling_defaults = files.sampling_defaults().map_err(|e| err(e.to_string()))?;
+        crate::request::check_sampling_defaults(&sampling_defaults).map_err(|e| err(format!("generation_config.json: {e}")))?;
         let mut tokenizer = files.tokenizer().map_err(|e| err(e.to_string()))?;
         // Encoder tokenizers often ship fixed padding and truncation (all-MiniLM: 128 tokens);
         // lengths are the coordinator's to check, and a cut is reported, never silent.
@@ -134,7 +138,16 @@ impl ServedModel {
             .map(|v| v as usize)
             .unwrap_or_else(|| tokenizer.get_vocab_size(true));
         // Encoders: sentence-transformers' shorter max_seq_length, where the model names one.
-        crate::embed::cap_at_max_seq_length(Self { spec, kind, tokenizer: Arc::new(tokenizer), chat, max_context, eos, vocab_size })
+        crate::embed::cap_at_max_seq_length(Self {
+            spec,
+            kind,
+            tokenizer: Arc::new(tokenizer),
+            chat,
+            max_context,
+            eos,
+            vocab_size,
+            sampling_defaults,
+        })
     }
 
     pub fn name(&self) -> &str {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tessera_proto::v1 as pb;
+use tessera_model_files::SamplingDefaults;
 use tessera_proto::worker::Sampling;
 
 use crate::beam::{BeamConfig, EarlyStopping, MAX_BEAMS};
@@ -75,9 +76,10 @@ pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &L
             limits.max_request_id_bytes
         )));
     }
-    let params = req.sampling.unwrap_or_default();
+    let mut params = req.sampling.unwrap_or_default();
     let seed_given = params.seed.is_some();
     let beam = beam_search(&params, req.stopping.as_ref())?;
+    with_model_defaults(&mut params, &model.sampling_defaults, beam.is_some());
     let loop_guard = loop_guard(params.loop_guard)?;
     let remove_repeated_sentences = params.remove_repeated_sentences;
     let sampling = sampling(params, &model, limits)?;
@@ -106,8 +108,8 @@ fn beam_search(params: &pb::SamplingParams, stopping: Option<&pb::StoppingCriter
     let length_penalty = b.length_penalty.unwrap_or(1.0);
     check("beam_search.length_penalty", length_penalty, true, "a finite number")?;
     let unused = [
-        ("temperature", params.temperature != 0.0),
-        ("top_k", params.top_k != 0),
+        ("temperature", params.temperature.is_some_and(|t| t != 0.0)),
+        ("top_k", params.top_k.is_some_and(|k| k != 0)),
         ("top_p", params.top_p.is_some_and(|p| p < 1.0)),
         ("min_p", params.min_p != 0.0),
         ("logprobs", params.logprobs != 0),
@@ -144,14 +146,42 @@ fn check(field: &str, value: f32, ok: bool, range: &str) -> Result<(), Coordinat
     }
 }
 
-fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Result<Sampling, CoordinatorError> {
-    check("temperature", s.temperature, s.temperature >= 0.0, "a finite number >= 0 (0 means greedy)")?;
-    if let Some(p) = s.top_p {
+/// Fills the fields `params` leaves unset from the model's `generation_config.json`, as vLLM
+/// does. A beam search takes only the repetition penalty: its other fields are sampling controls
+/// it refuses when asked for explicitly, and a model's recommendation is not a request.
+fn with_model_defaults(params: &mut pb::SamplingParams, defaults: &SamplingDefaults, beam: bool) {
+    params.repetition_penalty = params.repetition_penalty.or(defaults.repetition_penalty);
+    if !beam {
+        params.temperature = params.temperature.or(defaults.temperature);
+        params.top_k = params.top_k.or(defaults.top_k);
+        params.top_p = params.top_p.or(defaults.top_p);
+    }
+}
+
+/// The ranges a request's temperature, top_p and repetition penalty must be in.
+fn check_core(temperature: Option<f32>, top_p: Option<f32>, repetition_penalty: Option<f32>) -> Result<(), CoordinatorError> {
+    if let Some(t) = temperature {
+        check("temperature", t, t >= 0.0, "a finite number >= 0 (0 means greedy)")?;
+    }
+    if let Some(p) = top_p {
         check("top_p", p, p > 0.0 && p <= 1.0, "in (0, 1]")?;
     }
+    if let Some(r) = repetition_penalty {
+        check("repetition_penalty", r, r > 0.0, "a finite number > 0 (1 means off)")?;
+    }
+    Ok(())
+}
+
+/// A model's `generation_config.json` defaults must pass the checks a request's values pass,
+/// so a bad file fails at start instead of failing every request that relies on it.
+pub(crate) fn check_sampling_defaults(d: &SamplingDefaults) -> Result<(), CoordinatorError> {
+    check_core(d.temperature, d.top_p, d.repetition_penalty)
+}
+
+fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Result<Sampling, CoordinatorError> {
+    check_core(s.temperature, s.top_p, s.repetition_penalty)?;
     check("min_p", s.min_p, (0.0..=1.0).contains(&s.min_p), "in [0, 1]")?;
     let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
-    check("repetition_penalty", repetition_penalty, repetition_penalty > 0.0, "a finite number > 0 (1 means off)")?;
     check("presence_penalty", s.presence_penalty, (-2.0..=2.0).contains(&s.presence_penalty), "in [-2, 2]")?;
     check("frequency_penalty", s.frequency_penalty, (-2.0..=2.0).contains(&s.frequency_penalty), "in [-2, 2]")?;
     if s.logprobs > MAX_LOGPROBS {
@@ -190,8 +220,8 @@ fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Resu
         dry_breakers.dedup();
     }
     Ok(Sampling {
-        temperature: s.temperature,
-        top_k: s.top_k,
+        temperature: s.temperature.unwrap_or(0.0),
+        top_k: s.top_k.unwrap_or(0),
         top_p: s.top_p,
         seed: s.seed.unwrap_or(0),
         min_p: s.min_p,

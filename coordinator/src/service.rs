@@ -112,6 +112,13 @@ impl Inference for InferenceService {
                 max_context: m.max_context as u32,
                 tp: m.spec.tp as u32,
                 serving_groups: self.cluster.serving_groups_of(i),
+                default_sampling: Some(pb::SamplingParams {
+                    temperature: m.sampling_defaults.temperature,
+                    top_k: m.sampling_defaults.top_k,
+                    top_p: m.sampling_defaults.top_p,
+                    repetition_penalty: m.sampling_defaults.repetition_penalty,
+                    ..Default::default()
+                }),
             })
             .collect();
         Ok(Response::new(pb::ListModelsResponse { models }))

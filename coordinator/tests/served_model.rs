@@ -157,3 +157,26 @@ fn broken_gguf_files_are_refused_at_start() {
     let why = refusal(spec(write("model.bin", b"not a model"), None));
     assert!(why.contains("not a .gguf file"), "{why}");
 }
+
+/// `generation_config.json`'s sampling settings become the model's defaults; values a request
+/// could not use are refused at start, naming the file.
+#[test]
+fn generation_config_sampling_defaults_are_read_and_checked_at_start() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let dir = write_fixture(&demo(), root.path(), &WriteOptions::default()).expect("write fixture");
+    assert_eq!(ServedModel::load(spec(dir.clone(), None)).expect("load").sampling_defaults, Default::default());
+    let path = dir.join("generation_config.json");
+    std::fs::write(&path, r#"{"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}"#).expect("write");
+    let d = ServedModel::load(spec(dir.clone(), None)).expect("load").sampling_defaults;
+    assert_eq!((d.temperature, d.top_k, d.top_p, d.repetition_penalty), (Some(0.7), Some(20), Some(0.8), Some(1.05)));
+    for (text, message) in [
+        (r#"{"temperature": -1}"#, "temperature must be a finite number >= 0"),
+        (r#"{"top_p": 1.5}"#, "top_p must be in (0, 1]"),
+        (r#"{"repetition_penalty": 0}"#, "repetition_penalty must be a finite number > 0"),
+        (r#"{"top_k": "many"}"#, "top_k is \"many\", not a number"),
+    ] {
+        std::fs::write(&path, text).expect("write");
+        let why = refusal(spec(dir.clone(), None));
+        assert!(why.contains("generation_config.json") && why.contains(message), "{text}: {why}");
+    }
+}

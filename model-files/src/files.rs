@@ -24,6 +24,17 @@ use crate::error::{FilesError, Result};
 use crate::gguf::GgufHeader;
 use crate::tokenizer::{self, GgufTokenizer};
 
+/// The sampling settings a model's `generation_config.json` recommends. The coordinator uses
+/// them where a request leaves a field unset, as vLLM does (`--generation-config auto`); a field
+/// the request sets wins. transformers' `do_sample` is not consulted, as vLLM does not.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_k: Option<u32>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
 /// A chat template and the special tokens it may refer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatTemplateText {
@@ -179,6 +190,28 @@ impl ModelFiles {
     /// `generation_config.json`, when the directory has one.
     pub fn generation_config(&self) -> Result<Option<Value>> {
         self.side("generation_config.json").map(|p| read_json(&p)).transpose()
+    }
+
+    /// The sampling settings `generation_config.json` recommends (none without one, or for a
+    /// GGUF file, which carries none). A key of the wrong type is an error, so a broken file
+    /// fails at start rather than being half applied.
+    pub fn sampling_defaults(&self) -> Result<SamplingDefaults> {
+        let Some(g) = self.generation_config()? else { return Ok(SamplingDefaults::default()) };
+        let number = |key: &str| -> Result<Option<f64>> {
+            match g.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    FilesError::Invalid(format!("generation_config.json: {key} is {v}, not a number"))
+                }),
+            }
+        };
+        Ok(SamplingDefaults {
+            temperature: number("temperature")?.map(|v| v as f32),
+            // transformers' 0 and vLLM's -1 both mean no top-k cut, as does the request's 0.
+            top_k: number("top_k")?.filter(|&k| k >= 1.0).map(|k| k.min(f64::from(u32::MAX)) as u32),
+            top_p: number("top_p")?.map(|v| v as f32),
+            repetition_penalty: number("repetition_penalty")?.map(|v| v as f32),
+        })
     }
 
     /// End-of-sequence ids: the config's, then `generation_config.json`'s, then the GGUF

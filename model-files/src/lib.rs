@@ -12,5 +12,5 @@ pub mod tokenizer;
 
 pub use error::{FilesError, Result};
 pub use family::{decoder_architecture, DECODERS};
-pub use files::{find_gguf, ChatTemplateText, ModelFiles};
+pub use files::{find_gguf, ChatTemplateText, ModelFiles, SamplingDefaults};
 pub use gguf::GgufHeader;

@@ -12,7 +12,7 @@ use crate::support::*;
 
 fn sampled(seed: u64, max_new_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
-        sampling: Some(pb::SamplingParams { temperature: 1.0, top_p: Some(0.95), seed: Some(seed), ..Default::default() }),
+        sampling: Some(pb::SamplingParams { temperature: Some(1.0), top_p: Some(0.95), seed: Some(seed), ..Default::default() }),
         ..greedy(prompt("Once upon a time"), max_new_tokens)
     }
 }
@@ -112,4 +112,55 @@ async fn repeated_sentences_are_removed_from_the_streamed_text() {
     assert_eq!(removed.text(), " Birds sing.");
     assert_eq!(removed.finished.as_ref().map(|f| f.removed_sentences), Some(4));
     assert_eq!(removed.tokens(), plain.tokens(), "every token is still reported");
+}
+
+/// A model's `generation_config.json` fills the sampling fields a request leaves unset (as
+/// vLLM does), and a field the request sets wins: the "tuned" model below is the demo model
+/// with such a file, served beside the plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_config_supplies_the_sampling_a_request_leaves_unset() {
+    let plain = fixture(&demo(), "generation-config");
+    let tuned = scratch("generation-config-tuned");
+    std::fs::create_dir_all(&tuned).expect("mkdir");
+    for entry in std::fs::read_dir(&plain).expect("read fixture") {
+        let entry = entry.expect("entry");
+        std::os::unix::fs::symlink(entry.path(), tuned.join(entry.file_name())).expect("link");
+    }
+    std::fs::write(tuned.join("generation_config.json"), r#"{"temperature": 1.3, "top_k": 7, "top_p": 0.9, "repetition_penalty": 1.2}"#)
+        .expect("write generation_config.json");
+    let tuned_arg = format!("tuned={}", tuned.display());
+    let cluster = up(&plain, &["--workers", "2", "--model", &tuned_arg]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+
+    let models = client.list_models(pb::ListModelsRequest {}).await.expect("list models").into_inner().models;
+    let defaults = |name: &str| models.iter().find(|m| m.name == name).and_then(|m| m.default_sampling.clone());
+    let recommended = pb::SamplingParams {
+        temperature: Some(1.3),
+        top_k: Some(7),
+        top_p: Some(0.9),
+        repetition_penalty: Some(1.2),
+        ..Default::default()
+    };
+    assert_eq!(defaults("tuned"), Some(recommended.clone()), "{models:?}");
+    assert_eq!(defaults("demo"), Some(pb::SamplingParams::default()), "{models:?}");
+
+    let request = |model: &str, sampling: pb::SamplingParams| pb::GenerateRequest {
+        model: model.into(),
+        sampling: Some(sampling),
+        ..greedy(prompt("Once upon a time"), 24)
+    };
+    let seeded = |sampling: pb::SamplingParams| pb::SamplingParams { seed: Some(11), ..sampling };
+    // Unset fields: the tuned model samples as its file says, which the plain model does when
+    // asked for the same values explicitly.
+    let by_default = generate(&mut client, request("tuned", seeded(Default::default()))).await.expect("tuned, unset");
+    let explicit = generate(&mut client, request("demo", seeded(recommended.clone()))).await.expect("demo, explicit");
+    assert_eq!(by_default.tokens(), explicit.tokens());
+    // A field the request sets wins: temperature 0 is greedy on both.
+    let greedy_tuned = generate(&mut client, request("tuned", seeded(pb::SamplingParams { temperature: Some(0.0), repetition_penalty: Some(1.0), ..Default::default() })))
+        .await
+        .expect("tuned, greedy");
+    let greedy_plain = generate(&mut client, request("demo", Default::default())).await.expect("demo, greedy");
+    assert_eq!(greedy_tuned.tokens(), greedy_plain.tokens());
+    // The defaults did change the output (the comparison above is not between two greedy runs).
+    assert_ne!(by_default.tokens(), greedy_plain.tokens());
 }

@@ -72,7 +72,7 @@ async fn bad_input_gets_a_clear_error_naming_the_limit() {
     let with_stopping = |s: pb::StoppingCriteria| pb::GenerateRequest { stopping: Some(s), ..base() };
     let beams = |num_beams: u32, num_return_sequences: u32, length_penalty: f32, temperature: f32| {
         let beam_search = Some(pb::BeamSearch { num_beams, num_return_sequences, length_penalty: Some(length_penalty), ..Default::default() });
-        with_sampling(pb::SamplingParams { beam_search, temperature, ..Default::default() })
+        with_sampling(pb::SamplingParams { beam_search, temperature: Some(temperature), ..Default::default() })
     };
     let beams_with_stop = pb::GenerateRequest {
         stopping: Some(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["x".into()], ..Default::default() }),
@@ -84,9 +84,9 @@ async fn bad_input_gets_a_clear_error_naming_the_limit() {
         ("no input", pb::GenerateRequest { input: None, ..base() }, Code::InvalidArgument, "no input"),
         ("empty prompt", greedy(prompt(""), 4), Code::InvalidArgument, "prompt is empty"),
         ("empty token list", greedy(tokens(vec![]), 4), Code::InvalidArgument, "prompt is empty"),
-        ("negative temperature", with_sampling(pb::SamplingParams { temperature: -0.5, ..Default::default() }), Code::InvalidArgument, "temperature must be a finite number >= 0"),
-        ("NaN temperature", with_sampling(pb::SamplingParams { temperature: f32::NAN, ..Default::default() }), Code::InvalidArgument, "temperature"),
-        ("infinite temperature", with_sampling(pb::SamplingParams { temperature: f32::INFINITY, ..Default::default() }), Code::InvalidArgument, "temperature"),
+        ("negative temperature", with_sampling(pb::SamplingParams { temperature: Some(-0.5), ..Default::default() }), Code::InvalidArgument, "temperature must be a finite number >= 0"),
+        ("NaN temperature", with_sampling(pb::SamplingParams { temperature: Some(f32::NAN), ..Default::default() }), Code::InvalidArgument, "temperature"),
+        ("infinite temperature", with_sampling(pb::SamplingParams { temperature: Some(f32::INFINITY), ..Default::default() }), Code::InvalidArgument, "temperature"),
         ("top_p zero", with_sampling(pb::SamplingParams { top_p: Some(0.0), ..Default::default() }), Code::InvalidArgument, "top_p must be in (0, 1]"),
         ("top_p above one", with_sampling(pb::SamplingParams { top_p: Some(1.5), ..Default::default() }), Code::InvalidArgument, "top_p must be in (0, 1]"),
         ("top_p NaN", with_sampling(pb::SamplingParams { top_p: Some(f32::NAN), ..Default::default() }), Code::InvalidArgument, "top_p"),

@@ -156,8 +156,8 @@ async fn outputs_are_identical_when_kv_blocks_run_out_and_sequences_are_preempte
             // Seeded sampling with every penalty that reads the history: a recomputed sequence
             // must resume the random stream and count its earlier tokens as output.
             r.sampling = Some(pb::SamplingParams {
-                temperature: 1.1,
-                top_k: 40,
+                temperature: Some(1.1),
+                top_k: Some(40),
                 seed: Some(100 + u64::from(i)),
                 repetition_penalty: Some(1.3),
                 presence_penalty: 0.6,
