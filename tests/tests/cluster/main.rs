@@ -5,6 +5,7 @@ mod beams;
 mod decoding;
 mod encoders;
 mod etcd_cluster;
+mod failures;
 mod local_cluster;
 mod long_context;
 mod real_models;

@@ -248,3 +248,51 @@ pub fn deadline_well_before(seconds_per_token: f64, tokens: u32) -> Duration {
     assert!(deadline < expected / 2, "{tokens} steps take only {expected:?} here: too quick for a deadline of {deadline:?}");
     deadline
 }
+
+/// The coordinator's `ClusterStatus` now.
+pub async fn cluster_status(client: &Client) -> pb::ClusterStatusResponse {
+    client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("ClusterStatus").into_inner()
+}
+
+/// Asks `ClusterStatus` every [`POLL`] until `done` holds and returns that answer; fails the
+/// test, naming `what`, after [`PATIENCE`].
+pub async fn until_status(client: &Client, what: &str, done: impl Fn(&pb::ClusterStatusResponse) -> bool) -> pb::ClusterStatusResponse {
+    let wait = async {
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tick.tick().await;
+            let status = cluster_status(client).await;
+            if done(&status) {
+                return status;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait).await.unwrap_or_else(|_| panic!("never saw {what}"))
+}
+
+/// A counter of `ClusterStatus.counters.finished` ("LENGTH", "CANCELLED", "LOST", ...).
+pub fn finished_count(status: &pb::ClusterStatusResponse, reason: &str) -> u64 {
+    status.counters.as_ref().and_then(|c| c.finished.get(reason).copied()).unwrap_or_default()
+}
+
+/// [`etcd_worker_at`] with more `tessera worker` flags (e.g. `--drain-timeout-secs`).
+pub fn etcd_worker_with(etcd: &str, id: &str, lease_ttl_secs: u64, kv_tokens: u64, extra: &[&str]) -> anyhow::Result<(ChildGuard, String)> {
+    let (ttl, kv) = (lease_ttl_secs.to_string(), kv_tokens.to_string());
+    let mut args = vec!["--id", id, "--etcd", etcd, "--lease-ttl-secs", &ttl, "--kv-capacity-tokens", &kv];
+    args.extend_from_slice(extra);
+    let (guard, addr) = tessera_tests::spawn_worker(&args)?;
+    Ok((guard, format!("http://{addr}")))
+}
+
+/// Sends SIGTERM to a child: a worker then drains and leaves.
+pub fn sigterm(child: &ChildGuard) {
+    let pid = child.0.id().to_string();
+    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+    assert!(sent.success(), "kill -TERM {pid} failed");
+}
+
+/// Waits (up to [`PATIENCE`]) for a child to exit on its own and returns how it exited.
+pub async fn exit_of(mut child: ChildGuard) -> std::process::ExitStatus {
+    let exit = tokio::task::spawn_blocking(move || child.0.wait());
+    tokio::time::timeout(PATIENCE, exit).await.expect("the process did not exit in time").expect("join").expect("wait")
+}
