@@ -55,6 +55,16 @@ fn tokenizer(dir: &Path) -> Tokenizer {
     tok
 }
 
+/// Gives the model directory `dir` sentence-transformers' CLS pooling instead of mean.
+fn write_cls_pooling(dir: &Path) {
+    std::fs::create_dir(dir.join("1_Pooling")).expect("mkdir");
+    std::fs::write(
+        dir.join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
+    )
+    .expect("write pooling");
+}
+
 fn cosine(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "vector length");
     assert!(a.iter().all(|x| x.is_finite()), "a non-finite value in the vector");
@@ -150,12 +160,7 @@ fn bert_prefix_and_cls_pooling() {
     let renamed: HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (format!("bert.{k}"), v)).collect();
     candle_core::safetensors::save(&renamed, dir.path().join("model.safetensors")).expect("write weights");
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).expect("copy config");
-    std::fs::create_dir(dir.path().join("1_Pooling")).expect("mkdir");
-    std::fs::write(
-        dir.path().join("1_Pooling/config.json"),
-        r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
-    )
-    .expect("write pooling");
+    write_cls_pooling(dir.path());
 
     let prefixed = BertModel::load(dir.path(), &Device::Cpu).expect("load bert.-prefixed copy");
     assert_eq!(prefixed.head().pooling, Pooling::Cls);
@@ -190,12 +195,7 @@ fn cls_pooling_matches_sentence_transformers() {
             std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name())).expect("link model file");
         }
     }
-    std::fs::create_dir(dir.path().join("1_Pooling")).expect("mkdir");
-    std::fs::write(
-        dir.path().join("1_Pooling/config.json"),
-        r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
-    )
-    .expect("write pooling");
+    write_cls_pooling(dir.path());
     let model = BertModel::load(dir.path(), &Device::Cpu).expect("load the CLS copy");
     assert_eq!(model.head().pooling, Pooling::Cls);
     assert!(model.head().normalize, "modules.json lists Normalize");
