@@ -149,6 +149,12 @@ impl DecoderLayer {
         &self.input_norm
     }
 
+    /// Bytes held by this layer's weights.
+    pub fn bytes(&self) -> usize {
+        let norms = [&self.input_norm, &self.post_attention_norm].map(|n| n.weight().elem_count() * n.weight().dtype().size_in_bytes());
+        norms.iter().sum::<usize>() + [&self.qkv, &self.o, &self.gate_up, &self.down].iter().map(|l| l.bytes()).sum::<usize>()
+    }
+
     /// `x`: `[tokens, hidden]` residual stream and `h` its [`input_norm`](Self::input_norm).
     /// Returns the updated stream and the stream normed by `next_norm` (the next layer's input
     /// norm, or the model's final norm after the last layer). Intermediates go into the step's

@@ -16,6 +16,7 @@ mod bf16_matmul;
 pub mod config;
 mod decode_attention;
 mod elem;
+mod embedding;
 mod error;
 mod exp;
 pub mod fixture;
@@ -23,6 +24,7 @@ mod fused;
 mod heap;
 #[cfg(test)]
 mod kernel_paths;
+pub mod kquant;
 mod kv_cache;
 mod layer;
 mod linear;

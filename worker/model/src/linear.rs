@@ -34,17 +34,26 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
 ///   quantizes the activations to 8 bits per block as llama.cpp does;
 /// - q4_0, q4_1, q5_0, q5_1 and at most `MAX_ROWS` rows: the same design for those blocks
 ///   (`q4matvec.rs`);
+/// - q4_k, q5_k, q6_k and at most `MAX_ROWS` rows: the same design for ggml's 256-value
+///   super-blocks, activations quantized to llama.cpp's `block_q8_K` (`kquant.rs`);
 /// - q8_0 and more rows (prefill) on a CPU with AVX-512 VNNI: our int8 GEMM (`q8_gemm.rs`),
 ///   the same arithmetic as decode, so prefill and decode agree;
 /// - other prefill: f32 GEMM on the dequantized weights — the same weights with exact f32
 ///   activations, and on the benchmark machine several times faster than candle's quantized
 ///   GEMM (BENCHMARKS.md). Prefill and decode then differ by the activation rounding only;
-/// - otherwise (q4_k decode): candle's ggml kernel, which also quantizes the activations.
+/// - otherwise (decode of another format: q2_k, q3_k, ...): candle's ggml kernel, which also
+///   quantizes the activations.
 fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
     let (out, inner) = q.shape().dims2()?;
     let rows = x.dims().first().copied().unwrap_or(0);
     if crate::q4matvec::supports(q.dtype()) && q.device().is_cpu() {
         if let Some(y) = crate::q4matvec::q4_matvec_into(x, &q.data()?, q.dtype(), out, inner, dest)? {
+            return Ok(y);
+        }
+    }
+    if crate::kquant::supports(q.dtype()) && q.device().is_cpu() {
+        let data = q.data()?;
+        if let Some(y) = crate::kquant::kquant_matvec_into(x, &data, q.dtype(), out, inner, dest)? {
             return Ok(y);
         }
     }
@@ -124,6 +133,11 @@ pub enum Weight {
     /// Block-quantized rows; `quantized_matmul_t` says which kernel multiplies them.
     /// Activations stay f32 outside the product.
     Quantized(Arc<QTensor>),
+    /// Block-quantized projections with the same `in` but different formats, stacked along
+    /// `out` (a Q4_K_M file stores some layers' `v` in q6_k beside `q` and `k` in q4_k): each
+    /// is multiplied in its own format and the products are put side by side, so the weights
+    /// stay as small as the file's.
+    Stacked { parts: Vec<Arc<QTensor>>, dims: [usize; 2] },
 }
 
 impl Weight {
@@ -132,18 +146,41 @@ impl Weight {
         match self {
             Self::Float(t) => t.dims(),
             Self::Quantized(q) => q.shape().dims(),
+            Self::Stacked { dims, .. } => dims,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Float(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Quantized(q) => q.storage_size_in_bytes(),
+            Self::Stacked { parts, .. } => parts.iter().map(|q| q.storage_size_in_bytes()).sum(),
+        }
+    }
+
+    /// `x Wᵀ`, into `dest` where the kernel can.
+    fn matmul_t(&self, x: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Float(w) => matmul_t(x, w, dest),
+            Self::Quantized(q) => quantized_matmul_t(x, q, dest),
+            Self::Stacked { parts, .. } => {
+                let ys = parts.iter().map(|q| quantized_matmul_t(x, q, None)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&ys, ys[0].rank() - 1)
+            }
         }
     }
 
     /// Stacks projections with the same `in` along `out` (the fused `[q|k|v]` and `[gate|up]`).
-    /// Quantized rows are independent, so stacking them is concatenating their bytes; a mix of
-    /// formats (a GGUF that stores `v` in another type than `q`) is widened to f32.
+    /// Quantized rows are independent, so stacking one format is concatenating its bytes; a mix
+    /// of formats stays a mix ([`Weight::Stacked`]); a mix of float and quantized is widened to
+    /// f32.
     pub fn cat_rows(parts: Vec<Weight>) -> candle_core::Result<Weight> {
         let quantized: Option<Vec<&Arc<QTensor>>> = parts
             .iter()
             .map(|p| match p {
                 Self::Quantized(q) => Some(q),
-                Self::Float(_) => None,
+                Self::Float(_) | Self::Stacked { .. } => None,
             })
             .collect();
         if let Some(qs) = quantized {
@@ -159,6 +196,9 @@ impl Weight {
                 let storage = QStorage::from_data(Cow::Owned(bytes), &qs[0].device(), dtype)?;
                 return Ok(Self::Quantized(Arc::new(QTensor::new(storage, (rows, cols))?)));
             }
+            let cols = qs[0].shape().dims()[1];
+            let rows = qs.iter().map(|q| q.shape().dims()[0]).sum();
+            return Ok(Self::Stacked { parts: qs.into_iter().cloned().collect(), dims: [rows, cols] });
         }
         let floats = parts.iter().map(Self::to_f32_if_quantized).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self::Float(Tensor::cat(&floats, 0)?))
@@ -168,6 +208,10 @@ impl Weight {
         match self {
             Self::Float(t) => Ok(t.clone()),
             Self::Quantized(q) => q.dequantize(&q.device()),
+            Self::Stacked { parts, .. } => {
+                let floats = parts.iter().map(|q| q.dequantize(&q.device())).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&floats, 0)
+            }
         }
     }
 }
@@ -190,6 +234,11 @@ impl Linear {
         Self { weight: weight.into(), bias }
     }
 
+    /// Bytes held by the weight and bias.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes() + self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+    }
+
     /// The projection without its bias; row-parallel layers add the bias after the all-reduce.
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_no_bias_into(x, None)
@@ -198,10 +247,7 @@ impl Linear {
     /// [`Linear::forward_no_bias`], writing into `dest` where the kernel can (a decode step's
     /// workspace tensor).
     pub fn forward_no_bias_into(&self, x: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
-        match &self.weight {
-            Weight::Float(w) => matmul_t(x, w, dest),
-            Weight::Quantized(q) => quantized_matmul_t(x, q, dest),
-        }
+        self.weight.matmul_t(x, dest)
     }
 
     /// `x Wᵀ + b` into `dest` where the kernel can; see [`Linear::add_bias_in_place`].

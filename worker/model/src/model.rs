@@ -16,6 +16,7 @@ use crate::attention::{CacheAttention, ChunkMask};
 use crate::batch::{Batch, LogitsMode};
 use crate::config::ModelConfig;
 use crate::elem::{output, Dest, Elem};
+use crate::embedding::Embedding;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvSpec};
 use crate::layer::{AttentionStep, DecoderLayer, LayerStep};
@@ -53,11 +54,13 @@ impl Default for LoadConfig {
 pub struct Model {
     config: ModelConfig,
     layout: TpLayout,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `[vocab, hidden]`; the embedding matrix itself when tied and not quantized.
+    /// `[vocab, hidden]`; the embedding matrix itself when tied and not quantized on load.
     lm_head: Linear,
+    /// Whether `lm_head` is the embedding's own storage (not counted twice).
+    head_shares_embedding: bool,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -83,7 +86,6 @@ impl Model {
         crate::heap::keep_freed_buffers();
         let layout = TpLayout::new(&config, load.tp_rank, load.tp_size)?;
         let (rank, n_layers) = (load.tp_rank, config.num_hidden_layers);
-        let mb = shard_bytes(&config, &layout, load.dtype, load.quantization) as f64 / 1e6;
         tracing::info!(
             dir = %dir.display(),
             rank,
@@ -91,7 +93,6 @@ impl Model {
             dtype = load.dtype.as_str(),
             quantization = load.quantization.map(Quantization::name),
             layers = n_layers,
-            mb,
             "loading model shard"
         );
         let ckpt = Checkpoint::open(dir, load.dtype, &load.device)?.dequantizing(load.dequantize);
@@ -105,12 +106,16 @@ impl Model {
         }
         let (h, v) = (config.hidden_size, config.vocab_size);
         let embed_name = "model.embed_tokens.weight";
-        let embed = ckpt.get(embed_name, &[v, h], Shard::FULL)?;
+        // Kept quantized when the file stores it so (`embedding.rs`).
+        let embed = Embedding::from_weight(ckpt.get_weight(embed_name, [v, h], Shard::FULL, None)?)
+            .ok_or_else(|| ModelError::InvalidConfig(format!("{embed_name} is not one tensor")))?;
         let head_name = if config.tie_word_embeddings { embed_name } else { "lm_head.weight" };
-        let lm_head = match ckpt.get_weight(head_name, [v, h], Shard::FULL, load.quantization)? {
-            // Tied float weights share the embedding's storage instead of a second copy.
-            Weight::Float(_) if config.tie_word_embeddings => Weight::Float(embed.clone()),
-            w => w,
+        // Tied weights share the embedding's storage instead of a second copy, unless they are
+        // to be quantized on load.
+        let (lm_head, head_shares_embedding) = match (&embed, config.tie_word_embeddings, load.quantization) {
+            (Embedding::Float(t), true, None) => (Weight::Float(t.clone()), true),
+            (Embedding::Quantized(q), true, _) => (Weight::Quantized(q.clone()), true),
+            _ => (ckpt.get_weight(head_name, [v, h], Shard::FULL, load.quantization)?, false),
         };
         let lm_head = Linear::new(lm_head, None);
         // A quarter of the layers between progress lines: a 70B shard takes minutes, and one
@@ -131,7 +136,9 @@ impl Model {
         windows.sort();
         windows.dedup();
         let secs = start.elapsed().as_secs_f64();
-        tracing::info!(rank, layers = n_layers, secs, mb_per_s = mb / secs, "model shard loaded");
+        let head_bytes = if head_shares_embedding { 0 } else { lm_head.bytes() };
+        let held = (embed.bytes() + layers.iter().map(DecoderLayer::bytes).sum::<usize>() + head_bytes) as f64 / 1e6;
+        tracing::info!(rank, layers = n_layers, secs, mb = held, mb_per_s = held / secs, "model shard loaded");
         Ok(Self {
             rope: Rope::new(&config),
             config,
@@ -140,6 +147,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            head_shares_embedding,
             dtype: load.dtype,
             device: load.device.clone(),
             windows,
@@ -150,6 +158,14 @@ impl Model {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Bytes of weights this rank holds: what the load log reports, and about the file's size
+    /// for a quantized GGUF (its blocks are kept as stored).
+    pub fn weight_bytes(&self) -> usize {
+        let head = if self.head_shares_embedding { 0 } else { self.lm_head.bytes() };
+        let norm = self.norm.weight().elem_count() * self.norm.weight().dtype().size_in_bytes();
+        self.embed.bytes() + self.layers.iter().map(DecoderLayer::bytes).sum::<usize>() + head + norm
     }
 
     pub fn layout(&self) -> &TpLayout {
@@ -279,10 +295,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (n, hidden) = (tokens.len(), self.config.hidden_size);
         let stream = [n, hidden];
-        let x = match crate::fused::gather_rows(&self.embed, tokens, ws.get(Slot::X0, &stream, self.dtype)?.as_ref())? {
-            Some(x) => x,
-            None => self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?,
-        };
+        let x = self.embed.lookup(tokens, self.dtype, ws.get(Slot::X0, &stream, self.dtype)?.as_ref())?;
         // Each layer hands the next its input norm, computed with its last residual add; the
         // last layer's is the model's final norm.
         let first_norm = self.layers.first().map_or(&self.norm, DecoderLayer::input_norm);
@@ -398,67 +411,53 @@ fn table(values: &[f32], shape: &[usize; 2], dtype: DType, dest: Option<&Dest>) 
         other => Tensor::from_slice(values, shape, &Device::Cpu)?.to_dtype(other)?,
     })
 }
-
-/// Bytes of `layout`'s weights once loaded in `dtype` (projections in `quant`, if given), from
-/// the shapes alone, so the first progress line can say how much is coming before any of it is
-/// read. A GGUF file's own quantization is not seen here, so its shards count as `dtype`.
-fn shard_bytes(cfg: &ModelConfig, layout: &TpLayout, dtype: DType, quant: Option<Quantization>) -> u64 {
-    let n = |x: usize| x as u64;
-    let (h, v, d) = (n(cfg.hidden_size), n(cfg.vocab_size), n(cfg.head_dim));
-    let (q, kv, inter) = (n(layout.heads) * d, n(layout.kv_heads) * d, n(layout.intermediate));
-    let matrices = (q + 2 * kv) * h + h * q + 3 * inter * h;
-    let biases = [(cfg.qkv_bias, q + 2 * kv), (cfg.o_bias, h), (cfg.mlp_bias, 2 * inter + h)]
-        .iter()
-        .filter(|(present, _)| *present)
-        .map(|(_, size)| size)
-        .sum::<u64>();
-    let layers = n(cfg.num_hidden_layers);
-    let lm_head = if cfg.tie_word_embeddings && quant.is_none() { 0 } else { v * h };
-    let float_params = layers * (biases + 2 * h) + v * h + h;
-    let elem = n(dtype.size_in_bytes());
-    match quant {
-        None => (float_params + layers * matrices + lm_head) * elem,
-        Some(q) => float_params * elem + q.bytes(layers * matrices + lm_head),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fixture::{test_fixtures, write_fixture, WriteOptions};
 
-    /// At tp=1 in the file's own dtype a shard is the whole checkpoint, so the estimate must
+    /// At tp=1 in the file's own dtype a shard is the whole checkpoint, so the bytes held
     /// equal the tensor bytes in the file; every fixture shape (biases, tying, GQA) is covered.
     #[test]
-    fn shard_bytes_match_the_checkpoint_at_tp1() {
-        let root = std::env::temp_dir().join(format!("tessera-shard-bytes-{}", std::process::id()));
+    fn weight_bytes_match_the_checkpoint_at_tp1() {
+        let root = std::env::temp_dir().join(format!("tessera-weight-bytes-{}", std::process::id()));
         for spec in test_fixtures() {
             let dir = write_fixture(&spec, &root, &WriteOptions::default()).unwrap();
             let file = std::fs::read(dir.join("model.safetensors")).unwrap();
             let tensors = safetensors::SafeTensors::deserialize(&file).unwrap();
-            let in_file: u64 = tensors.tensors().iter().map(|(_, t)| t.data().len() as u64).sum();
-            let config = ModelConfig::from_dir(&dir).unwrap();
-            let layout = TpLayout::new(&config, 0, 1).unwrap();
-            assert_eq!(shard_bytes(&config, &layout, DType::F32, None), in_file, "{}", spec.name);
-            assert_eq!(shard_bytes(&config, &layout, DType::BF16, None) * 2, in_file, "{}", spec.name);
+            let in_file: usize = tensors.tensors().iter().map(|(_, t)| t.data().len()).sum();
+            let model = Model::load(&dir, &LoadConfig::default()).unwrap();
+            assert_eq!(model.weight_bytes(), in_file, "{}", spec.name);
         }
         std::fs::remove_dir_all(&root).unwrap();
     }
 
     /// Quantized projections count their blocks' bytes (q8_0: 34 bytes per 32 weights), the
-    /// rest stays in `dtype`; a tied lm_head becomes a second, quantized matrix.
+    /// rest stays f32; a tied lm_head becomes a second, quantized matrix.
     #[test]
-    fn shard_bytes_count_quantized_blocks() {
+    fn weight_bytes_count_quantized_blocks() {
+        let root = std::env::temp_dir().join(format!("tessera-weight-bytes-q8-{}", std::process::id()));
         let spec = test_fixtures().into_iter().find(|s| s.name == "qwen2-tied").unwrap();
-        let config = ModelConfig::from_json_bytes(spec.config.to_string().as_bytes()).unwrap();
-        let layout = TpLayout::new(&config, 0, 1).unwrap();
-        let float = shard_bytes(&config, &layout, DType::F32, None);
-        let q8 = shard_bytes(&config, &layout, DType::F32, Some(Quantization::Q8_0));
+        let dir = write_fixture(&spec, &root, &WriteOptions::default()).unwrap();
+        let load = LoadConfig { quantization: Some(Quantization::Q8_0), ..LoadConfig::default() };
+        let q8 = Model::load(&dir, &load).unwrap().weight_bytes();
         // Per layer: qkv 96×64, o 64×64, gate/up/down 3 × 128×64 weights; q/k/v biases (96)
         // and two norms (128). Then the 320×64 embedding and the final norm (64).
         let matrices = 2 * (96 * 64 + 64 * 64 + 3 * 128 * 64) + 320 * 64;
         let floats = 2 * (96 + 128) + 320 * 64 + 64;
-        assert_eq!(float, (floats + matrices - 320 * 64) * 4);
         assert_eq!(q8, floats * 4 + matrices / 32 * 34);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A quantized GGUF is held as stored: SmolLM2-135M's Q4_1 file, embedding included, takes
+    /// about the file's size (the file adds its tokenizer and metadata), not the 540 MB its
+    /// weights take in f32.
+    #[test]
+    fn a_q4_1_gguf_is_held_at_about_its_file_size() {
+        let path = crate::fixture::smollm2_gguf();
+        let file = std::fs::metadata(&path).unwrap().len() as usize;
+        let held = Model::load(&path, &LoadConfig::default()).unwrap().weight_bytes();
+        println!("SmolLM2 Q4_1: file {file} bytes, weights held {held} bytes");
+        assert!(held <= file && held * 100 >= file * 95, "held {held} bytes for a {file}-byte file");
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::{fixture_dir, max_abs_diff, run_tp_loaded, spec, Trace};
+use candle_core::quantized::GgmlDType;
 use serde_json::json;
 use tessera_model::fixture::gguf::{write_gguf, GgufOptions};
 use tessera_model::fixture::{max_rel_diff, prompt_ids, test_fixtures, write_fixture, FixtureSpec, WriteOptions};
@@ -201,7 +202,7 @@ fn q8_0_gguf_equals_quantizing_on_load() {
 }
 
 fn q8_0_gguf() -> GgufOptions {
-    GgufOptions { quantization: Some(Quantization::Q8_0), quantize_embedding: false }
+    GgufOptions { quantization: Some(GgmlDType::Q8_0), quantize_embedding: false }
 }
 
 /// llama.cpp's own q8_0 files quantize `token_embd` too: the embedding is then read dequantized
@@ -216,7 +217,7 @@ fn a_gguf_with_a_quantized_embedding_loads_like_llama_cpp_files() {
         let s = spec(name);
         let prompt = prompt_ids(&s);
         let gguf = scratch().join(format!("{name}-q8_0-embd-gguf"));
-        let opts = GgufOptions { quantization: Some(Quantization::Q8_0), quantize_embedding: true };
+        let opts = GgufOptions { quantization: Some(GgmlDType::Q8_0), quantize_embedding: true };
         write_gguf(&fixture_dir(name), &gguf, &opts).expect("write gguf");
         let on_load = trace(&fixture_dir(name), &quantized(Quantization::Q8_0), 1, &prompt).remove(0);
         let stored = trace(&gguf, &LoadConfig::default(), 1, &prompt).remove(0);
