@@ -20,6 +20,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+# The lint gates of scripts/test.sh; rustup's default profile has both, a minimal one not.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
 
 # all-MiniLM-L6-v2 for the encoder golden test (worker/model/tests/bert_parity.rs).
 "$(dirname "$0")/fetch_minilm.sh" >/dev/null

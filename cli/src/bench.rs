@@ -356,7 +356,8 @@ impl Report {
         let good = ok
             .iter()
             .filter(|r| {
-                args.slo_ttft_ms.is_none_or(|slo| r.ttft * 1e3 <= slo) && args.slo_tpot_ms.is_none_or(|slo| r.tpot().unwrap_or(0.0) * 1e3 <= slo)
+                args.slo_ttft_ms.is_none_or(|slo| r.ttft * 1e3 <= slo)
+                    && args.slo_tpot_ms.is_none_or(|slo| r.tpot().unwrap_or(0.0) * 1e3 <= slo)
             })
             .count();
         Self {
@@ -397,13 +398,19 @@ impl Report {
         ];
         if let Some(goodput) = self.goodput {
             let slo = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}"));
-            rows.push((format!("goodput (req/s; TTFT ≤ {} ms, TPOT ≤ {} ms)", slo(self.slo_ttft_ms), slo(self.slo_tpot_ms)), format!("{goodput:.2}")));
+            rows.push((
+                format!("goodput (req/s; TTFT ≤ {} ms, TPOT ≤ {} ms)", slo(self.slo_ttft_ms), slo(self.slo_tpot_ms)),
+                format!("{goodput:.2}"),
+            ));
         }
         if let Some(n) = self.preemptions {
             rows.push(("preemptions (KV memory ran out)".into(), n.to_string()));
         }
         for (name, s) in [("TTFT", self.ttft), ("TPOT", self.tpot), ("ITL", self.itl), ("E2E latency", self.e2e_latency)] {
-            rows.push((format!("{name} mean / p50 / p90 / p99 (ms)"), format!("{:.2} / {:.2} / {:.2} / {:.2}", s.mean_ms, s.p50_ms, s.p90_ms, s.p99_ms)));
+            rows.push((
+                format!("{name} mean / p50 / p90 / p99 (ms)"),
+                format!("{:.2} / {:.2} / {:.2} / {:.2}", s.mean_ms, s.p50_ms, s.p90_ms, s.p99_ms),
+            ));
         }
         let title = if self.label.is_empty() { "tessera bench".to_string() } else { format!("tessera bench: {}", self.label) };
         let mut out = format!("| {title} | |\n|---|---:|\n");

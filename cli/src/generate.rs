@@ -187,7 +187,13 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         match event {
             Some(pb::generate_response::Event::Started(s)) => {
                 let placement = s.placement.unwrap_or_default();
-                eprintln!("[{} | {} prompt tokens | tp={} on {}]", s.request_id, s.prompt_tokens, placement.tp, placement.workers.join(", "));
+                eprintln!(
+                    "[{} | {} prompt tokens | tp={} on {}]",
+                    s.request_id,
+                    s.prompt_tokens,
+                    placement.tp,
+                    placement.workers.join(", ")
+                );
             }
             Some(pb::generate_response::Event::Chunk(c)) => {
                 write!(out, "{}", c.text)?;
@@ -218,7 +224,13 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 }
                 for t in &tokens {
                     let top: Vec<String> = t.top.iter().map(|a| format!("{} {:.3}", a.id, a.logprob)).collect();
-                    eprintln!("[token {} logprob {:.4}{}{}]", t.id, t.logprob.unwrap_or(f32::NAN), if top.is_empty() { "" } else { " | top " }, top.join(", "));
+                    eprintln!(
+                        "[token {} logprob {:.4}{}{}]",
+                        t.id,
+                        t.logprob.unwrap_or(f32::NAN),
+                        if top.is_empty() { "" } else { " | top " },
+                        top.join(", ")
+                    );
                 }
                 return Ok(());
             }

@@ -63,11 +63,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", dir.join("tokenizer.json").display()))?;
-    let prompt: Vec<u32> = tokenizer
-        .encode(args.prompt.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
-        .get_ids()
-        .to_vec();
+    let prompt: Vec<u32> =
+        tokenizer.encode(args.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?.get_ids().to_vec();
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -120,13 +117,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let secs = start.elapsed().as_secs_f64();
     println!();
-    eprintln!(
-        "[{} prompt tokens, {} generated, tp={}, {:.2} s incl. loading]",
-        prompt.len(),
-        generated.len(),
-        args.tp,
-        secs
-    );
+    eprintln!("[{} prompt tokens, {} generated, tp={}, {:.2} s incl. loading]", prompt.len(), generated.len(), args.tp, secs);
     Ok(())
 }
 

@@ -102,7 +102,13 @@ impl ServeArgs {
 
     fn spec(&self, dir: &Path, tp: usize) -> anyhow::Result<ModelSpec> {
         // Workers may run in another directory: give them an absolute path.
-        Ok(ModelSpec { name: model_name(dir), dir: std::path::absolute(dir)?, tp, dtype: self.dtype.clone(), max_context: self.max_context })
+        Ok(ModelSpec {
+            name: model_name(dir),
+            dir: std::path::absolute(dir)?,
+            tp,
+            dtype: self.dtype.clone(),
+            max_context: self.max_context,
+        })
     }
 
     /// Everything but the models.

@@ -75,8 +75,12 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
         (Some(tp), _) => tp,
         // One model: the largest degree the workers allow that splits its heads evenly.
         (None, [only]) => {
-            let tp = tessera_coordinator::largest_tp(&only.dir, args.workers).map_err(|e| anyhow::anyhow!("{}: {e}", only.dir.display()))?;
-            eprintln!("tensor-parallel size {tp} (the largest of at most {} workers that splits the model evenly; --tp to choose)", args.workers);
+            let tp =
+                tessera_coordinator::largest_tp(&only.dir, args.workers).map_err(|e| anyhow::anyhow!("{}: {e}", only.dir.display()))?;
+            eprintln!(
+                "tensor-parallel size {tp} (the largest of at most {} workers that splits the model evenly; --tp to choose)",
+                args.workers
+            );
             tp
         }
         (None, _) => 1,
@@ -211,13 +215,15 @@ async fn spawn_worker(id: &str, args: &UpArgs, threads: usize) -> anyhow::Result
     // async-signal-safe. It makes the kernel stop the worker if this process dies without
     // cleaning up (SIGKILL), so no orphaned worker keeps its port and memory.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
+        cmd.pre_exec(
+            || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            },
+        );
     }
     let mut child = cmd.spawn()?;
     let stdout = child.stdout.take().context("worker stdout")?;

@@ -64,8 +64,7 @@ struct Registering {
 impl Registering {
     /// `None` when no `--etcd` was given: the worker serves unregistered, as a bare rank.
     fn from_args(args: &WorkerArgs) -> anyhow::Result<Option<Self>> {
-        let endpoints: Vec<String> =
-            args.etcd.iter().map(|url| url.trim()).filter(|url| !url.is_empty()).map(str::to_string).collect();
+        let endpoints: Vec<String> = args.etcd.iter().map(|url| url.trim()).filter(|url| !url.is_empty()).map(str::to_string).collect();
         if endpoints.is_empty() {
             anyhow::ensure!(args.etcd.is_empty(), "--etcd was given but names no URL");
             return Ok(None);

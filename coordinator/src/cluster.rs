@@ -54,12 +54,7 @@ impl Default for ClusterConfig {
             rpc_timeout: Duration::from_secs(3),
             load_timeout: Duration::from_secs(600),
             queue_depth: 256,
-            group_loop: LoopConfig {
-                max_batch: 32,
-                step_tokens: 256,
-                step_timeout: Duration::from_secs(300),
-                static_batching: false,
-            },
+            group_loop: LoopConfig { max_batch: 32, step_tokens: 256, step_timeout: Duration::from_secs(300), static_batching: false },
             max_retry_backoff: Duration::from_secs(30),
             ring_prefill_tokens: 0,
         }
@@ -281,8 +276,7 @@ impl Cluster {
         let mut state = self.lock();
         match event {
             MembershipEvent::Snapshot(records) => {
-                let gone: Vec<String> =
-                    state.workers.keys().filter(|id| !records.iter().any(|r| &r.id == *id)).cloned().collect();
+                let gone: Vec<String> = state.workers.keys().filter(|id| !records.iter().any(|r| &r.id == *id)).cloned().collect();
                 for id in gone {
                     self.worker_down(&mut state, &id);
                 }
@@ -350,11 +344,8 @@ impl Cluster {
         if entry.serving.is_some() {
             self.serving.send_modify(|n| *n = n.saturating_sub(1));
         }
-        let survivors: Vec<(String, WorkerClient<Channel>)> = entry
-            .members
-            .iter()
-            .filter_map(|id| state.workers.get(id).map(|s| (id.clone(), s.client.clone())))
-            .collect();
+        let survivors: Vec<(String, WorkerClient<Channel>)> =
+            entry.members.iter().filter_map(|id| state.workers.get(id).map(|s| (id.clone(), s.client.clone()))).collect();
         let cluster = self.clone();
         tokio::spawn(async move {
             let timeout = cluster.config.rpc_timeout;
@@ -417,7 +408,9 @@ impl Cluster {
             // Workers count KV memory in whole blocks; a partial block holds nothing.
             let kv_capacity = kv_capacity / tessera_proto::KV_BLOCK_TOKENS * tessera_proto::KV_BLOCK_TOKENS;
             let (lost, lost_rx) = watch::channel(None);
-            state.groups.insert(group, GroupEntry { model, members: free, kv_capacity, serving: None, lost, held_by: None, draining: false });
+            state
+                .groups
+                .insert(group, GroupEntry { model, members: free, kv_capacity, serving: None, lost, held_by: None, draining: false });
             tokio::spawn(self.clone().form(group, model, members, kv_capacity, lost_rx));
         }
     }
@@ -466,7 +459,11 @@ impl Cluster {
         let (submit, requests) = mpsc::channel(self.config.queue_depth);
         let active = Arc::new(AtomicUsize::new(0));
         let embed = (self.models[model].kind == crate::model::ModelKind::Encoder)
-            .then(|| members.first().map(|m| crate::embed::EmbedBatcher::spawn(name.clone(), m.client.clone(), self.config.group_loop.step_timeout)))
+            .then(|| {
+                members
+                    .first()
+                    .map(|m| crate::embed::EmbedBatcher::spawn(name.clone(), m.client.clone(), self.config.group_loop.step_timeout))
+            })
             .flatten();
         entry.serving = Some(Serving { submit, active: active.clone(), last_placed: AtomicU64::new(0), embed });
         state.backoff = Duration::ZERO;
@@ -475,8 +472,7 @@ impl Cluster {
         tracing::info!(group = %name, model = %spec.name, secs = start.elapsed().as_secs_f64(), "group serving");
         let metrics = self.metrics.clone();
         let idle = self.idle.clone();
-        let group_loop =
-            GroupLoop { name, members, requests, lost, active, config: self.config.group_loop, kv_capacity, metrics, idle };
+        let group_loop = GroupLoop { name, members, requests, lost, active, config: self.config.group_loop, kv_capacity, metrics, idle };
         let cluster = self.clone();
         tokio::spawn(async move {
             let reason = group_loop.run().await;
@@ -503,9 +499,7 @@ impl Cluster {
         for (m, r) in members.iter().zip(join_all(assigns).await) {
             match r {
                 Ok(Ok(answer)) => peers.push(answer.into_inner().collective_address),
-                Ok(Err(status)) => {
-                    return Err(LoadFailure::from_status(&status, format!("worker {} refused its assignment", m.id)))
-                }
+                Ok(Err(status)) => return Err(LoadFailure::from_status(&status, format!("worker {} refused its assignment", m.id))),
                 Err(_) => return Err(LoadFailure::transient(format!("worker {} did not answer its assignment", m.id))),
             }
         }
@@ -521,9 +515,7 @@ impl Cluster {
         for (m, r) in members.iter().zip(join_all(rendezvous).await) {
             match r {
                 Ok(Ok(_)) => {}
-                Ok(Err(status)) => {
-                    return Err(LoadFailure::from_status(&status, format!("worker {} could not join the group", m.id)))
-                }
+                Ok(Err(status)) => return Err(LoadFailure::from_status(&status, format!("worker {} could not join the group", m.id))),
                 Err(_) => {
                     return Err(LoadFailure::transient(format!("worker {} did not load within {:?}", m.id, self.config.load_timeout)))
                 }
@@ -541,18 +533,16 @@ impl Cluster {
     /// than the capacity alone needs: the prefill-cost rule.
     pub(crate) fn place(&self, model: &ServedModel, prompt_len: usize, reserve: u64) -> Result<Route, CoordinatorError> {
         let state = self.lock();
-        let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
-            CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
-        })?;
+        let index = self
+            .models
+            .iter()
+            .position(|m| m.name() == model.name())
+            .ok_or_else(|| CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name())))?;
         if let Some(reason) = state.failed.get(&index) {
             return Err(CoordinatorError::ModelFailed(format!("model {:?} failed to load and is not served: {reason}", model.name())));
         }
-        let mut capacities: Vec<u64> = state
-            .groups
-            .values()
-            .filter(|g| g.model == index && g.serving.is_some() && !g.draining)
-            .map(|g| g.kv_capacity)
-            .collect();
+        let mut capacities: Vec<u64> =
+            state.groups.values().filter(|g| g.model == index && g.serving.is_some() && !g.draining).map(|g| g.kv_capacity).collect();
         capacities.sort_unstable_by(|a, b| b.cmp(a));
         let threshold = self.config.ring_prefill_tokens;
         if threshold > 0 && prompt_len >= threshold && capacities.len() >= 2 {
@@ -617,8 +607,7 @@ impl Cluster {
     /// Held groups take no new requests; the ring waits for what they run to finish.
     pub(crate) fn hold_ring(self: &Arc<Self>, plan: RingPlan) -> Result<Option<RingLease>, CoordinatorError> {
         let mut state = self.lock();
-        let eligible =
-            |g: &GroupEntry| g.model == plan.model && g.kv_capacity >= plan.share && g.serving.is_some() && !g.draining;
+        let eligible = |g: &GroupEntry| g.model == plan.model && g.kv_capacity >= plan.share && g.serving.is_some() && !g.draining;
         if state.groups.values().filter(|g| eligible(g)).count() < plan.size {
             return Err(CoordinatorError::Unavailable(format!(
                 "fewer than {} groups can hold this request's share of {} tokens now; retry",
@@ -657,9 +646,11 @@ impl Cluster {
     /// chosen least recently), counted busy until the returned target is dropped.
     pub(crate) fn embed_target(&self, model: &ServedModel) -> Result<crate::embed::EmbedTarget, CoordinatorError> {
         let state = self.lock();
-        let index = self.models.iter().position(|m| m.name() == model.name()).ok_or_else(|| {
-            CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name()))
-        })?;
+        let index = self
+            .models
+            .iter()
+            .position(|m| m.name() == model.name())
+            .ok_or_else(|| CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name())))?;
         if let Some(reason) = state.failed.get(&index) {
             return Err(CoordinatorError::ModelFailed(format!("model {:?} failed to load and is not served: {reason}", model.name())));
         }
@@ -674,9 +665,7 @@ impl Cluster {
             s.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
             Some(crate::embed::EmbedTarget::new(batcher, s.active.clone()))
         });
-        target.ok_or_else(|| {
-            CoordinatorError::Unavailable(format!("model {:?} has no serving group yet; retry shortly", model.name()))
-        })
+        target.ok_or_else(|| CoordinatorError::Unavailable(format!("model {:?} has no serving group yet; retry shortly", model.name())))
     }
 
     /// Tears a group down from outside its loop (a ring step failed on it).

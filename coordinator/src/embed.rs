@@ -352,7 +352,9 @@ mod tests {
         let gguf = dir.path().join("model.gguf");
         std::fs::write(&gguf, b"GGUF").expect("write");
         assert_eq!(read_max_seq_length(&gguf.join("sentence_bert_config.json")), Ok(None), "a model file, not a directory");
-        for (text, want) in [(r#"{"max_seq_length": 256}"#, Some(256)), (r#"{"do_lower_case": false}"#, None), (r#"{"max_seq_length": null}"#, None)] {
+        for (text, want) in
+            [(r#"{"max_seq_length": 256}"#, Some(256)), (r#"{"do_lower_case": false}"#, None), (r#"{"max_seq_length": null}"#, None)]
+        {
             std::fs::write(&path, text).expect("write");
             assert_eq!(read_max_seq_length(&path), Ok(want), "{text}");
         }

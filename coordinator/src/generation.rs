@@ -68,7 +68,22 @@ impl Generation {
         let decoder = IncrementalDecoder::new(tokenizer.clone(), true);
         let guard = stopping.loop_guard.map(LoopGuard::new);
         let sentences = stopping.remove_repeated_sentences.then(SentenceFilter::new);
-        Self { tokenizer, decoder, stop, guard, sentences, remedies: 0, last_loop: None, remedy_left: 0, stopping, prompt_tokens, generated: 0, streamed: 0, started, first_token: None }
+        Self {
+            tokenizer,
+            decoder,
+            stop,
+            guard,
+            sentences,
+            remedies: 0,
+            last_loop: None,
+            remedy_left: 0,
+            stopping,
+            prompt_tokens,
+            generated: 0,
+            streamed: 0,
+            started,
+            first_token: None,
+        }
     }
 
     /// When the request arrived.
@@ -285,10 +300,7 @@ impl Generation {
         pb::Finished {
             reason: reason as i32,
             usage: Some(pb::Usage { prompt_tokens: self.prompt_tokens, completion_tokens: self.generated }),
-            timing: Some(pb::Timing {
-                time_to_first_token_ms: self.first_token.map(ms).unwrap_or_default(),
-                total_ms: ms(Instant::now()),
-            }),
+            timing: Some(pb::Timing { time_to_first_token_ms: self.first_token.map(ms).unwrap_or_default(), total_ms: ms(Instant::now()) }),
             matched_stop,
             // A generation the guard steered out of a loop says so however it ended.
             r#loop: self.last_loop.as_ref().map(|l| self.report_of(l, false)),

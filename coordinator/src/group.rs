@@ -596,8 +596,7 @@ impl GroupLoop {
             return;
         }
         // A sequence never stepped holds nothing on the workers.
-        let cached: Vec<u64> =
-            running.iter().filter(|r| gone.contains(&r.seq) && r.cached > 0).flat_map(Running::worker_seqs).collect();
+        let cached: Vec<u64> = running.iter().filter(|r| gone.contains(&r.seq) && r.cached > 0).flat_map(Running::worker_seqs).collect();
         running.retain(|r| !gone.contains(&r.seq));
         self.active.fetch_sub(gone.len(), Ordering::Relaxed);
         self.idle.notify_waiters();
@@ -626,11 +625,8 @@ async fn step_all(members: &[Member], request: wpb::StepRequest) -> Result<Vec<w
         async move { client.step(request).await.map(|r| r.into_inner().tokens) }
     });
     let results = join_all(calls).await;
-    let errors: Vec<String> = members
-        .iter()
-        .zip(&results)
-        .filter_map(|(m, r)| r.as_ref().err().map(|s| format!("worker {}: {}", m.id, s.message())))
-        .collect();
+    let errors: Vec<String> =
+        members.iter().zip(&results).filter_map(|(m, r)| r.as_ref().err().map(|s| format!("worker {}: {}", m.id, s.message()))).collect();
     if !errors.is_empty() {
         return Err(errors.join("; "));
     }

@@ -132,11 +132,8 @@ impl ServedModel {
         };
         // The embedding often has more rows than the tokenizer has tokens (padded for fast
         // matmuls); every row is a valid input id.
-        let vocab_size = config
-            .get("vocab_size")
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .unwrap_or_else(|| tokenizer.get_vocab_size(true));
+        let vocab_size =
+            config.get("vocab_size").and_then(Value::as_u64).map(|v| v as usize).unwrap_or_else(|| tokenizer.get_vocab_size(true));
         // Encoders: sentence-transformers' shorter max_seq_length, where the model names one.
         crate::embed::cap_at_max_seq_length(Self {
             spec,

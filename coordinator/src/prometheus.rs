@@ -89,7 +89,10 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
 
     let counters = status.counters.clone().unwrap_or_default();
     let name = "tessera_requests_finished_total";
-    let _ = write!(out, "# HELP {name} Requests that ended, by reason (CANCELLED: the client left; LOST: its group failed).\n# TYPE {name} counter\n");
+    let _ = write!(
+        out,
+        "# HELP {name} Requests that ended, by reason (CANCELLED: the client left; LOST: its group failed).\n# TYPE {name} counter\n"
+    );
     // The protobuf map has no order; scrapes read better with one.
     let finished: std::collections::BTreeMap<_, _> = counters.finished.iter().collect();
     for (reason, n) in finished {
@@ -101,15 +104,30 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     counter(&mut out, "tessera_loop_guard_stops_total", "Generations the loop guard stopped.", counters.loop_guard_stops);
     counter(&mut out, "tessera_loop_guard_remedies_total", "Loop-guard remedies applied.", counters.loop_guard_remedies);
     counter(&mut out, "tessera_output_tokens_total", "Tokens sampled for streamed requests.", tokens.output_tokens);
-    counter(&mut out, "tessera_preemptions_total", "Sequences preempted (and later recomputed) for want of KV blocks.", counters.preemptions);
-    counter(&mut out, "tessera_deadlines_exceeded_total", "Requests ended because their gRPC deadline passed.", counters.deadlines_exceeded);
+    counter(
+        &mut out,
+        "tessera_preemptions_total",
+        "Sequences preempted (and later recomputed) for want of KV blocks.",
+        counters.preemptions,
+    );
+    counter(
+        &mut out,
+        "tessera_deadlines_exceeded_total",
+        "Requests ended because their gRPC deadline passed.",
+        counters.deadlines_exceeded,
+    );
     histogram(
         &mut out,
         "tessera_time_to_first_token_seconds",
         "From a request's arrival to its first sampled token.",
         &tokens.time_to_first_token,
     );
-    histogram(&mut out, "tessera_inter_token_latency_seconds", "Between consecutive sampled tokens of a request.", &tokens.inter_token_latency);
+    histogram(
+        &mut out,
+        "tessera_inter_token_latency_seconds",
+        "Between consecutive sampled tokens of a request.",
+        &tokens.inter_token_latency,
+    );
 
     type Read = fn(&pb::WorkerStatus) -> u64;
     let per_worker: [(&str, &str, Read); 5] = [
@@ -156,7 +174,13 @@ mod tests {
         metrics.capacity_refused(5000);
         let waiting = metrics.ring_waiting(3016);
         let status = pb::ClusterStatusResponse {
-            workers: vec![pb::WorkerStatus { id: "w\"1".into(), kv_tokens: 12, kv_capacity_tokens: 4096, sequences: 1, ..Default::default() }],
+            workers: vec![pb::WorkerStatus {
+                id: "w\"1".into(),
+                kv_tokens: 12,
+                kv_capacity_tokens: 4096,
+                sequences: 1,
+                ..Default::default()
+            }],
             queued_requests: 2,
             running_requests: 1,
             counters: Some(metrics.snapshot()),

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use tessera_proto::v1 as pb;
 use tessera_model_files::SamplingDefaults;
+use tessera_proto::v1 as pb;
 use tessera_proto::worker::Sampling;
 
 use crate::beam::{BeamConfig, EarlyStopping, MAX_BEAMS};
@@ -70,11 +70,7 @@ pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &L
         return Err(invalid(format!("model {:?} is an encoder: it serves Embed, not Generate", model.name())));
     }
     if req.request_id.len() > limits.max_request_id_bytes {
-        return Err(invalid(format!(
-            "request_id is {} bytes; the limit is {}",
-            req.request_id.len(),
-            limits.max_request_id_bytes
-        )));
+        return Err(invalid(format!("request_id is {} bytes; the limit is {}", req.request_id.len(), limits.max_request_id_bytes)));
     }
     let mut params = req.sampling.unwrap_or_default();
     let seed_given = params.seed.is_some();
@@ -100,10 +96,7 @@ fn beam_search(params: &pb::SamplingParams, stopping: Option<&pb::StoppingCriter
     }
     let num_return = b.num_return_sequences.max(1);
     if num_return > b.num_beams {
-        return Err(invalid(format!(
-            "beam_search.num_return_sequences is {num_return}; it must be at most num_beams ({})",
-            b.num_beams
-        )));
+        return Err(invalid(format!("beam_search.num_return_sequences is {num_return}; it must be at most num_beams ({})", b.num_beams)));
     }
     let length_penalty = b.length_penalty.unwrap_or(1.0);
     check("beam_search.length_penalty", length_penalty, true, "a finite number")?;
@@ -263,12 +256,7 @@ fn loop_guard(guard: Option<pb::LoopGuard>) -> Result<Option<LoopGuardConfig>, C
         }
         Err(_) => return Err(invalid(format!("loop_guard.action {} is not a known action", g.action))),
     };
-    Ok(Some(LoopGuardConfig {
-        max_period: g.max_period as usize,
-        min_repeats: g.min_repeats as usize,
-        sentences: g.sentences,
-        remedy,
-    }))
+    Ok(Some(LoopGuardConfig { max_period: g.max_period as usize, min_repeats: g.min_repeats as usize, sentences: g.sentences, remedy }))
 }
 
 fn prompt_tokens(input: Option<pb::generate_request::Input>, model: &ServedModel, limits: &Limits) -> Result<Vec<u32>, CoordinatorError> {
@@ -296,11 +284,11 @@ fn prompt_tokens(input: Option<pb::generate_request::Input>, model: &ServedModel
             if bytes > limits.max_prompt_bytes {
                 return Err(too_long(bytes));
             }
-            let template = model.chat.as_ref().ok_or_else(|| {
-                invalid(format!("model {:?} has no chat template; send prompt or tokens instead", model.name()))
-            })?;
-            let messages: Vec<ChatMessage> =
-                chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+            let template = model
+                .chat
+                .as_ref()
+                .ok_or_else(|| invalid(format!("model {:?} has no chat template; send prompt or tokens instead", model.name())))?;
+            let messages: Vec<ChatMessage> = chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
             let text = template.render(&messages, true).map_err(|e| match e {
                 ChatError::Rejected(_) => invalid(e.to_string()),
                 other => CoordinatorError::Internal(other.to_string()),
@@ -311,11 +299,7 @@ fn prompt_tokens(input: Option<pb::generate_request::Input>, model: &ServedModel
         }
         Some(Input::Tokens(tokens)) => {
             if tokens.ids.len() > model.max_context {
-                return Err(invalid(format!(
-                    "prompt is {} tokens; the model's context is {} tokens",
-                    tokens.ids.len(),
-                    model.max_context
-                )));
+                return Err(invalid(format!("prompt is {} tokens; the model's context is {} tokens", tokens.ids.len(), model.max_context)));
             }
             check_ids(&tokens.ids, model, "token id")?;
             tokens.ids
@@ -371,11 +355,7 @@ fn stopping(s: pb::StoppingCriteria, prompt_len: usize, model: &ServedModel, lim
         return Err(invalid(format!("a stop string is {} bytes; the limit is {}", long.len(), limits.max_stop_bytes)));
     }
     if s.stop_token_ids.len() > limits.max_stop_token_ids {
-        return Err(invalid(format!(
-            "{} stop token ids; the limit is {}",
-            s.stop_token_ids.len(),
-            limits.max_stop_token_ids
-        )));
+        return Err(invalid(format!("{} stop token ids; the limit is {}", s.stop_token_ids.len(), limits.max_stop_token_ids)));
     }
     check_ids(&s.stop_token_ids, model, "stop token id")?;
     let eos = if s.ignore_eos { Vec::new() } else { model.eos.clone() };

@@ -196,10 +196,10 @@ impl Ring<'_> {
         loop {
             last_token = Some(self.metrics.token(req.generation.arrived(), last_token, std::time::Instant::now()));
             let top = answer.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
-            let emitted = req.generation.accept_with_top(answer.token, answer.logprob, top).map_err(|e| Stop::Failed {
-                status: Status::internal(e.to_string()),
-                lost: Vec::new(),
-            })?;
+            let emitted = req
+                .generation
+                .accept_with_top(answer.token, answer.logprob, top)
+                .map_err(|e| Stop::Failed { status: Status::internal(e.to_string()), lost: Vec::new() })?;
             if let Some(chunk) = emitted.chunk {
                 let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Chunk(chunk)) }));
             }
@@ -256,7 +256,8 @@ impl Ring<'_> {
                 return Err(Stop::Failed { status: Status::unavailable(format!("{reason}; retry")), lost: self.all_lost(&reason) });
             }
         };
-        let first = answers.first().cloned().ok_or_else(|| Stop::Failed { status: Status::internal("the ring has no ranks"), lost: Vec::new() })?;
+        let first =
+            answers.first().cloned().ok_or_else(|| Stop::Failed { status: Status::internal("the ring has no ranks"), lost: Vec::new() })?;
         if answers.iter().any(|a| a.token != first.token) {
             let reason = "ring members sampled different tokens; replicated state diverged".to_string();
             return Err(Stop::Failed { status: Status::internal(reason.clone()), lost: self.all_lost(&reason) });
@@ -295,12 +296,11 @@ impl Ring<'_> {
                 Err(status) if failure.is_none() => {
                     let message = format!("worker {} of group {} could not {what}: {}", w.id, g.name, status.message());
                     use tonic::Code;
-                    let refused = matches!(
-                        status.code(),
-                        Code::InvalidArgument | Code::ResourceExhausted | Code::Aborted | Code::FailedPrecondition
-                    );
+                    let refused =
+                        matches!(status.code(), Code::InvalidArgument | Code::ResourceExhausted | Code::Aborted | Code::FailedPrecondition);
                     let lost = if refused { Vec::new() } else { self.all_lost(&message) };
-                    let status = if refused { Status::new(status.code(), message) } else { Status::unavailable(format!("{message}; retry")) };
+                    let status =
+                        if refused { Status::new(status.code(), message) } else { Status::unavailable(format!("{message}; retry")) };
                     failure = Some(Stop::Failed { status, lost });
                 }
                 Err(_) => {}

@@ -50,11 +50,7 @@ impl Coordinator {
                 return Err(CoordinatorError::Config(format!("model name {:?} is used twice", m.name)));
             }
         }
-        let models = config
-            .models
-            .into_iter()
-            .map(|spec| ServedModel::load(spec).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        let models = config.models.into_iter().map(|spec| ServedModel::load(spec).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         let cluster = Cluster::new(models, config.cluster);
         let watch = registry.snapshot_and_watch().await?;
         let follower = tokio::spawn(cluster.clone().follow(watch));

@@ -21,7 +21,14 @@ fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
 }
 
 fn stopping(max_new_tokens: u32) -> Stopping {
-    Stopping { max_new_tokens, stop: Vec::new(), stop_token_ids: Vec::new(), eos: vec![EOS], loop_guard: None, remove_repeated_sentences: false }
+    Stopping {
+        max_new_tokens,
+        stop: Vec::new(),
+        stop_token_ids: Vec::new(),
+        eos: vec![EOS],
+        loop_guard: None,
+        remove_repeated_sentences: false,
+    }
 }
 
 /// Distinct and exactly representable, so a test can tell which token a logprob came from.

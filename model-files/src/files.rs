@@ -64,10 +64,7 @@ struct Gguf {
 
 impl std::fmt::Debug for ModelFiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelFiles")
-            .field("dir", &self.dir)
-            .field("gguf", &self.gguf.as_ref().map(|g| &g.path))
-            .finish_non_exhaustive()
+        f.debug_struct("ModelFiles").field("dir", &self.dir).field("gguf", &self.gguf.as_ref().map(|g| &g.path)).finish_non_exhaustive()
     }
 }
 
@@ -86,8 +83,7 @@ impl ModelFiles {
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             return Ok(Self { dir, side_files: false, gguf: Some(Gguf::read(path)?) });
         }
-        let has_safetensors =
-            path.join("model.safetensors").exists() || path.join("model.safetensors.index.json").exists();
+        let has_safetensors = path.join("model.safetensors").exists() || path.join("model.safetensors.index.json").exists();
         let gguf = match has_safetensors {
             true => None,
             false => find_gguf(path)?.map(|p| Gguf::read(&p)).transpose()?,
@@ -152,17 +148,15 @@ impl ModelFiles {
     pub fn chat_template(&self) -> Result<Option<ChatTemplateText>> {
         let tokenizer_config = self.side("tokenizer_config.json").map(|p| read_json(&p)).transpose()?;
         let special_map = self.side("special_tokens_map.json").map(|p| read_json(&p)).transpose()?;
-        let token = |key: &str| -> Option<String> {
-            [&tokenizer_config, &special_map].into_iter().flatten().find_map(|c| token_text(c.get(key)))
-        };
+        let token =
+            |key: &str| -> Option<String> { [&tokenizer_config, &special_map].into_iter().flatten().find_map(|c| token_text(c.get(key))) };
         let found = if let Some(path) = self.side("chat_template.jinja") {
             let text = std::fs::read_to_string(&path).map_err(|source| FilesError::Io { path: path.clone(), source })?;
             Some((text, path.display().to_string()))
         } else if let Some(path) = self.side("chat_template.json") {
             let v = read_json(&path)?;
-            let t = template_field(v.get("chat_template")).ok_or_else(|| {
-                FilesError::Invalid(format!("{} has no \"chat_template\" string", path.display()))
-            })?;
+            let t = template_field(v.get("chat_template"))
+                .ok_or_else(|| FilesError::Invalid(format!("{} has no \"chat_template\" string", path.display())))?;
             Some((t, path.display().to_string()))
         } else if let Some(t) = tokenizer_config.as_ref().and_then(|c| template_field(c.get("chat_template"))) {
             Some((t, self.dir.join("tokenizer_config.json").display().to_string()))
@@ -200,9 +194,9 @@ impl ModelFiles {
         let number = |key: &str| -> Result<Option<f64>> {
             match g.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                    FilesError::Invalid(format!("generation_config.json: {key} is {v}, not a number"))
-                }),
+                Some(v) => {
+                    v.as_f64().map(Some).ok_or_else(|| FilesError::Invalid(format!("generation_config.json: {key} is {v}, not a number")))
+                }
             }
         };
         Ok(SamplingDefaults {
@@ -244,8 +238,8 @@ impl Gguf {
         if let Some(t) = self.tokenizer.get() {
             return Ok(t);
         }
-        let built = tokenizer::from_metadata(&self.header.metadata)
-            .map_err(|e| FilesError::Invalid(format!("{}: {e}", self.path.display())))?;
+        let built =
+            tokenizer::from_metadata(&self.header.metadata).map_err(|e| FilesError::Invalid(format!("{}: {e}", self.path.display())))?;
         Ok(self.tokenizer.get_or_init(|| built))
     }
 }
@@ -299,7 +293,9 @@ fn gguf_config(g: &Gguf) -> Result<Value> {
     match scaling {
         None | Some("none") => {}
         Some(kind @ ("linear" | "yarn")) => {
-            let factor = meta.get(&key("rope.scaling.factor")).and_then(|v| v.as_f64())
+            let factor = meta
+                .get(&key("rope.scaling.factor"))
+                .and_then(|v| v.as_f64())
                 .ok_or_else(|| bad(format!("{} is missing", key("rope.scaling.factor"))))?;
             let mut s = json!({"rope_type": kind, "factor": factor});
             if let Some(orig) = int("rope.scaling.original_context_length") {
@@ -358,10 +354,8 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
 /// The directory's only `*.gguf` file, if it has one; several are ambiguous.
 pub fn find_gguf(dir: &Path) -> Result<Option<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|source| FilesError::Io { path: dir.to_path_buf(), source })?;
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-        .collect();
+    let mut found: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "gguf")).collect();
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.pop()),

@@ -78,11 +78,7 @@ pub fn from_metadata(metadata: &HashMap<String, Value>) -> Result<GgufTokenizer>
     let (mut tokenizer, default_add_bos) = match model {
         "gpt2" => (byte_level(&vocab, meta.string("tokenizer.ggml.pre")?)?, false),
         "llama" => (sentencepiece(&vocab, &meta)?, true),
-        other => {
-            return Err(invalid(format!(
-                "GGUF tokenizer.ggml.model {other:?} is not supported (expected gpt2 or llama)"
-            )))
-        }
+        other => return Err(invalid(format!("GGUF tokenizer.ggml.model {other:?} is not supported (expected gpt2 or llama)"))),
     };
     add_special_tokens(&mut tokenizer, &vocab)?;
 
@@ -145,10 +141,7 @@ impl Vocab {
         let scores = meta.floats("tokenizer.ggml.scores")?.unwrap_or_default();
         for (key, len) in [("tokenizer.ggml.token_type", types.len()), ("tokenizer.ggml.scores", scores.len())] {
             if len != 0 && len != tokens.len() {
-                return Err(invalid(format!(
-                    "GGUF {key} has {len} entries but tokenizer.ggml.tokens has {}",
-                    tokens.len()
-                )));
+                return Err(invalid(format!("GGUF {key} has {len} entries but tokenizer.ggml.tokens has {}", tokens.len())));
             }
         }
         let merges = match meta.strings("tokenizer.ggml.merges")? {
@@ -191,9 +184,7 @@ impl Vocab {
         match (&self.merges, self.scores.is_empty()) {
             (Some(merges), _) => Ok(merges.clone()),
             (None, false) => Ok(merges_from_scores(&self.tokens, &self.scores)),
-            (None, true) => {
-                Err(invalid("GGUF metadata has neither tokenizer.ggml.merges nor tokenizer.ggml.scores".to_owned()))
-            }
+            (None, true) => Err(invalid("GGUF metadata has neither tokenizer.ggml.merges nor tokenizer.ggml.scores".to_owned())),
         }
     }
 }
@@ -207,9 +198,7 @@ fn parse_merges(lines: &[String]) -> Result<Merges> {
             let mut parts = line.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => Ok((a.to_owned(), b.to_owned())),
-                _ => Err(invalid(format!(
-                    "GGUF tokenizer.ggml.merges[{i}] = {line:?} is not two tokens separated by one space"
-                ))),
+                _ => Err(invalid(format!("GGUF tokenizer.ggml.merges[{i}] = {line:?} is not two tokens separated by one space"))),
             }
         })
         .collect()
@@ -260,9 +249,7 @@ fn byte_level(vocab: &Vocab, pre: Option<&str>) -> Result<Tokenizer> {
         .iter()
         .enumerate()
         .map(|(id, token)| {
-            let as_is = kept.contains(&id)
-                || vocab.has_type(id, TYPE_USER_DEFINED)
-                || token.chars().all(|c| alphabet.contains(&c));
+            let as_is = kept.contains(&id) || vocab.has_type(id, TYPE_USER_DEFINED) || token.chars().all(|c| alphabet.contains(&c));
             let key = if as_is { token.clone() } else { respell(token, &spelling) };
             (key, id as u32)
         })
@@ -289,9 +276,7 @@ fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
     match pre.and_then(split_regex) {
         Some(regex) => {
             let split = Split::new(SplitPattern::Regex(regex.to_owned()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| {
-                    invalid(format!("GGUF tokenizer.ggml.pre {pre:?}: its split regex does not compile: {e}"))
-                })?;
+                .map_err(|e| invalid(format!("GGUF tokenizer.ggml.pre {pre:?}: its split regex does not compile: {e}")))?;
             let byte_level = ByteLevel::new(false, true, false);
             Ok(PreTokenizerSequence::new(vec![split.into(), byte_level.into()]).into())
         }
@@ -300,18 +285,19 @@ fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
     }
 }
 
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN35_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN35_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The split regex of a pre-tokenizer name, as transformers' `GGUF_PRE_TOKENIZER_SPLITS`.
 fn split_regex(pre: &str) -> Option<&'static str> {
     Some(match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" | "jina-v5-nano" | "dbrx"
+        | "smaug-bpe" => LLAMA3_SPLIT,
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_SPLIT,
         "qwen35" => QWEN35_SPLIT,
         "tekken" => TEKKEN_SPLIT,
@@ -346,9 +332,7 @@ fn sentencepiece(vocab: &Vocab, meta: &Meta) -> Result<Tokenizer> {
     let arch = meta.string("general.architecture")?.unwrap_or("");
     if arch.starts_with("gemma") {
         // Gemma's scores do not follow its merge order and it spells runs of spaces differently.
-        return Err(invalid(format!(
-            "GGUF general.architecture {arch:?} with a llama (sentencepiece) vocabulary is not supported"
-        )));
+        return Err(invalid(format!("GGUF general.architecture {arch:?} with a llama (sentencepiece) vocabulary is not supported")));
     }
     let model_vocab: BpeVocab = vocab.tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
     let bpe = BPE::builder()
@@ -365,8 +349,7 @@ fn sentencepiece(vocab: &Vocab, meta: &Meta) -> Result<Tokenizer> {
         // Phi-3 prepends the mark in a normalizer, so "  hi" keeps both spaces (transformers'
         // `phi3_tokenizer`); Metaspace would fold the first into the prefix.
         let replace = replace(" ", &mark)?.into();
-        let steps: Vec<NormalizerWrapper> =
-            if add_prefix_space { vec![Prepend::new(mark.clone()).into(), replace] } else { vec![replace] };
+        let steps: Vec<NormalizerWrapper> = if add_prefix_space { vec![Prepend::new(mark.clone()).into(), replace] } else { vec![replace] };
         tokenizer
             .with_normalizer(Some(NormalizerSequence::new(steps)))
             .map_err(|e| invalid(format!("cannot set the phi3 normalizer: {e}")))?;
@@ -374,8 +357,7 @@ fn sentencepiece(vocab: &Vocab, meta: &Meta) -> Result<Tokenizer> {
         let scheme = if add_prefix_space { PrependScheme::First } else { PrependScheme::Never };
         tokenizer.with_pre_tokenizer(Some(Metaspace::new(SPACE_MARK, scheme, false)));
     }
-    let mut steps: Vec<DecoderWrapper> =
-        vec![replace(&mark, " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    let mut steps: Vec<DecoderWrapper> = vec![replace(&mark, " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
     if add_prefix_space {
         steps.push(Strip::new(' ', 1, 0).into());
     }
@@ -396,16 +378,11 @@ fn add_special_tokens(tokenizer: &mut Tokenizer, vocab: &Vocab) -> Result<()> {
     let added = |ids: &[usize], is_special: bool| -> Vec<AddedToken> {
         ids.iter().map(|&id| AddedToken::from(vocab.token(id as u32), is_special).normalized(false)).collect()
     };
-    tokenizer
-        .add_special_tokens(added(&special, true))
-        .map_err(|e| invalid(format!("cannot add special tokens: {e}")))?;
+    tokenizer.add_special_tokens(added(&special, true)).map_err(|e| invalid(format!("cannot add special tokens: {e}")))?;
 
-    let user_defined: Vec<usize> = (0..vocab.tokens.len())
-        .filter(|&id| vocab.has_type(id, TYPE_USER_DEFINED) && !special_ids.contains(&id))
-        .collect();
-    tokenizer
-        .add_tokens(added(&user_defined, false))
-        .map_err(|e| invalid(format!("cannot add user-defined tokens: {e}")))?;
+    let user_defined: Vec<usize> =
+        (0..vocab.tokens.len()).filter(|&id| vocab.has_type(id, TYPE_USER_DEFINED) && !special_ids.contains(&id)).collect();
+    tokenizer.add_tokens(added(&user_defined, false)).map_err(|e| invalid(format!("cannot add user-defined tokens: {e}")))?;
     Ok(())
 }
 
@@ -500,8 +477,7 @@ impl Meta<'_> {
 
     fn elements<T>(&self, key: &str, what: &str, read: impl Fn(&Value) -> Option<T>) -> Result<Option<Vec<T>>> {
         let Some(items) = self.array(key)? else { return Ok(None) };
-        let read_one =
-            |(i, item): (usize, &Value)| read(item).ok_or_else(|| wrong_type(&format!("{key}[{i}]"), what, item));
+        let read_one = |(i, item): (usize, &Value)| read(item).ok_or_else(|| wrong_type(&format!("{key}[{i}]"), what, item));
         items.iter().enumerate().map(read_one).collect::<Result<Vec<T>>>().map(Some)
     }
 }

@@ -76,10 +76,7 @@ fn metadata(path: &Path) -> HashMap<String, Value> {
     GgufHeader::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())).metadata
 }
 
-fn with_overrides(
-    base: &HashMap<String, Value>,
-    overrides: &serde_json::Map<String, serde_json::Value>,
-) -> HashMap<String, Value> {
+fn with_overrides(base: &HashMap<String, Value>, overrides: &serde_json::Map<String, serde_json::Value>) -> HashMap<String, Value> {
     let mut meta = base.clone();
     for (key, value) in overrides {
         let value = match value {
@@ -144,8 +141,7 @@ fn smollm2_matches_transformers() {
     assert_eq!((eos.as_deref(), eos_ids), (Some("<|im_end|>"), vec![2]));
     assert!(!add_bos, "SmolLM2's GGUF says add_bos_token = false");
 
-    let pres: Vec<&str> =
-        golden.variants.iter().filter_map(|v| v.overrides.get("tokenizer.ggml.pre")?.as_str()).collect();
+    let pres: Vec<&str> = golden.variants.iter().filter_map(|v| v.overrides.get("tokenizer.ggml.pre")?.as_str()).collect();
     for pre in ["gpt-2", "no-such-pre", "llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o"] {
         assert!(pres.contains(&pre), "the golden has no {pre} variant");
     }

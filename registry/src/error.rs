@@ -73,13 +73,8 @@ impl RegistryError {
         match self {
             Self::AlreadyRegistered { .. } => Retry::AfterLeaseTtl,
             Self::Etcd { source, .. } => etcd_retry(source),
-            Self::Timeout { .. } | Self::KeepAliveThread(_) | Self::KeepAliveStopped => {
-                Retry::Backoff
-            }
-            Self::InvalidWorkerId { .. }
-            | Self::InvalidConfig(_)
-            | Self::EncodeRecord { .. }
-            | Self::NoRuntime(_) => Retry::Never,
+            Self::Timeout { .. } | Self::KeepAliveThread(_) | Self::KeepAliveStopped => Retry::Backoff,
+            Self::InvalidWorkerId { .. } | Self::InvalidConfig(_) | Self::EncodeRecord { .. } | Self::NoRuntime(_) => Retry::Never,
         }
     }
 
@@ -111,11 +106,7 @@ fn etcd_retry(error: &etcd_client::Error) -> Retry {
             _ => Retry::Never,
         },
         // Connection-level failures and closed client-side streams: the channel reconnects.
-        E::TransportError(_)
-        | E::IoError(_)
-        | E::WatchError(_)
-        | E::LeaseKeepAliveError(_)
-        | E::Internal(_) => Retry::Backoff,
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) | E::Internal(_) => Retry::Backoff,
         _ => Retry::Never,
     }
 }
@@ -139,15 +130,9 @@ mod tests {
         assert_eq!(taken.retry(), Retry::AfterLeaseTtl);
         let timeout = RegistryError::Timeout { operation: "get", timeout: Duration::from_secs(1) };
         assert_eq!(timeout.retry(), Retry::Backoff);
-        let bad_args = RegistryError::Etcd {
-            operation: "connect",
-            source: etcd_client::Error::InvalidArgs("empty endpoints".into()),
-        };
+        let bad_args = RegistryError::Etcd { operation: "connect", source: etcd_client::Error::InvalidArgs("empty endpoints".into()) };
         assert_eq!(bad_args.retry(), Retry::Never);
-        let closed = RegistryError::Etcd {
-            operation: "watch",
-            source: etcd_client::Error::WatchError("stream closed".into()),
-        };
+        let closed = RegistryError::Etcd { operation: "watch", source: etcd_client::Error::WatchError("stream closed".into()) };
         assert_eq!(closed.retry(), Retry::Backoff);
         assert_eq!(RegistryError::InvalidConfig("x").retry(), Retry::Never);
     }

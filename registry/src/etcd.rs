@@ -128,10 +128,7 @@ impl EtcdRegistry {
 impl Registry for EtcdRegistry {
     async fn register(&self, record: WorkerRecord) -> Result<Registration> {
         validate_worker_id(&record.id)?;
-        let value = serde_json::to_vec(&record).map_err(|source| RegistryError::EncodeRecord {
-            worker_id: record.id.clone(),
-            source,
-        })?;
+        let value = serde_json::to_vec(&record).map_err(|source| RegistryError::EncodeRecord { worker_id: record.id.clone(), source })?;
         lease::register(Arc::clone(&self.config), record.id, value).await
     }
 
@@ -167,9 +164,7 @@ async fn with_timeout<T>(
 async fn revoke(client: &mut Client, lease: LeaseId, timeout: Duration) -> Result<bool> {
     match with_timeout("lease revoke", timeout, client.lease_revoke(lease.0)).await {
         Ok(_) => Ok(true),
-        Err(RegistryError::Etcd { source, .. }) if crate::error::is_lease_not_found(&source) => {
-            Ok(false)
-        }
+        Err(RegistryError::Etcd { source, .. }) if crate::error::is_lease_not_found(&source) => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -177,8 +172,7 @@ async fn revoke(client: &mut Client, lease: LeaseId, timeout: Duration) -> Resul
 /// Every readable worker record and the store revision the listing reflects.
 async fn list(client: &mut Client, timeout: Duration) -> Result<(Vec<WorkerRecord>, i64)> {
     let options = GetOptions::new().with_prefix();
-    let response =
-        with_timeout("list workers", timeout, client.get(WORKERS_PREFIX, Some(options))).await?;
+    let response = with_timeout("list workers", timeout, client.get(WORKERS_PREFIX, Some(options))).await?;
     // etcd always sends a header; without one, watching from revision 1 replays all history,
     // which is redundant but loses nothing.
     let revision = response.header().map_or(0, |h| h.revision());

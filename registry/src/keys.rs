@@ -40,9 +40,7 @@ pub fn validate_worker_id(worker_id: &str) -> Result<()> {
     };
     match reason {
         None => Ok(()),
-        Some(reason) => {
-            Err(RegistryError::InvalidWorkerId { worker_id: worker_id.to_string(), reason })
-        }
+        Some(reason) => Err(RegistryError::InvalidWorkerId { worker_id: worker_id.to_string(), reason }),
     }
 }
 
@@ -64,10 +62,7 @@ mod tests {
         assert!(validate_worker_id("w1").is_ok());
         assert!(validate_worker_id("host-1.example:50051").is_ok());
         for bad in ["", "a/b", "white space", "é"] {
-            assert!(
-                matches!(validate_worker_id(bad), Err(RegistryError::InvalidWorkerId { .. })),
-                "{bad:?} should be refused"
-            );
+            assert!(matches!(validate_worker_id(bad), Err(RegistryError::InvalidWorkerId { .. })), "{bad:?} should be refused");
         }
         assert!(validate_worker_id(&"x".repeat(MAX_WORKER_ID_LEN)).is_ok());
         assert!(validate_worker_id(&"x".repeat(MAX_WORKER_ID_LEN + 1)).is_err());

@@ -71,12 +71,7 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub(crate) fn new(
-        worker_id: String,
-        lease: LeaseId,
-        state: watch::Receiver<LeaseState>,
-        commands: mpsc::Sender<LeaseCommand>,
-    ) -> Self {
+    pub(crate) fn new(worker_id: String, lease: LeaseId, state: watch::Receiver<LeaseState>, commands: mpsc::Sender<LeaseCommand>) -> Self {
         Self { worker_id, lease, state, commands }
     }
 
@@ -120,10 +115,7 @@ impl Registration {
     /// record (a draining worker announces itself this way). The id cannot change.
     pub async fn update(&self, record: WorkerRecord) -> Result<()> {
         if record.id != self.worker_id {
-            return Err(RegistryError::InvalidWorkerId {
-                worker_id: record.id,
-                reason: "a registration cannot change its worker id",
-            });
+            return Err(RegistryError::InvalidWorkerId { worker_id: record.id, reason: "a registration cannot change its worker id" });
         }
         let (reply, answer) = oneshot::channel();
         self.commands.send(LeaseCommand::Update(Box::new(record), reply)).await.map_err(|_| RegistryError::KeepAliveStopped)?;

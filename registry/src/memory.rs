@@ -228,12 +228,7 @@ async fn expire_when_due(shared: Arc<Shared>, lease: LeaseId) {
 }
 
 /// Renews the lease every `period` until the handle is dropped, revokes on request.
-async fn keep_alive(
-    shared: Arc<Shared>,
-    lease: LeaseId,
-    period: Duration,
-    mut commands: mpsc::Receiver<LeaseCommand>,
-) {
+async fn keep_alive(shared: Arc<Shared>, lease: LeaseId, period: Duration, mut commands: mpsc::Receiver<LeaseCommand>) {
     let mut tick = tokio::time::interval_at(Instant::now() + period, period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -264,11 +259,7 @@ async fn keep_alive(
 }
 
 /// Forwards changes to one watcher; re-lists when the watcher lagged and events were dropped.
-async fn forward(
-    shared: Weak<Shared>,
-    mut changes: broadcast::Receiver<MembershipEvent>,
-    events: mpsc::Sender<MembershipEvent>,
-) {
+async fn forward(shared: Weak<Shared>, mut changes: broadcast::Receiver<MembershipEvent>, events: mpsc::Sender<MembershipEvent>) {
     loop {
         let event = match changes.recv().await {
             Ok(event) => event,
@@ -351,9 +342,7 @@ mod tests {
         // Nothing yielded while registering, so the broadcast buffer overflowed before the
         // driver ran: it must skip the lost events and send a snapshot of all eight.
         let mut events = Vec::new();
-        while let Ok(Some(event)) =
-            tokio::time::timeout(Duration::from_millis(10), watch.next()).await
-        {
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(10), watch.next()).await {
             events.push(event);
         }
         let all: Vec<_> = (0..8).map(|i| record(&format!("w{i}"))).collect();

@@ -110,10 +110,13 @@ impl Drop for ChildGuard {
 /// Starts `world` rank processes of `program`, each told its rank; reads the port each bound
 /// from its first stdout line, then sends every rank the full peer list on stdin — the
 /// rendezvous a coordinator performs by RPC in a real cluster.
-pub fn spawn_ranks(program: &Path, world: usize, extra_args: &[String]) -> anyhow::Result<Vec<(ChildGuard, BufReader<std::process::ChildStdout>)>> {
-    let args: Vec<Vec<String>> = (0..world)
-        .map(|rank| [rank.to_string(), world.to_string()].into_iter().chain(extra_args.iter().cloned()).collect())
-        .collect();
+pub fn spawn_ranks(
+    program: &Path,
+    world: usize,
+    extra_args: &[String],
+) -> anyhow::Result<Vec<(ChildGuard, BufReader<std::process::ChildStdout>)>> {
+    let args: Vec<Vec<String>> =
+        (0..world).map(|rank| [rank.to_string(), world.to_string()].into_iter().chain(extra_args.iter().cloned()).collect()).collect();
     let launch = RankLaunch { program, args, env: Vec::new(), listeners: 1 };
     launch.spawn(|_, addresses| vec![addresses.iter().map(|a| a[0]).collect()])
 }
@@ -229,8 +232,7 @@ pub fn greedy_trace(
     use tessera_model::{sampler::argmax, Batch, LogitsMode, SeqChunk};
     let mut kv = model.new_kv_cache();
     let chunk = [SeqChunk { seq: 1, start: 0, len: prompt.len() }];
-    let prefill: Vec<Vec<f32>> =
-        model.forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All)?.to_vec2()?;
+    let prefill: Vec<Vec<f32>> = model.forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All)?.to_vec2()?;
     // `argmax` skips NaN: a non-finite logit must fail the trace, not pick another token.
     let finite = |rows: &[Vec<f32>], what: &str| -> anyhow::Result<()> {
         anyhow::ensure!(rows.iter().flatten().all(|v| v.is_finite()), "a non-finite logit in {what}");

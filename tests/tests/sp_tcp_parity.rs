@@ -65,10 +65,7 @@ fn run_ring(dir: &Path, members: usize, tp: usize, prompt: &[u32]) -> Vec<RingTr
     let ranks = launch
         .spawn(|i, addresses| {
             let (m, t) = (i / tp, i % tp);
-            vec![
-                (0..tp).map(|u| addresses[m * tp + u][0]).collect(),
-                (0..members).map(|n| addresses[n * tp + t][1]).collect(),
-            ]
+            vec![(0..tp).map(|u| addresses[m * tp + u][0]).collect(), (0..members).map(|n| addresses[n * tp + t][1]).collect()]
         })
         .expect("start the ring");
 
@@ -165,10 +162,7 @@ fn check_ring(members: usize, tp: usize) {
         let secs = start.elapsed().as_secs_f64();
         let case = format!("{FIXTURE} sp={members} tp={tp} n={n}");
         let (pre, last, dec) = check(&case, &reference, &traces, members, tp);
-        println!(
-            "{case}: positions rel {pre:.2e}, last rel {last:.2e}, decode rel {dec:.2e}, held {:?}, {secs:.2}s",
-            traces[0].held
-        );
+        println!("{case}: positions rel {pre:.2e}, last rel {last:.2e}, decode rel {dec:.2e}, held {:?}, {secs:.2}s", traces[0].held);
     }
 }
 

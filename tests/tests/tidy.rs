@@ -65,11 +65,7 @@ fn normal_dependencies(krate: &str, direct_only: bool) -> BTreeSet<String> {
     if direct_only {
         args.extend(["--depth", "1"]);
     }
-    let out = Command::new(cargo)
-        .args(&args)
-        .current_dir(workspace_root())
-        .output()
-        .expect("run cargo tree");
+    let out = Command::new(cargo).args(&args).current_dir(workspace_root()).output().expect("run cargo tree");
     assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
+use futures::future::join_all;
 use tessera_collective::SingleRank;
 use tessera_model::fixture::{prompt_ids, test_fixtures, write_fixture, WriteOptions};
 use tessera_model::{LoadConfig, Model};
 use tessera_proto::worker as pb;
 use tessera_proto::worker::worker_client::WorkerClient;
 use tessera_tests::{greedy_trace, spawn_worker};
-use futures::future::join_all;
 use tonic::Code;
 
 type Client = WorkerClient<tonic::transport::Channel>;
@@ -90,7 +90,13 @@ async fn two_worker_processes_serve_a_tp2_group() {
     let mut greedy = vec![first[0].token];
     assert!(first[0].logprob <= 0.0 && first[0].logprob.is_finite());
     for i in 0..steps - 1 {
-        let seq = pb::SeqStep { seq_id: 42, start: (prompt.len() + i) as u32, tokens: vec![*greedy.last().unwrap()], sampling: None, sample: true };
+        let seq = pb::SeqStep {
+            seq_id: 42,
+            start: (prompt.len() + i) as u32,
+            tokens: vec![*greedy.last().unwrap()],
+            sampling: None,
+            sample: true,
+        };
         let t = lockstep(&mut clients, step(group, 1 + i as u64, vec![seq])).await.unwrap();
         greedy.push(t[0].token);
     }
@@ -110,7 +116,11 @@ async fn two_worker_processes_serve_a_tp2_group() {
     // Bad input is refused with a clear code and the group keeps serving.
     let bad = lockstep(
         &mut clients,
-        step(group, 99, vec![pb::SeqStep { seq_id: 7, start: 0, tokens: vec![1, 100_000], sampling: Some(sampling.clone()), sample: true }]),
+        step(
+            group,
+            99,
+            vec![pb::SeqStep { seq_id: 7, start: 0, tokens: vec![1, 100_000], sampling: Some(sampling.clone()), sample: true }],
+        ),
     )
     .await
     .unwrap_err();

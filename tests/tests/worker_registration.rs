@@ -115,10 +115,8 @@ async fn sigterm_announces_draining_then_revokes_before_the_lease_could_expire()
     let mut watch = registry.snapshot_and_watch().await?;
     ensure!(matches!(next_event(&mut watch, PROMPT).await?, MembershipEvent::Snapshot(_)), "a watch starts with a snapshot");
     let url = etcd.url();
-    let (mut worker, _) = tokio::task::spawn_blocking(move || {
-        spawn_worker(&["--etcd", &url, "--lease-ttl-secs", LONG_LEASE_TTL_SECS, "--id", ID])
-    })
-    .await??;
+    let (mut worker, _) =
+        tokio::task::spawn_blocking(move || spawn_worker(&["--etcd", &url, "--lease-ttl-secs", LONG_LEASE_TTL_SECS, "--id", ID])).await??;
     let record = expect_up(&mut watch, PROMPT).await?;
     let mut client = etcd.client().await;
     let lease = client.get(worker_key(ID), None).await?.kvs().first().context("the worker's key is in etcd")?.lease();

@@ -101,12 +101,7 @@ fn ring_step(member: usize, seq: u64, work: RingWork) -> pb::RingStepRequest {
 
 fn prefill(prompt: &[u32], members: usize, member: usize) -> RingWork {
     let share = ZigzagLayout::new(prompt.len(), members).unwrap().local_tokens(prompt, member).unwrap();
-    RingWork::Prefill(pb::RingPrefill {
-        prompt_len: prompt.len() as u32,
-        tokens: share,
-        sampling: Some(greedy()),
-        prompt: Vec::new(),
-    })
+    RingWork::Prefill(pb::RingPrefill { prompt_len: prompt.len() as u32, tokens: share, sampling: Some(greedy()), prompt: Vec::new() })
 }
 
 /// The token every member sampled; they must agree.
@@ -141,12 +136,8 @@ async fn ring_matches_a_single_worker(members: usize) -> (Vec<ChildGuard>, Vec<C
     let reference = plain_greedy(&mut clients[0], &group(0), &prompt).await;
 
     // A ring of one and a member past the end are refused; nothing is bound.
-    let prepare = |m: usize, member: u32, members: u32| pb::PrepareRingRequest {
-        group_id: group(m),
-        ring_id: "ring-a".into(),
-        member,
-        members,
-    };
+    let prepare =
+        |m: usize, member: u32, members: u32| pb::PrepareRingRequest { group_id: group(m), ring_id: "ring-a".into(), member, members };
     let single = clients[0].prepare_ring(prepare(0, 0, 1)).await.expect_err("ring of one");
     assert_eq!(single.code(), Code::InvalidArgument, "{single:?}");
     let past = clients[0].prepare_ring(prepare(0, members as u32, members as u32)).await.expect_err("member past the end");
@@ -202,25 +193,24 @@ async fn ring_matches_a_single_worker(members: usize) -> (Vec<ChildGuard>, Vec<C
     assert_eq!(kv_tokens(&mut clients).await, vec![0; members], "a refused step caches nothing");
 
     // Prefill, then greedy decode steps: the tokens of a single worker.
-    let first = agreed(on_all(&clients, |m, mut c| {
-        let req = ring_step(m, SEQ, prefill(&prompt, members, m));
-        async move { c.ring_step(req).await }
-    })
-    .await);
+    let first = agreed(
+        on_all(&clients, |m, mut c| {
+            let req = ring_step(m, SEQ, prefill(&prompt, members, m));
+            async move { c.ring_step(req).await }
+        })
+        .await,
+    );
     let mut tokens = vec![first];
     for i in 0..STEPS {
         let token = *tokens.last().unwrap();
-        let decode = RingWork::Decode(pb::RingDecode {
-            token,
-            position: (PROMPT_LEN + i) as u32,
-            append_member: None,
-            sampling: None,
-        });
-        tokens.push(agreed(on_all(&clients, |m, mut c| {
-            let req = ring_step(m, SEQ, decode.clone());
-            async move { c.ring_step(req).await }
-        })
-        .await));
+        let decode = RingWork::Decode(pb::RingDecode { token, position: (PROMPT_LEN + i) as u32, append_member: None, sampling: None });
+        tokens.push(agreed(
+            on_all(&clients, |m, mut c| {
+                let req = ring_step(m, SEQ, decode.clone());
+                async move { c.ring_step(req).await }
+            })
+            .await,
+        ));
     }
     assert_eq!(tokens, reference, "a ring of {members} differs from one worker's plain steps");
 

@@ -136,9 +136,7 @@ impl EngineHandle {
         let flag = Arc::clone(&accepting);
         let (publish, serving) = watch::channel(false);
         // Built on its own thread: the engine holds a collective, which need not be `Send`.
-        std::thread::Builder::new()
-            .name("tessera-engine".into())
-            .spawn(move || Engine::new(config, flag, publish).run(rx))?;
+        std::thread::Builder::new().name("tessera-engine".into()).spawn(move || Engine::new(config, flag, publish).run(rx))?;
         Ok(Self { tx, accepting, serving })
     }
 
@@ -338,7 +336,14 @@ impl Engine {
                 Box::new(TcpCollective::connect(TcpConfig::new(a.tp_rank, peers), listener)?)
             }
         };
-        let load = LoadConfig { dtype: a.dtype, quantization: a.quantization, tp_rank: a.tp_rank, tp_size: a.tp_size, device: Device::Cpu, dequantize: false };
+        let load = LoadConfig {
+            dtype: a.dtype,
+            quantization: a.quantization,
+            tp_rank: a.tp_rank,
+            tp_size: a.tp_size,
+            device: Device::Cpu,
+            dequantize: false,
+        };
         let start = std::time::Instant::now();
         let model = Model::load(&a.model_dir, &load).map_err(WorkerError::loading)?;
         tracing::info!(group = %a.group_id, rank = a.tp_rank, secs = start.elapsed().as_secs_f64(), "shard loaded");
@@ -417,10 +422,8 @@ impl Engine {
         // KV memory is counted in blocks; the step is refused whole, before anything runs, if
         // what it would hold afterwards does not fit.
         let capacity = capacity / tessera_model::KV_BLOCK_TOKENS as u64;
-        let grown: u64 = work
-            .iter()
-            .map(|w| (tessera_model::blocks_for(w.start + w.tokens.len()).saturating_sub(s.kv.seq_blocks(w.seq))) as u64)
-            .sum();
+        let grown: u64 =
+            work.iter().map(|w| (tessera_model::blocks_for(w.start + w.tokens.len()).saturating_sub(s.kv.seq_blocks(w.seq))) as u64).sum();
         let needed = (s.kv.blocks() as u64).saturating_add(fork_growth(&s.kv, &forks)?).saturating_add(grown);
         if needed > capacity {
             return Err(WorkerError::KvExhausted { needed, capacity });
@@ -451,11 +454,7 @@ impl Engine {
                             Some((prompt_len, draws)) => Sampler::resumed(params.clone(), prompt_len, draws),
                             None => Sampler::new(params.clone()),
                         };
-                        let sampling = SeqSampling {
-                            sampler,
-                            top_logprobs: w.top_logprobs,
-                            beam_candidates: w.beam_candidates,
-                        };
+                        let sampling = SeqSampling { sampler, top_logprobs: w.top_logprobs, beam_candidates: w.beam_candidates };
                         s.samplers.insert(w.seq, sampling);
                     }
                 }

@@ -59,17 +59,16 @@ impl From<WorkerError> for tonic::Status {
     fn from(e: WorkerError) -> Self {
         use tonic::Code;
         let code = match &e {
-            WorkerError::WrongGroup(_)
-            | WorkerError::BadState { .. }
-            | WorkerError::WrongRing(_)
-            | WorkerError::RingState { .. } => Code::FailedPrecondition,
+            WorkerError::WrongGroup(_) | WorkerError::BadState { .. } | WorkerError::WrongRing(_) | WorkerError::RingState { .. } => {
+                Code::FailedPrecondition
+            }
             WorkerError::RingRefused { .. } => Code::Aborted,
             WorkerError::InvalidArgument(_) | WorkerError::WrongModelKind { .. } => Code::InvalidArgument,
             WorkerError::KvExhausted { .. } => Code::ResourceExhausted,
             WorkerError::Collective(_) | WorkerError::EngineGone | WorkerError::NotAccepting => Code::Unavailable,
             WorkerError::Model(ModelError::InvalidBatch(_) | ModelError::UnknownSequence(_) | ModelError::SequenceTooLong { .. }) => {
                 Code::InvalidArgument
-            },
+            }
             WorkerError::Model(ModelError::Collective(_)) => Code::Unavailable,
             WorkerError::Model(_) | WorkerError::Bind(_) => Code::Internal,
             WorkerError::Load(_) => Code::FailedPrecondition,

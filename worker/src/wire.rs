@@ -43,9 +43,7 @@ pub fn assignment(req: pb::AssignRequest) -> Result<Assignment, WorkerError> {
 }
 
 pub fn peers(list: &[String]) -> Result<Vec<SocketAddr>, WorkerError> {
-    list.iter()
-        .map(|p| p.parse().map_err(|_| WorkerError::InvalidArgument(format!("bad peer address {p:?}"))))
-        .collect()
+    list.iter().map(|p| p.parse().map_err(|_| WorkerError::InvalidArgument(format!("bad peer address {p:?}")))).collect()
 }
 
 /// Most alternatives a token may carry (as OpenAI's API).
@@ -71,9 +69,7 @@ fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
     }
     let beam_candidates = s.sampling.as_ref().map_or(0, |p| p.beam_candidates);
     if beam_candidates > MAX_BEAM_CANDIDATES {
-        return Err(WorkerError::InvalidArgument(format!(
-            "beam_candidates is {beam_candidates}; the limit is {MAX_BEAM_CANDIDATES}"
-        )));
+        return Err(WorkerError::InvalidArgument(format!("beam_candidates is {beam_candidates}; the limit is {MAX_BEAM_CANDIDATES}")));
     }
     let resume = s.sampling.as_ref().and_then(|p| p.resume.as_ref()).map(|r| (r.prompt_len as usize, r.rng_draws));
     let sampling = match s.sampling {

@@ -22,23 +22,15 @@ fn service() -> WorkerService {
 }
 
 async fn load(service: &WorkerService, dir: &Path) -> Result<(), tonic::Status> {
-    let assign = pb::AssignRequest {
-        group_id: "g".into(),
-        model_dir: dir.display().to_string(),
-        dtype: "f32".into(),
-        tp_rank: 0,
-        tp_size: 1,
-    };
+    let assign =
+        pb::AssignRequest { group_id: "g".into(), model_dir: dir.display().to_string(), dtype: "f32".into(), tp_rank: 0, tp_size: 1 };
     service.assign(Request::new(assign)).await?;
     service.rendezvous(Request::new(pb::RendezvousRequest { group_id: "g".into(), peers: Vec::new() })).await?;
     Ok(())
 }
 
 fn embed_request(inputs: Vec<Vec<u32>>) -> Request<pb::EmbedRequest> {
-    Request::new(pb::EmbedRequest {
-        group_id: "g".into(),
-        inputs: inputs.into_iter().map(|ids| pb::EmbedInput { ids }).collect(),
-    })
+    Request::new(pb::EmbedRequest { group_id: "g".into(), inputs: inputs.into_iter().map(|ids| pb::EmbedInput { ids }).collect() })
 }
 
 fn step_request() -> Request<pb::StepRequest> {
@@ -55,10 +47,8 @@ async fn encoder_worker_embeds_like_sentence_transformers() {
     let text = std::fs::read_to_string(workspace_root().join("tests/golden/minilm-embeddings.json")).expect("golden");
     let golden: serde_json::Value = serde_json::from_str(&text).expect("parse golden");
     let cases = golden["cases"].as_array().expect("cases");
-    let ids: Vec<Vec<u32>> = cases
-        .iter()
-        .map(|c| c["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect())
-        .collect();
+    let ids: Vec<Vec<u32>> =
+        cases.iter().map(|c| c["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect()).collect();
     // More inputs than the engine's internal batch, so batches are joined in order.
     let repeated: Vec<Vec<u32>> = ids.iter().chain(&ids).cloned().collect();
     let got = service.embed(embed_request(repeated.clone())).await.expect("embed").into_inner().embeddings;

@@ -106,7 +106,8 @@ async fn a_resumed_sequence_samples_what_it_would_have_sampled() {
     // chunked prefill would), with the sampler resumed after its 6 draws.
     let resume = pb::Resume { prompt_len: 23, rng_draws: draws[5] };
     let fed: Vec<u32> = p.iter().chain(&outputs[..6]).copied().collect();
-    let first = pb::SeqStep { sample: false, ..seq_step(2, 0, fed[..20].to_vec(), Some(pb::Sampling { resume: Some(resume), ..sampling })) };
+    let first =
+        pb::SeqStep { sample: false, ..seq_step(2, 0, fed[..20].to_vec(), Some(pb::Sampling { resume: Some(resume), ..sampling })) };
     step(&w, "g-resume", vec![first]).await.expect("first chunk");
     let mut t = step(&w, "g-resume", vec![seq_step(2, 20, fed[20..].to_vec(), None)]).await.expect("last chunk")[0].clone();
     let mut again = Vec::new();
@@ -154,7 +155,10 @@ async fn every_step_is_a_span_with_its_timings() {
     let (w, _dir) = serving("g-spans", 4096).await;
     step(&w, "g-spans", vec![seq_step(1, 0, prompt(9, 4), Some(pb::Sampling::default()))]).await.expect("step");
     let text = String::from_utf8(captured.0.lock().expect("buffer").clone()).expect("utf-8 log");
-    let line = text.lines().find(|l| l.contains("step{group=\"g-spans\"") && l.contains("close")).unwrap_or_else(|| panic!("no step span in:\n{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.contains("step{group=\"g-spans\"") && l.contains("close"))
+        .unwrap_or_else(|| panic!("no step span in:\n{text}"));
     for field in ["seqs=1", "tokens=9", "kv_blocks=1", "forward_ms=", "sample_ms=", "time.busy="] {
         assert!(line.contains(field), "{field} missing from {line}");
     }

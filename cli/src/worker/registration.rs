@@ -78,7 +78,13 @@ const DRAIN_CHECK: Duration = Duration::from_millis(50);
 
 /// The graceful way out: announce `draining` (coordinators stop placing work here at once),
 /// let the sequences the engine holds finish for up to `drain`, then revoke.
-async fn drain_then_leave(registration: Registration, record: &WorkerRecord, admission: &Admission, readiness: &Readiness, drain: Duration) {
+async fn drain_then_leave(
+    registration: Registration,
+    record: &WorkerRecord,
+    admission: &Admission,
+    readiness: &Readiness,
+    drain: Duration,
+) {
     let id = &record.id;
     if !drain.is_zero() {
         readiness.close();
@@ -151,9 +157,7 @@ async fn register(
 /// The error a worker exits with when it cannot register.
 fn refusal(error: RegistryError) -> anyhow::Error {
     let hint = match &error {
-        RegistryError::AlreadyRegistered { .. } => {
-            "another live worker holds this id; give this one a different --id"
-        }
+        RegistryError::AlreadyRegistered { .. } => "another live worker holds this id; give this one a different --id",
         _ => "the worker cannot register",
     };
     anyhow::Error::new(error).context(hint)

@@ -13,9 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -26,11 +24,7 @@ use crate::lease::{LeaseCommand, LeaseId, LeaseLoss, LeaseState, Registration};
 use crate::record::WorkerRecord;
 
 /// Starts the keep-alive thread, which creates the lease and the key, and waits for its answer.
-pub(super) async fn register(
-    config: Arc<EtcdConfig>,
-    worker_id: String,
-    value: Vec<u8>,
-) -> Result<Registration> {
+pub(super) async fn register(config: Arc<EtcdConfig>, worker_id: String, value: Vec<u8>) -> Result<Registration> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let (commands_tx, commands_rx) = mpsc::channel(1);
     let (state_tx, state_rx) = watch::channel(LeaseState::Alive);
@@ -95,24 +89,20 @@ async fn run(
 }
 
 /// Connects, grants a lease and creates the key if absent.
-async fn establish(
-    config: &EtcdConfig,
-    worker_id: &str,
-    value: Vec<u8>,
-) -> Result<(Client, LeaseId, Duration)> {
+async fn establish(config: &EtcdConfig, worker_id: &str, value: Vec<u8>) -> Result<(Client, LeaseId, Duration)> {
     let timeout = config.request_timeout;
     let mut client = connect_client(config).await?;
-    let grant =
-        with_timeout("lease grant", timeout, client.lease_grant(config.lease_ttl_secs(), None))
-            .await?;
+    let grant = with_timeout("lease grant", timeout, client.lease_grant(config.lease_ttl_secs(), None)).await?;
     let lease = LeaseId(grant.id());
     // Follow what etcd granted: it raises TTLs below its minimum.
     let ttl = secs(grant.ttl()).max(Duration::from_secs(1));
 
     let key = worker_key(worker_id);
-    let create = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease.0)))]);
+    let create = Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+        key,
+        value,
+        Some(PutOptions::new().with_lease(lease.0)),
+    )]);
     let created = with_timeout("register", timeout, client.txn(create)).await;
     match created {
         Ok(response) if response.succeeded() => Ok((client, lease, ttl)),
@@ -153,11 +143,7 @@ enum Renewal {
 impl Holder {
     /// Renews every TTL/3 until the handle is dropped, a revoke is asked for, or the lease is
     /// lost.
-    async fn keep_alive(
-        mut self,
-        mut renewed_at: Instant,
-        mut commands: mpsc::Receiver<LeaseCommand>,
-    ) {
+    async fn keep_alive(mut self, mut renewed_at: Instant, mut commands: mpsc::Receiver<LeaseCommand>) {
         let period = self.ttl / 3;
         // One attempt never outlasts a period, so the loop keeps its rhythm and notices the
         // deadline on time.
@@ -192,19 +178,14 @@ impl Holder {
 
     /// Overwrites the worker's key under the same lease.
     async fn put(&mut self, record: &WorkerRecord) -> Result<()> {
-        let value = serde_json::to_vec(record)
-            .map_err(|source| RegistryError::EncodeRecord { worker_id: record.id.clone(), source })?;
+        let value = serde_json::to_vec(record).map_err(|source| RegistryError::EncodeRecord { worker_id: record.id.clone(), source })?;
         let options = Some(PutOptions::new().with_lease(self.lease.0));
         let put = self.client.put(worker_key(&self.worker_id), value, options);
         with_timeout("update worker", self.config.request_timeout, put).await.map(|_| ())
     }
 
     /// One renewal; the loss if the lease is gone or has gone unrenewed for a whole TTL.
-    async fn renew_in_time(
-        &mut self,
-        timeout: Duration,
-        renewed_at: &mut Instant,
-    ) -> Option<LeaseLoss> {
+    async fn renew_in_time(&mut self, timeout: Duration, renewed_at: &mut Instant) -> Option<LeaseLoss> {
         let lease = self.lease;
         let sent_at = Instant::now();
         match self.renew(timeout).await {
@@ -260,9 +241,7 @@ impl Holder {
         match with_timeout("lease time-to-live", timeout, remaining).await {
             Ok(response) if response.ttl() <= 0 => return Renewal::Gone,
             Ok(_) => {}
-            Err(RegistryError::Etcd { source, .. }) if is_lease_not_found(&source) => {
-                return Renewal::Gone
-            }
+            Err(RegistryError::Etcd { source, .. }) if is_lease_not_found(&source) => return Renewal::Gone,
             Err(error) => return Renewal::Failed(error),
         }
         // Opening the stream renews once.
@@ -276,11 +255,7 @@ impl Holder {
     }
 }
 
-async fn open_keeper(
-    client: &mut Client,
-    lease: LeaseId,
-    timeout: Duration,
-) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
+async fn open_keeper(client: &mut Client, lease: LeaseId, timeout: Duration) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
     with_timeout("lease keep-alive", timeout, client.lease_keep_alive(lease.0)).await
 }
 

@@ -52,26 +52,17 @@ enum Opened {
 
 /// Creates a prefix watch starting at `start_revision` and waits for etcd to confirm it.
 async fn open(client: &mut Client, start_revision: i64, timeout: Duration) -> Result<Opened> {
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(start_revision)
-        .with_progress_notify();
-    let mut stream =
-        with_timeout("watch", timeout, client.watch(WORKERS_PREFIX, Some(options))).await?;
+    let options = WatchOptions::new().with_prefix().with_start_revision(start_revision).with_progress_notify();
+    let mut stream = with_timeout("watch", timeout, client.watch(WORKERS_PREFIX, Some(options))).await?;
     // etcd confirms the creation first. A compacted start revision usually arrives right after
     // it as a cancellation, which `Driver::follow` handles like any later one; should the
     // confirmation itself carry the compact revision, it is handled here.
     match with_timeout("watch", timeout, stream.message()).await? {
         Some(response) if response.compact_revision() > 0 => Ok(Opened::Compacted),
-        Some(response) if response.created() && !response.canceled() => {
-            Ok(Opened::Watching(Box::new(stream)))
-        }
+        Some(response) if response.created() && !response.canceled() => Ok(Opened::Watching(Box::new(stream))),
         Some(response) => Err(RegistryError::Etcd {
             operation: "watch",
-            source: etcd_client::Error::WatchError(format!(
-                "etcd refused the watch: {}",
-                response.cancel_reason()
-            )),
+            source: etcd_client::Error::WatchError(format!("etcd refused the watch: {}", response.cancel_reason())),
         }),
         None => Err(RegistryError::Etcd {
             operation: "watch",
@@ -122,10 +113,7 @@ impl Driver {
             let response = match stream.message().await {
                 Ok(Some(response)) => response,
                 Ok(None) => {
-                    tracing::warn!(
-                        revision = self.last_revision,
-                        "etcd closed the membership watch; resuming"
-                    );
+                    tracing::warn!(revision = self.last_revision, "etcd closed the membership watch; resuming");
                     return Interruption::Broken;
                 }
                 Err(error) => {
@@ -143,10 +131,7 @@ impl Driver {
                     );
                     return Interruption::Compacted;
                 }
-                tracing::warn!(
-                    reason = response.cancel_reason(),
-                    "etcd cancelled the membership watch; resuming"
-                );
+                tracing::warn!(reason = response.cancel_reason(), "etcd cancelled the membership watch; resuming");
                 return Interruption::Broken;
             }
             if response.events().is_empty() {
@@ -194,10 +179,7 @@ impl Driver {
             match open(&mut self.client, self.last_revision + 1, timeout).await {
                 Ok(Opened::Watching(stream)) => return Some(stream),
                 Ok(Opened::Compacted) => {
-                    tracing::warn!(
-                        revision = self.last_revision,
-                        "membership history compacted while disconnected; re-listing"
-                    );
+                    tracing::warn!(revision = self.last_revision, "membership history compacted while disconnected; re-listing");
                     relist = true;
                 }
                 Err(error) => {

@@ -10,8 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use tessera_etcd_harness::EtcdServer;
 use tessera_registry::{
-    EtcdConfig, EtcdRegistry, LeaseId, LeaseLoss, LeaseState, MembershipEvent, MemoryConfig,
-    MemoryRegistry, Registry, RegistryError, Retry,
+    EtcdConfig, EtcdRegistry, LeaseId, LeaseLoss, LeaseState, MembershipEvent, MemoryConfig, MemoryRegistry, Registry, RegistryError, Retry,
 };
 use tokio::time::Instant;
 
@@ -70,13 +69,7 @@ impl Fixture {
                 let registry = EtcdRegistry::connect(config.clone()).await?;
                 // A separate connection, as a second process would have.
                 let other = EtcdRegistry::connect(config).await?;
-                Ok(Self {
-                    registry: Arc::new(registry),
-                    other: Arc::new(other.clone()),
-                    admin: Admin::Etcd(other),
-                    ttl,
-                    _etcd: Some(etcd),
-                })
+                Ok(Self { registry: Arc::new(registry), other: Arc::new(other.clone()), admin: Admin::Etcd(other), ttl, _etcd: Some(etcd) })
             }
         }
     }
@@ -172,10 +165,7 @@ async fn registrations_racing_the_listing_are_not_lost(backend: Backend) -> anyh
     }
     let held = registering.await??;
     ensure!(held.len() == WORKERS);
-    ensure!(
-        seen.values().cloned().collect::<Vec<_>>()
-            == (0..WORKERS).map(|i| record(&format!("w{i:02}"))).collect::<Vec<_>>()
-    );
+    ensure!(seen.values().cloned().collect::<Vec<_>>() == (0..WORKERS).map(|i| record(&format!("w{i:02}"))).collect::<Vec<_>>());
     Ok(())
 }
 

@@ -9,9 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure};
 use etcd_client::CompactionOptions;
 use tessera_etcd_harness::{EtcdServer, Proxy};
-use tessera_registry::{
-    EtcdConfig, EtcdRegistry, LeaseLoss, MembershipEvent, Registry, RegistryError, Retry,
-};
+use tessera_registry::{EtcdConfig, EtcdRegistry, LeaseLoss, MembershipEvent, Registry, RegistryError, Retry};
 
 use crate::support::{next_event, next_snapshot, record};
 

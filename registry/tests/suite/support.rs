@@ -19,10 +19,7 @@ pub fn record(id: &str) -> WorkerRecord {
 }
 
 /// The next event, or an error after `within`.
-pub async fn next_event(
-    watch: &mut WorkerWatch,
-    within: Duration,
-) -> anyhow::Result<MembershipEvent> {
+pub async fn next_event(watch: &mut WorkerWatch, within: Duration) -> anyhow::Result<MembershipEvent> {
     tokio::time::timeout(within, watch.next())
         .await
         .map_err(|_| anyhow!("no membership event within {within:?}"))?
@@ -30,10 +27,7 @@ pub async fn next_event(
 }
 
 /// The next event, which must be a snapshot; its records sorted by id.
-pub async fn next_snapshot(
-    watch: &mut WorkerWatch,
-    within: Duration,
-) -> anyhow::Result<Vec<WorkerRecord>> {
+pub async fn next_snapshot(watch: &mut WorkerWatch, within: Duration) -> anyhow::Result<Vec<WorkerRecord>> {
     match next_event(watch, within).await? {
         MembershipEvent::Snapshot(mut records) => {
             records.sort_by(|a, b| a.id.cmp(&b.id));

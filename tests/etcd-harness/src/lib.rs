@@ -183,12 +183,7 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept(
-    listener: TcpListener,
-    upstream: SocketAddr,
-    open: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<AbortHandle>>>,
-) {
+async fn accept(listener: TcpListener, upstream: SocketAddr, open: Arc<AtomicBool>, connections: Arc<Mutex<Vec<AbortHandle>>>) {
     while let Ok((mut inbound, _)) = listener.accept().await {
         if !open.load(Ordering::SeqCst) {
             drop(inbound);

@@ -17,9 +17,7 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Context};
 use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
 use tessera_model::sampler::argmax;
-use tessera_model::{
-    AppendOn, DecodeStep, LoadConfig, Model, PrefillStep, RingComm, RingLogits, RingStep, ZigzagLayout,
-};
+use tessera_model::{AppendOn, DecodeStep, LoadConfig, Model, PrefillStep, RingComm, RingLogits, RingStep, ZigzagLayout};
 use tessera_tests::RingTrace;
 
 const SEQ: u64 = 1;
@@ -98,12 +96,7 @@ fn ring_trace(model: &Model, comm: &mut RingComm, prompt: &[u32], steps: usize, 
     let mut greedy = vec![next];
     let mut decode = Vec::with_capacity(steps);
     for i in 0..steps {
-        let step = RingStep::Decode(DecodeStep {
-            seq: SEQ,
-            token: next,
-            position: prompt.len() + i,
-            append: AppendOn::LeastLoaded,
-        });
+        let step = RingStep::Decode(DecodeStep { seq: SEQ, token: next, position: prompt.len() + i, append: AppendOn::LeastLoaded });
         let out = model.forward_ring(&step, &mut kv, comm, RingLogits::Last).with_context(|| format!("decode step {i}"))?;
         let row = out.last.to_vec2::<f32>()?.pop().context("no decode row")?;
         next = argmax(&row);

@@ -12,8 +12,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tessera_collective::{TcpCollective, TcpConfig};
 use std::time::Instant;
+use tessera_collective::{TcpCollective, TcpConfig};
 
 use tessera_collective::Collective;
 use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, SeqChunk};

@@ -156,9 +156,12 @@ async fn generation_config_supplies_the_sampling_a_request_leaves_unset() {
     let explicit = generate(&mut client, request("demo", seeded(recommended.clone()))).await.expect("demo, explicit");
     assert_eq!(by_default.tokens(), explicit.tokens());
     // A field the request sets wins: temperature 0 is greedy on both.
-    let greedy_tuned = generate(&mut client, request("tuned", seeded(pb::SamplingParams { temperature: Some(0.0), repetition_penalty: Some(1.0), ..Default::default() })))
-        .await
-        .expect("tuned, greedy");
+    let greedy_tuned = generate(
+        &mut client,
+        request("tuned", seeded(pb::SamplingParams { temperature: Some(0.0), repetition_penalty: Some(1.0), ..Default::default() })),
+    )
+    .await
+    .expect("tuned, greedy");
     let greedy_plain = generate(&mut client, request("demo", Default::default())).await.expect("demo, greedy");
     assert_eq!(greedy_tuned.tokens(), greedy_plain.tokens());
     // The defaults did change the output (the comparison above is not between two greedy runs).

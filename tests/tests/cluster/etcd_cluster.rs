@@ -157,8 +157,7 @@ async fn reflection_v1alpha(url: &str) -> Vec<String> {
     use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     let mut client = ServerReflectionClient::new(channel(url).await);
     let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut responses =
-        client.server_reflection_info(tokio_stream::iter([request])).await.expect("reflection v1alpha call").into_inner();
+    let mut responses = client.server_reflection_info(tokio_stream::iter([request])).await.expect("reflection v1alpha call").into_inner();
     match responses.message().await.expect("answer").and_then(|r| r.message_response) {
         Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
         other => panic!("unexpected reflection answer {other:?}"),

@@ -71,7 +71,8 @@ async fn bad_input_gets_a_clear_error_naming_the_limit() {
     let with_sampling = |s: pb::SamplingParams| pb::GenerateRequest { sampling: Some(s), ..base() };
     let with_stopping = |s: pb::StoppingCriteria| pb::GenerateRequest { stopping: Some(s), ..base() };
     let beams = |num_beams: u32, num_return_sequences: u32, length_penalty: f32, temperature: f32| {
-        let beam_search = Some(pb::BeamSearch { num_beams, num_return_sequences, length_penalty: Some(length_penalty), ..Default::default() });
+        let beam_search =
+            Some(pb::BeamSearch { num_beams, num_return_sequences, length_penalty: Some(length_penalty), ..Default::default() });
         with_sampling(pb::SamplingParams { beam_search, temperature: Some(temperature), ..Default::default() })
     };
     let beams_with_stop = pb::GenerateRequest {
@@ -84,28 +85,108 @@ async fn bad_input_gets_a_clear_error_naming_the_limit() {
         ("no input", pb::GenerateRequest { input: None, ..base() }, Code::InvalidArgument, "no input"),
         ("empty prompt", greedy(prompt(""), 4), Code::InvalidArgument, "prompt is empty"),
         ("empty token list", greedy(tokens(vec![]), 4), Code::InvalidArgument, "prompt is empty"),
-        ("negative temperature", with_sampling(pb::SamplingParams { temperature: Some(-0.5), ..Default::default() }), Code::InvalidArgument, "temperature must be a finite number >= 0"),
-        ("NaN temperature", with_sampling(pb::SamplingParams { temperature: Some(f32::NAN), ..Default::default() }), Code::InvalidArgument, "temperature"),
-        ("infinite temperature", with_sampling(pb::SamplingParams { temperature: Some(f32::INFINITY), ..Default::default() }), Code::InvalidArgument, "temperature"),
-        ("top_p zero", with_sampling(pb::SamplingParams { top_p: Some(0.0), ..Default::default() }), Code::InvalidArgument, "top_p must be in (0, 1]"),
-        ("top_p above one", with_sampling(pb::SamplingParams { top_p: Some(1.5), ..Default::default() }), Code::InvalidArgument, "top_p must be in (0, 1]"),
+        (
+            "negative temperature",
+            with_sampling(pb::SamplingParams { temperature: Some(-0.5), ..Default::default() }),
+            Code::InvalidArgument,
+            "temperature must be a finite number >= 0",
+        ),
+        (
+            "NaN temperature",
+            with_sampling(pb::SamplingParams { temperature: Some(f32::NAN), ..Default::default() }),
+            Code::InvalidArgument,
+            "temperature",
+        ),
+        (
+            "infinite temperature",
+            with_sampling(pb::SamplingParams { temperature: Some(f32::INFINITY), ..Default::default() }),
+            Code::InvalidArgument,
+            "temperature",
+        ),
+        (
+            "top_p zero",
+            with_sampling(pb::SamplingParams { top_p: Some(0.0), ..Default::default() }),
+            Code::InvalidArgument,
+            "top_p must be in (0, 1]",
+        ),
+        (
+            "top_p above one",
+            with_sampling(pb::SamplingParams { top_p: Some(1.5), ..Default::default() }),
+            Code::InvalidArgument,
+            "top_p must be in (0, 1]",
+        ),
         ("top_p NaN", with_sampling(pb::SamplingParams { top_p: Some(f32::NAN), ..Default::default() }), Code::InvalidArgument, "top_p"),
-        ("max_new_tokens above the cap", greedy(prompt("Hello"), 1_000_000), Code::InvalidArgument, "max_new_tokens is 1000000; the limit is 8192"),
-        ("prompt plus max_new_tokens past the context", greedy(tokens(vec![40; 4000]), 200), Code::InvalidArgument, "exceeds the model's context of 4096 tokens"),
-        ("token prompt longer than the context", greedy(tokens(vec![40; 5000]), 4), Code::InvalidArgument, "the model's context is 4096 tokens"),
-        ("text prompt longer than the context", greedy(prompt(&"hello ".repeat(6000)), 4), Code::InvalidArgument, "the model's context is 4096 tokens"),
+        (
+            "max_new_tokens above the cap",
+            greedy(prompt("Hello"), 1_000_000),
+            Code::InvalidArgument,
+            "max_new_tokens is 1000000; the limit is 8192",
+        ),
+        (
+            "prompt plus max_new_tokens past the context",
+            greedy(tokens(vec![40; 4000]), 200),
+            Code::InvalidArgument,
+            "exceeds the model's context of 4096 tokens",
+        ),
+        (
+            "token prompt longer than the context",
+            greedy(tokens(vec![40; 5000]), 4),
+            Code::InvalidArgument,
+            "the model's context is 4096 tokens",
+        ),
+        (
+            "text prompt longer than the context",
+            greedy(prompt(&"hello ".repeat(6000)), 4),
+            Code::InvalidArgument,
+            "the model's context is 4096 tokens",
+        ),
         ("prompt over the byte limit", greedy(prompt(&"x".repeat((1 << 20) + 1)), 4), Code::InvalidArgument, "the limit is 1048576"),
-        ("token id outside the vocabulary", greedy(tokens(vec![5, 100_000]), 4), Code::InvalidArgument, "outside the vocabulary (size 320)"),
-        ("too many stop strings", with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["x".into(); 17], ..Default::default() }), Code::InvalidArgument, "17 stop strings; the limit is 16"),
-        ("stop string too long", with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["y".repeat(300)], ..Default::default() }), Code::InvalidArgument, "a stop string is 300 bytes; the limit is 256"),
-        ("too many stop token ids", with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop_token_ids: vec![5; 65], ..Default::default() }), Code::InvalidArgument, "65 stop token ids; the limit is 64"),
-        ("request id too long", pb::GenerateRequest { request_id: "r".repeat(200), ..base() }, Code::InvalidArgument, "request_id is 200 bytes; the limit is 128"),
+        (
+            "token id outside the vocabulary",
+            greedy(tokens(vec![5, 100_000]), 4),
+            Code::InvalidArgument,
+            "outside the vocabulary (size 320)",
+        ),
+        (
+            "too many stop strings",
+            with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["x".into(); 17], ..Default::default() }),
+            Code::InvalidArgument,
+            "17 stop strings; the limit is 16",
+        ),
+        (
+            "stop string too long",
+            with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop: vec!["y".repeat(300)], ..Default::default() }),
+            Code::InvalidArgument,
+            "a stop string is 300 bytes; the limit is 256",
+        ),
+        (
+            "too many stop token ids",
+            with_stopping(pb::StoppingCriteria { max_new_tokens: 4, stop_token_ids: vec![5; 65], ..Default::default() }),
+            Code::InvalidArgument,
+            "65 stop token ids; the limit is 64",
+        ),
+        (
+            "request id too long",
+            pb::GenerateRequest { request_id: "r".repeat(200), ..base() },
+            Code::InvalidArgument,
+            "request_id is 200 bytes; the limit is 128",
+        ),
         ("too many beams", beams(9, 1, 1.0, 0.0), Code::InvalidArgument, "beam_search.num_beams is 9; the limit is 8"),
-        ("more hypotheses than beams", beams(2, 3, 1.0, 0.0), Code::InvalidArgument, "num_return_sequences is 3; it must be at most num_beams (2)"),
+        (
+            "more hypotheses than beams",
+            beams(2, 3, 1.0, 0.0),
+            Code::InvalidArgument,
+            "num_return_sequences is 3; it must be at most num_beams (2)",
+        ),
         ("NaN length penalty", beams(2, 1, f32::NAN, 0.0), Code::InvalidArgument, "beam_search.length_penalty must be a finite number"),
         ("sampling with beams", beams(2, 1, 1.0, 0.7), Code::InvalidArgument, "temperature cannot be combined with beam_search"),
         ("stop strings with beams", beams_with_stop, Code::InvalidArgument, "stop cannot be combined with beam_search"),
-        ("chat without messages", greedy(pb::generate_request::Input::Chat(pb::ChatInput { messages: vec![] }), 4), Code::InvalidArgument, "chat has no messages"),
+        (
+            "chat without messages",
+            greedy(pb::generate_request::Input::Chat(pb::ChatInput { messages: vec![] }), 4),
+            Code::InvalidArgument,
+            "chat has no messages",
+        ),
     ];
     for (what, request, code, needle) in cases {
         let status = generate(&mut client, request).await.expect_err(what);
@@ -266,7 +347,8 @@ async fn the_loop_guard_stops_a_looping_generation_and_says_so() {
     let dir = write_scripted(&script, &scratch("loop-guard"), &WriteOptions::default()).expect("write scripted model");
     let cluster = up(&dir, &["--workers", "1"]).expect("tessera up");
     let mut client = connect(&cluster.url).await;
-    let guard = pb::LoopGuard { max_period: 16, min_repeats: 3, sentences: false, action: pb::LoopAction::Stop as i32, ..Default::default() };
+    let guard =
+        pb::LoopGuard { max_period: 16, min_repeats: 3, sentences: false, action: pb::LoopAction::Stop as i32, ..Default::default() };
     let guarded = |prompt_ids: Vec<u32>| pb::GenerateRequest {
         sampling: Some(pb::SamplingParams { loop_guard: Some(guard), ..Default::default() }),
         ..greedy(tokens(prompt_ids), 200)
@@ -284,12 +366,7 @@ async fn the_loop_guard_stops_a_looping_generation_and_says_so() {
     // The remedy: sample hotter for a while. This model's loop is far too strong to leave
     // (its scripted logit wins by ~76), so the loop forms again after each remedy and, after
     // the third, the generation stops: 4 loops of 30 tokens.
-    let remedy = pb::LoopGuard {
-        action: pb::LoopAction::RaiseTemperature as i32,
-        remedy_temperature: 1.5,
-        remedy_tokens: 8,
-        ..guard
-    };
+    let remedy = pb::LoopGuard { action: pb::LoopAction::RaiseTemperature as i32, remedy_temperature: 1.5, remedy_tokens: 8, ..guard };
     let request = pb::GenerateRequest {
         sampling: Some(pb::SamplingParams { loop_guard: Some(remedy), seed: Some(3), ..Default::default() }),
         ..greedy(tokens(vec![cycle[0]]), 200)

@@ -30,7 +30,11 @@ fn tessera_bench_reports_counts_and_finite_latencies() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON written")).expect("valid JSON");
     let count = |k: &str| report[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {report}"));
     assert_eq!((count("completed"), count("failed")), (6, 0), "{report}");
-    assert_eq!((count("total_input_tokens"), count("total_output_tokens")), (6 * 12, 6 * 5), "ignore_eos: every output has the asked length");
+    assert_eq!(
+        (count("total_input_tokens"), count("total_output_tokens")),
+        (6 * 12, 6 * 5),
+        "ignore_eos: every output has the asked length"
+    );
     assert_eq!(report["label"], "test");
     assert_eq!(report["preemptions"], 0, "six short requests fit the default KV capacity");
     assert_eq!(report["max_concurrency"], 3);
@@ -213,7 +217,8 @@ async fn a_passed_deadline_ends_the_stream_and_frees_every_rank() {
     let after = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
     assert!(after.workers.iter().all(|w| w.kv_blocks == 0 && w.sequences == 0), "{:?}", after.workers);
 
-    let counters = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner().counters.unwrap_or_default();
+    let counters =
+        client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner().counters.unwrap_or_default();
     assert_eq!(counters.deadlines_exceeded, 1);
     // The group still serves.
     let done = generate(&mut client.clone(), greedy(prompt("Once upon a time"), 4)).await.expect("generate after deadlines");

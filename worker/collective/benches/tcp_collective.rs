@@ -59,12 +59,7 @@ fn latency_table() {
         for &bytes in &sizes {
             let s = group.run(Task::Latency { bytes, warmup: 300, iters: 3000, threshold });
             let (p50, p99) = (percentile(&s, 0.50), percentile(&s, 0.99));
-            println!(
-                "| {world} | {} | {:.1} | {:.1} |",
-                size_label(bytes),
-                micros(p50),
-                micros(p99)
-            );
+            println!("| {world} | {} | {:.1} | {:.1} |", size_label(bytes), micros(p50), micros(p99));
         }
     }
     println!();
@@ -73,13 +68,9 @@ fn latency_table() {
 fn bandwidth_table() {
     println!("## All-reduce bus bandwidth against point-to-point TCP");
     println!();
-    println!(
-        "Best of {ROUNDS} rounds; each round times the all-reduce and both ceilings back to back,"
-    );
+    println!("Best of {ROUNDS} rounds; each round times the all-reduce and both ceilings back to back,");
     println!("so load from other processes hits them alike. p2p: one thread streams to another.");
-    println!(
-        "p2p 2-way: two such streams in opposite directions at once, the traffic of a 2-rank ring"
-    );
+    println!("p2p 2-way: two such streams in opposite directions at once, the traffic of a 2-rank ring");
     println!("(GB/s per direction). Path: the algorithm the default threshold picks.");
     println!();
     println!(
@@ -91,8 +82,7 @@ fn bandwidth_table() {
     for world in [2, 4] {
         let group = Group::start(world);
         for &(bytes, iters) in &sizes {
-            let (mut op, mut one_way, mut both_ways) =
-                (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+            let (mut op, mut one_way, mut both_ways) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
             for _ in 0..ROUNDS {
                 one_way = one_way.min(stream_time(bytes, iters, false));
                 both_ways = both_ways.min(stream_time(bytes, iters, true));
@@ -128,16 +118,10 @@ fn crossover_table() {
         for &bytes in &sizes {
             let iters = (300 * 64 * KIB / bytes).clamp(20, 300);
             let [direct, ring] = [usize::MAX, 0].map(|threshold| {
-                let samples =
-                    group.run(Task::Latency { bytes, warmup: iters / 10, iters, threshold });
+                let samples = group.run(Task::Latency { bytes, warmup: iters / 10, iters, threshold });
                 percentile(&samples, 0.5)
             });
-            println!(
-                "| {world} | {} | {:.1} | {:.1} |",
-                size_label(bytes),
-                micros(direct),
-                micros(ring)
-            );
+            println!("| {world} | {} | {:.1} | {:.1} |", size_label(bytes), micros(direct), micros(ring));
         }
     }
     println!();
@@ -152,11 +136,8 @@ struct Group {
 
 impl Group {
     fn start(world: usize) -> Self {
-        let listeners: Vec<TcpListener> = (0..world)
-            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind"))
-            .collect();
-        let peers: Vec<SocketAddr> =
-            listeners.iter().map(|l| l.local_addr().expect("addr")).collect();
+        let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind")).collect();
+        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().expect("addr")).collect();
         let (result_tx, results) = mpsc::channel();
         let mut commands = Vec::new();
         let mut threads = Vec::new();

@@ -54,8 +54,7 @@ impl InProcessGroup {
             barrier: Mutex::new(BarrierState { arrived: 0, generation: 0, broken: false }),
             turn: Condvar::new(),
         });
-        let mut to_peer: Vec<Vec<Option<Sender<Vec<f32>>>>> =
-            (0..world_size).map(|_| (0..world_size).map(|_| None).collect()).collect();
+        let mut to_peer: Vec<Vec<Option<Sender<Vec<f32>>>>> = (0..world_size).map(|_| (0..world_size).map(|_| None).collect()).collect();
         let mut from_peer: Vec<Vec<Option<Receiver<Vec<f32>>>>> =
             (0..world_size).map(|_| (0..world_size).map(|_| None).collect()).collect();
         for src in 0..world_size {
@@ -71,12 +70,7 @@ impl InProcessGroup {
             .into_iter()
             .zip(from_peer)
             .enumerate()
-            .map(|(rank, (to_peer, from_peer))| InProcessGroup {
-                rank,
-                shared: Arc::clone(&shared),
-                to_peer,
-                from_peer,
-            })
+            .map(|(rank, (to_peer, from_peer))| InProcessGroup { rank, shared: Arc::clone(&shared), to_peer, from_peer })
             .collect()
     }
 
@@ -108,8 +102,7 @@ impl InProcessGroup {
 
     /// Copies `data` into this rank's slot, reusing the slot's allocation.
     fn publish(&self, data: &[f32]) -> Result<()> {
-        let mut slot =
-            self.shared.slots[self.rank].write().map_err(|_| CollectiveError::PeerLost)?;
+        let mut slot = self.shared.slots[self.rank].write().map_err(|_| CollectiveError::PeerLost)?;
         slot.clear();
         slot.extend_from_slice(data);
         Ok(())
@@ -249,9 +242,6 @@ impl Drop for InProcessGroup {
 
 impl std::fmt::Debug for InProcessGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InProcessGroup")
-            .field("rank", &self.rank)
-            .field("world_size", &self.shared.world)
-            .finish()
+        f.debug_struct("InProcessGroup").field("rank", &self.rank).field("world_size", &self.shared.world).finish()
     }
 }

@@ -69,12 +69,8 @@ impl NcclId {
 
     /// Rebuilds an id received from rank 0; fails unless `bytes` has exactly 128 bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let id = <[u8; ID_LEN]>::try_from(bytes).map_err(|_| {
-            CollectiveError::InvalidArgument(format!(
-                "an NCCL id has {ID_LEN} bytes, got {}",
-                bytes.len()
-            ))
-        })?;
+        let id = <[u8; ID_LEN]>::try_from(bytes)
+            .map_err(|_| CollectiveError::InvalidArgument(format!("an NCCL id has {ID_LEN} bytes, got {}", bytes.len())))?;
         Ok(Self(id))
     }
 
@@ -104,19 +100,14 @@ impl NcclCollective {
     /// Blocks until every rank has joined.
     pub fn new(device: &Device, rank: usize, world_size: usize, id: &NcclId) -> Result<Self> {
         if rank >= world_size || i32::try_from(world_size).is_err() {
-            return Err(CollectiveError::InvalidArgument(format!(
-                "rank {rank} in an NCCL group of {world_size}"
-            )));
+            return Err(CollectiveError::InvalidArgument(format!("rank {rank} in an NCCL group of {world_size}")));
         }
-        let cuda = device.as_cuda_device().map_err(|e| {
-            CollectiveError::InvalidArgument(format!("NCCL needs a CUDA device: {e}"))
-        })?;
+        let cuda = device.as_cuda_device().map_err(|e| CollectiveError::InvalidArgument(format!("NCCL needs a CUDA device: {e}")))?;
         let stream = cuda.cuda_stream();
         // ncclCommInitRank binds the communicator to the thread's current device, which need
         // not be this stream's (another Device may have been created since, on this thread).
         stream.context().bind_to_thread().map_err(driver_error("binding the CUDA context"))?;
-        let comm = Comm::from_rank(Arc::clone(&stream), rank, world_size, id.to_nccl())
-            .map_err(nccl_error("ncclCommInitRank"))?;
+        let comm = Comm::from_rank(Arc::clone(&stream), rank, world_size, id.to_nccl()).map_err(nccl_error("ncclCommInitRank"))?;
         Ok(Self { comm, stream, device: device.clone(), failed: false })
     }
 
@@ -142,9 +133,7 @@ impl NcclCollective {
             DType::F32 => self.guarded(|s| s.reduce_on_device::<f32>(&x)),
             DType::BF16 => self.guarded(|s| s.reduce_on_device::<half::bf16>(&x)),
             DType::F16 => self.guarded(|s| s.reduce_on_device::<half::f16>(&x)),
-            other => Err(CollectiveError::InvalidArgument(format!(
-                "NCCL all-reduce of {other:?} tensors is not supported"
-            ))),
+            other => Err(CollectiveError::InvalidArgument(format!("NCCL all-reduce of {other:?} tensors is not supported"))),
         }
     }
 
@@ -157,16 +146,14 @@ impl NcclCollective {
         let Storage::Cuda(storage) = &*guard else {
             return Err(CollectiveError::InvalidArgument("tensor is not on a CUDA device".into()));
         };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| CollectiveError::InvalidArgument("tensor is not contiguous".into()))?;
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| CollectiveError::InvalidArgument("tensor is not contiguous".into()))?;
         let src = storage.as_cuda_slice::<T>()?.slice(start..end);
         // SAFETY: `dst` is left uninitialised, but every element is written by the all-reduce
         // before anything reads it (reads are ordered after it on this stream; on failure `dst`
         // is dropped unread), and any bit pattern is a valid f32/bf16/f16. Zeroing it first
         // would cost a memset kernel per all-reduce, twice per layer per token.
-        let mut dst = unsafe { self.stream.alloc::<T>(end - start) }
-            .map_err(driver_error("allocating the all-reduce output"))?;
+        let mut dst = unsafe { self.stream.alloc::<T>(end - start) }.map_err(driver_error("allocating the all-reduce output"))?;
         self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(nccl_error("all-reduce"))?;
         let cuda = self.device.as_cuda_device()?.clone();
         let out = CudaStorage::wrap_cuda_slice(dst, cuda);
@@ -177,9 +164,7 @@ impl NcclCollective {
     /// already inside, or past, the NCCL call this rank failed to make.
     fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if self.failed {
-            return Err(CollectiveError::Nccl(
-                "the group failed earlier; rebuild it with a fresh NcclId".into(),
-            ));
+            return Err(CollectiveError::Nccl("the group failed earlier; rebuild it with a fresh NcclId".into()));
         }
         let result = op(self);
         if let Err(e) = &result {
@@ -205,9 +190,7 @@ impl NcclCollective {
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         match i32::try_from(peer) {
             Ok(p) if peer < world && peer != rank => Ok(p),
-            _ => Err(CollectiveError::InvalidArgument(format!(
-                "{what} rank {peer} from rank {rank} in a group of {world}"
-            ))),
+            _ => Err(CollectiveError::InvalidArgument(format!("{what} rank {peer} from rank {rank} in a group of {world}"))),
         }
     }
 }
@@ -232,11 +215,8 @@ impl Collective for NcclCollective {
             return Ok(());
         }
         self.guarded(|s| {
-            let mut buf =
-                s.stream.clone_htod(data).map_err(driver_error("copying to the device"))?;
-            s.comm
-                .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
-                .map_err(nccl_error("all-reduce"))?;
+            let mut buf = s.stream.clone_htod(data).map_err(driver_error("copying to the device"))?;
+            s.comm.all_reduce_in_place(&mut buf, &ReduceOp::Sum).map_err(nccl_error("all-reduce"))?;
             s.copy_to_host(&buf, data)
         })
     }
@@ -256,8 +236,7 @@ impl Collective for NcclCollective {
         }
         self.guarded(|s| {
             let send = s.stream.clone_htod(local).map_err(driver_error("copying to the device"))?;
-            let mut recv =
-                s.stream.alloc_zeros::<f32>(out.len()).map_err(driver_error("allocating"))?;
+            let mut recv = s.stream.alloc_zeros::<f32>(out.len()).map_err(driver_error("allocating"))?;
             s.comm.all_gather(&send, &mut recv).map_err(nccl_error("all-gather"))?;
             s.copy_to_host(&recv, out)
         })
@@ -283,8 +262,7 @@ impl Collective for NcclCollective {
             return Ok(());
         }
         self.guarded(|s| {
-            let mut buf =
-                s.stream.alloc_zeros::<f32>(out.len()).map_err(driver_error("allocating"))?;
+            let mut buf = s.stream.alloc_zeros::<f32>(out.len()).map_err(driver_error("allocating"))?;
             s.comm.recv(&mut buf, peer).map_err(nccl_error("recv"))?;
             s.copy_to_host(&buf, out)
         })

@@ -21,11 +21,7 @@ impl Collective for SingleRank {
 
     fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<()> {
         if out.len() != local.len() {
-            return Err(CollectiveError::InvalidArgument(format!(
-                "all_gather output has {} values, expected {}",
-                out.len(),
-                local.len()
-            )));
+            return Err(CollectiveError::InvalidArgument(format!("all_gather output has {} values, expected {}", out.len(), local.len())));
         }
         out.copy_from_slice(local);
         Ok(())

@@ -37,9 +37,7 @@ pub fn all_gather_tensor(comm: &mut dyn Collective, x: &Tensor) -> Result<Tensor
     let mut gathered = vec![0f32; local.len() * world];
     comm.all_gather(&local, &mut gathered)?;
     // `gathered` is [world, rows, last]; the result wants [rows, world * last].
-    let t = Tensor::from_vec(gathered, (world, rows, last), x.device())?
-        .transpose(0, 1)?
-        .contiguous()?;
+    let t = Tensor::from_vec(gathered, (world, rows, last), x.device())?.transpose(0, 1)?.contiguous()?;
     let mut out_dims = dims;
     if let Some(l) = out_dims.last_mut() {
         *l = last * world;

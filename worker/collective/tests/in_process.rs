@@ -49,8 +49,7 @@ fn all_gather_concatenates_in_rank_order() {
             comm.all_gather(&local, &mut out).expect("all_gather");
             out
         });
-        let expected: Vec<f32> =
-            (0..world).flat_map(|r| (0..5).map(move |i| exact_value(r, i))).collect();
+        let expected: Vec<f32> = (0..world).flat_map(|r| (0..5).map(move |i| exact_value(r, i))).collect();
         assert!(results.iter().all(|r| *r == expected), "world {world}");
     }
 }
@@ -79,13 +78,16 @@ fn mismatched_lengths_are_protocol_errors_on_every_rank() {
     });
     assert!(results.iter().all(|r| matches!(r, Err(CollectiveError::Protocol(_)))), "{results:?}");
 
-    let results = on_threads(InProcessGroup::new(2), |rank, mut comm| {
-        if rank == 0 {
-            comm.send(1, &[1.0, 2.0])
-        } else {
-            comm.recv(0, &mut [0.0; 3])
-        }
-    });
+    let results = on_threads(
+        InProcessGroup::new(2),
+        |rank, mut comm| {
+            if rank == 0 {
+                comm.send(1, &[1.0, 2.0])
+            } else {
+                comm.recv(0, &mut [0.0; 3])
+            }
+        },
+    );
     assert!(results[0].is_ok());
     assert!(matches!(results[1], Err(CollectiveError::Protocol(_))), "{:?}", results[1]);
 }
@@ -104,10 +106,7 @@ fn a_dropped_peer_gives_peer_lost() {
         vec![reduce, recv, send]
     });
     for rank_results in &results[..2] {
-        assert!(
-            rank_results.iter().all(|r| matches!(r, Err(CollectiveError::PeerLost))),
-            "{rank_results:?}"
-        );
+        assert!(rank_results.iter().all(|r| matches!(r, Err(CollectiveError::PeerLost))), "{rank_results:?}");
     }
 }
 

@@ -58,9 +58,7 @@ fn run_processes(scripts: &[&str]) -> Vec<Vec<String>> {
     let mut lines: Vec<Vec<String>> = vec![Vec::new(); world];
     let mut finished = 0;
     while finished < world {
-        let (rank, line) = rx
-            .recv_timeout(HANG_LIMIT)
-            .unwrap_or_else(|_| panic!("rank processes hung; output so far: {lines:?}"));
+        let (rank, line) = rx.recv_timeout(HANG_LIMIT).unwrap_or_else(|_| panic!("rank processes hung; output so far: {lines:?}"));
         match line {
             Some(line) => match line.strip_prefix("port ") {
                 Some(port) if ports[rank].is_none() => {
@@ -95,8 +93,7 @@ fn expected_full(world: usize, rank: usize) -> Vec<String> {
     lines.push("FLOAT 7".to_string());
     lines.push(format!("FLOAT {}", 1 << 20));
     for len in [5usize, 50_000, 600_000] {
-        let gathered: Vec<f32> =
-            (0..world).flat_map(|r| (0..len).map(move |i| exact_value(r, i))).collect();
+        let gathered: Vec<f32> = (0..world).flat_map(|r| (0..len).map(move |i| exact_value(r, i))).collect();
         lines.push(format!("allgather {len} {:016x}", fnv(&gathered)));
     }
     let prev = (rank + world - 1) % world;
@@ -118,18 +115,13 @@ fn check_float_line(line: &str, world: usize, len: usize) {
     let close = |got: f64, index: usize| {
         let exact: f64 = (0..world).map(|r| f64::from(float_value(r, index))).sum();
         let scale: f64 = (0..world).map(|r| f64::from(float_value(r, index)).abs()).sum();
-        assert!(
-            (got - exact).abs() <= 1e-5 * scale,
-            "{line}: element {index} is {got}, reference {exact}"
-        );
+        assert!((got - exact).abs() <= 1e-5 * scale, "{line}: element {index} is {got}, reference {exact}");
     };
     close(f64::from(f32::from_bits(fields[3].parse().expect("bits"))), 0);
     close(f64::from(f32::from_bits(fields[4].parse().expect("bits"))), len - 1);
     let sum: f64 = fields[5].parse().expect("sum");
-    let exact: f64 =
-        (0..len).flat_map(|i| (0..world).map(move |r| f64::from(float_value(r, i)))).sum();
-    let scale: f64 =
-        (0..len).flat_map(|i| (0..world).map(move |r| f64::from(float_value(r, i)).abs())).sum();
+    let exact: f64 = (0..len).flat_map(|i| (0..world).map(move |r| f64::from(float_value(r, i)))).sum();
+    let scale: f64 = (0..len).flat_map(|i| (0..world).map(move |r| f64::from(float_value(r, i)).abs())).sum();
     assert!((sum - exact).abs() <= 1e-5 * scale, "{line}: sum {sum}, reference {exact}");
 }
 

@@ -9,16 +9,14 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::{
-    assert_close_to_reference, assert_identical, exact_value, float_value, on_tcp_group,
-    on_threads, rank_order_sum, tcp_configs,
+    assert_close_to_reference, assert_identical, exact_value, float_value, on_tcp_group, on_threads, rank_order_sum, tcp_configs,
 };
 use tessera_collective::{Collective, CollectiveError, TcpCollective, TcpConfig};
 
 /// Lengths on both sides of the default direct/ring switch-over at 2, 3 and 4 ranks (2 MiB of
 /// direct traffic: 524_288, 262_144 and 174_762 values), including ones that do not split
 /// evenly into chunks and ring pieces.
-const LENGTHS: [usize; 12] =
-    [0, 1, 7, 1000, 100_003, 174_762, 174_763, 262_144, 262_145, 524_288, 524_289, (1 << 20) + 5];
+const LENGTHS: [usize; 12] = [0, 1, 7, 1000, 100_003, 174_762, 174_763, 262_144, 262_145, 524_288, 524_289, (1 << 20) + 5];
 
 #[test]
 fn all_reduce_is_identical_on_every_rank_and_close_to_exact() {
@@ -27,8 +25,7 @@ fn all_reduce_is_identical_on_every_rank_and_close_to_exact() {
             LENGTHS
                 .iter()
                 .map(|&len| {
-                    let mut data: Vec<f32> =
-                        (0..len).map(|i| float_value(comm.rank(), i)).collect();
+                    let mut data: Vec<f32> = (0..len).map(|i| float_value(comm.rank(), i)).collect();
                     comm.all_reduce_sum(&mut data).expect("all_reduce_sum");
                     data
                 })
@@ -65,8 +62,7 @@ fn ring_handles_buffers_smaller_than_the_group() {
     });
     for (k, len) in [1usize, 2, 3, 5, 9].into_iter().enumerate() {
         let sum = rank_order_sum(4, len, exact_value);
-        let gathered: Vec<f32> =
-            (0..4).flat_map(|r| (0..len).map(move |i| exact_value(r, i))).collect();
+        let gathered: Vec<f32> = (0..4).flat_map(|r| (0..len).map(move |i| exact_value(r, i))).collect();
         for rank in &results {
             assert_eq!(rank[k].0, sum, "all_reduce of {len}");
             assert_eq!(rank[k].1, gathered, "all_gather of {len}");
@@ -91,8 +87,7 @@ fn all_gather_concatenates_in_rank_order() {
                 .collect::<Vec<_>>()
         });
         for (k, &m) in LOCAL.iter().enumerate() {
-            let expected: Vec<f32> =
-                (0..world).flat_map(|r| (0..m).map(move |i| float_value(r, i))).collect();
+            let expected: Vec<f32> = (0..world).flat_map(|r| (0..m).map(move |i| float_value(r, i))).collect();
             for rank in &results {
                 assert_eq!(rank[k], expected, "world {world}, {m} per rank");
             }
@@ -158,10 +153,8 @@ fn queued_sends_stay_ordered_with_collectives() {
 fn without_spinning_every_wait_blocks_and_results_are_unchanged() {
     // With no spin budget the direct exchange hands unwritten bytes to the sender thread and
     // blocks on reads at once: the fallback path, taken deterministically.
-    let configs: Vec<_> = tcp_configs(3)
-        .into_iter()
-        .map(|(config, listener)| (TcpConfig { spin: Duration::ZERO, ..config }, listener))
-        .collect();
+    let configs: Vec<_> =
+        tcp_configs(3).into_iter().map(|(config, listener)| (TcpConfig { spin: Duration::ZERO, ..config }, listener)).collect();
     let results = on_threads(configs, |rank, (config, listener)| {
         let mut comm = TcpCollective::connect(config, listener).expect("connect");
         let mut out = Vec::new();
@@ -230,22 +223,11 @@ fn mismatched_calls_are_protocol_errors() {
     assert!(r.iter().any(is_protocol), "{r:?}");
     assert!(r.iter().all(Result::is_err), "{r:?}");
     // Different operations.
-    let r = mismatch(2, |comm| {
-        if comm.rank() == 0 {
-            comm.all_reduce_sum(&mut [1.0; 4])
-        } else {
-            comm.all_gather(&[1.0; 4], &mut [0.0; 8])
-        }
-    });
+    let r =
+        mismatch(2, |comm| if comm.rank() == 0 { comm.all_reduce_sum(&mut [1.0; 4]) } else { comm.all_gather(&[1.0; 4], &mut [0.0; 8]) });
     assert!(r.iter().all(is_protocol), "{r:?}");
     // Send and receive of different lengths.
-    let r = mismatch(2, |comm| {
-        if comm.rank() == 0 {
-            comm.send(1, &[1.0; 5])
-        } else {
-            comm.recv(0, &mut [0.0; 6])
-        }
-    });
+    let r = mismatch(2, |comm| if comm.rank() == 0 { comm.send(1, &[1.0; 5]) } else { comm.recv(0, &mut [0.0; 6]) });
     assert!(is_protocol(&r[1]), "{r:?}");
     // A group that failed stays failed.
     let r = mismatch(2, |comm| {
@@ -267,11 +249,7 @@ fn a_dead_peer_gives_io_errors_not_hangs() {
             }
             vec![comm.all_reduce_sum(&mut vec![1.0; len]), comm.recv(1, &mut [0.0; 4])]
         });
-        assert!(
-            matches!(results[0][0], Err(CollectiveError::Io { peer: 1, .. })),
-            "{:?}",
-            results[0]
-        );
+        assert!(matches!(results[0][0], Err(CollectiveError::Io { peer: 1, .. })), "{:?}", results[0]);
         assert!(matches!(results[0][1], Err(CollectiveError::PeerLost)), "{:?}", results[0]);
     }
     let results = on_tcp_group(2, |mut comm| {
@@ -332,8 +310,5 @@ fn a_group_of_one_needs_no_peers() {
 fn bad_configurations_are_rejected() {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
     let config = TcpConfig::new(1, vec![listener.local_addr().expect("addr")]);
-    assert!(matches!(
-        TcpCollective::connect(config, listener),
-        Err(CollectiveError::InvalidArgument(_))
-    ));
+    assert!(matches!(TcpCollective::connect(config, listener), Err(CollectiveError::InvalidArgument(_))));
 }

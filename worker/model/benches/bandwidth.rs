@@ -14,7 +14,7 @@ fn main() {
     let mib = args.first().copied().unwrap_or(1024);
     let passes = args.get(1).copied().unwrap_or(5);
     let words = mib << 17; // u64 words in `mib` MiB
-    // Distinct values, so no page is shared or compressed away.
+                           // Distinct values, so no page is shared or compressed away.
     let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
     let mut best = 0f64;
     for pass in 0..passes {

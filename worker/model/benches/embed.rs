@@ -52,9 +52,9 @@ fn model_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn texts() -> anyhow::Result<Vec<String>> {
-    let path = std::env::var("TESSERA_EMBED_TEXTS").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench/embed_texts.json")
-    });
+    let path = std::env::var("TESSERA_EMBED_TEXTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench/embed_texts.json"));
     let raw = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     let t: Texts = serde_json::from_str(&raw).with_context(|| format!("parse {}", path.display()))?;
     if t.texts.is_empty() {

@@ -20,10 +20,7 @@ use tessera_model::q8_gemm::q8_0_gemm_t;
 use tessera_model::qmatvec::q8_0_matvec_t;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let name = args.first().map_or("q8_0", String::as_str);
     let quant = match name {
         "q8_0" => GgmlDType::Q8_0,
@@ -42,26 +39,14 @@ fn main() -> anyhow::Result<()> {
     // K-quants (whose `in` must be a multiple of 256, which 576 is not) the 2048-wide Llama's
     // (32 query heads and 4 key-value heads of 64, an MLP of 5632, a 49152-token vocabulary).
     let shapes: &[(&str, usize, usize)] = if tessera_model::kquant::supports(quant) {
-        &[
-            ("qkv", 2048 + 2 * 256, 2048),
-            ("gate_up", 2 * 5632, 2048),
-            ("down", 2048, 5632),
-            ("lm_head", 49152, 2048),
-        ]
+        &[("qkv", 2048 + 2 * 256, 2048), ("gate_up", 2 * 5632, 2048), ("down", 2048, 5632), ("lm_head", 49152, 2048)]
     } else {
-        &[
-            ("qkv", 960, 576),
-            ("gate_up", 3072, 576),
-            ("down", 576, 1536),
-            ("lm_head", 49152, 576),
-        ]
+        &[("qkv", 960, 576), ("gate_up", 3072, 576), ("down", 576, 1536), ("lm_head", 49152, 576)]
     };
     // The model calls every product from one of its compute pool's threads (`ComputePool::run`),
     // so the products are timed from one too: from outside the pool, each of our calls would
     // also wait for a pool thread to wake up and take the job.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(candle_core::utils::get_num_threads())
-        .build()?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(candle_core::utils::get_num_threads()).build()?;
     pool.install(|| measure(quant, iters, shapes))
 }
 
@@ -78,33 +63,17 @@ fn measure(quant: GgmlDType, iters: usize, shapes: &[(&str, usize, usize)]) -> a
             let n = if rows == 512 { iters / 20 + 1 } else { iters };
             let secs = per_product(n, || mm.forward(&x).map(drop))?;
             let data = q_data.as_slice();
-            let gbs = |secs: f64| {
-                format!(
-                    "ours {:>8.1} µs {:>5.1} GB/s",
-                    secs * 1e6,
-                    bytes / secs / 1e9
-                )
-            };
+            let gbs = |secs: f64| format!("ours {:>8.1} µs {:>5.1} GB/s", secs * 1e6, bytes / secs / 1e9);
             let ours = if tessera_model::q4matvec::supports(quant) && rows <= 16 {
-                gbs(per_product(n, || {
-                    q4_matvec_t(&x, data, quant, out, inp).map(drop)
-                })?)
+                gbs(per_product(n, || q4_matvec_t(&x, data, quant, out, inp).map(drop))?)
             } else if tessera_model::kquant::supports(quant) && rows <= 16 {
-                gbs(per_product(n, || {
-                    kquant_matvec_t(&x, data, quant, out, inp).map(drop)
-                })?)
+                gbs(per_product(n, || kquant_matvec_t(&x, data, quant, out, inp).map(drop))?)
             } else if quant == GgmlDType::Q8_0 && rows <= 16 {
-                gbs(per_product(n, || {
-                    q8_0_matvec_t(&x, data, out, inp).map(drop)
-                })?)
+                gbs(per_product(n, || q8_0_matvec_t(&x, data, out, inp).map(drop))?)
             } else if quant == GgmlDType::Q8_0 && tessera_model::q8_gemm::available() {
                 let secs = per_product(n, || q8_0_gemm_t(&x, data, out, inp).map(drop))?;
                 let macs = (rows * out * inp) as f64;
-                format!(
-                    "ours {:>8.1} µs {:>5.1} Gmac/s",
-                    secs * 1e6,
-                    macs / secs / 1e9
-                )
+                format!("ours {:>8.1} µs {:>5.1} Gmac/s", secs * 1e6, macs / secs / 1e9)
             } else {
                 String::new()
             };
@@ -124,10 +93,7 @@ fn measure(quant: GgmlDType, iters: usize, shapes: &[(&str, usize, usize)]) -> a
 /// Seconds per call of `product` (after one warm-up call, which also lets a kernel repack): the
 /// best of up to three passes sharing `n` calls, as the bandwidth bench takes its best pass, so
 /// that other work on a shared machine slows a pass rather than the result.
-fn per_product(
-    n: usize,
-    mut product: impl FnMut() -> candle_core::Result<()>,
-) -> candle_core::Result<f64> {
+fn per_product(n: usize, mut product: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
     product()?;
     let passes = n.clamp(1, 3);
     let calls = n.div_ceil(passes).max(1);

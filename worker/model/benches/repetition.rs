@@ -248,10 +248,7 @@ fn bench_model(title: &str, model: &Model, prompts: &[Vec<u32>]) -> anyhow::Resu
     let greedy = SamplingParams::greedy();
     let controls: Vec<(&'static str, Vec<SamplingParams>)> = vec![
         ("repetition_penalty 1.3", vec![SamplingParams { repetition_penalty: 1.3, ..greedy.clone() }]),
-        (
-            "presence 0.6 + frequency 0.6",
-            vec![SamplingParams { presence_penalty: 0.6, frequency_penalty: 0.6, ..greedy.clone() }],
-        ),
+        ("presence 0.6 + frequency 0.6", vec![SamplingParams { presence_penalty: 0.6, frequency_penalty: 0.6, ..greedy.clone() }]),
         ("no_repeat_ngram_size 3", vec![SamplingParams { no_repeat_ngram_size: 3, ..greedy.clone() }]),
         (
             "DRY 0.8 / 1.75 / 2",

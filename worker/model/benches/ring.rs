@@ -45,8 +45,7 @@ use candle_core::Tensor;
 use tessera_collective::{Collective, InProcessGroup, Result as CollectiveResult, SingleRank};
 use tessera_model::fixture::{self, max_rel_diff, WriteOptions};
 use tessera_model::{
-    AppendOn, Batch, DecodeStep, LoadConfig, LogitsMode, Model, PrefillStep, RingComm, RingLogits,
-    RingStep, SeqChunk, ZigzagLayout,
+    AppendOn, Batch, DecodeStep, LoadConfig, LogitsMode, Model, PrefillStep, RingComm, RingLogits, RingStep, SeqChunk, ZigzagLayout,
 };
 
 /// Ring sizes compared.
@@ -76,11 +75,7 @@ struct Timed<C> {
 
 impl<C: Collective> Timed<C> {
     fn new(inner: C) -> Self {
-        Self {
-            inner,
-            spent: Duration::ZERO,
-            calls: 0,
-        }
+        Self { inner, spent: Duration::ZERO, calls: 0 }
     }
 
     fn time<T>(&mut self, call: impl FnOnce(&mut C) -> T) -> T {
@@ -146,40 +141,21 @@ struct RingRun {
 
 impl RingRun {
     fn prefill_ms(&self) -> f64 {
-        let start = self
-            .members
-            .iter()
-            .map(|m| m.start)
-            .min()
-            .expect("a ring has members");
-        let end = self
-            .members
-            .iter()
-            .map(|m| m.prefill_end)
-            .max()
-            .expect("a ring has members");
+        let start = self.members.iter().map(|m| m.start).min().expect("a ring has members");
+        let end = self.members.iter().map(|m| m.prefill_end).max().expect("a ring has members");
         ms(end - start)
     }
 
     /// Share of the prefill each member spent inside ring collectives, averaged over members.
     fn prefill_comm_share(&self) -> f64 {
         let wall = self.prefill_ms();
-        self.members
-            .iter()
-            .map(|m| ms(m.prefill_comm) / wall)
-            .sum::<f64>()
-            / self.members.len() as f64
+        self.members.iter().map(|m| ms(m.prefill_comm) / wall).sum::<f64>() / self.members.len() as f64
     }
 
     /// Timed steps (after the warm-up): the slowest member's time of each step.
     fn step_ms(&self) -> Vec<f64> {
         (DECODE_WARMUP..self.members[0].steps.len())
-            .map(|i| {
-                self.members
-                    .iter()
-                    .map(|m| ms(m.steps[i].total))
-                    .fold(0.0, f64::max)
-            })
+            .map(|i| self.members.iter().map(|m| ms(m.steps[i].total)).fold(0.0, f64::max))
             .collect()
     }
 
@@ -212,19 +188,13 @@ impl CpuTime {
         // stime 15.
         let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
         let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|t| t / CLOCK_TICKS);
-        Some(Self {
-            user: ticks(11)?,
-            system: ticks(12)?,
-        })
+        Some(Self { user: ticks(11)?, system: ticks(12)? })
     }
 
     /// Spent since `before` was read.
     fn since(before: Option<Self>) -> Option<Self> {
         let (before, now) = (before?, Self::now()?);
-        Some(Self {
-            user: now.user - before.user,
-            system: now.system - before.system,
-        })
+        Some(Self { user: now.user - before.user, system: now.system - before.system })
     }
 }
 
@@ -241,9 +211,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..len)
-        .map(|i| ((i * 7919 + 13 + salt * 104_729) % vocab) as u32)
-        .collect()
+    (0..len).map(|i| ((i * 7919 + 13 + salt * 104_729) % vocab) as u32).collect()
 }
 
 fn row(t: &Tensor) -> anyhow::Result<Vec<f32>> {
@@ -252,13 +220,7 @@ fn row(t: &Tensor) -> anyhow::Result<Vec<f32>> {
 
 /// One member: waits at `barrier` for the others, prefills its share of `prompt` over the ring,
 /// then decodes `decode` one token at a time.
-fn run_member<C: Collective>(
-    model: &Model,
-    sp: C,
-    barrier: &Barrier,
-    prompt: &[u32],
-    decode: &[u32],
-) -> anyhow::Result<MemberRun> {
+fn run_member<C: Collective>(model: &Model, sp: C, barrier: &Barrier, prompt: &[u32], decode: &[u32]) -> anyhow::Result<MemberRun> {
     let mut sp = Timed::new(sp);
     let mut tp = SingleRank;
     let member = sp.rank();
@@ -268,20 +230,8 @@ fn run_member<C: Collective>(
     let cpu_before = if member == 0 { CpuTime::now() } else { None };
     barrier.wait();
     let start = Instant::now();
-    let step = RingStep::Prefill(PrefillStep {
-        seq: SEQ,
-        prompt_len: prompt.len(),
-        tokens: &tokens,
-    });
-    let out = model.forward_ring(
-        &step,
-        &mut kv,
-        &mut RingComm {
-            tp: &mut tp,
-            sp: &mut sp,
-        },
-        RingLogits::Last,
-    )?;
+    let step = RingStep::Prefill(PrefillStep { seq: SEQ, prompt_len: prompt.len(), tokens: &tokens });
+    let out = model.forward_ring(&step, &mut kv, &mut RingComm { tp: &mut tp, sp: &mut sp }, RingLogits::Last)?;
     let last = row(&out.last)?;
     let prefill_end = Instant::now();
     let prefill_comm = sp.spent;
@@ -293,32 +243,12 @@ fn run_member<C: Collective>(
     for (i, &token) in decode.iter().enumerate() {
         let (comm_before, calls_before) = (sp.spent, sp.calls);
         let started = Instant::now();
-        let step = RingStep::Decode(DecodeStep {
-            seq: SEQ,
-            token,
-            position: prompt.len() + i,
-            append: AppendOn::LeastLoaded,
-        });
-        let out = model.forward_ring(
-            &step,
-            &mut kv,
-            &mut RingComm {
-                tp: &mut tp,
-                sp: &mut sp,
-            },
-            RingLogits::Last,
-        )?;
+        let step = RingStep::Decode(DecodeStep { seq: SEQ, token, position: prompt.len() + i, append: AppendOn::LeastLoaded });
+        let out = model.forward_ring(&step, &mut kv, &mut RingComm { tp: &mut tp, sp: &mut sp }, RingLogits::Last)?;
         let logits = row(&out.last)?;
-        steps.push(StepRun {
-            total: started.elapsed(),
-            comm: sp.spent - comm_before,
-            calls: sp.calls - calls_before,
-            logits,
-        });
+        steps.push(StepRun { total: started.elapsed(), comm: sp.spent - comm_before, calls: sp.calls - calls_before, logits });
     }
-    let placement = kv
-        .ring(SEQ)
-        .ok_or_else(|| anyhow::anyhow!("member {member} lost its ring placement"))?;
+    let placement = kv.ring(SEQ).ok_or_else(|| anyhow::anyhow!("member {member} lost its ring placement"))?;
     Ok(MemberRun {
         start,
         prefill_end,
@@ -348,56 +278,29 @@ fn run_ring(model: &Model, sp: usize, prompt: &[u32], decode: &[u32]) -> anyhow:
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| anyhow::anyhow!("a member thread panicked"))?
-                })
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("a member thread panicked"))?)
                 .collect::<anyhow::Result<Vec<_>>>()
         })?
     };
     let first = &members[0];
     for (m, other) in members.iter().enumerate().skip(1) {
-        anyhow::ensure!(
-            other.last == first.last,
-            "SP={sp}: member {m}'s prefill logits differ from member 0's"
-        );
+        anyhow::ensure!(other.last == first.last, "SP={sp}: member {m}'s prefill logits differ from member 0's");
         for (i, (a, b)) in other.steps.iter().zip(&first.steps).enumerate() {
-            anyhow::ensure!(
-                a.logits == b.logits,
-                "SP={sp}: member {m}'s logits of decode step {i} differ from member 0's"
-            );
+            anyhow::ensure!(a.logits == b.logits, "SP={sp}: member {m}'s logits of decode step {i} differ from member 0's");
         }
-        anyhow::ensure!(
-            other.held == first.held,
-            "SP={sp}: member {m} records other token counts"
-        );
+        anyhow::ensure!(other.held == first.held, "SP={sp}: member {m} records other token counts");
     }
     Ok(RingRun { members })
 }
 
 /// Plain `Model::forward` of the whole prompt on one rank: (ms, process CPU seconds (user,
 /// system), last-token logits).
-fn plain_prefill(
-    model: &Model,
-    prompt: &[u32],
-) -> anyhow::Result<(f64, Option<CpuTime>, Vec<f32>)> {
+fn plain_prefill(model: &Model, prompt: &[u32]) -> anyhow::Result<(f64, Option<CpuTime>, Vec<f32>)> {
     let mut kv = model.new_kv_cache();
-    let chunk = [SeqChunk {
-        seq: SEQ,
-        start: 0,
-        len: prompt.len(),
-    }];
+    let chunk = [SeqChunk { seq: SEQ, start: 0, len: prompt.len() }];
     let cpu_before = CpuTime::now();
     let start = Instant::now();
-    let logits = model.forward(
-        &Batch {
-            tokens: prompt,
-            chunks: &chunk,
-        },
-        &mut kv,
-        &mut SingleRank,
-        LogitsMode::LastPerChunk,
-    )?;
+    let logits = model.forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)?;
     let last = row(&logits)?;
     Ok((ms(start.elapsed()), CpuTime::since(cpu_before), last))
 }
@@ -416,10 +319,7 @@ fn cpu_cell(cpu: &[Option<CpuTime>]) -> String {
 /// Fails unless `got` is within `TOLERANCE` of `reference`; returns the difference.
 fn check_close(what: &str, got: &[f32], reference: &[f32]) -> anyhow::Result<f32> {
     let diff = max_rel_diff(&[got.to_vec()], &[reference.to_vec()]);
-    anyhow::ensure!(
-        diff <= TOLERANCE,
-        "NUMERICS FAILED, no timings reported: {what}: max relative difference {diff:.3e} > {TOLERANCE:e}"
-    );
+    anyhow::ensure!(diff <= TOLERANCE, "NUMERICS FAILED, no timings reported: {what}: max relative difference {diff:.3e} > {TOLERANCE:e}");
     Ok(diff)
 }
 
@@ -459,38 +359,21 @@ fn prefill_runs(model: &Model, longest: usize) -> anyhow::Result<(Vec<PrefillRow
         };
         for rep in 0..reps {
             // SP degrees alternate within a repetition, so slow minutes hit all of them.
-            let decode = if tokens == DECODE_PROMPT && rep == 0 {
-                &decode_tokens[..]
-            } else {
-                &[]
-            };
+            let decode = if tokens == DECODE_PROMPT && rep == 0 { &decode_tokens[..] } else { &[] };
             let mut reference: Option<RingRun> = None;
             for (i, &sp) in SP.iter().enumerate() {
                 let run = run_ring(model, sp, &p, decode)?;
                 rows.ring_ms[i].push(run.prefill_ms());
                 rows.ring_comm[i].push(run.prefill_comm_share());
                 rows.ring_cpu[i].push(run.members[0].prefill_cpu);
-                println!(
-                    "  prefill {tokens} SP={sp} rep {rep}: {:.0} ms",
-                    run.prefill_ms()
-                );
+                println!("  prefill {tokens} SP={sp} rep {rep}: {:.0} ms", run.prefill_ms());
                 match &reference {
                     None => reference = Some(run),
                     Some(base) => {
                         let case = format!("prefill of {tokens} tokens at SP={sp}");
-                        let mut worst =
-                            check_close(&case, &run.members[0].last, &base.members[0].last)?;
-                        for (s, (a, b)) in run.members[0]
-                            .steps
-                            .iter()
-                            .zip(&base.members[0].steps)
-                            .enumerate()
-                        {
-                            worst = worst.max(check_close(
-                                &format!("{case}, decode step {s}"),
-                                &a.logits,
-                                &b.logits,
-                            )?);
+                        let mut worst = check_close(&case, &run.members[0].last, &base.members[0].last)?;
+                        for (s, (a, b)) in run.members[0].steps.iter().zip(&base.members[0].steps).enumerate() {
+                            worst = worst.max(check_close(&format!("{case}, decode step {s}"), &a.logits, &b.logits)?);
                         }
                         rows.ring_diff[i] = rows.ring_diff[i].max(worst);
                         if !decode.is_empty() {
@@ -527,16 +410,9 @@ fn score_share(tokens: usize, sp: usize) -> f64 {
     let keys: Vec<Vec<usize>> = (0..sp).map(|m| layout.positions(m)).collect();
     let mut scores = 0usize;
     for member in 0..sp {
-        for run in layout
-            .member_runs(member)
-            .into_iter()
-            .filter(|r| !r.is_empty())
-        {
+        for run in layout.member_runs(member).into_iter().filter(|r| !r.is_empty()) {
             let last = run.end - 1;
-            scores += keys
-                .iter()
-                .map(|k| run.len() * k.partition_point(|&p| p <= last))
-                .sum::<usize>();
+            scores += keys.iter().map(|k| run.len() * k.partition_point(|&p| p <= last)).sum::<usize>();
         }
     }
     scores as f64 / (tokens * tokens) as f64
@@ -552,14 +428,8 @@ fn print_prefill(tables: &[PrefillRows]) {
         let base = median(t.ring_ms[0].clone());
         for (i, &sp) in SP.iter().enumerate() {
             let m = median(t.ring_ms[i].clone());
-            let per_member = ZigzagLayout::new(t.tokens, sp)
-                .map(|l| l.member_len(0))
-                .unwrap_or(0);
-            let diff = if sp == 1 {
-                "—".to_string()
-            } else {
-                format!("{:.1e}", t.ring_diff[i])
-            };
+            let per_member = ZigzagLayout::new(t.tokens, sp).map(|l| l.member_len(0)).unwrap_or(0);
+            let diff = if sp == 1 { "—".to_string() } else { format!("{:.1e}", t.ring_diff[i]) };
             println!(
                 "| {} | ring SP={sp} | {} | {m:.0} | {:.2}× | {:.0} | {:.1}% | {} | {per_member} | {:.3} | {diff} |",
                 t.tokens,
@@ -601,10 +471,7 @@ fn print_decode(decodes: &[RingRun]) {
         let step = median(run.step_ms());
         let shares = run.step_comm_shares();
         let mean = shares.iter().sum::<f64>() / shares.len() as f64;
-        let (lo, hi) = (
-            shares.iter().copied().fold(f64::MAX, f64::min),
-            shares.iter().copied().fold(0.0, f64::max),
-        );
+        let (lo, hi) = (shares.iter().copied().fold(f64::MAX, f64::min), shares.iter().copied().fold(0.0, f64::max));
         let calls = run.members[0].steps.last().map_or(0, |s| s.calls);
         let held: Vec<String> = run.members[0].held.iter().map(usize::to_string).collect();
         println!(
@@ -640,17 +507,8 @@ fn context_runs(model: &Model) -> anyhow::Result<Vec<String>> {
         // step to a member that is already full.
         let over = ZigzagLayout::new(context + 1, sp)?;
         let over_max = (0..sp).map(|m| over.member_len(m)).max().unwrap_or(0);
-        anyhow::ensure!(
-            over_max > CAPACITY,
-            "SP={sp}: {} tokens would still fit",
-            context + 1
-        );
-        let list = |v: &[usize]| {
-            v.iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(" / ")
-        };
+        anyhow::ensure!(over_max > CAPACITY, "SP={sp}: {} tokens would still fit", context + 1);
+        let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(" / ");
         lines.push(format!(
             "| {sp} | {CAPACITY} | {context} | {:.2}× | {} | {} | {over_max} > {CAPACITY} | {:.0} |",
             context as f64 / CAPACITY as f64,
@@ -658,11 +516,7 @@ fn context_runs(model: &Model) -> anyhow::Result<Vec<String>> {
             list(&cached),
             run.prefill_ms()
         ));
-        println!(
-            "  context SP={sp}: prompt {} + 1 decoded, {:.0} ms prefill",
-            context - 1,
-            run.prefill_ms()
-        );
+        println!("  context SP={sp}: prompt {} + 1 decoded, {:.0} ms prefill", context - 1, run.prefill_ms());
     }
     Ok(lines)
 }
@@ -681,24 +535,12 @@ fn print_context(lines: &[String]) {
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     // `cargo bench` appends `--bench`; ignore flags.
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let longest: usize = args
-        .first()
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(8192)
-        .max(DECODE_PROMPT);
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let longest: usize = args.first().map(|a| a.parse()).transpose()?.unwrap_or(8192).max(DECODE_PROMPT);
     let root = tempfile::tempdir()?;
     let dir = fixture::write_fixture(&fixture::smol135(), root.path(), &WriteOptions::default())?;
     let model = Model::load(&dir, &LoadConfig::default())?;
-    let reps: Vec<String> = PREFILLS
-        .iter()
-        .filter(|&&(t, _)| t <= longest)
-        .map(|(t, r)| format!("{t} ×{r}"))
-        .collect();
+    let reps: Vec<String> = PREFILLS.iter().filter(|&&(t, _)| t <= longest).map(|(t, r)| format!("{t} ×{r}")).collect();
     println!(
         "smol135 shape (f32, random weights), TP=1 per member, SP members as threads with InProcessGroup; \
          math threads {}; prefill repetitions per prompt length: {}; decode: {DECODE_STEPS} timed steps after \

@@ -247,10 +247,7 @@ fn main() -> anyhow::Result<()> {
     let sampled = SamplingParams { temperature: 0.8, seed: 7, ..greedy.clone() };
     let penalties = SamplingParams { repetition_penalty: 1.3, presence_penalty: 0.6, frequency_penalty: 0.6, ..greedy.clone() };
     let ngram = SamplingParams { no_repeat_ngram_size: 3, ..penalties.clone() };
-    let dry = SamplingParams {
-        dry: DryParams { multiplier: 0.8, base: 1.75, allowed_length: 2, ..DryParams::default() },
-        ..ngram.clone()
-    };
+    let dry = SamplingParams { dry: DryParams { multiplier: 0.8, base: 1.75, allowed_length: 2, ..DryParams::default() }, ..ngram.clone() };
     // (name, params, whether to time the full-sort reference too)
     let configs: Vec<(&str, SamplingParams, bool)> = vec![
         ("greedy", greedy.clone(), false),

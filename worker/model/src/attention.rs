@@ -119,8 +119,7 @@ fn attend_block(q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor
 
     // [len, heads, d] → [heads, len, d] → [kv_heads, group * len, d]: heads sharing a KV head
     // are adjacent, so this is a pure reshape.
-    let q = (q.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?
-        .reshape((kv_heads, group * len, head_dim))?;
+    let q = (q.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?.reshape((kv_heads, group * len, head_dim))?;
     let scores = q.matmul(&keys.t()?)?.to_dtype(DType::F32)?;
     let probs = match crate::fused::masked_softmax(&scores, mask, dtype)? {
         Some(probs) => probs,
@@ -207,8 +206,7 @@ pub fn attend_partial(q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&
     }
     let group = heads / kv_heads;
     let dtype = q.dtype();
-    let q = (q.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?
-        .reshape((kv_heads, group * len, head_dim))?;
+    let q = (q.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?.reshape((kv_heads, group * len, head_dim))?;
     let scores = q.matmul(&keys.t()?)?.to_dtype(DType::F32)?;
     let scores = match mask {
         Some(m) => scores.reshape((kv_heads, group, len, kv_len))?.broadcast_add(m)?.reshape((kv_heads, group * len, kv_len))?,

@@ -124,7 +124,9 @@ unsafe fn dot_rows_dispatch(_: usize, _: *const bf16, _: [*const bf16; 4], _: us
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn dot_rows<const XR: usize>(w: *const bf16, x: [*const bf16; 4], n: usize, sums: &mut [f32; 4]) {
-    use std::arch::x86_64::{__m512, __m512bh, _mm512_castsi512_ps, _mm512_dpbf16_ps, _mm512_maskz_loadu_epi16, _mm512_reduce_add_ps, _mm512_setzero_ps};
+    use std::arch::x86_64::{
+        __m512, __m512bh, _mm512_castsi512_ps, _mm512_dpbf16_ps, _mm512_maskz_loadu_epi16, _mm512_reduce_add_ps, _mm512_setzero_ps,
+    };
     let mut acc = [_mm512_setzero_ps(); XR];
     let mut i = 0;
     // No closures or `array::from_fn` here: they would not inherit the target features, and a
@@ -161,7 +163,17 @@ fn gemm(x: &[bf16], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
         let mut r = 0;
         while r < m {
             let rows = (m - r).min(TILE_ROWS);
-            let tile = Tile { panel: panel.as_ptr(), x: x[r * k..].as_ptr() as *const u32, pairs, rows, y: out, y_stride: n, row0: r, col0: c0, cols };
+            let tile = Tile {
+                panel: panel.as_ptr(),
+                x: x[r * k..].as_ptr() as *const u32,
+                pairs,
+                rows,
+                y: out,
+                y_stride: n,
+                row0: r,
+                col0: c0,
+                cols,
+            };
             // SAFETY: `available()` was checked by the caller; the panel holds `pairs * 32`
             // words, x rows r..r+rows hold `k` elements, and this task alone writes columns
             // c0..c0+cols.
@@ -233,7 +245,9 @@ impl Tile {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn kernel<const R: usize>(&self) {
-        use std::arch::x86_64::{__m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_set1_epi32, _mm512_setzero_ps};
+        use std::arch::x86_64::{
+            __m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_set1_epi32, _mm512_setzero_ps,
+        };
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let row_words = self.pairs;
         for p in 0..self.pairs {

@@ -49,26 +49,11 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// NTK-aware base growth once the sequence passes `original_max_position_embeddings`;
     /// recomputed from the current sequence length at every forward call (as transformers does).
-    Dynamic {
-        factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Dynamic { factor: f64, original_max_position_embeddings: usize },
     /// YaRN: per-dimension ramp between interpolation and extrapolation, plus a cos/sin scale.
-    Yarn {
-        factor: f64,
-        original_max_position_embeddings: usize,
-        attention_factor: f64,
-        beta_fast: f64,
-        beta_slow: f64,
-        truncate: bool,
-    },
+    Yarn { factor: f64, original_max_position_embeddings: usize, attention_factor: f64, beta_fast: f64, beta_slow: f64, truncate: bool },
     /// Llama 3.1 frequency-band scaling.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 impl RopeScaling {
@@ -78,9 +63,7 @@ impl RopeScaling {
             Self::None | Self::Linear { .. } => None,
             Self::Dynamic { original_max_position_embeddings, .. }
             | Self::Yarn { original_max_position_embeddings, .. }
-            | Self::Llama3 { original_max_position_embeddings, .. } => {
-                Some(*original_max_position_embeddings)
-            }
+            | Self::Llama3 { original_max_position_embeddings, .. } => Some(*original_max_position_embeddings),
         }
     }
 }
@@ -149,15 +132,14 @@ impl ModelConfig {
     /// Validates a parsed `config.json` document.
     pub fn from_value(value: Value) -> Result<Self> {
         let architecture = Architecture::from_hf_name(tessera_model_files::decoder_architecture(&value)?)?;
-        let raw: RawConfig = serde_json::from_value(value)
-            .map_err(|source| ModelError::ConfigJson { path: "config.json".into(), source })?;
+        let raw: RawConfig =
+            serde_json::from_value(value).map_err(|source| ModelError::ConfigJson { path: "config.json".into(), source })?;
         Self::from_raw(raw, architecture)
     }
 
     /// Parses and validates a `config.json` document.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
-        let value: Value = serde_json::from_slice(bytes)
-            .map_err(|source| ModelError::ConfigJson { path: "config.json".into(), source })?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|source| ModelError::ConfigJson { path: "config.json".into(), source })?;
         Self::from_value(value)
     }
 
@@ -192,12 +174,10 @@ impl ModelConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(ModelError::InvalidConfig(format!("head_dim {head_dim} must be even and positive")));
         }
-        let max_position_embeddings = raw.max_position_embeddings.ok_or_else(|| {
-            ModelError::InvalidConfig("max_position_embeddings is missing".into())
-        })?;
+        let max_position_embeddings =
+            raw.max_position_embeddings.ok_or_else(|| ModelError::InvalidConfig("max_position_embeddings is missing".into()))?;
 
-        let (rope_theta, rope_scaling) =
-            parse_rope(&raw.rope_parameters, raw.rope_theta, &raw.rope_scaling, max_position_embeddings)?;
+        let (rope_theta, rope_scaling) = parse_rope(&raw.rope_parameters, raw.rope_theta, &raw.rope_scaling, max_position_embeddings)?;
 
         // Llama's `attention_bias` covers q, k, v and o; Qwen2 always biases q, k, v and never o.
         let (qkv_bias, o_bias) = match architecture {
@@ -295,23 +275,16 @@ fn parse_rope(
     };
     // A missing theta is an error rather than 10000: transformers-5 configs keep it inside
     // rope_parameters, and silently assuming the Llama-2 value corrupts every other model.
-    let theta = theta.ok_or_else(|| {
-        ModelError::InvalidConfig("rope_theta is missing (neither top-level nor in rope_parameters)".into())
-    })?;
+    let theta =
+        theta.ok_or_else(|| ModelError::InvalidConfig("rope_theta is missing (neither top-level nor in rope_parameters)".into()))?;
     if !(theta.is_finite() && theta > 1.0) {
         return Err(ModelError::InvalidConfig(format!("rope_theta {theta} must be finite and > 1")));
     }
     let Some(p) = params else { return Ok((theta, RopeScaling::None)) };
 
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| p.get(key).and_then(Value::as_f64);
-    let need = |key: &str| {
-        num(key).ok_or_else(|| ModelError::InvalidConfig(format!("rope scaling {kind:?} needs a numeric {key:?}")))
-    };
+    let need = |key: &str| num(key).ok_or_else(|| ModelError::InvalidConfig(format!("rope scaling {kind:?} needs a numeric {key:?}")));
     let factor = || -> Result<f64> {
         let f = need("factor")?;
         if f.is_finite() && f >= 1.0 {
@@ -338,9 +311,7 @@ fn parse_rope(
             let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
             let attention_factor = match (num("attention_factor"), mscale, mscale_all_dim) {
                 (Some(a), _, _) => a,
-                (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
-                    get_mscale(factor, m) / get_mscale(factor, ma)
-                }
+                (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => get_mscale(factor, m) / get_mscale(factor, ma),
                 _ => get_mscale(factor, 1.0),
             };
             RopeScaling::Yarn {

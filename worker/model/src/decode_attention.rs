@@ -292,7 +292,8 @@ mod tests {
                 .enumerate()
                 .map(|(i, &len)| {
                     let capacity = len.next_multiple_of(16) + 16;
-                    let (k, v) = (rounded(random((kv_heads, capacity, d), 10 + i as u64)), rounded(random((kv_heads, capacity, d), 20 + i as u64)));
+                    let (k, v) =
+                        (rounded(random((kv_heads, capacity, d), 10 + i as u64)), rounded(random((kv_heads, capacity, d), 20 + i as u64)));
                     if i % 2 == 0 {
                         (k, v)
                     } else {

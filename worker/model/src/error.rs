@@ -30,11 +30,7 @@ pub enum ModelError {
     #[error("checkpoint has no tensor {name:?}")]
     MissingTensor { name: String },
     #[error("tensor {name:?} has shape {actual:?}, expected {expected:?}")]
-    TensorShape {
-        name: String,
-        expected: Vec<usize>,
-        actual: Vec<usize>,
-    },
+    TensorShape { name: String, expected: Vec<usize>, actual: Vec<usize> },
     #[error("tensor {name:?} has unsupported dtype {dtype}")]
     TensorDtype { name: String, dtype: String },
     #[error("cannot split {what} = {size} evenly over tensor-parallel size {tp}")]

@@ -39,7 +39,13 @@ pub(crate) struct Heads {
 /// (`[tokens, head_dim / 2]`) as `candle_nn::rotary_emb::rope_thd` does: the first and second
 /// halves of each head are the two coordinates of each rotated pair. q, k and v go into `dests`
 /// where given (a decode step's workspace tensors).
-pub(crate) fn split_rotate(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Heads, dests: [Option<&Dest>; 3]) -> candle_core::Result<Option<[Tensor; 3]>> {
+pub(crate) fn split_rotate(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: Heads,
+    dests: [Option<&Dest>; 3],
+) -> candle_core::Result<Option<[Tensor; 3]>> {
     match qkv.dtype() {
         DType::F32 => split_rotate_as::<f32>(qkv, cos, sin, heads, dests),
         DType::BF16 => split_rotate_as::<bf16>(qkv, cos, sin, heads, dests),
@@ -48,7 +54,13 @@ pub(crate) fn split_rotate(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Head
     }
 }
 
-fn split_rotate_as<T: Elem>(qkv: &Tensor, cos: &Tensor, sin: &Tensor, h: Heads, dests: [Option<&Dest>; 3]) -> candle_core::Result<Option<[Tensor; 3]>> {
+fn split_rotate_as<T: Elem>(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    h: Heads,
+    dests: [Option<&Dest>; 3],
+) -> candle_core::Result<Option<[Tensor; 3]>> {
     let Heads { heads, kv_heads, head_dim: d } = h;
     let tokens = qkv.dim(0)?;
     let (q_width, kv_width) = (heads * d, kv_heads * d);
@@ -135,27 +147,33 @@ fn silu_mul_as<T: Elem>(gate_up: &Tensor, inter: usize, dest: Option<&Dest>) -> 
 /// `out[t] = silu(gate[t]) · up[t]` for each row `t` of `x` = `[gate | up]`.
 fn silu_rows<T: Elem>(x: &[T], inter: usize, out: &mut [T]) {
     out.par_chunks_mut(inter).enumerate().with_min_len(PARALLEL_ROWS).for_each(|(t, o)| {
-            let (gate, up) = x[t * 2 * inter..(t + 1) * 2 * inter].split_at(inter);
-            // e^−g a stack block at a time, so the exponentials run vectorised.
-            let mut e = [0f32; SILU_BLOCK];
-            for ((o, g), u) in o.chunks_mut(SILU_BLOCK).zip(gate.chunks(SILU_BLOCK)).zip(up.chunks(SILU_BLOCK)) {
-                let e = &mut e[..g.len()];
-                for (e, g) in e.iter_mut().zip(g) {
-                    *e = -g.to_f32();
-                }
-                exp_in_place(e);
-                for (((o, g), u), e) in o.iter_mut().zip(g).zip(u).zip(e.iter()) {
-                    *o = T::from_f32(g.to_f32() / (1.0 + e) * u.to_f32());
-                }
+        let (gate, up) = x[t * 2 * inter..(t + 1) * 2 * inter].split_at(inter);
+        // e^−g a stack block at a time, so the exponentials run vectorised.
+        let mut e = [0f32; SILU_BLOCK];
+        for ((o, g), u) in o.chunks_mut(SILU_BLOCK).zip(gate.chunks(SILU_BLOCK)).zip(up.chunks(SILU_BLOCK)) {
+            let e = &mut e[..g.len()];
+            for (e, g) in e.iter_mut().zip(g) {
+                *e = -g.to_f32();
             }
-        });
+            exp_in_place(e);
+            for (((o, g), u), e) in o.iter_mut().zip(g).zip(u).zip(e.iter()) {
+                *o = T::from_f32(g.to_f32() / (1.0 + e) * u.to_f32());
+            }
+        }
+    });
 }
 
 /// The residual update and the norm that follows it, in one pass over each row: `sum = x + delta`
 /// (rounded to the stream's type, as the tensor add would) and `sum / rms(sum) · weight` with
 /// `rms = sqrt(mean(sum²) + eps)`, in the order candle's `rms_norm` computes it. Returns
 /// `[sum, normed]`, into `dests` where given.
-pub(crate) fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64, dests: [Option<&Dest>; 2]) -> candle_core::Result<Option<[Tensor; 2]>> {
+pub(crate) fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    dests: [Option<&Dest>; 2],
+) -> candle_core::Result<Option<[Tensor; 2]>> {
     match x.dtype() {
         DType::F32 => add_rms_norm_as::<f32>(x, delta, weight, eps as f32, dests),
         DType::BF16 => add_rms_norm_as::<bf16>(x, delta, weight, eps as f32, dests),
@@ -164,7 +182,13 @@ pub(crate) fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64
     }
 }
 
-fn add_rms_norm_as<T: Elem>(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f32, dests: [Option<&Dest>; 2]) -> candle_core::Result<Option<[Tensor; 2]>> {
+fn add_rms_norm_as<T: Elem>(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    dests: [Option<&Dest>; 2],
+) -> candle_core::Result<Option<[Tensor; 2]>> {
     let (tokens, hidden) = x.dims2()?;
     if delta.dims() != x.dims() || weight.dims() != [hidden] || hidden == 0 || ![x, delta, weight].into_iter().all(is_slice::<T>) {
         return Ok(None);
@@ -352,7 +376,8 @@ mod tests {
     /// The tensor ops the layer runs where the fused pass does not apply.
     fn reference_split_rotate(qkv: &Tensor, cos: &Tensor, sin: &Tensor, h: Heads) -> [Tensor; 3] {
         let (tokens, d) = (qkv.dim(0).unwrap(), h.head_dim);
-        let part = |start: usize, n: usize| qkv.narrow(1, start * d, n * d).unwrap().reshape((1, tokens, n, d)).unwrap().contiguous().unwrap();
+        let part =
+            |start: usize, n: usize| qkv.narrow(1, start * d, n * d).unwrap().reshape((1, tokens, n, d)).unwrap().contiguous().unwrap();
         let q = candle_nn::rotary_emb::rope_thd(&part(0, h.heads), cos, sin).unwrap().squeeze(0).unwrap();
         let k = candle_nn::rotary_emb::rope_thd(&part(h.heads, h.kv_heads), cos, sin).unwrap().squeeze(0).unwrap();
         let v = part(h.heads + h.kv_heads, h.kv_heads).squeeze(0).unwrap();
@@ -462,7 +487,13 @@ mod tests {
         for with_mask in [true, false] {
             let m = with_mask.then_some(&mask);
             let masked = match m {
-                Some(m) => scores.reshape((kv_heads, group, len, kv_len)).unwrap().broadcast_add(m).unwrap().reshape((kv_heads, group * len, kv_len)).unwrap(),
+                Some(m) => scores
+                    .reshape((kv_heads, group, len, kv_len))
+                    .unwrap()
+                    .broadcast_add(m)
+                    .unwrap()
+                    .reshape((kv_heads, group * len, kv_len))
+                    .unwrap(),
                 None => scores.clone(),
             };
             let want = candle_nn::ops::softmax_last_dim(&masked).unwrap();

@@ -13,11 +13,8 @@ pub(crate) fn not_exercised(path: &str) {
     eprintln!("kernel path not exercised on this CPU: {path}");
     let Some(file) = std::env::var_os("TESSERA_UNEXERCISED_PATHS") else { return };
     // One short write per line on an append-mode file: concurrent test threads do not interleave.
-    let appended = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&file)
-        .and_then(|mut f| f.write_all(format!("{path}\n").as_bytes()));
+    let appended =
+        std::fs::OpenOptions::new().create(true).append(true).open(&file).and_then(|mut f| f.write_all(format!("{path}\n").as_bytes()));
     if let Err(e) = appended {
         eprintln!("cannot record the unexercised path in {}: {e}", std::path::Path::new(&file).display());
     }

@@ -48,13 +48,7 @@ pub fn supports(dtype: GgmlDType) -> bool {
 /// `x Wᵀ` for `x` `[rows ≤ MAX_ROWS, in]` on the CPU and `blocks` of type `dtype` (q4_k, q5_k
 /// or q6_k) holding `W` `[out, in]` row by row (`in` a multiple of 256); returns `[rows, out]`
 /// in `x`'s dtype. `None` when the fast path does not apply.
-pub fn kquant_matvec_t(
-    x: &Tensor,
-    blocks: &[u8],
-    dtype: GgmlDType,
-    out: usize,
-    inner: usize,
-) -> candle_core::Result<Option<Tensor>> {
+pub fn kquant_matvec_t(x: &Tensor, blocks: &[u8], dtype: GgmlDType, out: usize, inner: usize) -> candle_core::Result<Option<Tensor>> {
     kquant_matvec_into(x, blocks, dtype, out, inner, None)
 }
 
@@ -110,12 +104,7 @@ impl Format for Q4K {
         q45_block_dot(block, &Self::unpack(block), x)
     }
     #[cfg(target_arch = "x86_64")]
-    const AVX2: [RowsDot; CHUNK] = [
-        q45_avx2::<false, 1>,
-        q45_avx2::<false, 2>,
-        q45_avx2::<false, 3>,
-        q45_avx2::<false, 4>,
-    ];
+    const AVX2: [RowsDot; CHUNK] = [q45_avx2::<false, 1>, q45_avx2::<false, 2>, q45_avx2::<false, 3>, q45_avx2::<false, 4>];
 }
 
 impl Format for Q5K {
@@ -127,12 +116,7 @@ impl Format for Q5K {
         q45_block_dot(block, &Self::unpack(block), x)
     }
     #[cfg(target_arch = "x86_64")]
-    const AVX2: [RowsDot; CHUNK] = [
-        q45_avx2::<true, 1>,
-        q45_avx2::<true, 2>,
-        q45_avx2::<true, 3>,
-        q45_avx2::<true, 4>,
-    ];
+    const AVX2: [RowsDot; CHUNK] = [q45_avx2::<true, 1>, q45_avx2::<true, 2>, q45_avx2::<true, 3>, q45_avx2::<true, 4>];
 }
 
 impl Format for Q6K {
@@ -153,11 +137,7 @@ impl Format for Q6K {
         let int: i32 = (q.chunks_exact(16).zip(x.qs.chunks_exact(16)))
             .zip(scales.iter().zip(&x.bsums))
             .map(|((qg, xg), (&s, &bsum))| {
-                let dot: i32 = qg
-                    .iter()
-                    .zip(xg)
-                    .map(|(&q, &v)| i32::from(q) * i32::from(v))
-                    .sum();
+                let dot: i32 = qg.iter().zip(xg).map(|(&q, &v)| i32::from(q) * i32::from(v)).sum();
                 i32::from(s as i8) * (dot - 32 * i32::from(bsum))
             })
             .sum();
@@ -188,22 +168,10 @@ fn nibbles(qs: &[u8], high: Option<&[u8]>) -> [u8; QK_K] {
 /// sub-blocks 4..8 keep their low four bits in the nibbles of bytes 8..12 and their top two
 /// bits in the top two bits of bytes 0..8.
 fn scales_and_mins(packed: &[u8]) -> [u8; 16] {
-    let word = |i: usize| {
-        u32::from_le_bytes([
-            packed[4 * i],
-            packed[4 * i + 1],
-            packed[4 * i + 2],
-            packed[4 * i + 3],
-        ])
-    };
+    let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
     let (a, b, c) = (word(0), word(1), word(2));
     let (low6, low4, low2) = (0x3F3F_3F3F_u32, 0x0F0F_0F0F_u32, 0x0303_0303_u32);
-    let words = [
-        a & low6,
-        (c & low4) | ((a >> 6) & low2) << 4,
-        b & low6,
-        ((c >> 4) & low4) | ((b >> 6) & low2) << 4,
-    ];
+    let words = [a & low6, (c & low4) | ((a >> 6) & low2) << 4, b & low6, ((c >> 4) & low4) | ((b >> 6) & low2) << 4];
     let mut out = [0u8; 16];
     for (o, w) in out.chunks_exact_mut(4).zip(words) {
         o.copy_from_slice(&w.to_le_bytes());
@@ -218,19 +186,9 @@ fn q45_block_dot(block: &[u8], q: &[u8; QK_K], x: &Q8K) -> f32 {
     let (scales, mins) = sm.split_at(8);
     let int: i32 = (q.chunks_exact(32).zip(x.qs.chunks_exact(32)))
         .zip(scales)
-        .map(|((qs, xs), &s)| {
-            i32::from(s)
-                * qs.iter()
-                    .zip(xs)
-                    .map(|(&q, &v)| i32::from(q) * i32::from(v))
-                    .sum::<i32>()
-        })
+        .map(|((qs, xs), &s)| i32::from(s) * qs.iter().zip(xs).map(|(&q, &v)| i32::from(q) * i32::from(v)).sum::<i32>())
         .sum();
-    let min: i32 = mins
-        .iter()
-        .zip(&x.sums)
-        .map(|(&m, &s)| i32::from(m) * i32::from(s))
-        .sum();
+    let min: i32 = mins.iter().zip(&x.sums).map(|(&m, &s)| i32::from(m) * i32::from(s)).sum();
     f16_at(block, 0) * x.d * int as f32 - f16_at(block, 2) * x.d * min as f32
 }
 
@@ -249,12 +207,7 @@ struct Q8K {
     d: f32,
 }
 
-const ZERO_BLOCK: Q8K = Q8K {
-    qs: [0; QK_K],
-    bsums: [0; QK_K / 16],
-    sums: [0; QK_K / 32],
-    d: 0.0,
-};
+const ZERO_BLOCK: Q8K = Q8K { qs: [0; QK_K], bsums: [0; QK_K / 16], sums: [0; QK_K / 32], d: 0.0 };
 
 /// Activation rows quantized per 256 values.
 #[derive(Default)]
@@ -344,31 +297,18 @@ struct Kernel {
 fn kernel<F: Format>() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     if crate::qmatvec::has_avx2() {
-        return Kernel {
-            name: "avx2",
-            bytes: F::BYTES,
-            dot: rows_avx2::<F>,
-        };
+        return Kernel { name: "avx2", bytes: F::BYTES, dot: rows_avx2::<F> };
     }
     portable::<F>()
 }
 
 fn portable<F: Format>() -> Kernel {
-    Kernel {
-        name: "portable",
-        bytes: F::BYTES,
-        dot: rows_portable::<F>,
-    }
+    Kernel { name: "portable", bytes: F::BYTES, dot: rows_portable::<F> }
 }
 
 /// `x Wᵀ` through `kernel` (one for `W`'s format): the activations quantized once, on the
 /// calling thread, then the weight rows split over the pool as in `qmatvec.rs`.
-fn matvec_with(
-    kernel: Kernel,
-    x: &Tensor,
-    w: Matrix<'_>,
-    dest: Option<&Dest>,
-) -> candle_core::Result<Option<Tensor>> {
+fn matvec_with(kernel: Kernel, x: &Tensor, w: Matrix<'_>, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
     let Matrix { blocks, out, inner } = w;
     let rows = match x.dims() {
         [r, i] if *i == inner => *r,
@@ -388,27 +328,17 @@ fn matvec_with(
         product_output(dest, p, x.dtype(), |y| {
             y.par_tiles(|first, ys| {
                 for (j, yr) in ys.chunks_exact_mut(rows).enumerate() {
-                    (kernel.dot)(
-                        &blocks[(first + j) * row_bytes..(first + j + 1) * row_bytes],
-                        xq,
-                        yr,
-                    );
+                    (kernel.dot)(&blocks[(first + j) * row_bytes..(first + j + 1) * row_bytes], xq, yr);
                 }
             })
         })
     };
-    with_f32_rows(x, |x_rows| {
-        with_reused(&QUANTIZED, |xq| product(x_rows, xq))
-    })
+    with_f32_rows(x, |x_rows| with_reused(&QUANTIZED, |xq| product(x_rows, xq)))
 }
 
 fn rows_portable<F: Format>(row: &[u8], xq: &QuantizedRows, y: &mut [f32]) {
     for (i, yi) in y.iter_mut().enumerate() {
-        *yi = row
-            .chunks_exact(F::BYTES)
-            .zip(xq.row(i))
-            .map(|(block, x)| F::block_dot(block, x))
-            .sum();
+        *yi = row.chunks_exact(F::BYTES).zip(xq.row(i)).map(|(block, x)| F::block_dot(block, x)).sum();
     }
 }
 
@@ -428,13 +358,7 @@ fn rows_avx2<F: Format>(row: &[u8], xq: &QuantizedRows, y: &mut [f32]) {
         return rows_portable::<F>(row, xq, y);
     }
     for (c, y) in y.chunks_mut(CHUNK).enumerate() {
-        let x: [&[Q8K]; CHUNK] = core::array::from_fn(|r| {
-            if r < y.len() {
-                xq.row(c * CHUNK + r)
-            } else {
-                &[]
-            }
-        });
+        let x: [&[Q8K]; CHUNK] = core::array::from_fn(|r| if r < y.len() { xq.row(c * CHUNK + r) } else { &[] });
         // SAFETY: only selected by `kernel` after checking the CPU for AVX2, FMA and F16C; the
         // kernel for `y.len()` rows gets that many.
         unsafe { F::AVX2[y.len() - 1](row, &x[..y.len()], y) }
@@ -473,11 +397,7 @@ fn pick_lanes(low: usize, high: usize) -> std::arch::x86_64::__m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q45_avx2<const HIGH: bool, const N: usize>(row: &[u8], x: &[&[Q8K]], y: &mut [f32]) {
     use std::arch::x86_64::*;
-    let (bytes, qs) = if HIGH {
-        (Q5K::BYTES, 48)
-    } else {
-        (Q4K::BYTES, 16)
-    };
+    let (bytes, qs) = if HIGH { (Q5K::BYTES, 48) } else { (Q4K::BYTES, 16) };
     let x: [&[Q8K]; N] = core::array::from_fn(|r| x[r]);
     let blocks = x.iter().fold(row.len() / bytes, |n, r| n.min(r.len()));
     let low4 = _mm256_set1_epi8(0x0F);
@@ -493,11 +413,7 @@ unsafe fn q45_avx2<const HIGH: bool, const N: usize>(row: &[u8], x: &[&[Q8K]], y
         let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
         // Bits 2j and 2j + 1 of each byte are the fifth bits of run j's low and high nibbles:
         // shifted to bit 4 there, then the next pair down for the next run.
-        let mut fifth = if HIGH {
-            load(block, 16)
-        } else {
-            _mm256_setzero_si256()
-        };
+        let mut fifth = if HIGH { load(block, 16) } else { _mm256_setzero_si256() };
         let mut sums = [_mm256_setzero_si256(); N];
         for j in 0..4 {
             let nibbles = load(block, qs + 32 * j);
@@ -511,12 +427,8 @@ unsafe fn q45_avx2<const HIGH: bool, const N: usize>(row: &[u8], x: &[&[Q8K]], y
             let scale_low = _mm256_shuffle_epi8(scales, pick_lanes(2 * j, 2 * j));
             let scale_high = _mm256_shuffle_epi8(scales, pick_lanes(2 * j + 1, 2 * j + 1));
             for (s, xb) in sums.iter_mut().zip(xb) {
-                let p_low =
-                    _mm256_madd_epi16(scale_low, _mm256_maddubs_epi16(low, load(&xb.qs, 64 * j)));
-                let p_high = _mm256_madd_epi16(
-                    scale_high,
-                    _mm256_maddubs_epi16(high, load(&xb.qs, 64 * j + 32)),
-                );
+                let p_low = _mm256_madd_epi16(scale_low, _mm256_maddubs_epi16(low, load(&xb.qs, 64 * j)));
+                let p_high = _mm256_madd_epi16(scale_high, _mm256_maddubs_epi16(high, load(&xb.qs, 64 * j + 32)));
                 *s = _mm256_add_epi32(*s, _mm256_add_epi32(p_low, p_high));
             }
         }
@@ -567,45 +479,24 @@ unsafe fn q6_avx2<const N: usize>(row: &[u8], x: &[&[Q8K]], y: &mut [f32]) {
         let all = _mm256_cvtepi8_epi16(scales);
         let mut sums = [_mm256_setzero_si256(); N];
         for (h, half) in halves.into_iter().enumerate() {
-            let (ql0, ql1, qh) = (
-                load(block, 64 * h),
-                load(block, 64 * h + 32),
-                load(block, 128 + 32 * h),
-            );
+            let (ql0, ql1, qh) = (load(block, 64 * h), load(block, 64 * h + 32), load(block, 128 + 32 * h));
             // Quarter k: its nibbles, with bits 2k, 2k + 1 of `qh` moved to bits 4, 5.
             let quarters = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, low4),
-                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, low4),
-                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
-                    _mm256_and_si256(qh, bits45),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
-                ),
+                _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45)),
+                _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), _mm256_and_si256(qh, bits45)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4), _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45)),
             ];
             for (k, q) in quarters.into_iter().enumerate() {
                 // Values 0..16 of the quarter take scale 2k of this half, 16..32 scale 2k + 1.
                 let scale = _mm256_shuffle_epi8(half, pick_lanes(2 * k, 2 * k + 1));
                 for (s, xb) in sums.iter_mut().zip(xb) {
-                    let p = _mm256_madd_epi16(
-                        scale,
-                        _mm256_maddubs_epi16(q, load(&xb.qs, 128 * h + 32 * k)),
-                    );
+                    let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q, load(&xb.qs, 128 * h + 32 * k)));
                     *s = _mm256_add_epi32(*s, p);
                 }
             }
         }
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-            u16::from_le_bytes([block[208], block[209]]),
-        ))));
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(u16::from_le_bytes([block[208], block[209]])))));
         for ((a, s), xb) in acc.iter_mut().zip(sums).zip(xb) {
             let offset = _mm256_madd_epi16(all, load(&xb.bsums, 0));
             let int = _mm256_sub_epi32(s, _mm256_slli_epi32::<5>(offset));
@@ -701,9 +592,7 @@ mod tests {
 
     fn product(kernel: Kernel, x: &[f32], rows: usize, w: Matrix<'_>) -> Vec<Vec<f32>> {
         let x = Tensor::from_vec(x.to_vec(), (rows, w.inner), &Device::Cpu).unwrap();
-        let y = matvec_with(kernel, &x, w, None)
-            .unwrap()
-            .expect("fast path");
+        let y = matvec_with(kernel, &x, w, None).unwrap().expect("fast path");
         y.to_vec2::<f32>().unwrap()
     }
 
@@ -713,18 +602,10 @@ mod tests {
         let q = F::unpack(block);
         if F::BYTES == Q6K::BYTES {
             let d = f16_at(block, 208);
-            core::array::from_fn(|v| {
-                d * f32::from(block[192 + v / 16] as i8) * (i32::from(q[v]) - 32) as f32
-            })
+            core::array::from_fn(|v| d * f32::from(block[192 + v / 16] as i8) * (i32::from(q[v]) - 32) as f32)
         } else {
-            let (d, dmin, sm) = (
-                f16_at(block, 0),
-                f16_at(block, 2),
-                scales_and_mins(&block[4..16]),
-            );
-            core::array::from_fn(|v| {
-                d * f32::from(sm[v / 32]) * f32::from(q[v]) - dmin * f32::from(sm[8 + v / 32])
-            })
+            let (d, dmin, sm) = (f16_at(block, 0), f16_at(block, 2), scales_and_mins(&block[4..16]));
+            core::array::from_fn(|v| d * f32::from(sm[v / 32]) * f32::from(q[v]) - dmin * f32::from(sm[8 + v / 32]))
         }
     }
 
@@ -734,26 +615,15 @@ mod tests {
         if F::BYTES == Q6K::BYTES {
             return dequantize_block::<F>(block).map(f32::abs);
         }
-        let (q, d, dmin, sm) = (
-            F::unpack(block),
-            f16_at(block, 0),
-            f16_at(block, 2),
-            scales_and_mins(&block[4..16]),
-        );
-        core::array::from_fn(|v| {
-            (d * f32::from(sm[v / 32]) * f32::from(q[v])).abs()
-                + (dmin * f32::from(sm[8 + v / 32])).abs()
-        })
+        let (q, d, dmin, sm) = (F::unpack(block), f16_at(block, 0), f16_at(block, 2), scales_and_mins(&block[4..16]));
+        core::array::from_fn(|v| (d * f32::from(sm[v / 32]) * f32::from(q[v])).abs() + (dmin * f32::from(sm[8 + v / 32])).abs())
     }
 
     /// `unpack` and `scales_and_mins` read the values where ggml stores them: our
     /// dequantization is candle's, bit for bit.
     fn unpacks_as_candle_dequantizes<F: Named>() {
         let (bytes, rows) = weights::<F>(3, 512);
-        let got: Vec<f32> = bytes
-            .chunks_exact(F::BYTES)
-            .flat_map(dequantize_block::<F>)
-            .collect();
+        let got: Vec<f32> = bytes.chunks_exact(F::BYTES).flat_map(dequantize_block::<F>).collect();
         assert_eq!(got, rows.concat());
     }
 
@@ -772,23 +642,14 @@ mod tests {
             if j < 4 {
                 (q[j] & 63, q[j + 4] & 63)
             } else {
-                (
-                    (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-                    (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-                )
+                ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
             }
         }
         for seed in 0..200u64 {
-            let packed: Vec<u8> = (0..12u64)
-                .map(|i| ((seed * 12 + i).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
-                .collect();
+            let packed: Vec<u8> = (0..12u64).map(|i| ((seed * 12 + i).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8).collect();
             let got = scales_and_mins(&packed);
             for j in 0..8 {
-                assert_eq!(
-                    (got[j], got[8 + j]),
-                    get_scale_min_k4(j, &packed),
-                    "bytes {packed:?}, sub-block {j}"
-                );
+                assert_eq!((got[j], got[8 + j]), get_scale_min_k4(j, &packed), "bytes {packed:?}, sub-block {j}");
             }
         }
     }
@@ -807,22 +668,9 @@ mod tests {
         assert_eq!(q.qs[..8], [-127, 0, -2, -2, 0, 2, -3, 127]);
         assert_eq!(q.qs[200], 127);
         assert!(q.qs[8..200].iter().chain(&q.qs[201..]).all(|&v| v == 0));
-        let group = |from: usize, n: usize| {
-            q.qs[from..from + n]
-                .iter()
-                .map(|&v| i16::from(v))
-                .sum::<i16>()
-        };
-        assert!(q
-            .bsums
-            .iter()
-            .enumerate()
-            .all(|(g, &s)| s == group(16 * g, 16)));
-        assert!(q
-            .sums
-            .iter()
-            .enumerate()
-            .all(|(g, &s)| s == group(32 * g, 32)));
+        let group = |from: usize, n: usize| q.qs[from..from + n].iter().map(|&v| i16::from(v)).sum::<i16>();
+        assert!(q.bsums.iter().enumerate().all(|(g, &s)| s == group(16 * g, 16)));
+        assert!(q.sums.iter().enumerate().all(|(g, &s)| s == group(32 * g, 32)));
         // A zero block has scale 0 and no values.
         quantize_block(&[0.0; QK_K], &mut q);
         assert!(q.d == 0.0 && q.qs.iter().all(|&v| v == 0) && q.bsums.iter().all(|&v| v == 0));
@@ -832,11 +680,7 @@ mod tests {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!((q.d.abs() - amax / 127.0).abs() <= 1e-6 * amax);
         for (&v, &qv) in x.iter().zip(&q.qs) {
-            assert!(
-                (f32::from(qv) * q.d - v).abs() <= q.d.abs() * 0.5001,
-                "{v} as {qv} · {}",
-                q.d
-            );
+            assert!((f32::from(qv) * q.d - v).abs() <= q.d.abs() * 0.5001, "{v} as {qv} · {}", q.d);
         }
     }
 
@@ -854,47 +698,26 @@ mod tests {
     fn every_kernel_matches_the_dequantized_product<F: Named>() {
         for (out, inner) in SHAPES {
             let (bytes, w_rows) = weights::<F>(out, inner);
-            let w = Matrix {
-                blocks: &bytes,
-                out,
-                inner,
-            };
+            let w = Matrix { blocks: &bytes, out, inner };
             let deq = Tensor::from_vec(w_rows.concat(), (out, inner), &Device::Cpu).unwrap();
             let row_bytes = inner / QK_K * F::BYTES;
             for rows in ROWS {
                 let x = activations(rows, inner);
                 let xt = Tensor::from_vec(x.clone(), (rows, inner), &Device::Cpu).unwrap();
-                let want = xt
-                    .matmul(&deq.t().unwrap())
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
+                let want = xt.matmul(&deq.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
                 for kernel in kernels::<F>() {
                     let got = product(kernel, &x, rows, w);
                     for (r, (got, want)) in got.iter().zip(&want).enumerate() {
                         let xr = &x[r * inner..(r + 1) * inner];
-                        let steps: Vec<f32> = xr
-                            .chunks_exact(QK_K)
-                            .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
-                            .collect();
-                        for (o, (wr, wb)) in
-                            w_rows.iter().zip(bytes.chunks_exact(row_bytes)).enumerate()
-                        {
-                            let rounding: f32 = (wr.chunks_exact(QK_K).zip(&steps))
-                                .map(|(wb, &d)| d / 2.0 * wb.iter().map(|v| v.abs()).sum::<f32>())
+                        let steps: Vec<f32> = xr.chunks_exact(QK_K).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0).collect();
+                        for (o, (wr, wb)) in w_rows.iter().zip(bytes.chunks_exact(row_bytes)).enumerate() {
+                            let rounding: f32 =
+                                (wr.chunks_exact(QK_K).zip(&steps)).map(|(wb, &d)| d / 2.0 * wb.iter().map(|v| v.abs()).sum::<f32>()).sum();
+                            let terms: f32 = (wb.chunks_exact(F::BYTES).zip(xr.chunks_exact(QK_K)).zip(&steps))
+                                .map(|((block, xb), &d)| {
+                                    weight_terms::<F>(block).iter().zip(xb).map(|(t, v)| t * (v.abs() + d)).sum::<f32>()
+                                })
                                 .sum();
-                            let terms: f32 = (wb
-                                .chunks_exact(F::BYTES)
-                                .zip(xr.chunks_exact(QK_K))
-                                .zip(&steps))
-                            .map(|((block, xb), &d)| {
-                                weight_terms::<F>(block)
-                                    .iter()
-                                    .zip(xb)
-                                    .map(|(t, v)| t * (v.abs() + d))
-                                    .sum::<f32>()
-                            })
-                            .sum();
                             let (a, b) = (got[o], want[o]);
                             assert!(
                                 (a - b).abs() <= rounding + 1e-5 * terms,
@@ -930,11 +753,7 @@ mod tests {
     fn every_kernel_matches_the_exact_integer_product<F: Named>() {
         for (out, inner) in SHAPES {
             let (bytes, w_rows) = weights::<F>(out, inner);
-            let w = Matrix {
-                blocks: &bytes,
-                out,
-                inner,
-            };
+            let w = Matrix { blocks: &bytes, out, inner };
             let row_bytes = inner / QK_K * F::BYTES;
             for rows in ROWS {
                 let x = activations(rows, inner);
@@ -943,22 +762,11 @@ mod tests {
                 for kernel in kernels::<F>() {
                     let got = product(kernel, &x, rows, w);
                     for (r, got) in got.iter().enumerate() {
-                        let xhat: Vec<f64> = xq
-                            .row(r)
-                            .iter()
-                            .flat_map(|b| b.qs.map(|q| f64::from(q) * f64::from(b.d)))
-                            .collect();
-                        for (o, (wr, wb)) in
-                            w_rows.iter().zip(bytes.chunks_exact(row_bytes)).enumerate()
-                        {
-                            let want: f64 =
-                                wr.iter().zip(&xhat).map(|(&w, &v)| f64::from(w) * v).sum();
-                            let terms: f64 = wb
-                                .chunks_exact(F::BYTES)
-                                .flat_map(weight_terms::<F>)
-                                .zip(&xhat)
-                                .map(|(t, v)| f64::from(t) * v.abs())
-                                .sum();
+                        let xhat: Vec<f64> = xq.row(r).iter().flat_map(|b| b.qs.map(|q| f64::from(q) * f64::from(b.d))).collect();
+                        for (o, (wr, wb)) in w_rows.iter().zip(bytes.chunks_exact(row_bytes)).enumerate() {
+                            let want: f64 = wr.iter().zip(&xhat).map(|(&w, &v)| f64::from(w) * v).sum();
+                            let terms: f64 =
+                                wb.chunks_exact(F::BYTES).flat_map(weight_terms::<F>).zip(&xhat).map(|(t, v)| f64::from(t) * v.abs()).sum();
                             assert!(
                                 (f64::from(got[o]) - want).abs() <= 1e-5 * terms,
                                 "{}: inner {inner}, rows {rows}, [{r}, {o}]: {} vs {want}",
@@ -997,11 +805,7 @@ mod tests {
         }
         let (out, inner) = (70, 768);
         let (bytes, w_rows) = weights::<F>(out, inner);
-        let w = Matrix {
-            blocks: &bytes,
-            out,
-            inner,
-        };
+        let w = Matrix { blocks: &bytes, out, inner };
         for rows in 1..=MAX_ROWS {
             let x = activations(rows, inner);
             let results: Vec<_> = all.iter().map(|&k| product(k, &x, rows, w)).collect();
@@ -1009,12 +813,7 @@ mod tests {
                 for (o, wr) in w_rows.iter().enumerate() {
                     let magnitude: f32 = wr.iter().zip(xr).map(|(a, b)| (a * b).abs()).sum();
                     let (a, b) = (results[0][r][o], results[1][r][o]);
-                    assert!(
-                        (a - b).abs() <= 1e-5 * magnitude,
-                        "{} vs {}: rows {rows}, [{r}, {o}]: {a} vs {b}",
-                        all[0].name,
-                        all[1].name
-                    );
+                    assert!((a - b).abs() <= 1e-5 * magnitude, "{} vs {}: rows {rows}, [{r}, {o}]: {a} vs {b}", all[0].name, all[1].name);
                 }
             }
         }
@@ -1034,30 +833,11 @@ mod tests {
         let dev = Device::Cpu;
         let (rows, out, inner) = (3, 70, 512);
         let (bytes, _) = weights::<Q6K>(out, inner);
-        let x = Tensor::from_vec(activations(rows, inner), (rows, inner), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let half = kquant_matvec_t(&x, &bytes, GgmlDType::Q6K, out, inner)
-            .unwrap()
-            .expect("fast path");
+        let x = Tensor::from_vec(activations(rows, inner), (rows, inner), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let half = kquant_matvec_t(&x, &bytes, GgmlDType::Q6K, out, inner).unwrap().expect("fast path");
         assert_eq!(half.dtype(), DType::BF16);
-        let wide = kquant_matvec_t(
-            &x.to_dtype(DType::F32).unwrap(),
-            &bytes,
-            GgmlDType::Q6K,
-            out,
-            inner,
-        )
-        .unwrap()
-        .expect("fast path");
-        assert_eq!(
-            half.to_vec2::<half::bf16>().unwrap(),
-            wide.to_dtype(DType::BF16)
-                .unwrap()
-                .to_vec2::<half::bf16>()
-                .unwrap()
-        );
+        let wide = kquant_matvec_t(&x.to_dtype(DType::F32).unwrap(), &bytes, GgmlDType::Q6K, out, inner).unwrap().expect("fast path");
+        assert_eq!(half.to_vec2::<half::bf16>().unwrap(), wide.to_dtype(DType::BF16).unwrap().to_vec2::<half::bf16>().unwrap());
     }
 
     /// (c) With a workspace destination, the product is written there, over what it held, and
@@ -1069,38 +849,22 @@ mod tests {
         let (rows, out, inner) = (MAX_ROWS, 70, 512);
         let (bytes, _) = weights::<Q4K>(out, inner);
         let x = Tensor::from_vec(activations(rows, inner), (rows, inner), &dev).unwrap();
-        let fresh = kquant_matvec_t(&x, &bytes, GgmlDType::Q4K, out, inner)
-            .unwrap()
-            .expect("fast path");
+        let fresh = kquant_matvec_t(&x, &bytes, GgmlDType::Q4K, out, inner).unwrap().expect("fast path");
         let y = Tensor::full(f32::NAN, (rows, out), &dev).unwrap();
         let dest = Dest::new(y.clone(), y.flatten_all().unwrap().narrow(0, 0, 1).unwrap()).unwrap();
-        let got = kquant_matvec_into(&x, &bytes, GgmlDType::Q4K, out, inner, Some(&dest))
-            .unwrap()
-            .expect("fast path");
-        assert!(
-            dest.holds(&got),
-            "the product must be the destination's tensor"
-        );
+        let got = kquant_matvec_into(&x, &bytes, GgmlDType::Q4K, out, inner, Some(&dest)).unwrap().expect("fast path");
+        assert!(dest.holds(&got), "the product must be the destination's tensor");
         assert_eq!(y.to_vec2::<f32>().unwrap(), fresh.to_vec2::<f32>().unwrap());
         let one = x.narrow(0, 1, 1).unwrap();
-        let again = kquant_matvec_t(&one, &bytes, GgmlDType::Q4K, out, inner)
-            .unwrap()
-            .expect("fast path");
-        assert_eq!(
-            again.to_vec2::<f32>().unwrap()[0],
-            fresh.to_vec2::<f32>().unwrap()[1]
-        );
+        let again = kquant_matvec_t(&one, &bytes, GgmlDType::Q4K, out, inner).unwrap().expect("fast path");
+        assert_eq!(again.to_vec2::<f32>().unwrap()[0], fresh.to_vec2::<f32>().unwrap()[1]);
     }
 
     /// Rows of no blocks (`in` = 0) are empty sums.
     #[test]
     fn empty_rows() {
         let x = Tensor::zeros((3, 0), DType::F32, &Device::Cpu).unwrap();
-        let y = kquant_matvec_t(&x, &[], GgmlDType::Q5K, 5, 0)
-            .unwrap()
-            .expect("fast path")
-            .to_vec2::<f32>()
-            .unwrap();
+        let y = kquant_matvec_t(&x, &[], GgmlDType::Q5K, 5, 0).unwrap().expect("fast path").to_vec2::<f32>().unwrap();
         assert_eq!(y, vec![vec![0f32; 5]; 3]);
     }
 
@@ -1110,49 +874,15 @@ mod tests {
         let dev = Device::Cpu;
         let data = vec![0u8; 4 * Q4K::BYTES];
         let x = |r: usize, i: usize| Tensor::zeros((r, i), DType::F32, &dev).unwrap();
-        let run = |x: &Tensor, data: &[u8], dtype, inner| {
-            kquant_matvec_t(x, data, dtype, 4, inner).unwrap()
-        };
-        assert!(
-            run(&x(1, 256), &data, GgmlDType::Q4K, 256).is_some(),
-            "fits"
-        );
-        assert!(
-            run(&x(MAX_ROWS + 1, 256), &data, GgmlDType::Q4K, 256).is_none(),
-            "too many rows"
-        );
-        assert!(
-            run(&x(1, 512), &data, GgmlDType::Q4K, 256).is_none(),
-            "inner mismatch"
-        );
-        assert!(
-            run(&x(1, 128), &data[..2 * Q4K::BYTES], GgmlDType::Q4K, 128).is_none(),
-            "inner not whole super-blocks"
-        );
-        assert!(
-            run(&x(1, 256), &data[..3 * Q4K::BYTES], GgmlDType::Q4K, 256).is_none(),
-            "short data"
-        );
-        assert!(
-            run(&x(1, 256), &data, GgmlDType::Q6K, 256).is_none(),
-            "another format's size"
-        );
-        assert!(
-            run(&x(1, 256), &data, GgmlDType::Q4_0, 256).is_none(),
-            "not a K-quant"
-        );
-        assert!(
-            run(
-                &Tensor::zeros((1, 1, 256), DType::F32, &dev).unwrap(),
-                &data,
-                GgmlDType::Q4K,
-                256
-            )
-            .is_none(),
-            "not a matrix"
-        );
-        assert!(
-            supports(GgmlDType::Q5K) && !supports(GgmlDType::Q3K) && !supports(GgmlDType::Q8_0)
-        );
+        let run = |x: &Tensor, data: &[u8], dtype, inner| kquant_matvec_t(x, data, dtype, 4, inner).unwrap();
+        assert!(run(&x(1, 256), &data, GgmlDType::Q4K, 256).is_some(), "fits");
+        assert!(run(&x(MAX_ROWS + 1, 256), &data, GgmlDType::Q4K, 256).is_none(), "too many rows");
+        assert!(run(&x(1, 512), &data, GgmlDType::Q4K, 256).is_none(), "inner mismatch");
+        assert!(run(&x(1, 128), &data[..2 * Q4K::BYTES], GgmlDType::Q4K, 128).is_none(), "inner not whole super-blocks");
+        assert!(run(&x(1, 256), &data[..3 * Q4K::BYTES], GgmlDType::Q4K, 256).is_none(), "short data");
+        assert!(run(&x(1, 256), &data, GgmlDType::Q6K, 256).is_none(), "another format's size");
+        assert!(run(&x(1, 256), &data, GgmlDType::Q4_0, 256).is_none(), "not a K-quant");
+        assert!(run(&Tensor::zeros((1, 1, 256), DType::F32, &dev).unwrap(), &data, GgmlDType::Q4K, 256).is_none(), "not a matrix");
+        assert!(supports(GgmlDType::Q5K) && !supports(GgmlDType::Q3K) && !supports(GgmlDType::Q8_0));
     }
 }

@@ -190,9 +190,7 @@ impl KvCache {
                 )))
             }
             Some(len) if len != start => {
-                return Err(ModelError::InvalidBatch(format!(
-                    "sequence {seq} holds {len} tokens but the batch writes at position {start}"
-                )))
+                return Err(ModelError::InvalidBatch(format!("sequence {seq} holds {len} tokens but the batch writes at position {start}")))
             }
             Some(_) => {}
         }
@@ -245,10 +243,8 @@ impl KvCache {
         let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
         let ring = entry.ring.as_mut().ok_or(ModelError::UnknownSequence(seq))?;
         let members = ring.held.len();
-        let held = ring
-            .held
-            .get_mut(on)
-            .ok_or_else(|| ModelError::InvalidBatch(format!("append on member {on} of a ring of {members}")))?;
+        let held =
+            ring.held.get_mut(on).ok_or_else(|| ModelError::InvalidBatch(format!("append on member {on} of a ring of {members}")))?;
         *held += 1;
         if on == ring.member {
             ring.positions.push(position);
@@ -265,14 +261,7 @@ impl KvCache {
 
     /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) of `layer` at position `start` and returns
     /// views of the keys and values for positions `0..start + n`.
-    pub(crate) fn write(
-        &mut self,
-        seq: SeqId,
-        layer: usize,
-        start: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn write(&mut self, seq: SeqId, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
         let n = k.dim(1)?;
         entry.keys[layer].slice_set(k, 1, start)?;

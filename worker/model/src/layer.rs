@@ -80,13 +80,7 @@ fn optional_bias(ckpt: &Checkpoint, present: bool, name: &str, size: usize, shar
 
 impl DecoderLayer {
     /// Loads layer `index` of this rank; projections are quantized to `quant` if given.
-    pub fn load(
-        ckpt: &Checkpoint,
-        cfg: &ModelConfig,
-        layout: &TpLayout,
-        index: usize,
-        quant: Option<Quantization>,
-    ) -> Result<Self> {
+    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, layout: &TpLayout, index: usize, quant: Option<Quantization>) -> Result<Self> {
         let p = format!("model.layers.{index}");
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
@@ -94,9 +88,8 @@ impl DecoderLayer {
         let (col, row, kv) = (layout.column(), layout.row(), layout.kv_shard);
 
         let proj = |name: &str, shape: [usize; 2], shard: Shard| ckpt.get_weight(&format!("{p}.{name}.weight"), shape, shard, quant);
-        let bias = |name: &str, present: bool, size: usize, shard: Shard| {
-            optional_bias(ckpt, present, &format!("{p}.{name}.bias"), size, shard)
-        };
+        let bias =
+            |name: &str, present: bool, size: usize, shard: Shard| optional_bias(ckpt, present, &format!("{p}.{name}.bias"), size, shard);
 
         let qkv_w = Weight::cat_rows(vec![
             proj("self_attn.q_proj", [q_out, h], col)?,
@@ -111,10 +104,7 @@ impl DecoderLayer {
             (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
             _ => None,
         };
-        let o = Linear::new(
-            proj("self_attn.o_proj", [h, q_out], row)?,
-            bias("self_attn.o_proj", cfg.o_bias, h, Shard::FULL)?,
-        );
+        let o = Linear::new(proj("self_attn.o_proj", [h, q_out], row)?, bias("self_attn.o_proj", cfg.o_bias, h, Shard::FULL)?);
         let gate_up_w = Weight::cat_rows(vec![proj("mlp.gate_proj", [inter, h], col)?, proj("mlp.up_proj", [inter, h], col)?])?;
         let gate_up_b = match (bias("mlp.gate_proj", cfg.mlp_bias, inter, col)?, bias("mlp.up_proj", cfg.mlp_bias, inter, col)?) {
             (Some(g), Some(u)) => Some(Tensor::cat(&[g, u], 0)?),
@@ -169,11 +159,8 @@ impl DecoderLayer {
 
         let qkv = self.qkv.forward_into(h, ws.get(Slot::Qkv, &[tokens, (nh + 2 * nkv) * d], dt)?.as_ref())?;
         let heads = Heads { heads: nh, kv_heads: nkv, head_dim: d };
-        let dests = [
-            ws.get(Slot::Q, &[tokens, nh, d], dt)?,
-            ws.get(Slot::K, &[tokens, nkv, d], dt)?,
-            ws.get(Slot::V, &[tokens, nkv, d], dt)?,
-        ];
+        let dests =
+            [ws.get(Slot::Q, &[tokens, nh, d], dt)?, ws.get(Slot::K, &[tokens, nkv, d], dt)?, ws.get(Slot::V, &[tokens, nkv, d], dt)?];
         let [q, k, v] = match fused::split_rotate(&qkv, cos, sin, heads, dests.each_ref().map(Option::as_ref))? {
             Some(qkv) => qkv,
             None => {

@@ -137,7 +137,10 @@ pub enum Weight {
     /// `out` (a Q4_K_M file stores some layers' `v` in q6_k beside `q` and `k` in q4_k): each
     /// is multiplied in its own format and the products are put side by side, so the weights
     /// stay as small as the file's.
-    Stacked { parts: Vec<Arc<QTensor>>, dims: [usize; 2] },
+    Stacked {
+        parts: Vec<Arc<QTensor>>,
+        dims: [usize; 2],
+    },
 }
 
 impl Weight {

@@ -188,11 +188,7 @@ impl DryParams {
     /// Whether applying DRY can change anything; the same test as llama.cpp's, plus finiteness
     /// so that unvalidated NaNs switch it off instead of poisoning every logit.
     pub fn enabled(&self) -> bool {
-        self.multiplier != 0.0
-            && self.multiplier.is_finite()
-            && self.base >= 1.0
-            && self.base.is_finite()
-            && self.penalty_last_n != Some(0)
+        self.multiplier != 0.0 && self.multiplier.is_finite() && self.base >= 1.0 && self.base.is_finite() && self.penalty_last_n != Some(0)
     }
 }
 
@@ -250,10 +246,7 @@ impl Dry {
             for breaker in params.sequence_breakers.iter().filter(|b| b.first() == Some(&token)) {
                 let tail = &breaker[1..];
                 // The tail follows the head, so it lies nearer the end; it must fit in the window.
-                if longest.is_none_or(|l| tail.len() > l)
-                    && tail.len() <= i
-                    && tail.iter().enumerate().all(|(o, &t)| t == rat(i - o - 1))
-                {
+                if longest.is_none_or(|l| tail.len() > l) && tail.len() <= i && tail.iter().enumerate().all(|(o, &t)| t == rat(i - o - 1)) {
                     longest = Some(tail.len());
                 }
             }

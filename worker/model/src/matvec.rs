@@ -35,7 +35,12 @@ pub fn matvec_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
         [o, i] => (*o, *i),
         _ => return Ok(None),
     };
-    if rows == 0 || rows > MAX_ROWS || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+    if rows == 0
+        || rows > MAX_ROWS
+        || inner != w_inner
+        || !x.device().is_cpu()
+        || !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    {
         return Ok(None);
     }
     let (w_store, w_layout) = w.storage_and_layout();
@@ -154,7 +159,12 @@ impl RowsOut {
 /// Runs a decode product that writes through a [`RowsOut`] into `dest` (a workspace tensor) when
 /// it is given and fits, else into a new tensor of `dtype`. `None` for a dtype the kernels do not
 /// write.
-pub(crate) fn product_output(dest: Option<&Dest>, p: Product, dtype: DType, f: impl FnOnce(RowsOut)) -> candle_core::Result<Option<Tensor>> {
+pub(crate) fn product_output(
+    dest: Option<&Dest>,
+    p: Product,
+    dtype: DType,
+    f: impl FnOnce(RowsOut),
+) -> candle_core::Result<Option<Tensor>> {
     let shape = [p.rows, p.out];
     if p.rows > MAX_ROWS {
         return Ok(None);

@@ -186,13 +186,7 @@ impl Model {
     /// Runs `batch` through the model, appending its keys and values to `kv`, and returns f32
     /// logits `[rows, vocab]` as chosen by `mode`. Every rank of the group must make the same
     /// call; all ranks return the same logits.
-    pub fn forward(
-        &self,
-        batch: &Batch,
-        kv: &mut KvCache,
-        comm: &mut dyn Collective,
-        mode: LogitsMode,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {
         match &self.pool {
             Some(pool) => pool.run(|| self.forward_here(batch, kv, comm, mode)),
             None => self.forward_here(batch, kv, comm, mode),
@@ -258,11 +252,7 @@ impl Model {
 
     /// Rotary tables `[tokens, head_dim / 2]` for runs of positions, each with the length its
     /// sequence has after this call (which only dynamic NTK scaling reads).
-    pub(crate) fn rope_tables(
-        &self,
-        runs: impl Iterator<Item = (Range<usize>, usize)>,
-        ws: &mut Workspace,
-    ) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn rope_tables(&self, runs: impl Iterator<Item = (Range<usize>, usize)>, ws: &mut Workspace) -> Result<(Tensor, Tensor)> {
         let half = self.rope.half_dim();
         let (mut cos, mut sin) = std::mem::take(&mut ws.rope);
         cos.clear();
@@ -299,10 +289,11 @@ impl Model {
         // Each layer hands the next its input norm, computed with its last residual add; the
         // last layer's is the model's final norm.
         let first_norm = self.layers.first().map_or(&self.norm, DecoderLayer::input_norm);
-        let mut h = match crate::fused::rms_norm(&x, first_norm.weight(), first_norm.eps(), ws.get(Slot::H0, &stream, self.dtype)?.as_ref())? {
-            Some(h) => h,
-            None => first_norm.forward(&x)?,
-        };
+        let mut h =
+            match crate::fused::rms_norm(&x, first_norm.weight(), first_norm.eps(), ws.get(Slot::H0, &stream, self.dtype)?.as_ref())? {
+                Some(h) => h,
+                None => first_norm.forward(&x)?,
+            };
         let mut x = x;
         let mut step = LayerStep { rope: [cos, sin], attention, comm, ws };
         for (i, layer) in self.layers.iter().enumerate() {
@@ -349,10 +340,7 @@ impl Model {
         }
         let total: usize = batch.chunks.iter().map(|c| c.len).sum();
         if total != batch.tokens.len() {
-            return Err(ModelError::InvalidBatch(format!(
-                "chunks cover {total} tokens but the batch has {}",
-                batch.tokens.len()
-            )));
+            return Err(ModelError::InvalidBatch(format!("chunks cover {total} tokens but the batch has {}", batch.tokens.len())));
         }
         for c in batch.chunks {
             if c.len == 0 {

@@ -74,7 +74,10 @@ unsafe impl Sync for OutPtr {}
 /// Runs `f` on this thread's value in `cell` (a kernel's buffers, kept between calls so that a
 /// decode step allocates none), or on a fresh value when a caller further up this thread's
 /// stack holds it (a pool thread that took other work while waiting).
-pub(crate) fn with_reused<T: Default + 'static, R>(cell: &'static std::thread::LocalKey<std::cell::RefCell<T>>, f: impl FnOnce(&mut T) -> R) -> R {
+pub(crate) fn with_reused<T: Default + 'static, R>(
+    cell: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
     cell.with(|c| match c.try_borrow_mut() {
         Ok(mut held) => f(&mut held),
         Err(_) => f(&mut T::default()),

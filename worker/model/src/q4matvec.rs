@@ -32,7 +32,13 @@ trait Format: 'static {
     /// Whether four bytes of fifth bits (bit `e` for value `e`) come before the nibbles.
     const HIGH: bool;
     /// Subtracted from each q (formats without a min).
-    const OFFSET: i32 = if Self::MIN { 0 } else if Self::HIGH { 16 } else { 8 };
+    const OFFSET: i32 = if Self::MIN {
+        0
+    } else if Self::HIGH {
+        16
+    } else {
+        8
+    };
     /// Where the fifth bits start.
     const QH: usize = if Self::MIN { 4 } else { 2 };
     /// Where the nibbles start.
@@ -245,7 +251,12 @@ impl QuantizedRows {
     fn row(&self, i: usize) -> RowRef<'_> {
         let (b, inner) = (self.blocks, self.blocks * BLOCK);
         let blocks = i * b..(i + 1) * b;
-        RowRef { q: &self.q[i * inner..(i + 1) * inner], d: &self.d[blocks.clone()], sums: &self.sums[blocks.clone()], ds: &self.ds[blocks] }
+        RowRef {
+            q: &self.q[i * inner..(i + 1) * inner],
+            d: &self.d[blocks.clone()],
+            sums: &self.sums[blocks.clone()],
+            ds: &self.ds[blocks],
+        }
     }
 }
 
@@ -391,9 +402,8 @@ unsafe fn load_group<F: Format>(p: *const u8, t: usize) -> Weights {
         let h = _mm256_setr_epi32(qh(0), qh(1), qh(2), qh(3), qh(4), qh(5), qh(6), qh(7));
         // Value 4k + b's bit is bit 4 (k % 2) + b of byte k / 2: that byte copied to each byte
         // of its lane, then each byte's own bit tested.
-        let lane_bytes = _mm256_setr_epi8(
-            0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
-        );
+        let lane_bytes =
+            _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
         for (k, wk) in w.iter_mut().enumerate() {
             let bytes = _mm256_shuffle_epi8(h, _mm256_add_epi8(lane_bytes, _mm256_set1_epi8((k / 2) as i8)));
             let bits = _mm256_set1_epi32(if k % 2 == 0 { 0x0804_0201 } else { 0x8040_2010_u32 as i32 });
@@ -406,9 +416,8 @@ unsafe fn load_group<F: Format>(p: *const u8, t: usize) -> Weights {
     // Packing 16-bit scalars into 64-bit registers took three times the instructions.
     let head = |j: usize| if j < t { unsafe { (p.add(j * F::BYTES) as *const i32).read_unaligned() } } else { 0 };
     let heads = _mm256_setr_epi32(head(0), head(1), head(2), head(3), head(4), head(5), head(6), head(7));
-    let split = _mm256_setr_epi8(
-        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-    );
+    let split =
+        _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
     let halves = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(heads, split));
     let d = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
     let m = if F::MIN { _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(halves)) } else { _mm256_setzero_ps() };
@@ -484,7 +493,13 @@ fn dot_vnni<F: Format, const N: usize>(row: &[u8], x: &[LaneGroup], per_row: usi
         let t = (blocks - g * GROUP).min(GROUP);
         let p = row[g * GROUP * F::BYTES..].as_ptr();
         // SAFETY: the row holds blocks g * 8..g * 8 + t.
-        let w = unsafe { if t == GROUP { load_group::<F>(p, GROUP) } else { load_group::<F>(p, t) } };
+        let w = unsafe {
+            if t == GROUP {
+                load_group::<F>(p, GROUP)
+            } else {
+                load_group::<F>(p, t)
+            }
+        };
         accumulate_vnni::<F, N>(&w, core::array::from_fn(|r| &x[r * per_row + g]), &mut total);
     }
     store_sums(total, y);
@@ -570,7 +585,13 @@ fn dot_avx2<F: Format, const N: usize>(row: &[u8], x: &[LaneGroup], per_row: usi
         let t = (blocks - g * GROUP).min(GROUP);
         let p = row[g * GROUP * F::BYTES..].as_ptr();
         // SAFETY: the row holds blocks g * 8..g * 8 + t.
-        let w = unsafe { if t == GROUP { load_group::<F>(p, GROUP) } else { load_group::<F>(p, t) } };
+        let w = unsafe {
+            if t == GROUP {
+                load_group::<F>(p, GROUP)
+            } else {
+                load_group::<F>(p, t)
+            }
+        };
         accumulate_avx2::<F, N>(&w, core::array::from_fn(|r| &x[r * per_row + g]), &mut total);
     }
     store_sums(total, y);
@@ -686,7 +707,8 @@ mod tests {
     /// llama.cpp's `quantize_row_q8_1`.
     fn scalar_quantized(x: &[f32], rows: usize) -> QuantizedRows {
         let mut q = vec![0i8; x.len()];
-        let d: Vec<f32> = x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).map(|(xb, qb)| crate::qmatvec::quantize_block(xb, qb)).collect();
+        let d: Vec<f32> =
+            x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).map(|(xb, qb)| crate::qmatvec::quantize_block(xb, qb)).collect();
         let sums: Vec<i32> = q.chunks_exact(BLOCK).map(|b| b.iter().map(|&v| i32::from(v)).sum()).collect();
         let ds = d.iter().zip(&sums).map(|(&d, &s)| f16::from_f32(d * s as f32).to_f32()).collect();
         let d = d.iter().map(|&d| f16::from_f32(d).to_f32()).collect();

@@ -20,7 +20,6 @@ use crate::pool::with_reused;
 pub(crate) const BLOCK: usize = 32;
 pub(crate) const BLOCK_BYTES: usize = 34;
 
-
 /// Activation rows quantized per 32-block: `q` the 8-bit values, `d` one scale per block.
 #[derive(Default)]
 struct QuantizedRows {
@@ -98,7 +97,13 @@ pub fn q8_0_matvec_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize) -> can
 }
 
 /// [`q8_0_matvec_t`] into `dest`, where it fits.
-pub(crate) fn q8_0_matvec_into(x: &Tensor, blocks: &[u8], out: usize, inner: usize, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
+pub(crate) fn q8_0_matvec_into(
+    x: &Tensor,
+    blocks: &[u8],
+    out: usize,
+    inner: usize,
+    dest: Option<&Dest>,
+) -> candle_core::Result<Option<Tensor>> {
     let rows = match x.dims() {
         [r, i] if *i == inner => *r,
         _ => return Ok(None),
@@ -123,9 +128,7 @@ pub(crate) fn q8_0_matvec_into(x: &Tensor, blocks: &[u8], out: usize, inner: usi
             })
         })
     };
-    with_f32_rows(x, |x_rows| {
-        with_reused(&QUANTIZED, |xq| product(x_rows, xq))
-    })
+    with_f32_rows(x, |x_rows| with_reused(&QUANTIZED, |xq| product(x_rows, xq)))
 }
 
 /// One weight row against every quantized activation row: `y[i] = dot(row, x[i])`.
@@ -419,18 +422,14 @@ fn lay_out<const T: usize>(group: &mut LaneGroup, regs: [std::arch::x86_64::__m2
         sum = _mm256_dpbusd_epi32(sum, _mm256_set1_epi8(1), *xk);
     }
     // SAFETY: `corr` is eight i32.
-    unsafe {
-        _mm256_storeu_si256(group.corr.as_mut_ptr() as *mut __m256i, _mm256_mullo_epi32(sum, _mm256_set1_epi32(-128)))
-    };
+    unsafe { _mm256_storeu_si256(group.corr.as_mut_ptr() as *mut __m256i, _mm256_mullo_epi32(sum, _mm256_set1_epi32(-128))) };
     group.d = core::array::from_fn(|j| d.get(j % T).copied().unwrap_or(0.0));
 }
 
 #[cfg(target_arch = "x86_64")]
 fn dot_vnni_entry(row: &[u8], xq: &QuantizedRows, y: &mut [f32]) {
     let blocks = row.len() / BLOCK_BYTES;
-    let Some(lanes) =
-        xq.lanes.as_ref().filter(|l| l.per_row == blocks.div_ceil(GROUP) && l.groups.len() == y.len() * l.per_row)
-    else {
+    let Some(lanes) = xq.lanes.as_ref().filter(|l| l.per_row == blocks.div_ceil(GROUP) && l.groups.len() == y.len() * l.per_row) else {
         return dot_rows_portable(row, xq, y);
     };
     // Up to eight activation rows share each group's weight loads and shuffles.
@@ -724,9 +723,7 @@ mod tests {
                 let magnitude: f32 = row
                     .chunks_exact(BLOCK_BYTES)
                     .zip(q.chunks_exact(BLOCK).zip(d))
-                    .map(|(b, (qb, db))| {
-                        (scale(b) * db).abs() * qb.iter().map(|&v| f32::from(v).abs() * 128.0).sum::<f32>()
-                    })
+                    .map(|(b, (qb, db))| (scale(b) * db).abs() * qb.iter().map(|&v| f32::from(v).abs() * 128.0).sum::<f32>())
                     .sum();
                 assert!(
                     (got - want).abs() <= 1e-5 * magnitude.max(f32::MIN_POSITIVE),
@@ -762,9 +759,8 @@ mod tests {
             let out = 9;
             let weights = weight_rows(out, inner);
             for rows in 1..=MAX_ROWS {
-                let x: Vec<f32> = (0..rows * inner)
-                    .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / (50.0 + (i / BLOCK % 5) as f32 * 40.0))
-                    .collect();
+                let x: Vec<f32> =
+                    (0..rows * inner).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / (50.0 + (i / BLOCK % 5) as f32 * 40.0)).collect();
                 kernels_match_portable(&weights, &x, rows);
             }
         }

@@ -117,13 +117,7 @@ impl Model {
     ///
     /// A ring of one member is allowed and computes what [`Model::forward`] does. The sequence
     /// must start with a prefill and is then continued with decode steps only.
-    pub fn forward_ring(
-        &self,
-        step: &RingStep,
-        kv: &mut KvCache,
-        comm: &mut RingComm,
-        mode: RingLogits,
-    ) -> Result<RingOutput> {
+    pub fn forward_ring(&self, step: &RingStep, kv: &mut KvCache, comm: &mut RingComm, mode: RingLogits) -> Result<RingOutput> {
         let (tp_rank, tp_size) = (comm.tp.rank(), comm.tp.world_size());
         if (tp_rank, tp_size) != (self.layout().rank, self.layout().size) {
             return Err(ModelError::InvalidConfig(format!(
@@ -187,10 +181,9 @@ impl Model {
         let local = match (mode, x) {
             (RingLogits::Last, _) => None,
             (RingLogits::LastAndLocal, Some(x)) => Some(LocalLogits { logits: self.head(&x)?, positions }),
-            (RingLogits::LastAndLocal, None) => Some(LocalLogits {
-                logits: Tensor::zeros((0, self.config().vocab_size), DType::F32, self.device())?,
-                positions,
-            }),
+            (RingLogits::LastAndLocal, None) => {
+                Some(LocalLogits { logits: Tensor::zeros((0, self.config().vocab_size), DType::F32, self.device())?, positions })
+            }
         };
         Ok(RingOutput { last, local })
     }
@@ -216,9 +209,7 @@ impl Model {
         let on = match append {
             AppendOn::LeastLoaded => placement.least_loaded(),
             AppendOn::Member(m) if m < members => m,
-            AppendOn::Member(m) => {
-                return Err(ModelError::InvalidBatch(format!("append on member {m} of a ring of {members}")))
-            }
+            AppendOn::Member(m) => return Err(ModelError::InvalidBatch(format!("append on member {m} of a ring of {members}"))),
         };
         // Every cached position is before the new one, so only a sliding window hides keys:
         // positions ascend, so what a window keeps is a suffix of the slots.
@@ -238,8 +229,7 @@ impl Model {
 
         let mut ws = self.workspace();
         let (cos, sin) = self.rope_tables(std::iter::once((position..position + 1, position + 1)), &mut ws)?;
-        let mut attention =
-            DecodeAttention { sp: &mut *comm.sp, kv: &mut *kv, seq, local_len, append_here, first_visible };
+        let mut attention = DecodeAttention { sp: &mut *comm.sp, kv: &mut *kv, seq, local_len, append_here, first_visible };
         let x = self.run_layers(&[token], &cos, &sin, &mut attention, comm.tp, &mut ws)?;
         kv.commit_ring_append(seq, position, on)?;
 
@@ -265,13 +255,7 @@ struct RunPlan {
 impl RunPlan {
     /// Plans queries at `queries` (contiguous positions, local rows `rows`) against a block
     /// whose keys sit at `key_positions` (ascending), under an optional sliding `window`.
-    fn new(
-        rows: Range<usize>,
-        queries: Range<usize>,
-        key_positions: &[usize],
-        window: Option<usize>,
-        device: &Device,
-    ) -> Result<Self> {
+    fn new(rows: Range<usize>, queries: Range<usize>, key_positions: &[usize], window: Option<usize>, device: &Device) -> Result<Self> {
         let visible = |q: usize, k: usize| k <= q && window.is_none_or(|w| q - k < w);
         let empty = Self { rows: rows.clone(), keys: 0..0, mask: None };
         let (Some(first_q), Some(last_q)) = (queries.clone().next(), queries.clone().last()) else {
@@ -289,10 +273,8 @@ impl RunPlan {
         let mask = if all_visible {
             None
         } else {
-            let mask: Vec<f32> = queries
-                .clone()
-                .flat_map(|q| keys.iter().map(move |&k| if visible(q, k) { 0f32 } else { f32::NEG_INFINITY }))
-                .collect();
+            let mask: Vec<f32> =
+                queries.clone().flat_map(|q| keys.iter().map(move |&k| if visible(q, k) { 0f32 } else { f32::NEG_INFINITY })).collect();
             Some(Tensor::from_vec(mask, (queries.len(), keys.len()), device)?)
         };
         Ok(Self { rows, keys: lo..hi, mask })
@@ -334,8 +316,7 @@ impl BlockShape {
     }
 
     fn decode(&self, message: Vec<f32>, tokens: usize) -> Result<Block> {
-        let both = Tensor::from_slice(&message, (2, self.kv_heads, tokens, self.head_dim), &self.device)?
-            .to_dtype(self.dtype)?;
+        let both = Tensor::from_slice(&message, (2, self.kv_heads, tokens, self.head_dim), &self.device)?.to_dtype(self.dtype)?;
         Ok(Block { keys: both.get(0)?, values: both.get(1)?, wire: Some(message) })
     }
 }
@@ -405,13 +386,7 @@ struct PrefillAttention<'a> {
 
 impl<'a> PrefillAttention<'a> {
     /// Plans are built once per call and shared by every layer with the same window.
-    fn new(
-        model: &Model,
-        seq: SeqId,
-        layout: ZigzagLayout,
-        kv: &'a mut KvCache,
-        sp: &'a mut dyn Collective,
-    ) -> Result<Self> {
+    fn new(model: &Model, seq: SeqId, layout: ZigzagLayout, kv: &'a mut KvCache, sp: &'a mut dyn Collective) -> Result<Self> {
         let member = sp.rank();
         let device = model.device();
         let mut query_runs = Vec::with_capacity(2);
@@ -560,9 +535,7 @@ mod tests {
                 let runs = [(0..first.len(), first.clone()), (first.len()..first.len() + second.len(), second)];
                 for j in 0..members {
                     let keys = layout.positions(j);
-                    let plan = |r: usize| {
-                        RunPlan::new(runs[r].0.clone(), runs[r].1.clone(), &keys, None, &Device::Cpu).unwrap()
-                    };
+                    let plan = |r: usize| RunPlan::new(runs[r].0.clone(), runs[r].1.clone(), &keys, None, &Device::Cpu).unwrap();
                     let (p0, p1) = (plan(0), plan(1));
                     let chunk_j = layout.member_runs(j)[0].len();
                     if j == i {
@@ -614,12 +587,7 @@ mod tests {
 
     fn rendezvous_group(world: usize) -> Vec<Rendezvous> {
         let mut group: Vec<Rendezvous> = (0..world)
-            .map(|rank| Rendezvous {
-                rank,
-                world,
-                to: (0..world).map(|_| None).collect(),
-                from: (0..world).map(|_| None).collect(),
-            })
+            .map(|rank| Rendezvous { rank, world, to: (0..world).map(|_| None).collect(), from: (0..world).map(|_| None).collect() })
             .collect();
         for src in 0..world {
             for dst in 0..world {
@@ -663,9 +631,8 @@ mod tests {
         }
         fn recv(&mut self, peer: usize, out: &mut [f32]) -> CollectiveResult<()> {
             let rx = self.from[peer].as_ref().ok_or(CollectiveError::PeerLost)?;
-            let message = rx
-                .recv_timeout(PATIENCE)
-                .map_err(|_| CollectiveError::Protocol(format!("rank {} stuck receiving", self.rank)))?;
+            let message =
+                rx.recv_timeout(PATIENCE).map_err(|_| CollectiveError::Protocol(format!("rank {} stuck receiving", self.rank)))?;
             out.copy_from_slice(&message);
             Ok(())
         }
@@ -689,8 +656,7 @@ mod tests {
                                 let me = sp.rank();
                                 let n = layout.member_len(me);
                                 let fill = |v: f32| Tensor::full(v, (2, n, 3), &Device::Cpu).unwrap();
-                                let local = (n > 0)
-                                    .then(|| Block { keys: fill(me as f32), values: fill(-(me as f32)), wire: None });
+                                let local = (n > 0).then(|| Block { keys: fill(me as f32), values: fill(-(me as f32)), wire: None });
                                 let mut seen = Vec::new();
                                 circulate(&mut sp, layout, shape, local, |owner, block| {
                                     assert_eq!(block.keys.dim(1)?, layout.member_len(owner));
@@ -708,10 +674,8 @@ mod tests {
                     handles.into_iter().map(|h| h.join().expect("member thread")).collect()
                 });
                 for (me, seen) in seen.iter().enumerate() {
-                    let expected: Vec<usize> = (0..members)
-                        .map(|s| (me + members - s) % members)
-                        .filter(|&owner| layout.member_len(owner) > 0)
-                        .collect();
+                    let expected: Vec<usize> =
+                        (0..members).map(|s| (me + members - s) % members).filter(|&owner| layout.member_len(owner) > 0).collect();
                     assert_eq!(seen, &expected, "R={members} N={tokens} member {me}");
                 }
             }

@@ -43,13 +43,7 @@ impl Rope {
     /// Appends the cos and sin rows (each `dim / 2` wide) of `positions` to `cos` and `sin`.
     /// `seq_len` is the sequence's length after this forward call; only dynamic NTK scaling
     /// depends on it, recomputing the base once the sequence outgrows the original context.
-    pub fn extend_tables(
-        &self,
-        positions: std::ops::Range<usize>,
-        seq_len: usize,
-        cos: &mut Vec<f32>,
-        sin: &mut Vec<f32>,
-    ) {
+    pub fn extend_tables(&self, positions: std::ops::Range<usize>, seq_len: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
         let dynamic;
         let inv_freq = match &self.scaling {
             RopeScaling::Dynamic { factor, original_max_position_embeddings } if seq_len > *original_max_position_embeddings => {
@@ -79,14 +73,11 @@ fn default_inv_freq(base: f64, dim: usize) -> Vec<f32> {
 }
 
 fn yarn_inv_freq(theta: f64, dim: usize, scaling: &RopeScaling) -> (Vec<f32>, f32) {
-    let RopeScaling::Yarn { factor, original_max_position_embeddings, attention_factor, beta_fast, beta_slow, truncate } =
-        *scaling
-    else {
+    let RopeScaling::Yarn { factor, original_max_position_embeddings, attention_factor, beta_fast, beta_slow, truncate } = *scaling else {
         unreachable!("yarn_inv_freq is only called for yarn scaling")
     };
     let d = dim as f64;
-    let correction_dim =
-        |rotations: f64| d * (original_max_position_embeddings as f64 / (rotations * 2.0 * PI)).ln() / (2.0 * theta.ln());
+    let correction_dim = |rotations: f64| d * (original_max_position_embeddings as f64 / (rotations * 2.0 * PI)).ln() / (2.0 * theta.ln());
     let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
     if truncate {
         low = low.floor();
@@ -113,8 +104,7 @@ fn yarn_inv_freq(theta: f64, dim: usize, scaling: &RopeScaling) -> (Vec<f32>, f3
 }
 
 fn llama3_inv_freq(theta: f64, dim: usize, scaling: &RopeScaling) -> Vec<f32> {
-    let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = *scaling
-    else {
+    let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = *scaling else {
         unreachable!("llama3_inv_freq is only called for llama3 scaling")
     };
     let old_len = original_max_position_embeddings as f32;

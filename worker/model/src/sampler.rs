@@ -521,7 +521,8 @@ mod tests {
 
     #[test]
     fn a_resumed_sampler_continues_the_random_stream_and_the_history() {
-        let params = SamplingParams { temperature: 0.9, seed: 11, presence_penalty: 0.5, frequency_penalty: 0.3, ..SamplingParams::greedy() };
+        let params =
+            SamplingParams { temperature: 0.9, seed: 11, presence_penalty: 0.5, frequency_penalty: 0.3, ..SamplingParams::greedy() };
         let row = |i: usize| (0..40).map(|t| ((t * 7 + i * 3) % 11) as f32 * 0.3).collect::<Vec<f32>>();
         let prompt = [1u32, 2, 3, 4];
         let mut first = Sampler::new(params.clone());

@@ -89,11 +89,7 @@ impl ZigzagLayout {
     /// Member `m`'s tokens of `prompt` (all `N` tokens in order), in its row order.
     pub fn local_tokens(&self, prompt: &[u32], m: usize) -> Result<Vec<u32>> {
         if prompt.len() != self.tokens {
-            return Err(ModelError::InvalidBatch(format!(
-                "the layout is for {} tokens but the prompt has {}",
-                self.tokens,
-                prompt.len()
-            )));
+            return Err(ModelError::InvalidBatch(format!("the layout is for {} tokens but the prompt has {}", self.tokens, prompt.len())));
         }
         Ok(self.member_runs(m).into_iter().flat_map(|r| prompt[r].iter().copied()).collect())
     }

@@ -86,10 +86,9 @@ impl Checkpoint {
         }
         let index_path = dir.join("model.safetensors.index.json");
         let paths: Vec<PathBuf> = if index_path.exists() {
-            let bytes = std::fs::read(&index_path)
-                .map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
-            let index: SafetensorsIndex = serde_json::from_slice(&bytes)
-                .map_err(|source| ModelError::ConfigJson { path: index_path.clone(), source })?;
+            let bytes = std::fs::read(&index_path).map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
+            let index: SafetensorsIndex =
+                serde_json::from_slice(&bytes).map_err(|source| ModelError::ConfigJson { path: index_path.clone(), source })?;
             let mut files: Vec<&String> = index.weight_map.values().collect();
             files.sort();
             files.dedup();
@@ -112,8 +111,8 @@ impl Checkpoint {
         }
         // SAFETY: the files are mapped read-only; like every mmap-based loader we assume nobody
         // truncates them while the model is loading.
-        let files = unsafe { MmapedSafetensors::multi(&paths) }
-            .map_err(|source| ModelError::Safetensors { path: dir.to_path_buf(), source })?;
+        let files =
+            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|source| ModelError::Safetensors { path: dir.to_path_buf(), source })?;
         let names = files.tensors().into_iter().map(|(name, _)| name).collect();
         Ok(Self { source: Source::Safetensors { files, names }, dir: dir.to_path_buf(), dtype, device: device.clone(), dequantize: false })
     }
@@ -177,10 +176,7 @@ impl Checkpoint {
         if !self.contains(name) {
             return Err(ModelError::MissingTensor { name: name.to_string() });
         }
-        let view = files.get(name).map_err(|source| ModelError::Safetensors {
-            path: self.dir.clone(),
-            source,
-        })?;
+        let view = files.get(name).map_err(|source| ModelError::Safetensors { path: self.dir.clone(), source })?;
         let shape = view.shape().to_vec();
         if shape != full_shape {
             return Err(ModelError::TensorShape { name: name.into(), expected: full_shape.to_vec(), actual: shape });
@@ -197,9 +193,9 @@ impl Checkpoint {
         let (bytes, out_shape) = if shard.parts == 1 {
             (std::borrow::Cow::Borrowed(data), shape)
         } else {
-            let size = *shape.get(shard.dim).ok_or_else(|| {
-                ModelError::InvalidConfig(format!("tensor {name:?} has no dimension {} to shard", shard.dim))
-            })?;
+            let size = *shape
+                .get(shard.dim)
+                .ok_or_else(|| ModelError::InvalidConfig(format!("tensor {name:?} has no dimension {} to shard", shard.dim)))?;
             if size % shard.parts != 0 {
                 return Err(ModelError::UnevenSplit { what: "tensor dimension", size, tp: shard.parts });
             }

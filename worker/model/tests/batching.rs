@@ -17,11 +17,7 @@ fn rows(t: Tensor) -> Vec<Vec<f32>> {
 
 /// Prompts of different lengths, drawn from the fixture vocabulary.
 fn prompts() -> Vec<Vec<u32>> {
-    [5usize, 17, 1, 33]
-        .iter()
-        .enumerate()
-        .map(|(s, &len)| (0..len).map(|i| 3 + ((i * 31 + s * 7) % 300) as u32).collect())
-        .collect()
+    [5usize, 17, 1, 33].iter().enumerate().map(|(s, &len)| (0..len).map(|i| 3 + ((i * 31 + s * 7) % 300) as u32).collect()).collect()
 }
 
 #[test]
@@ -37,11 +33,16 @@ fn batched_decode_equals_each_sequence_alone() {
             let mut kv = m.new_kv_cache();
             let mut out = Vec::new();
             let chunk = [SeqChunk { seq: 1, start: 0, len: p.len() }];
-            let mut row = rows(m.forward(&Batch { tokens: p, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk).unwrap()).remove(0);
+            let mut row =
+                rows(m.forward(&Batch { tokens: p, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk).unwrap())
+                    .remove(0);
             for i in 0..steps {
                 let next = tessera_model::sampler::argmax(&row);
                 let chunk = [SeqChunk { seq: 1, start: p.len() + i, len: 1 }];
-                row = rows(m.forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk).unwrap()).remove(0);
+                row = rows(
+                    m.forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk).unwrap(),
+                )
+                .remove(0);
                 out.push(row.clone());
             }
             alone.push(out);
@@ -51,7 +52,8 @@ fn batched_decode_equals_each_sequence_alone() {
         let mut kv = m.new_kv_cache();
         let tokens: Vec<u32> = prompts.concat();
         let chunks: Vec<SeqChunk> = prompts.iter().enumerate().map(|(s, p)| SeqChunk { seq: s as u64, start: 0, len: p.len() }).collect();
-        let mut last = rows(m.forward(&Batch { tokens: &tokens, chunks: &chunks }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk).unwrap());
+        let mut last =
+            rows(m.forward(&Batch { tokens: &tokens, chunks: &chunks }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk).unwrap());
         let mut together: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
         for i in 0..steps {
             let next: Vec<u32> = last.iter().map(|r| tessera_model::sampler::argmax(r)).collect();
@@ -104,7 +106,9 @@ fn malformed_batches_are_refused_and_leave_the_cache_usable() {
     };
     assert!(matches!(call(&[1, 2], &[SeqChunk { seq: 1, start: 0, len: 3 }], &mut kv), Err(ModelError::InvalidBatch(_))));
     assert!(matches!(call(&[], &[], &mut kv), Err(ModelError::InvalidBatch(_))));
-    assert!(matches!(call(&[1, 999], &[SeqChunk { seq: 1, start: 0, len: 2 }], &mut kv), Err(ModelError::InvalidBatch(m)) if m.contains("999")));
+    assert!(
+        matches!(call(&[1, 999], &[SeqChunk { seq: 1, start: 0, len: 2 }], &mut kv), Err(ModelError::InvalidBatch(m)) if m.contains("999"))
+    );
     assert!(matches!(call(&[1], &[SeqChunk { seq: 5, start: 3, len: 1 }], &mut kv), Err(ModelError::UnknownSequence(5))));
     assert!(matches!(
         call(&[1, 2], &[SeqChunk { seq: 1, start: 0, len: 1 }, SeqChunk { seq: 1, start: 1, len: 1 }], &mut kv),

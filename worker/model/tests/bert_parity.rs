@@ -169,11 +169,7 @@ fn bert_prefix_and_cls_pooling() {
     let cls = prefixed.embed(&ids).expect("embed");
 
     // Under the original head (mean + Normalize) the prefixed copy equals the plain checkpoint.
-    std::fs::write(
-        dir.path().join("1_Pooling/config.json"),
-        r#"{"pooling_mode_mean_tokens": true}"#,
-    )
-    .expect("rewrite pooling");
+    std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode_mean_tokens": true}"#).expect("rewrite pooling");
     std::fs::copy(src.join("modules.json"), dir.path().join("modules.json")).expect("copy modules");
     let prefixed_mean = BertModel::load(dir.path(), &Device::Cpu).expect("reload").embed(&ids).expect("embed");
     let plain = BertModel::load(&src, &Device::Cpu).expect("load plain").embed(&ids).expect("embed");

@@ -16,8 +16,13 @@ fn llama(extra: &str) -> String {
 
 #[test]
 fn legacy_and_rope_parameters_forms_agree() {
-    let legacy = parse(&llama(r#","rope_theta":500000.0,"rope_scaling":{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32}"#)).unwrap();
-    let new = parse(&llama(r#","rope_parameters":{"rope_type":"yarn","rope_theta":500000.0,"factor":4.0,"original_max_position_embeddings":32}"#)).unwrap();
+    let legacy =
+        parse(&llama(r#","rope_theta":500000.0,"rope_scaling":{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32}"#))
+            .unwrap();
+    let new = parse(&llama(
+        r#","rope_parameters":{"rope_type":"yarn","rope_theta":500000.0,"factor":4.0,"original_max_position_embeddings":32}"#,
+    ))
+    .unwrap();
     assert_eq!(legacy, new);
     assert_eq!(new.rope_theta, 500000.0);
     match new.rope_scaling {
@@ -53,7 +58,8 @@ fn every_scaling_type_parses() {
 
 #[test]
 fn fields_that_break_naive_parsers() {
-    let c = parse(&llama(r#","rope_theta":1e4,"head_dim":24,"attention_bias":true,"eos_token_id":[5,7],"tie_word_embeddings":true"#)).unwrap();
+    let c =
+        parse(&llama(r#","rope_theta":1e4,"head_dim":24,"attention_bias":true,"eos_token_id":[5,7],"tie_word_embeddings":true"#)).unwrap();
     assert_eq!(c.head_dim, 24);
     assert!(c.qkv_bias && c.o_bias && !c.mlp_bias);
     assert_eq!(c.eos_token_ids, vec![5, 7]);
@@ -63,12 +69,19 @@ fn fields_that_break_naive_parsers() {
     let single_eos = parse(&llama(r#","rope_theta":1e4,"eos_token_id":2,"bos_token_id":1"#)).unwrap();
     assert_eq!((single_eos.eos_token_ids, single_eos.bos_token_id), (vec![2], Some(1)));
 
-    let qwen = parse(&llama(r#","rope_theta":1e6,"sliding_window":4096,"use_sliding_window":false"#).replace("LlamaForCausalLM", "Qwen2ForCausalLM")).unwrap();
+    let qwen = parse(
+        &llama(r#","rope_theta":1e6,"sliding_window":4096,"use_sliding_window":false"#).replace("LlamaForCausalLM", "Qwen2ForCausalLM"),
+    )
+    .unwrap();
     assert_eq!(qwen.architecture, Architecture::Qwen2);
     assert!(qwen.qkv_bias && !qwen.o_bias, "Qwen2 biases q/k/v only");
     assert_eq!(qwen.sliding_window, vec![None, None], "use_sliding_window=false disables the window");
 
-    let qwen_swa = parse(&llama(r#","rope_theta":1e6,"sliding_window":8,"use_sliding_window":true,"max_window_layers":1"#).replace("LlamaForCausalLM", "Qwen2ForCausalLM")).unwrap();
+    let qwen_swa = parse(
+        &llama(r#","rope_theta":1e6,"sliding_window":8,"use_sliding_window":true,"max_window_layers":1"#)
+            .replace("LlamaForCausalLM", "Qwen2ForCausalLM"),
+    )
+    .unwrap();
     assert_eq!(qwen_swa.sliding_window, vec![None, Some(8)]);
 
     let mistral = parse(&llama(r#","rope_theta":1e6,"sliding_window":16"#).replace("LlamaForCausalLM", "MistralForCausalLM")).unwrap();

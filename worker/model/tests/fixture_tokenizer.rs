@@ -3,19 +3,13 @@
 
 use std::str::FromStr;
 
-use tessera_model::fixture::tokenizer::{
-    byte_level_bpe, TokenizerSpec, TokenizerSpecError, DEFAULT_CORPUS,
-};
+use tessera_model::fixture::tokenizer::{byte_level_bpe, TokenizerSpec, TokenizerSpecError, DEFAULT_CORPUS};
 use tokenizers::Tokenizer;
 
 const SPECIALS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 fn spec(vocab_size: usize) -> TokenizerSpec<'static> {
-    TokenizerSpec {
-        corpus: DEFAULT_CORPUS,
-        vocab_size,
-        special_tokens: SPECIALS,
-    }
+    TokenizerSpec { corpus: DEFAULT_CORPUS, vocab_size, special_tokens: SPECIALS }
 }
 
 fn load(vocab_size: usize) -> Tokenizer {
@@ -25,11 +19,7 @@ fn load(vocab_size: usize) -> Tokenizer {
 
 fn round_trip(tok: &Tokenizer, text: &str) -> Vec<u32> {
     let ids = tok.encode(text, false).expect("encode").get_ids().to_vec();
-    assert_eq!(
-        tok.decode(&ids, false).expect("decode"),
-        text,
-        "ids {ids:?}"
-    );
+    assert_eq!(tok.decode(&ids, false).expect("decode"), text, "ids {ids:?}");
     ids
 }
 
@@ -37,11 +27,7 @@ fn round_trip(tok: &Tokenizer, text: &str) -> Vec<u32> {
 fn vocab_size_matches_request() {
     let tok = load(320);
     assert_eq!(tok.get_vocab_size(true), 320);
-    assert_eq!(
-        tok.get_vocab_size(false),
-        320,
-        "specials are part of the model vocab"
-    );
+    assert_eq!(tok.get_vocab_size(false), 320, "specials are part of the model vocab");
 }
 
 #[test]
@@ -55,11 +41,7 @@ fn ids_follow_specials_then_bytes_then_merges() {
     assert_eq!(tok.token_to_id("!"), Some(3));
     assert_eq!(tok.token_to_id("Ā"), Some(3 + 188));
     assert_eq!(tok.token_to_id("Ġ"), Some(3 + 188 + 32));
-    assert_eq!(
-        tok.id_to_token(3 + 255).as_deref(),
-        Some("Ń"),
-        "byte 0xAD is last"
-    );
+    assert_eq!(tok.id_to_token(3 + 255).as_deref(), Some("Ń"), "byte 0xAD is last");
     assert!(tok.id_to_token(259).expect("first merge").chars().count() > 1);
 }
 
@@ -83,12 +65,7 @@ fn merges_compress_english() {
     let tok = load(320);
     let text = "The weather is good and the model reads the next token.";
     let ids = round_trip(&tok, text);
-    assert!(
-        ids.len() < text.len(),
-        "{} tokens for {} bytes",
-        ids.len(),
-        text.len()
-    );
+    assert!(ids.len() < text.len(), "{} tokens for {} bytes", ids.len(), text.len());
 }
 
 #[test]
@@ -101,9 +78,7 @@ fn same_spec_gives_identical_bytes() {
 #[test]
 fn specials_encode_as_single_ids() {
     let tok = load(320);
-    let ids = tok
-        .encode("<|im_start|>user\nhi<|im_end|><|endoftext|>", false)
-        .unwrap();
+    let ids = tok.encode("<|im_start|>user\nhi<|im_end|><|endoftext|>", false).unwrap();
     let ids = ids.get_ids();
     assert_eq!(ids[0], 1);
     assert_eq!(&ids[ids.len() - 2..], &[2, 0]);
@@ -113,13 +88,7 @@ fn specials_encode_as_single_ids() {
 #[test]
 fn too_small_vocab_is_rejected() {
     let err = byte_level_bpe(&spec(258)).unwrap_err();
-    assert_eq!(
-        err,
-        TokenizerSpecError::VocabTooSmall {
-            requested: 258,
-            minimum: 259
-        }
-    );
+    assert_eq!(err, TokenizerSpecError::VocabTooSmall { requested: 258, minimum: 259 });
     // Exactly the minimum is valid: no merges at all.
     let tok = Tokenizer::from_str(&byte_level_bpe(&spec(259)).unwrap().to_string()).unwrap();
     assert_eq!(round_trip(&tok, "abc").len(), 3);
@@ -127,19 +96,9 @@ fn too_small_vocab_is_rejected() {
 
 #[test]
 fn tiny_corpus_runs_out_of_merges() {
-    let spec = TokenizerSpec {
-        corpus: "ab",
-        vocab_size: 300,
-        special_tokens: &[],
-    };
+    let spec = TokenizerSpec { corpus: "ab", vocab_size: 300, special_tokens: &[] };
     let err = byte_level_bpe(&spec).unwrap_err();
-    assert_eq!(
-        err,
-        TokenizerSpecError::CorpusExhausted {
-            reached: 257,
-            requested: 300
-        }
-    );
+    assert_eq!(err, TokenizerSpecError::CorpusExhausted { reached: 257, requested: 300 });
 }
 
 #[test]

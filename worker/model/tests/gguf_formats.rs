@@ -20,16 +20,8 @@ const STEPS: usize = 8;
 const PROMPT: usize = 12;
 
 /// Every block format candle quantizes to that llama.cpp files use.
-const FORMATS: [GgmlDType; 8] = [
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q5_1,
-    GgmlDType::Q8_0,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
+const FORMATS: [GgmlDType; 8] =
+    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
 
 /// The largest logit drift from the dequantized reference, relative to the row's largest logit.
 /// It comes from rounding the activations to 8 bits per block (q8_K for the K-quants, q8_0 or

@@ -44,8 +44,18 @@ fn tp1_matches_transformers_on_every_fixture() {
     for spec in test_fixtures() {
         let g = golden(spec.name);
         let dir = common::fixture_dir(spec.name);
-        assert_eq!(g.meta.get("model_sha256"), Some(&sha256_hex(dir.join("model.safetensors"))), "{}: golden made from other weights", spec.name);
-        assert_eq!(g.meta.get("config_sha256"), Some(&sha256_hex(dir.join("config.json"))), "{}: golden made from another config", spec.name);
+        assert_eq!(
+            g.meta.get("model_sha256"),
+            Some(&sha256_hex(dir.join("model.safetensors"))),
+            "{}: golden made from other weights",
+            spec.name
+        );
+        assert_eq!(
+            g.meta.get("config_sha256"),
+            Some(&sha256_hex(dir.join("config.json"))),
+            "{}: golden made from another config",
+            spec.name
+        );
         assert_eq!(g.prompt, prompt_ids(&spec));
         let steps = g.greedy.len();
         assert_eq!(steps, 32);

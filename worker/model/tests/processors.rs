@@ -13,8 +13,7 @@ use tessera_model::fixture::scripted::{write_scripted, Script};
 use tessera_model::fixture::WriteOptions;
 use tessera_model::logits::{self, dry_penalty, presence_frequency_penalty, repetition_penalty, DryParams, TokenHistory};
 use tessera_model::sampler::{
-    argmax, Sampler, SamplingParams, SeededRng, MAX_DRY_ALLOWED_LENGTH, MAX_DRY_BREAKERS, MAX_DRY_BREAKER_TOKENS,
-    MAX_NO_REPEAT_NGRAM_SIZE,
+    argmax, Sampler, SamplingParams, SeededRng, MAX_DRY_ALLOWED_LENGTH, MAX_DRY_BREAKERS, MAX_DRY_BREAKER_TOKENS, MAX_NO_REPEAT_NGRAM_SIZE,
 };
 use tessera_model::{Batch, LoadConfig, LogitsMode, Model, SeqChunk};
 
@@ -436,9 +435,8 @@ fn decode(model: &Model, prompt: &[u32], mut sampler: Sampler, steps: usize) -> 
     let mut out = Vec::new();
     while out.len() < steps {
         let chunk = [SeqChunk { seq: 1, start, len: fed.len() }];
-        let logits = model
-            .forward(&Batch { tokens: &fed, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)
-            .expect("forward");
+        let logits =
+            model.forward(&Batch { tokens: &fed, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk).expect("forward");
         let row = logits.to_vec2::<f32>().expect("logits to host").remove(0);
         let next = sampler.sample(&row);
         out.push(next);
@@ -474,10 +472,8 @@ fn no_repeat_ngram_breaks_a_greedy_loop() {
     }
 
     // DRY breaks it too, once the penalty 2^(repeat − 2) outgrows the scripted margin (~90).
-    let dry = SamplingParams {
-        dry: DryParams { multiplier: 1.0, base: 2.0, allowed_length: 2, ..Default::default() },
-        ..Default::default()
-    };
+    let dry =
+        SamplingParams { dry: DryParams { multiplier: 1.0, base: 2.0, allowed_length: 2, ..Default::default() }, ..Default::default() };
     let out = decode(&model, &prompt, Sampler::new(dry), steps);
     let first_break = out.iter().zip(&looped).position(|(a, b)| a != b).expect("DRY never broke the loop");
     // A repeat of r tokens costs 2^(r−2); the margin is under 2^7, so r ≤ 9 suffices, reached

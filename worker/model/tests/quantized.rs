@@ -12,8 +12,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::{fixture_dir, max_abs_diff, run_tp_loaded, spec, Trace};
 use candle_core::quantized::GgmlDType;
+use common::{fixture_dir, max_abs_diff, run_tp_loaded, spec, Trace};
 use serde_json::json;
 use tessera_model::fixture::gguf::{write_gguf, GgufOptions};
 use tessera_model::fixture::{max_rel_diff, prompt_ids, test_fixtures, write_fixture, FixtureSpec, WriteOptions};
@@ -104,7 +104,12 @@ fn q8_0_stays_close_to_f32_and_decodes_the_same_tokens() {
         let r = forced(&fixture_dir(s.name), &quantized(Quantization::Q8_0), &prompt);
         println!(
             "{}: q8_0 vs f32 logits: max abs {:.5}, max rel {:.5}; next-token choices {}/{} (worst flip margin {:.5})",
-            s.name, r.abs, r.rel, r.same, STEPS + 1, r.worst_flip_margin
+            s.name,
+            r.abs,
+            r.rel,
+            r.same,
+            STEPS + 1,
+            r.worst_flip_margin
         );
         assert!(r.rel <= 0.05, "{}: q8_0 drifts {} from f32", s.name, r.rel);
         assert!(r.same >= STEPS, "{}: only {} of {} q8_0 next-token choices equal f32's", s.name, r.same, STEPS + 1);
@@ -285,8 +290,7 @@ fn a_shard_that_splits_a_block_is_refused() {
 fn a_gguf_for_other_head_counts_is_refused() {
     let gguf = scratch().join("llama-gqa-heads-gguf");
     write_gguf(&fixture_dir("llama-gqa"), &gguf, &GgufOptions::default()).expect("write gguf");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(gguf.join("config.json")).expect("config")).expect("json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(gguf.join("config.json")).expect("config")).expect("json");
     config["num_key_value_heads"] = json!(4);
     std::fs::write(gguf.join("config.json"), config.to_string()).expect("write config");
     match Model::load(&gguf, &LoadConfig::default()) {
@@ -295,7 +299,6 @@ fn a_gguf_for_other_head_counts_is_refused() {
         Ok(_) => panic!("loaded a GGUF written for other head counts"),
     }
 }
-
 
 /// A GGUF cut short (a partial download) is an error naming the file, not a panic or garbage.
 #[test]

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use tessera_collective::{Collective, InProcessGroup, SingleRank};
-use tessera_model::fixture::scripted::{
-    fixture_tokenizer, write_scripted, write_scripted_from, Script, CHINESE_IDS, CHINESE_TEXT, EOS,
-};
+use tessera_model::fixture::scripted::{fixture_tokenizer, write_scripted, write_scripted_from, Script, CHINESE_IDS, CHINESE_TEXT, EOS};
 use tessera_model::fixture::{by_name, WriteOptions};
 use tessera_model::{Batch, LoadConfig, LogitsMode, Model, ModelError, SeqChunk};
 use tokenizers::Tokenizer;

@@ -74,10 +74,7 @@ fn config_and_tokenizer_come_from_the_gguf_alone() {
     assert_eq!(sha256_hex(&path), golden().gguf_sha256, "the golden was made from another file");
     let files = ModelFiles::locate(&path).expect("locate");
     let config = ModelConfig::from_value(files.config_json().expect("config")).expect("parse");
-    assert_eq!(
-        (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads),
-        (576, 30, 9, 3)
-    );
+    assert_eq!((config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads), (576, 30, 9, 3));
     assert_eq!((config.intermediate_size, config.vocab_size, config.max_position_embeddings), (1536, 49152, 8192));
     assert_eq!(config.rope_theta, 100_000.0);
     assert!((config.rms_norm_eps - 1e-5).abs() < 1e-9, "{}", config.rms_norm_eps);
@@ -101,9 +98,7 @@ fn teacher_forced(model: &Model, case: &Case) -> Vec<Vec<f32>> {
     tokens.extend_from_slice(&case.greedy[..case.greedy.len() - 1]);
     let chunk = [SeqChunk { seq: 1, start: 0, len: tokens.len() }];
     let mut kv = model.new_kv_cache();
-    let logits = model
-        .forward(&Batch { tokens: &tokens, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::All)
-        .expect("prefill");
+    let logits = model.forward(&Batch { tokens: &tokens, chunks: &chunk }, &mut kv, &mut SingleRank, LogitsMode::All).expect("prefill");
     let rows = logits.to_vec2::<f32>().expect("to host");
     rows[case.prompt_ids.len() - 1..].to_vec()
 }

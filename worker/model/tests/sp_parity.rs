@@ -14,13 +14,13 @@ use std::time::Instant;
 
 use common::ring::{run_ring, RankTrace};
 use common::{run_trace, spec};
-use tessera_model::fixture::max_rel_diff;
 use tessera_collective::{InProcessGroup, SingleRank};
+use tessera_model::fixture::max_rel_diff;
 use tessera_model::fixture::{write_fixture, FixtureSpec, WriteOptions};
 use tessera_model::sampler::SeededRng;
 use tessera_model::{
-    AppendOn, Batch, DecodeStep, LoadConfig, LogitsMode, Model, ModelError, PrefillStep, RingComm, RingLogits,
-    RingStep, SeqChunk, ZigzagLayout,
+    AppendOn, Batch, DecodeStep, LoadConfig, LogitsMode, Model, ModelError, PrefillStep, RingComm, RingLogits, RingStep, SeqChunk,
+    ZigzagLayout,
 };
 
 const STEPS: usize = 32;

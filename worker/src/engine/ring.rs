@@ -25,9 +25,7 @@ use std::net::{SocketAddr, TcpListener};
 
 use tessera_collective::{Collective, TcpCollective, TcpConfig};
 use tessera_model::sampler::{Sampler, SamplingParams};
-use tessera_model::{
-    AppendOn, DecodeStep, KvCache, Model, ModelError, PrefillStep, RingComm, RingLogits, RingStep, SeqId, ZigzagLayout,
-};
+use tessera_model::{AppendOn, DecodeStep, KvCache, Model, ModelError, PrefillStep, RingComm, RingLogits, RingStep, SeqId, ZigzagLayout};
 use tokio::sync::oneshot;
 
 use super::{Command, Engine, EngineHandle, LogSoftmax, Result, SeqSampling, Serving, State};
@@ -413,9 +411,10 @@ fn check(s: &Serving, ring: &RingMembership, capacity: u64, step: &RingSeqStep) 
         }
         RingWork::Decode { token, position, append_member, .. } => {
             let started_here = matches!(&s.ring, Some(Ring { link: Link::Joined { seqs, .. }, .. }) if seqs.contains(&seq));
-            let placement = s.kv.ring(seq).filter(|_| started_here).ok_or_else(|| {
-                WorkerError::InvalidArgument(format!("sequence {seq} is not a sequence of ring {:?} here", ring.ring_id))
-            })?;
+            let placement =
+                s.kv.ring(seq).filter(|_| started_here).ok_or_else(|| {
+                    WorkerError::InvalidArgument(format!("sequence {seq} is not a sequence of ring {:?} here", ring.ring_id))
+                })?;
             if *position != placement.len() {
                 return Err(WorkerError::InvalidArgument(format!(
                     "sequence {seq} holds {} tokens over the ring but the step writes at position {position}",

@@ -28,9 +28,9 @@ pub fn ring_step(req: pb::RingStepRequest) -> Result<(String, RingSeqStep), Work
     let work = match req.step {
         None => return Err(WorkerError::InvalidArgument("a ring step needs a prefill or a decode".into())),
         Some(Step::Prefill(p)) => {
-            let sampling = p.sampling.ok_or_else(|| {
-                WorkerError::InvalidArgument("a ring prefill creates the sequence's sampler: set sampling".into())
-            })?;
+            let sampling = p
+                .sampling
+                .ok_or_else(|| WorkerError::InvalidArgument("a ring prefill creates the sequence's sampler: set sampling".into()))?;
             RingWork::Prefill {
                 prompt_len: p.prompt_len as usize,
                 tokens: p.tokens,

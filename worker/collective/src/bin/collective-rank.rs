@@ -50,8 +50,7 @@ fn run() -> Result<(), String> {
         return Err(format!("expected {world} ports, got {}", peers.len()));
     }
 
-    let config =
-        TcpConfig { connect_timeout: Duration::from_secs(30), ..TcpConfig::new(rank, peers) };
+    let config = TcpConfig { connect_timeout: Duration::from_secs(30), ..TcpConfig::new(rank, peers) };
     let mut comm = TcpCollective::connect(config, listener).map_err(|e| format!("connect: {e}"))?;
     say("connected")?;
 
@@ -82,12 +81,7 @@ fn full(comm: &mut TcpCollective) -> tessera_collective::Result<()> {
         let mut data: Vec<f32> = (0..len).map(|i| float_value(rank, i)).collect();
         comm.all_reduce_sum(&mut data)?;
         let sum: f64 = data.iter().map(|&v| f64::from(v)).sum();
-        out(format!(
-            "allreduce_float {len} {:016x} {} {} {sum:e}",
-            fnv(&data),
-            data[0].to_bits(),
-            data[len - 1].to_bits()
-        ));
+        out(format!("allreduce_float {len} {:016x} {} {} {sum:e}", fnv(&data), data[0].to_bits(), data[len - 1].to_bits()));
     }
     for len in [5usize, 50_000, 600_000] {
         let local: Vec<f32> = (0..len).map(|i| exact_value(rank, i)).collect();

@@ -29,11 +29,7 @@ pub(super) struct DirectScratch {
 }
 
 /// Sum of `data` over all ranks, in place.
-pub(super) fn all_reduce(
-    mesh: &mut Mesh,
-    scratch: &mut DirectScratch,
-    data: &mut [f32],
-) -> Result<()> {
+pub(super) fn all_reduce(mesh: &mut Mesh, scratch: &mut DirectScratch, data: &mut [f32]) -> Result<()> {
     let header = Header::new(Op::DirectAllReduce, data.len());
     exchange(mesh, scratch, header, data)?;
     let rank = mesh.rank;
@@ -59,12 +55,7 @@ pub(super) fn all_reduce(
 }
 
 /// Every rank's `local`, in rank order, into `out`.
-pub(super) fn all_gather(
-    mesh: &mut Mesh,
-    scratch: &mut DirectScratch,
-    local: &[f32],
-    out: &mut [f32],
-) -> Result<()> {
+pub(super) fn all_gather(mesh: &mut Mesh, scratch: &mut DirectScratch, local: &[f32], out: &mut [f32]) -> Result<()> {
     let header = Header::new(Op::DirectAllGather, local.len());
     exchange(mesh, scratch, header, local)?;
     if local.is_empty() {
@@ -83,12 +74,7 @@ pub(super) fn all_gather(
 
 /// Sends `header` and `values` to every peer and receives the same-sized message from each
 /// into `scratch.inbox`, checking each peer's header.
-fn exchange(
-    mesh: &mut Mesh,
-    scratch: &mut DirectScratch,
-    header: Header,
-    values: &[f32],
-) -> Result<()> {
+fn exchange(mesh: &mut Mesh, scratch: &mut DirectScratch, header: Header, values: &[f32]) -> Result<()> {
     let (rank, world) = (mesh.rank, mesh.world);
     let len = HEADER_LEN + values.len() * 4;
     let msg = sized(&mut scratch.send, len);
@@ -125,9 +111,7 @@ fn exchange(
             }
             if read[peer] < len {
                 let before = read[peer];
-                if let Some(n) =
-                    link.try_read(&mut inbox[peer][before..len]).map_err(io_error(peer))?
-                {
+                if let Some(n) = link.try_read(&mut inbox[peer][before..len]).map_err(io_error(peer))? {
                     read[peer] += n;
                     progressed |= n > 0;
                 }

@@ -47,9 +47,7 @@ impl Link {
     /// non-blocking mode.
     pub fn try_write(&mut self, buf: &[u8]) -> io::Result<Option<usize>> {
         match self.stream.write(buf) {
-            Ok(0) if !buf.is_empty() => {
-                Err(io::Error::new(io::ErrorKind::WriteZero, "connection accepted no bytes"))
-            }
+            Ok(0) if !buf.is_empty() => Err(io::Error::new(io::ErrorKind::WriteZero, "connection accepted no bytes")),
             Ok(n) => Ok(Some(n)),
             Err(e) if would_block(&e) => Ok(None),
             Err(e) => Err(e),

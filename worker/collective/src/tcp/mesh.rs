@@ -35,21 +35,20 @@ impl Mesh {
     /// The link to `peer`; the caller has checked `peer` is another rank of the group.
     pub fn link(&mut self, peer: usize) -> Result<&mut Link> {
         let rank = self.rank;
-        self.links.get_mut(peer).and_then(Option::as_mut).ok_or_else(|| {
-            CollectiveError::InvalidArgument(format!(
-                "rank {rank} has no connection to rank {peer}"
-            ))
-        })
+        self.links
+            .get_mut(peer)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| CollectiveError::InvalidArgument(format!("rank {rank} has no connection to rank {peer}")))
     }
 
     /// The stream to `peer`, for use from several threads at once.
     pub fn stream(&self, peer: usize) -> Result<&TcpStream> {
         let rank = self.rank;
-        self.links.get(peer).and_then(Option::as_ref).map(Link::stream).ok_or_else(|| {
-            CollectiveError::InvalidArgument(format!(
-                "rank {rank} has no connection to rank {peer}"
-            ))
-        })
+        self.links
+            .get(peer)
+            .and_then(Option::as_ref)
+            .map(Link::stream)
+            .ok_or_else(|| CollectiveError::InvalidArgument(format!("rank {rank} has no connection to rank {peer}")))
     }
 
     /// Fills `buf` from `peer`, spinning briefly first when the socket is ours alone.

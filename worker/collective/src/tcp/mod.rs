@@ -56,12 +56,7 @@ impl TcpConfig {
 
     /// A configuration with the default timeout and spin.
     pub fn new(rank: usize, peers: Vec<SocketAddr>) -> Self {
-        TcpConfig {
-            rank,
-            peers,
-            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
-            spin: Self::DEFAULT_SPIN,
-        }
+        TcpConfig { rank, peers, connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT, spin: Self::DEFAULT_SPIN }
     }
 }
 
@@ -98,9 +93,7 @@ impl TcpCollective {
     pub fn connect(config: TcpConfig, listener: TcpListener) -> Result<Self> {
         let (rank, world) = (config.rank, config.peers.len());
         if rank >= world {
-            return Err(CollectiveError::InvalidArgument(format!(
-                "rank {rank} is outside a peer list of {world} addresses"
-            )));
+            return Err(CollectiveError::InvalidArgument(format!("rank {rank} is outside a peer list of {world} addresses")));
         }
         let streams = rendezvous::establish(&config, listener)?;
         let links: Vec<Option<Link>> = streams.into_iter().map(|s| s.map(Link::new)).collect();

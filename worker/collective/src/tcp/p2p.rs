@@ -12,12 +12,7 @@ use crate::Result;
 /// Largest message (header included) written by the engine thread itself.
 const DIRECT_MAX: usize = 64 * 1024;
 
-pub(super) fn send(
-    mesh: &mut Mesh,
-    scratch: &mut Vec<u8>,
-    peer: usize,
-    data: &[f32],
-) -> Result<()> {
+pub(super) fn send(mesh: &mut Mesh, scratch: &mut Vec<u8>, peer: usize, data: &[f32]) -> Result<()> {
     let header = Header::new(Op::Send, data.len());
     let len = HEADER_LEN + data.len() * 4;
     if len > DIRECT_MAX || !mesh.writer.idle_for(peer) {

@@ -26,10 +26,7 @@ const HELLO_WAIT: Duration = Duration::from_secs(5);
 
 /// Returns `streams[p]` connected to rank `p` (`None` at `config.rank`), in blocking mode with
 /// `TCP_NODELAY` set and no timeouts.
-pub(super) fn establish(
-    config: &TcpConfig,
-    listener: TcpListener,
-) -> Result<Vec<Option<TcpStream>>> {
+pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec<Option<TcpStream>>> {
     let (rank, world) = (config.rank, config.peers.len());
     let deadline = Instant::now() + config.connect_timeout;
     let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
@@ -40,9 +37,7 @@ pub(super) fn establish(
         (&stream).write_all(&Hello::new(rank, world).encode()).map_err(io_error(peer))?;
         let reply = read_hello(&stream).map_err(io_error(peer))?;
         let reply = reply.ok_or_else(|| {
-            CollectiveError::Protocol(format!(
-                "{addr} (rank {peer} in the peer list) answered with something that is not a rank"
-            ))
+            CollectiveError::Protocol(format!("{addr} (rank {peer} in the peer list) answered with something that is not a rank"))
         })?;
         check_hello(&reply, world, peer..peer + 1)?;
         finish(&stream).map_err(io_error(peer))?;
@@ -53,37 +48,23 @@ pub(super) fn establish(
     while let Some(missing) = (rank + 1..world).find(|&p| streams[p].is_none()) {
         let (stream, from) = match listener.accept() {
             Ok(accepted) => accepted,
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
                 if Instant::now() >= deadline {
                     return Err(CollectiveError::Io {
                         peer: missing,
-                        source: io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("rank {missing} did not connect to rank {rank} in time"),
-                        ),
+                        source: io::Error::new(io::ErrorKind::TimedOut, format!("rank {missing} did not connect to rank {rank} in time")),
                     });
                 }
                 std::thread::sleep(ACCEPT_POLL);
                 continue;
             }
             // A client that gave up before being accepted is no reason to give up ourselves.
-            Err(e)
-                if e.kind() == io::ErrorKind::ConnectionAborted
-                    || e.kind() == io::ErrorKind::ConnectionReset =>
-            {
-                continue
-            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted || e.kind() == io::ErrorKind::ConnectionReset => continue,
             Err(e) => return Err(CollectiveError::Io { peer: missing, source: e }),
         };
         // Some platforms hand out accepted sockets with the listener's non-blocking flag.
         let hello_deadline = deadline.min(Instant::now() + HELLO_WAIT);
-        let hello = stream
-            .set_nonblocking(false)
-            .and_then(|()| prepare(&stream, hello_deadline))
-            .and_then(|()| read_hello(&stream));
+        let hello = stream.set_nonblocking(false).and_then(|()| prepare(&stream, hello_deadline)).and_then(|()| read_hello(&stream));
         let hello = match hello {
             Ok(Some(hello)) => hello,
             // Not a rank (a port scanner, a health check) or a client that went away: keep
@@ -100,9 +81,7 @@ pub(super) fn establish(
         check_hello(&hello, world, rank + 1..world)?;
         let peer = hello.rank as usize;
         if streams[peer].is_some() {
-            return Err(CollectiveError::Protocol(format!(
-                "rank {peer} connected to rank {rank} twice"
-            )));
+            return Err(CollectiveError::Protocol(format!("rank {peer} connected to rank {rank} twice")));
         }
         (&stream).write_all(&Hello::new(rank, world).encode()).map_err(io_error(peer))?;
         finish(&stream).map_err(io_error(peer))?;
@@ -129,10 +108,7 @@ fn connect_with_retry(peer: usize, addr: SocketAddr, deadline: Instant) -> Resul
             Err(e) => {
                 return Err(CollectiveError::Io {
                     peer,
-                    source: io::Error::new(
-                        e.kind(),
-                        format!("connecting to rank {peer} at {addr}: {e}"),
-                    ),
+                    source: io::Error::new(e.kind(), format!("connecting to rank {peer} at {addr}: {e}")),
                 })
             }
         }

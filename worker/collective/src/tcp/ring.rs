@@ -167,8 +167,7 @@ impl<'a> Ring<'a> {
             if let Some(piece) = self.pieces[id].take() {
                 return Ok(piece);
             }
-            let (returned, piece, written) =
-                self.done.recv().map_err(|_| sender_gone(self.next))?;
+            let (returned, piece, written) = self.done.recv().map_err(|_| sender_gone(self.next))?;
             self.pieces[returned] = Some(piece);
             written.map_err(io_error(self.next))?;
         }
@@ -270,8 +269,5 @@ impl Drop for ShutdownOnPanic<'_> {
 }
 
 fn sender_gone(peer: usize) -> CollectiveError {
-    CollectiveError::Io {
-        peer,
-        source: io::Error::new(io::ErrorKind::BrokenPipe, "the ring's sender thread has exited"),
-    }
+    CollectiveError::Io { peer, source: io::Error::new(io::ErrorKind::BrokenPipe, "the ring's sender thread has exited") }
 }

@@ -139,9 +139,7 @@ impl Header {
                 "rank {peer} is in {op} of {len} values while this rank is in {} of {} values",
                 self.op, self.len
             ))),
-            None => Err(CollectiveError::Protocol(format!(
-                "rank {peer} sent unknown operation code {code}"
-            ))),
+            None => Err(CollectiveError::Protocol(format!("rank {peer} sent unknown operation code {code}"))),
         }
     }
 }
@@ -157,21 +155,14 @@ pub(super) fn as_bytes(values: &[f32]) -> &[u8] {
     // SAFETY: the view covers exactly the memory of `values` (`size_of_val` bytes from its
     // start) and borrows it for the same lifetime; `u8` has alignment 1 and f32 has no padding,
     // so every byte is initialised.
-    unsafe {
-        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
-    }
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
 /// A writable view of `values` as wire bytes: receiving into it decodes for free.
 pub(super) fn as_bytes_mut(values: &mut [f32]) -> &mut [u8] {
     // SAFETY: as for `as_bytes`, and the view is the only access to that memory while it lives;
     // every bit pattern is a valid f32, so whatever bytes are written leave valid values.
-    unsafe {
-        std::slice::from_raw_parts_mut(
-            values.as_mut_ptr().cast::<u8>(),
-            std::mem::size_of_val(values),
-        )
-    }
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {

@@ -56,9 +56,7 @@ impl Writer {
         let world = streams.len();
         let (job_tx, job_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("tessera-tcp-send-{rank}"))
-            .spawn(move || run(streams, job_rx, done_tx))?;
+        let thread = std::thread::Builder::new().name(format!("tessera-tcp-send-{rank}")).spawn(move || run(streams, job_rx, done_tx))?;
         Ok(Writer {
             jobs: Some(job_tx),
             done: done_rx,
@@ -73,15 +71,7 @@ impl Writer {
     /// A writer with no thread, for a group of one rank, which never sends.
     pub fn none() -> Self {
         let (_, done_rx) = mpsc::channel();
-        Writer {
-            jobs: None,
-            done: done_rx,
-            thread: None,
-            in_flight: vec![0; 1],
-            total: 0,
-            pool: Vec::new(),
-            failure: None,
-        }
+        Writer { jobs: None, done: done_rx, thread: None, in_flight: vec![0; 1], total: 0, pool: Vec::new(), failure: None }
     }
 
     /// A buffer of [`BUF_BYTES`] bytes, from the pool when one has come back.
@@ -180,10 +170,7 @@ impl Drop for Writer {
 }
 
 fn thread_gone(peer: usize) -> CollectiveError {
-    CollectiveError::Io {
-        peer,
-        source: io::Error::new(io::ErrorKind::BrokenPipe, "the TCP sender thread has exited"),
-    }
+    CollectiveError::Io { peer, source: io::Error::new(io::ErrorKind::BrokenPipe, "the TCP sender thread has exited") }
 }
 
 fn run(streams: Vec<Option<TcpStream>>, jobs: Receiver<Job>, done: Sender<Done>) {

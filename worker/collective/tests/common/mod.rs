@@ -29,8 +29,7 @@ where
         std::thread::Builder::new()
             .name(format!("rank-{rank}"))
             .spawn(move || {
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(rank, item)));
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(rank, item)));
                 let _ = tx.send((rank, result));
             })
             .expect("spawn rank thread");
@@ -38,9 +37,7 @@ where
     drop(tx);
     let mut results: Vec<Option<T>> = (0..world).map(|_| None).collect();
     for _ in 0..world {
-        let (rank, result) = rx
-            .recv_timeout(HANG_LIMIT)
-            .unwrap_or_else(|_| panic!("a rank did not finish within {HANG_LIMIT:?}"));
+        let (rank, result) = rx.recv_timeout(HANG_LIMIT).unwrap_or_else(|_| panic!("a rank did not finish within {HANG_LIMIT:?}"));
         match result {
             Ok(value) => results[rank] = Some(value),
             Err(panic) => std::panic::resume_unwind(panic),
@@ -51,17 +48,13 @@ where
 
 /// Binds one loopback listener per rank and returns each rank's config and listener.
 pub fn tcp_configs(world: usize) -> Vec<(TcpConfig, TcpListener)> {
-    let listeners: Vec<TcpListener> =
-        (0..world).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind")).collect();
+    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind")).collect();
     let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().expect("local_addr")).collect();
     listeners
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let config = TcpConfig {
-                connect_timeout: Duration::from_secs(30),
-                ..TcpConfig::new(rank, peers.clone())
-            };
+            let config = TcpConfig { connect_timeout: Duration::from_secs(30), ..TcpConfig::new(rank, peers.clone()) };
             (config, listener)
         })
         .collect()
@@ -73,9 +66,7 @@ where
     T: Send + 'static,
     F: Fn(TcpCollective) -> T + Send + Sync + 'static,
 {
-    on_threads(tcp_configs(world), move |_, (config, listener)| {
-        body(TcpCollective::connect(config, listener).expect("connect"))
-    })
+    on_threads(tcp_configs(world), move |_, (config, listener)| body(TcpCollective::connect(config, listener).expect("connect")))
 }
 
 /// Small integers: sums over a few ranks are exact in any order.
@@ -107,18 +98,14 @@ pub fn assert_close_to_reference(got: &[f32], world: usize, value: fn(usize, usi
         let exact: f64 = (0..world).map(|r| f64::from(value(r, i))).sum();
         let scale: f64 = (0..world).map(|r| f64::from(value(r, i)).abs()).sum();
         let err = (f64::from(g) - exact).abs();
-        assert!(
-            err <= 1e-5 * scale.max(1e-30),
-            "element {i}: got {g}, reference {exact}, error {err}"
-        );
+        assert!(err <= 1e-5 * scale.max(1e-30), "element {i}: got {g}, reference {exact}, error {err}");
     }
 }
 
 /// Asserts every rank's buffer has the same bits as rank 0's.
 pub fn assert_identical(results: &[Vec<f32>]) {
     for (rank, r) in results.iter().enumerate().skip(1) {
-        let same = r.len() == results[0].len()
-            && r.iter().zip(&results[0]).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = r.len() == results[0].len() && r.iter().zip(&results[0]).all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "rank {rank} differs from rank 0");
     }
 }

@@ -215,11 +215,8 @@ impl SentenceHead {
         let modules_path = dir.join("modules.json");
         let modules: Vec<StModule> = if modules_path.exists() { read_json(&modules_path)? } else { Vec::new() };
         let normalize = modules.iter().any(|m| m.kind.ends_with(".Normalize"));
-        let pooling_dir = modules
-            .iter()
-            .find(|m| m.kind.ends_with(".Pooling"))
-            .map(|m| m.path.clone())
-            .unwrap_or_else(|| "1_Pooling".into());
+        let pooling_dir =
+            modules.iter().find(|m| m.kind.ends_with(".Pooling")).map(|m| m.path.clone()).unwrap_or_else(|| "1_Pooling".into());
         if pooling_dir.contains("..") || Path::new(&pooling_dir).is_absolute() {
             return Err(ModelError::InvalidConfig(format!("modules.json names a path outside the model directory: {pooling_dir:?}")));
         }
@@ -242,10 +239,9 @@ impl SentenceHead {
         match (raw.pooling_mode_mean_tokens, raw.pooling_mode_cls_token) {
             (true, false) => Ok(Pooling::Mean),
             (false, true) => Ok(Pooling::Cls),
-            (true, true) => Err(ModelError::InvalidConfig(format!(
-                "{}: combined pooling (mean and CLS concatenated) is not supported",
-                path.display()
-            ))),
+            (true, true) => {
+                Err(ModelError::InvalidConfig(format!("{}: combined pooling (mean and CLS concatenated) is not supported", path.display())))
+            }
             (false, false) => Err(ModelError::InvalidConfig(format!("{}: no pooling mode is enabled", path.display()))),
         }
     }
@@ -283,7 +279,8 @@ mod tests {
         assert!(matches!(BertConfig::from_dir(not_bert.path()), Err(ModelError::UnsupportedArchitecture(_))));
         let odd_heads = swap(r#""num_attention_heads": 2"#, r#""num_attention_heads": 3"#);
         assert!(matches!(BertConfig::from_dir(odd_heads.path()), Err(ModelError::InvalidConfig(_))));
-        let relative = swap(r#""max_position_embeddings": 32"#, r#""max_position_embeddings": 32, "position_embedding_type": "relative_key""#);
+        let relative =
+            swap(r#""max_position_embeddings": 32"#, r#""max_position_embeddings": 32, "position_embedding_type": "relative_key""#);
         assert!(matches!(BertConfig::from_dir(relative.path()), Err(ModelError::InvalidConfig(_))));
         let relu = swap(r#""max_position_embeddings": 32"#, r#""max_position_embeddings": 32, "hidden_act": "relu""#);
         assert!(matches!(BertConfig::from_dir(relu.path()), Err(ModelError::InvalidConfig(_))));
@@ -300,11 +297,9 @@ mod tests {
         let cls = dir_with(&[("modules.json", modules), ("pool/config.json", r#"{"pooling_mode_cls_token": true}"#)]);
         assert_eq!(SentenceHead::from_dir(cls.path()).expect("head"), SentenceHead { pooling: Pooling::Cls, normalize: true });
 
-        for bad in [
-            r#"{"pooling_mode_max_tokens": true}"#,
-            r#"{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true}"#,
-            r#"{}"#,
-        ] {
+        for bad in
+            [r#"{"pooling_mode_max_tokens": true}"#, r#"{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true}"#, r#"{}"#]
+        {
             let dir = dir_with(&[("1_Pooling/config.json", bad)]);
             assert!(matches!(SentenceHead::from_dir(dir.path()), Err(ModelError::InvalidConfig(_))), "{bad}");
         }

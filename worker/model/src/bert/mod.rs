@@ -39,11 +39,7 @@ impl Names<'_> {
     }
 
     fn layer_norm(&self, name: &str, size: usize, eps: f64) -> Result<LayerNorm> {
-        let (w, b) = if self.ckpt.contains(&format!("{}{name}.gamma", self.prefix)) {
-            ("gamma", "beta")
-        } else {
-            ("weight", "bias")
-        };
+        let (w, b) = if self.ckpt.contains(&format!("{}{name}.gamma", self.prefix)) { ("gamma", "beta") } else { ("weight", "bias") };
         let weight = self.tensor(&format!("{name}.{w}"), &[size])?;
         let bias = self.tensor(&format!("{name}.{b}"), &[size])?;
         Ok(LayerNorm::new(weight, bias, eps))
@@ -80,9 +76,7 @@ impl EncoderLayer {
     /// `x`: `[batch * len, hidden]`; `mask`: additive `[batch, 1, 1, len]`.
     fn forward(&self, x: &Tensor, mask: &Tensor, cfg: &BertConfig, batch: usize, len: usize) -> Result<Tensor> {
         let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((batch, len, heads, d))?.transpose(1, 2)?.contiguous()
-        };
+        let split = |t: Tensor| -> candle_core::Result<Tensor> { t.reshape((batch, len, heads, d))?.transpose(1, 2)?.contiguous() };
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
@@ -129,8 +123,7 @@ impl BertModel {
         let h = cfg.hidden_size;
         let word = n.tensor("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?;
         let position = n.tensor("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, h])?;
-        let token_type0 =
-            n.tensor("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?.narrow(0, 0, 1)?;
+        let token_type0 = n.tensor("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?.narrow(0, 0, 1)?;
         let embed_norm = n.layer_norm("embeddings.LayerNorm", h, cfg.layer_norm_eps)?;
         let layers = (0..cfg.num_hidden_layers).map(|i| EncoderLayer::load(&n, &cfg, i)).collect::<Result<_>>()?;
         Ok(Self { cfg, head, max_tokens, word, position, token_type0, embed_norm, layers, device: device.clone() })
@@ -196,12 +189,7 @@ impl BertModel {
 
         let h = self.cfg.hidden_size;
         let pos = self.position.narrow(0, 0, len)?;
-        let x = self
-            .word
-            .index_select(&ids, 0)?
-            .reshape((batch, len, h))?
-            .broadcast_add(&pos)?
-            .broadcast_add(&self.token_type0)?;
+        let x = self.word.index_select(&ids, 0)?.reshape((batch, len, h))?.broadcast_add(&pos)?.broadcast_add(&self.token_type0)?;
         let mut x = self.embed_norm.forward(&x)?.reshape((batch * len, h))?;
         for layer in &self.layers {
             x = layer.forward(&x, &mask, &self.cfg, batch, len)?;

@@ -129,8 +129,8 @@ impl GgufFile {
         // SAFETY: mapped read-only; like every mmap-based loader we assume nobody truncates the
         // file while the model is loading.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let content = Content::read(&mut std::io::Cursor::new(&map[..]))
-            .map_err(|source| ModelError::Gguf { path: path.to_path_buf(), source })?;
+        let content =
+            Content::read(&mut std::io::Cursor::new(&map[..])).map_err(|source| ModelError::Gguf { path: path.to_path_buf(), source })?;
         let arch = match content.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(ModelError::InvalidConfig(format!("{}: no general.architecture", path.display()))),
@@ -198,12 +198,7 @@ impl GgufFile {
         }
         let row_bytes = cols / unit_elems * unit_bytes;
         let past_end = || self.bad(format!("{name}: data runs past the end of the file"));
-        let start = self
-            .content
-            .tensor_data_offset
-            .checked_add(info.offset)
-            .and_then(|s| usize::try_from(s).ok())
-            .ok_or_else(past_end)?;
+        let start = self.content.tensor_data_offset.checked_add(info.offset).and_then(|s| usize::try_from(s).ok()).ok_or_else(past_end)?;
         let end = rows.checked_mul(row_bytes).and_then(|n| n.checked_add(start)).ok_or_else(past_end)?;
         let data = self.map.get(start..end).ok_or_else(past_end)?;
 
@@ -254,12 +249,7 @@ impl GgufFile {
 }
 
 /// The rows and columns of a `rows × cols` tensor that `shard` selects.
-fn shard_ranges(
-    name: &str,
-    rows: usize,
-    cols: usize,
-    shard: Shard,
-) -> Result<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+fn shard_ranges(name: &str, rows: usize, cols: usize, shard: Shard) -> Result<(std::ops::Range<usize>, std::ops::Range<usize>)> {
     let block = |size: usize| -> Result<std::ops::Range<usize>> {
         if !size.is_multiple_of(shard.parts) {
             return Err(ModelError::UnevenSplit { what: "tensor dimension", size, tp: shard.parts });

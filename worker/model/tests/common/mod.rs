@@ -48,9 +48,7 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 pub fn run_trace(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps: usize) -> Trace {
     let mut kv = model.new_kv_cache();
     let chunk = [SeqChunk { seq: 7, start: 0, len: prompt.len() }];
-    let logits = model
-        .forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All)
-        .expect("prefill");
+    let logits = model.forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All).expect("prefill");
     let prefill = rows(&logits);
     // `argmax` skips NaN: a non-finite logit must fail the trace, not pick another token.
     assert!(prefill.iter().flatten().all(|v| v.is_finite()), "a non-finite logit in the prefill");
@@ -59,9 +57,7 @@ pub fn run_trace(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps
     let mut decode = Vec::with_capacity(steps);
     for i in 0..steps {
         let chunk = [SeqChunk { seq: 7, start: prompt.len() + i, len: 1 }];
-        let logits = model
-            .forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, comm, LogitsMode::LastPerChunk)
-            .expect("decode");
+        let logits = model.forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, comm, LogitsMode::LastPerChunk).expect("decode");
         let row = rows(&logits).remove(0);
         assert!(row.iter().all(|v| v.is_finite()), "a non-finite logit at decode step {i}");
         next = tessera_model::sampler::argmax(&row);

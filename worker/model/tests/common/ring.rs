@@ -52,15 +52,7 @@ pub fn ring_trace(model: &Model, comm: &mut RingComm, prompt: &[u32], steps: usi
         }
     }
     let placement = kv.ring(SEQ).expect("ring placement");
-    RankTrace {
-        member,
-        local,
-        last,
-        decode,
-        greedy,
-        cached: kv.len(SEQ).expect("cached"),
-        held: placement.held().to_vec(),
-    }
+    RankTrace { member, local, last, decode, greedy, cached: kv.len(SEQ).expect("cached"), held: placement.held().to_vec() }
 }
 
 /// Runs `ring_trace` on R × T threads: member m, tensor rank t talks to its member's group of T
@@ -93,4 +85,3 @@ pub fn run_ring(dir: &Path, base: &LoadConfig, sp: usize, tp: usize, prompt: &[u
         handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
     })
 }
-

@@ -34,24 +34,15 @@ impl Digest {
             RingWork::Prefill { prompt_len, .. } => {
                 Self { decode_step: false, seq, len: *prompt_len as u64, token: 0, append_member: None }
             }
-            RingWork::Decode { token, position, append_member, .. } => Self {
-                decode_step: true,
-                seq,
-                len: *position as u64,
-                token: *token,
-                append_member: append_member.map(|m| m as u64),
-            },
+            RingWork::Decode { token, position, append_member, .. } => {
+                Self { decode_step: true, seq, len: *position as u64, token: *token, append_member: append_member.map(|m| m as u64) }
+            }
         }
     }
 
     fn encode(&self, out: &mut Vec<f32>) {
-        let fields = [
-            u64::from(self.decode_step),
-            self.seq,
-            self.len,
-            u64::from(self.token),
-            self.append_member.map_or(0, |m| m.saturating_add(1)),
-        ];
+        let fields =
+            [u64::from(self.decode_step), self.seq, self.len, u64::from(self.token), self.append_member.map_or(0, |m| m.saturating_add(1))];
         for field in fields {
             out.extend((0..4).map(|i| ((field >> (16 * i)) & 0xffff) as f32));
         }
@@ -59,13 +50,7 @@ impl Digest {
 
     fn decode(values: &[f32]) -> Self {
         let field = |f: usize| (0..4).fold(0u64, |acc, i| acc | ((values[4 * f + i] as u64) << (16 * i)));
-        Self {
-            decode_step: field(0) != 0,
-            seq: field(1),
-            len: field(2),
-            token: field(3) as u32,
-            append_member: field(4).checked_sub(1),
-        }
+        Self { decode_step: field(0) != 0, seq: field(1), len: field(2), token: field(3) as u32, append_member: field(4).checked_sub(1) }
     }
 }
 
@@ -106,14 +91,15 @@ pub(super) enum Agreement {
 
 /// Gathers the votes over the group, then the members' votes over the ring. Every rank of
 /// every member gathers the same members' votes, so all reach the same conclusion.
-pub(super) fn agree(tp: &mut dyn Collective, sp: &mut dyn Collective, digest: &Digest, accept: bool) -> std::result::Result<Agreement, CollectiveError> {
+pub(super) fn agree(
+    tp: &mut dyn Collective,
+    sp: &mut dyn Collective,
+    digest: &Digest,
+    accept: bool,
+) -> std::result::Result<Agreement, CollectiveError> {
     let mine = Vote { refused: !accept, differ: false, digest: *digest };
     let group = gather(tp, &mine)?;
-    let member = Vote {
-        refused: group.iter().any(|v| v.refused),
-        differ: group.iter().any(|v| v.digest != *digest),
-        digest: *digest,
-    };
+    let member = Vote { refused: group.iter().any(|v| v.refused), differ: group.iter().any(|v| v.digest != *digest), digest: *digest };
     let ring = gather(sp, &member)?;
     Ok(conclude(&ring))
 }
@@ -166,10 +152,7 @@ mod tests {
     fn agreement_runs_only_when_every_member_accepts_the_same_step() {
         let vote = |refused, differ, seq| Vote { refused, differ, digest: digest(seq, None) };
         assert_eq!(conclude(&[vote(false, false, 1), vote(false, false, 1)]), Agreement::Run);
-        assert_eq!(
-            conclude(&[vote(false, false, 1), vote(true, false, 1), vote(true, false, 1)]),
-            Agreement::Refused(vec![1, 2])
-        );
+        assert_eq!(conclude(&[vote(false, false, 1), vote(true, false, 1), vote(true, false, 1)]), Agreement::Refused(vec![1, 2]));
         let differ = conclude(&[vote(false, false, 1), vote(true, false, 2)]);
         assert_eq!(differ, Agreement::Differ(vec![digest(1, None), digest(2, None)]));
         assert!(matches!(conclude(&[vote(false, true, 1), vote(false, false, 1)]), Agreement::Differ(_)));
