@@ -524,6 +524,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// `model`'s index in the cluster's list, unless it failed to load.
+    fn servable_index(&self, state: &State, model: &ServedModel) -> Result<usize, CoordinatorError> {
+        let index = self
+            .models
+            .iter()
+            .position(|m| m.name() == model.name())
+            .ok_or_else(|| CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name())))?;
+        match state.failed.get(&index) {
+            Some(reason) => {
+                Err(CoordinatorError::ModelFailed(format!("model {:?} failed to load and is not served: {reason}", model.name())))
+            }
+            None => Ok(index),
+        }
+    }
+
     /// Where a request of `reserve` KV tokens goes: the least busy serving group of `model` that
     /// can hold it (among equally busy ones, the one chosen least recently); when no group can,
     /// the smallest ring of serving groups whose members can each hold their share.
@@ -533,14 +548,7 @@ impl Cluster {
     /// than the capacity alone needs: the prefill-cost rule.
     pub(crate) fn place(&self, model: &ServedModel, prompt_len: usize, reserve: u64) -> Result<Route, CoordinatorError> {
         let state = self.lock();
-        let index = self
-            .models
-            .iter()
-            .position(|m| m.name() == model.name())
-            .ok_or_else(|| CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name())))?;
-        if let Some(reason) = state.failed.get(&index) {
-            return Err(CoordinatorError::ModelFailed(format!("model {:?} failed to load and is not served: {reason}", model.name())));
-        }
+        let index = self.servable_index(&state, model)?;
         let mut capacities: Vec<u64> =
             state.groups.values().filter(|g| g.model == index && g.serving.is_some() && !g.draining).map(|g| g.kv_capacity).collect();
         capacities.sort_unstable_by(|a, b| b.cmp(a));
@@ -646,14 +654,7 @@ impl Cluster {
     /// chosen least recently), counted busy until the returned target is dropped.
     pub(crate) fn embed_target(&self, model: &ServedModel) -> Result<crate::embed::EmbedTarget, CoordinatorError> {
         let state = self.lock();
-        let index = self
-            .models
-            .iter()
-            .position(|m| m.name() == model.name())
-            .ok_or_else(|| CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name())))?;
-        if let Some(reason) = state.failed.get(&index) {
-            return Err(CoordinatorError::ModelFailed(format!("model {:?} failed to load and is not served: {reason}", model.name())));
-        }
+        let index = self.servable_index(&state, model)?;
         let best = state
             .groups
             .iter()

@@ -4,7 +4,6 @@
 
 use std::io::Read as _;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use tessera_etcd_harness::EtcdServer;
 use tessera_model::fixture::{demo, smollm2_gguf};
@@ -83,17 +82,13 @@ async fn a_permanent_load_error_fails_the_model_with_its_reason() {
     let coordinator = coordinator(&dir, &etcd.url(), 1).expect("the coordinator starts: config and tokenizer are fine");
     let _worker = etcd_worker(&etcd.url(), "w-a", 2).expect("worker");
     let mut client = connect(&coordinator.url).await;
-    let deadline = Instant::now() + PATIENCE;
-    let model = loop {
-        let status = client.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner();
-        let model = status.models.first().cloned().expect("the served model is listed");
-        if model.state == "failed" {
-            break model;
-        }
-        assert_eq!(model.state, "loading", "{model:?}");
-        assert!(Instant::now() < deadline, "the model was never marked failed: {status:?}");
-        tokio::time::sleep(POLL).await;
-    };
+    let status = until_status(&client, "the model marked failed", |status| {
+        let model = status.models.first().expect("the served model is listed");
+        assert!(model.state == "failed" || model.state == "loading", "{model:?}");
+        model.state == "failed"
+    })
+    .await;
+    let model = status.models.first().cloned().expect("the served model is listed");
     assert!(model.error.contains("cannot load the model") && model.error.contains("mlp"), "{}", model.error);
     let refused = generate(&mut client, greedy(prompt("Hello"), 2)).await.expect_err("a failed model serves nothing");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
