@@ -14,7 +14,6 @@ The JSON records model_sha256 and config_sha256 of the fixture, and the test
 (tests/tests/cluster/beams.rs) checks them against the freshly written fixture.
 """
 import argparse
-import hashlib
 import json
 import os
 
@@ -22,13 +21,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from golden_util import sha256_file
 
 
 CASES = [

@@ -11,7 +11,6 @@ same with CLS pooling (`cls_vector`), plus the
 library versions and the sha256 of model.safetensors. worker/model/tests/bert_parity.rs checks Tessera's tokenization and
 BertModel against it.
 """
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ import torch
 import transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+from golden_util import sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,14 +69,6 @@ TEXTS = [
     "refused unless the client asks for them to be truncated, in which case the response says "
     "which inputs were cut and how many tokens the model actually saw.",
 ]
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main():

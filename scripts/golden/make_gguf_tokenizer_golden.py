@@ -33,7 +33,6 @@ whose ids differ from transformers' own keeps those as "transformers_gguf_ids":
     add_prefix_space=False uses Metaspace(prepend_scheme="never") and no Strip decoder.
 worker/model/tests/gguf_tokenizer.rs checks tessera_model::gguf_tokenizer against these files.
 """
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -50,6 +49,8 @@ import transformers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, pre_tokenizers
 from transformers import AutoTokenizer
+
+from golden_util import sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(ROOT, "tests", "golden")
@@ -98,14 +99,6 @@ SPM_VARIANTS = [
     {"tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": True},
     {"general.architecture": "phi3"},
 ]
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_metadata(path):

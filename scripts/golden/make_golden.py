@@ -23,7 +23,6 @@ longest of those forwards (prefill_maxdiff), and exits with status 1 when either
 (default 1e-4). Expected to fail for `dynamic` RoPE once P+S > max_position_embeddings (see README).
 """
 import argparse
-import hashlib
 import inspect
 import json
 import os
@@ -34,15 +33,9 @@ import transformers
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from golden_util import sha256_file
+
 FIXTURE_FILE = "tessera_fixture.json"
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def list_fixtures(fixtures_dir, names):

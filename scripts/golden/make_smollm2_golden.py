@@ -6,13 +6,14 @@ Usage (see scripts/golden/README.md for the venv):
     .venv-golden/bin/python scripts/golden/make_smollm2_golden.py "$(scripts/fetch_smollm2.sh)" tests/golden/smollm2-greedy.json
 """
 
-import hashlib
 import json
 import os
 import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from golden_util import sha256_file
 
 NEW_TOKENS = 12
 
@@ -41,14 +42,6 @@ RENDERINGS = [
         {"role": "user", "content": "Tell me a joke.\nA short one."},
     ],
 ]
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main():
@@ -97,7 +90,7 @@ def main():
 
     doc = {
         "model": name,
-        "gguf_sha256": sha256(gguf_path),
+        "gguf_sha256": sha256_file(gguf_path),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "new_tokens": NEW_TOKENS,
