@@ -1,17 +1,17 @@
 //! Beam search over worker sequences, with Hugging Face transformers' semantics (its `generate`
 //! with `num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`).
 //!
-//! Pure state, no I/O. Each beam lives in a worker sequence ("slot"). Every step the workers
-//! report, per live slot, its best next tokens by log-probability after the penalties
+//! Pure state, no I/O. Each beam lives in a worker sequence ("lane"). Every step the workers
+//! report, per live lane, its best next tokens by log-probability after the penalties
 //! ([`Candidates`]); [`BeamSearch::advance`] adds each beam's running score, keeps the best
 //! `k = max(2, 1 + end tokens) · num_beams` continuations over all beams, turns the ones that end
 //! (an end token, or the length limit) among the first `num_beams` into finished hypotheses
 //! scored `sum_logprobs / generated_len^length_penalty`, and continues the best `num_beams`
-//! that do not end. A beam continues in its parent's slot when it is the parent's first child;
-//! other children take a free slot, which is first made a copy of the parent ([`Fork`]).
+//! that do not end. A beam continues in its parent's lane when it is the parent's first child;
+//! other children take a free lane, which is first made a copy of the parent ([`Fork`]).
 //!
 //! Per step only the `k` best continuations of each beam can matter (`k` over all beams are
-//! kept), so workers report `k` per slot and the vocabulary never leaves them.
+//! kept), so workers report `k` per lane and the vocabulary never leaves them.
 
 /// When beam search may stop before the length limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +42,10 @@ pub const MAX_BEAMS: u32 = 8;
 /// dozens of stop tokens reaches it, and then still keeps far more than `num_beams` that go on.
 const MAX_CANDIDATES: usize = 64;
 
-/// One slot's best next tokens and their log-probabilities, most likely first.
+/// One lane's best next tokens and their log-probabilities, most likely first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidates {
-    pub slot: usize,
+    pub lane: usize,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -70,7 +70,7 @@ pub struct Hypothesis {
 /// What the next step does.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Advance {
-    /// Apply `forks`, then feed each `(slot, token)`.
+    /// Apply `forks`, then feed each `(lane, token)`.
     Continue { forks: Vec<Fork>, feed: Vec<(usize, u32)> },
     /// Search over: the best hypotheses, best first.
     Done(Vec<Hypothesis>),
@@ -79,7 +79,7 @@ pub enum Advance {
 /// A live beam.
 #[derive(Debug, Clone)]
 struct Beam {
-    slot: usize,
+    lane: usize,
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
     /// Sum of the log-probabilities of `tokens`.
@@ -111,30 +111,30 @@ fn normalised(sum: f32, len: usize, length_penalty: f32) -> f32 {
 
 impl BeamSearch {
     /// A search over `max_new_tokens` at most, where any of `end_tokens` ends a hypothesis.
-    /// It starts with one beam, in slot 0, that has generated nothing.
+    /// It starts with one beam, in lane 0, that has generated nothing.
     pub fn new(config: BeamConfig, max_new_tokens: usize, end_tokens: Vec<u32>) -> Self {
         let keep = ((1 + end_tokens.len()).max(2) * config.num_beams).min(MAX_CANDIDATES);
-        let start = Beam { slot: 0, tokens: Vec::new(), logprobs: Vec::new(), score: 0.0 };
+        let start = Beam { lane: 0, tokens: Vec::new(), logprobs: Vec::new(), score: 0.0 };
         Self { config, max_new_tokens, end_tokens, keep, running: vec![start], finished: Vec::new(), improvable: true, generated: 0 }
     }
 
-    /// Candidates each slot must report per step.
-    pub fn candidates_per_slot(&self) -> usize {
+    /// Candidates each lane must report per step.
+    pub fn candidates_per_lane(&self) -> usize {
         self.keep
     }
 
-    /// Slots holding a live beam (fed every step).
-    pub fn live_slots(&self) -> impl Iterator<Item = usize> + '_ {
-        self.running.iter().map(|b| b.slot)
+    /// Lanes holding a live beam (fed every step).
+    pub fn live_lanes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.running.iter().map(|b| b.lane)
     }
 
-    /// Takes the candidates of every live slot and decides the next step.
+    /// Takes the candidates of every live lane and decides the next step.
     pub fn advance(&mut self, candidates: &[Candidates]) -> Advance {
         let num_beams = self.config.num_beams;
         // Every continuation of every beam: (accumulated score, beam index, token, log-prob).
         let mut all: Vec<(f32, usize, u32, f32)> = Vec::with_capacity(self.running.len() * self.keep);
         for (b, beam) in self.running.iter().enumerate() {
-            if let Some(c) = candidates.iter().find(|c| c.slot == beam.slot) {
+            if let Some(c) = candidates.iter().find(|c| c.lane == beam.lane) {
                 all.extend(c.top.iter().map(|&(token, lp)| (beam.score + lp, b, token, lp)));
             }
         }
@@ -191,14 +191,14 @@ impl BeamSearch {
         self.improvable &= normalised(best_running, len, lp) > worst;
     }
 
-    /// Places the next beams in slots: a parent's first child keeps its slot, other children
-    /// take free slots that are first made copies of their parent.
+    /// Places the next beams in lanes: a parent's first child keeps its lane, other children
+    /// take free lanes that are first made copies of their parent.
     fn continue_with(&mut self, next: Vec<(f32, usize, u32, f32)>) -> Advance {
         let num_beams = self.config.num_beams;
         let mut slot_of: Vec<Option<usize>> = vec![None; next.len()];
         let mut taken = vec![false; num_beams];
         for (i, &(_, b, ..)) in next.iter().enumerate() {
-            let parent = self.running[b].slot;
+            let parent = self.running[b].lane;
             if !taken[parent] {
                 taken[parent] = true;
                 slot_of[i] = Some(parent);
@@ -208,23 +208,23 @@ impl BeamSearch {
         let mut free = (0..num_beams).filter(|&s| !taken[s]).collect::<Vec<_>>().into_iter();
         for (i, &(_, b, ..)) in next.iter().enumerate() {
             if slot_of[i].is_none() {
-                // `next` has at most `num_beams` entries, so a free slot is always left.
+                // `next` has at most `num_beams` entries, so a free lane is always left.
                 let to = free.next().unwrap_or(0);
-                forks.push(Fork { from: self.running[b].slot, to });
+                forks.push(Fork { from: self.running[b].lane, to });
                 slot_of[i] = Some(to);
             }
         }
         let mut running = Vec::with_capacity(next.len());
         let mut feed = Vec::with_capacity(next.len());
-        for (&(score, b, token, lp), slot) in next.iter().zip(slot_of) {
-            let slot = slot.unwrap_or(0);
+        for (&(score, b, token, lp), lane) in next.iter().zip(slot_of) {
+            let lane = lane.unwrap_or(0);
             let parent = &self.running[b];
             let mut tokens = parent.tokens.clone();
             tokens.push(token);
             let mut logprobs = parent.logprobs.clone();
             logprobs.push(lp);
-            running.push(Beam { slot, tokens, logprobs, score });
-            feed.push((slot, token));
+            running.push(Beam { lane, tokens, logprobs, score });
+            feed.push((lane, token));
         }
         self.running = running;
         Advance::Continue { forks, feed }
@@ -249,18 +249,18 @@ mod tests {
         }
     }
 
-    /// Runs a search over the toy model, tracking slot contents as a worker would.
+    /// Runs a search over the toy model, tracking lane contents as a worker would.
     fn run(search: &mut BeamSearch) -> (Vec<Hypothesis>, usize) {
-        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); 8];
+        let mut lanes: Vec<Vec<u32>> = vec![Vec::new(); 8];
         let mut steps = 0;
         loop {
             steps += 1;
             let cands: Vec<Candidates> = search
-                .live_slots()
+                .live_lanes()
                 .map(|s| {
-                    let mut top = toy(&slots[s]);
-                    top.truncate(search.candidates_per_slot());
-                    Candidates { slot: s, top }
+                    let mut top = toy(&lanes[s]);
+                    top.truncate(search.candidates_per_lane());
+                    Candidates { lane: s, top }
                 })
                 .collect();
             match search.advance(&cands) {
@@ -268,10 +268,10 @@ mod tests {
                 Advance::Continue { forks, feed } => {
                     for f in forks {
                         assert!(f.from != f.to);
-                        slots[f.to] = slots[f.from].clone();
+                        lanes[f.to] = lanes[f.from].clone();
                     }
                     for (s, t) in feed {
-                        slots[s].push(t);
+                        lanes[s].push(t);
                     }
                 }
             }
@@ -322,10 +322,10 @@ mod tests {
     #[test]
     fn children_of_one_beam_take_free_slots_by_forking() {
         let mut search = BeamSearch::new(config(3, EarlyStopping::Never), 10, vec![99]);
-        let first = search.advance(&[Candidates { slot: 0, top: vec![(5, -0.1), (6, -0.2), (7, -0.3), (8, -0.4)] }]);
+        let first = search.advance(&[Candidates { lane: 0, top: vec![(5, -0.1), (6, -0.2), (7, -0.3), (8, -0.4)] }]);
         let Advance::Continue { forks, feed } = first else { panic!("ended early") };
         assert_eq!(feed, vec![(0, 5), (1, 6), (2, 7)]);
         assert_eq!(forks, vec![Fork { from: 0, to: 1 }, Fork { from: 0, to: 2 }]);
-        assert_eq!(search.candidates_per_slot(), 6);
+        assert_eq!(search.candidates_per_lane(), 6);
     }
 }

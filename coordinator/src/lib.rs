@@ -3,7 +3,11 @@
 //! * [`server`] — [`Coordinator`]: loads the served models' text-side files, follows the
 //!   registry, and serves `Inference`, health and reflection.
 //! * [`cluster`] — membership, group formation and teardown, placement of requests.
-//! * [`group`] — a group's iteration loop (continuous batching over `Step` RPCs).
+//! * [`scheduler`] — a group's scheduling policy as a synchronous state machine (admission by
+//!   KV blocks, preemption, chunked prefill, deadlines, beams); [`group`] — the async loop that
+//!   performs its plans over `Step` RPCs; [`fanout`] — one RPC to every rank, and agreement.
+//! * [`placement`] — where a request goes (one group, a ring, or a refusal), as pure functions.
+//! * [`output`] — one request's output: `Started`, chunks, the loop guard's resampling, the end.
 //! * [`request`] — validation and tokenization; [`limits`] the caps it enforces.
 //! * [`embed`] — `Embed` on encoder models: validation, truncation, the one worker call.
 //! * [`metrics`] — counters and latency histograms ([`histogram`]); `prometheus` serves them
@@ -20,6 +24,7 @@ mod deadline;
 pub mod detokenize;
 pub mod embed;
 pub mod error;
+mod fanout;
 pub mod generation;
 mod group;
 pub mod histogram;
@@ -27,17 +32,22 @@ pub mod limits;
 pub mod loop_guard;
 pub mod metrics;
 pub mod model;
+mod output;
+mod placement;
 mod prometheus;
 pub mod request;
 mod ring;
+mod scheduler;
 pub mod sentences;
 pub mod server;
 mod service;
 pub mod stop;
+#[cfg(test)]
+mod testing;
 
 pub use cluster::ClusterConfig;
 pub use error::CoordinatorError;
-pub use group::LoopConfig;
 pub use limits::Limits;
 pub use model::{largest_tp, ModelSpec};
+pub use scheduler::LoopConfig;
 pub use server::{Coordinator, CoordinatorConfig, INFERENCE_SERVICE};

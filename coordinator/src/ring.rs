@@ -25,18 +25,17 @@ use tessera_proto::v1 as pb;
 use tessera_proto::worker as wpb;
 use tonic::Status;
 
-use crate::cluster::{Cluster, RingLease, RingMember, RingPlan};
+use crate::cluster::{Cluster, RingLease, RingMember};
 use crate::error::CoordinatorError;
-use crate::generation::{Generation, Resample};
-use crate::group::{Events, Member};
+use crate::fanout::{agree, Disagreement, Rank};
+use crate::output::SequenceOutput;
+use crate::placement::RingPlan;
 
 /// A request routed to a ring.
 pub(crate) struct RingRequest {
     pub seq: u64,
     pub prompt: Vec<u32>,
-    pub sampling: wpb::Sampling,
-    pub generation: Generation,
-    pub events: Events,
+    pub output: SequenceOutput,
     /// When the client's deadline passes: the request then ends with `DEADLINE_EXCEEDED`.
     pub deadline: Option<Instant>,
     pub request_id: String,
@@ -46,7 +45,7 @@ impl RingRequest {
     /// Why the request must stop before its next step, if it must: its client went away, or
     /// its deadline passed after `generated` tokens.
     fn interrupted(&self, generated: usize) -> Result<(), Stop> {
-        if self.events.is_closed() {
+        if self.output.is_closed() {
             return Err(Stop::Cancelled);
         }
         if crate::deadline::passed(self.deadline, Instant::now()) {
@@ -77,47 +76,44 @@ pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRe
         // Nothing was sent to any worker yet, so there is nothing to free.
         Ok(Held::Expired) => {
             cluster.metrics.deadlines_exceeded(1);
-            let _ = req.events.send(Err(crate::deadline::exceeded(0)));
+            req.output.end(Err(crate::deadline::exceeded(0)), &cluster.metrics);
             return;
         }
         Err(e) => {
-            let _ = req.events.send(Err(e.into()));
+            req.output.end(Err(e.into()), &cluster.metrics);
             return;
         }
     };
     let ring_id = format!("ring-{}", lease.ring);
-    let workers: Vec<String> = lease.members.iter().flat_map(|m| m.members.iter().map(|w| w.id.clone())).collect();
-    let tp = lease.members.first().map_or(0, |m| m.members.len()) as u32;
-    let started = pb::Started {
-        request_id: req.request_id.clone(),
-        prompt_tokens: req.prompt.len() as u32,
-        placement: Some(pb::Placement { tp, sp: lease.members.len() as u32, workers }),
-    };
-    let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Started(started)) }));
+    let workers: Vec<String> = lease.members.iter().flat_map(|m| m.ranks.iter().map(|w| w.id.clone())).collect();
+    let tp = lease.members.first().map_or(0, |m| m.ranks.len()) as u32;
+    let placement = pb::Placement { tp, sp: lease.members.len() as u32, workers };
+    req.output.started(req.request_id.clone(), req.prompt.len() as u32, placement);
     tracing::info!(request_id = %req.request_id, ring = %ring_id, members = lease.members.len(), prompt_tokens = req.prompt.len(), "ring formed for a long request");
     let ring = Ring { lease: &lease, id: ring_id, timeout: cluster.step_timeout(), metrics: &cluster.metrics };
     let result = ring.run(&mut req).await;
     ring.leave().await;
-    match result {
-        // Sent after the ring let go of the sequence, as a group sends it after its release.
-        Ok(finished) => {
-            cluster.metrics.finished(&finished);
-            let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Finished(finished)) }));
-        }
-        Err(Stop::Cancelled) => cluster.metrics.cancelled(1),
-        Err(Stop::DeadlineExceeded { generated }) => {
-            cluster.metrics.deadlines_exceeded(1);
-            let _ = req.events.send(Err(crate::deadline::exceeded(generated)));
-        }
-        Err(Stop::Failed { status, lost }) => {
-            cluster.metrics.lost(1);
-            let _ = req.events.send(Err(status));
-            for (group, reason) in lost {
-                cluster.fail_group_by_id(group, reason);
-            }
+    // The groups take requests again before the client hears the end, as a group releases a
+    // sequence before sending its end: a client that sees its end can send its next request at
+    // once. Groups a failure lost are torn down first, so nothing new is placed on them.
+    if let Err(Stop::Failed { lost, .. }) = &result {
+        for (group, reason) in lost {
+            cluster.fail_group_by_id(*group, reason.clone());
         }
     }
     drop(lease);
+    match result {
+        Ok(finished) => req.output.end(Ok(finished), &cluster.metrics),
+        Err(Stop::Cancelled) => cluster.metrics.cancelled(1),
+        Err(Stop::DeadlineExceeded { generated }) => {
+            cluster.metrics.deadlines_exceeded(1);
+            req.output.end(Err(crate::deadline::exceeded(generated)), &cluster.metrics);
+        }
+        Err(Stop::Failed { status, .. }) => {
+            cluster.metrics.lost(1);
+            req.output.end(Err(status), &cluster.metrics);
+        }
+    }
 }
 
 /// How waiting for a ring's groups ended.
@@ -141,7 +137,7 @@ async fn until(deadline: Option<Instant>) {
 /// away or its deadline passes first.
 async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, req: &RingRequest) -> Result<Held, CoordinatorError> {
     let _waiting = cluster.metrics.ring_waiting(plan.tokens);
-    let events = &req.events;
+    let output = &req.output;
     // Wake-ups are registered before each check, so none between the check and the wait is lost.
     let lease = loop {
         let woken = cluster.idle.notified();
@@ -152,7 +148,7 @@ async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, req: &RingRequest) -> Resu
         }
         tokio::select! {
             _ = &mut woken => {}
-            _ = events.closed() => return Ok(Held::Cancelled),
+            _ = output.closed() => return Ok(Held::Cancelled),
             _ = until(req.deadline) => return Ok(Held::Expired),
         }
     };
@@ -165,7 +161,7 @@ async fn hold(cluster: &Arc<Cluster>, plan: RingPlan, req: &RingRequest) -> Resu
         }
         tokio::select! {
             _ = &mut woken => {}
-            _ = events.closed() => return Ok(Held::Cancelled),
+            _ = output.closed() => return Ok(Held::Cancelled),
             _ = until(req.deadline) => return Ok(Held::Expired),
         }
     }
@@ -186,33 +182,23 @@ impl Ring<'_> {
         let prefill = wpb::RingPrefill {
             prompt_len: req.prompt.len() as u32,
             tokens: Vec::new(),
-            sampling: Some(req.sampling.clone()),
+            sampling: Some(req.output.base_sampling().clone()),
             prompt: req.prompt.clone(),
         };
         let mut answer = self.step(req.seq, wpb::ring_step_request::Step::Prefill(prefill)).await?;
         let mut position = req.prompt.len() as u32;
-        let mut last_token = None;
         let mut generated = 0;
         loop {
-            last_token = Some(self.metrics.token(req.generation.arrived(), last_token, std::time::Instant::now()));
-            let top = answer.top.iter().map(|a| pb::TopLogprob { id: a.token, logprob: a.logprob }).collect();
-            let emitted = req
-                .generation
-                .accept_with_top(answer.token, answer.logprob, top)
-                .map_err(|e| Stop::Failed { status: Status::internal(e.to_string()), lost: Vec::new() })?;
-            if let Some(chunk) = emitted.chunk {
-                let _ = req.events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Chunk(chunk)) }));
-            }
-            if let Some(finished) = emitted.finished {
+            let accepted = req
+                .output
+                .accept(answer.token, answer.logprob, &answer.top, self.metrics, Instant::now())
+                .map_err(|status| Stop::Failed { status, lost: Vec::new() })?;
+            if let Some(finished) = accepted.finished {
                 return Ok(finished);
             }
             generated += 1;
             req.interrupted(generated)?;
-            let sampling = match emitted.resample {
-                Some(Resample::Raise { temperature }) => Some(wpb::Sampling { temperature, ..req.sampling.clone() }),
-                Some(Resample::Restore) => Some(req.sampling.clone()),
-                None => None,
-            };
+            let sampling = accepted.sampling;
             let decode = wpb::RingDecode { token: answer.token, position, append_member: None, sampling };
             answer = self.step(req.seq, wpb::ring_step_request::Step::Decode(decode)).await?;
             position += 1;
@@ -229,9 +215,9 @@ impl Ring<'_> {
         });
         let addresses = self.gather(join_all(prepares).await, "prepare the ring")?;
         // Rank t of member m is at index m * tp + t.
-        let tp = self.lease.members.first().map_or(0, |m| m.members.len());
+        let tp = self.lease.members.first().map_or(0, |m| m.ranks.len());
         let joins = self.ranks().map(|(_, g, w)| {
-            let t = g.members.iter().position(|x| x.id == w.id).unwrap_or(0);
+            let t = g.ranks.iter().position(|x| x.id == w.id).unwrap_or(0);
             let peers = (0..self.lease.members.len()).map(|m| addresses[m * tp + t].clone()).collect();
             let mut client = w.client.clone();
             let request = wpb::JoinRingRequest { group_id: g.name.clone(), ring_id: self.id.clone(), peers };
@@ -256,13 +242,15 @@ impl Ring<'_> {
                 return Err(Stop::Failed { status: Status::unavailable(format!("{reason}; retry")), lost: self.all_lost(&reason) });
             }
         };
-        let first =
-            answers.first().cloned().ok_or_else(|| Stop::Failed { status: Status::internal("the ring has no ranks"), lost: Vec::new() })?;
-        if answers.iter().any(|a| a.token != first.token) {
-            let reason = "ring members sampled different tokens; replicated state diverged".to_string();
-            return Err(Stop::Failed { status: Status::internal(reason.clone()), lost: self.all_lost(&reason) });
-        }
-        Ok(first)
+        agree(answers, |a, b| a.token == b.token).map_err(|d| {
+            let reason = match d {
+                Disagreement::Empty => return Stop::Failed { status: Status::internal("the ring has no ranks"), lost: Vec::new() },
+                Disagreement::Diverged { rank } => {
+                    format!("rank {rank} of the ring sampled a different token than rank 0; replicated state diverged")
+                }
+            };
+            Stop::Failed { status: Status::internal(reason.clone()), lost: self.all_lost(&reason) }
+        })
     }
 
     /// Frees the ring on every rank; failures only matter to groups being torn down anyway.
@@ -280,8 +268,8 @@ impl Ring<'_> {
     }
 
     /// Every rank as (member index, member, worker), member by member, rank by rank.
-    fn ranks(&self) -> impl Iterator<Item = (usize, &RingMember, &Member)> {
-        self.lease.members.iter().enumerate().flat_map(|(m, g)| g.members.iter().map(move |w| (m, g, w)))
+    fn ranks(&self) -> impl Iterator<Item = (usize, &RingMember, &Rank)> {
+        self.lease.members.iter().enumerate().flat_map(|(m, g)| g.ranks.iter().map(move |w| (m, g, w)))
     }
 
     /// The answers of every rank, or the first failure. A refusal (bad input, no room, a peer

@@ -18,11 +18,12 @@ use crate::cluster::{Cluster, Route};
 use crate::embed::{embed, prepare_embed};
 use crate::error::CoordinatorError;
 use crate::generation::Generation;
-use crate::group::NewSequence;
 use crate::limits::Limits;
 use crate::model::ModelKind;
+use crate::output::SequenceOutput;
 use crate::request::prepare;
 use crate::ring::{self, RingRequest};
+use crate::scheduler::NewSequence;
 
 /// Serves `tessera.v1.Inference`.
 pub struct InferenceService {
@@ -49,16 +50,9 @@ impl Inference for InferenceService {
         let prepared = tokio::task::spawn_blocking(move || prepare(req.into_inner(), &models, &limits))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
-        // Each beam holds a whole sequence of KV cache: its own copy of the prompt included, in
-        // whole blocks (a single sequence's last block is the group's to round).
-        let beams = prepared.beam.map_or(1, |b| b.num_beams) as u64;
-        let total = prepared.prompt.len() as u64 + u64::from(prepared.stopping.max_new_tokens);
-        let reserve = if beams > 1 { beams * tessera_proto::kv_blocks(total) * tessera_proto::KV_BLOCK_TOKENS } else { total };
-        // Beam search runs on one group only: its prompt length is not offered to the rule that
-        // spreads long prompts over rings for speed.
-        let prompt_len = if prepared.beam.is_some() { 0 } else { prepared.prompt.len() };
-        let route = self.cluster.place(&prepared.model, prompt_len, reserve)?;
-        let seq = self.cluster.next_seqs(beams);
+        let beams = prepared.beam.map_or(1, |b| b.num_beams);
+        let (route, needs) = self.cluster.place(&prepared.model, prepared.prompt.len(), prepared.stopping.max_new_tokens, beams)?;
+        let seq = self.cluster.next_seqs(beams as u64);
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;
         if !prepared.seed_given {
@@ -66,34 +60,22 @@ impl Inference for InferenceService {
         }
         let prompt_tokens = prepared.prompt.len() as u32;
         let (events, stream) = mpsc::unbounded_channel();
-        let placement = match route {
-            Route::Group(placement) => placement,
+        let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
+        let output = SequenceOutput::new(generation, events, sampling);
+        match route {
             Route::Ring(plan) => {
-                if prepared.beam.is_some() {
-                    return Err(CoordinatorError::InvalidArgument(format!(
-                        "beam search runs on one group, and {reserve} KV tokens (prompt plus max_new_tokens, times num_beams) \
-                         fit no group; lower num_beams or max_new_tokens"
-                    ))
-                    .into());
-                }
-                let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
-                let request =
-                    RingRequest { seq, prompt: prepared.prompt, sampling, generation, events, deadline, request_id: request_id.clone() };
+                let request = RingRequest { seq, prompt: prepared.prompt, output, deadline, request_id: request_id.clone() };
                 tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, "generate on a ring");
                 tokio::spawn(ring::serve(self.cluster.clone(), plan, request));
-                return Ok(Response::new(UnboundedReceiverStream::new(stream)));
             }
-        };
-        let started = pb::Started {
-            request_id: request_id.clone(),
-            prompt_tokens,
-            placement: Some(pb::Placement { tp: placement.tp, sp: 1, workers: placement.workers.clone() }),
-        };
-        let _ = events.send(Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Started(started)) }));
-        let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
-        let beam = prepared.beam;
-        placement.submit(NewSequence { seq, prompt: prepared.prompt, reserve, deadline, sampling, generation, beam, events })?;
-        tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
+            Route::Group(placement) => {
+                let where_ = pb::Placement { tp: placement.tp, sp: 1, workers: placement.workers.clone() };
+                output.started(request_id.clone(), prompt_tokens, where_);
+                let (prompt, reserve, beam) = (prepared.prompt, needs.kv_tokens, prepared.beam);
+                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam })?;
+                tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
+            }
+        }
         Ok(Response::new(UnboundedReceiverStream::new(stream)))
     }
 

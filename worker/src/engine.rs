@@ -21,7 +21,9 @@ use tokio::sync::{oneshot, watch};
 use crate::error::WorkerError;
 
 mod ring;
+mod sampling;
 pub use ring::{RingMembership, RingSampled, RingSampling, RingSeqStep, RingWork};
+use sampling::{Pick, SeqSampling};
 
 type Result<T> = std::result::Result<T, WorkerError>;
 
@@ -81,15 +83,6 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
     /// Random numbers the sequence's sampler has drawn so far.
     pub rng_draws: u64,
-}
-
-/// A sequence's sampler and what it reports.
-#[derive(Clone)]
-struct SeqSampling {
-    sampler: Sampler,
-    top_logprobs: usize,
-    /// Beam search: candidates reported per step (0: the sampler picks the token).
-    beam_candidates: usize,
 }
 
 /// A snapshot of the engine for status reports.
@@ -402,6 +395,8 @@ impl Engine {
         }
     }
 
+    /// One step of a group: check the KV room, apply the forks, prepare the samplers, run the
+    /// forward pass over every chunk at once, and sample the rows that ask for a token.
     fn step(&mut self, group: &str, StepWork { forks, seqs: work }: StepWork) -> Result<Vec<Sampled>> {
         let capacity = self.config.kv_capacity_tokens;
         // One span per step with where its time went, for whatever subscriber the process runs
@@ -417,61 +412,10 @@ impl Engine {
         );
         let _entered = span.enter();
         let s = self.serving(group, "step")?;
-        let new_tokens: u64 = work.iter().map(|w| w.tokens.len() as u64).sum();
-        span.record("tokens", new_tokens);
-        // KV memory is counted in blocks; the step is refused whole, before anything runs, if
-        // what it would hold afterwards does not fit.
-        let capacity = capacity / tessera_model::KV_BLOCK_TOKENS as u64;
-        let grown: u64 =
-            work.iter().map(|w| (tessera_model::blocks_for(w.start + w.tokens.len()).saturating_sub(s.kv.seq_blocks(w.seq))) as u64).sum();
-        let needed = (s.kv.blocks() as u64).saturating_add(fork_growth(&s.kv, &forks)?).saturating_add(grown);
-        if needed > capacity {
-            return Err(WorkerError::KvExhausted { needed, capacity });
-        }
-        for &(from, to) in &forks {
-            let sampling = s
-                .samplers
-                .get(&from)
-                .cloned()
-                .ok_or_else(|| WorkerError::InvalidArgument(format!("fork from sequence {from}, which has no sampler")))?;
-            s.kv.fork(from, to)?;
-            s.samplers.insert(to, sampling);
-        }
-        let mut tokens = Vec::with_capacity(new_tokens as usize);
-        let mut chunks = Vec::with_capacity(work.len());
-        for w in &work {
-            if let Some(params) = &w.sampling {
-                match s.samplers.get_mut(&w.seq) {
-                    // A change mid-sequence (the coordinator's loop guard raising the
-                    // temperature, then restoring it) keeps the history and the random stream.
-                    Some(seq) => {
-                        seq.sampler.set_params(params.clone());
-                        seq.top_logprobs = w.top_logprobs;
-                        seq.beam_candidates = w.beam_candidates;
-                    }
-                    None => {
-                        let sampler = match w.resume {
-                            Some((prompt_len, draws)) => Sampler::resumed(params.clone(), prompt_len, draws),
-                            None => Sampler::new(params.clone()),
-                        };
-                        let sampling = SeqSampling { sampler, top_logprobs: w.top_logprobs, beam_candidates: w.beam_candidates };
-                        s.samplers.insert(w.seq, sampling);
-                    }
-                }
-            }
-            // Until a sequence has sampled, what it is fed is its prompt (possibly in chunks);
-            // afterwards it is fed the tokens its sampler chose, which the sampler has recorded,
-            // or, in beam search, the tokens the coordinator chose, recorded here.
-            if let Some(seq) = s.samplers.get_mut(&w.seq) {
-                if !seq.sampler.has_sampled() {
-                    seq.sampler.observe_context(w.start, &w.tokens);
-                } else if seq.beam_candidates > 0 {
-                    seq.sampler.observe_generated(&w.tokens);
-                }
-            }
-            chunks.push(SeqChunk { seq: w.seq, start: w.start, len: w.tokens.len() });
-            tokens.extend_from_slice(&w.tokens);
-        }
+        check_kv_room(&s.kv, &work, &forks, capacity)?;
+        apply_forks(s, &forks)?;
+        let (tokens, chunks) = prepare_samplers(s, &work);
+        span.record("tokens", tokens.len());
         let started = std::time::Instant::now();
         let result = s.model.forward(&Batch { tokens: &tokens, chunks: &chunks }, &mut s.kv, s.comm.as_mut(), LogitsMode::LastPerChunk);
         span.record("forward_ms", started.elapsed().as_secs_f64() * 1e3);
@@ -489,25 +433,13 @@ impl Engine {
         let started = std::time::Instant::now();
         let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(tessera_model::ModelError::from)?;
         let mut out = Vec::new();
-        for (w, row) in work.iter().zip(&rows) {
-            if !w.sample {
-                continue;
-            }
+        for (w, row) in work.iter().zip(&rows).filter(|(w, _)| w.sample) {
             let seq = s
                 .samplers
                 .get_mut(&w.seq)
                 .ok_or_else(|| WorkerError::InvalidArgument(format!("sequence {} has no sampling parameters", w.seq)))?;
-            if seq.beam_candidates > 0 {
-                let mut top = Vec::with_capacity(seq.beam_candidates);
-                seq.sampler.score(row, seq.beam_candidates, &mut top);
-                let (token, logprob) = top.first().copied().unwrap_or((0, f32::NEG_INFINITY));
-                out.push(Sampled { seq: w.seq, token, logprob, top, rng_draws: 0 });
-                continue;
-            }
-            let token = seq.sampler.sample(row);
-            let norm = LogSoftmax::of(row);
-            let top = if seq.top_logprobs > 0 { norm.top(row, seq.top_logprobs) } else { Vec::new() };
-            out.push(Sampled { seq: w.seq, token, logprob: norm.at(row, token as usize), top, rng_draws: seq.sampler.rng_draws() });
+            let Pick { token, logprob, top, rng_draws } = seq.pick(row);
+            out.push(Sampled { seq: w.seq, token, logprob, top, rng_draws });
         }
         span.record("sample_ms", started.elapsed().as_secs_f64() * 1e3);
         tracing::debug!("step done");
@@ -561,42 +493,79 @@ fn fork_growth(kv: &KvCache, forks: &[(SeqId, SeqId)]) -> Result<u64> {
     Ok(added)
 }
 
+/// Refuses a step whole, before anything runs, when what the KV cache would hold afterwards
+/// (forks and new tokens counted in blocks) does not fit `capacity_tokens`.
+fn check_kv_room(kv: &KvCache, work: &[SeqWork], forks: &[(SeqId, SeqId)], capacity_tokens: u64) -> Result<()> {
+    let capacity = capacity_tokens / tessera_model::KV_BLOCK_TOKENS as u64;
+    let grown: u64 =
+        work.iter().map(|w| (tessera_model::blocks_for(w.start + w.tokens.len()).saturating_sub(kv.seq_blocks(w.seq))) as u64).sum();
+    let needed = (kv.blocks() as u64).saturating_add(fork_growth(kv, forks)?).saturating_add(grown);
+    if needed > capacity {
+        return Err(WorkerError::KvExhausted { needed, capacity });
+    }
+    Ok(())
+}
+
+/// Copies each fork's source sequence (cache and sampler) onto its target.
+fn apply_forks(s: &mut Serving, forks: &[(SeqId, SeqId)]) -> Result<()> {
+    for &(from, to) in forks {
+        let sampling = s
+            .samplers
+            .get(&from)
+            .cloned()
+            .ok_or_else(|| WorkerError::InvalidArgument(format!("fork from sequence {from}, which has no sampler")))?;
+        s.kv.fork(from, to)?;
+        s.samplers.insert(to, sampling);
+    }
+    Ok(())
+}
+
+/// Creates, changes or resumes each sequence's sampler as its work says, records what the
+/// sequence is fed, and lays the step's tokens out as one batch of chunks.
+fn prepare_samplers(s: &mut Serving, work: &[SeqWork]) -> (Vec<u32>, Vec<SeqChunk>) {
+    let mut tokens = Vec::with_capacity(work.iter().map(|w| w.tokens.len()).sum());
+    let mut chunks = Vec::with_capacity(work.len());
+    for w in work {
+        if let Some(params) = &w.sampling {
+            match s.samplers.get_mut(&w.seq) {
+                // A change mid-sequence (the coordinator's loop guard raising the
+                // temperature, then restoring it) keeps the history and the random stream.
+                Some(seq) => {
+                    seq.sampler.set_params(params.clone());
+                    seq.top_logprobs = w.top_logprobs;
+                    seq.beam_candidates = w.beam_candidates;
+                }
+                None => {
+                    let sampler = match w.resume {
+                        Some((prompt_len, draws)) => Sampler::resumed(params.clone(), prompt_len, draws),
+                        None => Sampler::new(params.clone()),
+                    };
+                    let sampling = SeqSampling { sampler, top_logprobs: w.top_logprobs, beam_candidates: w.beam_candidates };
+                    s.samplers.insert(w.seq, sampling);
+                }
+            }
+        }
+        // Until a sequence has sampled, what it is fed is its prompt (possibly in chunks);
+        // afterwards it is fed the tokens its sampler chose, which the sampler has recorded,
+        // or, in beam search, the tokens the coordinator chose, recorded here.
+        if let Some(seq) = s.samplers.get_mut(&w.seq) {
+            if !seq.sampler.has_sampled() {
+                seq.sampler.observe_context(w.start, &w.tokens);
+            } else if seq.beam_candidates > 0 {
+                seq.sampler.observe_generated(&w.tokens);
+            }
+        }
+        chunks.push(SeqChunk { seq: w.seq, start: w.start, len: w.tokens.len() });
+        tokens.extend_from_slice(&w.tokens);
+    }
+    (tokens, chunks)
+}
+
 fn state_name(state: &State) -> &'static str {
     match state {
         State::Idle => "idle",
         State::Assigned { .. } => "assigned",
         State::Serving(_) | State::Encoding(_) => "serving",
         State::Failed { .. } => "failed",
-    }
-}
-
-/// The normaliser of `log softmax(row)`, computed stably in f64 once per row.
-struct LogSoftmax {
-    /// `max(row) + ln Σ exp(row − max)`.
-    log_z: f64,
-}
-
-impl LogSoftmax {
-    fn of(row: &[f32]) -> Self {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-        Self { log_z: max as f64 + sum.ln() }
-    }
-
-    fn at(&self, row: &[f32], i: usize) -> f32 {
-        (row[i] as f64 - self.log_z) as f32
-    }
-
-    /// The `n` most likely tokens, most likely first (ties: lower id first).
-    fn top(&self, row: &[f32], n: usize) -> Vec<(u32, f32)> {
-        let mut ids: Vec<u32> = (0..row.len() as u32).collect();
-        let n = n.min(ids.len());
-        let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-        if n < ids.len() {
-            ids.select_nth_unstable_by(n, by_logit);
-            ids.truncate(n);
-        }
-        ids.sort_by(by_logit);
-        ids.into_iter().map(|i| (i, self.at(row, i as usize))).collect()
     }
 }

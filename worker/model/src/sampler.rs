@@ -318,10 +318,8 @@ impl Sampler {
     /// [`Sampler::observe_generated`]. Marks the prompt as done, like [`Sampler::sample`].
     pub fn score(&mut self, logits: &[f32], n: usize, out: &mut Vec<(u32, f32)>) {
         self.penalised.clear();
-        let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| ((l - max) as f64).exp()).sum();
-        let log_z = max as f64 + sum.ln();
-        self.penalised.extend(logits.iter().map(|&l| (l as f64 - log_z) as f32));
+        let log_probs = LogProbs::of(logits);
+        self.penalised.extend((0..logits.len()).map(|i| log_probs.at(i)));
         if let Some(h) = self.history.as_ref().filter(|h| !h.is_empty()) {
             apply_penalties(&mut self.penalised, &self.params, h, &mut self.dry);
         }
@@ -336,6 +334,40 @@ impl Sampler {
         out.clear();
         out.extend(self.candidates.iter().map(|&(l, i)| (i, l)));
         self.sampled = true;
+    }
+}
+
+/// `log_softmax` of one row of logits, NaNs skipped: the normaliser is computed once (stably, in
+/// f64), then any entry or the most likely ones are read off it.
+pub struct LogProbs<'a> {
+    row: &'a [f32],
+    /// `max(row) + ln Σ exp(row − max)`.
+    log_z: f64,
+}
+
+impl<'a> LogProbs<'a> {
+    pub fn of(row: &'a [f32]) -> Self {
+        let max = row.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().filter(|l| !l.is_nan()).map(|&l| ((l - max) as f64).exp()).sum();
+        Self { row, log_z: max as f64 + sum.ln() }
+    }
+
+    /// The log-probability of token `i` (NaN for a NaN logit).
+    pub fn at(&self, i: usize) -> f32 {
+        (self.row[i] as f64 - self.log_z) as f32
+    }
+
+    /// The `n` most likely tokens with their log-probabilities, most likely first (ties: lower
+    /// id first); NaN logits are never among them.
+    pub fn top(&self, n: usize) -> Vec<(u32, f32)> {
+        let mut ids: Vec<(f32, u32)> = self.row.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (l, i as u32)).collect();
+        let n = n.min(ids.len());
+        if n > 0 && n < ids.len() {
+            ids.select_nth_unstable_by(n - 1, by_logit);
+        }
+        ids.truncate(n);
+        ids.sort_unstable_by(by_logit);
+        ids.into_iter().map(|(_, i)| (i, self.at(i as usize))).collect()
     }
 }
 
@@ -472,6 +504,19 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_probs_normalise_skip_nan_and_rank_the_most_likely() {
+        let row = [1.0, f32::NAN, 3.0, 3.0, -2.0];
+        let lp = LogProbs::of(&row);
+        let total: f64 = [0, 2, 3, 4].iter().map(|&i| f64::from(lp.at(i)).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert!(lp.at(1).is_nan());
+        let top = lp.top(3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [2, 3, 0], "ties by lower id; NaN never listed");
+        assert_eq!(top[0].1, lp.at(2));
+        assert_eq!(lp.top(10).len(), 4);
+    }
 
     #[test]
     fn new_parameters_take_effect_and_keep_the_random_stream() {

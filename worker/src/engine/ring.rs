@@ -28,7 +28,7 @@ use tessera_model::sampler::{Sampler, SamplingParams};
 use tessera_model::{AppendOn, DecodeStep, KvCache, Model, ModelError, PrefillStep, RingComm, RingLogits, RingStep, SeqId, ZigzagLayout};
 use tokio::sync::oneshot;
 
-use super::{Command, Engine, EngineHandle, LogSoftmax, Result, SeqSampling, Serving, State};
+use super::{Command, Engine, EngineHandle, Result, SeqSampling, Serving, State};
 use crate::error::WorkerError;
 
 mod agreement;
@@ -461,8 +461,6 @@ fn forward(model: &Model, kv: &mut KvCache, comm: &mut RingComm, step: &RingStep
 
 /// Samples exactly as `Step` does.
 fn sample(seq: &mut SeqSampling, row: &[f32]) -> RingSampled {
-    let token = seq.sampler.sample(row);
-    let norm = LogSoftmax::of(row);
-    let top = if seq.top_logprobs > 0 { norm.top(row, seq.top_logprobs) } else { Vec::new() };
-    RingSampled { token, logprob: norm.at(row, token as usize), top }
+    let pick = seq.pick(row);
+    RingSampled { token: pick.token, logprob: pick.logprob, top: pick.top }
 }

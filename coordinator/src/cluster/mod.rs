@@ -1,0 +1,204 @@
+//! The coordinator's view of the cluster: which workers are alive, which groups they form, and
+//! which group serves a request.
+//!
+//! Membership events from the registry drive everything. Free workers are formed into groups
+//! of the model's tensor-parallel size (`Assign` on every rank, then `Rendezvous`, which returns
+//! once each rank has connected its collective and loaded its shard). A loaded group gets an
+//! iteration loop ([`GroupLoop`]). When a member leaves (its key disappears) or a step fails,
+//! the group is torn down: its requests get `UNAVAILABLE`, surviving members are `Reset` and
+//! become free again, and free workers — old survivors plus newcomers — are formed into new
+//! groups without restarting anything.
+//!
+//! Locking: one mutex over the maps, never held across an `.await`.
+//!
+//! The parts: [`membership`] follows the registry and tears lost groups down, [`formation`]
+//! turns free workers into loaded groups, [`routing`] places requests (the decision itself is
+//! [`crate::placement`]'s, over a snapshot taken here), and [`status`] reports.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tessera_proto::worker::worker_client::WorkerClient;
+use tessera_registry::WorkerRecord;
+use tokio::sync::{mpsc, watch, Notify};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::metrics::Metrics;
+use crate::model::ServedModel;
+use crate::placement::GroupView;
+use crate::scheduler::{LoopConfig, NewSequence};
+
+mod formation;
+mod membership;
+mod routing;
+mod status;
+
+pub(crate) use routing::{RingLease, RingMember, Route};
+
+/// Timeouts and sizes of group management.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Longest wait for a quick worker RPC (assign, reset, status, release).
+    pub rpc_timeout: Duration,
+    /// Longest wait for a group to connect and load its shards.
+    pub load_timeout: Duration,
+    /// Requests waiting per group before new ones are refused with `RESOURCE_EXHAUSTED`.
+    pub queue_depth: usize,
+    pub group_loop: LoopConfig,
+    /// Longest pause before retrying after a group failed to form.
+    pub max_retry_backoff: Duration,
+    /// Prompts of at least this many tokens go to a ring of `ceil(prompt / this)` groups even
+    /// when one group could hold them: each member then prefills about this many tokens, which
+    /// bounds the prefill time (attention cost grows with the square of the tokens). 0: rings
+    /// only for requests no group can hold.
+    pub ring_prefill_tokens: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            rpc_timeout: Duration::from_secs(3),
+            load_timeout: Duration::from_secs(600),
+            queue_depth: 256,
+            group_loop: LoopConfig { max_batch: 32, step_tokens: 256, step_timeout: Duration::from_secs(300), static_batching: false },
+            max_retry_backoff: Duration::from_secs(30),
+            ring_prefill_tokens: 0,
+        }
+    }
+}
+
+enum Role {
+    Free,
+    /// Member of this group (forming or serving).
+    Busy(u64),
+    /// Did not answer after its group failed; unused until it registers again.
+    Quarantined,
+}
+
+struct WorkerEntry {
+    record: WorkerRecord,
+    client: WorkerClient<Channel>,
+    role: Role,
+}
+
+struct Serving {
+    submit: mpsc::Sender<NewSequence>,
+    active: Arc<AtomicUsize>,
+    /// Encoder groups: the queue that batches `Embed` requests for the group's worker.
+    embed: Option<crate::embed::EmbedBatcher>,
+    /// When the group was last chosen (a placement counter), so ties go round-robin.
+    last_placed: AtomicU64,
+}
+
+struct GroupEntry {
+    model: usize,
+    /// Worker ids by rank.
+    workers: Vec<String>,
+    /// KV tokens of the member with the least: what one group can hold.
+    kv_capacity: u64,
+    serving: Option<Serving>,
+    lost: watch::Sender<Option<String>>,
+    /// The ring that holds this group: no new request is placed on it until the ring ends.
+    held_by: Option<u64>,
+    /// A member announced it is draining: the group finishes what it runs and takes nothing new.
+    draining: bool,
+}
+
+#[derive(Default)]
+struct State {
+    workers: BTreeMap<String, WorkerEntry>,
+    groups: BTreeMap<u64, GroupEntry>,
+    /// Models whose workers refused them for good, with the reason: no group forms for them.
+    failed: BTreeMap<usize, String>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+/// Shared state of one coordinator.
+pub(crate) struct Cluster {
+    pub models: Vec<Arc<ServedModel>>,
+    config: ClusterConfig,
+    state: Mutex<State>,
+    /// Number of groups loaded and serving, for health and for callers waiting to serve.
+    serving: watch::Sender<usize>,
+    /// Models failed for good (`State::failed`), by name with the reason, for callers waiting
+    /// to serve.
+    failures: watch::Sender<Vec<(String, String)>>,
+    next_group: AtomicU64,
+    next_seq: AtomicU64,
+    placements: AtomicU64,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Woken when a group finishes a request or a ring lets its groups go.
+    pub(crate) idle: Arc<Notify>,
+    next_ring: AtomicU64,
+}
+
+impl Cluster {
+    pub(crate) fn new(models: Vec<Arc<ServedModel>>, config: ClusterConfig) -> Arc<Self> {
+        Arc::new(Self {
+            models,
+            config,
+            state: Mutex::new(State::default()),
+            serving: watch::channel(0).0,
+            failures: watch::channel(Vec::new()).0,
+            next_group: AtomicU64::new(1),
+            next_seq: AtomicU64::new(1),
+            placements: AtomicU64::new(1),
+            metrics: Arc::new(Metrics::default()),
+            idle: Arc::new(Notify::new()),
+            next_ring: AtomicU64::new(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The maps stay consistent between statements, so a panic elsewhere cannot leave them
+        // half-updated; keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn serving_groups(&self) -> watch::Receiver<usize> {
+        self.serving.subscribe()
+    }
+
+    pub(crate) fn failed_models(&self) -> watch::Receiver<Vec<(String, String)>> {
+        self.failures.subscribe()
+    }
+
+    /// The first of `n` fresh, consecutive sequence ids.
+    pub(crate) fn next_seqs(&self, n: u64) -> u64 {
+        self.next_seq.fetch_add(n, Ordering::Relaxed)
+    }
+
+    pub(crate) fn step_timeout(&self) -> Duration {
+        self.config.group_loop.step_timeout
+    }
+
+    /// What placement sees of every group, taken under the lock.
+    fn views(&self, state: &State) -> Vec<GroupView> {
+        state
+            .groups
+            .iter()
+            .map(|(&id, g)| GroupView {
+                id,
+                model: g.model,
+                kv_capacity: g.kv_capacity,
+                serving: g.serving.is_some(),
+                held: g.held_by.is_some(),
+                draining: g.draining,
+                active: g.serving.as_ref().map_or(0, |s| s.active.load(Ordering::Relaxed)),
+                last_placed: g.serving.as_ref().map_or(0, |s| s.last_placed.load(Ordering::Relaxed)),
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn group_name(id: u64) -> String {
+    format!("g{id}")
+}
+
+fn connect(address: &str, timeout: Duration) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))?.connect_timeout(timeout).tcp_nodelay(true);
+    Ok(WorkerClient::new(endpoint.connect_lazy()))
+}

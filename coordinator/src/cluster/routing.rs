@@ -1,0 +1,209 @@
+//! Carrying out placement: a snapshot of the groups goes to [`crate::placement`], and its
+//! decision becomes a queue to submit to, a lease on a ring's groups, or an `Embed` target.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::{group_name, Cluster, State};
+use crate::error::CoordinatorError;
+use crate::fanout::Rank;
+use crate::model::ServedModel;
+use crate::placement::{self, Decision, PlacementRequest, RingPlan};
+use crate::scheduler::NewSequence;
+
+/// Where a request goes.
+pub(crate) enum Route {
+    Group(Placement),
+    Ring(RingPlan),
+}
+
+/// A group chosen for a request.
+pub(crate) struct Placement {
+    pub group: String,
+    pub tp: u32,
+    pub workers: Vec<String>,
+    submit: mpsc::Sender<NewSequence>,
+    active: Arc<AtomicUsize>,
+}
+
+impl Placement {
+    /// Queues the sequence on the group; fails at once when the queue is full.
+    pub(crate) fn submit(&self, seq: NewSequence) -> Result<(), CoordinatorError> {
+        submit_to(&self.group, &self.submit, &self.active, seq)
+    }
+}
+
+/// Queues `seq` on a group's loop, counted active until the loop ends it; refuses at once when
+/// the queue is full (`RESOURCE_EXHAUSTED`) or the loop has stopped (`UNAVAILABLE`).
+fn submit_to(group: &str, queue: &mpsc::Sender<NewSequence>, active: &AtomicUsize, seq: NewSequence) -> Result<(), CoordinatorError> {
+    active.fetch_add(1, Ordering::Relaxed);
+    queue.try_send(seq).map_err(|e| {
+        active.fetch_sub(1, Ordering::Relaxed);
+        match e {
+            mpsc::error::TrySendError::Full(_) => CoordinatorError::ResourceExhausted(format!(
+                "group {group} has {} requests waiting, its limit; retry later",
+                queue.max_capacity()
+            )),
+            mpsc::error::TrySendError::Closed(_) => CoordinatorError::Unavailable(format!("group {group} stopped serving; retry")),
+        }
+    })
+}
+
+/// One ring member: a serving group and its ranks.
+pub(crate) struct RingMember {
+    pub group: u64,
+    pub name: String,
+    pub ranks: Vec<Rank>,
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Groups held for a ring; they take new requests again when this is dropped.
+pub(crate) struct RingLease {
+    pub ring: u64,
+    pub members: Vec<RingMember>,
+    cluster: Arc<Cluster>,
+}
+
+impl Drop for RingLease {
+    fn drop(&mut self) {
+        let mut state = self.cluster.lock();
+        for m in &self.members {
+            if let Some(g) = state.groups.get_mut(&m.group) {
+                if g.held_by == Some(self.ring) {
+                    g.held_by = None;
+                }
+            }
+        }
+        drop(state);
+        self.cluster.idle.notify_waiters();
+    }
+}
+
+impl Cluster {
+    /// `model`'s index in the cluster's list, unless it failed to load.
+    fn servable_index(&self, state: &State, model: &ServedModel) -> Result<usize, CoordinatorError> {
+        let index = self
+            .models
+            .iter()
+            .position(|m| m.name() == model.name())
+            .ok_or_else(|| CoordinatorError::Internal(format!("model {:?} is not in the cluster's list", model.name())))?;
+        match state.failed.get(&index) {
+            Some(reason) => {
+                Err(CoordinatorError::ModelFailed(format!("model {:?} failed to load and is not served: {reason}", model.name())))
+            }
+            None => Ok(index),
+        }
+    }
+
+    /// Where a request of `prompt_len` tokens that may generate `max_new_tokens` with
+    /// `num_beams` beams goes ([`placement::place`]); the request's KV reservation comes back
+    /// with the route.
+    pub(crate) fn place(
+        &self,
+        model: &ServedModel,
+        prompt_len: usize,
+        max_new_tokens: u32,
+        num_beams: usize,
+    ) -> Result<(Route, PlacementRequest), CoordinatorError> {
+        let state = self.lock();
+        let index = self.servable_index(&state, model)?;
+        let request = PlacementRequest::new(index, prompt_len, max_new_tokens, num_beams);
+        let decision = placement::place(&self.views(&state), &request, self.config.ring_prefill_tokens).map_err(|refusal| {
+            if matches!(refusal, placement::Refusal::TooLarge { .. } | placement::Refusal::BeamTooLarge { .. }) {
+                self.metrics.capacity_refused(request.kv_tokens);
+            }
+            refusal.into_error(model.name(), model.spec.tp, state.workers.len())
+        })?;
+        let route = match decision {
+            Decision::Ring(plan) => Route::Ring(plan),
+            Decision::Group(id) => {
+                let entry = state.groups.get(&id).ok_or_else(|| CoordinatorError::Internal(format!("group {id} vanished")))?;
+                let serving = entry.serving.as_ref().ok_or_else(|| CoordinatorError::Internal(format!("group {id} is not serving")))?;
+                serving.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+                Route::Group(Placement {
+                    group: group_name(id),
+                    tp: entry.workers.len() as u32,
+                    workers: entry.workers.clone(),
+                    submit: serving.submit.clone(),
+                    active: serving.active.clone(),
+                })
+            }
+        };
+        Ok((route, request))
+    }
+
+    /// Holds the groups [`placement::choose_ring`] picks for a new ring, or returns `Ok(None)`
+    /// when too many are held by other rings now. Held groups take no new requests; the ring
+    /// waits for what they run to finish.
+    pub(crate) fn hold_ring(self: &Arc<Self>, plan: RingPlan) -> Result<Option<RingLease>, CoordinatorError> {
+        let mut state = self.lock();
+        let chosen = placement::choose_ring(&self.views(&state), &plan).map_err(|refusal| {
+            let model = &self.models[plan.model];
+            refusal.into_error(model.name(), model.spec.tp, state.workers.len())
+        })?;
+        let Some(chosen) = chosen else { return Ok(None) };
+        let ring = self.next_ring.fetch_add(1, Ordering::Relaxed);
+        let mut members = Vec::with_capacity(chosen.len());
+        for id in chosen {
+            let Some(entry) = state.groups.get(&id) else { continue };
+            let ranks = entry
+                .workers
+                .iter()
+                .filter_map(|w| state.workers.get(w).map(|s| Rank { id: w.clone(), client: s.client.clone() }))
+                .collect();
+            let active = entry.serving.as_ref().map(|s| s.active.clone()).unwrap_or_default();
+            members.push(RingMember { group: id, name: group_name(id), ranks, active });
+            if let Some(entry) = state.groups.get_mut(&id) {
+                entry.held_by = Some(ring);
+            }
+        }
+        Ok(Some(RingLease { ring, members, cluster: self.clone() }))
+    }
+
+    /// The serving group of encoder `model` for one `Embed` call: the least busy (ties: the one
+    /// chosen least recently), counted busy until the returned target is dropped.
+    pub(crate) fn embed_target(&self, model: &ServedModel) -> Result<crate::embed::EmbedTarget, CoordinatorError> {
+        let state = self.lock();
+        let index = self.servable_index(&state, model)?;
+        let has_batcher =
+            |g: &placement::GroupView| state.groups.get(&g.id).and_then(|e| e.serving.as_ref()).is_some_and(|s| s.embed.is_some());
+        let target = placement::least_busy(&self.views(&state), index, has_batcher).and_then(|id| {
+            let serving = state.groups.get(&id)?.serving.as_ref()?;
+            let batcher = serving.embed.clone()?;
+            serving.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+            Some(crate::embed::EmbedTarget::new(batcher, serving.active.clone()))
+        });
+        target.ok_or_else(|| CoordinatorError::Unavailable(format!("model {:?} has no serving group yet; retry shortly", model.name())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Req;
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_does_not_count_the_request() {
+        let (queue, _loop_side) = mpsc::channel(1);
+        let active = AtomicUsize::new(0);
+        let (first, _c1) = Req::new(1, 4, 4).build();
+        let (second, _c2) = Req::new(2, 4, 4).build();
+        assert!(submit_to("g1", &queue, &active, first).is_ok());
+        let refused = submit_to("g1", &queue, &active, second).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("group g1 has 1 requests waiting, its limit"), "{refused}");
+        assert_eq!(active.load(Ordering::Relaxed), 1, "only the queued request is counted");
+    }
+
+    #[test]
+    fn a_stopped_group_refuses_as_unavailable() {
+        let (queue, loop_side) = mpsc::channel(4);
+        drop(loop_side);
+        let active = AtomicUsize::new(0);
+        let (seq, _client) = Req::new(1, 4, 4).build();
+        let refused = submit_to("g2", &queue, &active, seq).err();
+        assert!(matches!(refused, Some(CoordinatorError::Unavailable(_))), "{refused:?}");
+        assert_eq!(active.load(Ordering::Relaxed), 0);
+    }
+}
