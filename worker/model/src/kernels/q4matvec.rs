@@ -18,10 +18,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use half::f16;
 
-use crate::elem::Dest;
-use crate::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
-use crate::pool::with_reused;
-use crate::qmatvec::{quantize_blocks, BLOCK};
+use crate::kernels::elem::Dest;
+use crate::kernels::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
+use crate::kernels::pool::with_reused;
+use crate::kernels::qmatvec::{quantize_blocks, BLOCK};
 
 /// One of the block formats, as its bytes are read.
 trait Format: 'static {
@@ -174,10 +174,10 @@ impl Kernel {
 fn kernel<F: Format>() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::qmatvec::has_vnni() {
+        if crate::kernels::qmatvec::has_vnni() {
             return Kernel::new::<F>("avx512vnni", true, dot_vnni_entry::<F>);
         }
-        if crate::qmatvec::has_avx2() {
+        if crate::kernels::qmatvec::has_avx2() {
             return Kernel::new::<F>("avx2", true, dot_avx2_entry::<F>);
         }
     }
@@ -447,7 +447,7 @@ fn store_sums<const N: usize>(total: [std::arch::x86_64::__m256; N], y: &mut [f3
         y.copy_from_slice(&out[..N]);
     } else {
         for (o, t) in y.iter_mut().zip(total) {
-            *o = crate::qmatvec::horizontal_sum(t);
+            *o = crate::kernels::qmatvec::horizontal_sum(t);
         }
     }
 }
@@ -653,11 +653,11 @@ mod tests {
         let mut cannot: Vec<&str> = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            match crate::qmatvec::has_vnni() {
+            match crate::kernels::qmatvec::has_vnni() {
                 true => all.push(Kernel::new::<F>("avx512vnni", true, dot_vnni_entry::<F>)),
                 false => cannot.push("avx512vnni"),
             }
-            match crate::qmatvec::has_avx2() {
+            match crate::kernels::qmatvec::has_avx2() {
                 true => all.push(Kernel::new::<F>("avx2", true, dot_avx2_entry::<F>)),
                 false => cannot.push("avx2"),
             }
@@ -667,7 +667,7 @@ mod tests {
         static REPORTED: std::sync::Once = std::sync::Once::new();
         REPORTED.call_once(|| {
             for path in &cannot {
-                crate::kernel_paths::not_exercised(&format!("q4matvec {path}"));
+                crate::kernels::kernel_paths::not_exercised(&format!("q4matvec {path}"));
             }
         });
         all.push(Kernel::new::<F>("portable", false, dot_rows_portable::<F>));
@@ -708,7 +708,7 @@ mod tests {
     fn scalar_quantized(x: &[f32], rows: usize) -> QuantizedRows {
         let mut q = vec![0i8; x.len()];
         let d: Vec<f32> =
-            x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).map(|(xb, qb)| crate::qmatvec::quantize_block(xb, qb)).collect();
+            x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).map(|(xb, qb)| crate::kernels::qmatvec::quantize_block(xb, qb)).collect();
         let sums: Vec<i32> = q.chunks_exact(BLOCK).map(|b| b.iter().map(|&v| i32::from(v)).sum()).collect();
         let ds = d.iter().zip(&sums).map(|(&d, &s)| f16::from_f32(d * s as f32).to_f32()).collect();
         let d = d.iter().map(|&d| f16::from_f32(d).to_f32()).collect();

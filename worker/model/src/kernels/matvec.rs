@@ -9,8 +9,8 @@
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{is_slice, output, with_slice, Dest, Elem, ElemPtr};
-use crate::pool::with_reused;
+use crate::kernels::elem::{is_slice, output, with_slice, Dest, Elem, ElemPtr};
+use crate::kernels::pool::with_reused;
 
 /// Output columns (weight rows) per parallel task: large enough to amortise scheduling, small
 /// enough to balance.
@@ -637,10 +637,10 @@ mod tests {
         }
         match std::arch::is_x86_feature_detected!("avx512f") {
             true => kernels.push(("avx512", block_avx512_entry::<f32>)),
-            false => crate::kernel_paths::not_exercised("matvec avx512"),
+            false => crate::kernels::kernel_paths::not_exercised("matvec avx512"),
         }
         if !has_avx2_fma() {
-            crate::kernel_paths::not_exercised("matvec avx2");
+            crate::kernels::kernel_paths::not_exercised("matvec avx2");
         }
         for inner in [1usize, 8, 15, 16, 17, 40, 577] {
             let row = |salt: usize| (0..inner).map(|i| (((i + salt) * 37 % 101) as f32 - 50.0) / 50.0).collect::<Vec<f32>>();

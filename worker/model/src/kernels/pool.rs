@@ -64,7 +64,7 @@ impl std::fmt::Debug for ComputePool {
 }
 
 /// A raw pointer to an output buffer that a product's pool tasks share (the GEMMs in
-/// `bf16_matmul.rs` and `q8_gemm.rs`); each task writes its own columns only.
+/// `gemm/bf16.rs` and `gemm/q8.rs`); each task writes its own columns only.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub *mut f32);
 // SAFETY: tasks write disjoint elements (their own panel's columns) and the buffer outlives them.

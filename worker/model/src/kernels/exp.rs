@@ -90,7 +90,7 @@ mod tests {
                 unsafe { exp_avx512(&mut y) };
                 runs.push(("avx512", y));
             } else {
-                crate::kernel_paths::not_exercised("exp avx512");
+                crate::kernels::kernel_paths::not_exercised("exp avx512");
             }
             if has!("avx2") && has!("fma") {
                 let mut y = xs.clone();
@@ -98,7 +98,7 @@ mod tests {
                 unsafe { exp_avx2(&mut y) };
                 runs.push(("avx2", y));
             } else {
-                crate::kernel_paths::not_exercised("exp avx2");
+                crate::kernels::kernel_paths::not_exercised("exp avx2");
             }
         }
         for (name, got) in &runs {

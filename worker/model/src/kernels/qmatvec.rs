@@ -12,9 +12,9 @@
 use candle_core::Tensor;
 use half::f16;
 
-use crate::elem::Dest;
-use crate::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
-use crate::pool::with_reused;
+use crate::kernels::elem::Dest;
+use crate::kernels::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
+use crate::kernels::pool::with_reused;
 
 /// Weights per q8_0 block, and the block's bytes: an f16 scale, then 32 signed bytes.
 pub(crate) const BLOCK: usize = 32;
@@ -67,7 +67,7 @@ thread_local! {
     static QUANTIZED: std::cell::RefCell<QuantizedRows> = std::cell::RefCell::new(QuantizedRows::default());
 }
 
-/// One 32-block of `quantize_rows` (also prefill's scalar path, `q8_gemm.rs`): writes the
+/// One 32-block of `quantize_rows` (also prefill's scalar path, `gemm/q8.rs`): writes the
 /// 8-bit values and returns the block's scale.
 pub(crate) fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
     let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -687,7 +687,7 @@ mod tests {
             #[cfg(not(target_arch = "x86_64"))]
             let missing = [("avx512vnni", false), ("avx2", false)];
             for (name, _) in missing.iter().filter(|(_, has)| !has) {
-                crate::kernel_paths::not_exercised(&format!("qmatvec {name}"));
+                crate::kernels::kernel_paths::not_exercised(&format!("qmatvec {name}"));
             }
         });
         all.push(Kernel { name: "portable", quantize: |x, _, xq| quantize_rows(x, xq), dot: dot_rows_portable });

@@ -18,9 +18,9 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::matvec::MAX_ROWS;
-use crate::pool::OutPtr;
-use crate::qmatvec::{quantize_block, BLOCK, BLOCK_BYTES};
+use crate::kernels::matvec::MAX_ROWS;
+use crate::kernels::pool::OutPtr;
+use crate::kernels::qmatvec::{quantize_block, BLOCK, BLOCK_BYTES};
 
 /// Groups of four consecutive `k` per block: the four byte pairs one `vpdpbusd` lane sums.
 const GROUPS: usize = BLOCK / 4;
@@ -368,7 +368,7 @@ mod tests {
             assert!(available(), "the CPU has AVX-512 VNNI but the kernel is not selected");
             return;
         }
-        crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
+        crate::kernels::kernel_paths::not_exercised("gemm/q8 avx512vnni");
     }
 
     /// Every tail: rows not a multiple of the tile, columns not a multiple of the panel, one to
@@ -377,7 +377,7 @@ mod tests {
     #[test]
     fn matches_the_quantized_reference_and_the_dequantized_gemm() {
         if !available() {
-            crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
+            crate::kernels::kernel_paths::not_exercised("gemm/q8 avx512vnni");
             return;
         }
         let dev = Device::Cpu;
@@ -413,7 +413,7 @@ mod tests {
     #[test]
     fn vector_quantization_equals_the_scalar_one() {
         if !available() {
-            crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
+            crate::kernels::kernel_paths::not_exercised("gemm/q8 avx512vnni");
             return;
         }
         // Block 0: exact halves after scaling (max 127 → scale 1); block 1: zeros; then varied.

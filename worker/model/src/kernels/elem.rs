@@ -68,9 +68,9 @@ macro_rules! elem {
     };
 }
 
-elem!(f32, F32, |v| v, |v| v, crate::matvec::f32_kernel);
-elem!(bf16, BF16, bf16::to_f32, bf16::from_f32, crate::matvec::bf16_kernel);
-elem!(f16, F16, f16::to_f32, f16::from_f32, crate::matvec::f16_kernel);
+elem!(f32, F32, |v| v, |v| v, crate::kernels::matvec::f32_kernel);
+elem!(bf16, BF16, bf16::to_f32, bf16::from_f32, crate::kernels::matvec::bf16_kernel);
+elem!(f16, F16, f16::to_f32, f16::from_f32, crate::kernels::matvec::f16_kernel);
 
 /// Runs `f` on the elements of `t` when it is a contiguous CPU tensor of type `T`; `None`
 /// otherwise (the caller then takes the tensor-op path).

@@ -12,9 +12,9 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::elem::Dest;
-use crate::matvec::{product_output, Product, RowsOut, MAX_ROWS};
-use crate::pool::OutPtr;
+use crate::kernels::elem::Dest;
+use crate::kernels::matvec::{product_output, Product, RowsOut, MAX_ROWS};
+use crate::kernels::pool::OutPtr;
 
 /// Output columns per GEMM panel: two vectors of sixteen f32 lanes.
 const PANEL: usize = 32;
@@ -305,7 +305,7 @@ mod tests {
         let Some(got) = matmul_t(&x, &w, None).unwrap() else {
             assert!(!available() || (rows > MAX_ROWS && inner % 2 == 1), "declined {rows}x{inner} · {out}");
             if !available() {
-                crate::kernel_paths::not_exercised("bf16_matmul avx512bf16");
+                crate::kernels::kernel_paths::not_exercised("gemm/bf16 avx512bf16");
             }
             return;
         };
@@ -348,7 +348,7 @@ mod tests {
         let w = bf16_tensor(out * inner, (out, inner), 11);
         let Some(got) = matmul_t(&x, &w, None).unwrap() else {
             assert!(!available());
-            crate::kernel_paths::not_exercised("bf16_matmul avx512bf16");
+            crate::kernels::kernel_paths::not_exercised("gemm/bf16 avx512bf16");
             return;
         };
         let want = x.to_dtype(DType::F32).unwrap().matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
