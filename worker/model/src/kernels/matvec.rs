@@ -222,7 +222,7 @@ type BlockKernel<W> = fn(&[W], &[W], [&[f32]; 4], usize) -> [[f32; 4]; 2];
 
 /// The register-blocked kernel for weights of type `W`, if this CPU has one: sixteen lanes with
 /// AVX-512, else eight with AVX2.
-fn block_kernel<W: WeightLanes>() -> Option<BlockKernel<W>> {
+fn block_kernel<W: Elem>() -> Option<BlockKernel<W>> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -235,90 +235,8 @@ fn block_kernel<W: WeightLanes>() -> Option<BlockKernel<W>> {
     None
 }
 
-/// Weight element types the blocked kernel reads eight at a time as f32 lanes.
-trait WeightLanes: Copy + Sync {
-    /// Eight elements from `p` widened to f32.
-    ///
-    /// # Safety
-    /// `p` must point at eight readable elements; the CPU must have AVX2.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-    /// Sixteen elements from `p` widened to f32.
-    ///
-    /// # Safety
-    /// `p` must point at sixteen readable elements; the CPU must have AVX-512F.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
-    fn to_f32(self) -> f32;
-}
-
-impl WeightLanes for f32 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        // SAFETY: the caller guarantees eight readable f32 and AVX2.
-        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        // SAFETY: the caller guarantees sixteen readable f32 and AVX-512F.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl WeightLanes for half::f16 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller guarantees eight readable f16 (plain u16) and AVX2 with F16C.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller guarantees sixteen readable f16 and AVX-512F.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
-}
-
-impl WeightLanes for half::bf16 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller guarantees eight readable bf16 (plain u16) and AVX2. bf16 is the
-        // top half of an f32: widening is a zero-extend and a 16-bit shift.
-        unsafe {
-            let raw = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller guarantees sixteen readable bf16 (plain u16) and AVX-512F.
-        unsafe {
-            let raw = _mm256_loadu_si256(p as *const __m256i);
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
-        }
-    }
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
-fn block_avx2_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
+fn block_avx2_entry<W: Elem>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
     // SAFETY: only selected by `block_kernel` after checking that the CPU has AVX2 and FMA.
     unsafe {
         match take {
@@ -334,7 +252,7 @@ fn block_avx2_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: u
 /// it loads 2 + R vectors for 2R multiply-adds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_avx2<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+unsafe fn block_avx2<W: Elem, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
     use std::arch::x86_64::*;
     let n = w0.len().min(w1.len()).min(xs.iter().take(R).map(|x| x.len()).min().unwrap_or(0));
     let mut acc0 = [_mm256_setzero_ps(); R];
@@ -401,7 +319,7 @@ pub(crate) fn f16_kernel() -> fn(&[half::f16], &[f32]) -> f32 {
 }
 
 /// Any weight type widened element by element; the compiler vectorises the f32 part.
-fn dot_lanes_portable<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+fn dot_lanes_portable<W: Elem>(a: &[W], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ta, tb) = (ca.remainder(), cb.remainder());
@@ -414,7 +332,7 @@ fn dot_lanes_portable<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn dot_lanes_avx2_entry<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+fn dot_lanes_avx2_entry<W: Elem>(a: &[W], b: &[f32]) -> f32 {
     // SAFETY: only selected after checking that the CPU has AVX2, FMA and F16C.
     unsafe { dot_lanes_avx2(a, b) }
 }
@@ -422,7 +340,7 @@ fn dot_lanes_avx2_entry<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
 /// One weight row against one activation row, eight lanes at a time with four accumulators.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_lanes_avx2<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+unsafe fn dot_lanes_avx2<W: Elem>(a: &[W], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(b.len());
     let mut acc = [_mm256_setzero_ps(); 4];
@@ -444,7 +362,7 @@ unsafe fn dot_lanes_avx2<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn block_avx512_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
+fn block_avx512_entry<W: Elem>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
     // SAFETY: only selected by `block_kernel` after checking that the CPU has AVX-512F.
     unsafe {
         match take {
@@ -459,7 +377,7 @@ fn block_avx512_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take:
 /// As [`block_avx2`] with sixteen lanes per vector.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block_avx512<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+unsafe fn block_avx512<W: Elem, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
     use std::arch::x86_64::*;
     let n = w0.len().min(w1.len()).min(xs.iter().take(R).map(|x| x.len()).min().unwrap_or(0));
     let mut acc0 = [_mm512_setzero_ps(); R];
