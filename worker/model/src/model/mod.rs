@@ -207,10 +207,12 @@ impl Model {
     /// logits `[rows, vocab]` as chosen by `mode`. Every rank of the group must make the same
     /// call; all ranks return the same logits.
     pub fn forward(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {
-        match &self.pool {
-            Some(pool) => pool.run(|| self.forward_here(batch, kv, comm, mode)),
-            None => self.forward_here(batch, kv, comm, mode),
+        // A CPU pass runs on the model's pool (`pool.rs`) when the collective may be used from
+        // another thread meanwhile, as every host backend may.
+        if let (Some(pool), Some(comm)) = (&self.pool, comm.as_send()) {
+            return pool.run(|| self.forward_here(batch, kv, comm, mode));
         }
+        self.forward_here(batch, kv, comm, mode)
     }
 
     fn forward_here(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {
