@@ -11,6 +11,8 @@
 //! Every rank gets bit-identical results from `all_reduce_sum`, whatever the backend, so
 //! replicated state (norms, sampled tokens) never drifts between ranks.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod error;
 mod in_process;
 #[cfg(feature = "nccl")]

@@ -14,6 +14,8 @@
 //! (the sampler and logits processors), `bert/` (the encoder) and `fixture/` (deterministic
 //! checkpoints for tests and benches).
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod bert;
 mod error;
 pub mod fixture;

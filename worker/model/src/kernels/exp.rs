@@ -56,12 +56,20 @@ fn exp_portable(xs: &mut [f32]) {
     }
 }
 
+/// [`exp_portable`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_avx512(xs: &mut [f32]) {
     exp_portable(xs);
 }
 
+/// [`exp_portable`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_avx2(xs: &mut [f32]) {

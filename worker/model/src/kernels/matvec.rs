@@ -115,6 +115,7 @@ pub(crate) struct RowsOut {
 // SAFETY: the tasks sharing a `RowsOut` write disjoint elements (their own columns, in
 // `par_tiles`), and the buffer outlives them (`product_output` holds it until they return).
 unsafe impl Send for RowsOut {}
+// SAFETY: as for `Send`: shared between tasks, it is only written through, at disjoint elements.
 unsafe impl Sync for RowsOut {}
 
 impl RowsOut {
@@ -250,6 +251,9 @@ fn block_avx2_entry<W: Elem>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -
 
 /// Eight accumulators (2 weight rows × 4 activation rows) stay in registers; per eight columns
 /// it loads 2 + R vectors for 2R multiply-adds.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_avx2<W: Elem, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
@@ -262,6 +266,7 @@ unsafe fn block_avx2<W: Elem, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4
         // SAFETY: i + 8 <= n, within every row.
         let (a, b) = unsafe { (W::load8(w0.as_ptr().add(i)), W::load8(w1.as_ptr().add(i))) };
         for k in 0..R {
+            // SAFETY: i + 8 <= n, within every row.
             let v = unsafe { _mm256_loadu_ps(xs[k].as_ptr().add(i)) };
             acc0[k] = _mm256_fmadd_ps(a, v, acc0[k]);
             acc1[k] = _mm256_fmadd_ps(b, v, acc1[k]);
@@ -338,6 +343,9 @@ fn dot_lanes_avx2_entry<W: Elem>(a: &[W], b: &[f32]) -> f32 {
 }
 
 /// One weight row against one activation row, eight lanes at a time with four accumulators.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_lanes_avx2<W: Elem>(a: &[W], b: &[f32]) -> f32 {
@@ -375,6 +383,9 @@ fn block_avx512_entry<W: Elem>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize)
 }
 
 /// As [`block_avx2`] with sixteen lanes per vector.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_avx512<W: Elem, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
@@ -387,6 +398,7 @@ unsafe fn block_avx512<W: Elem, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32];
         // SAFETY: i + 16 <= n, within every row.
         let (a, b) = unsafe { (W::load16(w0.as_ptr().add(i)), W::load16(w1.as_ptr().add(i))) };
         for k in 0..R {
+            // SAFETY: i + 16 <= n, within every row.
             let v = unsafe { _mm512_loadu_ps(xs[k].as_ptr().add(i)) };
             acc0[k] = _mm512_fmadd_ps(a, v, acc0[k]);
             acc1[k] = _mm512_fmadd_ps(b, v, acc1[k]);
@@ -437,6 +449,10 @@ fn dot_avx2_entry(a: &[f32], b: &[f32]) -> f32 {
     unsafe { dot_avx2(a, b) }
 }
 
+/// One f32 row against another, eight lanes at a time with four accumulators.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
@@ -450,6 +466,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         for (k, a_k) in acc.iter_mut().enumerate() {
             // SAFETY: i + 8k + 8 <= n, within both slices.
             let va = unsafe { _mm256_loadu_ps(pa.add(i + 8 * k)) };
+            // SAFETY: as for `va`.
             let vb = unsafe { _mm256_loadu_ps(pb.add(i + 8 * k)) };
             *a_k = _mm256_fmadd_ps(va, vb, *a_k);
         }
@@ -458,6 +475,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     while i + 8 <= n {
         // SAFETY: i + 8 <= n.
         let va = unsafe { _mm256_loadu_ps(pa.add(i)) };
+        // SAFETY: as for `va`.
         let vb = unsafe { _mm256_loadu_ps(pb.add(i)) };
         acc[0] = _mm256_fmadd_ps(va, vb, acc[0]);
         i += 8;

@@ -66,6 +66,7 @@ impl std::fmt::Debug for ComputePool {
 pub(crate) struct OutPtr(pub *mut f32);
 // SAFETY: tasks write disjoint elements (their own panel's columns) and the buffer outlives them.
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: the tasks sharing it only write through it, at disjoint elements.
 unsafe impl Sync for OutPtr {}
 
 /// Runs `f` on this thread's value in `cell` (a kernel's buffers, kept between calls so that a

@@ -110,6 +110,10 @@ unsafe fn dot_rows_dispatch(xr: usize, w: *const bf16, x: [*const bf16; 4], n: u
     }
 }
 
+/// Off x86_64, where `available()` is false and nothing calls it.
+///
+/// # Safety
+/// Never to be called.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot_rows_dispatch(_: usize, _: *const bf16, _: [*const bf16; 4], _: usize, _: &mut [f32; 4]) {
     unreachable!("available() is false off x86_64")
@@ -117,6 +121,10 @@ unsafe fn dot_rows_dispatch(_: usize, _: *const bf16, _: [*const bf16; 4], _: us
 
 /// `sums[b] = dot(w, x[b])` over `n` elements, 32 at a time, the tail through masked loads
 /// (zeros add nothing).
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW and BF16; `w` and every `x[..XR]` must address `n` readable
+/// elements.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn dot_rows<const XR: usize>(w: *const bf16, x: [*const bf16; 4], n: usize, sums: &mut [f32; 4]) {
@@ -201,6 +209,10 @@ struct Tile {
 }
 
 impl Tile {
+    /// Off x86_64, where `available()` is false and nothing calls it.
+    ///
+    /// # Safety
+    /// Never to be called.
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn kernel<const R: usize>(&self) {
         unreachable!("available() is false off x86_64")

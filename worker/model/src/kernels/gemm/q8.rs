@@ -126,6 +126,10 @@ fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], off: &mut [i32]) {
 /// [`quantize_portable`] sixteen values at a time, bit for bit: the same scale and reciprocal,
 /// the same product, and round-half-away-from-zero built from truncation (`roundscale` only
 /// offers ties-to-even).
+///
+/// # Safety
+/// The CPU must have AVX-512F and BW. (Only whole blocks are read and written, one scale and
+/// offset each.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], off: &mut [i32]) {
@@ -248,6 +252,10 @@ struct Tile {
 }
 
 impl Tile {
+    /// Off x86_64, where `available()` is false and nothing calls it.
+    ///
+    /// # Safety
+    /// Never to be called.
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn kernel<const R: usize>(&self) {
         unreachable!("available() is false off x86_64")
