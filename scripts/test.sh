@@ -13,7 +13,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Benchmarks and examples too, so they cannot rot unnoticed (the tests build only their own).
 cargo build --workspace --all-targets --locked
 # SIMD kernel tests check every path this CPU has and record the ones it cannot run
-# (worker/model/src/kernel_paths.rs); one line at the end names them, pass or fail.
+# (worker/model/src/kernels/kernel_paths.rs); one line at the end names them, pass or fail.
 export TESSERA_UNEXERCISED_PATHS="$PWD/target/unexercised-kernel-paths.txt"
 rm -f "$TESSERA_UNEXERCISED_PATHS"
 report_paths() {

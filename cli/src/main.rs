@@ -7,6 +7,8 @@
 //! `run` loads a model in this process — sharded over `--tp` threads that talk through the
 //! in-process collective, exactly as separate workers do over TCP — and streams a completion.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod bench;
 mod coordinator;
 mod generate;

@@ -4,15 +4,16 @@ use std::time::{Duration, Instant};
 
 use tessera_collective::{Collective, Result};
 
-/// Forwards every call to `inner` and adds up the wall time spent in them.
+/// Forwards every call to `inner` and adds up the wall time spent in them. `inner` is `Send`, as
+/// every host backend is, so the model's pool may run a pass with it (`Collective::as_send`).
 pub struct Timed<'a> {
-    pub inner: &'a mut dyn Collective,
+    pub inner: &'a mut (dyn Collective + Send),
     pub spent: Duration,
     pub calls: u64,
 }
 
 impl<'a> Timed<'a> {
-    pub fn new(inner: &'a mut dyn Collective) -> Self {
+    pub fn new(inner: &'a mut (dyn Collective + Send)) -> Self {
         Self { inner, spent: Duration::ZERO, calls: 0 }
     }
 
@@ -48,5 +49,9 @@ impl Collective for Timed<'_> {
 
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<()> {
         self.time(|c| c.recv(peer, out))
+    }
+
+    fn as_send(&mut self) -> Option<&mut (dyn Collective + Send)> {
+        Some(self)
     }
 }

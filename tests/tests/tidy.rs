@@ -1,8 +1,14 @@
-//! Architecture invariants that run: module docs, forbidden dependency edges, no should_panic.
+//! Architecture invariants that run: module docs, forbidden dependency edges, no should_panic,
+//! unsafe code that states why it is sound, no `unwrap`/`expect` in library code.
+
+#[path = "tidy/source.rs"]
+mod source;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use source::{word_at, Source};
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
@@ -25,7 +31,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn all_rust_files() -> Vec<PathBuf> {
     let root = workspace_root();
     let mut files = Vec::new();
-    for top in ["worker", "tests", "coordinator", "registry", "proto", "cli"] {
+    for top in ["worker", "tests", "coordinator", "registry", "proto", "cli", "model-files"] {
         let dir = root.join(top);
         if dir.is_dir() {
             rust_files(&dir, &mut files);
@@ -106,4 +112,158 @@ fn forbidden_dependency_edges_are_absent() {
     let direct = normal_dependencies("tessera-coordinator", true);
     assert!(direct.contains("tessera-registry"), "tessera-coordinator: direct walk did not find tessera-registry");
     assert!(!direct.contains("etcd-client"), "tessera-coordinator must use etcd only through tessera-registry");
+}
+
+/// A workspace package's targets, from `cargo metadata`.
+struct Package {
+    name: String,
+    /// (kinds, root source file) of each target: `lib`, `bin`, `test`, `bench`, ...
+    targets: Vec<(Vec<String>, PathBuf)>,
+}
+
+fn packages() -> Vec<Package> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(workspace_root())
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+    };
+    let packages: Vec<Package> = meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| Package {
+            name: p["name"].as_str().expect("package name").to_string(),
+            targets: p["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .map(|t| (strings(&t["kind"]), PathBuf::from(t["src_path"].as_str().expect("src_path"))))
+                .collect(),
+        })
+        .collect();
+    assert!(packages.len() >= 8, "cargo metadata listed only {} packages", packages.len());
+    packages
+}
+
+/// The files a target's crate is built from. A root `src/lib.rs` or `src/main.rs` takes its
+/// `src/` tree except the roots of the package's other targets there (`src/bin/`, the other of
+/// `lib.rs` and `main.rs`); any other root (`src/bin/x.rs`, `benches/x.rs`, `tests/x.rs`,
+/// `tests/x/main.rs`) takes itself and the folder of its modules (`x/`, or its own folder).
+fn crate_files(root: &Path) -> Vec<PathBuf> {
+    let dir = root.parent().expect("a target root has a folder");
+    let name = root.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let mut files = Vec::new();
+    if dir.file_name().is_some_and(|d| d == "src") && (name == "lib.rs" || name == "main.rs") {
+        rust_files(dir, &mut files);
+        let other = dir.join(if name == "lib.rs" { "main.rs" } else { "lib.rs" });
+        files.retain(|f| !f.starts_with(dir.join("bin")) && *f != other);
+    } else if name == "main.rs" {
+        rust_files(dir, &mut files);
+    } else {
+        files.push(root.to_path_buf());
+        let modules = root.with_extension("");
+        if modules.is_dir() {
+            rust_files(&modules, &mut files);
+        }
+    }
+    files
+}
+
+fn source(path: &Path) -> Source {
+    Source::parse(&std::fs::read_to_string(path).expect("read source"))
+}
+
+fn relative(path: &Path) -> String {
+    path.strip_prefix(workspace_root()).unwrap_or(path).display().to_string()
+}
+
+/// Every `unsafe fn` documents its contract in a `# Safety` section (one in an `impl Trait for
+/// Type` block has the trait's), and every `unsafe { .. }` block and `unsafe impl` is preceded
+/// by a `// SAFETY:` comment saying why it holds (on the comment lines above its statement).
+#[test]
+fn unsafe_code_says_why_it_is_sound() {
+    let mut violations = Vec::new();
+    let mut seen = 0;
+    for path in all_rust_files() {
+        let src = source(&path);
+        for (i, line) in src.code.iter().enumerate() {
+            for at in word_at(line, "unsafe") {
+                seen += 1;
+                let rest = line[at + "unsafe".len()..].trim_start();
+                let item = rest.strip_prefix("extern").map_or(rest, |r| r.trim_start().trim_start_matches("\"\"").trim_start());
+                let what = if rest.starts_with('{') || word_at(rest, "impl").first() == Some(&0) {
+                    (!src.commented_above(i, "SAFETY:")).then_some("an unsafe block or impl without a `// SAFETY:` comment")
+                } else if item.strip_prefix("fn").is_some_and(|f| f.starts_with(|c: char| c.is_whitespace())) {
+                    (!src.in_trait_impl[i] && !src.documented(i, "# Safety")).then_some("an unsafe fn without a `# Safety` doc section")
+                } else {
+                    None
+                };
+                if let Some(what) = what {
+                    violations.push(format!("{}:{}: {what}: {}", relative(&path), i + 1, src.show(i)));
+                }
+            }
+        }
+    }
+    assert!(seen > 50, "tidy saw only {seen} uses of unsafe; is the scan broken?");
+    assert!(violations.is_empty(), "unsafe code must say why it is sound:\n{}", violations.join("\n"));
+}
+
+/// Crates that exist for tests only: their library code may unwrap.
+const TEST_SUPPORT: &[&str] = &["tessera-tests", "tessera-etcd-harness"];
+
+/// Library code returns its errors: no `.unwrap()` or `.expect(` outside `#[cfg(test)]` items,
+/// in the library target of every package but the test-support ones. Binaries, tests and
+/// benches may.
+#[test]
+fn library_code_does_not_unwrap() {
+    let mut violations = Vec::new();
+    let mut files = 0;
+    for package in packages().iter().filter(|p| !TEST_SUPPORT.contains(&p.name.as_str())) {
+        for (_, root) in package.targets.iter().filter(|(kinds, _)| kinds.iter().any(|k| k == "lib")) {
+            for path in crate_files(root) {
+                files += 1;
+                let src = source(&path);
+                for (i, line) in src.code.iter().enumerate() {
+                    if !src.in_test[i] && (line.contains(".unwrap()") || line.contains(".expect(")) {
+                        violations.push(format!("{}:{}: {}", relative(&path), i + 1, src.show(i)));
+                    }
+                }
+            }
+        }
+    }
+    assert!(files > 50, "tidy read only {files} library files; is the walk broken?");
+    assert!(violations.is_empty(), "library code must return errors, not unwrap or expect:\n{}", violations.join("\n"));
+}
+
+/// A crate with unsafe code denies `unsafe_op_in_unsafe_fn` at its root, so the body of an
+/// `unsafe fn` is not one implicit unsafe block: each unsafe operation in it sits in its own
+/// `unsafe { .. }` with its own `// SAFETY:` comment.
+#[test]
+fn crates_with_unsafe_code_deny_unsafe_ops_in_unsafe_fns() {
+    let attribute = "#![deny(unsafe_op_in_unsafe_fn)]";
+    let mut missing = Vec::new();
+    let mut with_unsafe = BTreeSet::new();
+    for package in packages() {
+        for (_, root) in &package.targets {
+            let uses_unsafe = crate_files(root).iter().any(|f| source(f).code.iter().any(|l| !word_at(l, "unsafe").is_empty()));
+            if !uses_unsafe {
+                continue;
+            }
+            with_unsafe.insert(package.name.clone());
+            let denies = source(root).code.iter().any(|l| l.split_whitespace().collect::<String>() == attribute);
+            if !denies {
+                missing.push(relative(root));
+            }
+        }
+    }
+    for expected in ["tessera-model", "tessera-collective"] {
+        assert!(with_unsafe.contains(expected), "tidy found no unsafe code in {expected}; is the scan broken?");
+    }
+    assert!(missing.is_empty(), "crate roots with unsafe code and without `{attribute}`: {missing:#?}");
 }

@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Prefills `prompt`, then times `steps` greedy decode steps: (ms per step, share in collectives).
-fn decode_timing(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps: usize) -> anyhow::Result<(f64, f64)> {
+fn decode_timing(model: &Model, comm: &mut (dyn Collective + Send), prompt: &[u32], steps: usize) -> anyhow::Result<(f64, f64)> {
     let mut kv = model.new_kv_cache();
     let chunk = [SeqChunk { seq: 1, start: 0, len: prompt.len() }];
     let logits: Vec<Vec<f32>> =

@@ -220,6 +220,10 @@ impl Collective for InProcessGroup {
         out.copy_from_slice(&message);
         Ok(())
     }
+
+    fn as_send(&mut self) -> Option<&mut (dyn Collective + Send)> {
+        Some(self)
+    }
 }
 
 impl Drop for InProcessGroup {

@@ -11,6 +11,8 @@
 //! Every rank gets bit-identical results from `all_reduce_sum`, whatever the backend, so
 //! replicated state (norms, sampled tokens) never drifts between ranks.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod error;
 mod in_process;
 #[cfg(feature = "nccl")]
@@ -37,7 +39,8 @@ pub type Result<T> = std::result::Result<T, CollectiveError>;
 /// a mismatch is reported as [`CollectiveError::Protocol`] where it can be detected.
 ///
 /// There is no `Send` bound: an NCCL communicator must stay on the thread that created it, so
-/// the NCCL backend is not `Send`. The host backends are, and can be moved into rank threads.
+/// the NCCL backend is not `Send`. The host backends are, and can be moved into rank threads;
+/// [`Collective::as_send`] says which a given communicator is.
 pub trait Collective {
     /// This rank's index in `0..world_size()`.
     fn rank(&self) -> usize;
@@ -62,5 +65,13 @@ pub trait Collective {
     /// backend overrides it to reduce in place on the device.
     fn all_reduce_tensor(&mut self, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
         tensor::host_all_reduce(self, x)
+    }
+
+    /// This communicator as one that another thread may use while its owner waits (the model
+    /// runs a CPU forward pass on a thread of its own pool): `Some(self)` from a backend that is
+    /// `Send`, as the host backends are. The default, `None`, keeps a communicator tied to its
+    /// thread (NCCL's) on it: the caller then does the work on its own thread.
+    fn as_send(&mut self) -> Option<&mut (dyn Collective + Send)> {
+        None
     }
 }

@@ -34,4 +34,8 @@ impl Collective for SingleRank {
     fn recv(&mut self, peer: usize, _out: &mut [f32]) -> Result<()> {
         Err(CollectiveError::InvalidArgument(format!("recv from rank {peer} in a group of one")))
     }
+
+    fn as_send(&mut self) -> Option<&mut (dyn Collective + Send)> {
+        Some(self)
+    }
 }

@@ -2,7 +2,7 @@
 //! memory-bandwidth roofline: decode (1 and 8 activation rows) and a 512-row prefill.
 //! Columns: candle's `QMatMul`; for q8_0 decode our `qmatvec` kernel, for q4_0, q4_1, q5_0 and
 //! q5_1 decode our `q4matvec` kernel, for q4_k, q5_k and q6_k decode our `kquant` kernel, for
-//! q8_0 prefill our int8 GEMM (`q8_gemm`, on CPUs with AVX-512 VNNI); f32 GEMM on the float
+//! q8_0 prefill our int8 GEMM (`gemm::q8`, on CPUs with AVX-512 VNNI); f32 GEMM on the float
 //! weights for scale. The 32-block formats run SmolLM-135M's shapes; the K-quants, the
 //! formats of the Q4_K_M and Q6_K files users download, run the 2048-wide Llama model's.
 //!
@@ -14,10 +14,10 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use tessera_model::kquant::kquant_matvec_t;
-use tessera_model::q4matvec::q4_matvec_t;
-use tessera_model::q8_gemm::q8_0_gemm_t;
-use tessera_model::qmatvec::q8_0_matvec_t;
+use tessera_model::kernels::gemm::q8::q8_0_gemm_t;
+use tessera_model::kernels::kquant::kquant_matvec_t;
+use tessera_model::kernels::q4matvec::q4_matvec_t;
+use tessera_model::kernels::qmatvec::q8_0_matvec_t;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
     // (name, out, in) of the projections: SmolLM-135M's for the 32-block formats; for the
     // K-quants (whose `in` must be a multiple of 256, which 576 is not) the 2048-wide Llama's
     // (32 query heads and 4 key-value heads of 64, an MLP of 5632, a 49152-token vocabulary).
-    let shapes: &[(&str, usize, usize)] = if tessera_model::kquant::supports(quant) {
+    let shapes: &[(&str, usize, usize)] = if tessera_model::kernels::kquant::supports(quant) {
         &[("qkv", 2048 + 2 * 256, 2048), ("gate_up", 2 * 5632, 2048), ("down", 2048, 5632), ("lm_head", 49152, 2048)]
     } else {
         &[("qkv", 960, 576), ("gate_up", 3072, 576), ("down", 576, 1536), ("lm_head", 49152, 576)]
@@ -64,13 +64,13 @@ fn measure(quant: GgmlDType, iters: usize, shapes: &[(&str, usize, usize)]) -> a
             let secs = per_product(n, || mm.forward(&x).map(drop))?;
             let data = q_data.as_slice();
             let gbs = |secs: f64| format!("ours {:>8.1} µs {:>5.1} GB/s", secs * 1e6, bytes / secs / 1e9);
-            let ours = if tessera_model::q4matvec::supports(quant) && rows <= 16 {
+            let ours = if tessera_model::kernels::q4matvec::supports(quant) && rows <= 16 {
                 gbs(per_product(n, || q4_matvec_t(&x, data, quant, out, inp).map(drop))?)
-            } else if tessera_model::kquant::supports(quant) && rows <= 16 {
+            } else if tessera_model::kernels::kquant::supports(quant) && rows <= 16 {
                 gbs(per_product(n, || kquant_matvec_t(&x, data, quant, out, inp).map(drop))?)
             } else if quant == GgmlDType::Q8_0 && rows <= 16 {
                 gbs(per_product(n, || q8_0_matvec_t(&x, data, out, inp).map(drop))?)
-            } else if quant == GgmlDType::Q8_0 && tessera_model::q8_gemm::available() {
+            } else if quant == GgmlDType::Q8_0 && tessera_model::kernels::gemm::q8::available() {
                 let secs = per_product(n, || q8_0_gemm_t(&x, data, out, inp).map(drop))?;
                 let macs = (rows * out * inp) as f64;
                 format!("ours {:>8.1} µs {:>5.1} Gmac/s", secs * 1e6, macs / secs / 1e9)

@@ -8,51 +8,33 @@
 //!
 //! Beside the decoders, [`BertModel`] is a BERT-family encoder that turns token ids into
 //! sentence embeddings (sentence-transformers pooling and normalisation; TP=1).
+//!
+//! The crate's parts, one folder each: `model/` (the decoder: config, weights, layers,
+//! attention, KV cache), `kernels/` (the CPU arithmetic, its threads and heap), `sampling/`
+//! (the sampler and logits processors), `bert/` (the encoder) and `fixture/` (deterministic
+//! checkpoints for tests and benches).
 
-mod attention;
-mod batch;
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod bert;
-mod bf16_matmul;
-pub mod config;
-mod decode_attention;
-mod elem;
-mod embedding;
 mod error;
-mod exp;
 pub mod fixture;
-mod fused;
-mod heap;
-#[cfg(test)]
-mod kernel_paths;
-pub mod kquant;
-mod kv_cache;
-mod layer;
-mod linear;
-pub mod logits;
-mod matvec;
+pub mod kernels;
 mod model;
-mod parallel;
-mod pool;
-pub mod q4matvec;
-pub mod q8_gemm;
-pub mod qmatvec;
-mod ring;
-mod rope;
-pub mod sampler;
-mod sequence;
-mod weights;
-mod workspace;
+mod sampling;
 
-pub use batch::{Batch, LogitsMode, SeqChunk};
 pub use bert::BertModel;
-pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use kv_cache::{blocks_for, KvCache, RingPlacement, SeqId, KV_BLOCK_TOKENS};
-pub use linear::Quantization;
+pub use kernels::pool::limit_candle_spinning;
+pub use model::batch::{Batch, LogitsMode, SeqChunk};
+pub use model::config;
+pub use model::config::{Architecture, ModelConfig, RopeScaling};
+pub use model::kv_cache::{blocks_for, KvCache, RingPlacement, SeqId, KV_BLOCK_TOKENS};
+pub use model::linear::Quantization;
+pub use model::parallel::TpLayout;
+pub use model::ring::{AppendOn, DecodeStep, LocalLogits, PrefillStep, RingComm, RingLogits, RingOutput, RingStep};
+pub use model::sequence::ZigzagLayout;
+pub use model::weights::{Checkpoint, Shard};
 pub use model::{LoadConfig, Model};
-pub use parallel::TpLayout;
-pub use pool::limit_candle_spinning;
-pub use ring::{AppendOn, DecodeStep, LocalLogits, PrefillStep, RingComm, RingLogits, RingOutput, RingStep};
-pub use sequence::ZigzagLayout;
+pub use sampling::{logits, sampler};
 pub use tessera_model_files::{ChatTemplateText, ModelFiles};
-pub use weights::{Checkpoint, Shard};

@@ -92,7 +92,7 @@ fn forced(dir: &Path, load: &LoadConfig, prompt: &[u32]) -> Forced {
 
 /// q8_0 keeps 8 bits per weight with one scale per 32: on every fixture the logits stay within
 /// 5% of the largest f32 logit of their row (measured: 1.3–3.6% where prefill quantizes the
-/// activations to 8 bits per block as decode does, on CPUs with AVX-512 VNNI (`q8_gemm.rs`);
+/// activations to 8 bits per block as decode does, on CPUs with AVX-512 VNNI (`gemm/q8.rs`);
 /// 1.0–1.8% with f32 activations in prefill; random fixture weights give flat rows).
 /// Next-token choices agree with f32 at all but at most one of the 17 positions per fixture
 /// (measured: 135 of 136; llama-rope-llama3 flips its 17th), and a choice may differ only at a

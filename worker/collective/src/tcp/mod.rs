@@ -212,6 +212,10 @@ impl Collective for TcpCollective {
         self.check_peer(peer, "recv from")?;
         self.guarded(|s| p2p::recv(&mut s.mesh, peer, out))
     }
+
+    fn as_send(&mut self) -> Option<&mut (dyn Collective + Send)> {
+        Some(self)
+    }
 }
 
 impl Drop for TcpCollective {

@@ -17,8 +17,8 @@ use candle_nn::LayerNorm;
 pub use config::{is_bert_dir, max_seq_length, Activation, BertConfig, Pooling, SentenceHead};
 
 use crate::error::{ModelError, Result};
-use crate::linear::Linear;
-use crate::weights::{Checkpoint, Shard};
+use crate::model::linear::Linear;
+use crate::model::weights::{Checkpoint, Shard};
 
 /// Tensor-name lookups that tolerate the `bert.` prefix (`BertForMaskedLM`-style checkpoints)
 /// and TF-era `gamma`/`beta` LayerNorm names.

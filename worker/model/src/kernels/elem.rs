@@ -1,5 +1,7 @@
-//! Float element types the CPU passes in `fused.rs` and `decode_attention.rs` read and write:
-//! each computes in f32 and converts once on the way in and once on the way out.
+//! The float element types (f32, bf16, f16) the CPU kernels read and write: one trait, [`Elem`],
+//! for the passes in `fused.rs` and `decode_attention.rs` (each computes in f32 and converts
+//! once on the way in and once on the way out) and for the weights `matvec.rs` widens to f32
+//! lanes inside its SIMD kernels.
 
 use std::cell::Cell;
 use std::ops::Range;
@@ -13,6 +15,18 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn from_f32(v: f32) -> Self;
     /// The fastest dot product of a row of this type with an f32 row on this CPU.
     fn dot_kernel() -> fn(&[Self], &[f32]) -> f32;
+    /// Eight elements from `p` widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point at eight readable elements; the CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen elements from `p` widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point at sixteen readable elements; the CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
     /// The storage's elements, if it holds this type.
     fn of(storage: &CpuStorage) -> Option<&[Self]>;
     /// The storage's elements for writing, if it holds this type.
@@ -32,7 +46,7 @@ pub(crate) enum ElemPtr {
 }
 
 macro_rules! elem {
-    ($t:ty, $dtype:ident, $to:expr, $from:expr, $dot:path) => {
+    ($t:ty, $dtype:ident, $to:expr, $from:expr, $dot:path, $load8:path, $load16:path) => {
         impl Elem for $t {
             const DTYPE: DType = DType::$dtype;
             #[inline(always)]
@@ -45,6 +59,18 @@ macro_rules! elem {
             }
             fn dot_kernel() -> fn(&[Self], &[f32]) -> f32 {
                 $dot()
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+                // SAFETY: the caller's guarantee is the loader's.
+                unsafe { $load8(p) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+                // SAFETY: the caller's guarantee is the loader's.
+                unsafe { $load16(p) }
             }
             fn of(storage: &CpuStorage) -> Option<&[Self]> {
                 match storage {
@@ -68,9 +94,73 @@ macro_rules! elem {
     };
 }
 
-elem!(f32, F32, |v| v, |v| v, crate::matvec::f32_kernel);
-elem!(bf16, BF16, bf16::to_f32, bf16::from_f32, crate::matvec::bf16_kernel);
-elem!(f16, F16, f16::to_f32, f16::from_f32, crate::matvec::f16_kernel);
+elem!(f32, F32, |v| v, |v| v, crate::kernels::matvec::f32_kernel, lanes::f32x8, lanes::f32x16);
+elem!(bf16, BF16, bf16::to_f32, bf16::from_f32, crate::kernels::matvec::bf16_kernel, lanes::bf16x8, lanes::bf16x16);
+elem!(f16, F16, f16::to_f32, f16::from_f32, crate::kernels::matvec::f16_kernel, lanes::f16x8, lanes::f16x16);
+
+/// Each type's elements widened to f32 vector lanes: the bodies of [`Elem::load8`] and
+/// [`Elem::load16`].
+#[cfg(target_arch = "x86_64")]
+mod lanes {
+    use std::arch::x86_64::*;
+
+    use half::{bf16, f16};
+
+    /// # Safety
+    /// As for [`super::Elem::load8`].
+    #[inline(always)]
+    pub(super) unsafe fn f32x8(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees eight readable f32 and AVX2.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+
+    /// # Safety
+    /// As for [`super::Elem::load16`].
+    #[inline(always)]
+    pub(super) unsafe fn f32x16(p: *const f32) -> __m512 {
+        // SAFETY: the caller guarantees sixteen readable f32 and AVX-512F.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+
+    /// # Safety
+    /// As for [`super::Elem::load8`].
+    #[inline(always)]
+    pub(super) unsafe fn f16x8(p: *const f16) -> __m256 {
+        // SAFETY: the caller guarantees eight readable f16 (plain u16) and AVX2 with F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
+    /// # Safety
+    /// As for [`super::Elem::load16`].
+    #[inline(always)]
+    pub(super) unsafe fn f16x16(p: *const f16) -> __m512 {
+        // SAFETY: the caller guarantees sixteen readable f16 and AVX-512F.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+
+    /// # Safety
+    /// As for [`super::Elem::load8`].
+    #[inline(always)]
+    pub(super) unsafe fn bf16x8(p: *const bf16) -> __m256 {
+        // SAFETY: the caller guarantees eight readable bf16 (plain u16) and AVX2. bf16 is the
+        // top half of an f32: widening is a zero-extend and a 16-bit shift.
+        unsafe {
+            let raw = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+        }
+    }
+
+    /// # Safety
+    /// As for [`super::Elem::load16`].
+    #[inline(always)]
+    pub(super) unsafe fn bf16x16(p: *const bf16) -> __m512 {
+        // SAFETY: the caller guarantees sixteen readable bf16 (plain u16) and AVX-512F.
+        unsafe {
+            let raw = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
+        }
+    }
+}
 
 /// Runs `f` on the elements of `t` when it is a contiguous CPU tensor of type `T`; `None`
 /// otherwise (the caller then takes the tensor-op path).

@@ -44,16 +44,13 @@ impl ComputePool {
     }
 
     /// Runs `f` on one of the pool's threads (directly, if this already is one) and returns its
-    /// result; the caller blocks meanwhile.
-    pub fn run<R: Send>(&self, f: impl FnOnce() -> R) -> R {
+    /// result; the caller blocks meanwhile. What `f` borrows must be `Send`: a forward pass's
+    /// collective comes as `dyn Collective + Send` (`Collective::as_send`).
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         if self.0.current_thread_index().is_some() {
             return f();
         }
-        let job = AssertSend(f);
-        self.0.install(move || {
-            let job = job;
-            (job.0)()
-        })
+        self.0.install(f)
     }
 }
 
@@ -64,11 +61,12 @@ impl std::fmt::Debug for ComputePool {
 }
 
 /// A raw pointer to an output buffer that a product's pool tasks share (the GEMMs in
-/// `bf16_matmul.rs` and `q8_gemm.rs`); each task writes its own columns only.
+/// `gemm/bf16.rs` and `gemm/q8.rs`); each task writes its own columns only.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub *mut f32);
 // SAFETY: tasks write disjoint elements (their own panel's columns) and the buffer outlives them.
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: the tasks sharing it only write through it, at disjoint elements.
 unsafe impl Sync for OutPtr {}
 
 /// Runs `f` on this thread's value in `cell` (a kernel's buffers, kept between calls so that a
@@ -83,10 +81,3 @@ pub(crate) fn with_reused<T: Default + 'static, R>(
         Err(_) => f(&mut T::default()),
     })
 }
-
-/// Lets a closure that borrows non-`Send` state (`&mut dyn Collective`) run on a pool thread.
-struct AssertSend<F>(F);
-// SAFETY: the calling thread is blocked in `install` until the closure has finished, so the
-// borrowed state is never used by two threads at once; what is borrowed is plain CPU-side state
-// (TCP streams, channels, tensors) with no affinity to the thread that created it.
-unsafe impl<F> Send for AssertSend<F> {}

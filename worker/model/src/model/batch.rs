@@ -4,7 +4,7 @@
 //! sequence, where its tokens start, and how many there are. Linear layers run once over all
 //! tokens of the batch; attention runs per chunk against that sequence's cache.
 
-use crate::kv_cache::SeqId;
+use crate::model::kv_cache::SeqId;
 
 /// A run of consecutive tokens of one sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

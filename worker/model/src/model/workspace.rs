@@ -14,9 +14,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::ChunkMask;
-use crate::elem::Dest;
-use crate::matvec::MAX_ROWS;
+use crate::kernels::elem::Dest;
+use crate::kernels::matvec::MAX_ROWS;
+use crate::model::attention::ChunkMask;
 
 /// The intermediates of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +118,7 @@ mod tests {
         assert_eq!(a.tensor().id(), b.tensor().id(), "the same rows give the same view");
         assert_eq!(a.tensor().dims(), &[2, 3, 4]);
         let one = ws.get(Slot::Q, &[1, 3, 4], DType::F32).unwrap().unwrap();
-        crate::elem::with_dest_mut::<f32, _>(&one, |s| {
+        crate::kernels::elem::with_dest_mut::<f32, _>(&one, |s| {
             assert_eq!(s.len(), 12, "a write reaches its own rows only");
             s.fill(7.0)
         })

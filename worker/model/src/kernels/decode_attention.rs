@@ -15,10 +15,10 @@ use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::elem::{output, Dest, Elem};
 use crate::error::{ModelError, Result};
-use crate::exp::exp_in_place;
-use crate::pool::with_reused;
+use crate::kernels::elem::{output, Dest, Elem};
+use crate::kernels::exp::exp_in_place;
+use crate::kernels::pool::with_reused;
 
 /// One decoding sequence of a step: which row of the step's queries is its own, and its cached
 /// keys and values (`[kv_heads, capacity, head_dim]`, the cache's whole tensors or views of
@@ -264,11 +264,11 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::attention::{attend, ChunkMask};
-    use crate::workspace::{Slot, Workspace};
+    use crate::model::attention::{attend, ChunkMask};
+    use crate::model::workspace::{Slot, Workspace};
 
     fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
-        let mut rng = crate::sampler::SeededRng::new(seed);
+        let mut rng = crate::sampling::sampler::SeededRng::new(seed);
         let n = shape.0 * shape.1 * shape.2;
         let values: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 4.0 - 2.0).collect();
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()

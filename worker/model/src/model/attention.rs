@@ -12,11 +12,11 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::decode_attention::{self, DecodeRow};
-use crate::elem::Dest;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
-use crate::layer::{AttentionStep, LayerSlot};
+use crate::kernels::decode_attention::{self, DecodeRow};
+use crate::kernels::elem::Dest;
+use crate::model::kv_cache::KvCache;
+use crate::model::layer::{AttentionStep, LayerSlot};
 use crate::Batch;
 
 /// Which keys the queries of one chunk see. A chunk of several queries gets an additive mask
@@ -121,7 +121,7 @@ fn attend_block(q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor
     // are adjacent, so this is a pure reshape.
     let q = (q.transpose(0, 1)?.contiguous()? * (1.0 / (head_dim as f64).sqrt()))?.reshape((kv_heads, group * len, head_dim))?;
     let scores = q.matmul(&keys.t()?)?.to_dtype(DType::F32)?;
-    let probs = match crate::fused::masked_softmax(&scores, mask, dtype)? {
+    let probs = match crate::kernels::fused::masked_softmax(&scores, mask, dtype)? {
         Some(probs) => probs,
         None => {
             let scores = match mask {
@@ -310,7 +310,7 @@ mod tests {
     use super::*;
 
     fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
-        let mut rng = crate::sampler::SeededRng::new(seed);
+        let mut rng = crate::sampling::sampler::SeededRng::new(seed);
         let n = shape.0 * shape.1 * shape.2;
         let values: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()

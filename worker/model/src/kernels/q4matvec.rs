@@ -18,10 +18,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use half::f16;
 
-use crate::elem::Dest;
-use crate::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
-use crate::pool::with_reused;
-use crate::qmatvec::{quantize_blocks, BLOCK};
+use crate::kernels::elem::Dest;
+use crate::kernels::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
+use crate::kernels::pool::with_reused;
+use crate::kernels::qmatvec::{quantize_blocks, BLOCK};
 
 /// One of the block formats, as its bytes are read.
 trait Format: 'static {
@@ -174,10 +174,10 @@ impl Kernel {
 fn kernel<F: Format>() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::qmatvec::has_vnni() {
+        if crate::kernels::qmatvec::has_vnni() {
             return Kernel::new::<F>("avx512vnni", true, dot_vnni_entry::<F>);
         }
-        if crate::qmatvec::has_avx2() {
+        if crate::kernels::qmatvec::has_avx2() {
             return Kernel::new::<F>("avx2", true, dot_avx2_entry::<F>);
         }
     }
@@ -369,11 +369,12 @@ struct Weights {
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn load_group<F: Format>(p: *const u8, t: usize) -> Weights {
     use std::arch::x86_64::*;
-    // SAFETY (all reads below): block j < t lies at j * BYTES within the `t` blocks the caller
-    // guarantees, its nibbles at QS (16 bytes), its fifth bits at QH (4 bytes), its scale and
+    // Every read below is of a block j < t, at j * BYTES within the `t` blocks the caller
+    // guarantees: its nibbles at QS (16 bytes), its fifth bits at QH (4 bytes), its scale and
     // min (or first nibbles) at 0 (4 bytes); nothing is read for the blocks past `t`.
     let nibbles = |j: usize| {
         if j < t {
+            // SAFETY: block j < t's 16 nibble bytes, at QS (above).
             unsafe { _mm_loadu_si128(p.add(j * F::BYTES + F::QS) as *const __m128i) }
         } else {
             _mm_setzero_si128()
@@ -398,6 +399,7 @@ unsafe fn load_group<F: Format>(p: *const u8, t: usize) -> Weights {
         _ => _mm256_and_si256(_mm256_srli_epi16::<4>(words[k - 4]), low),
     });
     if F::HIGH {
+        // SAFETY: block j < t's four bytes of fifth bits, at QH (above).
         let qh = |j: usize| if j < t { unsafe { (p.add(j * F::BYTES + F::QH) as *const i32).read_unaligned() } } else { 0 };
         let h = _mm256_setr_epi32(qh(0), qh(1), qh(2), qh(3), qh(4), qh(5), qh(6), qh(7));
         // Value 4k + b's bit is bit 4 (k % 2) + b of byte k / 2: that byte copied to each byte
@@ -414,6 +416,7 @@ unsafe fn load_group<F: Format>(p: *const u8, t: usize) -> Weights {
     // Each block's first four bytes (its scale, then its min or two other bytes) in lane j;
     // the scales gathered into the low 128 bits, the mins into the high, widened with F16C.
     // Packing 16-bit scalars into 64-bit registers took three times the instructions.
+    // SAFETY: block j < t's first four bytes (above).
     let head = |j: usize| if j < t { unsafe { (p.add(j * F::BYTES) as *const i32).read_unaligned() } } else { 0 };
     let heads = _mm256_setr_epi32(head(0), head(1), head(2), head(3), head(4), head(5), head(6), head(7));
     let split =
@@ -447,7 +450,7 @@ fn store_sums<const N: usize>(total: [std::arch::x86_64::__m256; N], y: &mut [f3
         y.copy_from_slice(&out[..N]);
     } else {
         for (o, t) in y.iter_mut().zip(total) {
-            *o = crate::qmatvec::horizontal_sum(t);
+            *o = crate::kernels::qmatvec::horizontal_sum(t);
         }
     }
 }
@@ -511,8 +514,9 @@ fn dot_vnni<F: Format, const N: usize>(row: &[u8], x: &[LaneGroup], per_row: usi
 #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
 fn accumulate_vnni<F: Format, const N: usize>(w: &Weights, x: [&LaneGroup; N], total: &mut [std::arch::x86_64::__m256; N]) {
     use std::arch::x86_64::*;
-    // SAFETY (loads): a LaneGroup's registers, starting sums and scales are 32 bytes each.
+    // SAFETY: `load` reads one of a LaneGroup's 32-byte registers.
     let load = |v: &[i8; 32]| unsafe { _mm256_loadu_si256(v.as_ptr() as *const __m256i) };
+    // SAFETY: a LaneGroup's starting sums are 32 bytes.
     let mut int = x.map(|x| if F::MIN { _mm256_setzero_si256() } else { unsafe { _mm256_loadu_si256(x.corr.as_ptr() as *const __m256i) } });
     if N == 1 {
         // One row: two dependency chains through vpdpbusd's latency instead of one.
@@ -653,11 +657,11 @@ mod tests {
         let mut cannot: Vec<&str> = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            match crate::qmatvec::has_vnni() {
+            match crate::kernels::qmatvec::has_vnni() {
                 true => all.push(Kernel::new::<F>("avx512vnni", true, dot_vnni_entry::<F>)),
                 false => cannot.push("avx512vnni"),
             }
-            match crate::qmatvec::has_avx2() {
+            match crate::kernels::qmatvec::has_avx2() {
                 true => all.push(Kernel::new::<F>("avx2", true, dot_avx2_entry::<F>)),
                 false => cannot.push("avx2"),
             }
@@ -667,7 +671,7 @@ mod tests {
         static REPORTED: std::sync::Once = std::sync::Once::new();
         REPORTED.call_once(|| {
             for path in &cannot {
-                crate::kernel_paths::not_exercised(&format!("q4matvec {path}"));
+                crate::kernels::kernel_paths::not_exercised(&format!("q4matvec {path}"));
             }
         });
         all.push(Kernel::new::<F>("portable", false, dot_rows_portable::<F>));
@@ -708,7 +712,7 @@ mod tests {
     fn scalar_quantized(x: &[f32], rows: usize) -> QuantizedRows {
         let mut q = vec![0i8; x.len()];
         let d: Vec<f32> =
-            x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).map(|(xb, qb)| crate::qmatvec::quantize_block(xb, qb)).collect();
+            x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).map(|(xb, qb)| crate::kernels::qmatvec::quantize_block(xb, qb)).collect();
         let sums: Vec<i32> = q.chunks_exact(BLOCK).map(|b| b.iter().map(|&v| i32::from(v)).sum()).collect();
         let ds = d.iter().zip(&sums).map(|(&d, &s)| f16::from_f32(d * s as f32).to_f32()).collect();
         let d = d.iter().map(|&d| f16::from_f32(d).to_f32()).collect();

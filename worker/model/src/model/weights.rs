@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
-use crate::linear::{Quantization, Weight};
+use crate::model::linear::{Quantization, Weight};
 use gguf::GgufFile;
 
 /// Which part of a tensor a rank reads: block `index` of `parts` equal blocks along `dim`.

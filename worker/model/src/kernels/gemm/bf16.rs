@@ -10,17 +10,10 @@
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
-use crate::elem::Dest;
-use crate::matvec::{product_output, Product, RowsOut, MAX_ROWS};
-use crate::pool::OutPtr;
-
-/// Output columns per GEMM panel: two vectors of sixteen f32 lanes.
-const PANEL: usize = 32;
-/// Activation rows per GEMM tile: 12 rows × 2 vectors = 24 accumulators, plus the two panel
-/// vectors and a broadcast, fit the 32 vector registers.
-const TILE_ROWS: usize = 12;
+use super::{mask16, sweep, PanelKernel, TileOut};
+use crate::kernels::elem::Dest;
+use crate::kernels::matvec::{product_output, Product, RowsOut, MAX_ROWS};
 
 /// Whether this CPU runs the kernels here.
 pub fn available() -> bool {
@@ -63,7 +56,10 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
     if inner % 2 != 0 {
         return Ok(None);
     }
-    let y = Tensor::from_vec(gemm(xs, rows, ws, out, inner), (rows, out), x.device())?;
+    // SAFETY: `available()` was checked above; `xs` holds `rows` rows and `ws` `out` rows of
+    // `inner` (even) elements.
+    let y = unsafe { sweep(&Bf16Panels { x: xs, w: ws, k: inner }, rows, out) };
+    let y = Tensor::from_vec(y, (rows, out), x.device())?;
     drop((x_store, w_store));
     Ok(Some(y.to_dtype(DType::BF16)?))
 }
@@ -114,6 +110,10 @@ unsafe fn dot_rows_dispatch(xr: usize, w: *const bf16, x: [*const bf16; 4], n: u
     }
 }
 
+/// Off x86_64, where `available()` is false and nothing calls it.
+///
+/// # Safety
+/// Never to be called.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot_rows_dispatch(_: usize, _: *const bf16, _: [*const bf16; 4], _: usize, _: &mut [f32; 4]) {
     unreachable!("available() is false off x86_64")
@@ -121,6 +121,10 @@ unsafe fn dot_rows_dispatch(_: usize, _: *const bf16, _: [*const bf16; 4], _: us
 
 /// `sums[b] = dot(w, x[b])` over `n` elements, 32 at a time, the tail through masked loads
 /// (zeros add nothing).
+///
+/// # Safety
+/// The CPU must have AVX-512F, BW and BF16; `w` and every `x[..XR]` must address `n` readable
+/// elements.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn dot_rows<const XR: usize>(w: *const bf16, x: [*const bf16; 4], n: usize, sums: &mut [f32; 4]) {
@@ -149,105 +153,80 @@ unsafe fn dot_rows<const XR: usize>(w: *const bf16, x: [*const bf16; 4], n: usiz
     }
 }
 
-/// Prefill: `y = x Wᵀ` as `[m, n]` for even `k`. Each task packs 32 weight rows as bf16 pairs
-/// (`panel[p][c]` = row `c`'s elements `2p, 2p + 1`), then sweeps every 12-row tile of `x`
-/// across the panel, broadcasting one pair of each activation row per step.
-fn gemm(x: &[bf16], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
-    let pairs = k / 2;
-    let mut y = vec![0f32; m * n];
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(Vec::new, |panel: &mut Vec<u32>, p| {
-        let c0 = p * PANEL;
-        let cols = (n - c0).min(PANEL);
-        pack_panel(w, k, c0, cols, panel);
-        let mut r = 0;
-        while r < m {
-            let rows = (m - r).min(TILE_ROWS);
-            let tile = Tile {
-                panel: panel.as_ptr(),
-                x: x[r * k..].as_ptr() as *const u32,
-                pairs,
-                rows,
-                y: out,
-                y_stride: n,
-                row0: r,
-                col0: c0,
-                cols,
-            };
-            // SAFETY: `available()` was checked by the caller; the panel holds `pairs * 32`
-            // words, x rows r..r+rows hold `k` elements, and this task alone writes columns
-            // c0..c0+cols.
-            unsafe { tile.run() };
-            r += rows;
-        }
-    });
-    y
+/// Prefill: `y = x Wᵀ` for even `k` (`inner`) on the shared panel sweep (`gemm/mod.rs`). Each
+/// task packs 32 weight rows as bf16 pairs (`panel[p][c]` = row `c`'s elements `2p, 2p + 1`),
+/// then sweeps every 12-row tile of `x` across the panel, broadcasting one pair of each
+/// activation row per step.
+struct Bf16Panels<'a> {
+    /// The activations, `[m, k]`.
+    x: &'a [bf16],
+    /// The weights, `[n, k]`.
+    w: &'a [bf16],
+    k: usize,
 }
 
-/// Packs rows `c0..c0 + cols` of `w` (`[_, k]`) into `panel` as `[k / 2][32]` words, each the
-/// bf16 pair `(w[c][2p], w[c][2p + 1])`; columns past `cols` are zero.
-fn pack_panel(w: &[bf16], k: usize, c0: usize, cols: usize, panel: &mut Vec<u32>) {
-    let pairs = k / 2;
-    panel.clear();
-    panel.resize(pairs * PANEL, 0);
-    for c in 0..cols {
-        let row = &w[(c0 + c) * k..(c0 + c + 1) * k];
-        for (p, pair) in row.chunks_exact(2).enumerate() {
-            panel[p * PANEL + c] = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+impl PanelKernel for Bf16Panels<'_> {
+    /// A bf16 pair of one weight row.
+    type Packed = u32;
+    /// Two vectors of sixteen f32 lanes.
+    const PANEL: usize = 32;
+    /// 12 rows × 2 vectors = 24 accumulators, plus the two panel vectors and a broadcast, fit
+    /// the 32 vector registers.
+    const TILE_ROWS: usize = 12;
+
+    /// Packs rows `c0..c0 + cols` of `w` (`[_, k]`) into `panel` as `[k / 2][32]` words, each the
+    /// bf16 pair `(w[c][2p], w[c][2p + 1])`; columns past `cols` are zero.
+    fn pack(&self, c0: usize, cols: usize, panel: &mut Vec<u32>) {
+        let (w, k) = (self.w, self.k);
+        let pairs = k / 2;
+        panel.clear();
+        panel.resize(pairs * Self::PANEL, 0);
+        for c in 0..cols {
+            let row = &w[(c0 + c) * k..(c0 + c + 1) * k];
+            for (p, pair) in row.chunks_exact(2).enumerate() {
+                panel[p * Self::PANEL + c] = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+            }
         }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<const R: usize>(&self, panel: &[u32], out: TileOut) {
+        let tile = Tile { panel: panel.as_ptr(), x: self.x[out.row0 * self.k..].as_ptr() as *const u32, pairs: self.k / 2, out };
+        // SAFETY: forwarded from the caller: the CPU has AVX-512 BF16, the panel holds
+        // `k / 2 * 32` words, x rows row0..row0 + R hold `k` elements, and the tile is the
+        // caller's to write.
+        unsafe { tile.kernel::<R>() }
     }
 }
 
-/// One tile of the GEMM: up to 12 activation rows against a packed 32-column panel.
+/// One tile's operands: up to 12 activation rows against a packed 32-column panel.
 struct Tile {
     panel: *const u32,
     /// First activation row, read as bf16 pairs.
     x: *const u32,
     pairs: usize,
-    rows: usize,
-    y: OutPtr,
-    y_stride: usize,
-    row0: usize,
-    col0: usize,
-    cols: usize,
+    out: TileOut,
 }
 
 impl Tile {
+    /// Off x86_64, where `available()` is false and nothing calls it.
+    ///
     /// # Safety
-    /// As in [`gemm`]: the CPU has AVX-512 BF16 and every pointer covers what the tile reads
-    /// or writes.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn run(&self) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match self.rows {
-                12 => self.kernel::<12>(),
-                11 => self.kernel::<11>(),
-                10 => self.kernel::<10>(),
-                9 => self.kernel::<9>(),
-                8 => self.kernel::<8>(),
-                7 => self.kernel::<7>(),
-                6 => self.kernel::<6>(),
-                5 => self.kernel::<5>(),
-                4 => self.kernel::<4>(),
-                3 => self.kernel::<3>(),
-                2 => self.kernel::<2>(),
-                _ => self.kernel::<1>(),
-            }
-        }
-    }
-
+    /// Never to be called.
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run(&self) {
+    unsafe fn kernel<const R: usize>(&self) {
         unreachable!("available() is false off x86_64")
     }
 
+    /// # Safety
+    /// As for [`PanelKernel::tile`], for the `R` rows the tile's pointers address.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn kernel<const R: usize>(&self) {
         use std::arch::x86_64::{
             __m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_set1_epi32, _mm512_setzero_ps,
         };
+        const PANEL: usize = Bf16Panels::PANEL;
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let row_words = self.pairs;
         for p in 0..self.pairs {
@@ -264,24 +243,15 @@ impl Tile {
                 }
             }
         }
-        let (lo, hi) = (mask16(self.cols), mask16(self.cols.saturating_sub(16)));
+        let (lo, hi) = (mask16(self.out.cols), mask16(self.out.cols.saturating_sub(16)));
         for (r, acc_r) in acc.iter().enumerate() {
             // SAFETY: row row0 + r < m and columns col0.. below the masks are within row length n.
             unsafe {
-                let dst = self.y.0.add((self.row0 + r) * self.y_stride + self.col0);
+                let dst = self.out.row(r);
                 _mm512_mask_storeu_ps(dst, lo, acc_r[0]);
                 _mm512_mask_storeu_ps(dst.add(16), hi, acc_r[1]);
             }
         }
-    }
-}
-
-/// A mask of the first `n.min(16)` lanes.
-fn mask16(n: usize) -> u16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << n) - 1
     }
 }
 
@@ -305,7 +275,7 @@ mod tests {
         let Some(got) = matmul_t(&x, &w, None).unwrap() else {
             assert!(!available() || (rows > MAX_ROWS && inner % 2 == 1), "declined {rows}x{inner} · {out}");
             if !available() {
-                crate::kernel_paths::not_exercised("bf16_matmul avx512bf16");
+                crate::kernels::kernel_paths::not_exercised("gemm/bf16 avx512bf16");
             }
             return;
         };
@@ -348,7 +318,7 @@ mod tests {
         let w = bf16_tensor(out * inner, (out, inner), 11);
         let Some(got) = matmul_t(&x, &w, None).unwrap() else {
             assert!(!available());
-            crate::kernel_paths::not_exercised("bf16_matmul avx512bf16");
+            crate::kernels::kernel_paths::not_exercised("gemm/bf16 avx512bf16");
             return;
         };
         let want = x.to_dtype(DType::F32).unwrap().matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();

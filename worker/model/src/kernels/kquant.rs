@@ -27,9 +27,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use half::f16;
 
-use crate::elem::Dest;
-use crate::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
-use crate::pool::with_reused;
+use crate::kernels::elem::Dest;
+use crate::kernels::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
+use crate::kernels::pool::with_reused;
 
 /// Values per super-block of every K-quant format, and per activation block.
 const QK_K: usize = 256;
@@ -296,7 +296,7 @@ struct Kernel {
 /// Picks the best dot product this CPU supports for format `F`, once per call.
 fn kernel<F: Format>() -> Kernel {
     #[cfg(target_arch = "x86_64")]
-    if crate::qmatvec::has_avx2() {
+    if crate::kernels::qmatvec::has_avx2() {
         return Kernel { name: "avx2", bytes: F::BYTES, dot: rows_avx2::<F> };
     }
     portable::<F>()
@@ -445,7 +445,7 @@ unsafe fn q45_avx2<const HIGH: bool, const N: usize>(row: &[u8], x: &[&[Q8K]], y
         }
     }
     for (o, a) in y.iter_mut().zip(acc) {
-        *o = crate::qmatvec::horizontal_sum(a);
+        *o = crate::kernels::qmatvec::horizontal_sum(a);
     }
 }
 
@@ -504,7 +504,7 @@ unsafe fn q6_avx2<const N: usize>(row: &[u8], x: &[&[Q8K]], y: &mut [f32]) {
         }
     }
     for (o, a) in y.iter_mut().zip(acc) {
-        *o = crate::qmatvec::horizontal_sum(a);
+        *o = crate::kernels::qmatvec::horizontal_sum(a);
     }
 }
 
@@ -534,12 +534,12 @@ mod tests {
     fn kernels<F: Format>() -> Vec<Kernel> {
         let mut all = vec![kernel::<F>()];
         #[cfg(target_arch = "x86_64")]
-        let avx2 = crate::qmatvec::has_avx2();
+        let avx2 = crate::kernels::qmatvec::has_avx2();
         #[cfg(not(target_arch = "x86_64"))]
         let avx2 = false;
         if !avx2 {
             static REPORTED: std::sync::Once = std::sync::Once::new();
-            REPORTED.call_once(|| crate::kernel_paths::not_exercised("kquant avx2"));
+            REPORTED.call_once(|| crate::kernels::kernel_paths::not_exercised("kquant avx2"));
         }
         all.push(portable::<F>());
         all.dedup_by_key(|k| k.name);

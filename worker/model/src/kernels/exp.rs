@@ -56,12 +56,20 @@ fn exp_portable(xs: &mut [f32]) {
     }
 }
 
+/// [`exp_portable`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_avx512(xs: &mut [f32]) {
     exp_portable(xs);
 }
 
+/// [`exp_portable`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_avx2(xs: &mut [f32]) {
@@ -90,7 +98,7 @@ mod tests {
                 unsafe { exp_avx512(&mut y) };
                 runs.push(("avx512", y));
             } else {
-                crate::kernel_paths::not_exercised("exp avx512");
+                crate::kernels::kernel_paths::not_exercised("exp avx512");
             }
             if has!("avx2") && has!("fma") {
                 let mut y = xs.clone();
@@ -98,7 +106,7 @@ mod tests {
                 unsafe { exp_avx2(&mut y) };
                 runs.push(("avx2", y));
             } else {
-                crate::kernel_paths::not_exercised("exp avx2");
+                crate::kernels::kernel_paths::not_exercised("exp avx2");
             }
         }
         for (name, got) in &runs {

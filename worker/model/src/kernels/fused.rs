@@ -16,8 +16,8 @@ use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::elem::{is_slice, output, with_slice, Dest, Elem};
-use crate::exp::exp_in_place;
+use crate::kernels::elem::{is_slice, output, with_slice, Dest, Elem};
+use crate::kernels::exp::exp_in_place;
 
 /// Rows below which a pass runs on the calling thread: waking the pool costs more than a few
 /// rows' work (a decode step has one row per sequence).
@@ -362,7 +362,7 @@ mod tests {
     use super::*;
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::sampler::SeededRng::new(seed);
+        let mut rng = crate::sampling::sampler::SeededRng::new(seed);
         let n = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 4.0 - 2.0).collect();
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
@@ -450,8 +450,8 @@ mod tests {
             for (dtype, tolerance) in [(DType::F32, 0.0), (DType::BF16, 0.1), (DType::F16, 0.02)] {
                 let [x, weight] = [&x, &weight].map(|t| t.to_dtype(dtype).unwrap());
                 let want = candle_nn::ops::rms_norm(&x, &weight, 1e-5).unwrap();
-                let mut ws = crate::workspace::Workspace::new(&Device::Cpu);
-                let dest = ws.get(crate::workspace::Slot::H0, &[tokens, hidden], dtype).unwrap();
+                let mut ws = crate::model::workspace::Workspace::new(&Device::Cpu);
+                let dest = ws.get(crate::model::workspace::Slot::H0, &[tokens, hidden], dtype).unwrap();
                 for dest in [None, dest.as_ref()] {
                     let got = rms_norm(&x, &weight, 1e-5, dest).unwrap().expect("fused pass applies");
                     assert!(max_diff(&got, &want) <= tolerance, "{dtype:?}, {tokens} tokens: {}", max_diff(&got, &want));
@@ -482,7 +482,7 @@ mod tests {
     fn masked_softmax_equals_the_tensor_ops() {
         let (kv_heads, group, len, kv_len) = (2, 3, 7, 20);
         let scores = random(&[kv_heads, group * len, kv_len], 11);
-        let mask = crate::attention::ChunkMask::new(kv_len - len, len, Some(9), &Device::Cpu).unwrap();
+        let mask = crate::model::attention::ChunkMask::new(kv_len - len, len, Some(9), &Device::Cpu).unwrap();
         let mask = mask.tensor().expect("a prefill chunk has a mask").clone();
         for with_mask in [true, false] {
             let m = with_mask.then_some(&mask);

@@ -12,9 +12,9 @@
 use candle_core::Tensor;
 use half::f16;
 
-use crate::elem::Dest;
-use crate::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
-use crate::pool::with_reused;
+use crate::kernels::elem::Dest;
+use crate::kernels::matvec::{product_output, with_f32_rows, Product, MAX_ROWS};
+use crate::kernels::pool::with_reused;
 
 /// Weights per q8_0 block, and the block's bytes: an f16 scale, then 32 signed bytes.
 pub(crate) const BLOCK: usize = 32;
@@ -67,7 +67,7 @@ thread_local! {
     static QUANTIZED: std::cell::RefCell<QuantizedRows> = std::cell::RefCell::new(QuantizedRows::default());
 }
 
-/// One 32-block of `quantize_rows` (also prefill's scalar path, `q8_gemm.rs`): writes the
+/// One 32-block of `quantize_rows` (also prefill's scalar path, `gemm/q8.rs`): writes the
 /// 8-bit values and returns the block's scale.
 pub(crate) fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
     let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -220,6 +220,9 @@ fn dot_avx2_entry(row: &[u8], xq: &QuantizedRows, y: &mut [f32]) {
 /// of products (at most 2 × 128 × 127) fit the i16 it sums them into. The f16 block scale is
 /// widened with F16C: a software conversion per 32 weights cost more than the block's integer
 /// dot product.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2<const N: usize>(row: &[u8], x: [(&[i8], &[f32]); N]) -> [f32; N] {
@@ -480,7 +483,7 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], lanes: &LaneRows, first: usize, y
     let stride = lanes.per_row;
     // SAFETY: rows first..first + N of `per_row` groups each are in `lanes` (caller).
     let groups = unsafe { lanes.groups.as_ptr().add(first * stride) };
-    // SAFETY (x below): group g < per_row of rows first..first + N.
+    // SAFETY: `x` is called with groups g < per_row, of rows first..first + N, all in `lanes`.
     let x = |g: usize| core::array::from_fn::<&LaneGroup, N, _>(|r| unsafe { &*groups.add(r * stride + g) });
     let mut total = [_mm256_setzero_ps(); N];
     // Each `accumulate` instance is called from one place only, so that it is inlined: with two
@@ -549,8 +552,9 @@ fn accumulate<const N: usize, const T: usize>(
 ) {
     use std::arch::x86_64::*;
     let w = interleave::<T>(w.map(|v| _mm256_xor_si256(v, _mm256_set1_epi8(-128))));
-    // SAFETY (loads): a LaneGroup's registers, corrections and scales are 32 bytes each.
+    // SAFETY: a LaneGroup's registers, corrections and scales are 32 bytes each; k < GROUP.
     let load = |x: &LaneGroup, k: usize| unsafe { _mm256_loadu_si256(x.x[k].as_ptr() as *const __m256i) };
+    // SAFETY: as for `load`: the 32 bytes of each row's corrections.
     let mut int = x.map(|x| unsafe { _mm256_loadu_si256(x.corr.as_ptr() as *const __m256i) });
     if N == 1 && T == GROUP {
         // One row: two dependency chains through vpdpbusd's latency instead of one.
@@ -568,6 +572,7 @@ fn accumulate<const N: usize, const T: usize>(
         }
     }
     for ((t, acc), x) in total.iter_mut().zip(int).zip(&x) {
+        // SAFETY: as for `load`: the eight f32 scales of the row's group.
         let d = unsafe { _mm256_loadu_ps(x.d.as_ptr()) };
         *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(w_scale, d), *t);
     }
@@ -584,9 +589,10 @@ fn accumulate<const N: usize, const T: usize>(
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn load_group(p: *const u8) -> ([std::arch::x86_64::__m256i; GROUP], std::arch::x86_64::__m256) {
     use std::arch::x86_64::*;
-    // SAFETY (all reads): block j's scale is at j * 34 and its 32 weights follow, within the
-    // eight blocks the caller guarantees.
+    // SAFETY: block j < 8's 32 weights follow its scale at j * 34, within the eight blocks the
+    // caller guarantees.
     let w = core::array::from_fn(|j| unsafe { _mm256_loadu_si256(p.add(j * BLOCK_BYTES + 2) as *const __m256i) });
+    // SAFETY: block j < 8's two-byte scale, at j * 34, as above.
     let scale = |j: usize| u64::from(unsafe { (p.add(j * BLOCK_BYTES) as *const u16).read_unaligned() });
     let lo = scale(0) | scale(1) << 16 | scale(2) << 32 | scale(3) << 48;
     let hi = scale(4) | scale(5) << 16 | scale(6) << 32 | scale(7) << 48;
@@ -687,7 +693,7 @@ mod tests {
             #[cfg(not(target_arch = "x86_64"))]
             let missing = [("avx512vnni", false), ("avx2", false)];
             for (name, _) in missing.iter().filter(|(_, has)| !has) {
-                crate::kernel_paths::not_exercised(&format!("qmatvec {name}"));
+                crate::kernels::kernel_paths::not_exercised(&format!("qmatvec {name}"));
             }
         });
         all.push(Kernel { name: "portable", quantize: |x, _, xq| quantize_rows(x, xq), dot: dot_rows_portable });

@@ -8,15 +8,15 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::RmsNorm;
 use tessera_collective::{all_reduce_tensor, Collective};
 
-use crate::config::ModelConfig;
-use crate::elem::{with_dest_mut, Dest, Elem};
 use crate::error::Result;
-use crate::fused::{self, Heads};
-use crate::linear::{Linear, Quantization, Weight};
-use crate::parallel::TpLayout;
-use crate::pool::with_reused;
-use crate::weights::{Checkpoint, Shard};
-use crate::workspace::{Slot, Workspace};
+use crate::kernels::elem::{with_dest_mut, Dest, Elem};
+use crate::kernels::fused::{self, Heads};
+use crate::kernels::pool::with_reused;
+use crate::model::config::ModelConfig;
+use crate::model::linear::{Linear, Quantization, Weight};
+use crate::model::parallel::TpLayout;
+use crate::model::weights::{Checkpoint, Shard};
+use crate::model::workspace::{Slot, Workspace};
 
 pub struct DecoderLayer {
     index: usize,

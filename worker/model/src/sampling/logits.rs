@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 
-use crate::sampler::SamplingParams;
+use crate::sampling::sampler::SamplingParams;
 
 /// The tokens of one sequence so far, with the per-token bookkeeping the penalties need, kept
 /// up to date per token so that applying a penalty costs O(distinct tokens), not O(length).
@@ -386,7 +386,7 @@ pub fn min_p(logits: &mut [f32], min_p: f32) {
     if min_p.is_nan() || min_p <= 0.0 {
         return;
     }
-    let best = crate::sampler::argmax(logits) as usize;
+    let best = crate::sampling::sampler::argmax(logits) as usize;
     let Some(&max) = logits.get(best) else { return };
     if !max.is_finite() {
         return;

@@ -5,9 +5,9 @@
 //! holds `n_kv / tp` KV heads, or — when `tp > n_kv` — one KV head replicated on `tp / n_kv`
 //! ranks, so that its query heads always find their KV head locally.
 
-use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::Shard;
+use crate::model::config::ModelConfig;
+use crate::model::weights::Shard;
 
 /// One rank's share of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

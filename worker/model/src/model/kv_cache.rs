@@ -16,8 +16,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::elem::{is_slice, with_dest_mut, with_slice, Dest, Elem};
 use crate::error::{ModelError, Result};
+use crate::kernels::elem::{is_slice, with_dest_mut, with_slice, Dest, Elem};
 
 /// Identifies a sequence across the ranks that hold its KV cache.
 pub type SeqId = u64;

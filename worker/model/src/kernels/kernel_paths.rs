@@ -8,7 +8,7 @@
 
 use std::io::Write;
 
-/// Records that `path` (e.g. `"q8_gemm avx512vnni"`) was not exercised on this CPU.
+/// Records that `path` (e.g. `"gemm/q8 avx512vnni"`) was not exercised on this CPU.
 pub(crate) fn not_exercised(path: &str) {
     eprintln!("kernel path not exercised on this CPU: {path}");
     let Some(file) = std::env::var_os("TESSERA_UNEXERCISED_PATHS") else { return };

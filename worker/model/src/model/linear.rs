@@ -7,18 +7,18 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Module, Tensor};
 
-use crate::elem::{is_slice, with_dest_mut, with_slice, with_slice_mut, Dest, Elem};
+use crate::kernels::elem::{is_slice, with_dest_mut, with_slice, with_slice_mut, Dest, Elem};
 
 /// `x Wᵀ` for `W` in `[out, in]` layout. bf16 activations and weights use AVX-512 BF16 where
-/// the CPU has it (`bf16_matmul.rs`). Otherwise half-precision weights are widened to f32 for
+/// the CPU has it (`kernels/gemm/bf16.rs`). Otherwise half-precision weights are widened to f32 for
 /// the product: candle's CPU half-precision GEMM is several times slower than its f32 GEMM,
 /// which more than pays for the conversion (measured in BENCHMARKS.md). Decode products write
 /// into `dest` when it is a fitting workspace tensor (`workspace.rs`).
 pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
-    if let Some(y) = crate::bf16_matmul::matmul_t(x, w, dest)? {
+    if let Some(y) = crate::kernels::gemm::bf16::matmul_t(x, w, dest)? {
         return Ok(y);
     }
-    if let Some(y) = crate::matvec::matvec_t(x, w, dest)? {
+    if let Some(y) = crate::kernels::matvec::matvec_t(x, w, dest)? {
         return Ok(y);
     }
     match w.dtype() {
@@ -36,7 +36,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
 ///   (`q4matvec.rs`);
 /// - q4_k, q5_k, q6_k and at most `MAX_ROWS` rows: the same design for ggml's 256-value
 ///   super-blocks, activations quantized to llama.cpp's `block_q8_K` (`kquant.rs`);
-/// - q8_0 and more rows (prefill) on a CPU with AVX-512 VNNI: our int8 GEMM (`q8_gemm.rs`),
+/// - q8_0 and more rows (prefill) on a CPU with AVX-512 VNNI: our int8 GEMM (`kernels/gemm/q8.rs`),
 ///   the same arithmetic as decode, so prefill and decode agree;
 /// - other prefill: f32 GEMM on the dequantized weights — the same weights with exact f32
 ///   activations, and on the benchmark machine several times faster than candle's quantized
@@ -46,28 +46,28 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
 fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
     let (out, inner) = q.shape().dims2()?;
     let rows = x.dims().first().copied().unwrap_or(0);
-    if crate::q4matvec::supports(q.dtype()) && q.device().is_cpu() {
-        if let Some(y) = crate::q4matvec::q4_matvec_into(x, &q.data()?, q.dtype(), out, inner, dest)? {
+    if crate::kernels::q4matvec::supports(q.dtype()) && q.device().is_cpu() {
+        if let Some(y) = crate::kernels::q4matvec::q4_matvec_into(x, &q.data()?, q.dtype(), out, inner, dest)? {
             return Ok(y);
         }
     }
-    if crate::kquant::supports(q.dtype()) && q.device().is_cpu() {
+    if crate::kernels::kquant::supports(q.dtype()) && q.device().is_cpu() {
         let data = q.data()?;
-        if let Some(y) = crate::kquant::kquant_matvec_into(x, &data, q.dtype(), out, inner, dest)? {
+        if let Some(y) = crate::kernels::kquant::kquant_matvec_into(x, &data, q.dtype(), out, inner, dest)? {
             return Ok(y);
         }
     }
     if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() {
         let data = q.data()?;
-        if let Some(y) = crate::qmatvec::q8_0_matvec_into(x, &data, out, inner, dest)? {
+        if let Some(y) = crate::kernels::qmatvec::q8_0_matvec_into(x, &data, out, inner, dest)? {
             return Ok(y);
         }
-        if let Some(y) = crate::q8_gemm::q8_0_gemm_t(x, &data, out, inner)? {
+        if let Some(y) = crate::kernels::gemm::q8::q8_0_gemm_t(x, &data, out, inner)? {
             return y.to_dtype(x.dtype());
         }
     }
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let y = if rows > crate::matvec::MAX_ROWS {
+    let y = if rows > crate::kernels::matvec::MAX_ROWS {
         x32.matmul(&q.dequantize(&q.device())?.t()?)?
     } else {
         QMatMul::QTensor(q.clone()).forward(&x32)?

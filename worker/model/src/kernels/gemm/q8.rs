@@ -18,20 +18,14 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::matvec::MAX_ROWS;
-use crate::pool::OutPtr;
-use crate::qmatvec::{quantize_block, BLOCK, BLOCK_BYTES};
+use super::{mask16, sweep, PanelKernel, TileOut};
+use crate::kernels::matvec::MAX_ROWS;
+use crate::kernels::qmatvec::{quantize_block, BLOCK, BLOCK_BYTES};
 
 /// Groups of four consecutive `k` per block: the four byte pairs one `vpdpbusd` lane sums.
 const GROUPS: usize = BLOCK / 4;
 /// Output columns per panel, the unit of parallel work: the i32 / f32 lanes of one zmm register.
 const PANEL: usize = 16;
-/// Activation rows per tile. Each row keeps an i32 accumulator for the current block and an f32
-/// one for the sum over blocks: 16 registers, with room to spare in the 32 for the weights,
-/// scales and temporaries. Measured on the 512-row SmolLM shapes (2 threads, Zen 4): 8 rows
-/// ≈ 300 Gmac/s, 10 or 12 rows ≈ 260 (the compiler starts keeping accumulators on the stack);
-/// 32-column panels with 4–6 rows were no faster than 16 × 8.
-const TILE_ROWS: usize = 8;
 /// 64-byte lines per packed block of a panel: one per group of four `k`, then one of the
 /// sixteen columns' f32 scales.
 const LINES_PER_BLOCK: usize = GROUPS + 1;
@@ -77,13 +71,15 @@ pub fn q8_0_gemm_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize) -> candl
     };
     let xq = quantize_rows(&x_all[x0..x1], inner);
     drop(x_store);
-    let y = gemm(&xq, rows, blocks, out, inner);
+    // SAFETY: `available()` was checked above; `xq` holds `rows` quantized rows of `inner` and
+    // `blocks` the `out` rows of `W` (length checked above).
+    let y = unsafe { sweep(&Q8Panels { xq: &xq, w: blocks, k: inner }, rows, out) };
     Ok(Some(Tensor::from_vec(y, (rows, out), x.device())?))
 }
 
 /// Activation rows quantized per 32-block: `q` the signed bytes (`[rows, in]`), and per block
 /// (`[rows, in / 32]`) the f32 scale `d` and the offset `off = -128 · Σ q` that cancels the
-/// weights' unsigned bias (see [`pack_panel`]).
+/// weights' unsigned bias (see `Q8Panels::pack`).
 struct Activations {
     q: Vec<i8>,
     d: Vec<f32>,
@@ -130,6 +126,10 @@ fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], off: &mut [i32]) {
 /// [`quantize_portable`] sixteen values at a time, bit for bit: the same scale and reciprocal,
 /// the same product, and round-half-away-from-zero built from truncation (`roundscale` only
 /// offers ties-to-even).
+///
+/// # Safety
+/// The CPU must have AVX-512F and BW. (Only whole blocks are read and written, one scale and
+/// offset each.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], off: &mut [i32]) {
@@ -162,80 +162,84 @@ unsafe fn quantize_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], off: &mut [i32
     }
 }
 
-/// `y = x Wᵀ` as `[m, n]` (row-major) for quantized activations `xq` (`[m, k]`) and q8_0 `w`
-/// (`[n, k]`). Each task packs one panel of 16 weight rows ([`pack_panel`]), then sweeps every
-/// tile of `TILE_ROWS` activation rows across it: the panel (k bytes + scales, ≤ 32 KB for
-/// SmolLM's k = 1536) stays in L1, the activations stream from L2.
-fn gemm(xq: &Activations, m: usize, w: &[u8], n: usize, k: usize) -> Vec<f32> {
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(PANEL)).into_par_iter().for_each_init(Vec::new, |panel: &mut Vec<Line>, p| {
-        let c0 = p * PANEL;
-        let cols = (n - c0).min(PANEL);
-        pack_panel(w, k, c0, cols, panel);
-        let mut r = 0;
-        while r < m {
-            let rows = (m - r).min(TILE_ROWS);
-            let tile = Tile {
-                panel: panel.as_ptr(),
-                blocks: k / BLOCK,
-                x: xq.q[r * k..].as_ptr(),
-                x_stride: k,
-                dx: xq.d[r * (k / BLOCK)..].as_ptr(),
-                off: xq.off[r * (k / BLOCK)..].as_ptr(),
-                rows,
-                y: out,
-                y_stride: n,
-                row0: r,
-                col0: c0,
-                cols,
-            };
-            // SAFETY: `available()` was checked by the caller; the panel holds every block of
-            // `k`, activation rows r..r + rows hold `k` bytes and `k / 32` scales and offsets
-            // each, and this task alone writes columns c0..c0 + cols of rows r..r + rows.
-            unsafe { tile.run() };
-            r += rows;
-        }
-    });
-    // SAFETY: the panels cover columns 0..n and each sweeps rows 0..m, so every element of the
-    // m × n buffer was written above (the masked stores write exactly the `cols` columns).
-    unsafe { y.set_len(m * n) };
-    y
+/// `y = x Wᵀ` for quantized activations `xq` (`[m, k]`) and q8_0 `w` (`[n, k]`) on the shared
+/// panel sweep (`gemm/mod.rs`). Each task packs one panel of 16 weight rows
+/// ([`PanelKernel::pack`]), then sweeps every tile of `TILE_ROWS` activation rows across it: the
+/// panel (k bytes + scales, ≤ 32 KB for SmolLM's k = 1536) stays in L1, the activations stream
+/// from L2.
+struct Q8Panels<'a> {
+    xq: &'a Activations,
+    /// The weights' q8_0 blocks, row by row.
+    w: &'a [u8],
+    k: usize,
 }
 
-/// Packs weight rows `c0..c0 + cols` of `w` into `panel`, block by block: for each group `g`
-/// of four `k`, one line holds column `c`'s bytes `4g..4g + 4` at `4c` — the 16 lanes of a
-/// `vpdpbusd` operand — then one line holds the columns' f32 scales.
-/// `vpdpbusd` takes unsigned bytes on this side, so the weights are stored as `w + 128`, and
-/// the activations' offset `-128 · Σ q` takes the surplus back out. (The other way round, the
-/// activations would have to be the register operand and could not be broadcast from memory
-/// inside the instruction.) Columns past `cols` are zero.
-fn pack_panel(w: &[u8], k: usize, c0: usize, cols: usize, panel: &mut Vec<Line>) {
-    let blocks = k / BLOCK;
-    let row_bytes = blocks * BLOCK_BYTES;
-    // Every word of columns below `cols` is written below; only a short panel's other columns
-    // need zeroing (the buffer is reused from the previous panel).
-    if cols < PANEL {
-        panel.clear();
-    }
-    panel.resize(blocks * LINES_PER_BLOCK, Line([0; PANEL]));
-    for c in 0..cols {
-        let row = &w[(c0 + c) * row_bytes..(c0 + c + 1) * row_bytes];
-        for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-            let lines = &mut panel[b * LINES_PER_BLOCK..(b + 1) * LINES_PER_BLOCK];
-            for (g, quad) in block[2..].chunks_exact(4).enumerate() {
-                // Flipping each byte's top bit adds 128 to a two's-complement byte and reads it
-                // as unsigned. Whole words rather than bytes: byte by byte, packing took ≈ 8% of
-                // the 512-row GEMM's time in perf, words half that.
-                lines[g].0[c] = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]) ^ 0x8080_8080;
+impl PanelKernel for Q8Panels<'_> {
+    type Packed = Line;
+    /// The i32 / f32 lanes of one zmm register.
+    const PANEL: usize = PANEL;
+    /// Each row keeps an i32 accumulator for the current block and an f32 one for the sum over
+    /// blocks: 16 registers, with room to spare in the 32 for the weights, scales and
+    /// temporaries. Measured on the 512-row SmolLM shapes (2 threads, Zen 4): 8 rows
+    /// ≈ 300 Gmac/s, 10 or 12 rows ≈ 260 (the compiler starts keeping accumulators on the
+    /// stack); 32-column panels with 4–6 rows were no faster than 16 × 8.
+    const TILE_ROWS: usize = 8;
+
+    /// Packs weight rows `c0..c0 + cols` of `w` into `panel`, block by block: for each group `g`
+    /// of four `k`, one line holds column `c`'s bytes `4g..4g + 4` at `4c` — the 16 lanes of a
+    /// `vpdpbusd` operand — then one line holds the columns' f32 scales.
+    /// `vpdpbusd` takes unsigned bytes on this side, so the weights are stored as `w + 128`, and
+    /// the activations' offset `-128 · Σ q` takes the surplus back out. (The other way round, the
+    /// activations would have to be the register operand and could not be broadcast from memory
+    /// inside the instruction.) Columns past `cols` are zero.
+    fn pack(&self, c0: usize, cols: usize, panel: &mut Vec<Line>) {
+        let (w, k) = (self.w, self.k);
+        let blocks = k / BLOCK;
+        let row_bytes = blocks * BLOCK_BYTES;
+        // Every word of columns below `cols` is written below; only a short panel's other columns
+        // need zeroing (the buffer is reused from the previous panel).
+        if cols < PANEL {
+            panel.clear();
+        }
+        panel.resize(blocks * LINES_PER_BLOCK, Line([0; PANEL]));
+        for c in 0..cols {
+            let row = &w[(c0 + c) * row_bytes..(c0 + c + 1) * row_bytes];
+            for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+                let lines = &mut panel[b * LINES_PER_BLOCK..(b + 1) * LINES_PER_BLOCK];
+                for (g, quad) in block[2..].chunks_exact(4).enumerate() {
+                    // Flipping each byte's top bit adds 128 to a two's-complement byte and reads it
+                    // as unsigned. Whole words rather than bytes: byte by byte, packing took ≈ 8% of
+                    // the 512-row GEMM's time in perf, words half that.
+                    lines[g].0[c] = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]) ^ 0x8080_8080;
+                }
+                let scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                lines[GROUPS].0[c] = scale.to_bits();
             }
-            let scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
-            lines[GROUPS].0[c] = scale.to_bits();
         }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<const R: usize>(&self, panel: &[Line], out: TileOut) {
+        let (k, blocks) = (self.k, self.k / BLOCK);
+        let tile = Tile {
+            panel: panel.as_ptr(),
+            blocks,
+            x: self.xq.q[out.row0 * k..].as_ptr(),
+            x_stride: k,
+            dx: self.xq.d[out.row0 * blocks..].as_ptr(),
+            off: self.xq.off[out.row0 * blocks..].as_ptr(),
+            out,
+        };
+        // SAFETY: forwarded from the caller: the CPU has AVX-512 VNNI, the panel holds every
+        // block of `k`, activation rows row0..row0 + R hold `k` bytes and `k / 32` scales and
+        // offsets each, and the tile is the caller's to write.
+        unsafe { tile.kernel::<R>() }
     }
 }
 
-/// One tile of the GEMM: a few activation rows against a packed panel.
+/// One tile's operands: a few activation rows against a packed panel. The kernel reads them
+/// from memory, as separate values: computed in one place from `k`, the compiler would relate
+/// the strides and keep more row pointers live than there are registers.
 struct Tile {
     panel: *const Line,
     blocks: usize,
@@ -244,37 +248,16 @@ struct Tile {
     x_stride: usize,
     dx: *const f32,
     off: *const i32,
-    rows: usize,
-    y: OutPtr,
-    y_stride: usize,
-    row0: usize,
-    col0: usize,
-    cols: usize,
+    out: TileOut,
 }
 
 impl Tile {
+    /// Off x86_64, where `available()` is false and nothing calls it.
+    ///
     /// # Safety
-    /// As in [`gemm`]: the CPU has AVX-512F, BW and VNNI and every pointer covers what the tile
-    /// reads or writes.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn run(&self) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match self.rows {
-                8 => self.kernel::<8>(),
-                7 => self.kernel::<7>(),
-                6 => self.kernel::<6>(),
-                5 => self.kernel::<5>(),
-                4 => self.kernel::<4>(),
-                3 => self.kernel::<3>(),
-                2 => self.kernel::<2>(),
-                _ => self.kernel::<1>(),
-            }
-        }
-    }
-
+    /// Never to be called.
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run(&self) {
+    unsafe fn kernel<const R: usize>(&self) {
         unreachable!("available() is false off x86_64")
     }
 
@@ -282,6 +265,9 @@ impl Tile {
     /// of four `k`, the group's line (unsigned weights) is `vpdpbusd`-ed with four bytes of
     /// each row, broadcast by the instruction itself; then each row's block sums are widened to
     /// f32 and added times (weight scales × the row's block scale).
+    ///
+    /// # Safety
+    /// As for [`PanelKernel::tile`], for the `R` rows the tile's pointers address.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn kernel<const R: usize>(&self) {
@@ -312,20 +298,11 @@ impl Tile {
                 }
             }
         }
-        let mask = mask16(self.cols);
+        let mask = mask16(self.out.cols);
         for (r, acc_r) in acc.iter().enumerate() {
             // SAFETY: row row0 + r < m, and the mask keeps the columns below col0 + cols ≤ n.
-            unsafe { _mm512_mask_storeu_ps(self.y.0.add((self.row0 + r) * self.y_stride + self.col0), mask, *acc_r) };
+            unsafe { _mm512_mask_storeu_ps(self.out.row(r), mask, *acc_r) };
         }
-    }
-}
-
-/// A mask of the first `n.min(16)` lanes.
-fn mask16(n: usize) -> u16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << n) - 1
     }
 }
 
@@ -368,7 +345,7 @@ mod tests {
             assert!(available(), "the CPU has AVX-512 VNNI but the kernel is not selected");
             return;
         }
-        crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
+        crate::kernels::kernel_paths::not_exercised("gemm/q8 avx512vnni");
     }
 
     /// Every tail: rows not a multiple of the tile, columns not a multiple of the panel, one to
@@ -377,7 +354,7 @@ mod tests {
     #[test]
     fn matches_the_quantized_reference_and_the_dequantized_gemm() {
         if !available() {
-            crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
+            crate::kernels::kernel_paths::not_exercised("gemm/q8 avx512vnni");
             return;
         }
         let dev = Device::Cpu;
@@ -413,7 +390,7 @@ mod tests {
     #[test]
     fn vector_quantization_equals_the_scalar_one() {
         if !available() {
-            crate::kernel_paths::not_exercised("q8_gemm avx512vnni");
+            crate::kernels::kernel_paths::not_exercised("gemm/q8 avx512vnni");
             return;
         }
         // Block 0: exact halves after scaling (max 127 → scale 1); block 1: zeros; then varied.

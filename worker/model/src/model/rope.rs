@@ -5,7 +5,7 @@
 
 use std::f64::consts::PI;
 
-use crate::config::{ModelConfig, RopeScaling};
+use crate::model::config::{ModelConfig, RopeScaling};
 
 /// Rotary frequencies of one model.
 #[derive(Debug, Clone)]

@@ -1,6 +1,26 @@
 //! The Llama-family causal LM, one implementation for every tensor-parallel size and for
 //! sequence-parallel rings: `Model::forward` here and `Model::forward_ring` (in `ring.rs`) run
 //! the same layers and differ only in the attention step they hand them.
+//!
+//! Its parts: what a call computes (`batch.rs`) and the checkpoint's shape (`config.rs`), how it
+//! splits over ranks (`parallel.rs`, `sequence.rs`), how its weights load (`weights.rs`), the
+//! layer and what it is built from (`layer.rs`, `attention.rs`, `rope.rs`, `linear.rs`,
+//! `embedding.rs`), and the state a pass keeps (`kv_cache.rs`, `workspace.rs`). The arithmetic
+//! they hand to the CPU lives in `crate::kernels`.
+
+pub(crate) mod attention;
+pub(crate) mod batch;
+pub mod config;
+pub(crate) mod embedding;
+pub(crate) mod kv_cache;
+pub(crate) mod layer;
+pub(crate) mod linear;
+pub(crate) mod parallel;
+pub(crate) mod ring;
+pub(crate) mod rope;
+pub(crate) mod sequence;
+pub(crate) mod weights;
+pub(crate) mod workspace;
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -12,20 +32,20 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::RmsNorm;
 use tessera_collective::Collective;
 
-use crate::attention::{CacheAttention, ChunkMask};
-use crate::batch::{Batch, LogitsMode};
-use crate::config::ModelConfig;
-use crate::elem::{output, Dest, Elem};
-use crate::embedding::Embedding;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::{KvCache, KvSpec};
-use crate::layer::{AttentionStep, DecoderLayer, LayerStep};
-use crate::linear::{Linear, Quantization, Weight};
-use crate::parallel::TpLayout;
-use crate::pool::ComputePool;
-use crate::rope::Rope;
-use crate::weights::{Checkpoint, Shard};
-use crate::workspace::{Slot, Workspace};
+use crate::kernels::elem::{output, Dest, Elem};
+use crate::kernels::pool::ComputePool;
+use crate::model::attention::{CacheAttention, ChunkMask};
+use crate::model::batch::{Batch, LogitsMode};
+use crate::model::config::ModelConfig;
+use crate::model::embedding::Embedding;
+use crate::model::kv_cache::{KvCache, KvSpec};
+use crate::model::layer::{AttentionStep, DecoderLayer, LayerStep};
+use crate::model::linear::{Linear, Quantization, Weight};
+use crate::model::parallel::TpLayout;
+use crate::model::rope::Rope;
+use crate::model::weights::{Checkpoint, Shard};
+use crate::model::workspace::{Slot, Workspace};
 
 /// How to load a model: where from, in which dtype, and which tensor-parallel rank this is.
 #[derive(Debug, Clone)]
@@ -83,7 +103,7 @@ impl Model {
     /// Loads weights from `dir` for an already parsed `config`.
     pub fn load_with_config(dir: &Path, config: ModelConfig, load: &LoadConfig) -> Result<Self> {
         let start = Instant::now();
-        crate::heap::keep_freed_buffers();
+        crate::kernels::heap::keep_freed_buffers();
         let layout = TpLayout::new(&config, load.tp_rank, load.tp_size)?;
         let (rank, n_layers) = (load.tp_rank, config.num_hidden_layers);
         tracing::info!(
@@ -187,10 +207,12 @@ impl Model {
     /// logits `[rows, vocab]` as chosen by `mode`. Every rank of the group must make the same
     /// call; all ranks return the same logits.
     pub fn forward(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {
-        match &self.pool {
-            Some(pool) => pool.run(|| self.forward_here(batch, kv, comm, mode)),
-            None => self.forward_here(batch, kv, comm, mode),
+        // A CPU pass runs on the model's pool (`pool.rs`) when the collective may be used from
+        // another thread meanwhile, as every host backend may.
+        if let (Some(pool), Some(comm)) = (&self.pool, comm.as_send()) {
+            return pool.run(|| self.forward_here(batch, kv, comm, mode));
         }
+        self.forward_here(batch, kv, comm, mode)
     }
 
     fn forward_here(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {
@@ -289,11 +311,15 @@ impl Model {
         // Each layer hands the next its input norm, computed with its last residual add; the
         // last layer's is the model's final norm.
         let first_norm = self.layers.first().map_or(&self.norm, DecoderLayer::input_norm);
-        let mut h =
-            match crate::fused::rms_norm(&x, first_norm.weight(), first_norm.eps(), ws.get(Slot::H0, &stream, self.dtype)?.as_ref())? {
-                Some(h) => h,
-                None => first_norm.forward(&x)?,
-            };
+        let mut h = match crate::kernels::fused::rms_norm(
+            &x,
+            first_norm.weight(),
+            first_norm.eps(),
+            ws.get(Slot::H0, &stream, self.dtype)?.as_ref(),
+        )? {
+            Some(h) => h,
+            None => first_norm.forward(&x)?,
+        };
         let mut x = x;
         let mut step = LayerStep { rope: [cos, sin], attention, comm, ws };
         for (i, layer) in self.layers.iter().enumerate() {

@@ -27,13 +27,13 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 use tessera_collective::{all_gather_tensor, Collective};
 
-use crate::attention::{attend_partial, merge_stacked, Partial};
-use crate::elem::Dest;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::{KvCache, RingPlacement, SeqId};
-use crate::layer::{AttentionStep, LayerSlot};
+use crate::kernels::elem::Dest;
+use crate::model::attention::{attend_partial, merge_stacked, Partial};
+use crate::model::kv_cache::{KvCache, RingPlacement, SeqId};
+use crate::model::layer::{AttentionStep, LayerSlot};
+use crate::model::sequence::ZigzagLayout;
 use crate::model::Model;
-use crate::sequence::ZigzagLayout;
 
 /// The two collectives a rank of a sequence-parallel ring uses.
 pub struct RingComm<'a> {

@@ -9,8 +9,8 @@
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{is_slice, output, with_slice, Dest, Elem, ElemPtr};
-use crate::pool::with_reused;
+use crate::kernels::elem::{is_slice, output, with_slice, Dest, Elem, ElemPtr};
+use crate::kernels::pool::with_reused;
 
 /// Output columns (weight rows) per parallel task: large enough to amortise scheduling, small
 /// enough to balance.
@@ -115,6 +115,7 @@ pub(crate) struct RowsOut {
 // SAFETY: the tasks sharing a `RowsOut` write disjoint elements (their own columns, in
 // `par_tiles`), and the buffer outlives them (`product_output` holds it until they return).
 unsafe impl Send for RowsOut {}
+// SAFETY: as for `Send`: shared between tasks, it is only written through, at disjoint elements.
 unsafe impl Sync for RowsOut {}
 
 impl RowsOut {
@@ -222,7 +223,7 @@ type BlockKernel<W> = fn(&[W], &[W], [&[f32]; 4], usize) -> [[f32; 4]; 2];
 
 /// The register-blocked kernel for weights of type `W`, if this CPU has one: sixteen lanes with
 /// AVX-512, else eight with AVX2.
-fn block_kernel<W: WeightLanes>() -> Option<BlockKernel<W>> {
+fn block_kernel<W: Elem>() -> Option<BlockKernel<W>> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -235,90 +236,8 @@ fn block_kernel<W: WeightLanes>() -> Option<BlockKernel<W>> {
     None
 }
 
-/// Weight element types the blocked kernel reads eight at a time as f32 lanes.
-trait WeightLanes: Copy + Sync {
-    /// Eight elements from `p` widened to f32.
-    ///
-    /// # Safety
-    /// `p` must point at eight readable elements; the CPU must have AVX2.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-    /// Sixteen elements from `p` widened to f32.
-    ///
-    /// # Safety
-    /// `p` must point at sixteen readable elements; the CPU must have AVX-512F.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
-    fn to_f32(self) -> f32;
-}
-
-impl WeightLanes for f32 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        // SAFETY: the caller guarantees eight readable f32 and AVX2.
-        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        // SAFETY: the caller guarantees sixteen readable f32 and AVX-512F.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl WeightLanes for half::f16 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller guarantees eight readable f16 (plain u16) and AVX2 with F16C.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller guarantees sixteen readable f16 and AVX-512F.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
-}
-
-impl WeightLanes for half::bf16 {
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller guarantees eight readable bf16 (plain u16) and AVX2. bf16 is the
-        // top half of an f32: widening is a zero-extend and a 16-bit shift.
-        unsafe {
-            let raw = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller guarantees sixteen readable bf16 (plain u16) and AVX-512F.
-        unsafe {
-            let raw = _mm256_loadu_si256(p as *const __m256i);
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
-        }
-    }
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
-fn block_avx2_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
+fn block_avx2_entry<W: Elem>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
     // SAFETY: only selected by `block_kernel` after checking that the CPU has AVX2 and FMA.
     unsafe {
         match take {
@@ -332,9 +251,12 @@ fn block_avx2_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: u
 
 /// Eight accumulators (2 weight rows × 4 activation rows) stay in registers; per eight columns
 /// it loads 2 + R vectors for 2R multiply-adds.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_avx2<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+unsafe fn block_avx2<W: Elem, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
     use std::arch::x86_64::*;
     let n = w0.len().min(w1.len()).min(xs.iter().take(R).map(|x| x.len()).min().unwrap_or(0));
     let mut acc0 = [_mm256_setzero_ps(); R];
@@ -344,6 +266,7 @@ unsafe fn block_avx2<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[
         // SAFETY: i + 8 <= n, within every row.
         let (a, b) = unsafe { (W::load8(w0.as_ptr().add(i)), W::load8(w1.as_ptr().add(i))) };
         for k in 0..R {
+            // SAFETY: i + 8 <= n, within every row.
             let v = unsafe { _mm256_loadu_ps(xs[k].as_ptr().add(i)) };
             acc0[k] = _mm256_fmadd_ps(a, v, acc0[k]);
             acc1[k] = _mm256_fmadd_ps(b, v, acc1[k]);
@@ -401,7 +324,7 @@ pub(crate) fn f16_kernel() -> fn(&[half::f16], &[f32]) -> f32 {
 }
 
 /// Any weight type widened element by element; the compiler vectorises the f32 part.
-fn dot_lanes_portable<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+fn dot_lanes_portable<W: Elem>(a: &[W], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ta, tb) = (ca.remainder(), cb.remainder());
@@ -414,15 +337,18 @@ fn dot_lanes_portable<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn dot_lanes_avx2_entry<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+fn dot_lanes_avx2_entry<W: Elem>(a: &[W], b: &[f32]) -> f32 {
     // SAFETY: only selected after checking that the CPU has AVX2, FMA and F16C.
     unsafe { dot_lanes_avx2(a, b) }
 }
 
 /// One weight row against one activation row, eight lanes at a time with four accumulators.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_lanes_avx2<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
+unsafe fn dot_lanes_avx2<W: Elem>(a: &[W], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(b.len());
     let mut acc = [_mm256_setzero_ps(); 4];
@@ -444,7 +370,7 @@ unsafe fn dot_lanes_avx2<W: WeightLanes>(a: &[W], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn block_avx512_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
+fn block_avx512_entry<W: Elem>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take: usize) -> [[f32; 4]; 2] {
     // SAFETY: only selected by `block_kernel` after checking that the CPU has AVX-512F.
     unsafe {
         match take {
@@ -457,9 +383,12 @@ fn block_avx512_entry<W: WeightLanes>(w0: &[W], w1: &[W], xs: [&[f32]; 4], take:
 }
 
 /// As [`block_avx2`] with sixteen lanes per vector.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block_avx512<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+unsafe fn block_avx512<W: Elem, const R: usize>(w0: &[W], w1: &[W], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
     use std::arch::x86_64::*;
     let n = w0.len().min(w1.len()).min(xs.iter().take(R).map(|x| x.len()).min().unwrap_or(0));
     let mut acc0 = [_mm512_setzero_ps(); R];
@@ -469,6 +398,7 @@ unsafe fn block_avx512<W: WeightLanes, const R: usize>(w0: &[W], w1: &[W], xs: [
         // SAFETY: i + 16 <= n, within every row.
         let (a, b) = unsafe { (W::load16(w0.as_ptr().add(i)), W::load16(w1.as_ptr().add(i))) };
         for k in 0..R {
+            // SAFETY: i + 16 <= n, within every row.
             let v = unsafe { _mm512_loadu_ps(xs[k].as_ptr().add(i)) };
             acc0[k] = _mm512_fmadd_ps(a, v, acc0[k]);
             acc1[k] = _mm512_fmadd_ps(b, v, acc1[k]);
@@ -519,6 +449,10 @@ fn dot_avx2_entry(a: &[f32], b: &[f32]) -> f32 {
     unsafe { dot_avx2(a, b) }
 }
 
+/// One f32 row against another, eight lanes at a time with four accumulators.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
@@ -532,6 +466,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         for (k, a_k) in acc.iter_mut().enumerate() {
             // SAFETY: i + 8k + 8 <= n, within both slices.
             let va = unsafe { _mm256_loadu_ps(pa.add(i + 8 * k)) };
+            // SAFETY: as for `va`.
             let vb = unsafe { _mm256_loadu_ps(pb.add(i + 8 * k)) };
             *a_k = _mm256_fmadd_ps(va, vb, *a_k);
         }
@@ -540,6 +475,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     while i + 8 <= n {
         // SAFETY: i + 8 <= n.
         let va = unsafe { _mm256_loadu_ps(pa.add(i)) };
+        // SAFETY: as for `va`.
         let vb = unsafe { _mm256_loadu_ps(pb.add(i)) };
         acc[0] = _mm256_fmadd_ps(va, vb, acc[0]);
         i += 8;
@@ -637,10 +573,10 @@ mod tests {
         }
         match std::arch::is_x86_feature_detected!("avx512f") {
             true => kernels.push(("avx512", block_avx512_entry::<f32>)),
-            false => crate::kernel_paths::not_exercised("matvec avx512"),
+            false => crate::kernels::kernel_paths::not_exercised("matvec avx512"),
         }
         if !has_avx2_fma() {
-            crate::kernel_paths::not_exercised("matvec avx2");
+            crate::kernels::kernel_paths::not_exercised("matvec avx2");
         }
         for inner in [1usize, 8, 15, 16, 17, 40, 577] {
             let row = |salt: usize| (0..inner).map(|i| (((i + salt) * 37 % 101) as f32 - 50.0) / 50.0).collect::<Vec<f32>>();

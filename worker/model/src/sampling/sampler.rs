@@ -6,8 +6,8 @@
 //! under greedy), then, when sampling, temperature → top-k → top-p → min-p, as transformers'
 //! `generate` orders the ones it has (see [`crate::logits`]).
 
-pub use crate::logits::DryParams;
-use crate::logits::{apply_penalties, Dry, TokenHistory};
+pub use crate::sampling::logits::DryParams;
+use crate::sampling::logits::{apply_penalties, Dry, TokenHistory};
 
 /// Largest `no_repeat_ngram_size` [`SamplingParams::validate`] accepts: each step scans the
 /// history comparing n−1 tokens per window, and longer n-grams practically never repeat anyway.

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Tensor};
 
-use crate::elem::Dest;
-use crate::linear::Weight;
+use crate::kernels::elem::Dest;
+use crate::model::linear::Weight;
 
 #[derive(Debug, Clone)]
 pub enum Embedding {
@@ -35,7 +35,7 @@ impl Embedding {
     /// rows). Token ids are checked against the vocabulary before this is called.
     pub fn lookup(&self, tokens: &[u32], dtype: DType, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
         match self {
-            Self::Float(t) => match crate::fused::gather_rows(t, tokens, dest)? {
+            Self::Float(t) => match crate::kernels::fused::gather_rows(t, tokens, dest)? {
                 Some(x) => Ok(x),
                 None => t.index_select(&Tensor::new(tokens, t.device())?, 0),
             },
