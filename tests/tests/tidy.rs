@@ -214,6 +214,30 @@ fn unsafe_code_says_why_it_is_sound() {
     assert!(violations.is_empty(), "unsafe code must say why it is sound:\n{}", violations.join("\n"));
 }
 
+/// Files of `paths` that are modules declared under `#[cfg(test)]` (`#[cfg(test)] mod tests;`
+/// puts `tests.rs` beside a `mod.rs` or `lib.rs`, or in the folder named after its parent file),
+/// and the files below them.
+fn out_of_line_test_modules(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
+    let mut test_only = BTreeSet::new();
+    for path in paths {
+        let src = source(path);
+        for (i, line) in src.code.iter().enumerate() {
+            let Some(name) = line.trim().strip_prefix("mod ").and_then(|m| m.strip_suffix(';')) else { continue };
+            let gated = (0..i).rev().map(|j| src.code[j].trim()).find(|l| !l.is_empty()).is_some_and(|l| l == "#[cfg(test)]");
+            if !gated {
+                continue;
+            }
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            let dir = path.parent().unwrap_or(Path::new(""));
+            let dir = if stem == "mod" || stem == "lib" || stem == "main" { dir.to_path_buf() } else { dir.join(stem) };
+            for candidate in [dir.join(format!("{name}.rs")), dir.join(name)] {
+                test_only.extend(paths.iter().filter(|p| p.starts_with(&candidate)).cloned());
+            }
+        }
+    }
+    test_only
+}
+
 /// Crates that exist for tests only: their library code may unwrap.
 const TEST_SUPPORT: &[&str] = &["tessera-tests", "tessera-etcd-harness"];
 
@@ -226,7 +250,9 @@ fn library_code_does_not_unwrap() {
     let mut files = 0;
     for package in packages().iter().filter(|p| !TEST_SUPPORT.contains(&p.name.as_str())) {
         for (_, root) in package.targets.iter().filter(|(kinds, _)| kinds.iter().any(|k| k == "lib")) {
-            for path in crate_files(root) {
+            let paths = crate_files(root);
+            let test_only = out_of_line_test_modules(&paths);
+            for path in paths.into_iter().filter(|p| !test_only.contains(p)) {
                 files += 1;
                 let src = source(&path);
                 for (i, line) in src.code.iter().enumerate() {
@@ -266,4 +292,41 @@ fn crates_with_unsafe_code_deny_unsafe_ops_in_unsafe_fns() {
         assert!(with_unsafe.contains(expected), "tidy found no unsafe code in {expected}; is the scan broken?");
     }
     assert!(missing.is_empty(), "crate roots with unsafe code and without `{attribute}`: {missing:#?}");
+}
+
+/// Each gRPC server maps its errors to status codes in one place: the coordinator's
+/// `CoordinatorError` and the worker's `WorkerError`, each converted by a single `From` impl in
+/// its crate's `error.rs`. A second conversion elsewhere would let the same error reach clients
+/// with two different codes.
+#[test]
+fn each_server_maps_errors_to_grpc_codes_in_one_place() {
+    let mut conversions = Vec::new();
+    for path in all_rust_files() {
+        let src = source(&path);
+        for (i, line) in src.code.iter().enumerate() {
+            let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            if line.starts_with("impl From<") && (line.contains("> for Status") || line.contains("> for tonic::Status")) {
+                conversions.push(format!("{}:{}", relative(&path), i + 1));
+            }
+        }
+    }
+    conversions.sort();
+    let files: Vec<&str> = conversions.iter().filter_map(|c| c.split(':').next()).collect();
+    assert_eq!(files, ["coordinator/src/error.rs", "worker/src/error.rs"], "error → gRPC status conversions: {conversions:?}");
+}
+
+/// The test command runs the lint gates before any test, so a formatting change or a clippy
+/// warning fails it (and `.ci/run`, which calls it) even when every test would pass.
+#[test]
+fn the_test_command_runs_the_lint_gates_first() {
+    let script = std::fs::read_to_string(workspace_root().join("scripts/test.sh")).expect("read scripts/test.sh");
+    let ci = std::fs::read_to_string(workspace_root().join(".ci/run")).expect("read .ci/run");
+    assert!(ci.lines().any(|l| !l.trim_start().starts_with('#') && l.contains("scripts/test.sh")), ".ci/run must call scripts/test.sh");
+    let position = |needle: &str| script.lines().position(|l| l.trim_start().starts_with(needle));
+    let fmt = position("cargo fmt --all -- --check").expect("scripts/test.sh checks formatting");
+    let clippy =
+        position("cargo clippy --workspace --all-targets --locked -- -D warnings").expect("scripts/test.sh runs clippy with -D warnings");
+    let tests = position("cargo test --workspace").expect("scripts/test.sh runs the tests");
+    assert!(fmt < tests && clippy < tests, "the lint gates must run before the tests");
+    assert!(script.lines().any(|l| l.trim() == "set -euo pipefail"), "a failing gate must stop the script");
 }

@@ -265,7 +265,7 @@ mod tests {
 
     use super::*;
     use crate::model::attention::{attend, ChunkMask};
-    use crate::model::workspace::{Slot, Workspace};
+    use crate::model::workspace::{Scratch, Workspace};
 
     fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
         let mut rng = crate::sampling::sampler::SeededRng::new(seed);
@@ -307,7 +307,7 @@ mod tests {
             let row = |i: usize| Ok(DecodeRow { q_row: q_row(i), keys: &caches[i].0, values: &caches[i].1, visible: visible(i) });
             assert!(applies(&q, &caches[0].0));
             let mut ws = Workspace::new(&Device::Cpu);
-            for dest in [None, ws.get(Slot::Attn, &[lens.len(), heads * d], dtype).unwrap()] {
+            for dest in [None, ws.get(Scratch::Attn, &[lens.len(), heads * d], dtype).unwrap()] {
                 let fused = decode_attention(&q, lens.len(), &row, dest.as_ref()).unwrap();
                 assert_eq!(fused.dtype(), dtype);
                 if let Some(dest) = &dest {

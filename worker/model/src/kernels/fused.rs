@@ -451,7 +451,7 @@ mod tests {
                 let [x, weight] = [&x, &weight].map(|t| t.to_dtype(dtype).unwrap());
                 let want = candle_nn::ops::rms_norm(&x, &weight, 1e-5).unwrap();
                 let mut ws = crate::model::workspace::Workspace::new(&Device::Cpu);
-                let dest = ws.get(crate::model::workspace::Slot::H0, &[tokens, hidden], dtype).unwrap();
+                let dest = ws.get(crate::model::workspace::Scratch::H0, &[tokens, hidden], dtype).unwrap();
                 for dest in [None, dest.as_ref()] {
                     let got = rms_norm(&x, &weight, 1e-5, dest).unwrap().expect("fused pass applies");
                     assert!(max_diff(&got, &want) <= tolerance, "{dtype:?}, {tokens} tokens: {}", max_diff(&got, &want));

@@ -16,7 +16,7 @@ use crate::model::config::ModelConfig;
 use crate::model::linear::{Linear, Quantization, Weight};
 use crate::model::parallel::TpLayout;
 use crate::model::weights::{Checkpoint, Shard};
-use crate::model::workspace::{Slot, Workspace};
+use crate::model::workspace::{Scratch, Workspace};
 
 pub struct DecoderLayer {
     index: usize,
@@ -157,10 +157,13 @@ impl DecoderLayer {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
         let dt = x.dtype();
 
-        let qkv = self.qkv.forward_into(h, ws.get(Slot::Qkv, &[tokens, (nh + 2 * nkv) * d], dt)?.as_ref())?;
+        let qkv = self.qkv.forward_into(h, ws.get(Scratch::Qkv, &[tokens, (nh + 2 * nkv) * d], dt)?.as_ref())?;
         let heads = Heads { heads: nh, kv_heads: nkv, head_dim: d };
-        let dests =
-            [ws.get(Slot::Q, &[tokens, nh, d], dt)?, ws.get(Slot::K, &[tokens, nkv, d], dt)?, ws.get(Slot::V, &[tokens, nkv, d], dt)?];
+        let dests = [
+            ws.get(Scratch::Q, &[tokens, nh, d], dt)?,
+            ws.get(Scratch::K, &[tokens, nkv, d], dt)?,
+            ws.get(Scratch::V, &[tokens, nkv, d], dt)?,
+        ];
         let [q, k, v] = match fused::split_rotate(&qkv, cos, sin, heads, dests.each_ref().map(Option::as_ref))? {
             Some(qkv) => qkv,
             None => {
@@ -173,14 +176,14 @@ impl DecoderLayer {
             }
         };
 
-        let attn = attention.attend(self.slot(), &q, &k, &v, ws.get(Slot::Attn, &[tokens, nh * d], dt)?.as_ref())?;
-        let attn_out = ws.get(Slot::AttnOut, &[tokens, hidden], dt)?;
+        let attn = attention.attend(self.slot(), &q, &k, &v, ws.get(Scratch::Attn, &[tokens, nh * d], dt)?.as_ref())?;
+        let attn_out = ws.get(Scratch::AttnOut, &[tokens, hidden], dt)?;
         let attn = self.o.forward_no_bias_into(&attn, attn_out.as_ref())?;
         let attn = self.o.add_bias_in_place(all_reduce(&mut **comm, attn, attn_out.as_ref())?, attn_out.as_ref())?;
-        let (x, h) = add_norm(x, &attn, &self.post_attention_norm, ws.get_pair([Slot::X1, Slot::H1], &[tokens, hidden], dt)?)?;
+        let (x, h) = add_norm(x, &attn, &self.post_attention_norm, ws.get_pair([Scratch::X1, Scratch::H1], &[tokens, hidden], dt)?)?;
         let inter = self.intermediate;
-        let gate_up = self.gate_up.forward_into(&h, ws.get(Slot::GateUp, &[tokens, 2 * inter], dt)?.as_ref())?;
-        let mlp = match fused::silu_mul(&gate_up, inter, ws.get(Slot::Mlp, &[tokens, inter], dt)?.as_ref())? {
+        let gate_up = self.gate_up.forward_into(&h, ws.get(Scratch::GateUp, &[tokens, 2 * inter], dt)?.as_ref())?;
+        let mlp = match fused::silu_mul(&gate_up, inter, ws.get(Scratch::Mlp, &[tokens, inter], dt)?.as_ref())? {
             Some(mlp) => mlp,
             None => {
                 let gate = gate_up.narrow(D::Minus1, 0, self.intermediate)?;
@@ -188,10 +191,10 @@ impl DecoderLayer {
                 (candle_nn::ops::silu(&gate)? * up)?
             }
         };
-        let mlp_out = ws.get(Slot::MlpOut, &[tokens, hidden], dt)?;
+        let mlp_out = ws.get(Scratch::MlpOut, &[tokens, hidden], dt)?;
         let mlp = self.down.forward_no_bias_into(&mlp, mlp_out.as_ref())?;
         let mlp = self.down.add_bias_in_place(all_reduce(&mut **comm, mlp, mlp_out.as_ref())?, mlp_out.as_ref())?;
-        add_norm(&x, &mlp, next_norm, ws.get_pair([Slot::X0, Slot::H0], &[tokens, hidden], dt)?)
+        add_norm(&x, &mlp, next_norm, ws.get_pair([Scratch::X0, Scratch::H0], &[tokens, hidden], dt)?)
     }
 }
 

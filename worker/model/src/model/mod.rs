@@ -45,7 +45,7 @@ use crate::model::linear::{Linear, Quantization, Weight};
 use crate::model::parallel::TpLayout;
 use crate::model::rope::Rope;
 use crate::model::weights::{Checkpoint, Shard};
-use crate::model::workspace::{Slot, Workspace};
+use crate::model::workspace::{Scratch, Workspace};
 
 /// How to load a model: where from, in which dtype, and which tensor-parallel rank this is.
 #[derive(Debug, Clone)]
@@ -284,7 +284,7 @@ impl Model {
         }
         let shape = [cos.len() / half.max(1), half];
         let tables = (|| -> Result<_> {
-            let [dc, ds] = ws.get_pair([Slot::Cos, Slot::Sin], &shape, self.dtype)?;
+            let [dc, ds] = ws.get_pair([Scratch::Cos, Scratch::Sin], &shape, self.dtype)?;
             Ok((table(&cos, &shape, self.dtype, dc.as_ref())?, table(&sin, &shape, self.dtype, ds.as_ref())?))
         })();
         ws.rope = (cos, sin);
@@ -307,7 +307,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (n, hidden) = (tokens.len(), self.config.hidden_size);
         let stream = [n, hidden];
-        let x = self.embed.lookup(tokens, self.dtype, ws.get(Slot::X0, &stream, self.dtype)?.as_ref())?;
+        let x = self.embed.lookup(tokens, self.dtype, ws.get(Scratch::X0, &stream, self.dtype)?.as_ref())?;
         // Each layer hands the next its input norm, computed with its last residual add; the
         // last layer's is the model's final norm.
         let first_norm = self.layers.first().map_or(&self.norm, DecoderLayer::input_norm);
@@ -315,7 +315,7 @@ impl Model {
             &x,
             first_norm.weight(),
             first_norm.eps(),
-            ws.get(Slot::H0, &stream, self.dtype)?.as_ref(),
+            ws.get(Scratch::H0, &stream, self.dtype)?.as_ref(),
         )? {
             Some(h) => h,
             None => first_norm.forward(&x)?,

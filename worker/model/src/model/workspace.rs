@@ -4,13 +4,13 @@
 //! each of which used to allocate its output: about 95 allocations a layer, 2 MB a step at
 //! batch 1 and 21 MB at batch 8 on SmolLM-135M, all zero-filled and freed again
 //! (BENCHMARKS.md). The model keeps one [`Workspace`] instead: a tensor per intermediate of a
-//! layer ([`Slot`]), sized for [`MAX_ROWS`] rows and reused by every layer of every step. The
+//! layer ([`Scratch`]), sized for [`MAX_ROWS`] rows and reused by every layer of every step. The
 //! CPU passes write into it in place (`elem::output`); whatever cannot (a GPU, a prefill chunk
 //! of more rows) allocates as before.
 //!
-//! A slot's tensor is overwritten by the next layer that writes that slot, so a layer never
-//! reads a slot it writes in the same pass: the residual stream and its norm alternate between
-//! two slots each (`X0`/`X1`, `H0`/`H1`).
+//! A buffer's tensor is overwritten by the next layer that writes that buffer, so a layer never
+//! reads a buffer it writes in the same pass: the residual stream and its norm alternate between
+//! two buffers each (`X0`/`X1`, `H0`/`H1`).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -20,7 +20,7 @@ use crate::model::attention::ChunkMask;
 
 /// The intermediates of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Slot {
+pub(crate) enum Scratch {
     Qkv,
     Q,
     K,
@@ -42,22 +42,22 @@ pub(crate) enum Slot {
     Sin,
 }
 
-const SLOTS: usize = Slot::Sin as usize + 1;
+const SCRATCH_BUFFERS: usize = Scratch::Sin as usize + 1;
 
-/// Per-slot tensors of a model's decode steps (see the module notes).
+/// Per-buffer tensors of a model's decode steps (see the module notes).
 #[derive(Default)]
 pub(crate) struct Workspace {
     /// Off on GPUs, whose kernels do not write into given tensors.
     enabled: bool,
-    slots: [SlotBuffer; SLOTS],
-    /// The step's rotary tables in f32, before they are converted into their slots.
+    buffers: [ScratchBuffer; SCRATCH_BUFFERS],
+    /// The step's rotary tables in f32, before they are converted into their buffers.
     pub rope: (Vec<f32>, Vec<f32>),
     /// Per distinct sliding window, each chunk's attention mask (`Model::forward`).
     pub masks: Vec<(Option<usize>, Vec<ChunkMask>)>,
 }
 
 #[derive(Default)]
-struct SlotBuffer {
+struct ScratchBuffer {
     /// `MAX_ROWS` rows of `row` elements.
     full: Option<Tensor>,
     /// Dimensions after the first (rows) and the dtype `full` was made for.
@@ -74,15 +74,15 @@ impl Workspace {
         Self { enabled: device.is_cpu(), ..Self::default() }
     }
 
-    /// A tensor of shape `dims` (`[rows, ..]`) and `dtype` for `slot`'s output, or `None` when
+    /// A tensor of shape `dims` (`[rows, ..]`) and `dtype` for `scratch`'s output, or `None` when
     /// this step does not use the workspace (more than `MAX_ROWS` rows, or not on the CPU).
-    /// Until the slot's layout changes (another model shape or dtype) this allocates nothing.
-    pub fn get(&mut self, slot: Slot, dims: &[usize], dtype: DType) -> candle_core::Result<Option<Dest>> {
+    /// Until the buffer's layout changes (another model shape or dtype) this allocates nothing.
+    pub fn get(&mut self, scratch: Scratch, dims: &[usize], dtype: DType) -> candle_core::Result<Option<Dest>> {
         let Some((&rows, inner)) = dims.split_first() else { return Ok(None) };
         if !self.enabled || rows == 0 || rows > MAX_ROWS {
             return Ok(None);
         }
-        let buf = &mut self.slots[slot as usize];
+        let buf = &mut self.buffers[scratch as usize];
         let row: usize = inner.iter().product();
         if buf.full.is_none() || buf.inner != inner || buf.dtype != Some(dtype) {
             let full = Tensor::zeros(MAX_ROWS * row, dtype, &Device::Cpu)?;
@@ -100,9 +100,9 @@ impl Workspace {
 }
 
 impl Workspace {
-    /// [`Workspace::get`] for two slots of one shape.
-    pub fn get_pair(&mut self, slots: [Slot; 2], dims: &[usize], dtype: DType) -> candle_core::Result<[Option<Dest>; 2]> {
-        Ok([self.get(slots[0], dims, dtype)?, self.get(slots[1], dims, dtype)?])
+    /// [`Workspace::get`] for two buffers of one shape.
+    pub fn get_pair(&mut self, scratch: [Scratch; 2], dims: &[usize], dtype: DType) -> candle_core::Result<[Option<Dest>; 2]> {
+        Ok([self.get(scratch[0], dims, dtype)?, self.get(scratch[1], dims, dtype)?])
     }
 }
 
@@ -113,11 +113,11 @@ mod tests {
     #[test]
     fn views_share_one_buffer_and_are_reused() {
         let mut ws = Workspace::new(&Device::Cpu);
-        let a = ws.get(Slot::Q, &[2, 3, 4], DType::F32).unwrap().unwrap();
-        let b = ws.get(Slot::Q, &[2, 3, 4], DType::F32).unwrap().unwrap();
+        let a = ws.get(Scratch::Q, &[2, 3, 4], DType::F32).unwrap().unwrap();
+        let b = ws.get(Scratch::Q, &[2, 3, 4], DType::F32).unwrap().unwrap();
         assert_eq!(a.tensor().id(), b.tensor().id(), "the same rows give the same view");
         assert_eq!(a.tensor().dims(), &[2, 3, 4]);
-        let one = ws.get(Slot::Q, &[1, 3, 4], DType::F32).unwrap().unwrap();
+        let one = ws.get(Scratch::Q, &[1, 3, 4], DType::F32).unwrap().unwrap();
         crate::kernels::elem::with_dest_mut::<f32, _>(&one, |s| {
             assert_eq!(s.len(), 12, "a write reaches its own rows only");
             s.fill(7.0)
@@ -126,10 +126,10 @@ mod tests {
         .unwrap();
         let first_row: Vec<f32> = a.tensor().flatten_all().unwrap().to_vec1().unwrap();
         assert!(first_row[..12].iter().all(|&v| v == 7.0) && first_row[12..].iter().all(|&v| v == 0.0), "{first_row:?}");
-        let bf = ws.get(Slot::Q, &[2, 3, 4], DType::BF16).unwrap().unwrap();
-        assert_eq!(bf.tensor().dtype(), DType::BF16, "a new dtype remakes the slot");
-        assert!(ws.get(Slot::Q, &[MAX_ROWS + 1, 3, 4], DType::F32).unwrap().is_none(), "prefill chunks allocate");
-        assert!(ws.get(Slot::Q, &[0, 3], DType::F32).unwrap().is_none());
+        let bf = ws.get(Scratch::Q, &[2, 3, 4], DType::BF16).unwrap().unwrap();
+        assert_eq!(bf.tensor().dtype(), DType::BF16, "a new dtype remakes the buffer");
+        assert!(ws.get(Scratch::Q, &[MAX_ROWS + 1, 3, 4], DType::F32).unwrap().is_none(), "prefill chunks allocate");
+        assert!(ws.get(Scratch::Q, &[0, 3], DType::F32).unwrap().is_none());
         let elsewhere = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
         assert!(Dest::new(a.tensor().clone(), elsewhere).is_err(), "writes must reach the tensor's own storage");
     }
