@@ -10,6 +10,7 @@
 //!   as `GET /metrics`.
 //! * [`generation`] — one sequence's output: detokenization ([`detokenize`]), stop strings
 //!   ([`stop`]), the loop guard ([`loop_guard`]), finishing rules.
+//! * `http` — the OpenAI-compatible HTTP API, served onto the same `Inference` service.
 //! * [`chat`] — chat templates; [`model`] — what a served model is; [`error`] — the one mapping
 //!   to gRPC codes.
 
@@ -23,6 +24,7 @@ pub mod error;
 pub mod generation;
 mod group;
 pub mod histogram;
+mod http;
 pub mod limits;
 pub mod loop_guard;
 pub mod metrics;
@@ -38,6 +40,7 @@ pub mod stop;
 pub use cluster::ClusterConfig;
 pub use error::CoordinatorError;
 pub use group::LoopConfig;
+pub use http::HttpConfig;
 pub use limits::Limits;
 pub use model::{largest_tp, ModelSpec};
 pub use server::{Coordinator, CoordinatorConfig, INFERENCE_SERVICE};
