@@ -93,7 +93,8 @@ impl ApiError {
             Code::Cancelled => (StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST), "cancelled", None),
             Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
-        Self { status: http, message: status.message().to_string(), kind, param: None, code }
+        let param = if http == StatusCode::BAD_REQUEST { param_of(status.message()) } else { None };
+        Self { status: http, message: status.message().to_string(), kind, param: param.map(str::to_string), code }
     }
 
     /// `{"error": {...}}`, the body of an error response and of an error event mid-stream.
@@ -101,6 +102,36 @@ impl ApiError {
         let body = Body { error: Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code } };
         serde_json::to_string(&body).unwrap_or_else(|_| r#"{"error":{"message":"error","type":"server_error"}}"#.into())
     }
+}
+
+/// The OpenAI field a core message is about: the core names the `tessera.v1` field first
+/// ("temperature must be ...", "max_new_tokens is ...", "3 stop strings; ...").
+fn param_of(message: &str) -> Option<&'static str> {
+    const FIELDS: [(&str, &str); 16] = [
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("min_p", "min_p"),
+        ("presence_penalty", "presence_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("repetition_penalty", "repetition_penalty"),
+        ("no_repeat_ngram_size", "no_repeat_ngram_size"),
+        ("logprobs", "logprobs"),
+        ("max_new_tokens", "max_tokens"),
+        ("dry.", "dry_multiplier"),
+        ("loop_guard", "loop_guard"),
+        ("a stop string", "stop"),
+        ("stop token id", "stop_token_ids"),
+        ("chat", "messages"),
+        ("prompt", "prompt"),
+    ];
+    let first = message.split([' ', ';', ':']).next().unwrap_or_default();
+    FIELDS
+        .iter()
+        .find(|(core, _)| first == *core || (core.ends_with('.') && first.starts_with(core)) || message.starts_with(core))
+        .map(|(_, openai)| *openai)
+        .or_else(|| message.contains(" stop strings;").then_some("stop"))
+        .or_else(|| message.contains(" stop token ids;").then_some("stop_token_ids"))
 }
 
 impl From<tonic::Status> for ApiError {
@@ -131,6 +162,18 @@ mod tests {
             assert_eq!((e.status.as_u16(), e.kind, e.message.as_str()), (http, kind, "why"), "{code:?}");
         }
         assert_eq!(ApiError::from_status(&tonic::Status::not_found("m")).code, Some("model_not_found"));
+    }
+
+    #[test]
+    fn core_messages_name_the_openai_field() {
+        let param = |m: &str| ApiError::from_status(&tonic::Status::invalid_argument(m)).param;
+        assert_eq!(param("temperature must be a finite number >= 0 (0 means greedy); got -1").as_deref(), Some("temperature"));
+        assert_eq!(param("max_new_tokens is 9000; the limit is 8192").as_deref(), Some("max_tokens"));
+        assert_eq!(param("dry.base must be a finite number >= 1; got 0").as_deref(), Some("dry_multiplier"));
+        assert_eq!(param("17 stop strings; the limit is 16").as_deref(), Some("stop"));
+        assert_eq!(param("prompt is empty").as_deref(), Some("prompt"));
+        assert_eq!(param("something else entirely"), None);
+        assert_eq!(ApiError::from_status(&tonic::Status::unavailable("prompt")).param, None, "only 400s name a field");
     }
 
     #[test]
