@@ -8,6 +8,7 @@
 //! in-process collective, exactly as separate workers do over TCP — and streams a completion.
 
 mod bench;
+mod bench_http;
 mod coordinator;
 mod generate;
 mod record;
