@@ -216,11 +216,17 @@ impl TokenText {
             offset += text.chars().count() as u32;
             out.tokens.push(text);
             out.token_logprobs.push(t.logprob.unwrap_or(f32::NAN));
-            let top = t.top.iter().map(|alt| (self.piece(alt.id).0, Value::from(alt.logprob))).collect();
+            let top = t.top.iter().map(|alt| (self.piece(alt.id).0, f32_value(alt.logprob))).collect();
             out.top_logprobs.push(top);
         }
         (out, offset)
     }
+}
+
+/// A JSON number written as an f32 is (its shortest decimal), so a log-probability reads the
+/// same in a map as in a list (widening to f64 would add digits).
+fn f32_value(x: f32) -> Value {
+    format!("{x}").parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
 }
 
 /// `<0xNN>`: a SentencePiece byte-fallback token.
@@ -302,6 +308,12 @@ mod tests {
             serde_json::json!({"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
                 "finish_reason": null, "stop_reason": null})
         );
+    }
+
+    #[test]
+    fn logprobs_read_the_same_in_maps_and_lists() {
+        let x = -3.839_353_6_f32;
+        assert_eq!(serde_json::to_string(&f32_value(x)).expect("json"), serde_json::to_string(&x).expect("json"));
     }
 
     #[test]
