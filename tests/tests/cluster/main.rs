@@ -10,6 +10,7 @@ mod http_client;
 mod local_cluster;
 mod long_context;
 mod openai_http;
+mod openai_sdk;
 mod real_models;
 mod serving;
 mod support;
