@@ -4,14 +4,13 @@
 use std::io::BufReader;
 use std::process::ChildStdout;
 
-use anyhow::Context;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tessera_tests::{read_line_within, tessera_bin, ChildGuard, STARTUP_PATIENCE};
+use tessera_tests::{tessera_bin, ChildGuard};
 
 use crate::support::PATIENCE;
 
@@ -26,35 +25,19 @@ pub struct HttpServed {
     pub http: String,
 }
 
-/// Starts `tessera <args>` and reads its first two stdout lines: the gRPC line, then the HTTP
-/// one; the last word of each is its URL (or address).
+/// Starts `tessera <args>` and reads its first two stdout lines: the gRPC address, then the
+/// HTTP API's URL.
 pub fn spawn_with_http(args: &[&std::ffi::OsStr]) -> anyhow::Result<HttpServed> {
-    let mut child = std::process::Command::new(tessera_bin())
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .context("spawn tessera")?;
-    let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-    let process = ChildGuard(child);
-    let (first, stdout) = read_line_within(stdout, STARTUP_PATIENCE)?;
-    let (second, stdout) = read_line_within(stdout, STARTUP_PATIENCE)?;
-    let last = |line: &str| line.rsplit(' ').next().unwrap_or_default().to_string();
-    let grpc = last(&first);
-    let grpc = if grpc.starts_with("http://") { grpc } else { format!("http://{grpc}") };
-    let http = last(&second);
+    let (process, first, second, stdout) = tessera_tests::spawn_two_lines(tessera_bin(), args)?;
+    let http = second.rsplit(' ').next().unwrap_or_default().to_string();
     anyhow::ensure!(http.starts_with("http://") && http.ends_with("/v1"), "second line {second:?} names no HTTP API");
-    Ok(HttpServed { _process: process, _stdout: stdout, grpc, http })
+    Ok(HttpServed { _process: process, _stdout: stdout, grpc: format!("http://{first}"), http })
 }
 
 /// `tessera up --threads 1 --port 0 --http-port 0 --model MODEL <args>`, once every group loaded.
 pub fn up_with_http(model: &std::path::Path, args: &[&str]) -> anyhow::Result<HttpServed> {
-    let mut all: Vec<&std::ffi::OsStr> =
-        ["up", "--threads", "1", "--port", "0", "--http-port", "0", "--model"].map(std::ffi::OsStr::new).to_vec();
-    all.push(model.as_os_str());
-    all.extend(args.iter().map(std::ffi::OsStr::new));
-    spawn_with_http(&all)
+    let (process, grpc, http, stdout) = tessera_tests::spawn_up_with_http(tessera_bin(), 1, model, args)?;
+    Ok(HttpServed { _process: process, _stdout: stdout, grpc, http })
 }
 
 /// Sends one request on a fresh connection; the connection lives as long as the returned task.
