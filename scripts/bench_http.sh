@@ -7,7 +7,8 @@
 #
 # usage: scripts/bench_http.sh [OUT_DIR]   (default /tmp/http-bench)
 # Env: MODEL (default: SmolLM2-135M-Instruct Q4_1 from scripts/fetch_smollm2.sh), ROUNDS (2),
-#      CONCURRENCY ("1 16"), INPUT_LEN (16), OUTPUT_LEN (64), VOCAB (49152: SmolLM2's).
+#      CONCURRENCY ("1 16"), INPUT_LEN (16), OUTPUT_LEN (64), VOCAB (49152: SmolLM2's),
+#      PROMPTS_PER_STREAM (4: each run sends 4 × concurrency requests, at least 16).
 # Writes OUT_DIR/PROTOCOL-cN-rR.json and prints one markdown table of all runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ CONCURRENCY=${CONCURRENCY:-1 16}
 INPUT_LEN=${INPUT_LEN:-16}
 OUTPUT_LEN=${OUTPUT_LEN:-64}
 VOCAB=${VOCAB:-49152}
+PROMPTS_PER_STREAM=${PROMPTS_PER_STREAM:-4}
 mkdir -p "$OUT"
 
 cargo build -q --release -p tessera --bin tessera
@@ -34,7 +36,7 @@ echo "== gRPC on $grpc, HTTP on $http" >&2
 for round in $(seq 1 "$ROUNDS"); do
   for c in $CONCURRENCY; do
     # Enough requests that the concurrency is held for most of the run.
-    prompts=$(( c == 1 ? 8 : 2 * c ))
+    prompts=$(( PROMPTS_PER_STREAM * c < 16 ? 16 : PROMPTS_PER_STREAM * c ))
     for protocol in grpc openai; do
       addr=$grpc
       [ "$protocol" = openai ] && addr=$http
