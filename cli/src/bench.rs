@@ -25,9 +25,14 @@ use tonic::transport::Channel;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Coordinator address.
+    /// Coordinator address: its gRPC address, or with `--protocol openai` the base URL of its
+    /// OpenAI-compatible HTTP API (`http://HOST:PORT` or `.../v1`).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// How requests are sent: `tessera.v1` Generate streams, or streamed `/v1/completions`
+    /// (server-sent events) over the OpenAI-compatible HTTP API.
+    #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
+    protocol: Protocol,
     /// Served model name (may be omitted when the coordinator serves one model).
     #[arg(long, default_value = "")]
     model: String,
@@ -79,6 +84,13 @@ pub struct BenchArgs {
     label: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Protocol {
+    Grpc,
+    Openai,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Arrivals {
     /// Exponential gaps with mean 1 / rate.
@@ -96,6 +108,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     runtime.block_on(bench(args))
 }
 
+/// How requests reach the coordinator.
+enum Sender {
+    Grpc(InferenceClient<Channel>),
+    Openai(crate::bench_http::HttpTarget),
+}
+
 /// One request to send.
 struct Planned {
     input: pb::generate_request::Input,
@@ -106,15 +124,15 @@ struct Planned {
 
 /// What one request measured.
 #[derive(Debug, Clone, Default)]
-struct Measured {
-    ok: bool,
-    error: String,
-    prompt_len: usize,
-    output_tokens: usize,
-    ttft: f64,
-    latency: f64,
+pub(crate) struct Measured {
+    pub ok: bool,
+    pub error: String,
+    pub prompt_len: usize,
+    pub output_tokens: usize,
+    pub ttft: f64,
+    pub latency: f64,
     /// Gaps between consecutive chunks that carried tokens, in seconds.
-    itl: Vec<f64>,
+    pub itl: Vec<f64>,
 }
 
 impl Measured {
@@ -132,19 +150,34 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.output_len > 0, "--output-len must be at least 1");
     anyhow::ensure!(args.vocab_range > 0, "--vocab-range must be at least 1");
     let plan = plan(&args)?;
-    let channel = Channel::from_shared(args.addr.clone())?.connect().await.with_context(|| format!("cannot reach {}", args.addr))?;
-    let client = InferenceClient::new(channel);
-    let preempted_before = preemptions(&client).await;
+    let sender = match args.protocol {
+        Protocol::Grpc => {
+            let channel =
+                Channel::from_shared(args.addr.clone())?.connect().await.with_context(|| format!("cannot reach {}", args.addr))?;
+            Sender::Grpc(InferenceClient::new(channel))
+        }
+        Protocol::Openai => Sender::Openai(crate::bench_http::HttpTarget::parse(&args.addr)?),
+    };
+    let preempted_before = match &sender {
+        Sender::Grpc(client) => preemptions(client).await,
+        Sender::Openai(_) => None,
+    };
     let limit = Arc::new(Semaphore::new(args.max_concurrency.unwrap_or(Semaphore::MAX_PERMITS)));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(plan.len());
     for p in plan {
         tokio::time::sleep_until((start + p.arrival).into()).await;
-        let request = request(&args, p.input, p.output_len);
-        let (client, limit) = (client.clone(), limit.clone());
+        let limit = limit.clone();
+        let send: futures_util::future::BoxFuture<'static, Measured> = match &sender {
+            Sender::Grpc(client) => Box::pin(measure(client.clone(), request(&args, p.input, p.output_len))),
+            Sender::Openai(target) => {
+                let body = crate::bench_http::body(&args.model, &p.input, p.output_len, args.temperature);
+                Box::pin(crate::bench_http::measure(target.clone(), body))
+            }
+        };
         tasks.push(tokio::spawn(async move {
             let _permit = limit.acquire_owned().await;
-            measure(client, request).await
+            send.await
         }));
     }
     let mut results = Vec::with_capacity(tasks.len());
@@ -155,7 +188,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut report = Report::new(&args, &results, duration);
     // The coordinator's counter, so a run under memory pressure says what it cost; absent when
     // the server does not report it.
-    report.preemptions = preempted_before.zip(preemptions(&client).await).map(|(before, after)| after.saturating_sub(before));
+    if let Sender::Grpc(client) = &sender {
+        report.preemptions = preempted_before.zip(preemptions(client).await).map(|(before, after)| after.saturating_sub(before));
+    }
     print!("{}", report.markdown());
     if let Some(e) = results.iter().find(|r| !r.ok) {
         eprintln!("first failure: {}", e.error);
@@ -319,6 +354,7 @@ impl Summary {
 #[derive(Debug, Serialize)]
 struct Report {
     label: String,
+    protocol: Protocol,
     num_prompts: usize,
     request_rate: Option<f64>,
     max_concurrency: Option<usize>,
@@ -362,6 +398,7 @@ impl Report {
             .count();
         Self {
             label: args.label.clone(),
+            protocol: args.protocol,
             num_prompts: args.num_prompts,
             request_rate: args.request_rate.is_finite().then_some(args.request_rate),
             max_concurrency: args.max_concurrency,

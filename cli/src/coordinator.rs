@@ -22,6 +22,11 @@ pub struct CoordinatorArgs {
     /// gRPC listen address; port 0 picks a free port (printed on the first line of stdout).
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /// /v1/embeddings, /v1/models, /health) on this address; port 0 picks a free port (its URL
+    /// is the second line of stdout).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
     /// etcd endpoints the workers register in (comma-separated or repeated).
     #[arg(long, value_delimiter = ',', required = true)]
     etcd: Vec<String>,
@@ -44,12 +49,19 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     println!("{addr}");
     tracing::info!(%addr, etcd = ?args.etcd, "coordinator listening; groups form as workers register");
     let metrics = crate::serve_args::serve_metrics(args.serve.metrics_listen, &coordinator).await?;
+    let http = crate::serve_args::serve_http(args.http_listen, args.serve.http_metrics, &coordinator).await?;
+    if let Some((_, http_addr)) = &http {
+        crate::serve_args::announce(&format!("http://{http_addr}/v1"));
+    }
     let serving = coordinator.serving_groups();
     let report = tokio::spawn(report_groups(serving));
     coordinator.serve(listener, shutdown_signal()).await?;
     report.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
+    }
+    if let Some((http, _)) = http {
+        http.abort();
     }
     tracing::info!("coordinator stopped");
     Ok(())

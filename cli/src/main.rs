@@ -10,6 +10,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod bench;
+mod bench_http;
 mod coordinator;
 mod generate;
 mod record;

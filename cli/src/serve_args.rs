@@ -72,6 +72,9 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Also serve `GET /metrics` on the OpenAI-compatible HTTP port.
+    #[arg(long)]
+    pub http_metrics: bool,
 }
 
 /// Largest values the flags accept: a typo must not allocate the machine away.
@@ -147,6 +150,32 @@ pub async fn serve_metrics(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
     Ok(Some(coordinator.serve_metrics(listener)))
+}
+
+/// Binds `addr` and serves the OpenAI-compatible HTTP API there; `None` without an address.
+/// Returns the task and the address bound (port 0 picks a free one).
+pub async fn serve_http(
+    addr: Option<std::net::SocketAddr>,
+    metrics: bool,
+    coordinator: &tessera_coordinator::Coordinator,
+) -> anyhow::Result<Option<(tokio::task::JoinHandle<()>, std::net::SocketAddr)>> {
+    let Some(addr) = addr else {
+        anyhow::ensure!(!metrics, "--http-metrics needs the HTTP API (--http-port or --http-listen)");
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for HTTP: {e}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "serving the OpenAI-compatible HTTP API at /v1");
+    Ok(Some((coordinator.serve_http(listener, tessera_coordinator::HttpConfig { metrics }), bound)))
+}
+
+/// Prints a line on stdout for scripts and tests to read, ignoring a reader that has gone
+/// (a closed pipe must not stop the server).
+pub fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 /// The name clients use: the directory's name, or a GGUF file's name without `.gguf`.

@@ -41,6 +41,10 @@ pub struct UpArgs {
     /// Port the coordinator listens on (127.0.0.1); 0 picks a free one.
     #[arg(long, default_value_t = 50051)]
     port: u16,
+    /// Also serve the OpenAI-compatible HTTP API on this port (127.0.0.1); 0 picks a free one.
+    /// Its URL is printed on the line after "serving ...".
+    #[arg(long)]
+    http_port: Option<u16>,
     /// etcd endpoints; without them the cluster uses the in-memory registry.
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
@@ -137,6 +141,8 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
     let mut serving = coordinator.serving_groups();
     let mut failed = coordinator.failed_models();
     let metrics = crate::serve_args::serve_metrics(args.serve.metrics_listen, &coordinator).await?;
+    let http_addr = args.http_port.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+    let http = crate::serve_args::serve_http(http_addr, args.serve.http_metrics, &coordinator).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(coordinator.serve(listener, async {
         let _ = stop_rx.await;
@@ -172,6 +178,10 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
             // Scripts wait for this line on stdout.
             println!("serving {model_name} on http://{addr}");
             eprintln!("try:  tessera generate --addr http://{addr} \"Once upon a time\"");
+            if let Some((_, http_addr)) = &http {
+                crate::serve_args::announce(&format!("OpenAI-compatible HTTP API on http://{http_addr}/v1"));
+                eprintln!("      curl http://{http_addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Once upon a time\"}}'");
+            }
             eprintln!("stop: Ctrl-C");
             shutdown.as_mut().await;
         }
@@ -184,6 +194,9 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
     }
     if let Some(metrics) = metrics {
         metrics.abort();
+    }
+    if let Some((http, _)) = http {
+        http.abort();
     }
     for w in watchers {
         w.stop().await;

@@ -14,6 +14,7 @@
 //!   as `GET /metrics`.
 //! * [`generation`] — one sequence's output: detokenization ([`detokenize`]), stop strings
 //!   ([`stop`]), the loop guard ([`loop_guard`]), finishing rules.
+//! * `http` — the OpenAI-compatible HTTP API, served onto the same `Inference` service.
 //! * [`chat`] — chat templates; [`model`] — what a served model is; [`error`] — the one mapping
 //!   to gRPC codes.
 
@@ -28,6 +29,7 @@ mod fanout;
 pub mod generation;
 mod group;
 pub mod histogram;
+mod http;
 pub mod limits;
 pub mod loop_guard;
 pub mod metrics;
@@ -47,6 +49,7 @@ mod testing;
 
 pub use cluster::ClusterConfig;
 pub use error::CoordinatorError;
+pub use http::HttpConfig;
 pub use limits::Limits;
 pub use model::{largest_tp, ModelSpec};
 pub use scheduler::LoopConfig;

@@ -74,6 +74,12 @@ impl Coordinator {
         tokio::spawn(crate::prometheus::serve(listener, self.cluster.clone()))
     }
 
+    /// Serves the OpenAI-compatible HTTP API (`crate::http`) on `listener`, beside gRPC and
+    /// onto the same service, until the returned task is aborted.
+    pub fn serve_http(&self, listener: tokio::net::TcpListener, config: crate::http::HttpConfig) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(crate::http::serve(listener, self.cluster.clone(), self.limits.clone(), config))
+    }
+
     /// Serves gRPC on `listener` until `shutdown` resolves.
     pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
         let (reporter, health) = tonic_health::server::health_reporter();

@@ -81,6 +81,50 @@ pub fn spawn_up(bin: &Path, threads: usize, model: &Path, args: &[&str]) -> anyh
     Ok((process, url.to_string()))
 }
 
+/// Starts `bin <args>` and returns it with the first two lines it printed on stdout (e.g. its
+/// gRPC address, then its HTTP API's URL), and the rest of its stdout, kept open so the process
+/// can go on printing.
+pub fn spawn_two_lines<S: AsRef<std::ffi::OsStr>>(
+    bin: &Path,
+    args: &[S],
+) -> anyhow::Result<(ChildGuard, String, String, BufReader<std::process::ChildStdout>)> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("spawn {}", bin.display()))?;
+    let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let process = ChildGuard(child);
+    let (first, stdout) = read_line_within(stdout, STARTUP_PATIENCE)?;
+    let (second, stdout) = read_line_within(stdout, STARTUP_PATIENCE)?;
+    Ok((process, first, second, stdout))
+}
+
+/// [`spawn_up`] with `--http-port 0`: returns the process, the gRPC URL, the OpenAI-compatible
+/// API's base URL (`http://127.0.0.1:P/v1`, printed on the line after "serving ..."), and the
+/// rest of its stdout.
+pub fn spawn_up_with_http(
+    bin: &Path,
+    threads: usize,
+    model: &Path,
+    args: &[&str],
+) -> anyhow::Result<(ChildGuard, String, String, BufReader<std::process::ChildStdout>)> {
+    let threads = threads.to_string();
+    let mut all: Vec<&std::ffi::OsStr> =
+        ["up", "--threads", &threads, "--port", "0", "--http-port", "0", "--model"].map(std::ffi::OsStr::new).to_vec();
+    all.push(model.as_os_str());
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    let (process, first, second, stdout) = spawn_two_lines(bin, &all)?;
+    let last = |line: &str| line.rsplit(' ').next().unwrap_or_default().to_string();
+    let (grpc, http) = (last(&first), last(&second));
+    if !grpc.starts_with("http://") || !http.ends_with("/v1") {
+        bail!("tessera up printed {first:?} and {second:?}");
+    }
+    Ok((process, grpc, http, stdout))
+}
+
 /// Starts `tessera worker` on a free port and returns it with the gRPC address it printed.
 pub fn spawn_worker(extra_args: &[&str]) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let args: Vec<&str> = std::iter::once("worker").chain(extra_args.iter().copied()).collect();

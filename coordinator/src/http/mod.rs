@@ -1,0 +1,240 @@
+//! The OpenAI-compatible HTTP API, a second front door onto the same core as gRPC.
+//!
+//! `POST /v1/completions`, `POST /v1/chat/completions` (whole, or streamed as server-sent events
+//! ending in `data: [DONE]`), `POST /v1/embeddings`, `GET /v1/models[/{id}]`, `GET /health`, and
+//! `GET /metrics` when asked ([`HttpConfig::metrics`]). HTTP/1.1 on hyper, on the coordinator's
+//! own runtime.
+//!
+//! *API boundary:* every request is served by calling [`InferenceService`]'s `Inference` methods
+//! in process, with a `tonic::Request` built from the body ([`openai`] reads it): validation,
+//! limits, placement, errors and metrics are the core's, shared with gRPC; this module only
+//! translates shapes ([`response`], [`sse`]) and status codes ([`error`]). Dropping a response
+//! body (a client that disconnects) drops the core's streams, which is how the group loops learn
+//! to release a sequence on every rank.
+//!
+//! Credentials: the `Authorization` header is passed on to the core as the `authorization`
+//! metadata of each call, so checking API keys in the service covers both front doors; a
+//! refused key (`UNAUTHENTICATED`) becomes a 401.
+
+mod embeddings;
+pub mod error;
+pub mod fields;
+mod generate;
+mod ids;
+pub mod openai;
+pub mod response;
+mod sse;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_server::Inference;
+use tokio::net::TcpListener;
+
+use crate::cluster::Cluster;
+use crate::limits::Limits;
+use crate::service::InferenceService;
+use error::ApiError;
+use fields::Fields;
+use openai::GenerateCall;
+
+/// A response body: whole, or streamed.
+pub type HttpBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// How the HTTP API is served.
+#[derive(Debug, Clone, Default)]
+pub struct HttpConfig {
+    /// Also serve `GET /metrics` (the Prometheus text of `--metrics-listen`) on this port.
+    pub metrics: bool,
+}
+
+/// What every request handler reads.
+pub(crate) struct HttpState {
+    service: InferenceService,
+    cluster: Arc<Cluster>,
+    limits: Limits,
+    config: HttpConfig,
+    /// Per served model, by name.
+    fingerprints: HashMap<String, String>,
+    /// When this server started: the `created` time of every model.
+    started: u64,
+}
+
+impl HttpState {
+    fn fingerprint(&self, model: &str) -> String {
+        self.fingerprints.get(model).cloned().unwrap_or_default()
+    }
+
+    /// Largest request body: room for the biggest prompt or embedding input the limits allow,
+    /// JSON-escaped (`\uXXXX` doubles CJK text), plus the other fields.
+    fn max_body_bytes(&self) -> usize {
+        4 * self.limits.max_prompt_bytes.max(self.limits.max_embed_bytes) + (64 << 10)
+    }
+}
+
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves the HTTP API on `listener` until the task is aborted.
+pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: Limits, config: HttpConfig) {
+    let fingerprints = cluster.models.iter().map(|m| (m.name().to_string(), ids::fingerprint(m))).collect();
+    let service = InferenceService::new(cluster.clone(), limits.clone());
+    let state = Arc::new(HttpState { service, cluster, limits, config, fingerprints, started: ids::unix_seconds() });
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "HTTP listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Each streamed chunk is one small write: without this it can wait on Nagle's
+        // algorithm and a delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(req, &state).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn route(req: Request<Incoming>, state: &HttpState) -> Response<HttpBody> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let result = match (method.clone(), path.as_str()) {
+        (Method::POST, "/v1/completions") => post(req, state, GenerateCall::completions).await,
+        (Method::POST, "/v1/chat/completions") => post(req, state, GenerateCall::chat).await,
+        (Method::POST, "/v1/embeddings") => embeddings(req, state).await,
+        (Method::GET, "/v1/models") => models(state, None).await,
+        (Method::GET, p) if p.starts_with("/v1/models/") => models(state, Some(&p["/v1/models/".len()..])).await,
+        (Method::GET | Method::HEAD, "/health") => Ok(health(state)),
+        (Method::GET | Method::HEAD, "/metrics") if state.config.metrics => Ok(metrics(state).await),
+        (_, "/v1/completions" | "/v1/chat/completions" | "/v1/embeddings") => Err(ApiError::method_not_allowed("POST")),
+        (_, "/v1/models" | "/health") => Err(ApiError::method_not_allowed("GET")),
+        (_, p) => Err(ApiError::not_found(format!("no route for {method} {p}"))),
+    };
+    result.unwrap_or_else(|e| json(e.status, e.to_json()))
+}
+
+/// Reads a JSON body within the size limit.
+async fn body(req: Request<Incoming>, state: &HttpState) -> Result<Fields, ApiError> {
+    let limit = state.max_body_bytes();
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Fields::parse(&collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::body_too_large(limit)),
+        Err(e) => Err(ApiError::invalid(format!("cannot read the request body: {e}"), None)),
+    }
+}
+
+async fn post(
+    req: Request<Incoming>,
+    state: &HttpState,
+    read: fn(&Fields) -> Result<GenerateCall, ApiError>,
+) -> Result<Response<HttpBody>, ApiError> {
+    let authorization = req.headers().get(AUTHORIZATION).cloned();
+    let call = read(&body(req, state).await?)?;
+    Ok(match generate::generate(state, call, authorization.as_ref()).await? {
+        generate::Reply::Json(text) => json(StatusCode::OK, text),
+        generate::Reply::Stream(body) => {
+            let mut response = Response::new(body);
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            response
+        }
+    })
+}
+
+async fn embeddings(req: Request<Incoming>, state: &HttpState) -> Result<Response<HttpBody>, ApiError> {
+    let authorization = req.headers().get(AUTHORIZATION).cloned();
+    let fields = body(req, state).await?;
+    Ok(json(StatusCode::OK, embeddings::embeddings(state, &fields, authorization.as_ref()).await?))
+}
+
+#[derive(Serialize)]
+struct ModelCard {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    /// vLLM's field: the longest sequence (prompt + completion) the model takes.
+    max_model_len: u32,
+}
+
+/// `GET /v1/models` (every served model, from the core's `ListModels`), or one by name.
+async fn models(state: &HttpState, name: Option<&str>) -> Result<Response<HttpBody>, ApiError> {
+    let list = state.service.list_models(tonic::Request::new(pb::ListModelsRequest {})).await?.into_inner();
+    let card = |m: pb::ModelInfo| ModelCard {
+        id: m.name,
+        object: "model",
+        created: state.started,
+        owned_by: "tessera",
+        max_model_len: m.max_context,
+    };
+    let text = match name {
+        None => {
+            let data: Vec<ModelCard> = list.models.into_iter().map(card).collect();
+            serde_json::to_string(&serde_json::json!({"object": "list", "data": data}))
+        }
+        Some(name) => match list.models.into_iter().find(|m| m.name == name) {
+            Some(m) => serde_json::to_string(&card(m)),
+            None => {
+                let mut e = ApiError::not_found(format!("model {name:?} is not served here"));
+                e.code = Some("model_not_found");
+                return Err(e);
+            }
+        },
+    };
+    Ok(json(StatusCode::OK, text.map_err(|e| ApiError::internal(e.to_string()))?))
+}
+
+/// Ready while at least one group serves (the gRPC health of `tessera.v1.Inference`).
+fn health(state: &HttpState) -> Response<HttpBody> {
+    if *state.cluster.serving_groups().borrow() > 0 {
+        json(StatusCode::OK, r#"{"status":"serving"}"#.into())
+    } else {
+        json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not serving"}"#.into())
+    }
+}
+
+async fn metrics(state: &HttpState) -> Response<HttpBody> {
+    let status = state.cluster.status().await;
+    let serving = *state.cluster.serving_groups().borrow();
+    let text = crate::prometheus::render(&status, &state.cluster.metrics.token_snapshot(), serving);
+    let mut response = Response::new(full(text));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
+}
+
+fn full(text: String) -> HttpBody {
+    Full::new(Bytes::from(text)).boxed_unsync()
+}
+
+fn json(status: StatusCode, text: String) -> Response<HttpBody> {
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
