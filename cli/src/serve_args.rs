@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// (0: only when no group can hold it).
     #[arg(long, default_value_t = 0)]
     pub ring_prefill_tokens: usize,
+    /// Times one request may move to another group when its group is lost mid-request (it
+    /// re-prefills what it had and goes on exactly); past that it ends UNAVAILABLE. 0: never.
+    #[arg(long, default_value_t = ClusterConfig::default().migration_limit)]
+    pub migration_limit: u32,
     /// Static batching (a baseline for benchmarks): a group admits new requests only when it
     /// runs none, so each batch finishes before the next one forms.
     #[arg(long)]
@@ -135,6 +139,7 @@ impl ServeArgs {
                 static_batching: self.static_batching,
             },
             ring_prefill_tokens: self.ring_prefill_tokens,
+            migration_limit: self.migration_limit,
             ..ClusterConfig::default()
         };
         Ok(CoordinatorConfig { models: Vec::new(), limits, cluster })

@@ -306,6 +306,8 @@ impl Generation {
             r#loop: self.last_loop.as_ref().map(|l| self.report_of(l, false)),
             hypotheses: Vec::new(),
             removed_sentences: self.sentences.as_ref().map_or(0, SentenceFilter::removed),
+            // Counted where the request's output lives (`output::SequenceOutput`).
+            migrations: 0,
         }
     }
 }

@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use tessera_proto::worker as wpb;
 use tokio::sync::{mpsc, watch};
-use tonic::Status;
 
 use crate::fanout::{agree, on_every_rank, release_all, same_tokens, Disagreement, Rank};
 use crate::metrics::Metrics;
@@ -36,23 +35,18 @@ pub(crate) struct GroupLoop {
 }
 
 impl GroupLoop {
-    /// Runs until the group is lost or the cluster drops it; returns why it stopped. Every
-    /// request it still holds — running, waiting or queued — then gets `UNAVAILABLE`, so no
-    /// client is left with a stream that ends without a reason.
-    pub(crate) async fn run(mut self) -> String {
+    /// Runs until the group is lost or the cluster drops it; returns why it stopped, and every
+    /// request it still held — running, preempted, waiting or queued — in the form to place it
+    /// again (the cluster moves them to other groups or ends them with `UNAVAILABLE`).
+    pub(crate) async fn run(mut self) -> (String, Vec<NewSequence>) {
         let mut scheduler = Scheduler::new(self.name.clone(), self.config, self.kv_capacity, self.metrics.clone());
         let reason = self.iterate(&mut scheduler).await;
-        let status = Status::unavailable(format!("worker group {} was lost mid-request: {reason}; retry", self.name));
         self.requests.close();
-        let mut held = scheduler.abandon();
-        held.extend(std::iter::from_fn(|| self.requests.try_recv().ok()).map(|s| s.output));
-        self.metrics.lost(held.len());
-        for output in held {
-            output.end(Err(status.clone()), &self.metrics);
-            self.active.fetch_sub(1, Ordering::Relaxed);
-        }
+        let mut held = scheduler.evacuate();
+        held.extend(std::iter::from_fn(|| self.requests.try_recv().ok()));
+        self.active.fetch_sub(held.len(), Ordering::Relaxed);
         self.idle.notify_waiters();
-        reason
+        (reason, held)
     }
 
     async fn iterate(&mut self, scheduler: &mut Scheduler) -> String {

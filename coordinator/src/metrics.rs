@@ -33,6 +33,7 @@ pub struct Metrics {
     capacity_refused_tokens: AtomicU64,
     preemptions: AtomicU64,
     deadlines_exceeded: AtomicU64,
+    migrations: AtomicU64,
     /// A gauge: tokens of ring requests waiting for their groups now.
     ring_waiting_tokens: AtomicU64,
     time_to_first_token: Histogram,
@@ -55,6 +56,7 @@ impl Default for Metrics {
             capacity_refused_tokens: zero(),
             preemptions: zero(),
             deadlines_exceeded: zero(),
+            migrations: zero(),
             ring_waiting_tokens: zero(),
             time_to_first_token: Histogram::new(TTFT_BOUNDS),
             inter_token_latency: Histogram::new(ITL_BOUNDS),
@@ -152,12 +154,18 @@ impl Metrics {
             capacity_refused_tokens: read(&self.capacity_refused_tokens),
             preemptions: read(&self.preemptions),
             deadlines_exceeded: read(&self.deadlines_exceeded),
+            migrations: read(&self.migrations),
         }
     }
 
     /// Counts a sequence preempted for want of KV blocks.
     pub fn preempted(&self) {
         self.preemptions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts requests moved to another group because theirs was lost.
+    pub fn migrated(&self, n: usize) {
+        self.migrations.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Counts requests ended because their deadline passed.

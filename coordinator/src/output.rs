@@ -33,11 +33,13 @@ pub(crate) struct SequenceOutput {
     base: wpb::Sampling,
     /// When the last sampled token arrived, for the inter-token-latency metric.
     last_token: Option<Instant>,
+    /// Times the request moved to another group.
+    migrations: u32,
 }
 
 impl SequenceOutput {
     pub(crate) fn new(generation: Generation, events: Events, base: wpb::Sampling) -> Self {
-        Self { generation, events, base, last_token: None }
+        Self { generation, events, base, last_token: None, migrations: 0 }
     }
 
     pub(crate) fn generation(&self) -> &Generation {
@@ -47,6 +49,16 @@ impl SequenceOutput {
     /// Tokens accepted so far.
     pub(crate) fn generated(&self) -> usize {
         self.generation.generated() as usize
+    }
+
+    /// Times the request has moved to another group.
+    pub(crate) fn migrations(&self) -> u32 {
+        self.migrations
+    }
+
+    /// Counts a move to another group.
+    pub(crate) fn migrated(&mut self) {
+        self.migrations += 1;
     }
 
     /// The client went away (cancelled, disconnected, or its stream was dropped).
@@ -109,7 +121,8 @@ impl SequenceOutput {
     /// The request's last event: `Finished`, counted in the metrics, or an error status.
     pub(crate) fn end(&self, end: Result<pb::Finished, Status>, metrics: &Metrics) {
         match end {
-            Ok(finished) => {
+            Ok(mut finished) => {
+                finished.migrations = self.migrations;
                 metrics.finished(&finished);
                 self.send(pb::generate_response::Event::Finished(finished));
             }

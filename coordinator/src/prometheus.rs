@@ -116,6 +116,12 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
         "Requests ended because their gRPC deadline passed.",
         counters.deadlines_exceeded,
     );
+    counter(
+        &mut out,
+        "tessera_migrations_total",
+        "Requests moved to another group because theirs was lost mid-request.",
+        counters.migrations,
+    );
     histogram(
         &mut out,
         "tessera_time_to_first_token_seconds",

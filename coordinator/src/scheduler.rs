@@ -69,6 +69,22 @@ pub(crate) struct NewSequence {
     pub output: SequenceOutput,
     /// Beam search: the request holds worker sequences `seq .. seq + num_beams`.
     pub beam: Option<BeamConfig>,
+    /// Set for a sampled sequence that ran on a group now lost: what it had generated, to be
+    /// prefilled again with the prompt and continued exactly.
+    pub resume: Option<Resumed>,
+}
+
+/// A sampled sequence's progress, carried to another group when its own is lost.
+pub(crate) struct Resumed {
+    /// Tokens generated (and streamed) so far.
+    pub outputs: Vec<u32>,
+    /// The sampling the workers last used, without `resume`.
+    pub in_force: wpb::Sampling,
+    /// The next step's sampling when it differs from `in_force` (a loop-guard change not yet
+    /// sent).
+    pub next: Option<wpb::Sampling>,
+    /// Random numbers the workers' sampler had drawn.
+    pub rng_draws: u64,
 }
 
 /// How a request left the group.
@@ -158,6 +174,9 @@ struct Sampled {
 
 /// A beam search's worker sequences: lane `i` is sequence `first + i`; lane 0 takes the prompt.
 struct BeamRun {
+    /// The request's settings and prompt, to start the search again on another group.
+    config: BeamConfig,
+    prompt: Vec<u32>,
     search: BeamSearch,
     first: u64,
     /// Lanes that hold a sequence on the workers, to release at the end.
@@ -174,6 +193,8 @@ struct BeamRun {
 
 struct Running {
     seq: u64,
+    /// KV tokens placement reserved for the request, for placing it again.
+    reserve: u64,
     feed: Feed,
     /// Sent with the next step: the request's sampling on the first, a change after that.
     next_sampling: Option<wpb::Sampling>,
@@ -185,35 +206,51 @@ struct Running {
 impl Running {
     fn new(s: NewSequence) -> Self {
         let mut output = s.output;
-        let mode = match s.beam {
-            Some(config) => {
+        let mut next_sampling = Some(output.base_sampling().clone());
+        let mut pending = s.prompt.clone();
+        let mode = match (s.beam, s.resume) {
+            (Some(config), _) => {
                 let max_new = output.generation().max_new_tokens() as usize;
                 let search = BeamSearch::new(config, max_new, output.generation().end_tokens());
                 output.set_beam_candidates(search.candidates_per_lane() as u32);
+                next_sampling = Some(output.base_sampling().clone());
                 let lanes = config.num_beams;
                 let mut used = vec![false; lanes];
                 used[0] = true;
                 let blocks = lanes as u64 * kv_blocks(s.reserve / lanes as u64);
-                Mode::Beam(BeamRun {
-                    search,
-                    first: s.seq,
-                    used,
-                    blocks,
-                    forks: Vec::new(),
-                    feed: Vec::new(),
-                    asked: 1,
-                    candidates: Vec::new(),
-                })
+                let (forks, feed, candidates) = (Vec::new(), Vec::new(), Vec::new());
+                Mode::Beam(BeamRun { config, prompt: s.prompt, search, first: s.seq, used, blocks, forks, feed, asked: 1, candidates })
             }
-            None => Mode::Sampled(Sampled {
-                prompt: s.prompt.clone(),
-                outputs: Vec::new(),
-                in_force: output.base_sampling().clone(),
-                rng_draws: 0,
-            }),
+            (None, None) => {
+                Mode::Sampled(Sampled { prompt: s.prompt, outputs: Vec::new(), in_force: output.base_sampling().clone(), rng_draws: 0 })
+            }
+            // Prefilled again, prompt and outputs, with the sampler resumed where it stood: as
+            // after a preemption.
+            (None, Some(r)) => {
+                pending.extend_from_slice(&r.outputs);
+                let mut sampling = r.next.unwrap_or_else(|| r.in_force.clone());
+                sampling.resume = Some(wpb::Resume { prompt_len: s.prompt.len() as u32, rng_draws: r.rng_draws });
+                next_sampling = Some(sampling);
+                Mode::Sampled(Sampled { prompt: s.prompt, outputs: r.outputs, in_force: r.in_force, rng_draws: r.rng_draws })
+            }
         };
-        let feed = Feed { prefill_len: s.prompt.len() as u32, pending: s.prompt, cached: 0, awaiting: false };
-        Self { seq: s.seq, feed, next_sampling: Some(output.base_sampling().clone()), deadline: s.deadline, output, mode }
+        let feed = Feed { prefill_len: pending.len() as u32, pending, cached: 0, awaiting: false };
+        Self { seq: s.seq, reserve: s.reserve, feed, next_sampling, deadline: s.deadline, output, mode }
+    }
+
+    /// The request as it would arrive anew, to go on on another group: a sampled sequence with
+    /// what it generated and where its sampler stood, a beam search from its start (it streams
+    /// nothing until it ends, so nothing is lost).
+    fn into_new_sequence(self) -> NewSequence {
+        let (prompt, beam, resume) = match self.mode {
+            Mode::Beam(b) => (b.prompt, Some(b.config), None),
+            Mode::Sampled(s) => {
+                let next = self.next_sampling.map(|n| wpb::Sampling { resume: None, ..n });
+                let resume = Resumed { outputs: s.outputs, in_force: s.in_force, next, rng_draws: s.rng_draws };
+                (s.prompt, None, Some(resume))
+            }
+        };
+        NewSequence { seq: self.seq, prompt, reserve: self.reserve, deadline: self.deadline, output: self.output, beam, resume }
     }
 
     /// Worker sequences this request holds, once it has been stepped.
@@ -453,10 +490,11 @@ impl Scheduler {
         Ok(effects)
     }
 
-    /// Every request still held, for a group that stops: running, preempted and waiting.
-    pub(crate) fn abandon(&mut self) -> Vec<SequenceOutput> {
-        let running = self.running.drain(..).chain(self.preempted.drain(..)).map(|r| r.output);
-        running.chain(self.waiting.take().map(|s| s.output)).collect()
+    /// Every request still held, for a group that stops, in the form to place it again:
+    /// running and preempted sequences with what they generated, and the waiting one.
+    pub(crate) fn evacuate(&mut self) -> Vec<NewSequence> {
+        let held = self.running.drain(..).chain(self.preempted.drain(..)).map(Running::into_new_sequence);
+        held.chain(self.waiting.take()).collect()
     }
 
     /// Admits queued sequences in order — preempted ones first, as they were admitted before —

@@ -72,7 +72,7 @@ impl Inference for InferenceService {
                 let where_ = pb::Placement { tp: placement.tp, sp: 1, workers: placement.workers.clone() };
                 output.started(request_id.clone(), prompt_tokens, where_);
                 let (prompt, reserve, beam) = (prepared.prompt, needs.kv_tokens, prepared.beam);
-                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam })?;
+                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None })?;
                 tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
             }
         }

@@ -138,9 +138,10 @@ impl Cluster {
         let group_loop = GroupLoop { name, ranks, requests, lost, active, config: self.config.group_loop, kv_capacity, metrics, idle };
         let cluster = self.clone();
         tokio::spawn(async move {
-            let reason = group_loop.run().await;
-            let mut state = cluster.lock();
-            cluster.fail_group(&mut state, group, reason);
+            let (reason, held) = group_loop.run().await;
+            cluster.fail_group_by_id(group, reason.clone());
+            // Torn down first, so placement cannot choose the lost group again.
+            cluster.migrate(model, &group_name(group), &reason, held);
         });
     }
 

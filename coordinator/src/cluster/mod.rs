@@ -54,6 +54,9 @@ pub struct ClusterConfig {
     /// bounds the prefill time (attention cost grows with the square of the tokens). 0: rings
     /// only for requests no group can hold.
     pub ring_prefill_tokens: usize,
+    /// Times one request may move to another group when its group is lost mid-request; past
+    /// that it ends with `UNAVAILABLE`. 0 turns migration off.
+    pub migration_limit: u32,
 }
 
 impl Default for ClusterConfig {
@@ -65,6 +68,7 @@ impl Default for ClusterConfig {
             group_loop: LoopConfig { max_batch: 32, step_tokens: 256, step_timeout: Duration::from_secs(300), static_batching: false },
             max_retry_backoff: Duration::from_secs(30),
             ring_prefill_tokens: 0,
+            migration_limit: 3,
         }
     }
 }

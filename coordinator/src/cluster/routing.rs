@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tonic::Status;
 
 use super::{group_name, Cluster, State};
 use crate::error::CoordinatorError;
@@ -132,6 +133,70 @@ impl Cluster {
             }
         };
         Ok((route, request))
+    }
+
+    /// Moves the requests a lost group of `model` held to its other groups, each to continue
+    /// where it stopped (a sampled sequence re-prefills its prompt and outputs with its sampler
+    /// resumed; a beam search starts again, having streamed nothing). A request past the
+    /// migration limit, or that no group can take now, ends with `UNAVAILABLE` saying why; one
+    /// whose client has gone is dropped.
+    pub(crate) fn migrate(&self, model: usize, lost: &str, reason: &str, held: Vec<NewSequence>) {
+        let (mut moved, mut ended, mut cancelled) = (0, 0, 0);
+        for s in held {
+            if s.output.is_closed() {
+                cancelled += 1;
+                continue;
+            }
+            match self.move_to_another_group(model, lost, s) {
+                Ok(()) => moved += 1,
+                Err(refused) => {
+                    let (s, why) = *refused;
+                    ended += 1;
+                    let status = Status::unavailable(format!("worker group {lost} was lost mid-request: {reason}; {why}; retry"));
+                    s.output.end(Err(status), &self.metrics);
+                }
+            }
+        }
+        self.metrics.migrated(moved);
+        self.metrics.lost(ended);
+        self.metrics.cancelled(cancelled);
+    }
+
+    /// Queues `s` on the least busy group of `model` that can hold it; gives it back with the
+    /// reason when it may not move again or no group can take it now.
+    fn move_to_another_group(&self, model: usize, lost: &str, mut s: NewSequence) -> Result<(), Box<(NewSequence, String)>> {
+        if s.output.migrations() >= self.config.migration_limit {
+            let why = format!("it moved {} times, the limit", s.output.migrations());
+            return Err(Box::new((s, why)));
+        }
+        let state = self.lock();
+        let request = PlacementRequest { model, kv_tokens: s.reserve, prompt_len: 0, may_ring: false };
+        let id = match placement::place(&self.views(&state), &request, 0) {
+            Ok(Decision::Group(id)) => id,
+            Ok(Decision::Ring(_)) => return Err(Box::new((s, "no other group can hold it now".into()))),
+            Err(refusal) => {
+                let m = &self.models[model];
+                let why = format!("it could not move: {}", refusal.into_error(m.name(), m.spec.tp, state.workers.len()));
+                return Err(Box::new((s, why)));
+            }
+        };
+        let Some(serving) = state.groups.get(&id).and_then(|g| g.serving.as_ref()) else {
+            return Err(Box::new((s, "no other group of its model serves now".into())));
+        };
+        serving.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        s.output.migrated();
+        let (seq, migrations) = (s.seq, s.output.migrations());
+        serving.active.fetch_add(1, Ordering::Relaxed);
+        match serving.submit.try_send(s) {
+            Ok(()) => {
+                tracing::info!(seq, from = lost, to = %group_name(id), migrations, "request moved to another group");
+                Ok(())
+            }
+            Err(e) => {
+                serving.active.fetch_sub(1, Ordering::Relaxed);
+                Err(Box::new((e.into_inner(), format!("group {} it would move to has no room in its queue", group_name(id)))))
+            }
+        }
     }
 
     /// Holds the groups [`placement::choose_ring`] picks for a new ring, or returns `Ok(None)`

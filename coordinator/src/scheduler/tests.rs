@@ -572,7 +572,7 @@ fn a_beam_search_holds_its_worst_case_from_admission() {
     assert_eq!(seq_ids(step_of(&plan)), [1], "nothing else fits beside the beams' reservation");
 }
 
-// --- A group that stops ---
+// --- A group that stops: its requests move on ---
 
 #[test]
 fn a_stopping_group_hands_back_every_request_it_holds() {
@@ -581,6 +581,92 @@ fn a_stopping_group_hands_back_every_request_it_holds() {
     run_step(&mut s, step_of(&plan), TOKEN);
     let (waiting, _c) = Req::new(5, 4, 4).build();
     s.waiting = Some(waiting);
-    assert_eq!(s.abandon().len(), 3, "one running, one preempted, one waiting");
+    let mut held: Vec<u64> = s.evacuate().iter().map(|n| n.seq).collect();
+    held.sort_unstable();
+    assert_eq!(held, [1, 2, 5], "one running, one preempted, one waiting");
     assert!(s.is_idle());
+}
+
+/// Runs `req` on a fresh scheduler for `steps` tokens of `TOKEN + i`, then evacuates it.
+fn evacuated_after(req: Req, steps: usize) -> (NewSequence, Client) {
+    let mut s = scheduler(4096, 4, 256);
+    let beams = req.beams.is_some();
+    let (seq, client) = req.build();
+    s.offer(seq);
+    for i in 0..steps {
+        let plan = Inbox::default().plan(&mut s);
+        let step = step_of(&plan);
+        let answers = if beams {
+            beam_answer(step, &[(TOKEN, -0.1), (TOKEN + 1, -0.2), (TOKEN + 2, -0.3)])
+        } else {
+            answer(step, TOKEN + i as u32, 10 + i as u64)
+        };
+        s.on_step_result(answers, Instant::now()).expect("answers fit");
+    }
+    let mut held = s.evacuate();
+    assert_eq!(held.len(), 1);
+    (held.remove(0), client)
+}
+
+#[test]
+fn a_moved_sequence_is_prefilled_again_with_its_outputs_and_its_sampler_resumed() {
+    let (moved, mut client) = evacuated_after(Req::new(1, 6, 20), 3);
+    assert_eq!(client.tokens_and_end().0, [TOKEN, TOKEN + 1, TOKEN + 2]);
+    let mut other = scheduler(4096, 4, 256);
+    other.offer(moved);
+    let plan = Inbox::default().plan(&mut other);
+    let step = &step_of(&plan).seqs[0];
+    let mut expected = Req::new(1, 6, 20).prompt();
+    expected.extend([TOKEN, TOKEN + 1, TOKEN + 2]);
+    assert_eq!((step.seq_id, step.start, &step.tokens, step.sample), (1, 0, &expected, true));
+    let sampling = step.sampling.as_ref().expect("the sampling goes with the first step");
+    assert_eq!(sampling.resume, Some(wpb::Resume { prompt_len: 6, rng_draws: 12 }));
+    assert_eq!((sampling.temperature, sampling.seed), (0.7, 7));
+    // It goes on where it stopped, streaming only new tokens, and finishes as one stream.
+    other.on_step_result(answer(step_of(&plan), TOKEN + 3, 13), Instant::now()).expect("answers fit");
+    assert_eq!(client.tokens_and_end().0, [TOKEN + 3]);
+}
+
+#[test]
+fn a_sequence_lost_with_a_step_in_flight_resamples_that_token_from_the_same_draw() {
+    let mut s = scheduler(4096, 4, 256);
+    let (seq, _client) = Req::new(1, 6, 20).build();
+    s.offer(seq);
+    let plan = Inbox::default().plan(&mut s);
+    s.on_step_result(answer(step_of(&plan), TOKEN, 5), Instant::now()).expect("answers fit");
+    // A second step is sent and never answered: the group is lost.
+    let _in_flight = Inbox::default().plan(&mut s);
+    let moved = s.evacuate().remove(0);
+    let resume = moved.resume.as_ref().expect("a sampled sequence carries its progress");
+    assert_eq!((resume.outputs.clone(), resume.rng_draws), (vec![TOKEN], 5), "the unanswered token is not counted");
+}
+
+#[test]
+fn a_moved_beam_search_starts_again_having_streamed_nothing() {
+    let (moved, mut client) = evacuated_after(Req::new(1, 6, 20).beams(2), 2);
+    assert!(client.tokens_and_end().0.is_empty());
+    assert!(moved.resume.is_none() && moved.beam.is_some());
+    assert_eq!(moved.prompt, Req::new(1, 6, 20).prompt());
+    let mut other = scheduler(4096, 4, 256);
+    other.offer(moved);
+    let plan = Inbox::default().plan(&mut other);
+    let step = step_of(&plan);
+    assert_eq!((seq_ids(step), step.seqs[0].start, step.seqs[0].tokens.len()), (vec![1], 0, 6), "lane 0 prefills the prompt");
+}
+
+#[test]
+fn a_moved_request_reports_its_moves_when_it_finishes() {
+    let (mut moved, mut client) = evacuated_after(Req::new(1, 6, 4), 2);
+    moved.output.migrated();
+    let mut other = scheduler(4096, 4, 256);
+    other.offer(moved);
+    let mut effects = Effects::default();
+    for _ in 0..2 {
+        let plan = Inbox::default().plan(&mut other);
+        effects = run_step(&mut other, step_of(&plan), TOKEN);
+    }
+    send(effects, &other);
+    let finished = client.tokens_and_end().1.and_then(Result::ok).expect("finished");
+    assert_eq!(finished.migrations, 1);
+    assert_eq!(finished.usage.map(|u| u.completion_tokens), Some(4), "every token counted once");
 }

@@ -1,6 +1,7 @@
 //! Failures that land while work is running: a live worker's lease lost mid-stream, a deadline
 //! or a cancel reaching a preempted sequence, a drain whose limit passes with a stream still
-//! running, and a drain of a worker that serves a sequence-parallel ring.
+//! running (the stream moves to another worker), and a drain of a worker that serves a
+//! sequence-parallel ring.
 
 use std::time::{Duration, Instant};
 
@@ -155,14 +156,6 @@ fn late_request() -> pb::GenerateRequest {
     greedy(tokens((0..940).map(|i| 3 + (i * 13 % 290) as u32).collect()), 80)
 }
 
-/// Counts the tokens of `stream` until it fails; returns them with the error.
-async fn tokens_until_error(stream: &mut tonic::Streaming<pb::GenerateResponse>) -> (usize, tonic::Status) {
-    match tokens_until_end(stream).await {
-        (n, Err(status)) => (n, status),
-        (n, Ok(())) => panic!("the stream ended cleanly after {n} tokens"),
-    }
-}
-
 /// Counts the tokens of `stream` until it ends, cleanly or with an error.
 async fn tokens_until_end(stream: &mut tonic::Streaming<pb::GenerateResponse>) -> (usize, Result<(), tonic::Status>) {
     let run = async {
@@ -295,7 +288,7 @@ async fn a_preempted_sequence_whose_client_leaves_or_whose_deadline_passes_is_dr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_whose_limit_passes_ends_the_running_stream_unavailable_and_the_other_workers_serve() {
+async fn a_drain_whose_limit_passes_moves_the_running_stream_to_the_other_worker() {
     let etcd = EtcdServer::start().await;
     // The demo model with room for a stream far longer than the drain limit.
     let mut spec = demo();
@@ -315,22 +308,25 @@ async fn a_drain_whose_limit_passes_ends_the_running_stream_unavailable_and_the_
     let busy = started(&mut stream).await.placement.expect("placement").workers[0].clone();
     let (index, other) = if busy == "w-a" { (0, "w-b") } else { (1, "w-a") };
     read_chunks(&mut stream, 3).await;
-    let group = group_of(&cluster_status(&client).await, &busy);
     sigterm(&workers[index]);
 
     // The worker announces its drain; the stream goes on meanwhile.
     until_status(&client, "the busy worker draining", |s| s.workers.iter().any(|w| w.id == busy && w.state.ends_with("(draining)"))).await;
     // When the limit passes the worker leaves with the sequence still running: its group is
-    // torn down and the stream ends UNAVAILABLE, as for any lost group.
-    let (generated, status) = tokens_until_error(&mut stream).await;
-    assert!(generated > 0, "the stream ran on during the drain");
-    assert_lost(&status, group, &busy);
+    // torn down and the request moves to the other worker, which holds it from then on.
+    let moved = until_status(&client, "the stream moved to the other worker", |s| {
+        s.counters.as_ref().is_some_and(|c| c.migrations == 1) && s.workers.iter().any(|w| w.id == other && w.sequences == 1)
+    })
+    .await;
+    assert_eq!(finished_count(&moved, "LOST"), 0, "no request was lost");
+    read_chunks(&mut stream, 3).await;
     let exit = exit_of(workers.remove(index)).await;
     assert!(exit.success(), "a worker whose drain limit passed still exits cleanly: {exit:?}");
     assert_eq!(lease_of(&etcd, &busy).await, None, "the drained worker left etcd");
 
-    let status = until_status(&client, "the drained worker gone", |s| s.workers.iter().all(|w| w.id != busy)).await;
-    assert_eq!(finished_count(&status, "LOST"), 1);
+    // The moved request is an ordinary one on its new group: cancelling it frees it there.
+    drop(stream);
+    until_status(&client, "the moved request freed", |s| s.workers.iter().all(|w| w.id != busy && w.sequences == 0)).await;
     let routed = generate(&mut client.clone(), greedy(prompt("Hello"), 8)).await.expect("a new request");
     assert_eq!(routed.workers(), vec![other.to_string()], "served by the remaining worker");
     assert_eq!(routed.tokens().len(), 8);

@@ -9,6 +9,7 @@ mod failures;
 mod http_client;
 mod local_cluster;
 mod long_context;
+mod migration;
 mod openai_http;
 mod openai_sdk;
 mod real_models;
