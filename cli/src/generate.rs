@@ -140,6 +140,7 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 },
             }),
             logprobs: args.logprobs.unwrap_or(0),
+            logit_bias: Vec::new(),
             loop_guard: args.loop_guard.then(|| {
                 let (action, remedy_temperature) = match args.loop_guard_remedy_temperature {
                     Some(t) => (pb::LoopAction::RaiseTemperature, t),

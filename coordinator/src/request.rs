@@ -129,6 +129,9 @@ const MAX_NGRAM: u32 = 64;
 const MAX_DRY_ALLOWED: u32 = 1024;
 /// Most alternatives a token may carry (as OpenAI's API).
 pub const MAX_LOGPROBS: u32 = 20;
+/// Most tokens one request may bias, and the largest bias (OpenAI's limits).
+pub const MAX_LOGIT_BIAS: usize = 300;
+const MAX_BIAS: f32 = 100.0;
 
 /// Fails with a message naming `field` unless `ok` holds for `value` (NaN never does).
 fn check(field: &str, value: f32, ok: bool, range: &str) -> Result<(), CoordinatorError> {
@@ -183,6 +186,14 @@ fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Resu
     if s.no_repeat_ngram_size > MAX_NGRAM {
         return Err(invalid(format!("no_repeat_ngram_size is {}; the limit is {MAX_NGRAM}", s.no_repeat_ngram_size)));
     }
+    if s.logit_bias.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(format!("logit_bias has {} entries; the limit is {MAX_LOGIT_BIAS}", s.logit_bias.len())));
+    }
+    for b in &s.logit_bias {
+        check("logit_bias", b.bias, (-MAX_BIAS..=MAX_BIAS).contains(&b.bias), "in [-100, 100]")?;
+    }
+    let biased: Vec<u32> = s.logit_bias.iter().map(|b| b.token).collect();
+    check_ids(&biased, model, "logit_bias token")?;
     let dry = s.dry.unwrap_or_default();
     check("dry.multiplier", dry.multiplier, dry.multiplier >= 0.0, "a finite number >= 0 (0 means off)")?;
     let mut dry_breakers = Vec::new();
@@ -232,6 +243,7 @@ fn sampling(s: pb::SamplingParams, model: &ServedModel, limits: &Limits) -> Resu
         beam_candidates: 0,
         // Set by the group loop when it recomputes a preempted sequence.
         resume: None,
+        logit_bias: s.logit_bias.iter().map(|b| tessera_proto::worker::TokenBias { token: b.token, bias: b.bias }).collect(),
     })
 }
 

@@ -94,6 +94,7 @@ fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
                     penalty_last_n: (p.dry_penalty_last_n > 0).then_some(p.dry_penalty_last_n as usize),
                     sequence_breakers: p.dry_breakers.into_iter().map(|t| vec![t]).collect(),
                 },
+                logit_bias: p.logit_bias.into_iter().map(|b| (b.token, b.bias)).collect(),
             };
             params.validate().map_err(|e| WorkerError::InvalidArgument(e.to_string()))?;
             Some(params)

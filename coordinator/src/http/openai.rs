@@ -1,8 +1,8 @@
 //! OpenAI's `/v1/completions` and `/v1/chat/completions` request bodies, read into the
 //! `tessera.v1` requests the core serves.
 //!
-//! Only the shapes are checked here (types, OpenAI-only fields such as `n`, `echo` or
-//! `logit_bias`); every range the gRPC API also has (temperature, top_p, penalties, stop strings,
+//! Only the shapes are checked here (types, OpenAI-only fields such as `n` or `echo`, the
+//! keys of `logit_bias`); every range the gRPC API also has (temperature, top_p, penalties, stop strings,
 //! `max_tokens`, logprobs, context length) is left to the core's one validation, so both front
 //! doors refuse the same requests with the same messages. Besides OpenAI's fields this accepts,
 //! as vLLM does, `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, and
@@ -133,9 +133,7 @@ impl GenerateCall {
                 return Err(ApiError::unsupported("best_of", "only best_of equal to n is supported"));
             }
         }
-        if f.get::<serde_json::Map<String, Value>>("logit_bias")?.is_some_and(|m| !m.is_empty()) {
-            return Err(ApiError::unsupported("logit_bias", "per-token logit biases are not supported yet"));
-        }
+        let logit_bias = logit_bias(f.get::<serde_json::Map<String, Value>>("logit_bias")?)?;
         // Type-checked although unused: OpenAI's abuse-tracking id.
         f.get::<String>("user")?;
         let stream = f.get::<bool>("stream")?.unwrap_or(false);
@@ -159,6 +157,7 @@ impl GenerateCall {
             logprobs: logprobs.unwrap_or(0),
             beam_search: None,
             remove_repeated_sentences: f.get("remove_repeated_sentences")?.unwrap_or(false),
+            logit_bias,
         };
         let stopping = pb::StoppingCriteria {
             max_new_tokens,
@@ -322,6 +321,21 @@ fn loop_guard(f: &Fields) -> Result<Option<pb::LoopGuard>, ApiError> {
     }))
 }
 
+/// OpenAI's `logit_bias`: token ids (as strings) to biases. Shapes only: the core checks the
+/// count, the range and the vocabulary.
+fn logit_bias(map: Option<serde_json::Map<String, Value>>) -> Result<Vec<pb::TokenBias>, ApiError> {
+    let shape = || ApiError::invalid("logit_bias maps token ids (as strings) to numbers", Some("logit_bias"));
+    let mut out = Vec::new();
+    for (token, bias) in map.unwrap_or_default() {
+        let token = token.parse::<u32>().map_err(|_| shape())?;
+        let bias = bias.as_f64().ok_or_else(shape)? as f32;
+        out.push(pb::TokenBias { token, bias });
+    }
+    // A JSON object has no order; the worker adds them in any, but keep requests comparable.
+    out.sort_by_key(|b| b.token);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,7 +450,8 @@ mod tests {
             (r#"{"prompt": "a", "n": 17}"#, "n"),
             (r#"{"prompt": "a", "stream": "yes"}"#, "stream"),
             (r#"{"prompt": "a", "stream_options": {"include_usage": true}}"#, "stream_options"),
-            (r#"{"prompt": "a", "logit_bias": {"50256": -100}}"#, "logit_bias"),
+            (r#"{"prompt": "a", "logit_bias": {"x": -100}}"#, "logit_bias"),
+            (r#"{"prompt": "a", "logit_bias": {"5": "high"}}"#, "logit_bias"),
             (r#"{"prompt": "a", "echo": true}"#, "echo"),
             (r#"{"prompt": "a", "best_of": 3}"#, "best_of"),
             (r#"{"prompt": "a", "stop_token_ids": ["x"]}"#, "stop_token_ids"),
@@ -448,6 +463,13 @@ mod tests {
         }
         // Empty logit_bias and best_of == n are what OpenAI's defaults send.
         assert!(completions(r#"{"prompt": "a", "logit_bias": {}, "best_of": 1, "echo": false}"#).is_ok());
+    }
+
+    #[test]
+    fn logit_bias_maps_token_ids_to_biases() {
+        let c = completions(r#"{"prompt": "a", "logit_bias": {"50": -100, "7": 5.5}}"#).expect("valid");
+        let biases: Vec<(u32, f32)> = c.sampling.logit_bias.iter().map(|b| (b.token, b.bias)).collect();
+        assert_eq!(biases, [(7, 5.5), (50, -100.0)]);
     }
 
     #[test]

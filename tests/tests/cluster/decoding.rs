@@ -44,6 +44,37 @@ async fn no_repeat_ngram_size_breaks_a_greedy_loop_in_the_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logit_bias_bans_and_forces_tokens_and_is_checked() {
+    let cycle: Vec<u32> = (0..6).map(|i| 50 + 11 * i).collect();
+    let script = Script::cycle("scripted-bias", &cycle).expect("script");
+    let dir = write_scripted(&script, &scratch("bias"), &WriteOptions::default()).expect("write scripted model");
+    let cluster = up(&dir, &["--workers", "1"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let biased = |bias: Vec<(u32, f32)>| pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams {
+            logit_bias: bias.into_iter().map(|(token, bias)| pb::TokenBias { token, bias }).collect(),
+            ..Default::default()
+        }),
+        ..greedy(tokens(vec![cycle[0]]), 12)
+    };
+
+    let plain = generate(&mut client, biased(Vec::new())).await.expect("generate").tokens();
+    assert_eq!(plain[..5], cycle[1..], "the script's own next tokens");
+    let banned = generate(&mut client, biased(vec![(cycle[1], -100.0)])).await.expect("generate").tokens();
+    assert!(!banned.contains(&cycle[1]), "a banned token never appears: {banned:?}");
+    let forced = generate(&mut client, biased(vec![(7, 100.0)])).await.expect("generate").tokens();
+    assert_eq!(forced, vec![7; 12], "a forced token is every token");
+
+    let too_many = biased((0..301).map(|t| (t, 1.0)).collect());
+    let refused = generate(&mut client, too_many).await.expect_err("301 biases");
+    assert!(refused.message().contains("logit_bias has 301 entries; the limit is 300"), "{}", refused.message());
+    let out_of_range = generate(&mut client, biased(vec![(7, 150.0)])).await.expect_err("a bias of 150");
+    assert!(out_of_range.message().contains("logit_bias"), "{}", out_of_range.message());
+    let outside = generate(&mut client, biased(vec![(1 << 30, 1.0)])).await.expect_err("a token outside the vocabulary");
+    assert!(outside.message().contains("outside the vocabulary"), "{}", outside.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seed_gives_the_same_tokens_at_any_tp_and_in_any_batch() {
     let dir = fixture(&demo(), "seeds");
     let tp1 = up(&dir, &["--workers", "1"]).expect("tessera up TP=1");

@@ -20,6 +20,10 @@ pub const MAX_DRY_ALLOWED_LENGTH: usize = 1024;
 pub const MAX_DRY_BREAKERS: usize = 4096;
 /// Most tokens in one DRY sequence breaker (llama.cpp keeps a head and at most 20 tail tokens).
 pub const MAX_DRY_BREAKER_TOKENS: usize = 21;
+/// Most tokens one request may bias (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Largest bias magnitude (OpenAI's range: ±100 bans or forces a token).
+pub const MAX_BIAS: f32 = 100.0;
 
 /// Per-request sampling settings. [`SamplingParams::validate`] checks ranges at the API edge.
 /// The sampler never panics on unvalidated values, but what it draws from them is unspecified
@@ -50,6 +54,10 @@ pub struct SamplingParams {
     pub no_repeat_ngram_size: usize,
     /// llama.cpp's DRY penalty; off unless `dry.multiplier` is non-zero.
     pub dry: DryParams,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before the penalties (as vLLM
+    /// does); ids past the vocabulary are ignored. At most [`MAX_LOGIT_BIAS`], each within
+    /// ±[`MAX_BIAS`].
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -82,6 +90,7 @@ impl SamplingParams {
             frequency_penalty: 0.0,
             no_repeat_ngram_size: 0,
             dry: DryParams::default(),
+            logit_bias: Vec::new(),
         }
     }
 
@@ -122,6 +131,10 @@ impl SamplingParams {
         check("presence_penalty", pp, (-2.0..=2.0).contains(&pp), "in [-2, 2]")?;
         check("frequency_penalty", fp, (-2.0..=2.0).contains(&fp), "in [-2, 2]")?;
         at_most("no_repeat_ngram_size", self.no_repeat_ngram_size, MAX_NO_REPEAT_NGRAM_SIZE)?;
+        at_most("logit_bias", self.logit_bias.len(), MAX_LOGIT_BIAS)?;
+        for &(_, b) in &self.logit_bias {
+            check("logit_bias", b, (-MAX_BIAS..=MAX_BIAS).contains(&b), "in [-100, 100]")?;
+        }
         let d = &self.dry;
         check("dry_multiplier", d.multiplier, d.multiplier >= 0.0, "a finite number >= 0 (0 means off)")?;
         if d.multiplier == 0.0 {
@@ -293,13 +306,21 @@ impl Sampler {
 
     /// Picks the next token from one row of logits, and records it as generated.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let biased = !self.params.logit_bias.is_empty();
         let token = match &mut self.history {
-            // The row is copied only when there is something to penalise, so with every
-            // penalty off the draw sees exactly the caller's logits.
+            // The row is copied only when there is something to bias or penalise, so with
+            // every penalty off the draw sees exactly the caller's logits.
             Some(h) if !h.is_empty() => {
                 self.penalised.clear();
                 self.penalised.extend_from_slice(logits);
+                apply_bias(&mut self.penalised, &self.params.logit_bias);
                 apply_penalties(&mut self.penalised, &self.params, h, &mut self.dry);
+                draw(&self.params, &mut self.rng, &mut self.candidates, &self.penalised)
+            }
+            _ if biased => {
+                self.penalised.clear();
+                self.penalised.extend_from_slice(logits);
+                apply_bias(&mut self.penalised, &self.params.logit_bias);
                 draw(&self.params, &mut self.rng, &mut self.candidates, &self.penalised)
             }
             _ => draw(&self.params, &mut self.rng, &mut self.candidates, logits),
@@ -320,6 +341,7 @@ impl Sampler {
         self.penalised.clear();
         let log_probs = LogProbs::of(logits);
         self.penalised.extend((0..logits.len()).map(|i| log_probs.at(i)));
+        apply_bias(&mut self.penalised, &self.params.logit_bias);
         if let Some(h) = self.history.as_ref().filter(|h| !h.is_empty()) {
             apply_penalties(&mut self.penalised, &self.params, h, &mut self.dry);
         }
@@ -334,6 +356,15 @@ impl Sampler {
         out.clear();
         out.extend(self.candidates.iter().map(|&(l, i)| (i, l)));
         self.sampled = true;
+    }
+}
+
+/// Adds each `(token, bias)` to its logit; ids past the row are ignored.
+fn apply_bias(row: &mut [f32], bias: &[(u32, f32)]) {
+    for &(token, b) in bias {
+        if let Some(l) = row.get_mut(token as usize) {
+            *l += b;
+        }
     }
 }
 
@@ -504,6 +535,20 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logit_bias_forces_or_bans_tokens_and_is_capped() {
+        let row = [1.0, 3.0, 2.0];
+        let with = |bias: Vec<(u32, f32)>| Sampler::new(SamplingParams { logit_bias: bias, ..SamplingParams::greedy() });
+        assert_eq!(with(Vec::new()).sample(&row), 1);
+        assert_eq!(with(vec![(1, -100.0)]).sample(&row), 2, "a banned token is never picked");
+        assert_eq!(with(vec![(0, 100.0)]).sample(&row), 0, "a forced token always is");
+        assert_eq!(with(vec![(7, 100.0)]).sample(&row), 1, "ids past the vocabulary are ignored");
+        let too_big = SamplingParams { logit_bias: vec![(0, 101.0)], ..SamplingParams::greedy() };
+        assert_eq!(too_big.validate().map_err(|e| e.field), Err("logit_bias"));
+        let too_many = SamplingParams { logit_bias: vec![(0, 1.0); MAX_LOGIT_BIAS + 1], ..SamplingParams::greedy() };
+        assert_eq!(too_many.validate().map_err(|e| e.field), Err("logit_bias"));
+    }
 
     #[test]
     fn log_probs_normalise_skip_nan_and_rank_the_most_likely() {
