@@ -9,7 +9,7 @@
 #
 # usage: scripts/bench_serving_ab.sh REV [OUT_DIR]   (default OUT_DIR /tmp/serving-ab)
 # Env: ROUNDS (2), PROMPTS (16), INPUT_LEN (16), OUTPUT_LEN (64), CONCURRENCY ("1 16").
-# REV is built once under target/ab/REV (its sources from `git archive`, its build directory
+# Both servers are driven by this tree's `tessera bench`. REV is built once under target/ab/REV (its sources from `git archive`, its build directory
 # seeded from this tree's release build so only the workspace crates compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +51,8 @@ run() { # variant binary round
   read -r line <&"${UP[0]}"
   local url=${line##* }
   for c in $CONCURRENCY; do
-    "$bin" bench --addr "$url" --num-prompts "$PROMPTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
+    # One client for both, so only the servers differ.
+    "$NEW" bench --addr "$url" --num-prompts "$PROMPTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
       --vocab-range 49152 --max-concurrency "$c" --seed 1 --label "$variant r$round c=$c" \
       --json "$OUT/$variant-r$round-c$c.json" >&2
   done
