@@ -306,24 +306,19 @@ impl Sampler {
 
     /// Picks the next token from one row of logits, and records it as generated.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let biased = !self.params.logit_bias.is_empty();
-        let token = match &mut self.history {
-            // The row is copied only when there is something to bias or penalise, so with
-            // every penalty off the draw sees exactly the caller's logits.
-            Some(h) if !h.is_empty() => {
-                self.penalised.clear();
-                self.penalised.extend_from_slice(logits);
-                apply_bias(&mut self.penalised, &self.params.logit_bias);
+        let history = self.history.as_ref().filter(|h| !h.is_empty());
+        // The row is copied only when there is something to bias or penalise, so with every
+        // penalty off the draw sees exactly the caller's logits.
+        let token = if history.is_some() || !self.params.logit_bias.is_empty() {
+            self.penalised.clear();
+            self.penalised.extend_from_slice(logits);
+            apply_bias(&mut self.penalised, &self.params.logit_bias);
+            if let Some(h) = history {
                 apply_penalties(&mut self.penalised, &self.params, h, &mut self.dry);
-                draw(&self.params, &mut self.rng, &mut self.candidates, &self.penalised)
             }
-            _ if biased => {
-                self.penalised.clear();
-                self.penalised.extend_from_slice(logits);
-                apply_bias(&mut self.penalised, &self.params.logit_bias);
-                draw(&self.params, &mut self.rng, &mut self.candidates, &self.penalised)
-            }
-            _ => draw(&self.params, &mut self.rng, &mut self.candidates, logits),
+            draw(&self.params, &mut self.rng, &mut self.candidates, &self.penalised)
+        } else {
+            draw(&self.params, &mut self.rng, &mut self.candidates, logits)
         };
         if let Some(h) = &mut self.history {
             h.push_generated(token);
