@@ -206,14 +206,15 @@ struct Running {
 impl Running {
     fn new(s: NewSequence) -> Self {
         let mut output = s.output;
-        let mut next_sampling = Some(output.base_sampling().clone());
         let mut pending = s.prompt.clone();
+        // The first step carries the request's sampling, or for a resumed sequence the one it
+        // had, with its sampler's place in the random stream.
+        let mut resumed_sampling = None;
         let mode = match (s.beam, s.resume) {
             (Some(config), _) => {
                 let max_new = output.generation().max_new_tokens() as usize;
                 let search = BeamSearch::new(config, max_new, output.generation().end_tokens());
                 output.set_beam_candidates(search.candidates_per_lane() as u32);
-                next_sampling = Some(output.base_sampling().clone());
                 let lanes = config.num_beams;
                 let mut used = vec![false; lanes];
                 used[0] = true;
@@ -230,10 +231,11 @@ impl Running {
                 pending.extend_from_slice(&r.outputs);
                 let mut sampling = r.next.unwrap_or_else(|| r.in_force.clone());
                 sampling.resume = Some(wpb::Resume { prompt_len: s.prompt.len() as u32, rng_draws: r.rng_draws });
-                next_sampling = Some(sampling);
+                resumed_sampling = Some(sampling);
                 Mode::Sampled(Sampled { prompt: s.prompt, outputs: r.outputs, in_force: r.in_force, rng_draws: r.rng_draws })
             }
         };
+        let next_sampling = Some(resumed_sampling.unwrap_or_else(|| output.base_sampling().clone()));
         let feed = Feed { prefill_len: pending.len() as u32, pending, cached: 0, awaiting: false };
         Self { seq: s.seq, reserve: s.reserve, feed, next_sampling, deadline: s.deadline, output, mode }
     }
@@ -621,6 +623,10 @@ impl Scheduler {
 
 /// Removes and returns the queued sequences that match, keeping the others in order.
 fn take_where(queue: &mut VecDeque<Running>, matches: impl Fn(&Running) -> bool) -> Vec<Running> {
+    // Checked every iteration: rebuild the queue only when something leaves it.
+    if !queue.iter().any(&matches) {
+        return Vec::new();
+    }
     let (taken, kept): (Vec<Running>, Vec<Running>) = queue.drain(..).partition(|r| matches(r));
     *queue = kept.into();
     taken

@@ -53,9 +53,8 @@ pub fn first_line(stdout: std::process::ChildStdout) -> anyhow::Result<String> {
     Ok(rx.recv_timeout(STARTUP_PATIENCE).context("the process printed nothing in time")??)
 }
 
-/// Starts `bin <args>` and returns it with the first line it printed on stdout (its address,
-/// or whatever line says it is ready).
-pub fn spawn_tessera<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> anyhow::Result<(ChildGuard, String)> {
+/// Starts `bin <args>` with its stdout piped to the caller and its stderr inherited.
+fn spawn_piped<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> anyhow::Result<(ChildGuard, std::process::ChildStdout)> {
     let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -64,7 +63,13 @@ pub fn spawn_tessera<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> anyho
         .spawn()
         .with_context(|| format!("spawn {}", bin.display()))?;
     let stdout = child.stdout.take().context("stdout")?;
-    let process = ChildGuard(child);
+    Ok((ChildGuard(child), stdout))
+}
+
+/// Starts `bin <args>` and returns it with the first line it printed on stdout (its address,
+/// or whatever line says it is ready).
+pub fn spawn_tessera<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> anyhow::Result<(ChildGuard, String)> {
+    let (process, stdout) = spawn_piped(bin, args)?;
     let line = first_line(stdout)?;
     Ok((process, line.trim().to_string()))
 }
@@ -88,15 +93,8 @@ pub fn spawn_two_lines<S: AsRef<std::ffi::OsStr>>(
     bin: &Path,
     args: &[S],
 ) -> anyhow::Result<(ChildGuard, String, String, BufReader<std::process::ChildStdout>)> {
-    let mut child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("spawn {}", bin.display()))?;
-    let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-    let process = ChildGuard(child);
+    let (process, stdout) = spawn_piped(bin, args)?;
+    let stdout = BufReader::new(stdout);
     let (first, stdout) = read_line_within(stdout, STARTUP_PATIENCE)?;
     let (second, stdout) = read_line_within(stdout, STARTUP_PATIENCE)?;
     Ok((process, first, second, stdout))

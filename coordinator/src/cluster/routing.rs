@@ -39,16 +39,27 @@ impl Placement {
 /// Queues `seq` on a group's loop, counted active until the loop ends it; refuses at once when
 /// the queue is full (`RESOURCE_EXHAUSTED`) or the loop has stopped (`UNAVAILABLE`).
 fn submit_to(group: &str, queue: &mpsc::Sender<NewSequence>, active: &AtomicUsize, seq: NewSequence) -> Result<(), CoordinatorError> {
+    offer_to(group, queue, active, seq).map_err(|refused| refused.1)
+}
+
+/// [`submit_to`], handing a refused sequence back with the reason.
+fn offer_to(
+    group: &str,
+    queue: &mpsc::Sender<NewSequence>,
+    active: &AtomicUsize,
+    seq: NewSequence,
+) -> Result<(), Box<(NewSequence, CoordinatorError)>> {
     active.fetch_add(1, Ordering::Relaxed);
     queue.try_send(seq).map_err(|e| {
         active.fetch_sub(1, Ordering::Relaxed);
-        match e {
+        let error = match &e {
             mpsc::error::TrySendError::Full(_) => CoordinatorError::ResourceExhausted(format!(
                 "group {group} has {} requests waiting, its limit; retry later",
                 queue.max_capacity()
             )),
             mpsc::error::TrySendError::Closed(_) => CoordinatorError::Unavailable(format!("group {group} stopped serving; retry")),
-        }
+        };
+        Box::new((e.into_inner(), error))
     })
 }
 
@@ -119,20 +130,24 @@ impl Cluster {
         })?;
         let route = match decision {
             Decision::Ring(plan) => Route::Ring(plan),
-            Decision::Group(id) => {
-                let entry = state.groups.get(&id).ok_or_else(|| CoordinatorError::Internal(format!("group {id} vanished")))?;
-                let serving = entry.serving.as_ref().ok_or_else(|| CoordinatorError::Internal(format!("group {id} is not serving")))?;
-                serving.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-                Route::Group(Placement {
-                    group: group_name(id),
-                    tp: entry.workers.len() as u32,
-                    workers: entry.workers.clone(),
-                    submit: serving.submit.clone(),
-                    active: serving.active.clone(),
-                })
-            }
+            Decision::Group(id) => Route::Group(self.placement_on(&state, id)?),
         };
         Ok((route, request))
+    }
+
+    /// The serving group `id` as a place to submit to, marked as chosen now (so ties go
+    /// round-robin).
+    fn placement_on(&self, state: &State, id: u64) -> Result<Placement, CoordinatorError> {
+        let entry = state.groups.get(&id).ok_or_else(|| CoordinatorError::Internal(format!("group {id} vanished")))?;
+        let serving = entry.serving.as_ref().ok_or_else(|| CoordinatorError::Internal(format!("group {id} is not serving")))?;
+        serving.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        Ok(Placement {
+            group: group_name(id),
+            tp: entry.workers.len() as u32,
+            workers: entry.workers.clone(),
+            submit: serving.submit.clone(),
+            active: serving.active.clone(),
+        })
     }
 
     /// Moves the requests a lost group of `model` held to its other groups, each to continue
@@ -180,23 +195,18 @@ impl Cluster {
                 return Err(Box::new((s, why)));
             }
         };
-        let Some(serving) = state.groups.get(&id).and_then(|g| g.serving.as_ref()) else {
-            return Err(Box::new((s, "no other group of its model serves now".into())));
+        let placement = match self.placement_on(&state, id) {
+            Ok(p) => p,
+            Err(e) => return Err(Box::new((s, e.to_string()))),
         };
-        serving.last_placed.store(self.placements.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         s.output.migrated();
         let (seq, migrations) = (s.seq, s.output.migrations());
-        serving.active.fetch_add(1, Ordering::Relaxed);
-        match serving.submit.try_send(s) {
-            Ok(()) => {
-                tracing::info!(seq, from = lost, to = %group_name(id), migrations, "request moved to another group");
-                Ok(())
-            }
-            Err(e) => {
-                serving.active.fetch_sub(1, Ordering::Relaxed);
-                Err(Box::new((e.into_inner(), format!("group {} it would move to has no room in its queue", group_name(id)))))
-            }
-        }
+        offer_to(&placement.group, &placement.submit, &placement.active, s).map_err(|refused| {
+            let (s, error) = *refused;
+            Box::new((s, format!("it could not move: {error}")))
+        })?;
+        tracing::info!(seq, from = lost, to = %placement.group, migrations, "request moved to another group");
+        Ok(())
     }
 
     /// Holds the groups [`placement::choose_ring`] picks for a new ring, or returns `Ok(None)`
