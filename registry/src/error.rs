@@ -50,6 +50,10 @@ pub enum RegistryError {
     #[error("could not start the lease keep-alive thread: {0}")]
     KeepAliveThread(#[source] std::io::Error),
 
+    /// A candidate's lease ended before its campaign was decided.
+    #[error("the candidacy's lease ended before the election was decided: {0:?}")]
+    CandidacyLost(crate::lease::LeaseLoss),
+
     /// The lease keep-alive thread stopped before it answered.
     #[error("the lease keep-alive thread stopped unexpectedly")]
     KeepAliveStopped,
@@ -73,7 +77,7 @@ impl RegistryError {
         match self {
             Self::AlreadyRegistered { .. } => Retry::AfterLeaseTtl,
             Self::Etcd { source, .. } => etcd_retry(source),
-            Self::Timeout { .. } | Self::KeepAliveThread(_) | Self::KeepAliveStopped => Retry::Backoff,
+            Self::Timeout { .. } | Self::KeepAliveThread(_) | Self::KeepAliveStopped | Self::CandidacyLost(_) => Retry::Backoff,
             Self::InvalidWorkerId { .. } | Self::InvalidConfig(_) | Self::EncodeRecord { .. } | Self::NoRuntime(_) => Retry::Never,
         }
     }

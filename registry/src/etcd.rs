@@ -15,8 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{Client, ConnectOptions, GetOptions};
 
+use crate::election::Leadership;
 use crate::error::{RegistryError, Result};
-use crate::keys::{validate_worker_id, worker_id_from_key, WORKERS_PREFIX};
+use crate::keys::{validate_worker_id, worker_id_from_key, LEADER_ELECTION, WORKERS_PREFIX};
 use crate::lease::{LeaseId, Registration};
 use crate::record::WorkerRecord;
 use crate::watch::WorkerWatch;
@@ -129,11 +130,47 @@ impl Registry for EtcdRegistry {
     async fn register(&self, record: WorkerRecord) -> Result<Registration> {
         validate_worker_id(&record.id)?;
         let value = serde_json::to_vec(&record).map_err(|source| RegistryError::EncodeRecord { worker_id: record.id.clone(), source })?;
-        lease::register(Arc::clone(&self.config), record.id, value).await
+        lease::register(Arc::clone(&self.config), record.id, Some(value)).await
     }
 
     async fn snapshot_and_watch(&self) -> Result<WorkerWatch> {
         watch::start(Client::clone(&self.client), Arc::clone(&self.config)).await
+    }
+
+    async fn campaign(&self, candidate: &str) -> Result<Leadership> {
+        validate_worker_id(candidate)?;
+        // The candidacy's key lives under a lease of its own, renewed by the same keep-alive
+        // thread a worker's record has: a stalled runtime must not cost the leader its lease.
+        let lease = lease::register(Arc::clone(&self.config), candidate.to_string(), None).await?;
+        let mut client = Client::clone(&self.client);
+        let lost = lease.lost();
+        let outcome = tokio::select! {
+            elected = client.campaign(LEADER_ELECTION, candidate, lease.lease_id().0) => Ok(elected),
+            loss = lost => Err(loss),
+        };
+        match outcome {
+            Ok(Ok(_)) => Ok(Leadership::under_lease(candidate.to_string(), lease)),
+            Ok(Err(source)) => {
+                // Revoking withdraws the candidacy now instead of after a TTL.
+                if let Err(error) = lease.revoke().await {
+                    tracing::warn!(%error, "could not revoke a failed candidacy's lease; it will expire");
+                }
+                Err(RegistryError::Etcd { operation: "campaign", source })
+            }
+            Err(loss) => Err(RegistryError::CandidacyLost(loss)),
+        }
+    }
+
+    async fn leader(&self) -> Result<Option<String>> {
+        let mut client = Client::clone(&self.client);
+        match with_timeout("leader", self.config.request_timeout, client.leader(LEADER_ELECTION)).await {
+            Ok(response) => Ok(response.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string)),
+            // etcd answers "election: no leader" as an error rather than an empty response.
+            Err(RegistryError::Etcd { source: etcd_client::Error::GRpcStatus(status), .. }) if status.message().contains("no leader") => {
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
     }
 }
 

@@ -2,7 +2,10 @@
 //!
 //! ```text
 //! /tessera/v1/workers/{worker_id}  ->  WorkerRecord as JSON, attached to the worker's lease
+//! /tessera/v1/leader/{lease}        ->  a coordinator's candidate name, under its lease
 //! ```
+//!
+//! (etcd's election API names the keys under [`LEADER_ELECTION`] itself; the oldest leads.)
 //!
 //! The `v1` segment versions the layout of keys and values: a change that old coordinators
 //! could misread gets a new segment, so two versions can share one etcd during an upgrade.
@@ -11,6 +14,9 @@ use crate::error::{RegistryError, Result};
 
 /// Prefix of every worker key; listing and watching this prefix sees every worker.
 pub const WORKERS_PREFIX: &str = "/tessera/v1/workers/";
+
+/// The election coordinators campaign in; must not share a prefix with [`WORKERS_PREFIX`].
+pub const LEADER_ELECTION: &str = "/tessera/v1/leader";
 
 /// Longest worker id accepted: ids appear in keys, logs and placements, so keep them short.
 pub const MAX_WORKER_ID_LEN: usize = 128;

@@ -11,9 +11,13 @@
 //! * [`MemoryRegistry`] — the same semantics inside one process, for the one-machine
 //!   `tessera up` default and for tests.
 //!
+//! Coordinators also elect a leader here ([`Registry::campaign`], [`Leadership`]): only the
+//! leader forms groups and serves.
+//!
 //! Architecture invariant: this is the only crate that knows etcd. Keys are built only in
 //! [`keys`].
 
+mod election;
 mod error;
 mod etcd;
 pub mod keys;
@@ -24,6 +28,7 @@ mod watch;
 
 use async_trait::async_trait;
 
+pub use election::Leadership;
 pub use error::{RegistryError, Result, Retry};
 pub use etcd::{EtcdConfig, EtcdRegistry};
 pub use lease::{LeaseId, LeaseLoss, LeaseState, Registration};
@@ -45,4 +50,12 @@ pub trait Registry: Send + Sync {
     /// Lists the live workers and watches for changes from that point on, with no gap: the
     /// first event is a [`MembershipEvent::Snapshot`] of the listing.
     async fn snapshot_and_watch(&self) -> Result<WorkerWatch>;
+
+    /// Campaigns for the leadership of the coordinators as `candidate` (checked like a worker
+    /// id) and resolves once this candidate leads; candidates lead in the order they
+    /// campaigned. Dropping the future withdraws the candidacy (with etcd, within one TTL).
+    async fn campaign(&self, candidate: &str) -> Result<Leadership>;
+
+    /// The candidate that leads now, if any.
+    async fn leader(&self) -> Result<Option<String>>;
 }

@@ -15,9 +15,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::runtime::Handle;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::election::Leadership;
 use crate::error::{RegistryError, Result};
 use crate::keys::validate_worker_id;
 use crate::lease::{LeaseCommand, LeaseId, LeaseLoss, LeaseState, Registration};
@@ -66,6 +67,10 @@ struct Shared {
     state: Mutex<State>,
     /// Every change, sent while `state` is locked so that order matches the state's history.
     changes: broadcast::Sender<MembershipEvent>,
+    /// The coordinators' election: one permit, handed out in the order candidates asked.
+    election: Arc<Semaphore>,
+    /// Who holds the permit.
+    leader: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -89,7 +94,13 @@ impl MemoryRegistry {
     pub fn new(config: MemoryConfig) -> Result<Self> {
         config.validate()?;
         let (changes, _) = broadcast::channel(config.watch_buffer);
-        let shared = Shared { config, state: Mutex::new(State::default()), changes };
+        let shared = Shared {
+            config,
+            state: Mutex::new(State::default()),
+            changes,
+            election: Arc::new(Semaphore::new(1)),
+            leader: Mutex::new(None),
+        };
         Ok(Self { shared: Arc::new(shared) })
     }
 
@@ -217,6 +228,20 @@ impl Registry for MemoryRegistry {
         let _ = events_tx.send(MembershipEvent::Snapshot(snapshot)).await;
         let driver = runtime.spawn(forward(Arc::downgrade(&self.shared), changes, events_tx));
         Ok(WorkerWatch::new(events_rx, driver.abort_handle()))
+    }
+
+    async fn campaign(&self, candidate: &str) -> Result<Leadership> {
+        validate_worker_id(candidate)?;
+        // The semaphore is never closed, so acquiring fails only if it were.
+        let permit = Arc::clone(&self.shared.election).acquire_owned().await.map_err(|_| RegistryError::KeepAliveStopped)?;
+        *self.shared.leader.lock().unwrap_or_else(PoisonError::into_inner) = Some(candidate.to_string());
+        Ok(Leadership::with_permit(candidate.to_string(), permit))
+    }
+
+    async fn leader(&self) -> Result<Option<String>> {
+        // The permit's holder, unless it was given back since.
+        let leader = self.shared.leader.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        Ok(leader.filter(|_| self.shared.election.available_permits() == 0))
     }
 }
 

@@ -23,8 +23,10 @@ use crate::keys::worker_key;
 use crate::lease::{LeaseCommand, LeaseId, LeaseLoss, LeaseState, Registration};
 use crate::record::WorkerRecord;
 
-/// Starts the keep-alive thread, which creates the lease and the key, and waits for its answer.
-pub(super) async fn register(config: Arc<EtcdConfig>, worker_id: String, value: Vec<u8>) -> Result<Registration> {
+/// Starts the keep-alive thread, which creates the lease and, given a `value`, the worker's key,
+/// and waits for its answer. Without a value the lease is held bare, for a caller that attaches
+/// keys of its own (a coordinator's election campaign).
+pub(super) async fn register(config: Arc<EtcdConfig>, worker_id: String, value: Option<Vec<u8>>) -> Result<Registration> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let (commands_tx, commands_rx) = mpsc::channel(1);
     let (state_tx, state_rx) = watch::channel(LeaseState::Alive);
@@ -51,7 +53,7 @@ pub(super) async fn register(config: Arc<EtcdConfig>, worker_id: String, value: 
 struct Request {
     config: Arc<EtcdConfig>,
     worker_id: String,
-    value: Vec<u8>,
+    value: Option<Vec<u8>>,
 }
 
 /// The thread's body: register, answer, then keep the lease alive.
@@ -88,14 +90,17 @@ async fn run(
     holder.keep_alive(renewed_at, commands).await;
 }
 
-/// Connects, grants a lease and creates the key if absent.
-async fn establish(config: &EtcdConfig, worker_id: &str, value: Vec<u8>) -> Result<(Client, LeaseId, Duration)> {
+/// Connects, grants a lease and, given a value, creates the worker's key if absent.
+async fn establish(config: &EtcdConfig, worker_id: &str, value: Option<Vec<u8>>) -> Result<(Client, LeaseId, Duration)> {
     let timeout = config.request_timeout;
     let mut client = connect_client(config).await?;
     let grant = with_timeout("lease grant", timeout, client.lease_grant(config.lease_ttl_secs(), None)).await?;
     let lease = LeaseId(grant.id());
     // Follow what etcd granted: it raises TTLs below its minimum.
     let ttl = secs(grant.ttl()).max(Duration::from_secs(1));
+    let Some(value) = value else {
+        return Ok((client, lease, ttl));
+    };
 
     let key = worker_key(worker_id);
     let create = Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(

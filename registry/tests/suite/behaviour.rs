@@ -233,6 +233,39 @@ async fn lost_fires_when_the_lease_is_revoked_elsewhere(backend: Backend) -> any
     Ok(())
 }
 
+/// Candidates lead one at a time, in the order they campaigned; a resignation hands over at
+/// once.
+async fn candidates_lead_in_turn_and_a_resignation_hands_over(backend: Backend) -> anyhow::Result<()> {
+    let f = Fixture::new(backend, Duration::from_secs(5)).await?;
+    let first = tokio::time::timeout(PROMPT, f.registry.campaign("c1")).await.context("an uncontested campaign wins")??;
+    ensure!(first.candidate() == "c1");
+    ensure!(f.other.leader().await? == Some("c1".into()));
+    let other = Arc::clone(&f.other);
+    let mut second = tokio::spawn(async move { other.campaign("c2").await });
+    // Bounded check that the second candidate waits: it must not lead beside the first.
+    ensure!(tokio::time::timeout(Duration::from_millis(500), &mut second).await.is_err(), "two leaders at once");
+    first.resign().await?;
+    let second = tokio::time::timeout(PROMPT, second).await.context("the next candidate leads after a resignation")???;
+    ensure!(second.candidate() == "c2");
+    ensure!(f.registry.leader().await? == Some("c2".into()));
+    Ok(())
+}
+
+/// A leader that stops without resigning (a crashed process) is succeeded once its lease
+/// ends, within one TTL.
+async fn a_vanished_leader_is_succeeded_within_a_ttl(backend: Backend) -> anyhow::Result<()> {
+    let f = Fixture::new(backend, Duration::from_secs(2)).await?;
+    let first = f.registry.campaign("c1").await?;
+    let other = Arc::clone(&f.other);
+    let second = tokio::spawn(async move { other.campaign("c2").await });
+    let dropped = Instant::now();
+    drop(first);
+    let second = tokio::time::timeout(f.ttl + PROMPT, second).await.context("a successor within a TTL")???;
+    ensure!(second.candidate() == "c2");
+    ensure!(dropped.elapsed() <= f.ttl + PROMPT);
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -265,4 +298,6 @@ on_both_backends!(
     dropped_registration_expires,
     keep_alive_outlives_several_ttls,
     lost_fires_when_the_lease_is_revoked_elsewhere,
+    candidates_lead_in_turn_and_a_resignation_hands_over,
+    a_vanished_leader_is_succeeded_within_a_ttl,
 );

@@ -115,3 +115,23 @@ async fn connecting_to_nothing_fails_with_retry_advice() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A leader cut off from etcd learns within about a TTL that it no longer leads, and a
+/// candidate that still reaches etcd takes over: never two leaders acting at once for longer
+/// than the cut-off one needs to notice.
+#[tokio::test]
+async fn a_partitioned_leader_learns_it_lost_and_another_takes_over() -> anyhow::Result<()> {
+    let etcd = EtcdServer::start().await;
+    let proxy = Proxy::start(etcd.addr()).await;
+    let cut_off = EtcdRegistry::connect(config(proxy.url())).await?;
+    let direct = EtcdRegistry::connect(config(etcd.url())).await?;
+    let leader = cut_off.campaign("c1").await?;
+    let lost = leader.lost();
+    let successor = tokio::spawn(async move { direct.campaign("c2").await });
+    proxy.cut();
+    let loss = tokio::time::timeout(RECOVERY, lost).await?;
+    ensure!(loss == LeaseLoss::Unreachable || loss == LeaseLoss::Expired, "{loss:?}");
+    let successor = tokio::time::timeout(RECOVERY, successor).await???;
+    ensure!(successor.candidate() == "c2");
+    Ok(())
+}
