@@ -30,6 +30,16 @@ pub struct CoordinatorArgs {
     /// etcd endpoints the workers register in (comma-separated or repeated).
     #[arg(long, value_delimiter = ',', required = true)]
     etcd: Vec<String>,
+    /// This coordinator's name in the leader election (default: the host name and process
+    /// id). Run several coordinators on one etcd for failover: the elected one serves, the
+    /// others stand by (health NOT_SERVING for tessera.v1.Inference) and one takes over when
+    /// the leader's lease ends.
+    #[arg(long)]
+    coordinator_id: Option<String>,
+    /// Seconds the leader's lease lives without renewal: how long a dead leader's standby
+    /// waits before taking over.
+    #[arg(long, default_value_t = 5)]
+    lease_ttl_secs: u64,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -40,14 +50,18 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let config = args.serve.config(&args.model, args.tp)?;
-    let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(EtcdConfig::new(args.etcd.clone())).await?);
+    let mut config = args.serve.config(&args.model, args.tp)?;
+    let id = args.coordinator_id.clone().unwrap_or_else(default_candidate);
+    config.candidate = id.clone();
+    anyhow::ensure!((1..=3600).contains(&args.lease_ttl_secs), "--lease-ttl-secs must be in 1..=3600");
+    let etcd = EtcdConfig { lease_ttl: std::time::Duration::from_secs(args.lease_ttl_secs), ..EtcdConfig::new(args.etcd.clone()) };
+    let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(etcd).await?);
     let coordinator = Coordinator::start(config, registry).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port.
     println!("{addr}");
-    tracing::info!(%addr, etcd = ?args.etcd, "coordinator listening; groups form as workers register");
+    tracing::info!(%addr, etcd = ?args.etcd, %id, "coordinator listening; once elected leader, groups form as workers register");
     let metrics = crate::serve_args::serve_metrics(args.serve.metrics_listen, &coordinator).await?;
     let http = crate::serve_args::serve_http(args.http_listen, args.serve.http_metrics, &coordinator).await?;
     if let Some((_, http_addr)) = &http {
@@ -73,4 +87,16 @@ async fn report_groups(mut serving: tokio::sync::watch::Receiver<usize>) {
         let n = *serving.borrow_and_update();
         tracing::info!(groups = n, "serving groups changed");
     }
+}
+
+/// The election name when `--coordinator-id` is not given: the host name (a pod's name on
+/// Kubernetes) and the process id, reduced to the characters a registry id allows.
+fn default_candidate() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "coordinator".into());
+    let host: String =
+        host.trim().chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' }).take(100).collect();
+    format!("{host}-{}", std::process::id())
 }

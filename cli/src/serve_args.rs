@@ -142,7 +142,7 @@ impl ServeArgs {
             migration_limit: self.migration_limit,
             ..ClusterConfig::default()
         };
-        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster })
+        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster, candidate: "local".into() })
     }
 }
 

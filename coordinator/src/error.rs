@@ -28,6 +28,10 @@ pub enum CoordinatorError {
     /// Configuration the coordinator cannot start with.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// This coordinator led the cluster and lost its lease: a successor may drive the workers
+    /// now, so it must stop serving.
+    #[error("leadership lost ({0}); another coordinator may lead now")]
+    LeadershipLost(String),
     /// A bug or an unexpected answer from a worker.
     #[error("internal error: {0}")]
     Internal(String),
@@ -43,7 +47,7 @@ impl From<CoordinatorError> for tonic::Status {
         let code = match &e {
             CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
             CoordinatorError::NotFound(_) => Code::NotFound,
-            CoordinatorError::Unavailable(_) => Code::Unavailable,
+            CoordinatorError::Unavailable(_) | CoordinatorError::LeadershipLost(_) => Code::Unavailable,
             CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
             CoordinatorError::ModelFailed(_) => Code::FailedPrecondition,
             CoordinatorError::Model { .. }

@@ -30,6 +30,7 @@ pub mod generation;
 mod group;
 pub mod histogram;
 mod http;
+mod leadership;
 pub mod limits;
 pub mod loop_guard;
 pub mod metrics;

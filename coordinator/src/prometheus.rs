@@ -74,6 +74,7 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     gauge(&mut out, "tessera_queued_requests", "Requests placed on a group and not yet running.", u64::from(status.queued_requests));
     gauge(&mut out, "tessera_running_requests", "Requests a group is running.", u64::from(status.running_requests));
     gauge(&mut out, "tessera_serving_groups", "Worker groups loaded and serving.", serving_groups as u64);
+    gauge(&mut out, "tessera_leader", "1 if this coordinator leads the cluster, 0 on a standby.", u64::from(status.leading));
     gauge(
         &mut out,
         "tessera_ring_waiting_tokens",
@@ -191,7 +192,8 @@ mod tests {
             running_requests: 1,
             counters: Some(metrics.snapshot()),
             ring_waiting_tokens: metrics.ring_waiting_tokens(),
-            models: Vec::new(),
+            leading: true,
+            ..Default::default()
         };
         drop(waiting);
         assert_eq!(metrics.ring_waiting_tokens(), 0, "the gauge drops when the wait ends");
@@ -201,6 +203,7 @@ mod tests {
             "tessera_running_requests 1",
             "tessera_serving_groups 1",
             "tessera_ring_waiting_tokens 3016",
+            "tessera_leader 1",
             "tessera_capacity_refused_tokens_total 5000",
             "tessera_requests_finished_total{reason=\"LENGTH\"} 1",
             "tessera_requests_finished_total{reason=\"CANCELLED\"} 0",

@@ -2,15 +2,16 @@
 //! server with `tessera.v1.Inference`, `grpc.health.v1` and server reflection (v1 and v1alpha,
 //! so both grpcurl and grpcio's reflection client work without our `.proto` files).
 //!
-//! Health says `SERVING` only while at least one group is loaded; before that, and whenever
-//! every group is lost, it says `NOT_SERVING`.
+//! Health says `SERVING` only while at least one group is loaded; before that, whenever every
+//! group is lost, and on a standby coordinator (which forms none, see [`crate::leadership`]), it
+//! says `NOT_SERVING`.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tessera_proto::v1::inference_server::InferenceServer;
 use tessera_registry::Registry;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -29,18 +30,23 @@ pub struct CoordinatorConfig {
     pub models: Vec<ModelSpec>,
     pub limits: Limits,
     pub cluster: ClusterConfig,
+    /// The name this coordinator campaigns under for the leadership (like a worker id:
+    /// letters, digits and `-_.:`); unique among the coordinators of one registry.
+    pub candidate: String,
 }
 
 /// A coordinator following the registry, not yet serving gRPC.
 pub struct Coordinator {
     cluster: Arc<Cluster>,
     limits: Limits,
-    follower: tokio::task::JoinHandle<()>,
+    /// Campaigns, then leads; ends with an error if the leadership is lost.
+    leader: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
+    resign: oneshot::Sender<()>,
 }
 
 impl Coordinator {
-    /// Reads every model's text-side files and starts following the registry; groups form as
-    /// workers appear.
+    /// Reads every model's text-side files and campaigns for the leadership; once elected it
+    /// follows the registry and groups form as workers appear.
     pub async fn start(config: CoordinatorConfig, registry: Arc<dyn Registry>) -> Result<Self, CoordinatorError> {
         if config.models.is_empty() {
             return Err(CoordinatorError::Config("no model to serve".into()));
@@ -51,10 +57,12 @@ impl Coordinator {
             }
         }
         let models = config.models.into_iter().map(|spec| ServedModel::load(spec).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        tessera_registry::keys::validate_worker_id(&config.candidate)
+            .map_err(|e| CoordinatorError::Config(format!("coordinator id: {e}")))?;
         let cluster = Cluster::new(models, config.cluster);
-        let watch = registry.snapshot_and_watch().await?;
-        let follower = tokio::spawn(cluster.clone().follow(watch));
-        Ok(Self { cluster, limits: config.limits, follower })
+        let (resign, resigned) = oneshot::channel();
+        let leader = tokio::spawn(crate::leadership::lead(cluster.clone(), registry, config.candidate, resigned));
+        Ok(Self { cluster, limits: config.limits, leader, resign })
     }
 
     /// Number of loaded groups; changes as groups form and are lost.
@@ -80,7 +88,8 @@ impl Coordinator {
         tokio::spawn(crate::http::serve(listener, self.cluster.clone(), self.limits.clone(), config))
     }
 
-    /// Serves gRPC on `listener` until `shutdown` resolves.
+    /// Serves gRPC on `listener` until `shutdown` resolves, then resigns the leadership; fails
+    /// with [`CoordinatorError::LeadershipLost`] as soon as a leadership is lost.
     pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
         let (reporter, health) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(report_health(reporter, self.cluster.serving_groups()));
@@ -95,7 +104,7 @@ impl Coordinator {
             .build_v1alpha()
             .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
         let inference = InferenceServer::new(InferenceService::new(self.cluster.clone(), self.limits.clone()));
-        let result = tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -103,11 +112,30 @@ impl Coordinator {
             // Accepted sockets need TCP_NODELAY set here (the builder's setting applies only to
             // sockets it binds itself); without it a streamed token can wait on Nagle's
             // algorithm and a delayed ACK.
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+        let mut leader = self.leader;
+        let result = tokio::select! {
+            served = server => served.map_err(CoordinatorError::from),
+            // Dropping the server ends every stream with UNAVAILABLE: a successor may already
+            // drive the workers they ran on.
+            ended = &mut leader => return Err(leader_ended(ended)),
+        };
         health_task.abort();
-        self.follower.abort();
-        result.map_err(CoordinatorError::from)
+        // Hand over now rather than after a lease TTL.
+        let _ = self.resign.send(());
+        match leader.await {
+            Ok(Ok(())) => result,
+            ended => result.and(Err(leader_ended(ended))),
+        }
+    }
+}
+
+/// What the leadership task's end means for the server.
+fn leader_ended(ended: Result<Result<(), CoordinatorError>, tokio::task::JoinError>) -> CoordinatorError {
+    match ended {
+        Ok(Err(error)) => error,
+        Ok(Ok(())) => CoordinatorError::Internal("the leadership task stopped".into()),
+        Err(join) => CoordinatorError::Internal(format!("the leadership task failed: {join}")),
     }
 }
 

@@ -137,6 +137,8 @@ pub(crate) struct Cluster {
     /// Woken when a group finishes a request or a ring lets its groups go.
     pub(crate) idle: Arc<Notify>,
     next_ring: AtomicU64,
+    /// Whether this coordinator leads: a standby forms no group and places nothing.
+    pub(crate) standing: crate::leadership::Standing,
 }
 
 impl Cluster {
@@ -153,6 +155,7 @@ impl Cluster {
             metrics: Arc::new(Metrics::default()),
             idle: Arc::new(Notify::new()),
             next_ring: AtomicU64::new(1),
+            standing: crate::leadership::Standing::default(),
         })
     }
 

@@ -96,6 +96,9 @@ impl Drop for RingLease {
 impl Cluster {
     /// `model`'s index in the cluster's list, unless it failed to load.
     fn servable_index(&self, state: &State, model: &ServedModel) -> Result<usize, CoordinatorError> {
+        if !self.standing.is_leading() {
+            return Err(self.standing.refusal());
+        }
         let index = self
             .models
             .iter()

@@ -103,6 +103,8 @@ impl Cluster {
             running_requests: running,
             counters: Some(self.metrics.snapshot()),
             ring_waiting_tokens: self.metrics.ring_waiting_tokens(),
+            leading: self.standing.is_leading(),
+            leader: self.standing.leader().unwrap_or_default(),
         }
     }
 }

@@ -31,6 +31,8 @@ async fn etcd_tp2_group_streams_the_tp1_greedy_tokens() {
     let coordinator = coordinator(&dir, &etcd.url(), 2).expect("start coordinator");
     wait_health(&coordinator.url, ServingStatus::NotServing).await.expect("NOT_SERVING before any worker");
     let mut client = connect(&coordinator.url).await;
+    // A lone coordinator leads as soon as its campaign reaches etcd; until then it is a standby.
+    until_status(&client, "the coordinator elected", |s| s.leading).await;
     let early = generate(&mut client, greedy(tokens(prompt.clone()), 4)).await.expect_err("no group yet");
     assert_eq!(early.code(), Code::Unavailable, "{early:?}");
     assert!(early.message().contains("no serving group"), "{}", early.message());

@@ -5,6 +5,7 @@ mod beams;
 mod decoding;
 mod encoders;
 mod etcd_cluster;
+mod failover;
 mod failures;
 mod http_client;
 mod local_cluster;

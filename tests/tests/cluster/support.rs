@@ -46,10 +46,16 @@ pub fn up(model: &Path, args: &[&str]) -> anyhow::Result<Served> {
 
 /// Starts `tessera coordinator` on a free port against etcd.
 pub fn coordinator(model: &Path, etcd: &str, tp: usize) -> anyhow::Result<Served> {
+    coordinator_with(model, etcd, tp, &[])
+}
+
+/// [`coordinator`] with more flags.
+pub fn coordinator_with(model: &Path, etcd: &str, tp: usize, extra: &[&str]) -> anyhow::Result<Served> {
     let tp = tp.to_string();
     let args = ["coordinator", "--listen", "127.0.0.1:0", "--etcd", etcd, "--tp", &tp, "--model"].map(std::ffi::OsStr::new);
     let mut args = args.to_vec();
     args.push(model.as_os_str());
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
     let (process, line) = tessera_tests::spawn_tessera(tessera_bin(), &args)?;
     let addr: std::net::SocketAddr = line.parse().with_context(|| format!("coordinator printed {line:?}"))?;
     Ok(Served { url: format!("http://{addr}"), _process: process })
