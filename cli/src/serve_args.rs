@@ -69,6 +69,12 @@ pub struct ServeArgs {
     /// re-prefills what it had and goes on exactly); past that it ends UNAVAILABLE. 0: never.
     #[arg(long, default_value_t = ClusterConfig::default().migration_limit)]
     pub migration_limit: u32,
+    /// Batch-invariant numerics: every token is computed with one arithmetic whatever else runs
+    /// in its step, so seeded streams give the same tokens under any load and a stream moved
+    /// off a lost group continues bit for bit. Costs prefill speed (BENCHMARKS.md); float
+    /// weights only (quantized projections keep their kernels).
+    #[arg(long)]
+    pub batch_invariant: bool,
     /// Static batching (a baseline for benchmarks): a group admits new requests only when it
     /// runs none, so each batch finishes before the next one forms.
     #[arg(long)]
@@ -115,6 +121,7 @@ impl ServeArgs {
             tp,
             dtype: self.dtype.clone(),
             max_context: self.max_context,
+            batch_invariant: self.batch_invariant,
         })
     }
 

@@ -34,6 +34,10 @@ pub struct ModelSpec {
     /// are extrapolated past what the model was trained (or scaled) for, and quality may drop:
     /// an operator's explicit choice.
     pub max_context: Option<usize>,
+    /// Workers compute every token with one arithmetic whatever its batch
+    /// (`tessera_model::Numerics::BatchInvariant`): seeded streams give the same tokens under
+    /// any load, and a migrated stream continues bit for bit. Prefill is slower.
+    pub batch_invariant: bool,
 }
 
 /// Whether a model generates text or embeds it.

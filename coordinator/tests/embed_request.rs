@@ -13,7 +13,8 @@ use tessera_proto::v1 as pb;
 
 /// A served model as the coordinator loads it.
 fn served(name: &str, dir: PathBuf, tp: usize) -> Result<ServedModel, CoordinatorError> {
-    ServedModel::load(ModelSpec { name: name.into(), dir, tp, dtype: "f32".into(), max_context: None }).and_then(cap_at_max_seq_length)
+    ServedModel::load(ModelSpec { name: name.into(), dir, tp, dtype: "f32".into(), max_context: None, batch_invariant: false })
+        .and_then(cap_at_max_seq_length)
 }
 
 fn texts(model: &str, texts: &[&str], truncate: bool) -> pb::EmbedRequest {
@@ -79,6 +80,7 @@ fn embed_requests_are_checked_tokenized_and_cut_only_when_asked() {
 #[test]
 fn an_encoder_runs_on_one_rank_within_its_positions() {
     assert!(matches!(served("minilm", minilm_dir(), 2), Err(CoordinatorError::Model { .. })));
-    let spec = ModelSpec { name: "m".into(), dir: minilm_dir(), tp: 1, dtype: "f32".into(), max_context: Some(1024) };
+    let spec =
+        ModelSpec { name: "m".into(), dir: minilm_dir(), tp: 1, dtype: "f32".into(), max_context: Some(1024), batch_invariant: false };
     assert!(matches!(ServedModel::load(spec), Err(CoordinatorError::Model { .. })));
 }

@@ -6,7 +6,7 @@ use tessera_model::fixture::{demo, test_fixtures, write_fixture, WriteOptions};
 use tessera_model::ModelConfig;
 
 fn spec(dir: std::path::PathBuf, max_context: Option<usize>) -> ModelSpec {
-    ModelSpec { name: "m".into(), dir, tp: 1, dtype: "f32".into(), max_context }
+    ModelSpec { name: "m".into(), dir, tp: 1, dtype: "f32".into(), max_context, batch_invariant: false }
 }
 
 #[test]

@@ -64,6 +64,7 @@ async fn two_worker_processes_serve_a_tp2_group() {
                 dtype: "f32".into(),
                 tp_rank: rank as u32,
                 tp_size: 2,
+                batch_invariant: false,
             })
             .await
             .unwrap()

@@ -62,6 +62,7 @@ async fn serving_worker(group: &str) -> (ChildGuard, Client) {
         dtype: "f32".into(),
         tp_rank: 0,
         tp_size: 1,
+        batch_invariant: false,
     };
     client.assign(assign).await.expect("assign");
     client.rendezvous(pb::RendezvousRequest { group_id: group.into(), peers: Vec::new() }).await.expect("rendezvous");

@@ -15,7 +15,7 @@ use std::sync::{mpsc, Arc};
 use candle_core::{DType, Device};
 use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
 use tessera_model::sampler::{Sampler, SamplingParams};
-use tessera_model::{Batch, BertModel, KvCache, LoadConfig, LogitsMode, Model, Quantization, SeqChunk, SeqId};
+use tessera_model::{Batch, BertModel, KvCache, LoadConfig, LogitsMode, Model, Numerics, Quantization, SeqChunk, SeqId};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::WorkerError;
@@ -46,6 +46,8 @@ pub struct Assignment {
     pub quantization: Option<Quantization>,
     pub tp_rank: usize,
     pub tp_size: usize,
+    /// `LoadConfig::numerics`.
+    pub numerics: Numerics,
 }
 
 /// One sequence's part of a step.
@@ -336,6 +338,7 @@ impl Engine {
             tp_size: a.tp_size,
             device: Device::Cpu,
             dequantize: false,
+            numerics: a.numerics,
         };
         let start = std::time::Instant::now();
         let model = Model::load(&a.model_dir, &load).map_err(WorkerError::loading)?;

@@ -168,6 +168,7 @@ mod tests {
             dtype: "f32".into(),
             tp_rank: 0,
             tp_size: 1,
+            batch_invariant: false,
         })
     }
 

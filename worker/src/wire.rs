@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use tessera_model::sampler::{DryParams, SamplingParams};
-use tessera_model::Quantization;
+use tessera_model::{Numerics, Quantization};
 use tessera_proto::worker as pb;
 
 use crate::engine::{Assignment, Sampled, SeqWork, StepWork};
@@ -39,6 +39,7 @@ pub fn assignment(req: pb::AssignRequest) -> Result<Assignment, WorkerError> {
         quantization,
         tp_rank: req.tp_rank as usize,
         tp_size: req.tp_size as usize,
+        numerics: if req.batch_invariant { Numerics::BatchInvariant } else { Numerics::Fast },
     })
 }
 

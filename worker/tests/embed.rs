@@ -22,8 +22,14 @@ fn service() -> WorkerService {
 }
 
 async fn load(service: &WorkerService, dir: &Path) -> Result<(), tonic::Status> {
-    let assign =
-        pb::AssignRequest { group_id: "g".into(), model_dir: dir.display().to_string(), dtype: "f32".into(), tp_rank: 0, tp_size: 1 };
+    let assign = pb::AssignRequest {
+        group_id: "g".into(),
+        model_dir: dir.display().to_string(),
+        dtype: "f32".into(),
+        tp_rank: 0,
+        tp_size: 1,
+        batch_invariant: false,
+    };
     service.assign(Request::new(assign)).await?;
     service.rendezvous(Request::new(pb::RendezvousRequest { group_id: "g".into(), peers: Vec::new() })).await?;
     Ok(())
@@ -85,6 +91,7 @@ async fn encoder_needs_one_rank_and_decoders_refuse_embed() {
         dtype: "f32".into(),
         tp_rank: 0,
         tp_size: 2,
+        batch_invariant: false,
     };
     let addr = service.assign(Request::new(assign)).await.expect("assign").into_inner().collective_address;
     let refused = service

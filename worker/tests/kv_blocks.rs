@@ -18,8 +18,14 @@ async fn serving(group: &str, kv_capacity_tokens: u64) -> (WorkerService, tempfi
     let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens };
     let engine = EngineHandle::spawn(config.clone()).expect("spawn the engine thread");
     let service = WorkerService::new(format!("w-{group}"), engine, config);
-    let assign =
-        pb::AssignRequest { group_id: group.into(), model_dir: dir.display().to_string(), dtype: "f32".into(), tp_rank: 0, tp_size: 1 };
+    let assign = pb::AssignRequest {
+        group_id: group.into(),
+        model_dir: dir.display().to_string(),
+        dtype: "f32".into(),
+        tp_rank: 0,
+        tp_size: 1,
+        batch_invariant: false,
+    };
     service.assign(Request::new(assign)).await.expect("assign");
     service.rendezvous(Request::new(pb::RendezvousRequest { group_id: group.into(), peers: Vec::new() })).await.expect("rendezvous");
     (service, root)

@@ -52,6 +52,7 @@ async fn ring(capacities: [u64; 2]) -> Vec<EngineHandle> {
             quantization: None,
             tp_rank: 0,
             tp_size: 1,
+            numerics: tessera_model::Numerics::Fast,
         };
         engine.assign(assignment).await.expect("assign");
         engine.rendezvous(group(m), Vec::new()).await.expect("rendezvous");

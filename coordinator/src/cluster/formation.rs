@@ -156,6 +156,7 @@ impl Cluster {
                 dtype: spec.dtype.clone(),
                 tp_rank: rank as u32,
                 tp_size: ranks.len() as u32,
+                batch_invariant: spec.batch_invariant,
             };
             async move { tokio::time::timeout(self.config.rpc_timeout, client.assign(request)).await }
         });

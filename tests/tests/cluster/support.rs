@@ -293,9 +293,14 @@ pub fn etcd_worker_with(etcd: &str, id: &str, lease_ttl_secs: u64, kv_tokens: u6
 
 /// Sends SIGTERM to a child: a worker then drains and leaves.
 pub fn sigterm(child: &ChildGuard) {
+    signal(child, "-TERM");
+}
+
+/// Sends a signal (`kill`'s spelling: "-TERM", "-STOP", "-CONT") to a child.
+pub fn signal(child: &ChildGuard, which: &str) {
     let pid = child.0.id().to_string();
-    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-    assert!(sent.success(), "kill -TERM {pid} failed");
+    let sent = std::process::Command::new("kill").args([which, &pid]).status().expect("run kill");
+    assert!(sent.success(), "kill {which} {pid} failed");
 }
 
 /// Waits (up to [`PATIENCE`]) for a child to exit on its own and returns how it exited.

@@ -3,6 +3,7 @@
 //! tokens after a 128-token prompt, at batch 1 and batch 8.
 //!
 //! usage: cargo bench -p tessera-model --bench model -- MODEL_DIR [f32|bf16|f16|q8_0|q4_k] [RUNS]
+//! `TESSERA_BATCH_INVARIANT=1` loads with `Numerics::BatchInvariant` (the RESULT label says so).
 //! MODEL_DIR holds config.json and safetensors, or config.json and one llama.cpp `.gguf` (its
 //! quantized tensors are used as stored); q8_0 / q4_k quantize the projections on load.
 //! Prints one `RESULT tessera ...` line with medians, like the peer scripts, and what the
@@ -14,7 +15,7 @@ use std::time::Instant;
 use candle_core::DType;
 use tessera_collective::SingleRank;
 use tessera_model::fixture::counting::{Allocated, Counting};
-use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, Quantization, SeqChunk};
+use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, Numerics, Quantization, SeqChunk};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -118,9 +119,12 @@ fn main() -> anyhow::Result<()> {
     // A directory holding a GGUF instead of safetensors is labelled as such in the RESULT line.
     let gguf = !dir.join("model.safetensors").exists()
         && std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "gguf"));
+    let invariant = std::env::var("TESSERA_BATCH_INVARIANT").is_ok_and(|v| v == "1");
+    let numerics = if invariant { Numerics::BatchInvariant } else { Numerics::Fast };
     let label = if gguf { format!("{dtype_name}-gguf") } else { dtype_name.to_string() };
+    let label = if invariant { format!("{label}-batch-invariant") } else { label };
     let t = Instant::now();
-    let model = Model::load(&dir, &LoadConfig { dtype, quantization, ..LoadConfig::default() })?;
+    let model = Model::load(&dir, &LoadConfig { dtype, quantization, numerics, ..LoadConfig::default() })?;
     println!(
         "loaded {} ({dtype_name}) in {:.2} s, threads {}",
         dir.display(),

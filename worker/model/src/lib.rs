@@ -30,7 +30,7 @@ pub use model::batch::{Batch, LogitsMode, SeqChunk};
 pub use model::config;
 pub use model::config::{Architecture, ModelConfig, RopeScaling};
 pub use model::kv_cache::{blocks_for, KvCache, RingPlacement, SeqId, KV_BLOCK_TOKENS};
-pub use model::linear::Quantization;
+pub use model::linear::{Numerics, Quantization};
 pub use model::parallel::TpLayout;
 pub use model::ring::{AppendOn, DecodeStep, LocalLogits, PrefillStep, RingComm, RingLogits, RingOutput, RingStep};
 pub use model::sequence::ZigzagLayout;

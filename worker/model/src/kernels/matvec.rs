@@ -62,6 +62,86 @@ pub fn matvec_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
     })
 }
 
+/// `x Wᵀ` as [`matvec_t`], for any number of rows, with every output element computed by the
+/// same arithmetic whatever the row count, the row's place in the batch, or the thread count:
+/// the register-blocked kernel's per-pair accumulation (or, on a CPU without one, the plain dot
+/// product) for every element, the single-row case and an odd last weight row included. So a
+/// token's projections are bit for bit the same in a decode step of one, in a batch of thirty,
+/// or inside a prefill chunk; [`matvec_t`] alone differs between one row and several, and
+/// larger products go to GEMM. Weight rows of a task stay in cache while blocks of up to
+/// [`MAX_ROWS`] activation rows pass over them. `None` where [`matvec_t`]'s conditions other
+/// than the row count fail.
+pub fn matmul_t_invariant(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
+    let (rows, inner) = match x.dims() {
+        [r, i] => (*r, *i),
+        _ => return Ok(None),
+    };
+    let (out, w_inner) = match w.dims() {
+        [o, i] => (*o, *i),
+        _ => return Ok(None),
+    };
+    if rows == 0 || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        return Ok(None);
+    }
+    let (w_store, w_layout) = w.storage_and_layout();
+    let Some((w0, w1)) = w_layout.contiguous_offsets() else { return Ok(None) };
+    let shape = Product { rows, out, inner };
+    with_f32_rows(x, |x_data| {
+        Ok(match &*w_store {
+            Storage::Cpu(CpuStorage::F32(all)) => rows_output(dest, shape, x.dtype(), |y| {
+                rows_invariant(shape, &all[w0..w1], x_data, f32_kernel(), block_kernel::<f32>(), y)
+            })?,
+            Storage::Cpu(CpuStorage::BF16(all)) => rows_output(dest, shape, x.dtype(), |y| {
+                rows_invariant(shape, &all[w0..w1], x_data, bf16_kernel(), block_kernel::<half::bf16>(), y)
+            })?,
+            Storage::Cpu(CpuStorage::F16(all)) => rows_output(dest, shape, x.dtype(), |y| {
+                rows_invariant(shape, &all[w0..w1], x_data, f16_kernel(), block_kernel::<half::f16>(), y)
+            })?,
+            _ => None,
+        })
+    })
+}
+
+/// [`rows_parallel`] with one arithmetic for every element (see [`matmul_t_invariant`]).
+fn rows_invariant<W: Sync>(p: Product, w: &[W], x: &[f32], dot: fn(&[W], &[f32]) -> f32, block: Option<BlockKernel<W>>, y: RowsOut) {
+    let Product { rows, inner, .. } = p;
+    y.par_tiles(|first, ys| {
+        let w_row = |j: usize| &w[(first + j) * inner..(first + j + 1) * inner];
+        let x_row = |i: usize| &x[i * inner..(i + 1) * inner];
+        let task_rows = ys.len() / rows;
+        for block_start in (0..rows).step_by(MAX_ROWS) {
+            let block_end = (block_start + MAX_ROWS).min(rows);
+            let Some(block) = block else {
+                for j in 0..task_rows {
+                    for i in block_start..block_end {
+                        ys[j * rows + i] = dot(w_row(j), x_row(i));
+                    }
+                }
+                continue;
+            };
+            for j in (0..task_rows).step_by(2) {
+                // An odd last weight row goes through the kernel paired with itself, so it gets
+                // the same arithmetic as every other.
+                let j1 = (j + 1).min(task_rows - 1);
+                let mut i = block_start;
+                while i < block_end {
+                    let take = (block_end - i).min(4);
+                    let mut xs = [x_row(i); 4];
+                    for (k, xk) in xs.iter_mut().enumerate().take(take) {
+                        *xk = x_row(i + k);
+                    }
+                    let sums = block(w_row(j), w_row(j1), xs, take);
+                    for k in 0..take {
+                        ys[j * rows + i + k] = sums[0][k];
+                        ys[j1 * rows + i + k] = sums[1][k];
+                    }
+                    i += take;
+                }
+            }
+        }
+    });
+}
+
 thread_local! {
     /// The calling thread's activations widened to f32, kept between products.
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -124,14 +204,15 @@ impl RowsOut {
     /// the kernels produce them in), which is then stored into the rows, rounded to their type.
     pub fn par_tiles(self, f: impl Fn(usize, &mut [f32]) + Sync) {
         let (rows, out) = (self.rows, self.out);
-        assert!(rows <= MAX_ROWS, "a decode product has at most {MAX_ROWS} rows");
         (0..out.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
             let first = task * ROWS_PER_TASK;
             let n = (out - first).min(ROWS_PER_TASK);
             // The thread's tile from its last task: zeroing a fresh one per task cost more than
             // the stores (kernels overwrite every element they are given).
             with_reused(&TILE, |tile| {
-                tile.resize(ROWS_PER_TASK * MAX_ROWS, 0.0);
+                if tile.len() < ROWS_PER_TASK * rows {
+                    tile.resize(ROWS_PER_TASK * rows, 0.0);
+                }
                 let tile = &mut tile[..n * rows];
                 f(first, tile);
                 for i in 0..rows {
@@ -166,10 +247,15 @@ pub(crate) fn product_output(
     dtype: DType,
     f: impl FnOnce(RowsOut),
 ) -> candle_core::Result<Option<Tensor>> {
-    let shape = [p.rows, p.out];
     if p.rows > MAX_ROWS {
         return Ok(None);
     }
+    rows_output(dest, p, dtype, f)
+}
+
+/// [`product_output`] for any number of rows.
+fn rows_output(dest: Option<&Dest>, p: Product, dtype: DType, f: impl FnOnce(RowsOut)) -> candle_core::Result<Option<Tensor>> {
+    let shape = [p.rows, p.out];
     let run = |ptr: ElemPtr| f(RowsOut { ptr, rows: p.rows, out: p.out });
     Ok(Some(match dtype {
         DType::F32 => output::<f32>(dest, &shape, |y| run(f32::ptr(y)))?,

@@ -17,6 +17,7 @@ use crate::kernels::decode_attention::{self, DecodeRow};
 use crate::kernels::elem::Dest;
 use crate::model::kv_cache::KvCache;
 use crate::model::layer::{AttentionStep, LayerSlot};
+use crate::model::linear::Numerics;
 use crate::Batch;
 
 /// Which keys the queries of one chunk see. A chunk of several queries gets an additive mask
@@ -229,6 +230,9 @@ pub struct CacheAttention<'a> {
     pub kv: &'a mut KvCache,
     /// Per distinct sliding window, the mask of every chunk.
     pub masks: &'a [(Option<usize>, Vec<ChunkMask>)],
+    /// With [`Numerics::BatchInvariant`] every query row, in a prefill chunk too, goes through
+    /// the decode kernel, so it is computed exactly as it would be decoded alone.
+    pub numerics: Numerics,
 }
 
 impl AttentionStep for CacheAttention<'_> {
@@ -252,8 +256,18 @@ impl AttentionStep for CacheAttention<'_> {
             let k_c = k.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
             let v_c = v.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
             let (keys, values) = self.kv.write(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
-            if chunk.len == 1 && decode_attention::applies(&q_c, &keys) {
-                decode.push((outputs.len(), offset, keys, values, mask.first_key(chunk.start + 1)));
+            if chunk.len > 1 && self.numerics == Numerics::BatchInvariant && decode_attention::applies(&q_c, &keys) {
+                // Each row as the decode step of its own position: it sees the keys up to its
+                // own (the last `window` of them), read in place.
+                for r in 0..chunk.len {
+                    let end = chunk.start + r + 1;
+                    let first = end.saturating_sub(layer.window.unwrap_or(end));
+                    decode.push((outputs.len(), offset + r, keys.clone(), values.clone(), first..end));
+                    outputs.push(None);
+                }
+            } else if chunk.len == 1 && decode_attention::applies(&q_c, &keys) {
+                let end = keys.dim(1)?;
+                decode.push((outputs.len(), offset, keys, values, mask.first_key(chunk.start + 1)..end));
                 outputs.push(None);
             } else {
                 outputs.push(Some(attend(&q_c, &keys, &values, mask)?));
@@ -262,8 +276,8 @@ impl AttentionStep for CacheAttention<'_> {
         }
         if !decode.is_empty() {
             let row = |i: usize| {
-                let (_, q_row, keys, values, first) = &decode[i];
-                Ok(DecodeRow { q_row: *q_row, keys, values, visible: *first..keys.dim(1)? })
+                let (_, q_row, keys, values, visible) = &decode[i];
+                Ok(DecodeRow { q_row: *q_row, keys, values, visible: visible.clone() })
             };
             let fused = decode_attention::decode_attention(q, decode.len(), &row, None)?;
             for (j, (slot, ..)) in decode.iter().enumerate() {

@@ -13,7 +13,7 @@ use crate::kernels::elem::{with_dest_mut, Dest, Elem};
 use crate::kernels::fused::{self, Heads};
 use crate::kernels::pool::with_reused;
 use crate::model::config::ModelConfig;
-use crate::model::linear::{Linear, Quantization, Weight};
+use crate::model::linear::{Linear, Numerics, Quantization, Weight};
 use crate::model::parallel::TpLayout;
 use crate::model::weights::{Checkpoint, Shard};
 use crate::model::workspace::{Scratch, Workspace};
@@ -137,6 +137,17 @@ impl DecoderLayer {
     /// `next_norm`) in the pass that finishes its residual stream.
     pub fn input_norm(&self) -> &RmsNorm {
         &self.input_norm
+    }
+
+    /// The same layer with its projections computed with `numerics`.
+    pub fn with_numerics(self, numerics: Numerics) -> Self {
+        Self {
+            qkv: self.qkv.with_numerics(numerics),
+            o: self.o.with_numerics(numerics),
+            gate_up: self.gate_up.with_numerics(numerics),
+            down: self.down.with_numerics(numerics),
+            ..self
+        }
     }
 
     /// Bytes held by this layer's weights.

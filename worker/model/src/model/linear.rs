@@ -9,6 +9,21 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::kernels::elem::{is_slice, with_dest_mut, with_slice, with_slice_mut, Dest, Elem};
 
+/// Which arithmetic the products use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Numerics {
+    /// The fastest kernel for each shape: the row kernel for a decode batch, GEMM for more rows.
+    /// A token's result can then differ in the last bits with the batch it runs in.
+    #[default]
+    Fast,
+    /// One arithmetic per output element whatever the batch: a token's float projections and
+    /// attention are bit for bit the same alone, in any batch, or inside a prefill chunk (see
+    /// `kernels::matvec::matmul_t_invariant`). Seeded sampling then gives the same tokens under
+    /// any load, and a sequence re-prefilled elsewhere continues exactly. Prefill is slower.
+    /// Quantized weights keep their kernels (not yet invariant).
+    BatchInvariant,
+}
+
 /// `x Wᵀ` for `W` in `[out, in]` layout. bf16 activations and weights use AVX-512 BF16 where
 /// the CPU has it (`kernels/gemm/bf16.rs`). Otherwise half-precision weights are widened to f32 for
 /// the product: candle's CPU half-precision GEMM is several times slower than its f32 GEMM,
@@ -163,8 +178,12 @@ impl Weight {
     }
 
     /// `x Wᵀ`, into `dest` where the kernel can.
-    fn matmul_t(&self, x: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
+    fn matmul_t(&self, x: &Tensor, dest: Option<&Dest>, numerics: Numerics) -> candle_core::Result<Tensor> {
         match self {
+            Self::Float(w) if numerics == Numerics::BatchInvariant => match crate::kernels::matvec::matmul_t_invariant(x, w, dest)? {
+                Some(y) => Ok(y),
+                None => matmul_t(x, w, dest),
+            },
             Self::Float(w) => matmul_t(x, w, dest),
             Self::Quantized(q) => quantized_matmul_t(x, q, dest),
             Self::Stacked { parts, .. } => {
@@ -230,11 +249,17 @@ impl From<Tensor> for Weight {
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    numerics: Numerics,
 }
 
 impl Linear {
     pub fn new(weight: impl Into<Weight>, bias: Option<Tensor>) -> Self {
-        Self { weight: weight.into(), bias }
+        Self { weight: weight.into(), bias, numerics: Numerics::Fast }
+    }
+
+    /// The same projection computed with `numerics`.
+    pub fn with_numerics(self, numerics: Numerics) -> Self {
+        Self { numerics, ..self }
     }
 
     /// Bytes held by the weight and bias.
@@ -250,7 +275,7 @@ impl Linear {
     /// [`Linear::forward_no_bias`], writing into `dest` where the kernel can (a decode step's
     /// workspace tensor).
     pub fn forward_no_bias_into(&self, x: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
-        self.weight.matmul_t(x, dest)
+        self.weight.matmul_t(x, dest, self.numerics)
     }
 
     /// `x Wᵀ + b` into `dest` where the kernel can; see [`Linear::add_bias_in_place`].

@@ -41,7 +41,7 @@ use crate::model::config::ModelConfig;
 use crate::model::embedding::Embedding;
 use crate::model::kv_cache::{KvCache, KvSpec};
 use crate::model::layer::{AttentionStep, DecoderLayer, LayerStep};
-use crate::model::linear::{Linear, Quantization, Weight};
+use crate::model::linear::{Linear, Numerics, Quantization, Weight};
 use crate::model::parallel::TpLayout;
 use crate::model::rope::Rope;
 use crate::model::weights::{Checkpoint, Shard};
@@ -62,11 +62,21 @@ pub struct LoadConfig {
     /// Dequantize the projections a GGUF file stores quantized into `dtype` on load, as
     /// transformers' GGUF loader does: the reference path for parity with it.
     pub dequantize: bool,
+    /// Fast kernels, or one arithmetic per token whatever its batch ([`Numerics`]).
+    pub numerics: Numerics,
 }
 
 impl Default for LoadConfig {
     fn default() -> Self {
-        Self { dtype: DType::F32, quantization: None, tp_rank: 0, tp_size: 1, device: Device::Cpu, dequantize: false }
+        Self {
+            dtype: DType::F32,
+            quantization: None,
+            tp_rank: 0,
+            tp_size: 1,
+            device: Device::Cpu,
+            dequantize: false,
+            numerics: Numerics::Fast,
+        }
     }
 }
 
@@ -90,6 +100,7 @@ pub struct Model {
     pool: Option<ComputePool>,
     /// Decode steps' reused intermediates (`workspace.rs`).
     workspace: Mutex<Workspace>,
+    numerics: Numerics,
 }
 
 impl Model {
@@ -137,13 +148,13 @@ impl Model {
             (Embedding::Quantized(q), true, _) => (Weight::Quantized(q.clone()), true),
             _ => (ckpt.get_weight(head_name, [v, h], Shard::FULL, load.quantization)?, false),
         };
-        let lm_head = Linear::new(lm_head, None);
+        let lm_head = Linear::new(lm_head, None).with_numerics(load.numerics);
         // A quarter of the layers between progress lines: a 70B shard takes minutes, and one
         // line per layer would bury everything else in the log.
         let every = n_layers.div_ceil(4).max(1);
         let layers = (0..n_layers)
             .map(|i| {
-                let layer = DecoderLayer::load(&ckpt, &config, &layout, i, load.quantization)?;
+                let layer = DecoderLayer::load(&ckpt, &config, &layout, i, load.quantization)?.with_numerics(load.numerics);
                 let done = i + 1;
                 if done % every == 0 && done < n_layers {
                     tracing::info!(rank, secs = start.elapsed().as_secs_f64(), "loaded layers {done}/{n_layers}");
@@ -173,6 +184,7 @@ impl Model {
             windows,
             pool: if load.device.is_cpu() { Some(ComputePool::new()?) } else { None },
             workspace: Mutex::new(Workspace::new(&load.device)),
+            numerics: load.numerics,
         })
     }
 
@@ -235,7 +247,7 @@ impl Model {
             }
         }
 
-        let mut attention = CacheAttention { batch, kv, masks: &masks };
+        let mut attention = CacheAttention { batch, kv, masks: &masks, numerics: self.numerics };
         let h = self.run_layers(batch.tokens, &cos, &sin, &mut attention, comm, &mut ws);
         ws.masks = masks;
         let h = h?;
