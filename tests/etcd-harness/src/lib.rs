@@ -27,6 +27,7 @@ pub struct EtcdServer {
     child: Child,
     data: TempDir,
     client_addr: SocketAddr,
+    peer_addr: SocketAddr,
 }
 
 impl EtcdServer {
@@ -45,39 +46,59 @@ impl EtcdServer {
         panic!("etcd did not start on loopback after 3 attempts; its log:\n{last_log}");
     }
 
+    /// Kills etcd (SIGKILL, as a crash) and starts it again on the same ports and data
+    /// directory, returning once it serves reads: an outage as long as etcd's own restart.
+    /// Leases survive it (etcd extends them by their TTL when it recovers).
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = launch(&self.data, self.client_addr, self.peer_addr);
+        if let Err(log) = self.wait_ready().await {
+            panic!("etcd did not come back after a restart; its log:\n{log}");
+        }
+    }
+
     fn spawn() -> Self {
         let data = tempfile::tempdir().expect("temporary etcd data directory");
         let client_addr = free_port();
         let peer_addr = free_port();
-        let client_url = format!("http://{client_addr}");
-        let peer_url = format!("http://{peer_addr}");
-        let log = File::create(data.path().join("etcd.log")).expect("etcd log file");
-        let log_err = log.try_clone().expect("etcd log file handle");
-        let spawned = Command::new("etcd")
-            .arg("--name=tessera-test")
-            .arg(format!("--data-dir={}", data.path().join("data").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=tessera-test={peer_url}"))
-            .arg("--log-level=warn")
-            .arg("--logger=zap")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) if e.kind() == ErrorKind::NotFound => panic!(
-                "the `etcd` binary is not on PATH; these tests need a real etcd. \
-                 Run scripts/setup.sh (it installs Debian's etcd-server) and try again."
-            ),
-            Err(e) => panic!("could not start etcd: {e}"),
-        };
-        Self { child, data, client_addr }
+        let child = launch(&data, client_addr, peer_addr);
+        Self { child, data, client_addr, peer_addr }
     }
+}
 
+/// Starts the etcd process of a single-member cluster on these ports and data directory; its
+/// log goes on at the end of `etcd.log` there.
+fn launch(data: &TempDir, client_addr: SocketAddr, peer_addr: SocketAddr) -> Child {
+    let client_url = format!("http://{client_addr}");
+    let peer_url = format!("http://{peer_addr}");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.path().join("etcd.log")).expect("etcd log file");
+    let log_err = log.try_clone().expect("etcd log file handle");
+    let spawned = Command::new("etcd")
+        .arg("--name=tessera-test")
+        .arg(format!("--data-dir={}", data.path().join("data").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=tessera-test={peer_url}"))
+        .arg("--log-level=warn")
+        .arg("--logger=zap")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn();
+    match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == ErrorKind::NotFound => panic!(
+            "the `etcd` binary is not on PATH; these tests need a real etcd. \
+                 Run scripts/setup.sh (it installs Debian's etcd-server) and try again."
+        ),
+        Err(e) => panic!("could not start etcd: {e}"),
+    }
+}
+
+impl EtcdServer {
     /// Polls with a real client until etcd answers a read (it needs a leader for that), with
     /// a bounded number of attempts. On failure returns etcd's log.
     async fn wait_ready(&mut self) -> Result<(), String> {

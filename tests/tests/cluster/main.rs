@@ -14,5 +14,6 @@ mod migration;
 mod openai_http;
 mod openai_sdk;
 mod real_models;
+mod restarts;
 mod serving;
 mod support;
