@@ -10,6 +10,11 @@
 //! noticed before each step, as a group's loop notices it: the ring is left on every rank
 //! first, and only then does the stream end (`DEADLINE_EXCEEDED` for a deadline).
 //!
+//! When a member is lost mid-request (a worker dies, a ring step times out) the request moves,
+//! as a group's requests do: it is placed again (on one group if one can now hold it, else on
+//! a new ring), prefills its prompt and what it generated, with its sampler resumed where it
+//! stood, and its stream goes on as if never interrupted, up to the migration limit.
+//!
 //! Why holding whole groups keeps this deadlock-free: a worker's ring steps and its group's own
 //! steps both block until all of their peers arrive, so two loops that issued them in different
 //! orders could wait on each other for ever. A held group issues no steps of its own, each group
@@ -25,11 +30,13 @@ use tessera_proto::v1 as pb;
 use tessera_proto::worker as wpb;
 use tonic::Status;
 
-use crate::cluster::{Cluster, RingLease, RingMember};
+use crate::cluster::{Cluster, RingLease, RingMember, Route};
 use crate::error::CoordinatorError;
 use crate::fanout::{agree, Disagreement, Rank};
+use crate::model::ServedModel;
 use crate::output::SequenceOutput;
 use crate::placement::RingPlan;
+use crate::scheduler::{NewSequence, Resumed};
 
 /// A request routed to a ring.
 pub(crate) struct RingRequest {
@@ -39,6 +46,28 @@ pub(crate) struct RingRequest {
     /// When the client's deadline passes: the request then ends with `DEADLINE_EXCEEDED`.
     pub deadline: Option<Instant>,
     pub request_id: String,
+    /// For placing it again after a lost member.
+    pub model: Arc<ServedModel>,
+    pub max_new_tokens: u32,
+    /// What it generated on earlier rings (empty on its first), with its sampler's state.
+    pub progress: Progress,
+}
+
+/// How far a ring request got: enough to prefill it again elsewhere and go on exactly.
+pub(crate) struct Progress {
+    pub outputs: Vec<u32>,
+    /// The sampling the workers last used.
+    pub in_force: wpb::Sampling,
+    /// A change sent with the step that failed, not known to have been applied.
+    pub next: Option<wpb::Sampling>,
+    /// Random numbers the sampler had drawn after the last answered step.
+    pub rng_draws: u64,
+}
+
+impl Progress {
+    pub(crate) fn new(base: &wpb::Sampling) -> Self {
+        Self { outputs: Vec::new(), in_force: base.clone(), next: None, rng_draws: 0 }
+    }
 }
 
 impl RingRequest {
@@ -65,30 +94,44 @@ enum Stop {
     Failed { status: Status, lost: Vec<(u64, String)> },
 }
 
-/// Serves `req` on a ring of `plan.size` groups, queueing until that many can be held.
-pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRequest) {
-    let lease = match hold(&cluster, plan, &req).await {
+/// Serves `req` on a ring of `plan.size` groups, queueing until that many can be held; moves
+/// it when a member is lost.
+pub(crate) async fn serve(cluster: Arc<Cluster>, mut plan: RingPlan, mut req: RingRequest) {
+    loop {
+        match serve_once(&cluster, plan, req).await {
+            None => return,
+            Some((next_plan, moved)) => (plan, req) = (next_plan, moved),
+        }
+    }
+}
+
+/// One ring's life for `req`; the next ring when it had to move to one.
+async fn serve_once(cluster: &Arc<Cluster>, plan: RingPlan, mut req: RingRequest) -> Option<(RingPlan, RingRequest)> {
+    let lease = match hold(cluster, plan, &req).await {
         Ok(Held::Lease(lease)) => lease,
         Ok(Held::Cancelled) => {
             cluster.metrics.cancelled(1);
-            return;
+            return None;
         }
         // Nothing was sent to any worker yet, so there is nothing to free.
         Ok(Held::Expired) => {
             cluster.metrics.deadlines_exceeded(1);
-            req.output.end(Err(crate::deadline::exceeded(0)), &cluster.metrics);
-            return;
+            req.output.end(Err(crate::deadline::exceeded(req.progress.outputs.len())), &cluster.metrics);
+            return None;
         }
         Err(e) => {
             req.output.end(Err(e.into()), &cluster.metrics);
-            return;
+            return None;
         }
     };
     let ring_id = format!("ring-{}", lease.ring);
     let workers: Vec<String> = lease.members.iter().flat_map(|m| m.ranks.iter().map(|w| w.id.clone())).collect();
     let tp = lease.members.first().map_or(0, |m| m.ranks.len()) as u32;
     let placement = pb::Placement { tp, sp: lease.members.len() as u32, workers };
-    req.output.started(req.request_id.clone(), req.prompt.len() as u32, placement);
+    // A moved request told its client where it started, once.
+    if req.output.migrations() == 0 {
+        req.output.started(req.request_id.clone(), req.prompt.len() as u32, placement);
+    }
     tracing::info!(request_id = %req.request_id, ring = %ring_id, members = lease.members.len(), prompt_tokens = req.prompt.len(), "ring formed for a long request");
     let ring = Ring { lease: &lease, id: ring_id, timeout: cluster.step_timeout(), metrics: &cluster.metrics };
     let result = ring.run(&mut req).await;
@@ -109,9 +152,84 @@ pub(crate) async fn serve(cluster: Arc<Cluster>, plan: RingPlan, mut req: RingRe
             cluster.metrics.deadlines_exceeded(1);
             req.output.end(Err(crate::deadline::exceeded(generated)), &cluster.metrics);
         }
+        Err(Stop::Failed { status, lost }) if !lost.is_empty() && !req.output.is_closed() => return move_on(cluster, req, status).await,
         Err(Stop::Failed { status, .. }) => {
             cluster.metrics.lost(1);
             req.output.end(Err(status), &cluster.metrics);
+        }
+    }
+    None
+}
+
+/// How long a request whose ring was lost waits for the cluster to hold it again: the lost
+/// ring's surviving groups are reset and formed anew, which takes a moment.
+const MOVE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Places a request whose ring was lost again: on one group when one can now hold it, else on
+/// a new ring (returned, to be served next), waiting up to [`MOVE_PATIENCE`] for the groups
+/// to form. Past the migration limit, or with no room, it ends `UNAVAILABLE` saying why.
+async fn move_on(cluster: &Arc<Cluster>, mut req: RingRequest, status: Status) -> Option<(RingPlan, RingRequest)> {
+    let limit = cluster.migration_limit();
+    let unavailable = |why: String| Status::unavailable(format!("{}; {why}", status.message()));
+    if req.output.migrations() >= limit {
+        cluster.metrics.lost(1);
+        let why = format!("it moved {} times, the limit", req.output.migrations());
+        req.output.end(Err(unavailable(why)), &cluster.metrics);
+        return None;
+    }
+    let done = req.progress.outputs.len();
+    let remaining = req.max_new_tokens.saturating_sub(done as u32);
+    let give_up = tokio::time::Instant::now() + MOVE_PATIENCE;
+    let mut serving = cluster.serving_groups();
+    let route = loop {
+        serving.borrow_and_update();
+        match cluster.place(&req.model, req.prompt.len() + done, remaining, 1) {
+            Ok((route, _)) => break route,
+            Err(e) => {
+                let changed = tokio::select! {
+                    changed = serving.changed() => changed.is_ok(),
+                    () = tokio::time::sleep_until(give_up) => false,
+                    () = req.output.closed() => false,
+                };
+                if req.output.is_closed() {
+                    cluster.metrics.cancelled(1);
+                    return None;
+                }
+                if !changed {
+                    cluster.metrics.lost(1);
+                    req.output.end(Err(unavailable(format!("it could not move: {e}"))), &cluster.metrics);
+                    return None;
+                }
+            }
+        }
+    };
+    req.output.migrated();
+    cluster.metrics.migrated(1);
+    match route {
+        Route::Ring(plan) => {
+            tracing::info!(request_id = %req.request_id, ring = plan.size, generated = done, "ring request moves to a new ring");
+            Some((plan, req))
+        }
+        Route::Group(placement) => {
+            tracing::info!(request_id = %req.request_id, group = %placement.group, generated = done, "ring request moves to a group");
+            let p = req.progress;
+            let resume = Resumed { outputs: p.outputs, in_force: p.in_force, next: p.next, rng_draws: p.rng_draws };
+            let reserve = (req.prompt.len() as u64) + u64::from(req.max_new_tokens);
+            let seq = NewSequence {
+                seq: req.seq,
+                prompt: req.prompt,
+                reserve,
+                deadline: req.deadline,
+                output: req.output,
+                beam: None,
+                resume: Some(resume),
+            };
+            if let Err(refused) = placement.offer(seq) {
+                let (seq, error) = *refused;
+                cluster.metrics.lost(1);
+                seq.output.end(Err(unavailable(format!("it could not move: {error}"))), &cluster.metrics);
+            }
+            None
         }
     }
 }
@@ -176,19 +294,26 @@ struct Ring<'a> {
 
 impl Ring<'_> {
     async fn run(&self, req: &mut RingRequest) -> Result<pb::Finished, Stop> {
-        req.interrupted(0)?;
+        let mut generated = req.progress.outputs.len();
+        req.interrupted(generated)?;
         self.join().await?;
-        req.interrupted(0)?;
-        let prefill = wpb::RingPrefill {
-            prompt_len: req.prompt.len() as u32,
-            tokens: Vec::new(),
-            sampling: Some(req.output.base_sampling().clone()),
-            prompt: req.prompt.clone(),
-        };
+        req.interrupted(generated)?;
+        // The prompt, and on a later ring what was generated before, with the sampler resumed.
+        let p = &mut req.progress;
+        let mut tokens = req.prompt.clone();
+        tokens.extend_from_slice(&p.outputs);
+        let mut sampling = p.next.clone().unwrap_or_else(|| p.in_force.clone());
+        if !p.outputs.is_empty() {
+            sampling.resume = Some(wpb::Resume { prompt_len: req.prompt.len() as u32, rng_draws: p.rng_draws });
+        }
+        let prefill = wpb::RingPrefill { prompt_len: tokens.len() as u32, tokens: Vec::new(), sampling: Some(sampling), prompt: tokens };
+        let mut position = prefill.prompt_len;
         let mut answer = self.step(req.seq, wpb::ring_step_request::Step::Prefill(prefill)).await?;
-        let mut position = req.prompt.len() as u32;
-        let mut generated = 0;
+        if let Some(applied) = p.next.take() {
+            p.in_force = applied;
+        }
         loop {
+            req.progress.rng_draws = answer.rng_draws;
             let accepted = req
                 .output
                 .accept(answer.token, answer.logprob, &answer.top, self.metrics, Instant::now())
@@ -196,11 +321,15 @@ impl Ring<'_> {
             if let Some(finished) = accepted.finished {
                 return Ok(finished);
             }
+            req.progress.outputs.push(answer.token);
             generated += 1;
             req.interrupted(generated)?;
-            let sampling = accepted.sampling;
-            let decode = wpb::RingDecode { token: answer.token, position, append_member: None, sampling };
+            req.progress.next = accepted.sampling.clone();
+            let decode = wpb::RingDecode { token: answer.token, position, append_member: None, sampling: accepted.sampling };
             answer = self.step(req.seq, wpb::ring_step_request::Step::Decode(decode)).await?;
+            if let Some(applied) = req.progress.next.take() {
+                req.progress.in_force = applied;
+            }
             position += 1;
         }
     }

@@ -22,7 +22,7 @@ use crate::limits::Limits;
 use crate::model::ModelKind;
 use crate::output::SequenceOutput;
 use crate::request::prepare;
-use crate::ring::{self, RingRequest};
+use crate::ring::{self, Progress, RingRequest};
 use crate::scheduler::NewSequence;
 
 /// Serves `tessera.v1.Inference`.
@@ -59,12 +59,23 @@ impl Inference for InferenceService {
             sampling.seed = fresh_seed(seq);
         }
         let prompt_tokens = prepared.prompt.len() as u32;
+        let max_new_tokens = prepared.stopping.max_new_tokens;
         let (events, stream) = mpsc::unbounded_channel();
         let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
         let output = SequenceOutput::new(generation, events, sampling);
         match route {
             Route::Ring(plan) => {
-                let request = RingRequest { seq, prompt: prepared.prompt, output, deadline, request_id: request_id.clone() };
+                let progress = Progress::new(output.base_sampling());
+                let request = RingRequest {
+                    seq,
+                    prompt: prepared.prompt,
+                    output,
+                    deadline,
+                    request_id: request_id.clone(),
+                    model: prepared.model.clone(),
+                    max_new_tokens,
+                    progress,
+                };
                 tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, "generate on a ring");
                 tokio::spawn(ring::serve(self.cluster.clone(), plan, request));
             }

@@ -102,7 +102,7 @@ fn prefill(prompt: &[u32], member: usize, whole: bool, params: SamplingParams) -
         prompt_len: prompt.len(),
         tokens,
         prompt: whole.then(|| prompt.to_vec()),
-        sampling: RingSampling { params, top_logprobs: 3 },
+        sampling: RingSampling { params, top_logprobs: 3, resume: None },
     }
 }
 

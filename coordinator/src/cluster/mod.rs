@@ -182,6 +182,11 @@ impl Cluster {
         self.config.group_loop.step_timeout
     }
 
+    /// Times one request may move after losing its group or ring.
+    pub(crate) fn migration_limit(&self) -> u32 {
+        self.config.migration_limit
+    }
+
     /// What placement sees of every group, taken under the lock.
     fn views(&self, state: &State) -> Vec<GroupView> {
         state

@@ -34,6 +34,11 @@ impl Placement {
     pub(crate) fn submit(&self, seq: NewSequence) -> Result<(), CoordinatorError> {
         submit_to(&self.group, &self.submit, &self.active, seq)
     }
+
+    /// [`Placement::submit`], handing a refused sequence back with the reason.
+    pub(crate) fn offer(&self, seq: NewSequence) -> Result<(), Box<(NewSequence, CoordinatorError)>> {
+        offer_to(&self.group, &self.submit, &self.active, seq)
+    }
 }
 
 /// Queues `seq` on a group's loop, counted active until the loop ends it; refuses at once when

@@ -136,3 +136,45 @@ async fn streams_survive(fault: Fault, name: &str) {
     assert_eq!(status.counters.map(|c| c.migrations), Some(on_killed as u64));
     drop(workers);
 }
+
+/// A 3,000-token request that only a ring of three 1,024-token groups can hold, with a spare
+/// group: killing a ring member mid-decode moves the request to a new ring (the two survivors,
+/// reset, and the spare), which prefills prompt and outputs and goes on to the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_request_whose_member_dies_moves_to_a_new_ring_and_finishes_as_if_uninterrupted() {
+    const NEW_TOKENS: u32 = 48;
+    let etcd = EtcdServer::start().await;
+    let dir = fixture(&demo(), "migrate-ring");
+    let coordinator = coordinator(&dir, &etcd.url(), 1).expect("start coordinator");
+    let ttl = 2 * PATIENCE.as_secs();
+    let ids = ["w-a", "w-b", "w-c", "w-d"];
+    let mut workers: Vec<_> = ids.iter().map(|id| etcd_worker_with_kv(&etcd.url(), id, ttl, 1024).expect("start worker")).collect();
+    let mut client = connect(&coordinator.url).await;
+    until_serving_groups(&mut client, 4).await;
+    let request = || greedy(tokens((0..3000).map(|i| 3 + (i * 37 % 300) as u32).collect()), NEW_TOKENS);
+    let reference = generate(&mut client, request()).await.expect("uninterrupted ring run");
+    assert_eq!(reference.started.as_ref().and_then(|s| s.placement.as_ref()).map(|p| p.sp), Some(3), "a ring of three");
+
+    let mut stream = client.clone().generate(request()).await.expect("accepted").into_inner();
+    let mut run = Run { tokens: Vec::new(), workers: Vec::new(), finished: None };
+    while run.tokens.len() < 3 {
+        match stream.message().await.expect("stream healthy").and_then(|m| m.event) {
+            Some(pb::generate_response::Event::Started(s)) => run.workers = s.placement.map(|p| p.workers).unwrap_or_default(),
+            Some(pb::generate_response::Event::Chunk(c)) => run.tokens.extend(c.tokens.iter().map(|t| t.id)),
+            other => panic!("the ring stream ended before the kill: {other:?}"),
+        }
+    }
+    let victim = ids.iter().position(|id| run.workers.iter().any(|w| w == id)).expect("a ring member");
+    workers[victim].0.kill().expect("SIGKILL a ring member");
+    let run = finish(stream, run).await.unwrap_or_else(|status| panic!("the ring request did not survive: {status:?}"));
+    assert_eq!(run.tokens, reference.tokens(), "the moved ring request differs from its uninterrupted run");
+    let finished = run.finished.expect("finished");
+    assert_eq!(finished.migrations, 1);
+    assert_eq!(finished.usage.map(|u| u.completion_tokens), Some(NEW_TOKENS), "every token counted once");
+    let dead = ids[victim];
+    let status = until_status(&client, "no sequence left on any live worker", |s| {
+        s.workers.iter().filter(|w| w.id != dead).all(|w| w.sequences == 0 && w.kv_blocks == 0)
+    })
+    .await;
+    assert_eq!(status.counters.map(|c| c.migrations), Some(1));
+}

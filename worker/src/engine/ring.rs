@@ -50,6 +50,9 @@ pub struct RingSampling {
     pub params: SamplingParams,
     /// Alternatives to report with each sampled token.
     pub top_logprobs: usize,
+    /// A sequence moved off a lost ring: its original prompt length and the random numbers its
+    /// sampler had drawn.
+    pub resume: Option<(usize, u64)>,
 }
 
 /// One ring call of one sequence.
@@ -91,13 +94,16 @@ pub struct RingSampled {
     pub logprob: f32,
     /// The most likely tokens and their log-probabilities, most likely first (empty unless asked).
     pub top: Vec<(u32, f32)>,
+    /// Random numbers the sequence's sampler has drawn so far.
+    pub rng_draws: u64,
 }
 
 pub(super) enum RingCommand {
     Prepare(RingMembership, oneshot::Sender<Result<SocketAddr>>),
     Join(String, Vec<SocketAddr>, oneshot::Sender<Result<()>>),
     Leave(String, oneshot::Sender<Result<Vec<SeqId>>>),
-    Step(RingSeqStep, oneshot::Sender<Result<RingSampled>>),
+    // Boxed: a step carries a whole prompt's sampling state, far larger than the other commands.
+    Step(Box<RingSeqStep>, oneshot::Sender<Result<RingSampled>>),
 }
 
 impl EngineHandle {
@@ -120,7 +126,7 @@ impl EngineHandle {
 
     /// Runs one ring step, in lockstep with every rank of every member of the ring.
     pub async fn ring_step(&self, group: String, step: RingSeqStep) -> Result<RingSampled> {
-        self.call(|r| Command::Ring(group, RingCommand::Step(step, r))).await?
+        self.call(|r| Command::Ring(group, RingCommand::Step(Box::new(step), r))).await?
     }
 }
 
@@ -170,7 +176,7 @@ impl Engine {
                 let _ = reply.send(self.leave_ring(group, &ring_id));
             }
             RingCommand::Step(step, reply) => {
-                let _ = reply.send(self.ring_step(group, step));
+                let _ = reply.send(self.ring_step(group, *step));
             }
         }
     }
@@ -331,9 +337,13 @@ fn run_step(s: &mut Serving, capacity: u64, mut step: RingSeqStep) -> std::resul
     let seq = step.seq;
     match step.work {
         RingWork::Prefill { prompt_len, tokens, prompt, sampling } => {
-            let mut sampler = Sampler::new(sampling.params);
+            let mut sampler = match sampling.resume {
+                Some((prompt_len, draws)) => Sampler::resumed(sampling.params, prompt_len, draws),
+                None => Sampler::new(sampling.params),
+            };
             if let Some(prompt) = &prompt {
-                sampler.observe_prompt(prompt);
+                // A resumed sequence's tokens past its original prompt count as generated.
+                sampler.observe_context(0, prompt);
             }
             let step = RingStep::Prefill(PrefillStep { seq, prompt_len, tokens: &tokens });
             let row = forward(model, kv, &mut rc, &step)?;
@@ -462,5 +472,5 @@ fn forward(model: &Model, kv: &mut KvCache, comm: &mut RingComm, step: &RingStep
 /// Samples exactly as `Step` does.
 fn sample(seq: &mut SeqSampling, row: &[f32]) -> RingSampled {
     let pick = seq.pick(row);
-    RingSampled { token: pick.token, logprob: pick.logprob, top: pick.top }
+    RingSampled { token: pick.token, logprob: pick.logprob, top: pick.top, rng_draws: seq.sampler.rng_draws() }
 }

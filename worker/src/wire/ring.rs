@@ -50,7 +50,7 @@ pub fn ring_step(req: pb::RingStepRequest) -> Result<(String, RingSeqStep), Work
 
 pub fn ring_sampled(s: RingSampled) -> pb::RingStepResponse {
     let top = s.top.into_iter().map(|(token, logprob)| pb::TopToken { token, logprob }).collect();
-    pb::RingStepResponse { token: s.token, logprob: s.logprob, top }
+    pb::RingStepResponse { token: s.token, logprob: s.logprob, top, rng_draws: s.rng_draws }
 }
 
 fn ring_id(id: &str) -> Result<(), WorkerError> {
@@ -67,5 +67,5 @@ fn sampling_of(p: pb::Sampling) -> Result<RingSampling, WorkerError> {
     // `Sampling` is read in one place, a step's sequence; a ring step reads it through there.
     let work = super::seq_work(pb::SeqStep { sampling: Some(p), ..Default::default() })?;
     let params = work.sampling.ok_or_else(|| WorkerError::InvalidArgument("missing sampling parameters".into()))?;
-    Ok(RingSampling { params, top_logprobs: work.top_logprobs })
+    Ok(RingSampling { params, top_logprobs: work.top_logprobs, resume: work.resume })
 }
