@@ -330,7 +330,7 @@ impl Running {
         if let (Some(s), Mode::Sampled(m)) = (&sampling, &mut self.mode) {
             m.in_force = wpb::Sampling { resume: None, ..s.clone() };
         }
-        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling, sample: feed.awaiting }
+        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling, sample: feed.awaiting, no_prefix_cache: false }
     }
 
     /// One decode step of every live beam, after its forks.
@@ -344,7 +344,14 @@ impl Running {
         let steps = b
             .feed
             .drain(..)
-            .map(|(lane, token)| wpb::SeqStep { seq_id: b.first + lane as u64, start, tokens: vec![token], sampling: None, sample: true })
+            .map(|(lane, token)| wpb::SeqStep {
+                seq_id: b.first + lane as u64,
+                start,
+                tokens: vec![token],
+                sampling: None,
+                sample: true,
+                no_prefix_cache: false,
+            })
             .collect::<Vec<_>>();
         b.asked = steps.len();
         self.feed.cached += 1;

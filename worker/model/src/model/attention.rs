@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{ModelError, Result};
-use crate::kernels::decode_attention::{self, DecodeRow};
+use crate::kernels::decode_attention::{self, Cached, DecodeRow};
 use crate::kernels::elem::Dest;
 use crate::model::kv_cache::KvCache;
 use crate::model::layer::{AttentionStep, LayerSlot};
@@ -244,26 +244,29 @@ impl AttentionStep for CacheAttention<'_> {
             }
         }
         let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(chunks.len());
-        // Decode rows (one query seeing every cached key) go through one fused pass below.
+        // Decode rows (one query seeing every cached key) go through one fused pass below,
+        // reading their blocks in place.
         let mut decode = Vec::new();
         let mut offset = 0;
         for (chunk, mask) in chunks.iter().zip(masks) {
             let q_c = q.narrow(0, offset, chunk.len)?;
             let k_c = k.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
             let v_c = v.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
-            let (keys, values) = self.kv.write(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
-            if chunk.len == 1 && decode_attention::applies(&q_c, &keys) {
-                decode.push((outputs.len(), offset, keys, values, mask.first_key(chunk.start + 1)));
+            if chunk.len == 1 && decode_attention::applies(&q_c, self.kv.dtype()) {
+                self.kv.write_rows(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
+                decode.push((outputs.len(), offset, chunk.seq, mask.first_key(chunk.start + 1)..chunk.start + 1));
                 outputs.push(None);
             } else {
+                let (keys, values) = self.kv.write(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
                 outputs.push(Some(attend(&q_c, &keys, &values, mask)?));
             }
             offset += chunk.len;
         }
         if !decode.is_empty() {
+            let kv = &*self.kv;
             let row = |i: usize| {
-                let (_, q_row, keys, values, first) = &decode[i];
-                Ok(DecodeRow { q_row: *q_row, keys, values, visible: *first..keys.dim(1)? })
+                let (_, q_row, seq, visible) = &decode[i];
+                Ok(DecodeRow { q_row: *q_row, kv: Cached::Paged(kv.paged(*seq, layer.index)?), visible: visible.clone() })
             };
             let fused = decode_attention::decode_attention(q, decode.len(), &row, None)?;
             for (j, (slot, ..)) in decode.iter().enumerate() {
@@ -277,13 +280,12 @@ impl AttentionStep for CacheAttention<'_> {
 
 impl CacheAttention<'_> {
     /// A step of decode rows only (one token per sequence, seeing every cached key or the last
-    /// `window` of them): each row's key and value go straight into its cache, and one fused
-    /// pass attends them all, reading the caches in place. `None` where the CPU pass does not
+    /// `window` of them): each row's key and value go straight into its block, and one fused
+    /// pass attends them all, reading the blocks in place. `None` where the CPU pass does not
     /// apply.
     fn decode_step(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, dest: Option<&Dest>) -> Result<Option<Tensor>> {
         let chunks = self.batch.chunks;
-        let Some(first) = chunks.first() else { return Ok(None) };
-        if !decode_attention::applies(q, self.kv.tensors(first.seq, layer.index)?.0) {
+        if chunks.is_empty() || !decode_attention::applies(q, self.kv.dtype()) {
             return Ok(None);
         }
         for (i, c) in chunks.iter().enumerate() {
@@ -296,10 +298,10 @@ impl CacheAttention<'_> {
         let kv = &*self.kv;
         let row = |i: usize| {
             let c = &chunks[i];
-            let (keys, values) = kv.tensors(c.seq, layer.index)?;
             // As `ChunkMask`: a query at position p sees keys p - window + 1 ..= p.
             let end = c.start + 1;
-            Ok(DecodeRow { q_row: i, keys, values, visible: end.saturating_sub(layer.window.unwrap_or(end))..end })
+            let visible = end.saturating_sub(layer.window.unwrap_or(end))..end;
+            Ok(DecodeRow { q_row: i, kv: Cached::Paged(kv.paged(c.seq, layer.index)?), visible })
         };
         Ok(Some(decode_attention::decode_attention(q, chunks.len(), &row, dest)?))
     }
