@@ -72,7 +72,8 @@ impl Inference for InferenceService {
                 let where_ = pb::Placement { tp: placement.tp, sp: 1, workers: placement.workers.clone() };
                 output.started(request_id.clone(), prompt_tokens, where_);
                 let (prompt, reserve, beam) = (prepared.prompt, needs.kv_tokens, prepared.beam);
-                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None })?;
+                let no_prefix_cache = prepared.no_prefix_cache;
+                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None, no_prefix_cache })?;
                 tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
             }
         }

@@ -347,6 +347,25 @@ mod tests {
         }
     }
 
+    /// Prefill reads a sequence's keys gathered from its blocks into one tensor; the same keys
+    /// as a view into a longer tensor (how a contiguous per-sequence cache handed them out)
+    /// give the same bits, in every type, with and without a sliding window.
+    #[test]
+    fn gathered_keys_give_the_bits_of_a_view_into_a_longer_cache() {
+        let (start, len) = (40, QUERY_BLOCK + 22);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let q = random((len, 4, 8), 7).to_dtype(dtype).unwrap();
+            let (k, v) = (random((2, 256, 8), 8).to_dtype(dtype).unwrap(), random((2, 256, 8), 9).to_dtype(dtype).unwrap());
+            let view = |t: &Tensor| t.narrow(1, 0, start + len).unwrap();
+            for window in [None, Some(60)] {
+                let mask = ChunkMask::new(start, len, window, &Device::Cpu).unwrap();
+                let a = attend(&q, &view(&k), &view(&v), &mask).unwrap().to_dtype(DType::F32).unwrap();
+                let b = attend(&q, &view(&k).contiguous().unwrap(), &view(&v).contiguous().unwrap(), &mask).unwrap();
+                assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(), "{dtype:?} {window:?}");
+            }
+        }
+    }
+
     #[test]
     fn merged_parts_equal_attention_over_all_keys() {
         let (q, k, v) = inputs();
