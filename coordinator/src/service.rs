@@ -51,7 +51,7 @@ impl Inference for InferenceService {
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
         let beams = prepared.beam.map_or(1, |b| b.num_beams);
-        let (route, needs) = self.cluster.place(&prepared.model, prepared.prompt.len(), prepared.stopping.max_new_tokens, beams)?;
+        let (route, needs) = self.cluster.place(&prepared.model, &prepared.prompt, prepared.stopping.max_new_tokens, beams)?;
         let seq = self.cluster.next_seqs(beams as u64);
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;
