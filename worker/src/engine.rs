@@ -451,7 +451,14 @@ impl Engine {
                 self.state = State::Failed { group_id, error: e.to_string() };
                 return Err(e.into());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // A refused step holds nothing: the sequences it started (and the cached
+                // blocks they took) are given back, as every rank refuses alike.
+                for w in work.iter().filter(|w| w.start == 0) {
+                    s.kv.release(w.seq);
+                }
+                return Err(e.into());
+            }
         };
         let started = std::time::Instant::now();
         let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(tessera_model::ModelError::from)?;

@@ -114,6 +114,14 @@ async fn a_cached_prefix_is_reused_counted_and_gives_the_same_tokens() {
     assert_eq!(greedy(&w, group, 3, &p, 8, true).await, first);
     assert_eq!(status(&w).await.prefix_hits, 1, "the private sequence looked nothing up");
     assert_eq!(status(&w).await.kv_blocks, 8, "4 blocks each: the shared blocks once, the private copy's own");
+
+    // A new sequence refused by the model (a token outside the vocabulary) after taking the
+    // cached blocks of its prefix gives them back.
+    let bad = [&p[..49], &[1_000_000]].concat();
+    let refused = step(&w, group, vec![seq_step(4, 0, bad, Some(pb::Sampling::default()))]).await.expect_err("bad token");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let s = status(&w).await;
+    assert_eq!((s.sequences, s.kv_blocks, s.prefix_hits), (2, 8, 2), "looked up, then given back");
 }
 
 #[tokio::test]
