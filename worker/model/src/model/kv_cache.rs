@@ -334,6 +334,15 @@ impl KvCache {
         if caching == PrefixCaching::Off || entry.ring.is_some() || entry.len != start || chain.filled != 0 {
             return Ok(0);
         }
+        if tokens.len() > KV_BLOCK_TOKENS {
+            // Blocks past the sequence's length (made ready by a forward call that then
+            // failed) would sit between its tokens and the reused ones: give them back first.
+            while entry.table.len() > start / KV_BLOCK_TOKENS {
+                if let Some(b) = entry.table.pop() {
+                    pool.release(b);
+                }
+            }
+        }
         let mut reused = 0;
         while reused + KV_BLOCK_TOKENS < tokens.len() {
             let mut block_tokens = [0u32; KV_BLOCK_TOKENS];
@@ -606,5 +615,72 @@ impl KvCache {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(max_blocks: Option<usize>) -> KvCache {
+        let spec = KvSpec { layers: 2, kv_heads: 1, head_dim: 4, dtype: DType::F32, device: Device::Cpu };
+        KvCache::with_config(spec, KvCacheConfig { max_blocks, ..KvCacheConfig::default() })
+    }
+
+    /// Fills `seq` with `tokens` as a forward call would (room, then the commit), without
+    /// computing keys.
+    fn feed(kv: &mut KvCache, seq: SeqId, start: usize, tokens: &[u32]) {
+        kv.prepare(seq, start, start + tokens.len()).unwrap();
+        kv.commit_tokens(seq, start, tokens).unwrap();
+    }
+
+    #[test]
+    fn reuse_takes_the_longest_cached_run_of_whole_blocks_and_leaves_a_token_to_compute() {
+        let mut kv = cache(None);
+        let prompt: Vec<u32> = (0..40).collect();
+        feed(&mut kv, 1, 0, &prompt);
+        let first_blocks = kv.seqs[&1].table[..2].to_vec();
+        // Same 32 tokens, then others: both full blocks reused.
+        let other: Vec<u32> = (0..32).chain(100..110).collect();
+        assert_eq!(kv.reuse_prefix(2, 0, &other, PrefixCaching::On).unwrap(), 32);
+        assert_eq!(kv.seqs[&2].table, first_blocks);
+        assert_eq!(kv.len(2), Some(32));
+        // Exactly the 32 cached tokens: the last is computed, so only the first block.
+        assert_eq!(kv.reuse_prefix(3, 0, &prompt[..32], PrefixCaching::On).unwrap(), 16);
+        // Opted out: nothing.
+        assert_eq!(kv.reuse_prefix(4, 0, &prompt, PrefixCaching::Off).unwrap(), 0);
+        assert_eq!(kv.blocks(), 3, "sequence 1's three blocks, shared");
+        kv.check().unwrap();
+        for seq in 1..=4 {
+            kv.release(seq);
+        }
+        assert_eq!(kv.check().unwrap(), PoolCounts { blocks: 64, used: 0, cached: 2, free: 62 });
+    }
+
+    #[test]
+    fn blocks_left_past_the_length_by_a_failed_call_are_given_back_before_a_reuse() {
+        let mut kv = cache(None);
+        let prompt: Vec<u32> = (0..48).collect();
+        feed(&mut kv, 1, 0, &prompt);
+        feed(&mut kv, 2, 0, &prompt[..16]);
+        // A call that made room for 32 more tokens of sequence 2, then failed before its commit.
+        kv.prepare(2, 16, 48).unwrap();
+        assert_eq!(kv.seq_blocks(2), 3);
+        assert_eq!(kv.reuse_prefix(2, 16, &prompt[16..], PrefixCaching::On).unwrap(), 16);
+        assert_eq!(kv.seqs[&2].table[1], kv.seqs[&1].table[1], "the reused block follows the sequence's own");
+        assert_eq!(kv.len(2), Some(32));
+        kv.check().unwrap();
+    }
+
+    #[test]
+    fn a_full_pool_evicts_cached_blocks_and_refuses_only_when_all_are_in_use() {
+        let mut kv = cache(Some(3));
+        feed(&mut kv, 1, 0, &(0..32).collect::<Vec<u32>>());
+        kv.release(1);
+        assert_eq!(kv.pool_counts().cached, 2);
+        feed(&mut kv, 2, 0, &(50..98).collect::<Vec<u32>>());
+        assert_eq!(kv.prefix_stats().evictions, 2);
+        assert!(matches!(kv.prepare(3, 0, 1), Err(ModelError::KvFull { blocks: 3 })));
+        kv.check().unwrap();
     }
 }
