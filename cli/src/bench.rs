@@ -273,6 +273,7 @@ fn request(args: &BenchArgs, input: pb::generate_request::Input, output_len: u32
         sampling: Some(pb::SamplingParams { temperature: Some(args.temperature), ..Default::default() }),
         stopping: Some(pb::StoppingCriteria { max_new_tokens: output_len, ignore_eos: true, ..Default::default() }),
         request_id: String::new(),
+        no_prefix_cache: false,
     }
 }
 

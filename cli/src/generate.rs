@@ -91,6 +91,9 @@ pub struct GenerateArgs {
     /// Keep generating past the model's end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Compute the whole prompt instead of reusing the workers' cached blocks of its prefix.
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// With --chat: a system message before the prompt.
     #[arg(long)]
     system: Option<String>,
@@ -169,6 +172,7 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             ignore_eos: args.ignore_eos,
         }),
         request_id: String::new(),
+        no_prefix_cache: args.no_prefix_cache,
     };
     let mut stream = match client.generate(request).await {
         Ok(r) => r.into_inner(),

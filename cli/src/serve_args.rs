@@ -65,6 +65,14 @@ pub struct ServeArgs {
     /// (0: only when no group can hold it).
     #[arg(long, default_value_t = 0)]
     pub ring_prefill_tokens: usize,
+    /// Send a request to the group that was lately sent the longest prefix of its prompt (its
+    /// workers likely still cache it) unless that group runs more than this many requests
+    /// beyond the least busy one.
+    #[arg(long, default_value_t = 2)]
+    pub prefix_affinity_margin: usize,
+    /// Place every request on the least busy group, ignoring cached prefixes.
+    #[arg(long)]
+    pub no_prefix_affinity: bool,
     /// Times one request may move to another group when its group is lost mid-request (it
     /// re-prefills what it had and goes on exactly); past that it ends UNAVAILABLE. 0: never.
     #[arg(long, default_value_t = ClusterConfig::default().migration_limit)]
@@ -146,6 +154,7 @@ impl ServeArgs {
                 static_batching: self.static_batching,
             },
             ring_prefill_tokens: self.ring_prefill_tokens,
+            prefix_affinity_margin: (!self.no_prefix_affinity).then_some(self.prefix_affinity_margin),
             migration_limit: self.migration_limit,
             ..ClusterConfig::default()
         };

@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod model;
 mod output;
 mod placement;
+mod prefix_affinity;
 mod prometheus;
 pub mod request;
 mod ring;

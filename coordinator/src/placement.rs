@@ -21,6 +21,9 @@ pub(crate) struct GroupView {
     pub active: usize,
     /// When it was last chosen (a placement counter), so ties go round-robin.
     pub last_placed: u64,
+    /// Tokens of the request's prompt this group was sent lately as the prefix of another
+    /// prompt, so its workers likely hold their keys and values (`prefix_affinity.rs`).
+    pub cached_prefix: usize,
 }
 
 impl GroupView {
@@ -127,14 +130,28 @@ pub(crate) fn ring_share(total: u64, size: usize) -> u64 {
     total.div_ceil(size as u64) + 2
 }
 
+/// How [`place`] chooses beyond fitting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Policy {
+    /// Prompts of at least this many tokens go to a ring even when one group holds them (0:
+    /// never).
+    pub ring_prefill_tokens: usize,
+    /// Prefer the group holding the longest prefix of the prompt unless it runs more than this
+    /// many requests beyond the least busy group (`None`: the least busy group always).
+    pub prefix_affinity_margin: Option<usize>,
+}
+
 /// Where `req` goes: the least busy open group of its model that can hold it (among equally
-/// busy ones, the one chosen least recently); when no group can, the smallest ring of serving
-/// groups whose members can each hold their share.
+/// busy ones, the one chosen least recently), or, with a prefix affinity margin, the one that
+/// holds the longest prefix of its prompt if it is not busier than that by more than the
+/// margin; when no group can hold it, the smallest ring of serving groups whose members can
+/// each hold their share.
 ///
 /// With `ring_prefill_tokens` set, a prompt of at least that many tokens goes to a ring of
 /// `ceil(prompt / ring_prefill_tokens)` groups (as many as serve, at most) when that is more
 /// than the capacity alone needs: the prefill-cost rule.
-pub(crate) fn place(groups: &[GroupView], req: &PlacementRequest, ring_prefill_tokens: usize) -> Result<Decision, Refusal> {
+pub(crate) fn place(groups: &[GroupView], req: &PlacementRequest, policy: Policy) -> Result<Decision, Refusal> {
+    let ring_prefill_tokens = policy.ring_prefill_tokens;
     let mut capacities: Vec<u64> = groups.iter().filter(|g| g.open_for(req.model)).map(|g| g.kv_capacity).collect();
     capacities.sort_unstable_by(|a, b| b.cmp(a));
     let tokens = req.kv_tokens;
@@ -160,8 +177,16 @@ pub(crate) fn place(groups: &[GroupView], req: &PlacementRequest, ring_prefill_t
             }
         };
     }
-    let fits = |g: &&GroupView| g.open_for(req.model) && g.kv_capacity >= tokens;
-    match groups.iter().filter(fits).filter(|g| !g.held).min_by_key(|g| (g.active, g.last_placed)) {
+    let fits = |g: &&GroupView| g.open_for(req.model) && g.kv_capacity >= tokens && !g.held;
+    let least = groups.iter().filter(fits).min_by_key(|g| (g.active, g.last_placed));
+    let preferred = least.zip(policy.prefix_affinity_margin).and_then(|(least, margin)| {
+        groups
+            .iter()
+            .filter(fits)
+            .filter(|g| g.cached_prefix > 0 && g.active <= least.active.saturating_add(margin))
+            .max_by_key(|g| (g.cached_prefix, std::cmp::Reverse((g.active, g.last_placed))))
+    });
+    match preferred.or(least) {
         Some(g) => Ok(Decision::Group(g.id)),
         None => {
             let held = groups.iter().filter(|g| g.model == req.model && g.serving && g.held).count();

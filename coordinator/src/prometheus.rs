@@ -137,15 +137,20 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     );
 
     type Read = fn(&pb::WorkerStatus) -> u64;
-    let per_worker: [(&str, &str, Read); 5] = [
-        ("tessera_worker_kv_tokens", "KV cache tokens a worker holds.", |w| w.kv_tokens),
-        ("tessera_worker_kv_capacity_tokens", "KV cache tokens a worker can hold.", |w| w.kv_capacity_tokens),
-        ("tessera_worker_kv_blocks", "KV cache blocks (16 tokens each) a worker holds.", |w| w.kv_blocks),
-        ("tessera_worker_kv_capacity_blocks", "KV cache blocks a worker can hold.", |w| w.kv_capacity_blocks),
-        ("tessera_worker_sequences", "Sequences a worker holds.", |w| u64::from(w.sequences)),
+    let per_worker: [(&str, &str, &str, Read); 10] = [
+        ("tessera_worker_kv_tokens", "KV cache tokens a worker holds.", "gauge", |w| w.kv_tokens),
+        ("tessera_worker_kv_capacity_tokens", "KV cache tokens a worker can hold.", "gauge", |w| w.kv_capacity_tokens),
+        ("tessera_worker_kv_blocks", "KV cache blocks (16 tokens each) a worker holds.", "gauge", |w| w.kv_blocks),
+        ("tessera_worker_kv_capacity_blocks", "KV cache blocks a worker can hold.", "gauge", |w| w.kv_capacity_blocks),
+        ("tessera_worker_sequences", "Sequences a worker holds.", "gauge", |w| u64::from(w.sequences)),
+        ("tessera_worker_prefix_cached_blocks", "KV blocks a worker's prefix cache names.", "gauge", |w| w.prefix_cached_blocks),
+        ("tessera_worker_prefix_unused_blocks", "Cached KV blocks no sequence uses (evictable).", "gauge", |w| w.prefix_unused_blocks),
+        ("tessera_worker_prefix_hits_total", "Prefix cache lookups that reused blocks.", "counter", |w| w.prefix_hits),
+        ("tessera_worker_prefix_hit_tokens_total", "Prompt tokens reused from the prefix cache.", "counter", |w| w.prefix_hit_tokens),
+        ("tessera_worker_prefix_evictions_total", "Cached KV blocks evicted for room.", "counter", |w| w.prefix_evictions),
     ];
-    for (name, help, value) in per_worker {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+    for (name, help, kind, value) in per_worker {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
         for w in &status.workers {
             let _ = writeln!(out, "{name}{{worker=\"{}\"}} {}", escape(&w.id), value(w));
         }
@@ -186,6 +191,7 @@ mod tests {
                 kv_tokens: 12,
                 kv_capacity_tokens: 4096,
                 sequences: 1,
+                prefix_hit_tokens: 992,
                 ..Default::default()
             }],
             queued_requests: 2,
@@ -214,6 +220,8 @@ mod tests {
             "tessera_inter_token_latency_seconds_bucket{le=\"0.005\"} 1",
             "tessera_inter_token_latency_seconds_bucket{le=\"+Inf\"} 1",
             "tessera_worker_kv_tokens{worker=\"w\\\"1\"} 12",
+            "# TYPE tessera_worker_prefix_hit_tokens_total counter",
+            "tessera_worker_prefix_hit_tokens_total{worker=\"w\\\"1\"} 992",
             "tessera_worker_kv_capacity_tokens{worker=\"w\\\"1\"} 4096",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

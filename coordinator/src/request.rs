@@ -41,6 +41,8 @@ pub struct Prepared {
     pub stopping: Stopping,
     /// Set when the request asked for beam search.
     pub beam: Option<BeamConfig>,
+    /// The request opted out of prefix caching on the workers.
+    pub no_prefix_cache: bool,
 }
 
 /// The served model a request names. An empty name means the only served model, if there is
@@ -83,7 +85,8 @@ pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &L
     let mut stopping = stopping(req.stopping.unwrap_or_default(), prompt.len(), &model, limits)?;
     stopping.loop_guard = loop_guard;
     stopping.remove_repeated_sentences = remove_repeated_sentences;
-    Ok(Prepared { model, request_id: req.request_id, prompt, sampling, seed_given, stopping, beam })
+    let no_prefix_cache = req.no_prefix_cache;
+    Ok(Prepared { model, request_id: req.request_id, prompt, sampling, seed_given, stopping, beam, no_prefix_cache })
 }
 
 /// Beam search settings, when asked for (`num_beams` ≥ 2). Beam search is deterministic and

@@ -49,6 +49,8 @@ pub(crate) struct RingRequest {
     /// For placing it again after a lost member.
     pub model: Arc<ServedModel>,
     pub max_new_tokens: u32,
+    /// The request opted out of prefix caching (kept for a move onto a group).
+    pub no_prefix_cache: bool,
     /// What it generated on earlier rings (empty on its first), with its sampler's state.
     pub progress: Progress,
 }
@@ -179,11 +181,12 @@ async fn move_on(cluster: &Arc<Cluster>, mut req: RingRequest, status: Status) -
     }
     let done = req.progress.outputs.len();
     let remaining = req.max_new_tokens.saturating_sub(done as u32);
+    let context: Vec<u32> = req.prompt.iter().chain(&req.progress.outputs).copied().collect();
     let give_up = tokio::time::Instant::now() + MOVE_PATIENCE;
     let mut serving = cluster.serving_groups();
     let route = loop {
         serving.borrow_and_update();
-        match cluster.place(&req.model, req.prompt.len() + done, remaining, 1) {
+        match cluster.place(&req.model, &context, remaining, 1) {
             Ok((route, _)) => break route,
             Err(e) => {
                 let changed = tokio::select! {
@@ -223,6 +226,7 @@ async fn move_on(cluster: &Arc<Cluster>, mut req: RingRequest, status: Status) -
                 output: req.output,
                 beam: None,
                 resume: Some(resume),
+                no_prefix_cache: req.no_prefix_cache,
             };
             if let Err(refused) = placement.offer(seq) {
                 let (seq, error) = *refused;

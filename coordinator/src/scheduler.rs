@@ -72,6 +72,8 @@ pub(crate) struct NewSequence {
     /// Set for a sampled sequence that ran on a group now lost: what it had generated, to be
     /// prefilled again with the prompt and continued exactly.
     pub resume: Option<Resumed>,
+    /// The request opted out of the workers' prefix cache.
+    pub no_prefix_cache: bool,
 }
 
 /// A sampled sequence's progress, carried to another group when its own is lost.
@@ -201,6 +203,7 @@ struct Running {
     deadline: Option<Instant>,
     output: SequenceOutput,
     mode: Mode,
+    no_prefix_cache: bool,
 }
 
 impl Running {
@@ -237,7 +240,8 @@ impl Running {
         };
         let next_sampling = Some(resumed_sampling.unwrap_or_else(|| output.base_sampling().clone()));
         let feed = Feed { prefill_len: pending.len() as u32, pending, cached: 0, awaiting: false };
-        Self { seq: s.seq, reserve: s.reserve, feed, next_sampling, deadline: s.deadline, output, mode }
+        let no_prefix_cache = s.no_prefix_cache;
+        Self { seq: s.seq, reserve: s.reserve, feed, next_sampling, deadline: s.deadline, output, mode, no_prefix_cache }
     }
 
     /// The request as it would arrive anew, to go on on another group: a sampled sequence with
@@ -252,7 +256,17 @@ impl Running {
                 (s.prompt, None, Some(resume))
             }
         };
-        NewSequence { seq: self.seq, prompt, reserve: self.reserve, deadline: self.deadline, output: self.output, beam, resume }
+        let no_prefix_cache = self.no_prefix_cache;
+        NewSequence {
+            seq: self.seq,
+            prompt,
+            reserve: self.reserve,
+            deadline: self.deadline,
+            output: self.output,
+            beam,
+            resume,
+            no_prefix_cache,
+        }
     }
 
     /// Worker sequences this request holds, once it has been stepped.
@@ -330,7 +344,7 @@ impl Running {
         if let (Some(s), Mode::Sampled(m)) = (&sampling, &mut self.mode) {
             m.in_force = wpb::Sampling { resume: None, ..s.clone() };
         }
-        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling, sample: feed.awaiting }
+        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling, sample: feed.awaiting, no_prefix_cache: self.no_prefix_cache }
     }
 
     /// One decode step of every live beam, after its forks.
@@ -344,7 +358,14 @@ impl Running {
         let steps = b
             .feed
             .drain(..)
-            .map(|(lane, token)| wpb::SeqStep { seq_id: b.first + lane as u64, start, tokens: vec![token], sampling: None, sample: true })
+            .map(|(lane, token)| wpb::SeqStep {
+                seq_id: b.first + lane as u64,
+                start,
+                tokens: vec![token],
+                sampling: None,
+                sample: true,
+                no_prefix_cache: false,
+            })
             .collect::<Vec<_>>();
         b.asked = steps.len();
         self.feed.cached += 1;

@@ -51,7 +51,7 @@ impl Inference for InferenceService {
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
         let beams = prepared.beam.map_or(1, |b| b.num_beams);
-        let (route, needs) = self.cluster.place(&prepared.model, prepared.prompt.len(), prepared.stopping.max_new_tokens, beams)?;
+        let (route, needs) = self.cluster.place(&prepared.model, &prepared.prompt, prepared.stopping.max_new_tokens, beams)?;
         let seq = self.cluster.next_seqs(beams as u64);
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;
@@ -74,6 +74,7 @@ impl Inference for InferenceService {
                     request_id: request_id.clone(),
                     model: prepared.model.clone(),
                     max_new_tokens,
+                    no_prefix_cache: prepared.no_prefix_cache,
                     progress,
                 };
                 tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, "generate on a ring");
@@ -83,7 +84,8 @@ impl Inference for InferenceService {
                 let where_ = pb::Placement { tp: placement.tp, sp: 1, workers: placement.workers.clone() };
                 output.started(request_id.clone(), prompt_tokens, where_);
                 let (prompt, reserve, beam) = (prepared.prompt, needs.kv_tokens, prepared.beam);
-                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None })?;
+                let no_prefix_cache = prepared.no_prefix_cache;
+                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None, no_prefix_cache })?;
                 tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
             }
         }

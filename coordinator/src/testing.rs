@@ -82,7 +82,10 @@ impl Req {
             Some(n) => n as u64 * tessera_proto::kv_blocks(reserve) * tessera_proto::KV_BLOCK_TOKENS,
             None => reserve,
         };
-        (NewSequence { seq: self.seq, prompt, reserve, deadline: self.deadline, output, beam, resume: None }, Client { rx })
+        (
+            NewSequence { seq: self.seq, prompt, reserve, deadline: self.deadline, output, beam, resume: None, no_prefix_cache: false },
+            Client { rx },
+        )
     }
 }
 

@@ -83,7 +83,18 @@ async fn two_worker_processes_serve_a_tp2_group() {
     let sampling = pb::Sampling { temperature: 0.0, top_k: 0, top_p: None, seed: 0, ..Default::default() };
     let first = lockstep(
         &mut clients,
-        step(group, 0, vec![pb::SeqStep { seq_id: 42, start: 0, tokens: prompt.clone(), sampling: Some(sampling.clone()), sample: true }]),
+        step(
+            group,
+            0,
+            vec![pb::SeqStep {
+                seq_id: 42,
+                start: 0,
+                tokens: prompt.clone(),
+                sampling: Some(sampling.clone()),
+                sample: true,
+                no_prefix_cache: false,
+            }],
+        ),
     )
     .await
     .unwrap();
@@ -97,6 +108,7 @@ async fn two_worker_processes_serve_a_tp2_group() {
             tokens: vec![*greedy.last().unwrap()],
             sampling: None,
             sample: true,
+            no_prefix_cache: false,
         };
         let t = lockstep(&mut clients, step(group, 1 + i as u64, vec![seq])).await.unwrap();
         greedy.push(t[0].token);
@@ -120,7 +132,14 @@ async fn two_worker_processes_serve_a_tp2_group() {
         step(
             group,
             99,
-            vec![pb::SeqStep { seq_id: 7, start: 0, tokens: vec![1, 100_000], sampling: Some(sampling.clone()), sample: true }],
+            vec![pb::SeqStep {
+                seq_id: 7,
+                start: 0,
+                tokens: vec![1, 100_000],
+                sampling: Some(sampling.clone()),
+                sample: true,
+                no_prefix_cache: false,
+            }],
         ),
     )
     .await
@@ -129,14 +148,36 @@ async fn two_worker_processes_serve_a_tp2_group() {
     assert!(bad.message().contains("100000"), "{bad:?}");
     let too_long = lockstep(
         &mut clients,
-        step(group, 100, vec![pb::SeqStep { seq_id: 8, start: 0, tokens: vec![5; 5000], sampling: Some(sampling.clone()), sample: true }]),
+        step(
+            group,
+            100,
+            vec![pb::SeqStep {
+                seq_id: 8,
+                start: 0,
+                tokens: vec![5; 5000],
+                sampling: Some(sampling.clone()),
+                sample: true,
+                no_prefix_cache: false,
+            }],
+        ),
     )
     .await
     .unwrap_err();
     assert_eq!(too_long.code(), Code::ResourceExhausted, "{too_long:?}");
     let ok = lockstep(
         &mut clients,
-        step(group, 101, vec![pb::SeqStep { seq_id: 9, start: 0, tokens: prompt.clone(), sampling: Some(sampling.clone()), sample: true }]),
+        step(
+            group,
+            101,
+            vec![pb::SeqStep {
+                seq_id: 9,
+                start: 0,
+                tokens: prompt.clone(),
+                sampling: Some(sampling.clone()),
+                sample: true,
+                no_prefix_cache: false,
+            }],
+        ),
     )
     .await
     .unwrap();

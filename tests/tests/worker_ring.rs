@@ -72,13 +72,21 @@ async fn serving_worker(group: &str) -> (ChildGuard, Client) {
 /// Greedy tokens of `prompt` and `STEPS` decode steps on one worker with plain `Step`s.
 async fn plain_greedy(client: &mut Client, group: &str, prompt: &[u32]) -> Vec<u32> {
     let mut tokens = Vec::with_capacity(STEPS + 1);
-    let mut seq = pb::SeqStep { seq_id: 7, start: 0, tokens: prompt.to_vec(), sampling: Some(greedy()), sample: true };
+    let mut seq =
+        pb::SeqStep { seq_id: 7, start: 0, tokens: prompt.to_vec(), sampling: Some(greedy()), sample: true, no_prefix_cache: false };
     for i in 0..=STEPS {
         let req = pb::StepRequest { group_id: group.into(), step: i as u64, seqs: vec![seq.clone()], ..Default::default() };
         let sampled = client.step(req).await.expect("plain step").into_inner().tokens;
         assert_eq!(sampled.len(), 1);
         tokens.push(sampled[0].token);
-        seq = pb::SeqStep { seq_id: 7, start: (prompt.len() + i) as u32, tokens: vec![sampled[0].token], sampling: None, sample: true };
+        seq = pb::SeqStep {
+            seq_id: 7,
+            start: (prompt.len() + i) as u32,
+            tokens: vec![sampled[0].token],
+            sampling: None,
+            sample: true,
+            no_prefix_cache: false,
+        };
     }
     client.release(pb::ReleaseRequest { group_id: group.into(), seq_ids: vec![7] }).await.expect("release");
     tokens

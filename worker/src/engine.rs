@@ -15,7 +15,10 @@ use std::sync::{mpsc, Arc};
 use candle_core::{DType, Device};
 use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
 use tessera_model::sampler::{Sampler, SamplingParams};
-use tessera_model::{Batch, BertModel, KvCache, LoadConfig, LogitsMode, Model, Numerics, Quantization, SeqChunk, SeqId};
+use tessera_model::{
+    Batch, BertModel, KvCache, KvCacheConfig, LoadConfig, LogitsMode, Model, Numerics, PrefixCaching, PrefixStats, Quantization,
+    RopeScaling, SeqChunk, SeqId,
+};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::WorkerError;
@@ -66,6 +69,8 @@ pub struct SeqWork {
     /// read with `sampling`.
     pub resume: Option<(usize, u64)>,
     pub sample: bool,
+    /// Whether a new sequence reuses and offers cached KV blocks of equal prefixes.
+    pub prefix_caching: PrefixCaching,
 }
 
 /// One step: forks applied first (`to` becomes a copy of `from`), then one forward over `seqs`.
@@ -97,6 +102,7 @@ pub struct EngineStatus {
     pub kv_tokens: u64,
     pub kv_blocks: u64,
     pub error: String,
+    pub prefix: PrefixStats,
 }
 
 enum Command {
@@ -343,8 +349,24 @@ impl Engine {
         let start = std::time::Instant::now();
         let model = Model::load(&a.model_dir, &load).map_err(WorkerError::loading)?;
         tracing::info!(group = %a.group_id, rank = a.tp_rank, secs = start.elapsed().as_secs_f64(), "shard loaded");
-        let kv = model.new_kv_cache();
+        let kv = model.new_kv_cache_with(self.kv_config(a, &model));
         Ok(Serving { group_id: a.group_id.clone(), tp_rank: a.tp_rank, model, kv, comm, samplers: HashMap::new(), ring: None })
+    }
+
+    /// The pool holds the blocks this worker accepts, so that cached blocks nobody uses never
+    /// take room a step needs. Blocks are named for this checkpoint, type and shard. Under
+    /// dynamic NTK scaling a position's keys depend on the sequence's length when computed, so
+    /// no prefix is reused there.
+    fn kv_config(&self, a: &Assignment, model: &Model) -> KvCacheConfig {
+        use std::hash::{Hash, Hasher};
+        let mut identity = std::collections::hash_map::DefaultHasher::new();
+        (a.model_dir.as_path(), a.dtype.as_str(), a.quantization.map(Quantization::name), a.tp_rank, a.tp_size).hash(&mut identity);
+        let dynamic = matches!(model.config().rope_scaling, RopeScaling::Dynamic { .. });
+        KvCacheConfig {
+            max_blocks: Some(usize::try_from(self.config.kv_capacity_tokens / tessera_model::KV_BLOCK_TOKENS as u64).unwrap_or(usize::MAX)),
+            prefix_cache: !dynamic,
+            model_identity: identity.finish(),
+        }
     }
 
     /// Encoders run whole on one rank (tensor parallelism is for decoders).
@@ -417,7 +439,8 @@ impl Engine {
         let s = self.serving(group, "step")?;
         check_kv_room(&s.kv, &work, &forks, capacity)?;
         apply_forks(s, &forks)?;
-        let (tokens, chunks) = prepare_samplers(s, &work);
+        let reused = reuse_prefixes(&mut s.kv, &work)?;
+        let (tokens, chunks) = prepare_samplers(s, &work, &reused);
         span.record("tokens", tokens.len());
         let started = std::time::Instant::now();
         let result = s.model.forward(&Batch { tokens: &tokens, chunks: &chunks }, &mut s.kv, s.comm.as_mut(), LogitsMode::LastPerChunk);
@@ -431,7 +454,14 @@ impl Engine {
                 self.state = State::Failed { group_id, error: e.to_string() };
                 return Err(e.into());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // A refused step holds nothing: the sequences it started (and the cached
+                // blocks they took) are given back, as every rank refuses alike.
+                for w in work.iter().filter(|w| w.start == 0) {
+                    s.kv.release(w.seq);
+                }
+                return Err(e.into());
+            }
         };
         let started = std::time::Instant::now();
         let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(tessera_model::ModelError::from)?;
@@ -473,6 +503,7 @@ impl Engine {
                 kv_tokens: s.kv.tokens() as u64,
                 kv_blocks: s.kv.blocks() as u64,
                 error: String::new(),
+                prefix: s.kv.prefix_stats(),
             },
             State::Encoding(e) => EngineStatus { state, group_id: e.group_id.clone(), ..EngineStatus::default() },
             State::Failed { group_id, error } => {
@@ -482,31 +513,43 @@ impl Engine {
     }
 }
 
-/// KV blocks `forks` add: each target ends up holding its source's tokens instead of its own.
 /// Refuses forks whose targets repeat or are also sources, as their order would then matter.
-fn fork_growth(kv: &KvCache, forks: &[(SeqId, SeqId)]) -> Result<u64> {
-    let mut added = 0u64;
+fn check_forks(kv: &KvCache, forks: &[(SeqId, SeqId)]) -> Result<()> {
     for (i, &(from, to)) in forks.iter().enumerate() {
         if forks[..i].iter().any(|&(_, t)| t == to) || forks.iter().any(|&(f, _)| f == to) {
             return Err(WorkerError::InvalidArgument(format!("fork target {to} repeats or is also a fork source")));
         }
-        let len = kv.len(from).ok_or_else(|| WorkerError::InvalidArgument(format!("fork from unknown sequence {from}")))?;
-        added = added.saturating_add(tessera_model::blocks_for(len) as u64).saturating_sub(kv.seq_blocks(to) as u64);
+        if kv.len(from).is_none() {
+            return Err(WorkerError::InvalidArgument(format!("fork from unknown sequence {from}")));
+        }
     }
-    Ok(added)
+    Ok(())
 }
 
-/// Refuses a step whole, before anything runs, when what the KV cache would hold afterwards
-/// (forks and new tokens counted in blocks) does not fit `capacity_tokens`.
+/// Refuses a step whole, before anything runs, when the blocks the KV cache would use
+/// afterwards (forks sharing their source's blocks, new tokens, copies of shared blocks written
+/// to; no prefix reuse assumed, which only lowers it) do not fit `capacity_tokens`. Blocks
+/// cached for prefixes but unused do not count: the pool evicts them for room.
 fn check_kv_room(kv: &KvCache, work: &[SeqWork], forks: &[(SeqId, SeqId)], capacity_tokens: u64) -> Result<()> {
     let capacity = capacity_tokens / tessera_model::KV_BLOCK_TOKENS as u64;
-    let grown: u64 =
-        work.iter().map(|w| (tessera_model::blocks_for(w.start + w.tokens.len()).saturating_sub(kv.seq_blocks(w.seq))) as u64).sum();
-    let needed = (kv.blocks() as u64).saturating_add(fork_growth(kv, forks)?).saturating_add(grown);
+    check_forks(kv, forks)?;
+    let writes: Vec<(SeqId, usize, usize)> = work.iter().map(|w| (w.seq, w.start, w.start + w.tokens.len())).collect();
+    let needed = kv.blocks_after(forks, &writes)? as u64;
     if needed > capacity {
         return Err(WorkerError::KvExhausted { needed, capacity });
     }
     Ok(())
+}
+
+/// Gives each sequence the cached blocks of its longest cached prefix among the tokens it is
+/// fed, and returns per sequence how many of them need no computing. Every rank sees the same
+/// tokens and holds the same cache, so all reuse the same blocks.
+fn reuse_prefixes(kv: &mut KvCache, work: &[SeqWork]) -> Result<Vec<usize>> {
+    let mut reused = Vec::with_capacity(work.len());
+    for w in work {
+        reused.push(kv.reuse_prefix(w.seq, w.start, &w.tokens, w.prefix_caching)?);
+    }
+    Ok(reused)
 }
 
 /// Copies each fork's source sequence (cache and sampler) onto its target.
@@ -525,10 +568,10 @@ fn apply_forks(s: &mut Serving, forks: &[(SeqId, SeqId)]) -> Result<()> {
 
 /// Creates, changes or resumes each sequence's sampler as its work says, records what the
 /// sequence is fed, and lays the step's tokens out as one batch of chunks.
-fn prepare_samplers(s: &mut Serving, work: &[SeqWork]) -> (Vec<u32>, Vec<SeqChunk>) {
+fn prepare_samplers(s: &mut Serving, work: &[SeqWork], reused: &[usize]) -> (Vec<u32>, Vec<SeqChunk>) {
     let mut tokens = Vec::with_capacity(work.iter().map(|w| w.tokens.len()).sum());
     let mut chunks = Vec::with_capacity(work.len());
-    for w in work {
+    for (w, &reused) in work.iter().zip(reused) {
         if let Some(params) = &w.sampling {
             match s.samplers.get_mut(&w.seq) {
                 // A change mid-sequence (the coordinator's loop guard raising the
@@ -558,8 +601,10 @@ fn prepare_samplers(s: &mut Serving, work: &[SeqWork]) -> (Vec<u32>, Vec<SeqChun
                 seq.sampler.observe_generated(&w.tokens);
             }
         }
-        chunks.push(SeqChunk { seq: w.seq, start: w.start, len: w.tokens.len() });
-        tokens.extend_from_slice(&w.tokens);
+        // Positions whose keys and values came from the prefix cache are not computed again.
+        let fed = &w.tokens[reused..];
+        chunks.push(SeqChunk { seq: w.seq, start: w.start + reused, len: fed.len() });
+        tokens.extend_from_slice(fed);
     }
     (tokens, chunks)
 }

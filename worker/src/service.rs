@@ -113,6 +113,11 @@ impl Worker for WorkerService {
             kv_capacity_blocks: self.config.kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
             kv_capacity_tokens: self.config.kv_capacity_tokens,
             error: s.error,
+            prefix_cached_blocks: s.prefix.cached_blocks as u64,
+            prefix_unused_blocks: s.prefix.unused_blocks as u64,
+            prefix_hits: s.prefix.hits,
+            prefix_hit_tokens: s.prefix.hit_tokens,
+            prefix_evictions: s.prefix.evictions,
         }))
     }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use tessera_model::sampler::{DryParams, SamplingParams};
-use tessera_model::{Numerics, Quantization};
+use tessera_model::{Numerics, PrefixCaching, Quantization};
 use tessera_proto::worker as pb;
 
 use crate::engine::{Assignment, Sampled, SeqWork, StepWork};
@@ -102,6 +102,7 @@ fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
         }
     };
     Ok(SeqWork {
+        prefix_caching: if s.no_prefix_cache { PrefixCaching::Off } else { PrefixCaching::On },
         seq: s.seq_id,
         start: s.start as usize,
         tokens: s.tokens,

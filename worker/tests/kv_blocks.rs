@@ -32,7 +32,7 @@ async fn serving(group: &str, kv_capacity_tokens: u64) -> (WorkerService, tempfi
 }
 
 fn seq_step(seq_id: u64, start: u32, tokens: Vec<u32>, sampling: Option<pb::Sampling>) -> pb::SeqStep {
-    pb::SeqStep { seq_id, start, tokens, sampling, sample: true }
+    pb::SeqStep { seq_id, start, tokens, sampling, sample: true, no_prefix_cache: false }
 }
 
 async fn step(service: &WorkerService, group: &str, seqs: Vec<pb::SeqStep>) -> Result<Vec<pb::SampledToken>, tonic::Status> {
@@ -79,6 +79,69 @@ async fn kv_memory_is_counted_and_refused_in_blocks() {
     assert_eq!(blocks(&w).await, (49, 4, 4));
     w.release(Request::new(pb::ReleaseRequest { group_id: "g-blocks".into(), seq_ids: vec![1, 2] })).await.expect("release");
     assert_eq!(blocks(&w).await, (0, 0, 4), "release frees every block");
+}
+
+async fn status(service: &WorkerService) -> pb::StatusResponse {
+    service.status(Request::new(pb::StatusRequest {})).await.expect("status").into_inner()
+}
+
+/// Greedy: prefill `p` as sequence `seq` (opting out of the prefix cache if `private`), then
+/// decode until `n` tokens; returns them.
+async fn greedy(w: &WorkerService, group: &str, seq: u64, p: &[u32], n: usize, private: bool) -> Vec<u32> {
+    let first = pb::SeqStep { no_prefix_cache: private, ..seq_step(seq, 0, p.to_vec(), Some(pb::Sampling::default())) };
+    let mut out = vec![step(w, group, vec![first]).await.expect("prefill")[0].token];
+    while out.len() < n {
+        let pos = (p.len() + out.len() - 1) as u32;
+        out.push(step(w, group, vec![seq_step(seq, pos, vec![out[out.len() - 1]], None)]).await.expect("decode")[0].token);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_cached_prefix_is_reused_counted_and_gives_the_same_tokens() {
+    let group = "g-prefix";
+    let (w, _dir) = serving(group, 4096).await;
+    let p = prompt(50, 6);
+    let first = greedy(&w, group, 1, &p, 8, false).await;
+    let s = status(&w).await;
+    assert_eq!((s.prefix_hits, s.prefix_cached_blocks), (0, 3), "a first run reuses nothing and names its 3 full blocks");
+    w.release(Request::new(pb::ReleaseRequest { group_id: group.into(), seq_ids: vec![1] })).await.expect("release");
+    let s = status(&w).await;
+    assert_eq!((s.kv_blocks, s.prefix_unused_blocks), (0, 3), "released: no block in use, 3 waiting in the cache");
+
+    // The same prompt again: its 3 full blocks (48 tokens) come from the cache, the last 2
+    // tokens are computed, and the tokens are the same.
+    assert_eq!(greedy(&w, group, 2, &p, 8, false).await, first);
+    let s = status(&w).await;
+    assert_eq!((s.prefix_hits, s.prefix_hit_tokens), (1, 48));
+    assert_eq!(s.kv_tokens, 57, "the reused tokens count as the sequence's own");
+
+    // A sequence that opts out computes everything beside it, with the same result.
+    assert_eq!(greedy(&w, group, 3, &p, 8, true).await, first);
+    assert_eq!(status(&w).await.prefix_hits, 1, "the private sequence looked nothing up");
+    assert_eq!(status(&w).await.kv_blocks, 8, "4 blocks each: the shared blocks once, the private copy's own");
+
+    // A new sequence refused by the model (a token outside the vocabulary) after taking the
+    // cached blocks of its prefix gives them back.
+    let bad = [&p[..49], &[1_000_000]].concat();
+    let refused = step(&w, group, vec![seq_step(4, 0, bad, Some(pb::Sampling::default()))]).await.expect_err("bad token");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let s = status(&w).await;
+    assert_eq!((s.sequences, s.kv_blocks, s.prefix_hits), (2, 8, 2), "looked up, then given back");
+}
+
+#[tokio::test]
+async fn unused_cached_blocks_give_way_and_never_cause_a_refusal() {
+    let group = "g-evict";
+    let (w, _dir) = serving(group, 64).await;
+    // 40 tokens: two full blocks named, kept after the release.
+    greedy(&w, group, 1, &prompt(40, 7), 1, false).await;
+    w.release(Request::new(pb::ReleaseRequest { group_id: group.into(), seq_ids: vec![1] })).await.expect("release");
+    assert_eq!(status(&w).await.prefix_unused_blocks, 2);
+    // Another 60-token prompt needs all 4 blocks: the cached ones are evicted for it.
+    greedy(&w, group, 2, &prompt(60, 8), 3, false).await;
+    let s = status(&w).await;
+    assert_eq!((s.kv_blocks, s.prefix_evictions), (4, 2));
 }
 
 #[tokio::test]

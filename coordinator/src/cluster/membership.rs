@@ -88,6 +88,7 @@ impl Cluster {
     /// members still registered and frees those that answer.
     pub(super) fn fail_group(self: &Arc<Self>, state: &mut State, group: u64, reason: String) {
         let Some(entry) = state.groups.remove(&group) else { return };
+        state.prefixes.forget(group);
         tracing::warn!(group = %group_name(group), %reason, "group lost");
         let _ = entry.lost.send(Some(reason));
         if entry.serving.is_some() {

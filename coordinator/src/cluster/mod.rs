@@ -28,6 +28,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::metrics::Metrics;
 use crate::model::ServedModel;
 use crate::placement::GroupView;
+use crate::prefix_affinity::PrefixIndex;
 use crate::scheduler::{LoopConfig, NewSequence};
 
 mod formation;
@@ -54,6 +55,10 @@ pub struct ClusterConfig {
     /// bounds the prefill time (attention cost grows with the square of the tokens). 0: rings
     /// only for requests no group can hold.
     pub ring_prefill_tokens: usize,
+    /// Send a request to the group that was lately sent the longest prefix of its prompt (its
+    /// workers likely hold that prefix's KV blocks) unless it runs more than this many requests
+    /// beyond the least busy group; `None`: always the least busy group.
+    pub prefix_affinity_margin: Option<usize>,
     /// Times one request may move to another group when its group is lost mid-request; past
     /// that it ends with `UNAVAILABLE`. 0 turns migration off.
     pub migration_limit: u32,
@@ -68,6 +73,7 @@ impl Default for ClusterConfig {
             group_loop: LoopConfig { max_batch: 32, step_tokens: 256, step_timeout: Duration::from_secs(300), static_batching: false },
             max_retry_backoff: Duration::from_secs(30),
             ring_prefill_tokens: 0,
+            prefix_affinity_margin: Some(2),
             migration_limit: 3,
         }
     }
@@ -118,6 +124,8 @@ struct State {
     failed: BTreeMap<usize, String>,
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// Prompt blocks placed on each group lately, for prefix affinity.
+    prefixes: PrefixIndex,
 }
 
 /// Shared state of one coordinator.
@@ -189,6 +197,12 @@ impl Cluster {
 
     /// What placement sees of every group, taken under the lock.
     fn views(&self, state: &State) -> Vec<GroupView> {
+        self.views_for(state, &[])
+    }
+
+    /// [`Cluster::views`], with how much of a prompt of `blocks`
+    /// ([`crate::prefix_affinity::prompt_blocks`]) each group was sent lately.
+    fn views_for(&self, state: &State, blocks: &[u64]) -> Vec<GroupView> {
         state
             .groups
             .iter()
@@ -201,6 +215,7 @@ impl Cluster {
                 draining: g.draining,
                 active: g.serving.as_ref().map_or(0, |s| s.active.load(Ordering::Relaxed)),
                 last_placed: g.serving.as_ref().map_or(0, |s| s.last_placed.load(Ordering::Relaxed)),
+                cached_prefix: state.prefixes.cached_tokens(id, blocks),
             })
             .collect()
     }

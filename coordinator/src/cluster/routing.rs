@@ -11,7 +11,8 @@ use super::{group_name, Cluster, State};
 use crate::error::CoordinatorError;
 use crate::fanout::Rank;
 use crate::model::ServedModel;
-use crate::placement::{self, Decision, PlacementRequest, RingPlan};
+use crate::placement::{self, Decision, PlacementRequest, Policy, RingPlan};
+use crate::prefix_affinity::prompt_blocks;
 use crate::scheduler::NewSequence;
 
 /// Where a request goes.
@@ -117,20 +118,27 @@ impl Cluster {
         }
     }
 
-    /// Where a request of `prompt_len` tokens that may generate `max_new_tokens` with
-    /// `num_beams` beams goes ([`placement::place`]); the request's KV reservation comes back
-    /// with the route.
+    /// Where a request of `prompt` that may generate `max_new_tokens` with `num_beams` beams
+    /// goes ([`placement::place`]); the request's KV reservation comes back with the route. A
+    /// request placed on a group is remembered there by its prompt's blocks, for prefix
+    /// affinity.
     pub(crate) fn place(
         &self,
         model: &ServedModel,
-        prompt_len: usize,
+        prompt: &[u32],
         max_new_tokens: u32,
         num_beams: usize,
     ) -> Result<(Route, PlacementRequest), CoordinatorError> {
-        let state = self.lock();
+        let mut state = self.lock();
         let index = self.servable_index(&state, model)?;
-        let request = PlacementRequest::new(index, prompt_len, max_new_tokens, num_beams);
-        let decision = placement::place(&self.views(&state), &request, self.config.ring_prefill_tokens).map_err(|refusal| {
+        let request = PlacementRequest::new(index, prompt.len(), max_new_tokens, num_beams);
+        let blocks = match self.config.prefix_affinity_margin {
+            Some(_) => prompt_blocks(index, prompt),
+            None => Vec::new(),
+        };
+        let policy =
+            Policy { ring_prefill_tokens: self.config.ring_prefill_tokens, prefix_affinity_margin: self.config.prefix_affinity_margin };
+        let decision = placement::place(&self.views_for(&state, &blocks), &request, policy).map_err(|refusal| {
             if matches!(refusal, placement::Refusal::TooLarge { .. } | placement::Refusal::BeamTooLarge { .. }) {
                 self.metrics.capacity_refused(request.kv_tokens);
             }
@@ -138,7 +146,10 @@ impl Cluster {
         })?;
         let route = match decision {
             Decision::Ring(plan) => Route::Ring(plan),
-            Decision::Group(id) => Route::Group(self.placement_on(&state, id)?),
+            Decision::Group(id) => {
+                state.prefixes.record(id, &blocks);
+                Route::Group(self.placement_on(&state, id)?)
+            }
         };
         Ok((route, request))
     }
@@ -194,7 +205,7 @@ impl Cluster {
         }
         let state = self.lock();
         let request = PlacementRequest { model, kv_tokens: s.reserve, prompt_len: 0, may_ring: false };
-        let id = match placement::place(&self.views(&state), &request, 0) {
+        let id = match placement::place(&self.views(&state), &request, Policy::default()) {
             Ok(Decision::Group(id)) => id,
             Ok(Decision::Ring(_)) => return Err(Box::new((s, "no other group can hold it now".into()))),
             Err(refusal) => {

@@ -73,14 +73,11 @@ impl Cluster {
         let timeout = self.config.rpc_timeout;
         let reports = views.into_iter().map(|(record, mut client, model, group, tp_rank, note)| async move {
             let report = tokio::time::timeout(timeout, client.status(wpb::StatusRequest {})).await;
-            let (state, sequences, kv_tokens, kv_blocks) = match report {
-                Ok(Ok(r)) => {
-                    let r = r.into_inner();
-                    (r.state, r.sequences, r.kv_tokens, r.kv_blocks)
-                }
-                _ => ("unreachable".to_string(), 0, 0, 0),
+            let report = match report {
+                Ok(Ok(r)) => r.into_inner(),
+                _ => wpb::StatusResponse { state: "unreachable".to_string(), ..Default::default() },
             };
-            let state = format!("{state}{note}");
+            let state = format!("{}{note}", report.state);
             pb::WorkerStatus {
                 id: record.id,
                 address: record.address,
@@ -88,11 +85,16 @@ impl Cluster {
                 model,
                 group,
                 tp_rank,
-                sequences,
-                kv_tokens,
+                sequences: report.sequences,
+                kv_tokens: report.kv_tokens,
                 kv_capacity_tokens: record.kv_capacity_tokens,
-                kv_blocks,
+                kv_blocks: report.kv_blocks,
                 kv_capacity_blocks: record.kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
+                prefix_cached_blocks: report.prefix_cached_blocks,
+                prefix_unused_blocks: report.prefix_unused_blocks,
+                prefix_hits: report.prefix_hits,
+                prefix_hit_tokens: report.prefix_hit_tokens,
+                prefix_evictions: report.prefix_evictions,
             }
         });
         let models = self.model_states();

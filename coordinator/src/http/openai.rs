@@ -197,6 +197,7 @@ impl GenerateCall {
                     sampling: Some(pb::SamplingParams { seed: self.seed.map(|s| s.wrapping_add(u64::from(i))), ..sampling.clone() }),
                     stopping: Some(self.stopping.clone()),
                     request_id: format!("{request_id}-{index}"),
+                    no_prefix_cache: false,
                 });
             }
         }

@@ -267,6 +267,30 @@ async fn sequences_wait_for_kv_room_instead_of_failing_the_group() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prompt_prefix_is_reused_alike_by_both_ranks_and_changes_no_token() {
+    let dir = fixture(&demo(), "prefix-cache");
+    let cluster = up(&dir, &["--workers", "2", "--tp", "2", "--step-tokens", "64"]).expect("tessera up");
+    let mut client = connect(&cluster.url).await;
+    let system: Vec<u32> = (0..200).map(|i| 8 + (i * 7919 % 300)).collect();
+    let request = |user: u32, no_prefix_cache: bool| pb::GenerateRequest {
+        no_prefix_cache,
+        ..greedy(tokens([&system[..], &[user, user + 1, user + 2]].concat()), 16)
+    };
+    let hits = |s: &pb::ClusterStatusResponse| s.workers.iter().map(|w| (w.prefix_hits, w.prefix_hit_tokens)).collect::<Vec<_>>();
+    generate(&mut client, request(40, false)).await.expect("first request");
+    assert_eq!(hits(&cluster_status(&client).await), vec![(0, 0); 2], "nothing to reuse yet");
+    let cached = generate(&mut client, request(50, false)).await.expect("request reusing the prefix");
+    let after = hits(&cluster_status(&client).await);
+    assert_eq!(after[0], after[1], "both ranks reuse the same blocks");
+    // The first 64-token chunk keeps its last token to compute: at least its first 3 blocks.
+    assert!(after[0].0 >= 1 && after[0].1 >= 48, "{after:?}");
+    let computed = generate(&mut client, request(50, true)).await.expect("request opting out");
+    assert_eq!(hits(&cluster_status(&client).await), after, "the opted-out request looked nothing up");
+    assert_eq!(cached.tokens(), computed.tokens());
+    assert_eq!(cached.tokens().len(), 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_prefill_does_not_hold_back_a_short_request() {
     let dir = fixture(&demo(), "chunked-prefill");
     // 64 tokens per step: the 3,000-token prompt needs ~47 steps of prefill.

@@ -54,6 +54,10 @@ pub enum ModelError {
     UnknownSequence(u64),
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// Every block of the KV pool is in use; the caller's room check should have refused the
+    /// step first.
+    #[error("the KV pool is full: all {blocks} blocks are in use")]
+    KvFull { blocks: usize },
     /// An encoder input longer than the model's positions; nothing is cut silently.
     #[error("input {index} has {len} tokens, more than the model's {max}")]
     SequenceTooLong { index: usize, len: usize, max: usize },

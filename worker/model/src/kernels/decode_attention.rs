@@ -16,29 +16,77 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
-use crate::kernels::elem::{output, Dest, Elem};
+use crate::kernels::elem::{output, Buffers, Dest, Elem};
 use crate::kernels::exp::exp_in_place;
 use crate::kernels::pool::with_reused;
+use crate::model::kv_cache::KV_BLOCK_TOKENS;
+use crate::model::kv_pool::place;
 
-/// One decoding sequence of a step: which row of the step's queries is its own, and its cached
-/// keys and values (`[kv_heads, capacity, head_dim]`, the cache's whole tensors or views of
-/// them), of which positions `visible` are attended to: all of them up to the sequence's
-/// length, or the last `window` under a sliding window.
+/// One decoding sequence of a step: which row of the step's queries is its own, its cached
+/// keys and values, and which of their positions, `visible`, are attended to: all of them up to
+/// the sequence's length, or the last `window` under a sliding window.
 pub(crate) struct DecodeRow<'a> {
     pub q_row: usize,
-    pub keys: &'a Tensor,
-    pub values: &'a Tensor,
+    pub kv: Cached<'a>,
     pub visible: std::ops::Range<usize>,
+}
+
+/// Where a decoding sequence's keys and values are.
+#[derive(Clone, Copy)]
+pub(crate) enum Cached<'a> {
+    /// `[kv_heads, capacity, head_dim]` tensors, or views of them: what the paged path is
+    /// checked against.
+    #[cfg(test)]
+    Dense { keys: &'a Tensor, values: &'a Tensor },
+    /// Blocks of a KV pool (`kv_pool.rs`), through the sequence's block table.
+    Paged(Paged<'a>),
+}
+
+/// One layer of a KV pool and one sequence's block table: position `t` is row `t % 16` of
+/// block `table[t / 16]`, whose KV head `h` holds 16 rows of `head_dim` elements from element
+/// `h * 16 * head_dim`.
+#[derive(Clone, Copy)]
+pub(crate) struct Paged<'a> {
+    pub keys: &'a Buffers,
+    pub values: &'a Buffers,
+    pub table: &'a [u32],
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Cached<'_> {
+    /// KV heads, positions there is room for, head size.
+    fn dims(&self) -> Result<(usize, usize, usize)> {
+        match self {
+            #[cfg(test)]
+            Cached::Dense { keys, values } => {
+                if keys.dims() != values.dims() {
+                    return Err(ModelError::InvalidBatch("keys and values of different shapes".into()));
+                }
+                Ok(keys.dims3()?)
+            }
+            Cached::Paged(p) => Ok((p.kv_heads, p.table.len() * KV_BLOCK_TOKENS, p.head_dim)),
+        }
+    }
+
+    /// Whether keys and values are of type `T`.
+    fn is<T: Elem>(&self) -> bool {
+        match self {
+            #[cfg(test)]
+            Cached::Dense { keys, values } => keys.dtype() == T::DTYPE && values.dtype() == T::DTYPE,
+            Cached::Paged(p) => T::of_buffers(p.keys).is_some() && T::of_buffers(p.values).is_some(),
+        }
+    }
 }
 
 /// The decoding rows of a step, by index (`0..rows`): looked up rather than collected, so that
 /// a step builds no list of them.
 pub(crate) type Rows<'r, 'a> = &'r (dyn Fn(usize) -> Result<DecodeRow<'a>> + Sync);
 
-/// Whether [`decode_attention`] handles these tensors: f32, bf16 or f16 on the CPU, queries
-/// and cache of one type.
-pub(crate) fn applies(q: &Tensor, keys: &Tensor) -> bool {
-    matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16) && keys.dtype() == q.dtype() && q.device().is_cpu()
+/// Whether [`decode_attention`] handles queries `q` over a cache of `cache` type: f32, bf16 or
+/// f16 on the CPU, queries and cache of one type.
+pub(crate) fn applies(q: &Tensor, cache: DType) -> bool {
+    matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16) && cache == q.dtype() && q.device().is_cpu()
 }
 
 /// Where one tensor's elements live: its storage and the element offset and strides of a
@@ -112,7 +160,7 @@ thread_local! {
 
 fn decode_attention_as<T: Elem>(q: &Tensor, rows: usize, row: Rows, dest: Option<&Dest>) -> Result<Tensor> {
     let (tokens, heads, head_dim) = q.dims3()?;
-    let kv_heads = row(0)?.keys.dim(0)?;
+    let kv_heads = row(0)?.kv.dims()?.0;
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(ModelError::InvalidBatch(format!("{heads} query heads cannot share {kv_heads} KV heads")));
     }
@@ -120,11 +168,11 @@ fn decode_attention_as<T: Elem>(q: &Tensor, rows: usize, row: Rows, dest: Option
     let scale = 1.0 / (head_dim as f32).sqrt();
     for i in 0..rows {
         let r = row(i)?;
-        let (k_heads, capacity, k_dim) = r.keys.dims3()?;
-        if r.q_row >= tokens || (k_heads, k_dim) != (kv_heads, head_dim) || r.keys.dims() != r.values.dims() || r.visible.end > capacity {
+        let (k_heads, capacity, k_dim) = r.kv.dims()?;
+        if r.q_row >= tokens || (k_heads, k_dim) != (kv_heads, head_dim) || r.visible.end > capacity {
             return Err(ModelError::InvalidBatch("decode rows of different shapes in one step".into()));
         }
-        if r.keys.dtype() != T::DTYPE || r.values.dtype() != T::DTYPE {
+        if !r.kv.is::<T>() {
             return Err(ModelError::InvalidBatch(format!("decode attention needs {:?} caches", T::DTYPE)));
         }
     }
@@ -154,20 +202,34 @@ fn decode_attention_as<T: Elem>(q: &Tensor, rows: usize, row: Rows, dest: Option
         partials.resize(tasks.len() * stride, 0.0);
         partials.par_chunks_mut(stride).zip(&*tasks).try_for_each(|(part, task)| -> Result<()> {
             let r = row(task.row)?;
-            let (k_store, v_store) = (r.keys.storage_and_layout().0, r.values.storage_and_layout().0);
-            let (k, v) = (view::<T>(r.keys, &k_store)?, view::<T>(r.values, &v_store)?);
             let q = q_view.head(r.q_row);
             let first_head = task.kv_head * group;
-            with_reused(&SCRATCH, |scratch| {
+            with_reused(&SCRATCH, |scratch| -> Result<()> {
                 scratch.q.resize(group * head_dim, 0.0);
                 for (j, qs) in scratch.q.chunks_exact_mut(head_dim).enumerate() {
                     for (s, x) in qs.iter_mut().zip(q.row(first_head + j, head_dim)) {
                         *s = x.to_f32() * scale;
                     }
                 }
-                scratch.attend(k.head(task.kv_head), v.head(task.kv_head), task.keys.clone(), dot, part);
-            });
-            Ok(())
+                match r.kv {
+                    #[cfg(test)]
+                    Cached::Dense { keys, values } => {
+                        let (k_store, v_store) = (keys.storage_and_layout().0, values.storage_and_layout().0);
+                        let (k, v) = (view::<T>(keys, &k_store)?, view::<T>(values, &v_store)?);
+                        let (k, v) =
+                            (DenseRows { view: k.head(task.kv_head), d: head_dim }, DenseRows { view: v.head(task.kv_head), d: head_dim });
+                        scratch.attend(k, v, task.keys.clone(), dot, part);
+                    }
+                    Cached::Paged(p) => {
+                        let (Some(k), Some(v)) = (T::of_buffers(p.keys), T::of_buffers(p.values)) else {
+                            return Err(ModelError::InvalidBatch(format!("decode attention needs {:?} caches", T::DTYPE)));
+                        };
+                        let rows = |buffers| PagedRows { buffers, table: p.table, head: task.kv_head, kv_heads: p.kv_heads, d: head_dim };
+                        scratch.attend(rows(k), rows(v), task.keys.clone(), dot, part);
+                    }
+                }
+                Ok(())
+            })
         })?;
 
         // Merge each head's parts (at most two) by their maxima: the exact softmax over all keys.
@@ -210,6 +272,46 @@ struct Task {
     keys: std::ops::Range<usize>,
 }
 
+/// The key (or value) rows of one KV head of one sequence, by position.
+trait KeyRows<T> {
+    /// Position `t`'s `head_dim` elements.
+    fn row(&self, t: usize) -> &[T];
+}
+
+/// Rows of a `[kv_heads, capacity, head_dim]` tensor, at one head.
+#[cfg(test)]
+struct DenseRows<'a, T> {
+    view: View<'a, T>,
+    d: usize,
+}
+
+#[cfg(test)]
+impl<T> KeyRows<T> for DenseRows<'_, T> {
+    #[inline(always)]
+    fn row(&self, t: usize) -> &[T] {
+        self.view.row(t, self.d)
+    }
+}
+
+/// Rows of one KV head in a pool's blocks, through a block table (see [`Paged`]).
+struct PagedRows<'a, T> {
+    buffers: &'a [Vec<T>],
+    table: &'a [u32],
+    head: usize,
+    kv_heads: usize,
+    d: usize,
+}
+
+impl<T> KeyRows<T> for PagedRows<'_, T> {
+    #[inline(always)]
+    fn row(&self, t: usize) -> &[T] {
+        let block_elems = self.kv_heads * KV_BLOCK_TOKENS * self.d;
+        let (chunk, at) = place(self.table[t / KV_BLOCK_TOKENS], block_elems);
+        let at = at + (self.head * KV_BLOCK_TOKENS + t % KV_BLOCK_TOKENS) * self.d;
+        &self.buffers[chunk][at..at + self.d]
+    }
+}
+
 /// A task's f32 working rows: its query heads (scaled), and their scores.
 #[derive(Default)]
 struct Scratch {
@@ -223,7 +325,14 @@ impl Scratch {
     /// `Σ e^(s − max)` into `part[j * (d + 2)..]`. All scores first, one vectorised exponential,
     /// then the weighted sums: every key and value row is read once for the whole group,
     /// straight from the cache in its own type.
-    fn attend<T: Elem>(&mut self, k: View<T>, v: View<T>, keys: std::ops::Range<usize>, dot: fn(&[T], &[f32]) -> f32, part: &mut [f32]) {
+    fn attend<T: Elem>(
+        &mut self,
+        k: impl KeyRows<T>,
+        v: impl KeyRows<T>,
+        keys: std::ops::Range<usize>,
+        dot: fn(&[T], &[f32]) -> f32,
+        part: &mut [f32],
+    ) {
         let Scratch { q, scores } = self;
         // `part` holds d + 2 values per head and `q` holds d.
         let group = (part.len() - q.len()) / 2;
@@ -231,7 +340,7 @@ impl Scratch {
         scores.clear();
         scores.resize(group * n, 0.0);
         for (i, t) in keys.clone().enumerate() {
-            let kr = k.row(t, d);
+            let kr = k.row(t);
             for (j, qj) in q.chunks_exact(d).enumerate() {
                 scores[j * n + i] = dot(kr, qj);
             }
@@ -248,7 +357,7 @@ impl Scratch {
             out[d + 1] = s.iter().sum();
         }
         for (i, t) in keys.enumerate() {
-            let vr = v.row(t, d);
+            let vr = v.row(t);
             for j in 0..group {
                 let w = scores[j * n + i];
                 for (o, x) in part[j * (d + 2)..j * (d + 2) + d].iter_mut().zip(vr) {
@@ -264,7 +373,9 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::kernels::elem::with_slice;
     use crate::model::attention::{attend, ChunkMask};
+    use crate::model::kv_pool::{KvPool, Part};
     use crate::model::workspace::{Scratch, Workspace};
 
     fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
@@ -304,8 +415,10 @@ mod tests {
             let q = rounded(random((lens.len(), heads, d), 99));
             let q_row = |i: usize| lens.len() - 1 - i;
             let visible = |i: usize| lens[i].saturating_sub(windows[i].unwrap_or(lens[i]))..lens[i];
-            let row = |i: usize| Ok(DecodeRow { q_row: q_row(i), keys: &caches[i].0, values: &caches[i].1, visible: visible(i) });
-            assert!(applies(&q, &caches[0].0));
+            let row = |i: usize| {
+                Ok(DecodeRow { q_row: q_row(i), kv: Cached::Dense { keys: &caches[i].0, values: &caches[i].1 }, visible: visible(i) })
+            };
+            assert!(applies(&q, dtype));
             let mut ws = Workspace::new(&Device::Cpu);
             for dest in [None, ws.get(Scratch::Attn, &[lens.len(), heads * d], dtype).unwrap()] {
                 let fused = decode_attention(&q, lens.len(), &row, dest.as_ref()).unwrap();
@@ -325,6 +438,83 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The caches of one layer in a pool's blocks: after 60 blocks of another sequence (so the
+    /// tables cross from the pool's first buffer into its second), each sequence's blocks taken
+    /// in turns with the others', so no table is a run of consecutive blocks.
+    fn paged_pool(caches: &[(Tensor, Tensor)], lens: &[usize], dtype: DType) -> (KvPool, Vec<Vec<u32>>) {
+        let (kv_heads, _, d) = caches[0].0.dims3().unwrap();
+        let mut pool = KvPool::new(1, kv_heads, d, dtype, None);
+        for _ in 0..60 {
+            pool.allocate().unwrap();
+        }
+        let mut tables: Vec<Vec<u32>> = vec![Vec::new(); lens.len()];
+        let most = lens.iter().map(|&l| l.div_ceil(KV_BLOCK_TOKENS)).max().unwrap();
+        for b in 0..most {
+            for (i, &len) in lens.iter().enumerate() {
+                if b < len.div_ceil(KV_BLOCK_TOKENS) {
+                    tables[i].push(pool.allocate().unwrap());
+                }
+            }
+        }
+        fn fill<T: Elem>(pool: &mut KvPool, part: Part, table: &[u32], cache: &Tensor, len: usize) {
+            let (heads, _, d) = cache.dims3().unwrap();
+            let cache = cache.narrow(1, 0, len).unwrap().contiguous().unwrap();
+            with_slice::<T, _>(&cache, |src| {
+                for t in 0..len {
+                    let block = pool.block_mut::<T>(0, part, table[t / KV_BLOCK_TOKENS]).unwrap();
+                    for h in 0..heads {
+                        let at = (h * KV_BLOCK_TOKENS + t % KV_BLOCK_TOKENS) * d;
+                        block[at..at + d].copy_from_slice(&src[(h * len + t) * d..(h * len + t + 1) * d]);
+                    }
+                }
+            })
+            .unwrap();
+        }
+        for (i, &len) in lens.iter().enumerate() {
+            for (part, t) in [(Part::Keys, &caches[i].0), (Part::Values, &caches[i].1)] {
+                match dtype {
+                    DType::F32 => fill::<f32>(&mut pool, part, &tables[i], t, len),
+                    DType::BF16 => fill::<bf16>(&mut pool, part, &tables[i], t, len),
+                    _ => fill::<f16>(&mut pool, part, &tables[i], t, len),
+                }
+            }
+        }
+        (pool, tables)
+    }
+
+    /// Reading keys and values through block tables, scattered over two of the pool's buffers,
+    /// gives the same bits as reading them from one tensor per sequence, in every type, with
+    /// and without sliding windows.
+    #[test]
+    fn paged_rows_equal_dense_rows_bit_for_bit() {
+        let (heads, kv_heads, d) = (6, 2, 20);
+        let lens = [1usize, 2, 17, 64, 129, 16];
+        let windows = [None, Some(1), Some(5), None, Some(100), Some(16)];
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let caches: Vec<(Tensor, Tensor)> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    let r = |seed| random((kv_heads, len, d), seed).to_dtype(dtype).unwrap();
+                    (r(30 + i as u64), r(40 + i as u64))
+                })
+                .collect();
+            let q = random((lens.len(), heads, d), 7).to_dtype(dtype).unwrap();
+            let visible = |i: usize| lens[i].saturating_sub(windows[i].unwrap_or(lens[i]))..lens[i];
+            let (pool, tables) = paged_pool(&caches, &lens, dtype);
+            let dense =
+                |i: usize| Ok(DecodeRow { q_row: i, kv: Cached::Dense { keys: &caches[i].0, values: &caches[i].1 }, visible: visible(i) });
+            let paged = |i: usize| {
+                let (keys, values) = (pool.buffers(0, Part::Keys), pool.buffers(0, Part::Values));
+                let p = Paged { keys, values, table: &tables[i], kv_heads, head_dim: d };
+                Ok(DecodeRow { q_row: i, kv: Cached::Paged(p), visible: visible(i) })
+            };
+            let a = decode_attention(&q, lens.len(), &dense, None).unwrap().to_dtype(DType::F32).unwrap();
+            let b = decode_attention(&q, lens.len(), &paged, None).unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap(), "{dtype:?}");
         }
     }
 }

@@ -35,6 +35,39 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn ptr(data: &mut [Self]) -> ElemPtr;
     /// Wraps computed elements in a tensor (on the CPU, where this module's passes run).
     fn tensor(data: Vec<Self>, shape: &[usize]) -> candle_core::Result<Tensor>;
+    /// The buffers, if they hold this type.
+    fn of_buffers(buffers: &Buffers) -> Option<&[Vec<Self>]>;
+    /// The buffers for writing, if they hold this type.
+    fn of_buffers_mut(buffers: &mut Buffers) -> Option<&mut Vec<Vec<Self>>>;
+}
+
+/// Buffers of one of the [`Elem`] types: the chunks of a KV pool layer (`kv_pool.rs`), which
+/// grows by adding a buffer and never moves the ones it has.
+pub(crate) enum Buffers {
+    F32(Vec<Vec<f32>>),
+    BF16(Vec<Vec<bf16>>),
+    F16(Vec<Vec<f16>>),
+}
+
+impl Buffers {
+    /// No buffers yet, of the type of `dtype`; `None` for a type without kernels here.
+    pub fn empty(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(Self::F32(Vec::new())),
+            DType::BF16 => Some(Self::BF16(Vec::new())),
+            DType::F16 => Some(Self::F16(Vec::new())),
+            _ => None,
+        }
+    }
+
+    /// Adds a zeroed buffer of `len` elements.
+    pub fn push_zeroed(&mut self, len: usize) {
+        match self {
+            Self::F32(b) => b.push(vec![0.0; len]),
+            Self::BF16(b) => b.push(vec![bf16::ZERO; len]),
+            Self::F16(b) => b.push(vec![f16::ZERO; len]),
+        }
+    }
 }
 
 /// A buffer of one of the [`Elem`] types, for pool tasks that each write their own part of it.
@@ -89,6 +122,18 @@ macro_rules! elem {
             }
             fn tensor(data: Vec<Self>, shape: &[usize]) -> candle_core::Result<Tensor> {
                 Tensor::from_vec(data, shape, &candle_core::Device::Cpu)
+            }
+            fn of_buffers(buffers: &Buffers) -> Option<&[Vec<Self>]> {
+                match buffers {
+                    Buffers::$dtype(b) => Some(b),
+                    _ => None,
+                }
+            }
+            fn of_buffers_mut(buffers: &mut Buffers) -> Option<&mut Vec<Vec<Self>>> {
+                match buffers {
+                    Buffers::$dtype(b) => Some(b),
+                    _ => None,
+                }
             }
         }
     };

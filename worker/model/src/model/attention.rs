@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{ModelError, Result};
-use crate::kernels::decode_attention::{self, DecodeRow};
+use crate::kernels::decode_attention::{self, Cached, DecodeRow};
 use crate::kernels::elem::Dest;
 use crate::model::kv_cache::KvCache;
 use crate::model::layer::{AttentionStep, LayerSlot};
@@ -248,36 +248,39 @@ impl AttentionStep for CacheAttention<'_> {
             }
         }
         let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(chunks.len());
-        // Decode rows (one query seeing every cached key) go through one fused pass below.
+        // Decode rows (one query seeing every cached key) go through one fused pass below,
+        // reading their blocks in place.
         let mut decode = Vec::new();
         let mut offset = 0;
         for (chunk, mask) in chunks.iter().zip(masks) {
             let q_c = q.narrow(0, offset, chunk.len)?;
             let k_c = k.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
             let v_c = v.narrow(0, offset, chunk.len)?.transpose(0, 1)?.contiguous()?;
-            let (keys, values) = self.kv.write(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
-            if chunk.len > 1 && self.numerics == Numerics::BatchInvariant && decode_attention::applies(&q_c, &keys) {
+            if chunk.len > 1 && self.numerics == Numerics::BatchInvariant && decode_attention::applies(&q_c, self.kv.dtype()) {
                 // Each row as the decode step of its own position: it sees the keys up to its
-                // own (the last `window` of them), read in place.
+                // own (the last `window` of them), read from the blocks in place.
+                self.kv.write_rows(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
                 for r in 0..chunk.len {
                     let end = chunk.start + r + 1;
                     let first = end.saturating_sub(layer.window.unwrap_or(end));
-                    decode.push((outputs.len(), offset + r, keys.clone(), values.clone(), first..end));
+                    decode.push((outputs.len(), offset + r, chunk.seq, first..end));
                     outputs.push(None);
                 }
-            } else if chunk.len == 1 && decode_attention::applies(&q_c, &keys) {
-                let end = keys.dim(1)?;
-                decode.push((outputs.len(), offset, keys, values, mask.first_key(chunk.start + 1)..end));
+            } else if chunk.len == 1 && decode_attention::applies(&q_c, self.kv.dtype()) {
+                self.kv.write_rows(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
+                decode.push((outputs.len(), offset, chunk.seq, mask.first_key(chunk.start + 1)..chunk.start + 1));
                 outputs.push(None);
             } else {
+                let (keys, values) = self.kv.write(chunk.seq, layer.index, chunk.start, &k_c, &v_c)?;
                 outputs.push(Some(attend(&q_c, &keys, &values, mask)?));
             }
             offset += chunk.len;
         }
         if !decode.is_empty() {
+            let kv = &*self.kv;
             let row = |i: usize| {
-                let (_, q_row, keys, values, visible) = &decode[i];
-                Ok(DecodeRow { q_row: *q_row, keys, values, visible: visible.clone() })
+                let (_, q_row, seq, visible) = &decode[i];
+                Ok(DecodeRow { q_row: *q_row, kv: Cached::Paged(kv.paged(*seq, layer.index)?), visible: visible.clone() })
             };
             let fused = decode_attention::decode_attention(q, decode.len(), &row, None)?;
             for (j, (slot, ..)) in decode.iter().enumerate() {
@@ -291,13 +294,12 @@ impl AttentionStep for CacheAttention<'_> {
 
 impl CacheAttention<'_> {
     /// A step of decode rows only (one token per sequence, seeing every cached key or the last
-    /// `window` of them): each row's key and value go straight into its cache, and one fused
-    /// pass attends them all, reading the caches in place. `None` where the CPU pass does not
+    /// `window` of them): each row's key and value go straight into its block, and one fused
+    /// pass attends them all, reading the blocks in place. `None` where the CPU pass does not
     /// apply.
     fn decode_step(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, dest: Option<&Dest>) -> Result<Option<Tensor>> {
         let chunks = self.batch.chunks;
-        let Some(first) = chunks.first() else { return Ok(None) };
-        if !decode_attention::applies(q, self.kv.tensors(first.seq, layer.index)?.0) {
+        if chunks.is_empty() || !decode_attention::applies(q, self.kv.dtype()) {
             return Ok(None);
         }
         for (i, c) in chunks.iter().enumerate() {
@@ -310,10 +312,10 @@ impl CacheAttention<'_> {
         let kv = &*self.kv;
         let row = |i: usize| {
             let c = &chunks[i];
-            let (keys, values) = kv.tensors(c.seq, layer.index)?;
             // As `ChunkMask`: a query at position p sees keys p - window + 1 ..= p.
             let end = c.start + 1;
-            Ok(DecodeRow { q_row: i, keys, values, visible: end.saturating_sub(layer.window.unwrap_or(end))..end })
+            let visible = end.saturating_sub(layer.window.unwrap_or(end))..end;
+            Ok(DecodeRow { q_row: i, kv: Cached::Paged(kv.paged(c.seq, layer.index)?), visible })
         };
         Ok(Some(decode_attention::decode_attention(q, chunks.len(), &row, dest)?))
     }
@@ -356,6 +358,25 @@ mod tests {
             let whole = attend_block(&q, &k, &v, mask.tensor.as_ref()).unwrap();
             assert_eq!(blocked.dims(), &[len, 4 * 8]);
             assert!(max_diff(&blocked, &whole) < 1e-5, "window {window:?}");
+        }
+    }
+
+    /// Prefill reads a sequence's keys gathered from its blocks into one tensor; the same keys
+    /// as a view into a longer tensor (how a contiguous per-sequence cache handed them out)
+    /// give the same bits, in every type, with and without a sliding window.
+    #[test]
+    fn gathered_keys_give_the_bits_of_a_view_into_a_longer_cache() {
+        let (start, len) = (40, QUERY_BLOCK + 22);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let q = random((len, 4, 8), 7).to_dtype(dtype).unwrap();
+            let (k, v) = (random((2, 256, 8), 8).to_dtype(dtype).unwrap(), random((2, 256, 8), 9).to_dtype(dtype).unwrap());
+            let view = |t: &Tensor| t.narrow(1, 0, start + len).unwrap();
+            for window in [None, Some(60)] {
+                let mask = ChunkMask::new(start, len, window, &Device::Cpu).unwrap();
+                let a = attend(&q, &view(&k), &view(&v), &mask).unwrap().to_dtype(DType::F32).unwrap();
+                let b = attend(&q, &view(&k).contiguous().unwrap(), &view(&v).contiguous().unwrap(), &mask).unwrap();
+                assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(), "{dtype:?} {window:?}");
+            }
         }
     }
 

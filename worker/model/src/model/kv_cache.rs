@@ -1,23 +1,33 @@
-//! Per-sequence key/value cache of one rank.
+//! Per-sequence key/value cache of one rank: a block table per sequence over the rank's KV pool
+//! (`kv_pool.rs`).
 //!
-//! Each sequence keeps, per layer, one `[kv_heads, capacity, head_dim]` tensor for keys and one
-//! for values, written in place. Capacity is a whole number of blocks of [`KV_BLOCK_TOKENS`]
-//! tokens and grows to the blocks a step needs, never more, so the memory a rank holds is
-//! exactly the blocks it counts ([`KvCache::blocks`]) and a scheduler that counts the same
-//! blocks knows what fits. Storage stays contiguous per sequence because attention reads a
-//! sequence's keys as one tensor; the price is that growing copies the sequence's cache, once
-//! per block of new tokens (see BENCHMARKS.md for what that costs in decode).
+//! A sequence's keys and values live in blocks of [`KV_BLOCK_TOKENS`] tokens; its table lists
+//! them in position order. Growing takes another block and copies nothing. The memory a rank
+//! uses is the blocks its sequences use ([`KvCache::blocks`]; blocks shared by beams count
+//! once), so a scheduler that counts the same blocks per sequence never counts fewer.
+//!
+//! Beams fork by sharing their source's blocks; the shared, partly filled last block is copied
+//! when one of them first writes to it. Full blocks are named by their tokens and prefix
+//! (`prefix_cache.rs`): a new sequence whose first tokens match takes those blocks
+//! ([`KvCache::reuse_prefix`]) and computes only the rest. Blocks nobody uses stay cached until
+//! the pool needs their memory, least recently used first.
+//!
+//! Decode attention reads the blocks in place through the table; longer chunks (prefill) read
+//! a sequence's keys gathered into one tensor ([`KvCache::write`]).
 //!
 //! A sequence spread over a sequence-parallel ring also keeps a [`RingPlacement`]: which global
 //! positions this member's slots hold, and how many tokens every member holds. Slots stay dense
-//! (slot `i` is the `i`-th position this member holds), so attention reads them as one tensor.
+//! (slot `i` is the `i`-th position this member holds); ring sequences are not prefix-cached.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::kernels::elem::{is_slice, with_dest_mut, with_slice, Dest, Elem};
+use crate::kernels::decode_attention::Paged;
+use crate::kernels::elem::{is_slice, with_slice, Elem};
+use crate::model::kv_pool::{KvPool, Part, PoolCounts};
+use crate::model::prefix_cache::{block_hash, BlockId, PrefixStats, ROOT};
 
 /// Identifies a sequence across the ranks that hold its KV cache.
 pub type SeqId = u64;
@@ -32,15 +42,56 @@ pub struct KvSpec {
     pub device: Device,
 }
 
+/// How a rank's KV cache is sized and shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheConfig {
+    /// Blocks the pool may hold (in use or cached); `None`: as many as the sequences need. Every
+    /// rank of a group must use the same value, so that they evict the same blocks.
+    pub max_blocks: Option<usize>,
+    /// Whether full blocks are named by content for later sequences to reuse.
+    pub prefix_cache: bool,
+    /// The model's identity, part of every block's name.
+    pub model_identity: u64,
+}
+
+impl Default for KvCacheConfig {
+    fn default() -> Self {
+        Self { max_blocks: None, prefix_cache: true, model_identity: 0 }
+    }
+}
+
+/// Whether a new sequence takes part in prefix caching: reusing cached blocks and offering its
+/// own full blocks to later sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixCaching {
+    On,
+    Off,
+}
+
+/// A sequence's place in the prefix cache's hash chain.
+#[derive(Debug, Clone)]
+struct Chain {
+    /// The name of the sequence's last full block ([`ROOT`] before the first).
+    hash: u64,
+    /// Tokens of the partly filled block after it.
+    pending: [u32; KV_BLOCK_TOKENS],
+    filled: usize,
+}
+
+impl Chain {
+    fn root() -> Self {
+        Self { hash: ROOT, pending: [0; KV_BLOCK_TOKENS], filled: 0 }
+    }
+}
+
 struct SeqKv {
     len: usize,
-    capacity: usize,
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
-    /// Per layer, the keys and values again as targets of in-place writes (`KvCache::write_row`).
-    dests: Vec<[Dest; 2]>,
+    /// The blocks holding positions `16 i .. 16 (i + 1)` (ring slots for a ring sequence).
+    table: Vec<BlockId>,
     /// Set for sequences spread over a ring: slot `i` then holds `ring.positions[i]`.
     ring: Option<RingPlacement>,
+    /// Set while the sequence's blocks are named as they fill.
+    chain: Option<Chain>,
 }
 
 /// Where the tokens of a sequence spread over a sequence-parallel ring live, as one member
@@ -98,9 +149,11 @@ impl RingPlacement {
     }
 }
 
-/// All sequences cached on one rank.
+/// All sequences cached on one rank, and the pool of blocks they use.
 pub struct KvCache {
     spec: KvSpec,
+    config: KvCacheConfig,
+    pool: KvPool,
     seqs: HashMap<SeqId, SeqKv>,
 }
 
@@ -113,8 +166,20 @@ pub fn blocks_for(tokens: usize) -> usize {
 }
 
 impl KvCache {
+    /// An empty cache with an unbounded pool. `spec.dtype` must be f32, bf16 or f16 (the types
+    /// a model loads in).
     pub fn new(spec: KvSpec) -> Self {
-        Self { spec, seqs: HashMap::new() }
+        Self::with_config(spec, KvCacheConfig::default())
+    }
+
+    /// An empty cache sized and shared as `config` says.
+    pub fn with_config(spec: KvSpec, config: KvCacheConfig) -> Self {
+        let pool = KvPool::new(spec.layers, spec.kv_heads, spec.head_dim, spec.dtype, config.max_blocks);
+        Self { spec, config, pool, seqs: HashMap::new() }
+    }
+
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.config
     }
 
     /// Tokens cached for `seq`, or `None` if the sequence is unknown.
@@ -132,14 +197,42 @@ impl KvCache {
         self.seqs.values().map(|s| s.len).sum()
     }
 
-    /// Blocks of KV memory held over all sequences: what the cache's tensors occupy.
+    /// Blocks of KV memory the sequences use, each shared block once. Cached blocks no sequence
+    /// uses are not counted: the pool takes them back whenever it needs room.
     pub fn blocks(&self) -> usize {
-        self.seqs.values().map(|s| s.capacity / KV_BLOCK_TOKENS).sum()
+        self.pool.used()
     }
 
-    /// Blocks `seq` holds now (0 for an unknown sequence).
+    /// Blocks `seq`'s table holds now, shared or not (0 for an unknown sequence).
     pub fn seq_blocks(&self, seq: SeqId) -> usize {
-        self.seqs.get(&seq).map_or(0, |s| s.capacity / KV_BLOCK_TOKENS)
+        self.seqs.get(&seq).map_or(0, |s| s.table.len())
+    }
+
+    /// How the pool's blocks are used: by sequences, cached, free.
+    pub fn pool_counts(&self) -> PoolCounts {
+        self.pool.counts()
+    }
+
+    /// The prefix cache's hits, evictions and holdings.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.pool.cache.stats()
+    }
+
+    /// Checks the pool's books against the sequences' tables (every block used by exactly the
+    /// tables naming it, cached or free, none lost) and returns the counts; an error says what
+    /// is wrong.
+    pub fn check(&self) -> std::result::Result<PoolCounts, String> {
+        let mut users = Vec::new();
+        for s in self.seqs.values() {
+            for &b in &s.table {
+                let b = b as usize;
+                if users.len() <= b {
+                    users.resize(b + 1, 0u32);
+                }
+                users[b] += 1;
+            }
+        }
+        self.pool.check(&users)
     }
 
     /// The ring placement of a sequence spread over a sequence-parallel ring; `None` for an
@@ -148,40 +241,133 @@ impl KvCache {
         self.seqs.get(&seq).and_then(|s| s.ring.as_ref())
     }
 
-    /// Drops a sequence's cache. Returns whether it existed.
+    /// Drops a sequence's cache. Returns whether it existed. Its named blocks stay cached,
+    /// the deepest first in line for eviction (a prefix is only found through its parents).
     pub fn release(&mut self, seq: SeqId) -> bool {
-        self.seqs.remove(&seq).is_some()
+        let Some(entry) = self.seqs.remove(&seq) else { return false };
+        for &b in entry.table.iter().rev() {
+            self.pool.release(b);
+        }
+        true
     }
 
-    /// Makes `to` an independent copy of `from` (replacing whatever `to` held), for beam search:
-    /// a beam that continues from another beam's prefix. The copy holds only `from`'s tokens, so
-    /// it costs one pass over them; sequences spread over a ring cannot be copied.
+    /// Makes `to` continue from `from`'s tokens (replacing whatever `to` held), for beam search.
+    /// The two share `from`'s blocks; a shared block is copied only when one of them writes to
+    /// it. Sequences spread over a ring cannot be forked.
     pub fn fork(&mut self, from: SeqId, to: SeqId) -> Result<()> {
         let src = self.seqs.get(&from).ok_or(ModelError::UnknownSequence(from))?;
         if src.ring.is_some() {
             return Err(ModelError::InvalidBatch(format!("sequence {from} is spread over a ring and cannot be forked")));
         }
-        let len = src.len;
-        let mut copy = self.allocate(len)?;
-        if len > 0 {
-            for (dst, s) in copy.keys.iter_mut().zip(&src.keys).chain(copy.values.iter_mut().zip(&src.values)) {
-                dst.slice_set(&s.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        let copy = SeqKv { len: src.len, table: src.table.clone(), ring: None, chain: src.chain.clone() };
+        for &b in &copy.table {
+            self.pool.retain(b);
+        }
+        if let Some(old) = self.seqs.insert(to, copy) {
+            for &b in old.table.iter().rev() {
+                self.pool.release(b);
             }
         }
-        copy.len = len;
-        self.seqs.insert(to, copy);
         Ok(())
+    }
+
+    /// What [`KvCache::blocks`] would read after `forks` (in order, as [`KvCache::fork`]) and
+    /// then writes of positions `start..end` to each `(seq, start, end)` (a new sequence where
+    /// `seq` is unknown), assuming no prefix is reused (reuse only lowers it). Exact otherwise:
+    /// shared blocks count once, and a shared block a write would copy counts again.
+    pub fn blocks_after(&self, forks: &[(SeqId, SeqId)], writes: &[(SeqId, usize, usize)]) -> Result<usize> {
+        let mut refs: HashMap<BlockId, u32> = HashMap::new();
+        let mut tables: HashMap<SeqId, Option<Vec<BlockId>>> = HashMap::new();
+        let mut used = self.pool.used();
+        let table = |tables: &HashMap<SeqId, Option<Vec<BlockId>>>, seq: SeqId| match tables.get(&seq) {
+            Some(t) => t.clone(),
+            None => self.seqs.get(&seq).map(|s| s.table.clone()),
+        };
+        for &(from, to) in forks {
+            let src = table(&tables, from).ok_or(ModelError::UnknownSequence(from))?;
+            for &b in &src {
+                let r = refs.get(&b).copied().unwrap_or_else(|| self.pool.refs(b));
+                if r == 0 {
+                    used += 1;
+                }
+                refs.insert(b, r + 1);
+            }
+            for b in table(&tables, to).unwrap_or_default() {
+                let r = refs.get(&b).copied().unwrap_or_else(|| self.pool.refs(b));
+                if r == 1 {
+                    used -= 1;
+                }
+                refs.insert(b, r.saturating_sub(1));
+            }
+            tables.insert(to, Some(src));
+        }
+        for &(seq, start, end) in writes {
+            let t = table(&tables, seq).unwrap_or_default();
+            used += blocks_for(end).saturating_sub(t.len());
+            if let Some(&b) = t.get(start / KV_BLOCK_TOKENS).filter(|_| !start.is_multiple_of(KV_BLOCK_TOKENS)) {
+                let r = refs.get(&b).copied().unwrap_or_else(|| self.pool.refs(b));
+                if r > 1 {
+                    used += 1;
+                    refs.insert(b, r - 1);
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    /// Starts `seq` if it is new (`start` 0), then, if its blocks are named as they fill and it
+    /// stands at the end of a full block at `start`, gives it the cached blocks that hold the
+    /// longest run of whole blocks of `tokens` (the tokens the caller is about to feed from
+    /// `start`), always leaving at least the last token to compute. Returns the tokens reused:
+    /// the caller feeds only `tokens[reused..]`, from `start + reused`.
+    pub fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], caching: PrefixCaching) -> Result<usize> {
+        let Self { config, pool, seqs, .. } = self;
+        let entry = match seqs.entry(seq) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(_) if start != 0 => return Err(ModelError::UnknownSequence(seq)),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let chain = (config.prefix_cache && caching == PrefixCaching::On).then(Chain::root);
+                e.insert(SeqKv { len: 0, table: Vec::new(), ring: None, chain })
+            }
+        };
+        let Some(chain) = entry.chain.as_mut() else { return Ok(0) };
+        if caching == PrefixCaching::Off || entry.ring.is_some() || entry.len != start || chain.filled != 0 {
+            return Ok(0);
+        }
+        if tokens.len() > KV_BLOCK_TOKENS {
+            // Blocks past the sequence's length (made ready by a forward call that then
+            // failed) would sit between its tokens and the reused ones: give them back first.
+            while entry.table.len() > start / KV_BLOCK_TOKENS {
+                if let Some(b) = entry.table.pop() {
+                    pool.release(b);
+                }
+            }
+        }
+        let mut reused = 0;
+        while reused + KV_BLOCK_TOKENS < tokens.len() {
+            let mut block_tokens = [0u32; KV_BLOCK_TOKENS];
+            block_tokens.copy_from_slice(&tokens[reused..reused + KV_BLOCK_TOKENS]);
+            let Some((block, hash)) = pool.cache.lookup(chain.hash, &block_tokens, config.model_identity) else { break };
+            pool.retain(block);
+            entry.table.push(block);
+            chain.hash = hash;
+            reused += KV_BLOCK_TOKENS;
+        }
+        entry.len += reused;
+        if tokens.len() > KV_BLOCK_TOKENS {
+            // A lookup that could have found a block: counted as a hit or a miss.
+            pool.cache.record_lookup(reused);
+        }
+        Ok(reused)
     }
 
     /// Makes room for `seq` to reach `new_len` tokens, creating it if `start == 0`. The caller
     /// promises that `start` is where this forward call writes, which must be the current length.
     pub(crate) fn prepare(&mut self, seq: SeqId, start: usize, new_len: usize) -> Result<()> {
-        let current = self.len(seq);
-        match current {
+        match self.len(seq) {
             None if start == 0 => {
-                let entry = self.allocate(new_len)?;
-                self.seqs.insert(seq, entry);
-                return Ok(());
+                let chain = self.config.prefix_cache.then(Chain::root);
+                self.seqs.insert(seq, SeqKv { len: 0, table: Vec::new(), ring: None, chain });
             }
             None => return Err(ModelError::UnknownSequence(seq)),
             Some(_) if self.ring(seq).is_some() => {
@@ -194,25 +380,29 @@ impl KvCache {
             }
             Some(_) => {}
         }
-        self.reserve(seq, new_len)
+        self.reserve(seq, start, new_len)
     }
 
-    /// Grows `seq`'s tensors, if needed, to hold `needed` tokens.
-    fn reserve(&mut self, seq: SeqId, needed: usize) -> Result<()> {
-        let capacity = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?.capacity;
-        if needed <= capacity {
-            return Ok(());
-        }
-        let mut grown = self.allocate(needed)?;
-        let old = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
-        if old.len > 0 {
-            for (dst, src) in grown.keys.iter_mut().zip(&old.keys).chain(grown.values.iter_mut().zip(&old.values)) {
-                dst.slice_set(&src.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+    /// Gives `seq` blocks for positions up to `needed`, and its own copy of the block holding
+    /// `from` if it shares it (the only block a write there can reach that holds earlier
+    /// tokens).
+    fn reserve(&mut self, seq: SeqId, from: usize, needed: usize) -> Result<()> {
+        let Self { pool, seqs, .. } = self;
+        let entry = seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        if let Some(slot) = entry.table.get_mut(from / KV_BLOCK_TOKENS) {
+            if pool.refs(*slot) > 1 {
+                let copy = pool.copy_of(*slot)?;
+                pool.release(*slot);
+                *slot = copy;
             }
         }
-        grown.len = old.len;
-        grown.ring = old.ring.clone();
-        self.seqs.insert(seq, grown);
+        let blocks = blocks_for(needed);
+        if entry.table.capacity() < blocks {
+            entry.table.reserve(blocks - entry.table.len());
+        }
+        while entry.table.len() < blocks {
+            entry.table.push(pool.allocate()?);
+        }
         Ok(())
     }
 
@@ -225,16 +415,16 @@ impl KvCache {
                 "sequence {seq} already holds {len} tokens; a ring prefill starts a new sequence"
             )));
         }
-        let mut entry = self.allocate(placement.positions.len())?;
-        entry.ring = Some(placement);
-        self.seqs.insert(seq, entry);
-        Ok(())
+        self.release(seq);
+        let slots = placement.positions.len();
+        self.seqs.insert(seq, SeqKv { len: 0, table: Vec::new(), ring: Some(placement), chain: None });
+        self.reserve(seq, 0, slots)
     }
 
     /// Makes room for one more token of ring sequence `seq` on this member.
     pub(crate) fn reserve_ring_append(&mut self, seq: SeqId) -> Result<()> {
         let len = self.len(seq).ok_or(ModelError::UnknownSequence(seq))?;
-        self.reserve(seq, len + 1)
+        self.reserve(seq, len, len + 1)
     }
 
     /// Records a decode step of ring sequence `seq`: the token at `position` was appended on
@@ -253,27 +443,92 @@ impl KvCache {
         Ok(())
     }
 
-    /// Views of `seq`'s keys and values of `layer` for its first `len` slots, without writing.
+    /// `seq`'s keys and values of `layer` for its first `len` slots (`[kv_heads, len, head_dim]`
+    /// each), gathered from its blocks, without writing.
     pub(crate) fn view(&self, seq: SeqId, layer: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
-        Ok((entry.keys[layer].narrow(1, 0, len)?, entry.values[layer].narrow(1, 0, len)?))
+        match self.spec.dtype {
+            DType::F32 => self.gather_as::<f32>(seq, layer, len),
+            DType::BF16 => self.gather_as::<half::bf16>(seq, layer, len),
+            DType::F16 => self.gather_as::<half::f16>(seq, layer, len),
+            other => Err(ModelError::InvalidBatch(format!("no KV cache in {other:?}"))),
+        }
     }
 
     /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) of `layer` at position `start` and returns
-    /// views of the keys and values for positions `0..start + n`.
+    /// the keys and values for positions `0..start + n`, gathered into one tensor each.
     pub(crate) fn write(&mut self, seq: SeqId, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
-        let n = k.dim(1)?;
-        entry.keys[layer].slice_set(k, 1, start)?;
-        entry.values[layer].slice_set(v, 1, start)?;
-        let end = start + n;
-        Ok((entry.keys[layer].narrow(1, 0, end)?, entry.values[layer].narrow(1, 0, end)?))
+        self.write_rows(seq, layer, start, k, v)?;
+        self.view(seq, layer, start + k.dim(1)?)
+    }
+
+    /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) of `layer` at position `start` into `seq`'s
+    /// blocks (which [`KvCache::prepare`] made room for).
+    pub(crate) fn write_rows(&mut self, seq: SeqId, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        match self.spec.dtype {
+            DType::F32 => self.write_rows_as::<f32>(seq, layer, start, [k, v]),
+            DType::BF16 => self.write_rows_as::<half::bf16>(seq, layer, start, [k, v]),
+            DType::F16 => self.write_rows_as::<half::f16>(seq, layer, start, [k, v]),
+            other => Err(ModelError::InvalidBatch(format!("no KV cache in {other:?}"))),
+        }
+    }
+
+    fn write_rows_as<T: Elem>(&mut self, seq: SeqId, layer: usize, start: usize, kv: [&Tensor; 2]) -> Result<()> {
+        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let Self { pool, seqs, .. } = self;
+        let entry = seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        for (part, t) in [Part::Keys, Part::Values].into_iter().zip(kv) {
+            let (t_heads, n, t_d) = t.dims3()?;
+            if (t_heads, t_d) != (heads, d) || blocks_for(start + n) > entry.table.len() {
+                return Err(ModelError::InvalidBatch(format!("keys {:?} do not fit sequence {seq}'s cache at {start}", t.dims())));
+            }
+            let t = t.to_dtype(T::DTYPE)?.to_device(&Device::Cpu)?.contiguous()?;
+            let done = with_slice::<T, _>(&t, |src| {
+                for (i, pos) in (start..start + n).enumerate() {
+                    let Some(block) = pool.block_mut::<T>(layer, part, entry.table[pos / KV_BLOCK_TOKENS]) else { return false };
+                    let slot = pos % KV_BLOCK_TOKENS;
+                    for h in 0..heads {
+                        let from = &src[(h * n + i) * d..(h * n + i + 1) * d];
+                        block[(h * KV_BLOCK_TOKENS + slot) * d..(h * KV_BLOCK_TOKENS + slot + 1) * d].copy_from_slice(from);
+                    }
+                }
+                true
+            });
+            if done != Some(true) {
+                return Err(ModelError::InvalidBatch(format!("cannot write {:?} keys into a {:?} cache", t.dtype(), T::DTYPE)));
+            }
+        }
+        Ok(())
+    }
+
+    fn gather_as<T: Elem>(&self, seq: SeqId, layer: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        let blocks = entry.table.get(..blocks_for(len)).ok_or_else(|| {
+            ModelError::InvalidBatch(format!(
+                "sequence {seq} has {} blocks, not the {} of {len} tokens",
+                entry.table.len(),
+                blocks_for(len)
+            ))
+        })?;
+        let gather = |part: Part| -> Result<Tensor> {
+            let mut out = Vec::with_capacity(heads * len * d);
+            for h in 0..heads {
+                for (i, &b) in blocks.iter().enumerate() {
+                    let rows = (len - i * KV_BLOCK_TOKENS).min(KV_BLOCK_TOKENS);
+                    let block =
+                        self.pool.block::<T>(layer, part, b).ok_or(ModelError::InvalidBatch(format!("block {b} is not in the pool")))?;
+                    out.extend_from_slice(&block[h * KV_BLOCK_TOKENS * d..(h * KV_BLOCK_TOKENS + rows) * d]);
+                }
+            }
+            Ok(T::tensor(out, &[heads, len, d])?.to_device(&self.spec.device)?)
+        };
+        Ok((gather(Part::Keys)?, gather(Part::Values)?))
     }
 
     /// Writes token `row` of `k`, `v` (`[tokens, kv_heads, head_dim]`) at position `pos` of
-    /// `seq`'s `layer`, straight into the cache's storage: a decode step's append, without the
-    /// transposed copies and views of [`KvCache::write`]. `false` where it does not apply
-    /// (not contiguous CPU tensors of the cache's type); the caller then uses `write`.
+    /// `seq`'s `layer`, straight into its block: a decode step's append, without the transposed
+    /// copies of [`KvCache::write`]. `false` where it does not apply (not contiguous CPU
+    /// tensors of the cache's type); the caller then uses `write_rows`.
     pub(crate) fn write_row(&mut self, seq: SeqId, layer: usize, pos: usize, k: &Tensor, v: &Tensor, row: usize) -> Result<bool> {
         match self.spec.dtype {
             DType::F32 => self.write_row_as::<f32>(seq, layer, pos, [k, v], row),
@@ -287,55 +542,145 @@ impl KvCache {
         let (heads, d) = (self.spec.kv_heads, self.spec.head_dim);
         let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
         let fits = |t: &Tensor| is_slice::<T>(t) && t.dims().len() == 3 && t.dims()[1..] == [heads, d] && row < t.dims()[0];
-        if pos >= entry.capacity || !kv.iter().all(|t| fits(t)) {
+        let Some(&block) = entry.table.get(pos / KV_BLOCK_TOKENS) else { return Ok(false) };
+        if !kv.iter().all(|t| fits(t)) {
             return Ok(false);
         }
-        let capacity = entry.capacity;
-        for (cache, src) in entry.dests[layer].iter().zip(kv) {
+        let slot = pos % KV_BLOCK_TOKENS;
+        for (part, src) in [Part::Keys, Part::Values].into_iter().zip(kv) {
+            let Some(dst) = self.pool.block_mut::<T>(layer, part, block) else { return Ok(false) };
             let written = with_slice::<T, _>(src, |src| {
-                with_dest_mut::<T, _>(cache, |cache| {
-                    for (h, from) in src[row * heads * d..(row + 1) * heads * d].chunks_exact(d).enumerate() {
-                        let at = (h * capacity + pos) * d;
-                        cache[at..at + d].copy_from_slice(from);
-                    }
-                })
+                for (h, from) in src[row * heads * d..(row + 1) * heads * d].chunks_exact(d).enumerate() {
+                    let at = (h * KV_BLOCK_TOKENS + slot) * d;
+                    dst[at..at + d].copy_from_slice(from);
+                }
             });
-            if written.transpose()?.flatten().is_none() {
+            if written.is_none() {
                 return Ok(false);
             }
         }
         Ok(true)
     }
 
-    /// `seq`'s whole key and value tensors of `layer` (`[kv_heads, capacity, head_dim]`; the
-    /// first [`KvCache::len`] slots, plus any this step wrote, hold tokens).
-    pub(crate) fn tensors(&self, seq: SeqId, layer: usize) -> Result<(&Tensor, &Tensor)> {
-        let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
-        Ok((&entry.keys[layer], &entry.values[layer]))
+    /// The type of the cached keys and values.
+    pub(crate) fn dtype(&self) -> DType {
+        self.spec.dtype
     }
 
-    /// Records that `seq` now holds `new_len` tokens (after every layer was written).
+    /// `seq`'s blocks of `layer` as decode attention reads them in place (the first
+    /// [`KvCache::len`] positions, plus any this step wrote, hold tokens).
+    pub(crate) fn paged(&self, seq: SeqId, layer: usize) -> Result<Paged<'_>> {
+        let entry = self.seqs.get(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        Ok(Paged {
+            keys: self.pool.buffers(layer, Part::Keys),
+            values: self.pool.buffers(layer, Part::Values),
+            table: &entry.table,
+            kv_heads: self.pool.kv_heads(),
+            head_dim: self.pool.head_dim(),
+        })
+    }
+
+    /// Records that `seq` now holds `new_len` tokens (after every layer was written), for a
+    /// sequence whose tokens are not named (a ring sequence).
     pub(crate) fn commit(&mut self, seq: SeqId, new_len: usize) -> Result<()> {
         let entry = self.seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
         entry.len = new_len;
+        entry.chain = None;
         Ok(())
     }
 
-    /// Storage for at least `tokens` entries (at least one block), in whole blocks.
-    fn allocate(&self, tokens: usize) -> Result<SeqKv> {
-        let capacity = blocks_for(tokens.max(1)) * KV_BLOCK_TOKENS;
-        let s = &self.spec;
-        let shape = (s.kv_heads, capacity, s.head_dim);
-        let mut keys = Vec::with_capacity(s.layers);
-        let mut values = Vec::with_capacity(s.layers);
-        let mut dests = Vec::with_capacity(s.layers);
-        for _ in 0..s.layers {
-            let (k, v) = (Tensor::zeros(shape, s.dtype, &s.device)?, Tensor::zeros(shape, s.dtype, &s.device)?);
-            let dest = |t: &Tensor| Ok::<_, ModelError>(Dest::new(t.clone(), t.flatten_all()?.narrow(0, 0, 1)?)?);
-            dests.push([dest(&k)?, dest(&v)?]);
-            keys.push(k);
-            values.push(v);
+    /// Records that `seq` now holds `tokens` from `start` on (after every layer was written),
+    /// naming each block they fill for the prefix cache.
+    pub(crate) fn commit_tokens(&mut self, seq: SeqId, start: usize, tokens: &[u32]) -> Result<()> {
+        let Self { config, pool, seqs, .. } = self;
+        let entry = seqs.get_mut(&seq).ok_or(ModelError::UnknownSequence(seq))?;
+        entry.len = start + tokens.len();
+        let Some(chain) = entry.chain.as_mut() else { return Ok(()) };
+        if start % KV_BLOCK_TOKENS != chain.filled {
+            // Out of step with the chain (cannot happen through `prepare`): stop naming blocks.
+            entry.chain = None;
+            return Ok(());
         }
-        Ok(SeqKv { len: 0, capacity, keys, values, dests, ring: None })
+        for (pos, &t) in (start..).zip(tokens) {
+            chain.pending[chain.filled] = t;
+            chain.filled += 1;
+            if chain.filled == KV_BLOCK_TOKENS {
+                let parent = chain.hash;
+                let hash = block_hash(parent, &chain.pending, config.model_identity);
+                if let Some(&block) = entry.table.get(pos / KV_BLOCK_TOKENS) {
+                    pool.cache.insert(block, hash, parent, chain.pending);
+                }
+                chain.hash = hash;
+                chain.filled = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(max_blocks: Option<usize>) -> KvCache {
+        let spec = KvSpec { layers: 2, kv_heads: 1, head_dim: 4, dtype: DType::F32, device: Device::Cpu };
+        KvCache::with_config(spec, KvCacheConfig { max_blocks, ..KvCacheConfig::default() })
+    }
+
+    /// Fills `seq` with `tokens` as a forward call would (room, then the commit), without
+    /// computing keys.
+    fn feed(kv: &mut KvCache, seq: SeqId, start: usize, tokens: &[u32]) {
+        kv.prepare(seq, start, start + tokens.len()).unwrap();
+        kv.commit_tokens(seq, start, tokens).unwrap();
+    }
+
+    #[test]
+    fn reuse_takes_the_longest_cached_run_of_whole_blocks_and_leaves_a_token_to_compute() {
+        let mut kv = cache(None);
+        let prompt: Vec<u32> = (0..40).collect();
+        feed(&mut kv, 1, 0, &prompt);
+        let first_blocks = kv.seqs[&1].table[..2].to_vec();
+        // Same 32 tokens, then others: both full blocks reused.
+        let other: Vec<u32> = (0..32).chain(100..110).collect();
+        assert_eq!(kv.reuse_prefix(2, 0, &other, PrefixCaching::On).unwrap(), 32);
+        assert_eq!(kv.seqs[&2].table, first_blocks);
+        assert_eq!(kv.len(2), Some(32));
+        // Exactly the 32 cached tokens: the last is computed, so only the first block.
+        assert_eq!(kv.reuse_prefix(3, 0, &prompt[..32], PrefixCaching::On).unwrap(), 16);
+        // Opted out: nothing.
+        assert_eq!(kv.reuse_prefix(4, 0, &prompt, PrefixCaching::Off).unwrap(), 0);
+        assert_eq!(kv.blocks(), 3, "sequence 1's three blocks, shared");
+        kv.check().unwrap();
+        for seq in 1..=4 {
+            kv.release(seq);
+        }
+        assert_eq!(kv.check().unwrap(), PoolCounts { blocks: 64, used: 0, cached: 2, free: 62 });
+    }
+
+    #[test]
+    fn blocks_left_past_the_length_by_a_failed_call_are_given_back_before_a_reuse() {
+        let mut kv = cache(None);
+        let prompt: Vec<u32> = (0..48).collect();
+        feed(&mut kv, 1, 0, &prompt);
+        feed(&mut kv, 2, 0, &prompt[..16]);
+        // A call that made room for 32 more tokens of sequence 2, then failed before its commit.
+        kv.prepare(2, 16, 48).unwrap();
+        assert_eq!(kv.seq_blocks(2), 3);
+        assert_eq!(kv.reuse_prefix(2, 16, &prompt[16..], PrefixCaching::On).unwrap(), 16);
+        assert_eq!(kv.seqs[&2].table[1], kv.seqs[&1].table[1], "the reused block follows the sequence's own");
+        assert_eq!(kv.len(2), Some(32));
+        kv.check().unwrap();
+    }
+
+    #[test]
+    fn a_full_pool_evicts_cached_blocks_and_refuses_only_when_all_are_in_use() {
+        let mut kv = cache(Some(3));
+        feed(&mut kv, 1, 0, &(0..32).collect::<Vec<u32>>());
+        kv.release(1);
+        assert_eq!(kv.pool_counts().cached, 2);
+        feed(&mut kv, 2, 0, &(50..98).collect::<Vec<u32>>());
+        assert_eq!(kv.prefix_stats().evictions, 2);
+        assert!(matches!(kv.prepare(3, 0, 1), Err(ModelError::KvFull { blocks: 3 })));
+        kv.check().unwrap();
     }
 }

@@ -13,9 +13,11 @@ pub(crate) mod batch;
 pub mod config;
 pub(crate) mod embedding;
 pub(crate) mod kv_cache;
+pub(crate) mod kv_pool;
 pub(crate) mod layer;
 pub(crate) mod linear;
 pub(crate) mod parallel;
+pub(crate) mod prefix_cache;
 pub(crate) mod ring;
 pub(crate) mod rope;
 pub(crate) mod sequence;
@@ -39,7 +41,7 @@ use crate::model::attention::{CacheAttention, ChunkMask};
 use crate::model::batch::{Batch, LogitsMode};
 use crate::model::config::ModelConfig;
 use crate::model::embedding::Embedding;
-use crate::model::kv_cache::{KvCache, KvSpec};
+use crate::model::kv_cache::{KvCache, KvCacheConfig, KvSpec};
 use crate::model::layer::{AttentionStep, DecoderLayer, LayerStep};
 use crate::model::linear::{Linear, Numerics, Quantization, Weight};
 use crate::model::parallel::TpLayout;
@@ -114,6 +116,9 @@ impl Model {
     /// Loads weights from `dir` for an already parsed `config`.
     pub fn load_with_config(dir: &Path, config: ModelConfig, load: &LoadConfig) -> Result<Self> {
         let start = Instant::now();
+        if !matches!(load.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(ModelError::InvalidConfig(format!("models run in f32, bf16 or f16, not {:?}", load.dtype)));
+        }
         crate::kernels::heap::keep_freed_buffers();
         let layout = TpLayout::new(&config, load.tp_rank, load.tp_size)?;
         let (rank, n_layers) = (load.tp_rank, config.num_hidden_layers);
@@ -204,15 +209,21 @@ impl Model {
         &self.layout
     }
 
-    /// An empty KV cache shaped for this rank.
+    /// An empty KV cache shaped for this rank, with an unbounded pool.
     pub fn new_kv_cache(&self) -> KvCache {
-        KvCache::new(KvSpec {
+        self.new_kv_cache_with(KvCacheConfig::default())
+    }
+
+    /// An empty KV cache shaped for this rank, sized and shared as `config` says.
+    pub fn new_kv_cache_with(&self, config: KvCacheConfig) -> KvCache {
+        let spec = KvSpec {
             layers: self.config.num_hidden_layers,
             kv_heads: self.layout.kv_heads,
             head_dim: self.config.head_dim,
             dtype: self.dtype,
             device: self.device.clone(),
-        })
+        };
+        KvCache::with_config(spec, config)
     }
 
     /// Runs `batch` through the model, appending its keys and values to `kv`, and returns f32
@@ -251,8 +262,10 @@ impl Model {
         let h = self.run_layers(batch.tokens, &cos, &sin, &mut attention, comm, &mut ws);
         ws.masks = masks;
         let h = h?;
+        let mut offset = 0;
         for c in batch.chunks {
-            kv.commit(c.seq, c.start + c.len)?;
+            kv.commit_tokens(c.seq, c.start, &batch.tokens[offset..offset + c.len])?;
+            offset += c.len;
         }
 
         let h = match mode {
