@@ -40,6 +40,11 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let tls = args.serve.tls.files().is_some();
+    args.serve.tls.check_plaintext("the gRPC API (--listen)", args.listen.ip(), tls)?;
+    if let Some(http) = args.http_listen {
+        args.serve.tls.check_plaintext("the HTTP API (--http-listen)", http.ip(), tls)?;
+    }
     let config = args.serve.config(&args.model, args.tp)?;
     let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(EtcdConfig::new(args.etcd.clone())).await?);
     let coordinator = Coordinator::start(config, registry).await?;
@@ -51,7 +56,8 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     let metrics = crate::serve_args::serve_metrics(args.serve.metrics_listen, &coordinator).await?;
     let http = crate::serve_args::serve_http(args.http_listen, args.serve.http_metrics, &coordinator).await?;
     if let Some((_, http_addr)) = &http {
-        crate::serve_args::announce(&format!("http://{http_addr}/v1"));
+        let scheme = if tls { "https" } else { "http" };
+        crate::serve_args::announce(&format!("{scheme}://{http_addr}/v1"));
     }
     let serving = coordinator.serving_groups();
     let report = tokio::spawn(report_groups(serving));

@@ -17,6 +17,7 @@ mod record;
 mod run;
 mod serve_args;
 mod signal;
+mod tls_args;
 mod up;
 mod worker;
 

@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// Also serve `GET /metrics` on the OpenAI-compatible HTTP port.
     #[arg(long)]
     pub http_metrics: bool,
+    /// TLS on the client API with --tls-cert/--tls-key; with --tls-ca also mutual TLS to the
+    /// workers (this certificate is then the coordinator's client certificate too).
+    #[command(flatten)]
+    pub tls: crate::tls_args::TlsArgs,
 }
 
 /// Largest values the flags accept: a typo must not allocate the machine away.
@@ -142,7 +146,13 @@ impl ServeArgs {
             migration_limit: self.migration_limit,
             ..ClusterConfig::default()
         };
-        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster })
+        let api_tls = self.tls.files();
+        let worker_tls = match &api_tls {
+            Some(files) if files.ca.is_some() => Some(std::sync::Arc::new(tessera_tls::ClientTls::mutual(files, &[tessera_tls::ALPN_H2])?)),
+            _ => None,
+        };
+        let cluster = ClusterConfig { worker_tls, ..cluster };
+        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster, api_tls })
     }
 }
 
@@ -171,7 +181,9 @@ pub async fn serve_http(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for HTTP: {e}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "serving the OpenAI-compatible HTTP API at /v1");
-    Ok(Some((coordinator.serve_http(listener, tessera_coordinator::HttpConfig { metrics }), bound)))
+    let mut config = tessera_coordinator::HttpConfig::default();
+    config.metrics = metrics;
+    Ok(Some((coordinator.serve_http(listener, config), bound)))
 }
 
 /// Prints a line on stdout for scripts and tests to read, ignoring a reader that has gone

@@ -35,6 +35,8 @@ pub enum CoordinatorError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Registry(#[from] tessera_registry::RegistryError),
+    #[error(transparent)]
+    Tls(#[from] tessera_tls::TlsError),
 }
 
 impl From<CoordinatorError> for tonic::Status {
@@ -50,7 +52,8 @@ impl From<CoordinatorError> for tonic::Status {
             | CoordinatorError::Config(_)
             | CoordinatorError::Internal(_)
             | CoordinatorError::Transport(_)
-            | CoordinatorError::Registry(_) => Code::Internal,
+            | CoordinatorError::Registry(_)
+            | CoordinatorError::Tls(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())
     }

@@ -21,6 +21,7 @@
 pub mod beam;
 pub mod chat;
 pub mod cluster;
+pub mod connection;
 mod deadline;
 pub mod detokenize;
 pub mod embed;
@@ -46,6 +47,7 @@ mod service;
 pub mod stop;
 #[cfg(test)]
 mod testing;
+mod tls;
 
 pub use cluster::ClusterConfig;
 pub use error::CoordinatorError;

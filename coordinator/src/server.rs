@@ -19,6 +19,8 @@ use crate::error::CoordinatorError;
 use crate::limits::Limits;
 use crate::model::{ModelSpec, ServedModel};
 use crate::service::InferenceService;
+use crate::tls::ApiTls;
+use tessera_tls::accept::AcceptConfig;
 
 /// The name health checks use for the inference service.
 pub const INFERENCE_SERVICE: &str = "tessera.v1.Inference";
@@ -29,6 +31,8 @@ pub struct CoordinatorConfig {
     pub models: Vec<ModelSpec>,
     pub limits: Limits,
     pub cluster: ClusterConfig,
+    /// TLS on the client API (gRPC and HTTP); `None` serves plaintext.
+    pub api_tls: Option<tessera_tls::TlsFiles>,
 }
 
 /// A coordinator following the registry, not yet serving gRPC.
@@ -36,6 +40,7 @@ pub struct Coordinator {
     cluster: Arc<Cluster>,
     limits: Limits,
     follower: tokio::task::JoinHandle<()>,
+    tls: Option<ApiTls>,
 }
 
 impl Coordinator {
@@ -50,11 +55,12 @@ impl Coordinator {
                 return Err(CoordinatorError::Config(format!("model name {:?} is used twice", m.name)));
             }
         }
+        let tls = config.api_tls.as_ref().map(ApiTls::new).transpose()?;
         let models = config.models.into_iter().map(|spec| ServedModel::load(spec).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         let cluster = Cluster::new(models, config.cluster);
         let watch = registry.snapshot_and_watch().await?;
         let follower = tokio::spawn(cluster.clone().follow(watch));
-        Ok(Self { cluster, limits: config.limits, follower })
+        Ok(Self { cluster, limits: config.limits, follower, tls })
     }
 
     /// Number of loaded groups; changes as groups form and are lost.
@@ -77,6 +83,7 @@ impl Coordinator {
     /// Serves the OpenAI-compatible HTTP API (`crate::http`) on `listener`, beside gRPC and
     /// onto the same service, until the returned task is aborted.
     pub fn serve_http(&self, listener: tokio::net::TcpListener, config: crate::http::HttpConfig) -> tokio::task::JoinHandle<()> {
+        let config = crate::http::HttpConfig { tls: self.tls.as_ref().map(|t| t.http.clone()), ..config };
         tokio::spawn(crate::http::serve(listener, self.cluster.clone(), self.limits.clone(), config))
     }
 
@@ -95,16 +102,21 @@ impl Coordinator {
             .build_v1alpha()
             .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
         let inference = InferenceServer::new(InferenceService::new(self.cluster.clone(), self.limits.clone()));
-        let result = tonic::transport::Server::builder()
+        let router = crate::connection::grpc_server()
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(inference)
+            .add_service(inference);
+        let result = match &self.tls {
             // Accepted sockets need TCP_NODELAY set here (the builder's setting applies only to
             // sockets it binds itself); without it a streamed token can wait on Nagle's
-            // algorithm and a delayed ACK.
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-            .await;
+            // algorithm and a delayed ACK. The TLS accept loop sets it too.
+            None => router.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown).await,
+            Some(tls) => {
+                let incoming = tessera_tls::accept::incoming(listener, tls.grpc.clone(), AcceptConfig::new("client API (gRPC)"));
+                router.serve_with_incoming_shutdown(incoming, shutdown).await
+            }
+        };
         health_task.abort();
         self.follower.abort();
         result.map_err(CoordinatorError::from)

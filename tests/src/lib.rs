@@ -1,5 +1,6 @@
 //! Harness for tests that run Tessera as real, separate processes on 127.0.0.1.
 
+pub mod certs;
 mod timed;
 
 pub use timed::Timed;

@@ -57,6 +57,9 @@ pub struct ClusterConfig {
     /// Times one request may move to another group when its group is lost mid-request; past
     /// that it ends with `UNAVAILABLE`. 0 turns migration off.
     pub migration_limit: u32,
+    /// Mutual TLS to the workers (the cluster CA and this coordinator's certificate); `None`
+    /// dials them in plaintext.
+    pub worker_tls: Option<Arc<tessera_tls::ClientTls>>,
 }
 
 impl Default for ClusterConfig {
@@ -69,6 +72,7 @@ impl Default for ClusterConfig {
             max_retry_backoff: Duration::from_secs(30),
             ring_prefill_tokens: 0,
             migration_limit: 3,
+            worker_tls: None,
         }
     }
 }
@@ -202,7 +206,13 @@ pub(crate) fn group_name(id: u64) -> String {
     format!("g{id}")
 }
 
-fn connect(address: &str, timeout: Duration) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))?.connect_timeout(timeout).tcp_nodelay(true);
-    Ok(WorkerClient::new(endpoint.connect_lazy()))
+fn connect(address: &str, config: &ClusterConfig) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))?.connect_timeout(config.rpc_timeout).tcp_nodelay(true);
+    let channel = match &config.worker_tls {
+        None => endpoint.connect_lazy(),
+        Some(tls) => {
+            endpoint.connect_with_connector_lazy(crate::tls::WorkerConnector { tls: tls.clone(), handshake_timeout: config.rpc_timeout })
+        }
+    };
+    Ok(WorkerClient::new(channel))
 }

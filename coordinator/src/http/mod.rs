@@ -56,6 +56,8 @@ pub type HttpBody = UnsyncBoxBody<Bytes, Infallible>;
 pub struct HttpConfig {
     /// Also serve `GET /metrics` (the Prometheus text of `--metrics-listen`) on this port.
     pub metrics: bool,
+    /// TLS (set by the coordinator from its API certificate); `None` serves plaintext.
+    pub(crate) tls: Option<Arc<tessera_tls::ServerTls>>,
 }
 
 /// What every request handler reads.
@@ -84,6 +86,8 @@ impl HttpState {
 
 /// How long a client may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest read buffer of a connection, which bounds the request line and headers.
+const MAX_HEADER_BYTES: usize = 64 << 10;
 
 /// Serves the HTTP API on `listener` until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: Limits, config: HttpConfig) {
@@ -91,8 +95,8 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: 
     let service = InferenceService::new(cluster.clone(), limits.clone());
     let state = Arc::new(HttpState { service, cluster, limits, config, fingerprints, started: ids::unix_seconds() });
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "HTTP listener: accept failed");
@@ -105,18 +109,35 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: 
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, &state).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            match state.config.tls.clone() {
+                None => serve_connection(TokioIo::new(stream), state).await,
+                Some(tls) => {
+                    let accept = tessera_tls::accept::AcceptConfig::new("client API (HTTP)");
+                    if let Some(stream) = tessera_tls::accept::handshake(&tls, stream, peer, &accept).await {
+                        serve_connection(TokioIo::new(stream), state).await;
+                    }
+                }
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection until it closes.
+async fn serve_connection<I>(io: TokioIo<I>, state: Arc<HttpState>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(req, &state).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(io, service);
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
 
