@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// workers (this certificate is then the coordinator's client certificate too).
     #[command(flatten)]
     pub tls: crate::tls_args::TlsArgs,
+    /// Require an API key on the client API: a file of `NAME SHA256HEX [max_concurrent=N]
+    /// [tokens_per_minute=N]` lines (`tessera keygen NAME` makes one). Health and reflection
+    /// stay open.
+    #[arg(long, value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
 }
 
 /// Largest values the flags accept: a typo must not allocate the machine away.
@@ -152,7 +157,15 @@ impl ServeArgs {
             _ => None,
         };
         let cluster = ClusterConfig { worker_tls, ..cluster };
-        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster, api_tls })
+        let api_keys = match &self.api_keys {
+            Some(path) => {
+                let keys = tessera_coordinator::auth::ApiKeys::load(path)?;
+                tracing::info!(keys = ?keys, "API keys required on the client API");
+                Some(std::sync::Arc::new(keys))
+            }
+            None => None,
+        };
+        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster, api_tls, api_keys })
     }
 }
 

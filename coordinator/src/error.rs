@@ -15,7 +15,10 @@ pub enum CoordinatorError {
     /// No group can serve right now (none formed yet, or the group was lost mid-request).
     #[error("{0}")]
     Unavailable(String),
-    /// The bounded queue is full; retry later.
+    /// No API key, or one this coordinator does not know (one message for both).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The bounded queue is full, or an API key is over one of its limits; retry later.
     #[error("{0}")]
     ResourceExhausted(String),
     /// A served model's files cannot be used.
@@ -47,6 +50,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::NotFound(_) => Code::NotFound,
             CoordinatorError::Unavailable(_) => Code::Unavailable,
             CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
             CoordinatorError::ModelFailed(_) => Code::FailedPrecondition,
             CoordinatorError::Model { .. }
             | CoordinatorError::Config(_)

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::auth::ApiKeys;
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::error::CoordinatorError;
 use crate::limits::Limits;
@@ -33,6 +34,8 @@ pub struct CoordinatorConfig {
     pub cluster: ClusterConfig,
     /// TLS on the client API (gRPC and HTTP); `None` serves plaintext.
     pub api_tls: Option<tessera_tls::TlsFiles>,
+    /// API keys the client API requires; `None` requires none.
+    pub api_keys: Option<Arc<ApiKeys>>,
 }
 
 /// A coordinator following the registry, not yet serving gRPC.
@@ -41,6 +44,7 @@ pub struct Coordinator {
     limits: Limits,
     follower: tokio::task::JoinHandle<()>,
     tls: Option<ApiTls>,
+    keys: Option<Arc<ApiKeys>>,
 }
 
 impl Coordinator {
@@ -60,7 +64,7 @@ impl Coordinator {
         let cluster = Cluster::new(models, config.cluster);
         let watch = registry.snapshot_and_watch().await?;
         let follower = tokio::spawn(cluster.clone().follow(watch));
-        Ok(Self { cluster, limits: config.limits, follower, tls })
+        Ok(Self { cluster, limits: config.limits, follower, tls, keys: config.api_keys })
     }
 
     /// Number of loaded groups; changes as groups form and are lost.
@@ -83,7 +87,7 @@ impl Coordinator {
     /// Serves the OpenAI-compatible HTTP API (`crate::http`) on `listener`, beside gRPC and
     /// onto the same service, until the returned task is aborted.
     pub fn serve_http(&self, listener: tokio::net::TcpListener, config: crate::http::HttpConfig) -> tokio::task::JoinHandle<()> {
-        let config = crate::http::HttpConfig { tls: self.tls.as_ref().map(|t| t.http.clone()), ..config };
+        let config = crate::http::HttpConfig { tls: self.tls.as_ref().map(|t| t.http.clone()), api_keys: self.keys.clone(), ..config };
         tokio::spawn(crate::http::serve(listener, self.cluster.clone(), self.limits.clone(), config))
     }
 
@@ -101,7 +105,7 @@ impl Coordinator {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
-        let inference = InferenceServer::new(InferenceService::new(self.cluster.clone(), self.limits.clone()));
+        let inference = InferenceServer::new(InferenceService::new(self.cluster.clone(), self.limits.clone(), self.keys.clone()));
         let router = crate::connection::grpc_server()
             .add_service(health)
             .add_service(reflection_v1)

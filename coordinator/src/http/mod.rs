@@ -58,6 +58,8 @@ pub struct HttpConfig {
     pub metrics: bool,
     /// TLS (set by the coordinator from its API certificate); `None` serves plaintext.
     pub(crate) tls: Option<Arc<tessera_tls::ServerTls>>,
+    /// API keys (set by the coordinator), checked by the core from the `Authorization` header.
+    pub(crate) api_keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 /// What every request handler reads.
@@ -92,7 +94,7 @@ const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Serves the HTTP API on `listener` until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: Limits, config: HttpConfig) {
     let fingerprints = cluster.models.iter().map(|m| (m.name().to_string(), ids::fingerprint(m))).collect();
-    let service = InferenceService::new(cluster.clone(), limits.clone());
+    let service = InferenceService::new(cluster.clone(), limits.clone(), config.api_keys.clone());
     let state = Arc::new(HttpState { service, cluster, limits, config, fingerprints, started: ids::unix_seconds() });
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -148,8 +150,10 @@ async fn route(req: Request<Incoming>, state: &HttpState) -> Response<HttpBody> 
         (Method::POST, "/v1/completions") => post(req, state, GenerateCall::completions).await,
         (Method::POST, "/v1/chat/completions") => post(req, state, GenerateCall::chat).await,
         (Method::POST, "/v1/embeddings") => embeddings(req, state).await,
-        (Method::GET, "/v1/models") => models(state, None).await,
-        (Method::GET, p) if p.starts_with("/v1/models/") => models(state, Some(&p["/v1/models/".len()..])).await,
+        (Method::GET, "/v1/models") => models(state, None, req.headers().get(AUTHORIZATION)).await,
+        (Method::GET, p) if p.starts_with("/v1/models/") => {
+            models(state, Some(&p["/v1/models/".len()..]), req.headers().get(AUTHORIZATION)).await
+        }
         (Method::GET | Method::HEAD, "/health") => Ok(health(state)),
         (Method::GET | Method::HEAD, "/metrics") if state.config.metrics => Ok(metrics(state).await),
         (_, "/v1/completions" | "/v1/chat/completions" | "/v1/embeddings") => Err(ApiError::method_not_allowed("POST")),
@@ -175,6 +179,7 @@ async fn post(
     read: fn(&Fields) -> Result<GenerateCall, ApiError>,
 ) -> Result<Response<HttpBody>, ApiError> {
     let authorization = req.headers().get(AUTHORIZATION).cloned();
+    state.service.authenticate(&with_authorization((), authorization.as_ref()))?;
     let call = read(&body(req, state).await?)?;
     Ok(match generate::generate(state, call, authorization.as_ref()).await? {
         generate::Reply::Json(text) => json(StatusCode::OK, text),
@@ -190,6 +195,7 @@ async fn post(
 
 async fn embeddings(req: Request<Incoming>, state: &HttpState) -> Result<Response<HttpBody>, ApiError> {
     let authorization = req.headers().get(AUTHORIZATION).cloned();
+    state.service.authenticate(&with_authorization((), authorization.as_ref()))?;
     let fields = body(req, state).await?;
     Ok(json(StatusCode::OK, embeddings::embeddings(state, &fields, authorization.as_ref()).await?))
 }
@@ -205,8 +211,8 @@ struct ModelCard {
 }
 
 /// `GET /v1/models` (every served model, from the core's `ListModels`), or one by name.
-async fn models(state: &HttpState, name: Option<&str>) -> Result<Response<HttpBody>, ApiError> {
-    let list = state.service.list_models(tonic::Request::new(pb::ListModelsRequest {})).await?.into_inner();
+async fn models(state: &HttpState, name: Option<&str>, authorization: Option<&HeaderValue>) -> Result<Response<HttpBody>, ApiError> {
+    let list = state.service.list_models(with_authorization(pb::ListModelsRequest {}, authorization)).await?.into_inner();
     let card = |m: pb::ModelInfo| ModelCard {
         id: m.name,
         object: "model",
@@ -247,6 +253,15 @@ async fn metrics(state: &HttpState) -> Response<HttpBody> {
     let mut response = Response::new(full(text));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     response
+}
+
+/// A core request carrying the HTTP request's `Authorization` header as gRPC metadata.
+pub(crate) fn with_authorization<T>(message: T, authorization: Option<&HeaderValue>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = authorization.and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
 }
 
 fn full(text: String) -> HttpBody {

@@ -1,6 +1,7 @@
 //! End-to-end cluster tests: real `tessera` processes on 127.0.0.1, real gRPC, real etcd
 //! where the test is about etcd.
 
+mod api_keys;
 mod beams;
 mod decoding;
 mod encoders;
@@ -15,3 +16,5 @@ mod openai_sdk;
 mod real_models;
 mod serving;
 mod support;
+mod tls;
+mod tls_client;

@@ -1,0 +1,139 @@
+//! API keys: who may call `tessera.v1.Inference`, and how much.
+//!
+//! The key file (`--api-keys`) has one key per line, `NAME SHA256HEX [max_concurrent=N]
+//! [tokens_per_minute=N]`; it stores the SHA-256 of each key, never the key. A call presents
+//! `authorization: Bearer KEY` (gRPC metadata, or the HTTP header the HTTP API passes on). The
+//! digest of what was presented is compared with every stored digest in constant time, so
+//! neither timing nor the answer tells which part was wrong: a missing, malformed or unknown
+//! key all get the same `UNAUTHENTICATED` message.
+//!
+//! A known key gets a [`Ticket`] that holds one of its concurrent slots until dropped (with the
+//! response stream, so a stream counts until it ends or the client leaves) and charges the
+//! tokens that pass through it to the key's per-minute budget. Logs and metrics name the key by
+//! its NAME only.
+//!
+//! Health and reflection are separate services and stay open.
+
+mod file;
+mod limit;
+mod metered;
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tonic::metadata::MetadataMap;
+
+use crate::error::CoordinatorError;
+pub use file::KeyFileError;
+pub use limit::KeyLimits;
+use limit::KeyState;
+pub use metered::MeteredStream;
+
+/// The one answer to every key that is not accepted.
+pub const UNAUTHENTICATED: &str = "missing or invalid API key (send authorization: Bearer KEY)";
+
+/// The SHA-256 of a key, as the key file stores it (lower-case hex).
+pub fn digest_hex(key: &str) -> String {
+    Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One key of the file.
+struct Key {
+    name: String,
+    digest: [u8; 32],
+    state: Arc<KeyState>,
+}
+
+/// The keys a coordinator accepts.
+pub struct ApiKeys {
+    keys: Vec<Key>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.keys.iter().map(|k| &k.name)).finish()
+    }
+}
+
+impl ApiKeys {
+    /// Reads a key file.
+    pub fn load(path: &std::path::Path) -> Result<Self, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text)
+    }
+
+    /// Parses a key file's text.
+    pub fn parse(text: &str) -> Result<Self, KeyFileError> {
+        let keys = file::parse(text)?
+            .into_iter()
+            .map(|line| Key { name: line.name, digest: line.digest, state: Arc::new(KeyState::new(line.limits)) })
+            .collect();
+        Ok(Self { keys })
+    }
+
+    /// Names of the keys, in file order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.name.as_str())
+    }
+
+    /// Checks a call's credentials and takes one of its key's concurrent slots.
+    pub fn admit(&self, metadata: &MetadataMap) -> Result<Ticket, CoordinatorError> {
+        let unauthenticated = || CoordinatorError::Unauthenticated(UNAUTHENTICATED.into());
+        let presented = metadata.get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer).ok_or_else(unauthenticated)?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Every stored digest is compared, whatever matched first.
+        let mut found = None;
+        for (i, key) in self.keys.iter().enumerate() {
+            if constant_time_eq(&digest, &key.digest) {
+                found = Some(i);
+            }
+        }
+        let key = &self.keys[found.ok_or_else(unauthenticated)?];
+        key.state.admit(&key.name)?;
+        Ok(Ticket { name: key.name.clone(), state: key.state.clone() })
+    }
+}
+
+/// The key of `Bearer KEY` (the scheme is case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, key) = value.trim().split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One admitted call: holds a concurrent slot of its key until dropped.
+pub struct Ticket {
+    name: String,
+    state: Arc<KeyState>,
+}
+
+impl Ticket {
+    /// The key's name, for logs and metrics.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counts `tokens` (prompt or generated) against the key's per-minute budget.
+    pub fn charge(&self, tokens: u64) {
+        self.state.charge(tokens);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.state.release();
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("key", &self.name).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,90 @@
+//! Key files, the one answer to every refused key, and the per-key limits.
+
+use tonic::metadata::MetadataMap;
+
+use super::*;
+
+fn with_key(value: &str) -> MetadataMap {
+    let mut metadata = MetadataMap::new();
+    metadata.insert("authorization", value.parse().expect("ASCII header"));
+    metadata
+}
+
+fn refusal(keys: &ApiKeys, metadata: &MetadataMap) -> CoordinatorError {
+    keys.admit(metadata).expect_err("refused")
+}
+
+#[test]
+fn a_key_file_holds_names_digests_and_limits() {
+    let text = format!(
+        "# team keys\n\nalice {} max_concurrent=4 tokens_per_minute=10000\nbob {}\n",
+        digest_hex("alice-key"),
+        digest_hex("bob-key")
+    );
+    let keys = ApiKeys::parse(&text).expect("valid file");
+    assert_eq!(keys.names().collect::<Vec<_>>(), ["alice", "bob"]);
+    assert_eq!(keys.keys[0].state.limits_for_test(), KeyLimits { max_concurrent: Some(4), tokens_per_minute: Some(10000) });
+    assert_eq!(keys.keys[1].state.limits_for_test(), KeyLimits::default());
+}
+
+#[test]
+fn a_bad_key_file_names_its_line() {
+    let digest = digest_hex("k");
+    for (text, line) in [
+        (format!("alice {digest}\nbob 1234\n"), 2),
+        (format!("alice {digest} max_concurrent=0\n"), 1),
+        (format!("alice {digest} burst=3\n"), 1),
+        (format!("alice {digest}\nalice {}\n", digest_hex("other")), 2),
+        (format!("alice {digest}\nbob {digest}\n"), 2),
+        (format!("al ice {digest}\n"), 1),
+    ] {
+        match ApiKeys::parse(&text) {
+            Err(KeyFileError::Line { line: got, .. }) => assert_eq!(got, line, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    assert!(matches!(ApiKeys::parse("# nothing\n"), Err(KeyFileError::Empty)));
+}
+
+#[test]
+fn missing_malformed_and_wrong_keys_get_one_answer() {
+    let keys = ApiKeys::parse(&format!("alice {}\n", digest_hex("alice-key"))).expect("valid");
+    let answers: Vec<String> = [MetadataMap::new(), with_key("alice-key"), with_key("Basic alice-key"), with_key("Bearer wrong")]
+        .iter()
+        .map(|m| match refusal(&keys, m) {
+            CoordinatorError::Unauthenticated(message) => message,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(answers.iter().all(|a| a == UNAUTHENTICATED), "{answers:?}");
+    assert!(!UNAUTHENTICATED.contains("alice"));
+    assert_eq!(keys.admit(&with_key("Bearer alice-key")).expect("admitted").name(), "alice");
+    assert_eq!(keys.admit(&with_key("bearer  alice-key ")).expect("scheme is case-insensitive").name(), "alice");
+}
+
+#[test]
+fn a_key_runs_at_most_its_concurrent_requests() {
+    let keys = ApiKeys::parse(&format!("alice {} max_concurrent=2\n", digest_hex("a"))).expect("valid");
+    let auth = with_key("Bearer a");
+    let (first, second) = (keys.admit(&auth).expect("first"), keys.admit(&auth).expect("second"));
+    assert!(matches!(refusal(&keys, &auth), CoordinatorError::ResourceExhausted(m) if m.contains("2 concurrent")));
+    drop(first);
+    let third = keys.admit(&auth).expect("a slot was freed");
+    assert_eq!(keys.keys[0].state.in_flight(), 2);
+    drop((second, third));
+    assert_eq!(keys.keys[0].state.in_flight(), 0);
+}
+
+#[test]
+fn a_key_over_its_tokens_per_minute_waits() {
+    let keys = ApiKeys::parse(&format!("alice {} tokens_per_minute=600\n", digest_hex("a"))).expect("valid");
+    let auth = with_key("Bearer a");
+    let ticket = keys.admit(&auth).expect("budget left");
+    ticket.charge(700);
+    drop(ticket);
+    // 100 tokens overdrawn at 10 per second: about ten seconds before the next request.
+    match refusal(&keys, &auth) {
+        CoordinatorError::ResourceExhausted(m) => assert!(m.contains("600 tokens per minute") && m.contains("retry in"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
