@@ -37,6 +37,9 @@ pub fn digest_hex(key: &str) -> String {
     Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A per-key metric: name, Prometheus type, help, and how to read it.
+type Metric = (&'static str, &'static str, &'static str, fn(&KeyState) -> u64);
+
 /// One key of the file.
 struct Key {
     name: String,
@@ -74,6 +77,26 @@ impl ApiKeys {
     /// Names of the keys, in file order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(|k| k.name.as_str())
+    }
+
+    /// Per-key counters in Prometheus text, labelled by key name.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let metrics: [Metric; 4] = [
+            ("tessera_api_key_requests_total", "counter", "Calls admitted, by API key name.", KeyState::admitted),
+            ("tessera_api_key_limited_total", "counter", "Calls refused for a key's limits, by API key name.", KeyState::limited),
+            ("tessera_api_key_tokens_total", "counter", "Prompt and generated tokens charged, by API key name.", KeyState::tokens),
+            ("tessera_api_key_in_flight", "gauge", "Calls running now, by API key name.", KeyState::running),
+        ];
+        for (name, kind, help, value) in metrics {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            for key in &self.keys {
+                // Names are letters, digits and - _ . @: nothing to escape in a label.
+                let _ = writeln!(out, "{name}{{key=\"{}\"}} {}", key.name, value(&key.state));
+            }
+        }
+        out
     }
 
     /// Checks a call's credentials and takes one of its key's concurrent slots.

@@ -81,7 +81,7 @@ impl Coordinator {
     /// Serves `GET /metrics` (Prometheus text format) on `listener` until the returned task is
     /// aborted.
     pub fn serve_metrics(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(crate::prometheus::serve(listener, self.cluster.clone()))
+        tokio::spawn(crate::prometheus::serve(listener, self.cluster.clone(), self.keys.clone()))
     }
 
     /// Serves the OpenAI-compatible HTTP API (`crate::http`) on `listener`, beside gRPC and

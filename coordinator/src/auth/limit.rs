@@ -2,7 +2,7 @@
 //! continuously. A call is admitted while the bucket is not empty and charged as its tokens
 //! pass, so one large request can overdraw it; the key then waits until the debt has refilled.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
@@ -18,6 +18,10 @@ pub struct KeyLimits {
 pub(super) struct KeyState {
     limits: KeyLimits,
     in_flight: AtomicU32,
+    /// For metrics: calls admitted, calls refused for a limit, tokens charged.
+    admitted: AtomicU64,
+    limited: AtomicU64,
+    charged: AtomicU64,
     /// Tokens left (negative: overdrawn) and when that was last brought up to date.
     bucket: Mutex<(f64, Instant)>,
 }
@@ -25,7 +29,14 @@ pub(super) struct KeyState {
 impl KeyState {
     pub fn new(limits: KeyLimits) -> Self {
         let full = limits.tokens_per_minute.unwrap_or(0) as f64;
-        Self { limits, in_flight: AtomicU32::new(0), bucket: Mutex::new((full, Instant::now())) }
+        Self {
+            limits,
+            in_flight: AtomicU32::new(0),
+            admitted: AtomicU64::new(0),
+            limited: AtomicU64::new(0),
+            charged: AtomicU64::new(0),
+            bucket: Mutex::new((full, Instant::now())),
+        }
     }
 
     /// Takes a concurrent slot if the key has one and budget left.
@@ -33,6 +44,7 @@ impl KeyState {
         if let Some(per_minute) = self.limits.tokens_per_minute {
             let left = self.refill(per_minute);
             if left < 1.0 {
+                self.limited.fetch_add(1, Ordering::Relaxed);
                 let wait = (1.0 - left) * 60.0 / per_minute as f64;
                 return Err(CoordinatorError::ResourceExhausted(format!(
                     "API key {name} used its {per_minute} tokens per minute; retry in {wait:.1} s"
@@ -43,12 +55,30 @@ impl KeyState {
         if let Some(max) = self.limits.max_concurrent {
             if previous >= max {
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.limited.fetch_add(1, Ordering::Relaxed);
                 return Err(CoordinatorError::ResourceExhausted(format!(
                     "API key {name} already has its {max} concurrent requests running"
                 )));
             }
         }
+        self.admitted.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
+    }
+
+    pub fn limited(&self) -> u64 {
+        self.limited.load(Ordering::Relaxed)
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.charged.load(Ordering::Relaxed)
+    }
+
+    pub fn running(&self) -> u64 {
+        u64::from(self.in_flight.load(Ordering::SeqCst))
     }
 
     pub fn release(&self) {
@@ -56,6 +86,7 @@ impl KeyState {
     }
 
     pub fn charge(&self, tokens: u64) {
+        self.charged.fetch_add(tokens, Ordering::Relaxed);
         if let Some(per_minute) = self.limits.tokens_per_minute {
             self.refill(per_minute);
             let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);

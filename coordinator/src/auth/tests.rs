@@ -88,3 +88,23 @@ fn a_key_over_its_tokens_per_minute_waits() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn metrics_name_keys_and_count_their_calls_and_tokens() {
+    let keys = ApiKeys::parse(&format!("alice {}\nbob {} max_concurrent=1\n", digest_hex("a"), digest_hex("b"))).expect("valid");
+    let ticket = keys.admit(&with_key("Bearer a")).expect("alice");
+    ticket.charge(12);
+    let bob = keys.admit(&with_key("Bearer b")).expect("bob");
+    assert!(keys.admit(&with_key("Bearer b")).is_err());
+    let text = keys.prometheus();
+    for line in [
+        "tessera_api_key_requests_total{key=\"alice\"} 1",
+        "tessera_api_key_tokens_total{key=\"alice\"} 12",
+        "tessera_api_key_limited_total{key=\"bob\"} 1",
+        "tessera_api_key_in_flight{key=\"bob\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+    }
+    assert!(!text.contains(&digest_hex("a")));
+    drop((ticket, bob));
+}

@@ -96,6 +96,8 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: 
     let fingerprints = cluster.models.iter().map(|m| (m.name().to_string(), ids::fingerprint(m))).collect();
     let service = InferenceService::new(cluster.clone(), limits.clone(), config.api_keys.clone());
     let state = Arc::new(HttpState { service, cluster, limits, config, fingerprints, started: ids::unix_seconds() });
+    let accept = tessera_tls::accept::AcceptConfig::new("client API (HTTP)");
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(accept.max_handshakes));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -110,15 +112,20 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: 
         // algorithm and a delayed ACK.
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let Some(tls) = state.config.tls.clone() else {
+            tokio::spawn(serve_connection(TokioIo::new(stream), state));
+            continue;
+        };
+        let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(plane = accept.plane, %peer, "dropped a connection: too many TLS handshakes in flight");
+            continue;
+        };
+        let accept = accept.clone();
         tokio::spawn(async move {
-            match state.config.tls.clone() {
-                None => serve_connection(TokioIo::new(stream), state).await,
-                Some(tls) => {
-                    let accept = tessera_tls::accept::AcceptConfig::new("client API (HTTP)");
-                    if let Some(stream) = tessera_tls::accept::handshake(&tls, stream, peer, &accept).await {
-                        serve_connection(TokioIo::new(stream), state).await;
-                    }
-                }
+            let stream = tessera_tls::accept::handshake(&tls, stream, peer, &accept).await;
+            drop(slot);
+            if let Some(stream) = stream {
+                serve_connection(TokioIo::new(stream), state).await;
             }
         });
     }
@@ -249,7 +256,10 @@ fn health(state: &HttpState) -> Response<HttpBody> {
 async fn metrics(state: &HttpState) -> Response<HttpBody> {
     let status = state.cluster.status().await;
     let serving = *state.cluster.serving_groups().borrow();
-    let text = crate::prometheus::render(&status, &state.cluster.metrics.token_snapshot(), serving);
+    let mut text = crate::prometheus::render(&status, &state.cluster.metrics.token_snapshot(), serving);
+    if let Some(keys) = &state.config.api_keys {
+        text.push_str(&keys.prometheus());
+    }
     let mut response = Response::new(full(text));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     response
