@@ -86,12 +86,14 @@ fn coordinator_args(etcd: &str, model: &Path, leaf: &tessera_tls::TlsFiles) -> V
     args
 }
 
-fn worker(etcd: &str, id: &str, files: &tessera_tls::TlsFiles, log: PathBuf) -> ChildGuard {
+/// Starts a worker with mutual TLS; returns it with the address it printed.
+fn worker(etcd: &str, id: &str, files: &tessera_tls::TlsFiles, log: PathBuf) -> (ChildGuard, String) {
     let ca = files.ca.as_ref().expect("CA");
     let args = ["worker", "--id", id, "--etcd", etcd, "--lease-ttl-secs", "5", "--kv-capacity-tokens", "65536"];
     let mut args = os(&args);
     args.extend(os(&["--tls-cert", path(&files.cert), "--tls-key", path(&files.key), "--tls-ca", path(ca)]));
-    spawn_logged(tessera_bin(), &args, &log, 1).expect("tessera worker").0
+    let (worker, lines, _) = spawn_logged(tessera_bin(), &args, &log, 1).expect("tessera worker");
+    (worker, lines[0].clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,11 +120,26 @@ async fn a_worker_with_a_foreign_certificate_never_joins() {
     assert!(!said.contains("group serving"));
 
     // A worker with the cluster's certificate joins, and only it serves.
-    let _member = worker(&etcd.url(), "member", &certs.cluster.leaf("member").expect("leaf"), dir.join("member.log"));
+    let member_log = dir.join("member.log");
+    let (_member, member_addr) = worker(&etcd.url(), "member", &certs.cluster.leaf("member").expect("leaf"), member_log.clone());
     until_serving_groups(&mut client, 1).await;
     let out = generate(&mut client, greedy(prompt("Hello"), 4)).await.expect("generate");
     assert_eq!(out.workers(), ["member"]);
     let status = cluster_status(&client).await;
     let stranger = status.workers.iter().find(|w| w.id == "stranger").expect("the stranger is registered");
     assert_ne!(stranger.state, "serving", "{status:?}");
+
+    // The worker plane refuses a caller without a client certificate, even one that trusts the
+    // cluster CA, and logs it.
+    let anonymous = async {
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(tls_channel(&format!("https://{member_addr}"), &certs.cluster.cert).await?);
+        health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await?;
+        anyhow::Ok(())
+    };
+    assert!(
+        tokio::time::timeout(PATIENCE, anonymous).await.expect("answered in time").is_err(),
+        "a worker must require a client certificate"
+    );
+    until_logged(&member_log, "refused a connection: TLS handshake failed", PATIENCE).expect("the worker logs the refusal");
 }
