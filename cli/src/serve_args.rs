@@ -100,6 +100,10 @@ impl ServeArgs {
     /// BERT encoders (`model_type: "bert"`) on one rank each.
     pub fn config(&self, models: &[ModelArg], tp: usize) -> anyhow::Result<CoordinatorConfig> {
         anyhow::ensure!(!models.is_empty(), "no --model to serve");
+        if let Some(metrics) = self.metrics_listen {
+            // Metrics are always plaintext and unauthenticated.
+            self.tls.check_plaintext("the Prometheus metrics (--metrics-listen)", metrics.ip(), false)?;
+        }
         anyhow::ensure!(models.len() == 1 || self.name.is_none(), "--name names a single model; use --model NAME=DIR for several");
         let mut specs: Vec<ModelSpec> = Vec::with_capacity(models.len());
         for m in models {
