@@ -84,8 +84,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub tls: crate::tls_args::TlsArgs,
     /// Require an API key on the client API: a file of `NAME SHA256HEX [max_concurrent=N]
-    /// [tokens_per_minute=N]` lines (`tessera keygen NAME` makes one). Health and reflection
-    /// stay open.
+    /// [tokens_per_minute=N]` lines (`tessera keygen NAME` makes one), re-read when it changes.
+    /// Health and reflection stay open.
     #[arg(long, value_name = "FILE")]
     pub api_keys: Option<PathBuf>,
 }

@@ -1,7 +1,8 @@
 //! API keys: who may call `tessera.v1.Inference`, and how much.
 //!
 //! The key file (`--api-keys`) has one key per line, `NAME SHA256HEX [max_concurrent=N]
-//! [tokens_per_minute=N]`; it stores the SHA-256 of each key, never the key. A call presents
+//! [tokens_per_minute=N]`; it stores the SHA-256 of each key, never the key, and is read again
+//! when it changes ([`ApiKeys`]). A call presents
 //! `authorization: Bearer KEY` (gRPC metadata, or the HTTP header the HTTP API passes on). The
 //! digest of what was presented is compared with every stored digest in constant time, so
 //! neither timing nor the answer tells which part was wrong: a missing, malformed or unknown
@@ -18,7 +19,8 @@ mod file;
 mod limit;
 mod metered;
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
@@ -47,36 +49,59 @@ struct Key {
     state: Arc<KeyState>,
 }
 
-/// The keys a coordinator accepts.
+/// The keys a coordinator accepts. Loaded from a file, they are read again when the file
+/// changes (checked by modification time and length at every call), so keys are added and
+/// revoked without a restart; a key whose name and limits stay keeps its running count and
+/// budget. A changed file that does not parse is logged and the previous keys stay.
 pub struct ApiKeys {
-    keys: Vec<Key>,
+    file: Option<PathBuf>,
+    current: Mutex<(Option<Stamp>, Arc<Vec<Key>>)>,
 }
+
+/// One version of the key file: modification time and length.
+type Stamp = (std::time::SystemTime, u64);
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.keys.iter().map(|k| &k.name)).finish()
+        f.debug_list().entries(self.names()).finish()
     }
 }
 
 impl ApiKeys {
-    /// Reads a key file.
-    pub fn load(path: &std::path::Path) -> Result<Self, KeyFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text)
+    /// Reads a key file, and reads it again whenever it changes.
+    pub fn load(path: &Path) -> Result<Self, KeyFileError> {
+        let stamp = stamp(path);
+        let keys = read(path)?;
+        Ok(Self { file: Some(path.to_path_buf()), current: Mutex::new((stamp, Arc::new(build(keys, &[])))) })
     }
 
-    /// Parses a key file's text.
+    /// Parses a key file's text (keys that never change).
     pub fn parse(text: &str) -> Result<Self, KeyFileError> {
-        let keys = file::parse(text)?
-            .into_iter()
-            .map(|line| Key { name: line.name, digest: line.digest, state: Arc::new(KeyState::new(line.limits)) })
-            .collect();
-        Ok(Self { keys })
+        Ok(Self { file: None, current: Mutex::new((None, Arc::new(build(file::parse(text)?, &[])))) })
     }
 
     /// Names of the keys, in file order.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(|k| k.name.as_str())
+    pub fn names(&self) -> Vec<String> {
+        self.keys().iter().map(|k| k.name.clone()).collect()
+    }
+
+    /// The keys as the file holds them now.
+    fn keys(&self) -> Arc<Vec<Key>> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(path) = &self.file else { return current.1.clone() };
+        let now = stamp(path);
+        if now != current.0 {
+            current.0 = now;
+            match read(path) {
+                Ok(lines) => {
+                    current.1 = Arc::new(build(lines, &current.1));
+                    tracing::info!(file = %path.display(), keys = current.1.len(), "API key file changed; reloaded");
+                }
+                // Not retried until the file changes again.
+                Err(e) => tracing::warn!(error = %e, "API key file changed but does not load; keeping the previous keys"),
+            }
+        }
+        current.1.clone()
     }
 
     /// Per-key counters in Prometheus text, labelled by key name.
@@ -89,9 +114,10 @@ impl ApiKeys {
             ("tessera_api_key_tokens_total", "counter", "Prompt and generated tokens charged, by API key name.", KeyState::tokens),
             ("tessera_api_key_in_flight", "gauge", "Calls running now, by API key name.", KeyState::running),
         ];
+        let keys = self.keys();
         for (name, kind, help, value) in metrics {
             let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
-            for key in &self.keys {
+            for key in keys.iter() {
                 // Names are letters, digits and - _ . @: nothing to escape in a label.
                 let _ = writeln!(out, "{name}{{key=\"{}\"}} {}", key.name, value(&key.state));
             }
@@ -105,16 +131,41 @@ impl ApiKeys {
         let presented = metadata.get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer).ok_or_else(unauthenticated)?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Every stored digest is compared, whatever matched first.
+        let keys = self.keys();
         let mut found = None;
-        for (i, key) in self.keys.iter().enumerate() {
+        for (i, key) in keys.iter().enumerate() {
             if constant_time_eq(&digest, &key.digest) {
                 found = Some(i);
             }
         }
-        let key = &self.keys[found.ok_or_else(unauthenticated)?];
+        let key = &keys[found.ok_or_else(unauthenticated)?];
         key.state.admit(&key.name)?;
         Ok(Ticket { name: key.name.clone(), state: key.state.clone() })
     }
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())))
+}
+
+fn read(path: &Path) -> Result<Vec<file::Line>, KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read { path: path.to_path_buf(), source })?;
+    file::parse(&text)
+}
+
+/// Keys from parsed lines; a key named in `previous` with the same limits keeps its state.
+fn build(lines: Vec<file::Line>, previous: &[Key]) -> Vec<Key> {
+    lines
+        .into_iter()
+        .map(|line| {
+            let state = previous
+                .iter()
+                .find(|k| k.name == line.name && k.state.limits() == line.limits)
+                .map(|k| k.state.clone())
+                .unwrap_or_else(|| Arc::new(KeyState::new(line.limits)));
+            Key { name: line.name, digest: line.digest, state }
+        })
+        .collect()
 }
 
 /// The key of `Bearer KEY` (the scheme is case-insensitive).

@@ -104,8 +104,7 @@ impl KeyState {
         bucket.0
     }
 
-    #[cfg(test)]
-    pub fn limits_for_test(&self) -> KeyLimits {
+    pub fn limits(&self) -> KeyLimits {
         self.limits
     }
 

@@ -10,6 +10,10 @@ fn with_key(value: &str) -> MetadataMap {
     metadata
 }
 
+fn state(keys: &ApiKeys, i: usize) -> Arc<KeyState> {
+    keys.keys()[i].state.clone()
+}
+
 fn refusal(keys: &ApiKeys, metadata: &MetadataMap) -> CoordinatorError {
     keys.admit(metadata).expect_err("refused")
 }
@@ -22,9 +26,9 @@ fn a_key_file_holds_names_digests_and_limits() {
         digest_hex("bob-key")
     );
     let keys = ApiKeys::parse(&text).expect("valid file");
-    assert_eq!(keys.names().collect::<Vec<_>>(), ["alice", "bob"]);
-    assert_eq!(keys.keys[0].state.limits_for_test(), KeyLimits { max_concurrent: Some(4), tokens_per_minute: Some(10000) });
-    assert_eq!(keys.keys[1].state.limits_for_test(), KeyLimits::default());
+    assert_eq!(keys.names(), ["alice", "bob"]);
+    assert_eq!(state(&keys, 0).limits(), KeyLimits { max_concurrent: Some(4), tokens_per_minute: Some(10000) });
+    assert_eq!(state(&keys, 1).limits(), KeyLimits::default());
 }
 
 #[test]
@@ -70,9 +74,9 @@ fn a_key_runs_at_most_its_concurrent_requests() {
     assert!(matches!(refusal(&keys, &auth), CoordinatorError::ResourceExhausted(m) if m.contains("2 concurrent")));
     drop(first);
     let third = keys.admit(&auth).expect("a slot was freed");
-    assert_eq!(keys.keys[0].state.in_flight(), 2);
+    assert_eq!(state(&keys, 0).in_flight(), 2);
     drop((second, third));
-    assert_eq!(keys.keys[0].state.in_flight(), 0);
+    assert_eq!(state(&keys, 0).in_flight(), 0);
 }
 
 #[test]
@@ -107,4 +111,28 @@ fn metrics_name_keys_and_count_their_calls_and_tokens() {
     }
     assert!(!text.contains(&digest_hex("a")));
     drop((ticket, bob));
+}
+
+#[test]
+fn a_changed_key_file_is_read_again_and_a_broken_one_keeps_the_keys() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("keys");
+    std::fs::write(&path, format!("alice {} max_concurrent=1\n", digest_hex("a"))).expect("write");
+    let keys = ApiKeys::load(&path).expect("valid file");
+    let held = keys.admit(&with_key("Bearer a")).expect("alice");
+
+    // alice stays with her limits (and her running call), bob is added.
+    std::fs::write(&path, format!("alice {} max_concurrent=1\nbob {}\n", digest_hex("a"), digest_hex("b"))).expect("write");
+    assert_eq!(keys.admit(&with_key("Bearer b")).expect("bob was added").name(), "bob");
+    assert!(matches!(refusal(&keys, &with_key("Bearer a")), CoordinatorError::ResourceExhausted(_)), "alice's call still counts");
+    drop(held);
+
+    // A file that does not parse changes nothing.
+    std::fs::write(&path, "alice not-a-digest\n").expect("write");
+    assert!(keys.admit(&with_key("Bearer a")).is_ok() && keys.admit(&with_key("Bearer b")).is_ok());
+
+    // Revoked: bob's key is refused with the one answer.
+    std::fs::write(&path, format!("alice {} max_concurrent=1\n", digest_hex("a"))).expect("write");
+    assert!(matches!(refusal(&keys, &with_key("Bearer b")), CoordinatorError::Unauthenticated(m) if m == UNAUTHENTICATED));
+    assert_eq!(keys.names(), ["alice"]);
 }
