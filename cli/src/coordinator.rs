@@ -50,6 +50,11 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let tls = args.serve.tls.files().is_some();
+    args.serve.tls.check_plaintext("the gRPC API (--listen)", args.listen.ip(), tls)?;
+    if let Some(http) = args.http_listen {
+        args.serve.tls.check_plaintext("the HTTP API (--http-listen)", http.ip(), tls)?;
+    }
     let mut config = args.serve.config(&args.model, args.tp)?;
     let id = args.coordinator_id.clone().unwrap_or_else(default_candidate);
     config.candidate = id.clone();
@@ -65,7 +70,8 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     let metrics = crate::serve_args::serve_metrics(args.serve.metrics_listen, &coordinator).await?;
     let http = crate::serve_args::serve_http(args.http_listen, args.serve.http_metrics, &coordinator).await?;
     if let Some((_, http_addr)) = &http {
-        crate::serve_args::announce(&format!("http://{http_addr}/v1"));
+        let scheme = if tls { "https" } else { "http" };
+        crate::serve_args::announce(&format!("{scheme}://{http_addr}/v1"));
     }
     let serving = coordinator.serving_groups();
     let report = tokio::spawn(report_groups(serving));

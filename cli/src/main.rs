@@ -13,10 +13,12 @@ mod bench;
 mod bench_http;
 mod coordinator;
 mod generate;
+mod keygen;
 mod record;
 mod run;
 mod serve_args;
 mod signal;
+mod tls_args;
 mod up;
 mod worker;
 
@@ -55,6 +57,8 @@ enum Command {
     Run(run::RunArgs),
     /// Serve one tensor-parallel rank to a coordinator over gRPC.
     Worker(worker::WorkerArgs),
+    /// Make a new API key and the line of the --api-keys file that accepts it.
+    Keygen(keygen::KeygenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(a) => a.compute.threads,
         Command::Run(a) => a.compute.threads,
         Command::Worker(a) => a.compute.threads,
-        Command::Generate(_) | Command::Bench(_) | Command::Coordinator(_) => None,
+        Command::Generate(_) | Command::Bench(_) | Command::Coordinator(_) | Command::Keygen(_) => None,
     });
     // Logs go to stderr so stdout stays for results; RUST_LOG overrides the level.
     // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org): logs
@@ -91,5 +95,6 @@ fn main() -> anyhow::Result<()> {
         Command::Coordinator(args) => coordinator::run(args),
         Command::Run(args) => run::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Keygen(args) => keygen::run(args),
     }
 }

@@ -93,6 +93,15 @@ pub struct ServeArgs {
     /// Also serve `GET /metrics` on the OpenAI-compatible HTTP port.
     #[arg(long)]
     pub http_metrics: bool,
+    /// TLS on the client API with --tls-cert/--tls-key; with --tls-ca also mutual TLS to the
+    /// workers (this certificate is then the coordinator's client certificate too).
+    #[command(flatten)]
+    pub tls: crate::tls_args::TlsArgs,
+    /// Require an API key on the client API: a file of `NAME SHA256HEX [max_concurrent=N]
+    /// [tokens_per_minute=N]` lines (`tessera keygen NAME` makes one), re-read when it changes.
+    /// Health and reflection stay open.
+    #[arg(long, value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
 }
 
 /// Largest values the flags accept: a typo must not allocate the machine away.
@@ -105,6 +114,10 @@ impl ServeArgs {
     /// BERT encoders (`model_type: "bert"`) on one rank each.
     pub fn config(&self, models: &[ModelArg], tp: usize) -> anyhow::Result<CoordinatorConfig> {
         anyhow::ensure!(!models.is_empty(), "no --model to serve");
+        if let Some(metrics) = self.metrics_listen {
+            // Metrics are always plaintext and unauthenticated.
+            self.tls.check_plaintext("the Prometheus metrics (--metrics-listen)", metrics.ip(), false)?;
+        }
         anyhow::ensure!(models.len() == 1 || self.name.is_none(), "--name names a single model; use --model NAME=DIR for several");
         let mut specs: Vec<ModelSpec> = Vec::with_capacity(models.len());
         for m in models {
@@ -158,7 +171,21 @@ impl ServeArgs {
             migration_limit: self.migration_limit,
             ..ClusterConfig::default()
         };
-        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster, candidate: "local".into() })
+        let api_tls = self.tls.files();
+        let worker_tls = match &api_tls {
+            Some(files) if files.ca.is_some() => Some(std::sync::Arc::new(tessera_tls::ClientTls::mutual(files, &[tessera_tls::ALPN_H2])?)),
+            _ => None,
+        };
+        let cluster = ClusterConfig { worker_tls, ..cluster };
+        let api_keys = match &self.api_keys {
+            Some(path) => {
+                let keys = tessera_coordinator::auth::ApiKeys::load(path)?;
+                tracing::info!(keys = ?keys, "API keys required on the client API");
+                Some(std::sync::Arc::new(keys))
+            }
+            None => None,
+        };
+        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster, api_tls, api_keys, candidate: "local".into() })
     }
 }
 
@@ -187,7 +214,9 @@ pub async fn serve_http(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for HTTP: {e}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "serving the OpenAI-compatible HTTP API at /v1");
-    Ok(Some((coordinator.serve_http(listener, tessera_coordinator::HttpConfig { metrics }), bound)))
+    let mut config = tessera_coordinator::HttpConfig::default();
+    config.metrics = metrics;
+    Ok(Some((coordinator.serve_http(listener, config), bound)))
 }
 
 /// Prints a line on stdout for scripts and tests to read, ignoring a reader that has gone

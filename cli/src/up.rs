@@ -148,6 +148,7 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
         let _ = stop_rx.await;
     }));
     let loading = Instant::now();
+    let scheme = if args.serve.tls.files().is_some() { "https" } else { "http" };
     let ready = async {
         let mut shown = 0;
         while shown < groups {
@@ -176,11 +177,11 @@ async fn up(args: UpArgs, threads: Option<usize>) -> anyhow::Result<()> {
         }
         _ = ready => {
             // Scripts wait for this line on stdout.
-            println!("serving {model_name} on http://{addr}");
-            eprintln!("try:  tessera generate --addr http://{addr} \"Once upon a time\"");
+            println!("serving {model_name} on {scheme}://{addr}");
+            eprintln!("try:  tessera generate --addr {scheme}://{addr} \"Once upon a time\"");
             if let Some((_, http_addr)) = &http {
-                crate::serve_args::announce(&format!("OpenAI-compatible HTTP API on http://{http_addr}/v1"));
-                eprintln!("      curl http://{http_addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Once upon a time\"}}'");
+                crate::serve_args::announce(&format!("OpenAI-compatible HTTP API on {scheme}://{http_addr}/v1"));
+                eprintln!("      curl {scheme}://{http_addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Once upon a time\"}}'");
             }
             eprintln!("stop: Ctrl-C");
             shutdown.as_mut().await;
@@ -222,6 +223,11 @@ async fn spawn_worker(id: &str, args: &UpArgs, threads: usize) -> anyhow::Result
         .kill_on_drop(true);
     if !args.etcd.is_empty() {
         cmd.args(["--etcd", &args.etcd.join(",")]);
+    }
+    // With a cluster CA the workers speak mutual TLS with the coordinator and each other, with
+    // the same certificate (it must name 127.0.0.1).
+    if let (Some(files), Some(ca)) = (args.serve.tls.files(), &args.serve.tls.tls_ca) {
+        cmd.arg("--tls-cert").arg(&files.cert).arg("--tls-key").arg(&files.key).arg("--tls-ca").arg(ca);
     }
     #[cfg(target_os = "linux")]
     // SAFETY: runs in the child between fork and exec and only calls prctl(2), which is

@@ -52,6 +52,36 @@ pub struct WorkerArgs {
     /// terminationGracePeriodSeconds.
     #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Mutual TLS with the coordinator and the other ranks: --tls-cert, --tls-key and --tls-ca
+    /// together.
+    #[command(flatten)]
+    tls: crate::tls_args::TlsArgs,
+}
+
+/// What this worker serves TLS with, checked from the flags before anything is bound.
+struct WorkerTls {
+    server: std::sync::Arc<tessera_tls::ServerTls>,
+    collective: tessera_worker::CollectiveTlsFiles,
+}
+
+impl WorkerTls {
+    /// `None` without --tls-cert; off loopback that needs --insecure.
+    fn from_args(args: &WorkerArgs) -> anyhow::Result<Option<Self>> {
+        let collective_ip = match args.collective_host.as_str() {
+            "localhost" => IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+            // A host name off this machine counts as not loopback.
+            host => host.parse().unwrap_or(IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)),
+        };
+        let Some(files) = args.tls.files() else {
+            args.tls.check_plaintext("the worker's gRPC service", args.listen.ip(), false)?;
+            args.tls.check_plaintext("the collective", collective_ip, false)?;
+            return Ok(None);
+        };
+        anyhow::ensure!(files.ca.is_some(), "a worker speaks mutual TLS: --tls-cert needs --tls-ca too");
+        let server = tessera_tls::ServerTls::mutual(&files, &[tessera_tls::ALPN_H2]).context("worker TLS")?;
+        let collective = tessera_worker::CollectiveTlsFiles::new(&files).context("collective TLS")?;
+        Ok(Some(Self { server: std::sync::Arc::new(server), collective }))
+    }
 }
 
 /// How this worker registers, validated from the flags before anything is bound.
@@ -110,6 +140,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     // Flags are checked before binding, so a bad one fails before an address is printed.
     let registering = Registering::from_args(&args)?;
+    let tls = WorkerTls::from_args(&args)?;
     let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
@@ -120,7 +151,11 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     }
     // Tests and `tessera up` read this line to learn the port.
     println!("{addr}");
-    let config = EngineConfig { collective_host: args.collective_host, kv_capacity_tokens };
+    let config = EngineConfig {
+        collective_host: args.collective_host,
+        kv_capacity_tokens,
+        collective_tls: tls.as_ref().map(|t| t.collective.clone()),
+    };
     let engine = EngineHandle::spawn(config.clone())?;
     let serving = engine.serving();
     let service = WorkerService::new(id.clone(), engine, config);
@@ -130,17 +165,20 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = readiness::Readiness::start(health, serving).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(service.into_server())
-            // A dropped sender stops the server as well as a sent value does.
-            // TCP_NODELAY on accepted sockets: a step's reply must not wait on Nagle's algorithm.
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
-                let _ = stopped.await;
-            }),
-    );
-    tracing::info!(%id, %addr, "worker serving");
+    let router = tessera_coordinator::connection::grpc_server().add_service(health_service).add_service(service.into_server());
+    // A dropped sender stops the server as well as a sent value does.
+    let stopped = async move {
+        let _ = stopped.await;
+    };
+    let mut server = match &tls {
+        // TCP_NODELAY on accepted sockets: a step's reply must not wait on Nagle's algorithm.
+        None => tokio::spawn(router.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopped)),
+        Some(tls) => {
+            let incoming = tessera_tls::accept::incoming(listener, tls.server.clone(), tessera_tls::accept::AcceptConfig::new("worker"));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
+    tracing::info!(%id, %addr, tls = tls.is_some(), "worker serving");
     let lifetime = async {
         match registering {
             None => {

@@ -57,6 +57,9 @@ impl ChatTemplate {
             .build()
             .map_err(|e| ChatError::Template(e.to_string()))?;
         env.set_syntax(syntax);
+        // A template comes with the model files; a hostile or broken one must not spin or fill
+        // memory: every render has an instruction budget, and its output a size (`render`).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
@@ -76,16 +79,90 @@ impl ChatTemplate {
     /// Renders `messages`, ending with the assistant's turn opened when `add_generation_prompt`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatError> {
         let template = self.env.get_template(NAME).map_err(|e| ChatError::Template(e.to_string()))?;
-        template
-            .render(minijinja::context! {
-                messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos.clone(),
-                eos_token => self.eos.clone(),
-            })
-            .map_err(|e| match e.kind() {
-                minijinja::ErrorKind::InvalidOperation => ChatError::Rejected(e.to_string()),
-                _ => ChatError::Template(e.to_string()),
-            })
+        let mut out = CappedOutput { text: Vec::new(), limit: MAX_RENDERED_BYTES };
+        let rendered = template
+            .render_captured_to(
+                minijinja::context! {
+                    messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos.clone(),
+                    eos_token => self.eos.clone(),
+                },
+                &mut out,
+            )
+            .map(drop);
+        rendered.map_err(|e| match e.kind() {
+            minijinja::ErrorKind::WriteFailure if out.text.len() >= out.limit => {
+                ChatError::Template(format!("the chat template rendered more than {} bytes", out.limit))
+            }
+            minijinja::ErrorKind::OutOfFuel => ChatError::Template(format!("the chat template ran more than {TEMPLATE_FUEL} instructions")),
+            minijinja::ErrorKind::InvalidOperation => ChatError::Rejected(e.to_string()),
+            _ => ChatError::Template(e.to_string()),
+        })?;
+        String::from_utf8(out.text).map_err(|_| ChatError::Template("the chat template rendered bytes that are not UTF-8".into()))
+    }
+}
+
+/// Instructions one render may run: a chat of the most messages a request may send takes
+/// well under a hundredth of it with the templates models ship.
+const TEMPLATE_FUEL: u64 = 10_000_000;
+/// Largest rendered conversation: far above what the prompt limits let through, far below
+/// what would hurt the coordinator.
+const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// A render's output, refusing to grow past `limit`.
+struct CappedOutput {
+    text: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + bytes.len() > self.limit {
+            self.text.resize(self.limit, 0);
+            return Err(std::io::Error::new(std::io::ErrorKind::OutOfMemory, "rendered text over its limit"));
+        }
+        self.text.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(template: &str) -> Result<String, ChatError> {
+        let hello = [ChatMessage { role: "user".into(), content: "Hello".into() }];
+        ChatTemplate::new(template.into(), "<s>".into(), "</s>".into())?.render(&hello, true)
+    }
+
+    #[test]
+    fn an_ordinary_template_renders() {
+        let text = render(
+            "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+        );
+        assert_eq!(text.expect("renders"), "<|user|>Hello<|assistant|>");
+    }
+
+    #[test]
+    fn a_template_that_loops_for_ever_runs_out_of_fuel() {
+        let spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        match render(spin) {
+            Err(ChatError::Template(m)) => assert!(m.contains("instructions"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_template_that_floods_its_output_is_cut_off() {
+        let flood = "{% for i in range(1000) %}{{ 'x' * 1000000 }}{% endfor %}";
+        match render(flood) {
+            Err(ChatError::Template(m)) => assert!(m.contains("bytes"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

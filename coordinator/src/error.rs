@@ -15,7 +15,10 @@ pub enum CoordinatorError {
     /// No group can serve right now (none formed yet, or the group was lost mid-request).
     #[error("{0}")]
     Unavailable(String),
-    /// The bounded queue is full; retry later.
+    /// No API key, or one this coordinator does not know (one message for both).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The bounded queue is full, or an API key is over one of its limits; retry later.
     #[error("{0}")]
     ResourceExhausted(String),
     /// A served model's files cannot be used.
@@ -39,6 +42,8 @@ pub enum CoordinatorError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Registry(#[from] tessera_registry::RegistryError),
+    #[error(transparent)]
+    Tls(#[from] tessera_tls::TlsError),
 }
 
 impl From<CoordinatorError> for tonic::Status {
@@ -49,12 +54,14 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::NotFound(_) => Code::NotFound,
             CoordinatorError::Unavailable(_) | CoordinatorError::LeadershipLost(_) => Code::Unavailable,
             CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
             CoordinatorError::ModelFailed(_) => Code::FailedPrecondition,
             CoordinatorError::Model { .. }
             | CoordinatorError::Config(_)
             | CoordinatorError::Internal(_)
             | CoordinatorError::Transport(_)
-            | CoordinatorError::Registry(_) => Code::Internal,
+            | CoordinatorError::Registry(_)
+            | CoordinatorError::Tls(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())
     }

@@ -18,9 +18,11 @@
 //! * [`chat`] — chat templates; [`model`] — what a served model is; [`error`] — the one mapping
 //!   to gRPC codes.
 
+pub mod auth;
 pub mod beam;
 pub mod chat;
 pub mod cluster;
+pub mod connection;
 mod deadline;
 pub mod detokenize;
 pub mod embed;
@@ -48,6 +50,7 @@ mod service;
 pub mod stop;
 #[cfg(test)]
 mod testing;
+mod tls;
 
 pub use cluster::ClusterConfig;
 pub use error::CoordinatorError;

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tessera_proto::v1 as pb;
 use tokio::net::TcpListener;
 
+use crate::auth::ApiKeys;
 use crate::cluster::Cluster;
 use crate::histogram::HistogramSnapshot;
 use crate::metrics::TokenMetrics;
@@ -23,7 +24,7 @@ use crate::metrics::TokenMetrics;
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves `/metrics` on `listener` until the task is aborted.
-pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>) {
+pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, keys: Option<Arc<ApiKeys>>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -34,11 +35,11 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>) {
                 continue;
             }
         };
-        let cluster = cluster.clone();
+        let (cluster, keys) = (cluster.clone(), keys.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let cluster = cluster.clone();
-                async move { Ok::<_, Infallible>(respond(req, &cluster).await) }
+                let (cluster, keys) = (cluster.clone(), keys.clone());
+                async move { Ok::<_, Infallible>(respond(req, &cluster, keys.as_deref()).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
@@ -47,7 +48,7 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>) {
     }
 }
 
-async fn respond(req: Request<hyper::body::Incoming>, cluster: &Cluster) -> Response<Full<Bytes>> {
+async fn respond(req: Request<hyper::body::Incoming>, cluster: &Cluster, keys: Option<&ApiKeys>) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
@@ -62,7 +63,11 @@ async fn respond(req: Request<hyper::body::Incoming>, cluster: &Cluster) -> Resp
     }
     let status = cluster.status().await;
     let serving = *cluster.serving_groups().borrow();
-    reply(StatusCode::OK, render(&status, &cluster.metrics.token_snapshot(), serving))
+    let mut text = render(&status, &cluster.metrics.token_snapshot(), serving);
+    if let Some(keys) = keys {
+        text.push_str(&keys.prometheus());
+    }
+    reply(StatusCode::OK, text)
 }
 
 /// The exposition text for one scrape.

@@ -15,11 +15,14 @@ use tokio::sync::{oneshot, watch};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::auth::ApiKeys;
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::error::CoordinatorError;
 use crate::limits::Limits;
 use crate::model::{ModelSpec, ServedModel};
 use crate::service::InferenceService;
+use crate::tls::ApiTls;
+use tessera_tls::accept::AcceptConfig;
 
 /// The name health checks use for the inference service.
 pub const INFERENCE_SERVICE: &str = "tessera.v1.Inference";
@@ -33,6 +36,10 @@ pub struct CoordinatorConfig {
     /// The name this coordinator campaigns under for the leadership (like a worker id:
     /// letters, digits and `-_.:`); unique among the coordinators of one registry.
     pub candidate: String,
+    /// TLS on the client API (gRPC and HTTP); `None` serves plaintext.
+    pub api_tls: Option<tessera_tls::TlsFiles>,
+    /// API keys the client API requires; `None` requires none.
+    pub api_keys: Option<Arc<ApiKeys>>,
 }
 
 /// A coordinator following the registry, not yet serving gRPC.
@@ -42,6 +49,8 @@ pub struct Coordinator {
     /// Campaigns, then leads; ends with an error if the leadership is lost.
     leader: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
     resign: oneshot::Sender<()>,
+    tls: Option<ApiTls>,
+    keys: Option<Arc<ApiKeys>>,
 }
 
 impl Coordinator {
@@ -56,13 +65,14 @@ impl Coordinator {
                 return Err(CoordinatorError::Config(format!("model name {:?} is used twice", m.name)));
             }
         }
+        let tls = config.api_tls.as_ref().map(ApiTls::new).transpose()?;
         let models = config.models.into_iter().map(|spec| ServedModel::load(spec).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         tessera_registry::keys::validate_worker_id(&config.candidate)
             .map_err(|e| CoordinatorError::Config(format!("coordinator id: {e}")))?;
         let cluster = Cluster::new(models, config.cluster);
         let (resign, resigned) = oneshot::channel();
         let leader = tokio::spawn(crate::leadership::lead(cluster.clone(), registry, config.candidate, resigned));
-        Ok(Self { cluster, limits: config.limits, leader, resign })
+        Ok(Self { cluster, limits: config.limits, leader, resign, tls, keys: config.api_keys })
     }
 
     /// Number of loaded groups; changes as groups form and are lost.
@@ -79,18 +89,19 @@ impl Coordinator {
     /// Serves `GET /metrics` (Prometheus text format) on `listener` until the returned task is
     /// aborted.
     pub fn serve_metrics(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(crate::prometheus::serve(listener, self.cluster.clone()))
+        tokio::spawn(crate::prometheus::serve(listener, self.cluster.clone(), self.keys.clone()))
     }
 
     /// Serves the OpenAI-compatible HTTP API (`crate::http`) on `listener`, beside gRPC and
     /// onto the same service, until the returned task is aborted.
     pub fn serve_http(&self, listener: tokio::net::TcpListener, config: crate::http::HttpConfig) -> tokio::task::JoinHandle<()> {
+        let config = crate::http::HttpConfig { tls: self.tls.as_ref().map(|t| t.http.clone()), api_keys: self.keys.clone(), ..config };
         tokio::spawn(crate::http::serve(listener, self.cluster.clone(), self.limits.clone(), config))
     }
 
     /// Serves gRPC on `listener` until `shutdown` resolves, then resigns the leadership; fails
     /// with [`CoordinatorError::LeadershipLost`] as soon as a leadership is lost.
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), CoordinatorError> {
         let (reporter, health) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(report_health(reporter, self.cluster.serving_groups()));
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -103,16 +114,22 @@ impl Coordinator {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
-        let inference = InferenceServer::new(InferenceService::new(self.cluster.clone(), self.limits.clone()));
-        let server = tonic::transport::Server::builder()
+        let inference = InferenceServer::new(InferenceService::new(self.cluster.clone(), self.limits.clone(), self.keys.clone()));
+        let router = crate::connection::grpc_server()
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(inference)
+            .add_service(inference);
+        let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send + '_>> = match &self.tls {
             // Accepted sockets need TCP_NODELAY set here (the builder's setting applies only to
             // sockets it binds itself); without it a streamed token can wait on Nagle's
-            // algorithm and a delayed ACK.
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+            // algorithm and a delayed ACK. The TLS accept loop sets it too.
+            None => Box::pin(router.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)),
+            Some(tls) => {
+                let incoming = tessera_tls::accept::incoming(listener, tls.grpc.clone(), AcceptConfig::new("client API (gRPC)"));
+                Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown))
+            }
+        };
         let mut leader = self.leader;
         let result = tokio::select! {
             served = server => served.map_err(CoordinatorError::from),

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{ApiKeys, MeteredStream, Ticket};
 use crate::cluster::{Cluster, Route};
 use crate::embed::{embed, prepare_embed};
 use crate::error::CoordinatorError;
@@ -29,20 +30,39 @@ use crate::scheduler::NewSequence;
 pub struct InferenceService {
     cluster: Arc<Cluster>,
     limits: Limits,
+    /// The keys every call must present one of; `None` checks none.
+    keys: Option<Arc<ApiKeys>>,
 }
 
 impl InferenceService {
-    pub(crate) fn new(cluster: Arc<Cluster>, limits: Limits) -> Self {
-        Self { cluster, limits }
+    pub(crate) fn new(cluster: Arc<Cluster>, limits: Limits, keys: Option<Arc<ApiKeys>>) -> Self {
+        Self { cluster, limits, keys }
     }
+
+    /// Refuses a call without an accepted key before its body is read (the HTTP API asks this
+    /// first, so a stranger learns nothing from how the body would have been judged).
+    pub(crate) fn authenticate<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.admit(req).map(drop).map_err(Status::from)
+    }
+
+    /// Checks the call's API key (when keys are configured) before anything else is read.
+    fn admit<T>(&self, req: &Request<T>) -> Result<Option<Ticket>, CoordinatorError> {
+        self.keys.as_ref().map(|keys| keys.admit(req.metadata())).transpose()
+    }
+}
+
+/// The name of the key a call came with, for logs.
+fn key_name(ticket: &Option<Ticket>) -> &str {
+    ticket.as_ref().map_or("-", Ticket::name)
 }
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
-    type GenerateStream = UnboundedReceiverStream<Result<pb::GenerateResponse, Status>>;
+    type GenerateStream = MeteredStream;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let arrived = Instant::now();
+        let ticket = self.admit(&req)?;
         let deadline = crate::deadline::grpc_timeout(req.metadata()).and_then(|t| arrived.checked_add(t));
         let models = self.cluster.models.clone();
         let limits = self.limits.clone();
@@ -77,7 +97,7 @@ impl Inference for InferenceService {
                     no_prefix_cache: prepared.no_prefix_cache,
                     progress,
                 };
-                tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, "generate on a ring");
+                tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, key = key_name(&ticket), "generate on a ring");
                 tokio::spawn(ring::serve(self.cluster.clone(), plan, request));
             }
             Route::Group(placement) => {
@@ -86,13 +106,14 @@ impl Inference for InferenceService {
                 let (prompt, reserve, beam) = (prepared.prompt, needs.kv_tokens, prepared.beam);
                 let no_prefix_cache = prepared.no_prefix_cache;
                 placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None, no_prefix_cache })?;
-                tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, "generate");
+                tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, key = key_name(&ticket), "generate");
             }
         }
-        Ok(Response::new(UnboundedReceiverStream::new(stream)))
+        Ok(Response::new(MeteredStream::new(UnboundedReceiverStream::new(stream), ticket)))
     }
 
-    async fn list_models(&self, _req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.admit(&req)?;
         let models = self
             .cluster
             .models
@@ -120,16 +141,23 @@ impl Inference for InferenceService {
     }
 
     async fn embed(&self, req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let ticket = self.admit(&req)?;
         let models = self.cluster.models.clone();
         let limits = self.limits.clone();
         // Tokenizing up to a megabyte of text would stall the runtime's threads.
         let prepared = tokio::task::spawn_blocking(move || prepare_embed(req.into_inner(), &models, &limits))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
-        Ok(Response::new(embed(&self.cluster, prepared).await?))
+        let response = embed(&self.cluster, prepared).await?;
+        if let Some(ticket) = &ticket {
+            ticket.charge(response.embeddings.iter().map(|e| u64::from(e.tokens)).sum());
+            tracing::info!(key = ticket.name(), inputs = response.embeddings.len(), "embed");
+        }
+        Ok(Response::new(response))
     }
 
-    async fn cluster_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn cluster_status(&self, req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.admit(&req)?;
         Ok(Response::new(self.cluster.status().await))
     }
 }

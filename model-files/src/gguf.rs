@@ -122,6 +122,24 @@ pub struct GgufHeader {
 
 /// Longest nesting of arrays accepted (llama.cpp writes one level).
 const MAX_DEPTH: usize = 4;
+/// Most entries reserved up front for a count read from the file. A count is already checked
+/// against the bytes left, but an entry in memory is larger than its smallest encoding, so a
+/// hostile count could still ask for many times the file's size before a byte is read; past
+/// this the collections grow as entries actually arrive.
+const MAX_RESERVED: usize = 1 << 16;
+
+/// The fewest bytes one array item of GGUF type `ty` takes in the file.
+fn min_item_bytes(ty: u32) -> u64 {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        // A string's length, an array's type and count.
+        8 => 8,
+        9 => 12,
+        _ => 8,
+    }
+}
 
 struct Reader<R> {
     inner: R,
@@ -190,8 +208,8 @@ impl<R: Read> Reader<R> {
                     return Err(self.bad(format!("{key}: arrays nested deeper than {MAX_DEPTH}")));
                 }
                 let item = self.u32(key)?;
-                let n = self.count(1, key)?;
-                let mut items = Vec::with_capacity(n as usize);
+                let n = self.count(min_item_bytes(item), key)?;
+                let mut items = Vec::with_capacity((n as usize).min(MAX_RESERVED));
                 for _ in 0..n {
                     items.push(self.value(item, key, depth + 1)?);
                 }
@@ -232,7 +250,7 @@ impl GgufHeader {
         // A tensor info takes at least 8 + 4 + 4 + 8 bytes; a metadata entry at least 8 + 4 + 1.
         let n_tensors = r.count(24, "tensor count")?;
         let n_meta = r.count(13, "metadata count")?;
-        let mut metadata = HashMap::with_capacity(n_meta as usize);
+        let mut metadata = HashMap::with_capacity((n_meta as usize).min(MAX_RESERVED));
         for _ in 0..n_meta {
             let key = r.string("metadata key")?;
             let ty = r.u32(&key)?;
@@ -266,9 +284,15 @@ impl GgufHeader {
             let (block, bytes) = ggml_block(t.ggml_type)
                 .ok_or_else(|| FilesError::Gguf(format!("tensor {name} has ggml type {}, which is not supported", t.ggml_type)))?;
             let elems = t.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-            let size = elems.filter(|e| e % block == 0).map(|e| e / block * bytes).ok_or_else(|| {
-                FilesError::Gguf(format!("tensor {name} of shape {:?} does not fill whole {block}-element blocks", t.dims))
-            })?;
+            let elems = elems.ok_or_else(|| FilesError::Gguf(format!("tensor {name} of shape {:?} has too many elements", t.dims)))?;
+            if elems % block != 0 {
+                return Err(FilesError::Gguf(format!("tensor {name} of shape {:?} does not fill whole {block}-element blocks", t.dims)));
+            }
+            // Checked: a shape near u64::MAX elements would otherwise wrap to a small size that
+            // fits the file (found by tests/gguf_hostile.rs).
+            let size = (elems / block)
+                .checked_mul(bytes)
+                .ok_or_else(|| FilesError::Gguf(format!("tensor {name} of shape {:?} is larger than any file", t.dims)))?;
             let end = self.data_offset.saturating_add(t.offset).saturating_add(size);
             if end > self.file_len {
                 return Err(FilesError::Gguf(format!(

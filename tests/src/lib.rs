@@ -1,5 +1,6 @@
 //! Harness for tests that run Tessera as real, separate processes on 127.0.0.1.
 
+pub mod certs;
 mod timed;
 
 pub use timed::Timed;
@@ -64,6 +65,50 @@ fn spawn_piped<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> anyhow::Res
         .with_context(|| format!("spawn {}", bin.display()))?;
     let stdout = child.stdout.take().context("stdout")?;
     Ok((ChildGuard(child), stdout))
+}
+
+/// Starts `bin <args>` with its stderr (its log) written to `log`, and returns it with its first
+/// `lines` stdout lines and the rest of its stdout, kept open so the process can go on printing.
+pub fn spawn_logged<S: AsRef<std::ffi::OsStr>>(
+    bin: &Path,
+    args: &[S],
+    log: &Path,
+    lines: usize,
+) -> anyhow::Result<(ChildGuard, Vec<String>, BufReader<std::process::ChildStdout>)> {
+    let stderr = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("spawn {}", bin.display()))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let guard = ChildGuard(child);
+    let mut stdout = BufReader::new(stdout);
+    let mut printed = Vec::with_capacity(lines);
+    for _ in 0..lines {
+        let (line, rest) = read_line_within(stdout, STARTUP_PATIENCE)
+            .with_context(|| format!("log so far: {}", std::fs::read_to_string(log).unwrap_or_default()))?;
+        printed.push(line.trim().to_string());
+        stdout = rest;
+    }
+    Ok((guard, printed, stdout))
+}
+
+/// Reads `log` until it holds `needle` and returns the log, or fails after `patience`.
+pub fn until_logged(log: &Path, needle: &str, patience: std::time::Duration) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{} never said {needle:?}; it holds:\n{text}", log.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Starts `bin <args>` and returns it with the first line it printed on stdout (its address,

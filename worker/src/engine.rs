@@ -37,6 +37,8 @@ pub struct EngineConfig {
     pub collective_host: String,
     /// Tokens of KV cache this worker accepts across all sequences.
     pub kv_capacity_tokens: u64,
+    /// Mutual TLS on the collective's connections; `None` for plain TCP.
+    pub collective_tls: Option<crate::tls::CollectiveTlsFiles>,
 }
 
 /// What the coordinator asks a rank to become.
@@ -327,6 +329,11 @@ impl Engine {
         }
     }
 
+    /// The collective's settings for this rank, with the worker's TLS as it is now.
+    fn tcp_config(&self, rank: usize, peers: Vec<SocketAddr>) -> TcpConfig {
+        TcpConfig { tls: self.config.collective_tls.as_ref().map(|t| t.current()), ..TcpConfig::new(rank, peers) }
+    }
+
     fn connect_and_load(&self, a: &Assignment, listener: Option<TcpListener>, peers: Vec<SocketAddr>) -> Result<Serving> {
         let comm: Box<dyn Collective> = match listener {
             None => Box::new(SingleRank),
@@ -334,7 +341,7 @@ impl Engine {
                 if peers.len() != a.tp_size {
                     return Err(WorkerError::InvalidArgument(format!("{} peers for tp {}", peers.len(), a.tp_size)));
                 }
-                Box::new(TcpCollective::connect(TcpConfig::new(a.tp_rank, peers), listener)?)
+                Box::new(TcpCollective::connect(self.tcp_config(a.tp_rank, peers), listener)?)
             }
         };
         let load = LoadConfig {

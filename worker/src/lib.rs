@@ -7,11 +7,13 @@
 pub mod engine;
 mod error;
 pub mod service;
+pub mod tls;
 mod wire;
 
 pub use engine::{EngineConfig, EngineHandle};
 pub use error::WorkerError;
 pub use service::{Admission, WorkerService};
+pub use tls::CollectiveTlsFiles;
 
 // The coordinator counts KV blocks with the protocol's block size; the cache allocates with the
 // model crate's. They must be the same number.

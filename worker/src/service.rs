@@ -160,7 +160,7 @@ mod tests {
     use tonic::Code;
 
     fn service() -> WorkerService {
-        let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens: 1024 };
+        let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens: 1024, collective_tls: None };
         let engine = EngineHandle::spawn(config.clone()).expect("spawn the engine thread");
         WorkerService::new("w-test".into(), engine, config)
     }

@@ -15,7 +15,7 @@ use tonic::{Code, Request};
 async fn serving(group: &str, kv_capacity_tokens: u64) -> (WorkerService, tempfile::TempDir) {
     let root = tempfile::tempdir().expect("temp dir");
     let dir = write_fixture(&demo(), root.path(), &WriteOptions::default()).expect("write the demo model");
-    let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens };
+    let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens, collective_tls: None };
     let engine = EngineHandle::spawn(config.clone()).expect("spawn the engine thread");
     let service = WorkerService::new(format!("w-{group}"), engine, config);
     let assign = pb::AssignRequest {

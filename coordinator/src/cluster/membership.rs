@@ -52,7 +52,7 @@ impl Cluster {
                 }
             }
         }
-        let client = match connect(&record.address, self.config.rpc_timeout) {
+        let client = match connect(&record.address, &self.config) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(worker = %record.id, address = %record.address, error = %e, "ignoring worker with an unusable address");

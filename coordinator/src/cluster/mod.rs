@@ -62,6 +62,9 @@ pub struct ClusterConfig {
     /// Times one request may move to another group when its group is lost mid-request; past
     /// that it ends with `UNAVAILABLE`. 0 turns migration off.
     pub migration_limit: u32,
+    /// Mutual TLS to the workers (the cluster CA and this coordinator's certificate); `None`
+    /// dials them in plaintext.
+    pub worker_tls: Option<Arc<tessera_tls::ClientTls>>,
 }
 
 impl Default for ClusterConfig {
@@ -75,6 +78,7 @@ impl Default for ClusterConfig {
             ring_prefill_tokens: 0,
             prefix_affinity_margin: Some(2),
             migration_limit: 3,
+            worker_tls: None,
         }
     }
 }
@@ -225,7 +229,13 @@ pub(crate) fn group_name(id: u64) -> String {
     format!("g{id}")
 }
 
-fn connect(address: &str, timeout: Duration) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))?.connect_timeout(timeout).tcp_nodelay(true);
-    Ok(WorkerClient::new(endpoint.connect_lazy()))
+fn connect(address: &str, config: &ClusterConfig) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))?.connect_timeout(config.rpc_timeout).tcp_nodelay(true);
+    let channel = match &config.worker_tls {
+        None => endpoint.connect_lazy(),
+        Some(tls) => {
+            endpoint.connect_with_connector_lazy(crate::tls::WorkerConnector { tls: tls.clone(), handshake_timeout: config.rpc_timeout })
+        }
+    };
+    Ok(WorkerClient::new(channel))
 }

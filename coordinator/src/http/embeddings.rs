@@ -73,10 +73,7 @@ fn read(f: &Fields, max_inputs: usize) -> Result<EmbedCall, ApiError> {
 pub async fn embeddings(state: &HttpState, f: &Fields, authorization: Option<&HeaderValue>) -> Result<String, ApiError> {
     let call = read(f, state.limits.max_embed_inputs)?;
     let model = find_model(&state.cluster.models, &call.request.model).map_err(|e| ApiError::from(tonic::Status::from(e)))?;
-    let mut request = tonic::Request::new(call.request);
-    if let Some(value) = authorization.and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
-        request.metadata_mut().insert("authorization", value);
-    }
+    let request = super::with_authorization(call.request, authorization);
     let answer = state.service.embed(request).await?.into_inner();
     render(answer, model.name(), call.base64, call.dimensions)
 }

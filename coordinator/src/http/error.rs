@@ -80,6 +80,10 @@ impl ApiError {
             Code::InvalidArgument | Code::OutOfRange => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
             // The core's only NOT_FOUND is an unknown model.
             Code::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found")),
+            // An API key over one of its limits, or a full queue.
+            Code::ResourceExhausted if status.message().starts_with("API key") => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"))
+            }
             Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("queue_full")),
             Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("no_capacity")),
             // A model its workers could not load serves nothing until the operator fixes it.

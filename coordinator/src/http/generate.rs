@@ -12,7 +12,6 @@ use futures_util::StreamExt;
 use hyper::header::HeaderValue;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_server::Inference;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 
 use super::error::ApiError;
@@ -22,7 +21,7 @@ use super::sse::{self, ChoiceStream, Streamer};
 use super::{HttpBody, HttpState};
 use crate::request::find_model;
 
-type CoreStream = UnboundedReceiverStream<Result<pb::GenerateResponse, Status>>;
+type CoreStream = crate::auth::MeteredStream;
 
 /// Serves one completions or chat request.
 pub async fn generate(state: &HttpState, call: GenerateCall, authorization: Option<&HeaderValue>) -> Result<Reply, ApiError> {
@@ -44,10 +43,7 @@ pub async fn generate(state: &HttpState, call: GenerateCall, authorization: Opti
     let default_temperature = model.sampling_defaults.temperature.is_none().then_some(1.0);
     let mut streams = Vec::new();
     for request in call.requests(&head.id, default_temperature) {
-        let mut request = tonic::Request::new(request);
-        if let Some(value) = authorization.and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
-            request.metadata_mut().insert("authorization", value);
-        }
+        let request = super::with_authorization(request, authorization);
         streams.push(state.service.generate(request).await?.into_inner());
     }
     let tokens = call.logprobs.is_some().then(|| TokenText::new(model.tokenizer.clone()));

@@ -56,6 +56,10 @@ pub type HttpBody = UnsyncBoxBody<Bytes, Infallible>;
 pub struct HttpConfig {
     /// Also serve `GET /metrics` (the Prometheus text of `--metrics-listen`) on this port.
     pub metrics: bool,
+    /// TLS (set by the coordinator from its API certificate); `None` serves plaintext.
+    pub(crate) tls: Option<Arc<tessera_tls::ServerTls>>,
+    /// API keys (set by the coordinator), checked by the core from the `Authorization` header.
+    pub(crate) api_keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 /// What every request handler reads.
@@ -84,15 +88,19 @@ impl HttpState {
 
 /// How long a client may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest read buffer of a connection, which bounds the request line and headers.
+const MAX_HEADER_BYTES: usize = 64 << 10;
 
 /// Serves the HTTP API on `listener` until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: Limits, config: HttpConfig) {
     let fingerprints = cluster.models.iter().map(|m| (m.name().to_string(), ids::fingerprint(m))).collect();
-    let service = InferenceService::new(cluster.clone(), limits.clone());
+    let service = InferenceService::new(cluster.clone(), limits.clone(), config.api_keys.clone());
     let state = Arc::new(HttpState { service, cluster, limits, config, fingerprints, started: ids::unix_seconds() });
+    let accept = tessera_tls::accept::AcceptConfig::new("client API (HTTP)");
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(accept.max_handshakes));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "HTTP listener: accept failed");
@@ -104,19 +112,41 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: 
         // algorithm and a delayed ACK.
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let Some(tls) = state.config.tls.clone() else {
+            tokio::spawn(serve_connection(TokioIo::new(stream), state));
+            continue;
+        };
+        let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(plane = accept.plane, %peer, "dropped a connection: too many TLS handshakes in flight");
+            continue;
+        };
+        let accept = accept.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, &state).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            let stream = tessera_tls::accept::handshake(&tls, stream, peer, &accept).await;
+            drop(slot);
+            if let Some(stream) = stream {
+                serve_connection(TokioIo::new(stream), state).await;
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection until it closes.
+async fn serve_connection<I>(io: TokioIo<I>, state: Arc<HttpState>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(req, &state).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(io, service);
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
 
@@ -127,8 +157,10 @@ async fn route(req: Request<Incoming>, state: &HttpState) -> Response<HttpBody> 
         (Method::POST, "/v1/completions") => post(req, state, GenerateCall::completions).await,
         (Method::POST, "/v1/chat/completions") => post(req, state, GenerateCall::chat).await,
         (Method::POST, "/v1/embeddings") => embeddings(req, state).await,
-        (Method::GET, "/v1/models") => models(state, None).await,
-        (Method::GET, p) if p.starts_with("/v1/models/") => models(state, Some(&p["/v1/models/".len()..])).await,
+        (Method::GET, "/v1/models") => models(state, None, req.headers().get(AUTHORIZATION)).await,
+        (Method::GET, p) if p.starts_with("/v1/models/") => {
+            models(state, Some(&p["/v1/models/".len()..]), req.headers().get(AUTHORIZATION)).await
+        }
         (Method::GET | Method::HEAD, "/health") => Ok(health(state)),
         (Method::GET | Method::HEAD, "/metrics") if state.config.metrics => Ok(metrics(state).await),
         (_, "/v1/completions" | "/v1/chat/completions" | "/v1/embeddings") => Err(ApiError::method_not_allowed("POST")),
@@ -154,6 +186,7 @@ async fn post(
     read: fn(&Fields) -> Result<GenerateCall, ApiError>,
 ) -> Result<Response<HttpBody>, ApiError> {
     let authorization = req.headers().get(AUTHORIZATION).cloned();
+    state.service.authenticate(&with_authorization((), authorization.as_ref()))?;
     let call = read(&body(req, state).await?)?;
     Ok(match generate::generate(state, call, authorization.as_ref()).await? {
         generate::Reply::Json(text) => json(StatusCode::OK, text),
@@ -169,6 +202,7 @@ async fn post(
 
 async fn embeddings(req: Request<Incoming>, state: &HttpState) -> Result<Response<HttpBody>, ApiError> {
     let authorization = req.headers().get(AUTHORIZATION).cloned();
+    state.service.authenticate(&with_authorization((), authorization.as_ref()))?;
     let fields = body(req, state).await?;
     Ok(json(StatusCode::OK, embeddings::embeddings(state, &fields, authorization.as_ref()).await?))
 }
@@ -184,8 +218,8 @@ struct ModelCard {
 }
 
 /// `GET /v1/models` (every served model, from the core's `ListModels`), or one by name.
-async fn models(state: &HttpState, name: Option<&str>) -> Result<Response<HttpBody>, ApiError> {
-    let list = state.service.list_models(tonic::Request::new(pb::ListModelsRequest {})).await?.into_inner();
+async fn models(state: &HttpState, name: Option<&str>, authorization: Option<&HeaderValue>) -> Result<Response<HttpBody>, ApiError> {
+    let list = state.service.list_models(with_authorization(pb::ListModelsRequest {}, authorization)).await?.into_inner();
     let card = |m: pb::ModelInfo| ModelCard {
         id: m.name,
         object: "model",
@@ -222,10 +256,22 @@ fn health(state: &HttpState) -> Response<HttpBody> {
 async fn metrics(state: &HttpState) -> Response<HttpBody> {
     let status = state.cluster.status().await;
     let serving = *state.cluster.serving_groups().borrow();
-    let text = crate::prometheus::render(&status, &state.cluster.metrics.token_snapshot(), serving);
+    let mut text = crate::prometheus::render(&status, &state.cluster.metrics.token_snapshot(), serving);
+    if let Some(keys) = &state.config.api_keys {
+        text.push_str(&keys.prometheus());
+    }
     let mut response = Response::new(full(text));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     response
+}
+
+/// A core request carrying the HTTP request's `Authorization` header as gRPC metadata.
+pub(crate) fn with_authorization<T>(message: T, authorization: Option<&HeaderValue>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = authorization.and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
 }
 
 fn full(text: String) -> HttpBody {

@@ -1,6 +1,7 @@
 //! End-to-end cluster tests: real `tessera` processes on 127.0.0.1, real gRPC, real etcd
 //! where the test is about etcd.
 
+mod api_keys;
 mod beams;
 mod decoding;
 mod encoders;
@@ -17,3 +18,5 @@ mod real_models;
 mod restarts;
 mod serving;
 mod support;
+mod tls;
+mod tls_client;

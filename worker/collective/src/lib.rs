@@ -26,7 +26,7 @@ pub use in_process::InProcessGroup;
 #[cfg(feature = "nccl")]
 pub use nccl::{NcclCollective, NcclId};
 pub use single::SingleRank;
-pub use tcp::{TcpCollective, TcpConfig};
+pub use tcp::{CollectiveTls, TcpCollective, TcpConfig};
 pub use tensor::{all_gather_tensor, all_reduce_tensor};
 
 /// Result of a collective operation.

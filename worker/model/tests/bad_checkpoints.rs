@@ -101,6 +101,36 @@ fn truncated_safetensors_file_is_an_error() {
     assert!(matches!(load(&dir, 0, 1), Err(ModelError::Safetensors { .. })));
 }
 
+/// Replaces `model.safetensors` with an 8-byte header length and then `rest`.
+fn hostile_safetensors(dir: &Path, header_len: u64, rest: &[u8]) {
+    let mut bytes = header_len.to_le_bytes().to_vec();
+    bytes.extend_from_slice(rest);
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+}
+
+#[test]
+fn hostile_safetensors_headers_are_errors() {
+    let dir = scratch("llama-gqa", "hostile");
+    // Header lengths past the file, over the safetensors crate's 100 MB cap, and at u64::MAX:
+    // refused before anything of that size is read or allocated.
+    for header_len in [64, 200 << 20, u64::MAX] {
+        hostile_safetensors(&dir, header_len, b"{}");
+        assert!(matches!(load(&dir, 0, 1), Err(ModelError::Safetensors { .. })), "header length {header_len}");
+    }
+    // A header whose tensor data lies past the end of the file, or whose offsets overlap.
+    for header in [
+        r#"{"w":{"dtype":"F32","shape":[1024,1024],"data_offsets":[0,4194304]}}"#,
+        r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"v":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+        r#"{"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,8]}}"#,
+        r#"not json"#,
+    ] {
+        let mut rest = header.as_bytes().to_vec();
+        rest.extend_from_slice(&[0u8; 16]);
+        hostile_safetensors(&dir, header.len() as u64, &rest);
+        assert!(matches!(load(&dir, 0, 1), Err(ModelError::Safetensors { .. })), "{header}");
+    }
+}
+
 #[test]
 fn missing_weights_file_is_an_io_error() {
     let dir = scratch("llama-gqa", "nofile");

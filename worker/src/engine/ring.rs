@@ -209,6 +209,7 @@ impl Engine {
     }
 
     fn join_ring(&mut self, group: &str, ring_id: &str, peers: Vec<SocketAddr>) -> Result<()> {
+        let tls = self.config.collective_tls.as_ref().map(|t| t.current());
         let s = self.serving(group, "join a ring")?;
         let ring = take_ring(s, ring_id)?;
         let (membership, listener, addr) = match ring {
@@ -233,7 +234,7 @@ impl Engine {
             return Err(WorkerError::InvalidArgument(message));
         }
         // The listener is spent either way; a ring that failed to connect is prepared afresh.
-        let comm = TcpCollective::connect(TcpConfig::new(member, peers), listener)?;
+        let comm = TcpCollective::connect(TcpConfig { tls, ..TcpConfig::new(member, peers) }, listener)?;
         tracing::info!(group, ring = ring_id, member, members, "ring joined");
         s.ring = Some(Ring { membership, link: Link::Joined { comm: Box::new(comm), seqs: BTreeSet::new() } });
         Ok(())

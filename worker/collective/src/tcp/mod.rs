@@ -1,7 +1,8 @@
 //! Collectives over TCP: ranks are processes or hosts joined in a full mesh of connections.
 //!
 //! - Rendezvous (`rendezvous`): every rank's listen address is known up front; lower ranks
-//!   accept, higher ranks connect, and a hello matches connections to ranks.
+//!   accept, higher ranks connect, and a hello matches connections to ranks. With
+//!   [`TcpConfig::tls`], mutual TLS (`tls`) admits only peers holding the cluster's certificate.
 //! - Small and medium all-reduces and all-gathers (`direct`): one exchange with every peer,
 //!   then each rank combines the contributions in rank order, for the latency of a single
 //!   message.
@@ -22,6 +23,7 @@ mod mesh;
 mod p2p;
 mod rendezvous;
 mod ring;
+mod tls;
 mod wire;
 mod writer;
 
@@ -33,6 +35,8 @@ use direct::DirectScratch;
 use link::Link;
 use mesh::{io_error, Mesh};
 use writer::Writer;
+
+pub use tls::CollectiveTls;
 
 /// Where the ranks of a TCP group listen and how this rank waits for them.
 #[derive(Debug, Clone)]
@@ -46,6 +50,8 @@ pub struct TcpConfig {
     /// How long a receiver busy-polls before blocking. Spinning saves the kernel wake-up on
     /// replies that arrive within microseconds; blocking keeps idle workers off the CPU.
     pub spin: Duration,
+    /// Mutual TLS at rendezvous (every rank must agree); `None` for plain TCP.
+    pub tls: Option<CollectiveTls>,
 }
 
 impl TcpConfig {
@@ -56,7 +62,7 @@ impl TcpConfig {
 
     /// A configuration with the default timeout and spin.
     pub fn new(rank: usize, peers: Vec<SocketAddr>) -> Self {
-        TcpConfig { rank, peers, connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT, spin: Self::DEFAULT_SPIN }
+        TcpConfig { rank, peers, connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT, spin: Self::DEFAULT_SPIN, tls: None }
     }
 }
 

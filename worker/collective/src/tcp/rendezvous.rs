@@ -5,12 +5,16 @@
 //! own connections to lower ranks are up, which by induction they all eventually are. The
 //! caller binds every listener before anyone connects, so a refused connection only means a
 //! peer process or host has not started yet; it is retried until `connect_timeout`.
+//!
+//! With [`TcpConfig::tls`] every connection first completes mutual TLS and the hellos travel
+//! inside it (see `tls`); a peer without the cluster's certificate is dropped there.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::mesh::io_error;
+use super::tls::Secured;
 use super::wire::{Hello, HELLO_LEN, WIRE_VERSION};
 use super::TcpConfig;
 use crate::{CollectiveError, Result};
@@ -34,8 +38,14 @@ pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec
     for (peer, addr) in config.peers.iter().enumerate().take(rank) {
         let stream = connect_with_retry(peer, *addr, deadline)?;
         prepare(&stream, deadline).map_err(io_error(peer))?;
-        (&stream).write_all(&Hello::new(rank, world).encode()).map_err(io_error(peer))?;
-        let reply = read_hello(&stream).map_err(io_error(peer))?;
+        let reply = match &config.tls {
+            None => (&stream).write_all(&Hello::new(rank, world).encode()).and_then(|()| read_hello(&stream)),
+            Some(tls) => Secured::connect(&stream, tls, addr.ip()).and_then(|mut secured| {
+                secured.write_all(&Hello::new(rank, world).encode())?;
+                read_secured_hello(&mut secured)
+            }),
+        };
+        let reply = reply.map_err(io_error(peer))?;
         let reply = reply.ok_or_else(|| {
             CollectiveError::Protocol(format!("{addr} (rank {peer} in the peer list) answered with something that is not a rank"))
         })?;
@@ -64,17 +74,25 @@ pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec
         };
         // Some platforms hand out accepted sockets with the listener's non-blocking flag.
         let hello_deadline = deadline.min(Instant::now() + HELLO_WAIT);
-        let hello = stream.set_nonblocking(false).and_then(|()| prepare(&stream, hello_deadline)).and_then(|()| read_hello(&stream));
-        let hello = match hello {
-            Ok(Some(hello)) => hello,
+        let hello = stream.set_nonblocking(false).and_then(|()| prepare(&stream, hello_deadline)).and_then(|()| match &config.tls {
+            None => Ok((read_hello(&stream)?, None)),
+            Some(tls) => {
+                let mut secured = Secured::accept(&stream, tls)?;
+                Ok((read_secured_hello(&mut secured)?, Some(secured)))
+            }
+        });
+        let (hello, mut secured) = match hello {
+            Ok((Some(hello), secured)) => (hello, secured),
             // Not a rank (a port scanner, a health check) or a client that went away: keep
             // waiting for the real peers.
-            Ok(None) => {
+            Ok((None, _)) => {
                 tracing::warn!(%from, rank, "ignoring a connection without a rank hello");
                 continue;
             }
+            // With TLS this is also a peer without the cluster's certificate: refused before
+            // anything but handshake records was read from it.
             Err(e) => {
-                tracing::warn!(%from, rank, error = %e, "ignoring a connection whose hello failed");
+                tracing::warn!(%from, rank, error = %e, "ignoring a connection whose TLS handshake or hello failed");
                 continue;
             }
         };
@@ -83,7 +101,13 @@ pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec
         if streams[peer].is_some() {
             return Err(CollectiveError::Protocol(format!("rank {peer} connected to rank {rank} twice")));
         }
-        (&stream).write_all(&Hello::new(rank, world).encode()).map_err(io_error(peer))?;
+        let reply = Hello::new(rank, world).encode();
+        match secured.as_mut() {
+            None => (&stream).write_all(&reply),
+            Some(secured) => secured.write_all(&reply),
+        }
+        .map_err(io_error(peer))?;
+        drop(secured);
         finish(&stream).map_err(io_error(peer))?;
         streams[peer] = Some(stream);
     }
@@ -135,6 +159,13 @@ fn finish(stream: &TcpStream) -> io::Result<()> {
 fn read_hello(mut stream: &TcpStream) -> io::Result<Option<Hello>> {
     let mut bytes = [0u8; HELLO_LEN];
     stream.read_exact(&mut bytes)?;
+    Ok(Hello::decode(&bytes))
+}
+
+/// [`read_hello`] inside TLS.
+fn read_secured_hello(secured: &mut Secured<'_>) -> io::Result<Option<Hello>> {
+    let mut bytes = [0u8; HELLO_LEN];
+    secured.read_exact(&mut bytes)?;
     Ok(Hello::decode(&bytes))
 }
 

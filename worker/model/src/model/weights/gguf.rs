@@ -125,6 +125,9 @@ fn metadata_usize(content: &Content, key: &str) -> Option<usize> {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+        // The bounds-checked reader first: candle's trusts the counts and lengths it reads
+        // (allocating what a hostile header asks for) and checks no tensor against the file.
+        tessera_model_files::GgufHeader::read(path)?;
         let file = File::open(path).map_err(io)?;
         // SAFETY: mapped read-only; like every mmap-based loader we assume nobody truncates the
         // file while the model is loading.
