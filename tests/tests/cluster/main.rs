@@ -3,6 +3,7 @@
 
 mod api_keys;
 mod beams;
+mod chaos;
 mod decoding;
 mod encoders;
 mod etcd_cluster;
