@@ -51,25 +51,9 @@ pub(crate) struct RingRequest {
     pub max_new_tokens: u32,
     /// The request opted out of prefix caching (kept for a move onto a group).
     pub no_prefix_cache: bool,
-    /// What it generated on earlier rings (empty on its first), with its sampler's state.
-    pub progress: Progress,
-}
-
-/// How far a ring request got: enough to prefill it again elsewhere and go on exactly.
-pub(crate) struct Progress {
-    pub outputs: Vec<u32>,
-    /// The sampling the workers last used.
-    pub in_force: wpb::Sampling,
-    /// A change sent with the step that failed, not known to have been applied.
-    pub next: Option<wpb::Sampling>,
-    /// Random numbers the sampler had drawn after the last answered step.
-    pub rng_draws: u64,
-}
-
-impl Progress {
-    pub(crate) fn new(base: &wpb::Sampling) -> Self {
-        Self { outputs: Vec::new(), in_force: base.clone(), next: None, rng_draws: 0 }
-    }
+    /// How far it got on earlier rings (nothing generated on its first): enough to prefill it
+    /// again elsewhere and go on exactly, as a group's moved request does.
+    pub progress: Resumed,
 }
 
 impl RingRequest {
@@ -215,8 +199,7 @@ async fn move_on(cluster: &Arc<Cluster>, mut req: RingRequest, status: Status) -
         }
         Route::Group(placement) => {
             tracing::info!(request_id = %req.request_id, group = %placement.group, generated = done, "ring request moves to a group");
-            let p = req.progress;
-            let resume = Resumed { outputs: p.outputs, in_force: p.in_force, next: p.next, rng_draws: p.rng_draws };
+            let resume = req.progress;
             let reserve = (req.prompt.len() as u64) + u64::from(req.max_new_tokens);
             let seq = NewSequence {
                 seq: req.seq,

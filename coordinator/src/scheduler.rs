@@ -89,6 +89,13 @@ pub(crate) struct Resumed {
     pub rng_draws: u64,
 }
 
+impl Resumed {
+    /// A request that has generated nothing yet, with its first sampling.
+    pub(crate) fn start(base: &wpb::Sampling) -> Self {
+        Self { outputs: Vec::new(), in_force: base.clone(), next: None, rng_draws: 0 }
+    }
+}
+
 /// How a request left the group.
 #[derive(Debug)]
 pub(crate) enum End {

@@ -23,8 +23,8 @@ use crate::limits::Limits;
 use crate::model::ModelKind;
 use crate::output::SequenceOutput;
 use crate::request::prepare;
-use crate::ring::{self, Progress, RingRequest};
-use crate::scheduler::NewSequence;
+use crate::ring::{self, RingRequest};
+use crate::scheduler::{NewSequence, Resumed};
 
 /// Serves `tessera.v1.Inference`.
 pub struct InferenceService {
@@ -85,7 +85,7 @@ impl Inference for InferenceService {
         let output = SequenceOutput::new(generation, events, sampling);
         match route {
             Route::Ring(plan) => {
-                let progress = Progress::new(output.base_sampling());
+                let progress = Resumed::start(output.base_sampling());
                 let request = RingRequest {
                     seq,
                     prompt: prepared.prompt,

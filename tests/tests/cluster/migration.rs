@@ -30,6 +30,20 @@ struct Run {
     finished: Option<pb::Finished>,
 }
 
+/// Starts `request` and reads it until it has streamed a few tokens: where it runs, and them.
+async fn streaming(client: &Client, request: pb::GenerateRequest) -> (tonic::Streaming<pb::GenerateResponse>, Run) {
+    let mut stream = client.clone().generate(request).await.expect("accepted").into_inner();
+    let mut run = Run { tokens: Vec::new(), workers: Vec::new(), finished: None };
+    while run.tokens.len() < 3 {
+        match stream.message().await.expect("stream healthy").and_then(|m| m.event) {
+            Some(pb::generate_response::Event::Started(s)) => run.workers = s.placement.map(|p| p.workers).unwrap_or_default(),
+            Some(pb::generate_response::Event::Chunk(c)) => run.tokens.extend(c.tokens.iter().map(|t| t.id)),
+            other => panic!("a stream ended before the fault: {other:?}"),
+        }
+    }
+    (stream, run)
+}
+
 /// Reads `stream` to its end.
 async fn finish(mut stream: tonic::Streaming<pb::GenerateResponse>, mut run: Run) -> Result<Run, tonic::Status> {
     while let Some(m) = stream.message().await? {
@@ -92,16 +106,7 @@ async fn streams_survive(fault: Fault, name: &str) {
     // Again, and w-b fails once every stream has started streaming.
     let mut started = Vec::new();
     for r in requests() {
-        let mut stream = client.clone().generate(r).await.expect("accepted").into_inner();
-        let mut run = Run { tokens: Vec::new(), workers: Vec::new(), finished: None };
-        while run.tokens.len() < 3 {
-            match stream.message().await.expect("stream healthy").and_then(|m| m.event) {
-                Some(pb::generate_response::Event::Started(s)) => run.workers = s.placement.map(|p| p.workers).unwrap_or_default(),
-                Some(pb::generate_response::Event::Chunk(c)) => run.tokens.extend(c.tokens.iter().map(|t| t.id)),
-                other => panic!("a stream ended before the kill: {other:?}"),
-            }
-        }
-        started.push((stream, run));
+        started.push(streaming(&client, r).await);
     }
     let on_killed = started.iter().filter(|(_, run)| run.workers.iter().any(|w| w == "w-b")).count();
     assert!(on_killed > 0, "the streams are spread over both groups");
@@ -155,15 +160,7 @@ async fn a_ring_request_whose_member_dies_moves_to_a_new_ring_and_finishes_as_if
     let reference = generate(&mut client, request()).await.expect("uninterrupted ring run");
     assert_eq!(reference.started.as_ref().and_then(|s| s.placement.as_ref()).map(|p| p.sp), Some(3), "a ring of three");
 
-    let mut stream = client.clone().generate(request()).await.expect("accepted").into_inner();
-    let mut run = Run { tokens: Vec::new(), workers: Vec::new(), finished: None };
-    while run.tokens.len() < 3 {
-        match stream.message().await.expect("stream healthy").and_then(|m| m.event) {
-            Some(pb::generate_response::Event::Started(s)) => run.workers = s.placement.map(|p| p.workers).unwrap_or_default(),
-            Some(pb::generate_response::Event::Chunk(c)) => run.tokens.extend(c.tokens.iter().map(|t| t.id)),
-            other => panic!("the ring stream ended before the kill: {other:?}"),
-        }
-    }
+    let (stream, run) = streaming(&client, request()).await;
     let victim = ids.iter().position(|id| run.workers.iter().any(|w| w == id)).expect("a ring member");
     workers[victim].0.kill().expect("SIGKILL a ring member");
     let run = finish(stream, run).await.unwrap_or_else(|status| panic!("the ring request did not survive: {status:?}"));

@@ -27,39 +27,7 @@ pub const MAX_ROWS: usize = 16;
 /// inside the dot product, so they stream from memory at half the bytes of f32. The result goes
 /// into `dest` when it is a fitting workspace tensor (`workspace.rs`).
 pub fn matvec_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
-    let (rows, inner) = match x.dims() {
-        [r, i] => (*r, *i),
-        _ => return Ok(None),
-    };
-    let (out, w_inner) = match w.dims() {
-        [o, i] => (*o, *i),
-        _ => return Ok(None),
-    };
-    if rows == 0
-        || rows > MAX_ROWS
-        || inner != w_inner
-        || !x.device().is_cpu()
-        || !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
-    {
-        return Ok(None);
-    }
-    let (w_store, w_layout) = w.storage_and_layout();
-    let Some((w0, w1)) = w_layout.contiguous_offsets() else { return Ok(None) };
-    let shape = Product { rows, out, inner };
-    with_f32_rows(x, |x_data| {
-        Ok(match &*w_store {
-            Storage::Cpu(CpuStorage::F32(all)) => product_output(dest, shape, x.dtype(), |y| {
-                rows_parallel(shape, &all[w0..w1], x_data, f32_kernel(), block_kernel::<f32>(), y)
-            })?,
-            Storage::Cpu(CpuStorage::BF16(all)) => product_output(dest, shape, x.dtype(), |y| {
-                rows_parallel(shape, &all[w0..w1], x_data, bf16_kernel(), block_kernel::<half::bf16>(), y)
-            })?,
-            Storage::Cpu(CpuStorage::F16(all)) => product_output(dest, shape, x.dtype(), |y| {
-                rows_parallel(shape, &all[w0..w1], x_data, f16_kernel(), block_kernel::<half::f16>(), y)
-            })?,
-            _ => None,
-        })
-    })
+    float_product(x, w, dest, Arithmetic::Fastest)
 }
 
 /// `x Wᵀ` as [`matvec_t`], for any number of rows, with every output element computed by the
@@ -72,6 +40,21 @@ pub fn matvec_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
 /// [`MAX_ROWS`] activation rows pass over them. `None` where [`matvec_t`]'s conditions other
 /// than the row count fail.
 pub fn matmul_t_invariant(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
+    float_product(x, w, dest, Arithmetic::Invariant)
+}
+
+/// Which row kernels a float product runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Arithmetic {
+    /// [`rows_parallel`], for at most [`MAX_ROWS`] rows.
+    Fastest,
+    /// [`rows_invariant`], for any number of rows.
+    Invariant,
+}
+
+/// The shared body of [`matvec_t`] and [`matmul_t_invariant`]: checks the operands, then runs
+/// the product for the weights' float type.
+fn float_product(x: &Tensor, w: &Tensor, dest: Option<&Dest>, arithmetic: Arithmetic) -> candle_core::Result<Option<Tensor>> {
     let (rows, inner) = match x.dims() {
         [r, i] => (*r, *i),
         _ => return Ok(None),
@@ -80,7 +63,12 @@ pub fn matmul_t_invariant(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle
         [o, i] => (*o, *i),
         _ => return Ok(None),
     };
-    if rows == 0 || inner != w_inner || !x.device().is_cpu() || !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+    if rows == 0
+        || (arithmetic == Arithmetic::Fastest && rows > MAX_ROWS)
+        || inner != w_inner
+        || !x.device().is_cpu()
+        || !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    {
         return Ok(None);
     }
     let (w_store, w_layout) = w.storage_and_layout();
@@ -89,17 +77,33 @@ pub fn matmul_t_invariant(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle
     with_f32_rows(x, |x_data| {
         Ok(match &*w_store {
             Storage::Cpu(CpuStorage::F32(all)) => rows_output(dest, shape, x.dtype(), |y| {
-                rows_invariant(shape, &all[w0..w1], x_data, f32_kernel(), block_kernel::<f32>(), y)
+                by_arithmetic(arithmetic, shape, &all[w0..w1], x_data, f32_kernel(), block_kernel::<f32>(), y)
             })?,
             Storage::Cpu(CpuStorage::BF16(all)) => rows_output(dest, shape, x.dtype(), |y| {
-                rows_invariant(shape, &all[w0..w1], x_data, bf16_kernel(), block_kernel::<half::bf16>(), y)
+                by_arithmetic(arithmetic, shape, &all[w0..w1], x_data, bf16_kernel(), block_kernel::<half::bf16>(), y)
             })?,
             Storage::Cpu(CpuStorage::F16(all)) => rows_output(dest, shape, x.dtype(), |y| {
-                rows_invariant(shape, &all[w0..w1], x_data, f16_kernel(), block_kernel::<half::f16>(), y)
+                by_arithmetic(arithmetic, shape, &all[w0..w1], x_data, f16_kernel(), block_kernel::<half::f16>(), y)
             })?,
             _ => None,
         })
     })
+}
+
+/// Runs the row kernels `arithmetic` names.
+fn by_arithmetic<W: Sync>(
+    arithmetic: Arithmetic,
+    p: Product,
+    w: &[W],
+    x: &[f32],
+    dot: fn(&[W], &[f32]) -> f32,
+    block: Option<BlockKernel<W>>,
+    y: RowsOut,
+) {
+    match arithmetic {
+        Arithmetic::Fastest => rows_parallel(p, w, x, dot, block, y),
+        Arithmetic::Invariant => rows_invariant(p, w, x, dot, block, y),
+    }
 }
 
 /// [`rows_parallel`] with one arithmetic for every element (see [`matmul_t_invariant`]).
