@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,16 +28,29 @@ pub struct EtcdServer {
     data: TempDir,
     client_addr: SocketAddr,
     peer_addr: SocketAddr,
+    /// Another address it also serves clients on (same port), for processes in a network
+    /// namespace that cannot reach this one's loopback.
+    also: Option<IpAddr>,
 }
 
 impl EtcdServer {
     /// Starts etcd on free loopback ports and waits until it serves reads.
     pub async fn start() -> Self {
+        Self::start_serving(None).await
+    }
+
+    /// [`EtcdServer::start`], also serving clients on `host` (an address of this machine, such
+    /// as a veth end), at the same port: see [`EtcdServer::url_on`].
+    pub async fn start_also_on(host: IpAddr) -> Self {
+        Self::start_serving(Some(host)).await
+    }
+
+    async fn start_serving(also: Option<IpAddr>) -> Self {
         // Ports are found by binding port 0 and releasing it; another process could take one
         // in between, so a server that dies at startup is retried on fresh ports.
         let mut last_log = String::new();
         for _attempt in 0..3 {
-            let mut server = Self::spawn();
+            let mut server = Self::spawn(also);
             match server.wait_ready().await {
                 Ok(()) => return server,
                 Err(log) => last_log = log,
@@ -52,33 +65,40 @@ impl EtcdServer {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = launch(&self.data, self.client_addr, self.peer_addr);
+        self.child = launch(&self.data, &self.client_urls(), self.peer_addr);
         if let Err(log) = self.wait_ready().await {
             panic!("etcd did not come back after a restart; its log:\n{log}");
         }
     }
 
-    fn spawn() -> Self {
+    fn spawn(also: Option<IpAddr>) -> Self {
         let data = tempfile::tempdir().expect("temporary etcd data directory");
         let client_addr = free_port();
         let peer_addr = free_port();
-        let child = launch(&data, client_addr, peer_addr);
-        Self { child, data, client_addr, peer_addr }
+        let urls =
+            [Some(client_addr.ip()), also].into_iter().flatten().map(|ip| format!("http://{}", SocketAddr::new(ip, client_addr.port())));
+        let child = launch(&data, &urls.collect::<Vec<_>>().join(","), peer_addr);
+        Self { child, data, client_addr, peer_addr, also }
+    }
+
+    /// Every URL it serves clients on, comma-separated as etcd's flags take them.
+    fn client_urls(&self) -> String {
+        let hosts = [Some(self.client_addr.ip()), self.also].into_iter().flatten();
+        hosts.map(|ip| self.url_on(ip)).collect::<Vec<_>>().join(",")
     }
 }
 
 /// Starts the etcd process of a single-member cluster on these ports and data directory; its
 /// log goes on at the end of `etcd.log` there.
-fn launch(data: &TempDir, client_addr: SocketAddr, peer_addr: SocketAddr) -> Child {
-    let client_url = format!("http://{client_addr}");
+fn launch(data: &TempDir, client_urls: &str, peer_addr: SocketAddr) -> Child {
     let peer_url = format!("http://{peer_addr}");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(data.path().join("etcd.log")).expect("etcd log file");
     let log_err = log.try_clone().expect("etcd log file handle");
     let spawned = Command::new("etcd")
         .arg("--name=tessera-test")
         .arg(format!("--data-dir={}", data.path().join("data").display()))
-        .arg(format!("--listen-client-urls={client_url}"))
-        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-client-urls={client_urls}"))
+        .arg(format!("--advertise-client-urls={client_urls}"))
         .arg(format!("--listen-peer-urls={peer_url}"))
         .arg(format!("--initial-advertise-peer-urls={peer_url}"))
         .arg(format!("--initial-cluster=tessera-test={peer_url}"))
@@ -124,6 +144,11 @@ impl EtcdServer {
     /// The client URL, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.client_addr)
+    }
+
+    /// The client URL on another address it serves (see [`EtcdServer::start_also_on`]).
+    pub fn url_on(&self, host: IpAddr) -> String {
+        format!("http://{}", SocketAddr::new(host, self.client_addr.port()))
     }
 
     /// The client address, for a proxy to forward to.

@@ -15,6 +15,7 @@ mod long_context;
 mod migration;
 mod openai_http;
 mod openai_sdk;
+mod partition;
 mod real_models;
 mod restarts;
 mod serving;

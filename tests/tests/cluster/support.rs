@@ -108,17 +108,25 @@ pub const POLL: Duration = Duration::from_millis(20);
 /// Waits until the coordinator reports `n` serving groups of its only model, asking every
 /// [`POLL`] (a bounded wait on a condition, not a fixed sleep).
 pub async fn until_serving_groups(client: &mut Client, n: u32) {
+    until_groups(client, &format!("{n} groups serving"), |groups| groups == n).await;
+}
+
+/// Waits until the number of serving groups of the coordinator's only model satisfies `done`.
+/// `ListModels` answers from the coordinator's own view, never waiting on a worker, so this
+/// sees a lost group at once even while its worker cannot be reached.
+pub async fn until_groups(client: &Client, what: &str, done: impl Fn(u32) -> bool) {
     let wait = async {
+        let mut client = client.clone();
         let mut tick = tokio::time::interval(POLL);
         loop {
             tick.tick().await;
             let models = client.list_models(pb::ListModelsRequest {}).await.expect("list models").into_inner().models;
-            if models.first().is_some_and(|m| m.serving_groups == n) {
+            if models.first().is_some_and(|m| done(m.serving_groups)) {
                 return;
             }
         }
     };
-    tokio::time::timeout(PATIENCE, wait).await.unwrap_or_else(|_| panic!("{n} groups did not start serving in time"));
+    tokio::time::timeout(PATIENCE, wait).await.unwrap_or_else(|_| panic!("never saw {what}"));
 }
 
 /// A channel to `url` (the generated clients of other crates have no `connect`).
