@@ -13,6 +13,7 @@ mod http_client;
 mod local_cluster;
 mod long_context;
 mod migration;
+mod netns;
 mod openai_http;
 mod openai_sdk;
 mod partition;
