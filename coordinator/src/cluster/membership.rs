@@ -111,7 +111,8 @@ impl Cluster {
                         if matches!(worker.role, Role::Busy(g) if g == group) {
                             worker.role = if ok { Role::Free } else { Role::Quarantined };
                             if !ok {
-                                tracing::warn!(worker = %id, "worker did not answer a reset; unused until it registers again");
+                                tracing::warn!(worker = %id, "worker did not answer a reset; unused until it does");
+                                tokio::spawn(cluster.clone().recover(id, worker.client.clone()));
                             }
                         }
                     }
@@ -119,6 +120,32 @@ impl Cluster {
             }
             cluster.reconcile();
         });
+    }
+
+    /// Asks a quarantined worker to reset again, backing off, until it answers (it is then
+    /// free for a new group) or stops being this quarantined worker (it left, or registered
+    /// anew). A worker can miss a reset while blocked on a lost peer, or across a network cut
+    /// shorter than its lease: it never re-registers then, so without this it would stay
+    /// unused for good.
+    async fn recover(self: Arc<Self>, id: String, mut client: WorkerClient<Channel>) {
+        let timeout = self.config.rpc_timeout;
+        let mut pause = timeout;
+        loop {
+            tokio::time::sleep(pause).await;
+            let quarantined = |cluster: &Self| cluster.lock().workers.get(&id).is_some_and(|w| matches!(w.role, Role::Quarantined));
+            if !quarantined(&self) {
+                return;
+            }
+            if matches!(tokio::time::timeout(timeout, client.reset(wpb::ResetRequest {})).await, Ok(Ok(_))) {
+                if let Some(worker) = self.lock().workers.get_mut(&id).filter(|w| matches!(w.role, Role::Quarantined)) {
+                    tracing::info!(worker = %id, "quarantined worker answered a reset; free again");
+                    worker.role = Role::Free;
+                }
+                self.reconcile();
+                return;
+            }
+            pause = (pause * 2).min(self.config.max_retry_backoff);
+        }
     }
 
     /// Tears a group down from outside its loop (a ring step failed on it).

@@ -1,5 +1,5 @@
 //! A randomized run of faults under load: 64 greedy and seeded streams on two coordinators (a
-//! leader and a standby) and four workers, while workers are killed, hung, cut off and
+//! leader and a standby) and six workers in three groups at TP=2, while workers are killed, hung, cut off and
 //! restarted under their own ids, ring members die, etcd restarts and the leader coordinator
 //! is killed, on a seeded schedule printed at the start so a failure can be replayed
 //! (`TESSERA_CHAOS_SEED=N`).
@@ -28,7 +28,9 @@ use crate::support::*;
 const STREAMS: u64 = 64;
 const TOKENS: u32 = 600;
 const FAULTS: usize = 30;
-const WORKERS: usize = 4;
+const WORKERS: usize = 6;
+/// Tensor-parallel degree: three groups of two.
+const TP: usize = 2;
 /// Worker lease TTL: a hung worker's lease outlives the step timeout, so the step timeout is
 /// what notices it.
 const TTL: u64 = 5;
@@ -132,7 +134,7 @@ impl Cluster {
             "--ring-prefill-tokens",
             RING_PREFILL_TOKENS,
         ];
-        coordinator_with(dir, &etcd.url(), 1, &args).expect("start coordinator")
+        coordinator_with(dir, &etcd.url(), TP, &args).expect("start coordinator")
     }
 
     fn restart_worker(&mut self, i: usize) {
@@ -239,7 +241,7 @@ async fn streams_under_random_faults_finish_exactly_or_end_unavailable() {
     let workers = (0..WORKERS).map(|i| Cluster::start_worker(&etcd, net.as_ref(), i)).collect();
     let mut cluster = Cluster { etcd, net, dir, coordinators, starts: [1, 1], workers };
     let (_, _, mut client) = cluster.leader().await;
-    until_serving_groups(&mut client, WORKERS as u32).await;
+    until_serving_groups(&mut client, (WORKERS / TP) as u32).await;
 
     // The undisturbed runs (a seed gives the same tokens under any load), the ring's alone.
     let ring_reference = generate(&mut client, ring_request()).await.expect("undisturbed ring run");
@@ -335,6 +337,7 @@ async fn streams_under_random_faults_finish_exactly_or_end_unavailable() {
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::Unavailable, "{stream} ended otherwise than UNAVAILABLE: {status:?}");
                 assert!(!status.message().is_empty(), "{stream} ended without a reason");
+                eprintln!("chaos: {stream} ended UNAVAILABLE: {}", status.message());
                 unavailable += 1;
             }
         }

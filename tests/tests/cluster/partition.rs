@@ -7,8 +7,10 @@
 //!   them to the other group and they finish exactly; its lease lapses, so the coordinator
 //!   drops it. When the link comes back the worker registers again, drops what it held, and is
 //!   admitted and serves.
-//! - A cut shorter than the lease (a blip): the worker never learns of it, but the coordinator
-//!   failed its group; once the link is back the coordinator forms the group again.
+//! - A cut shorter than the lease (a blip), but longer than the coordinator's reset RPC: the
+//!   worker never learns of it, but the coordinator failed its group and, unanswered,
+//!   quarantined the worker; it keeps asking, and once the link is back the worker answers and
+//!   the group forms again.
 //!
 //! Needs root (or CAP_NET_ADMIN) and iproute2's `ip`; where `ip netns add` is refused, the test
 //! says so on stderr and runs nothing else.
@@ -19,9 +21,9 @@ use tessera_etcd_harness::EtcdServer;
 use tessera_model::fixture::demo;
 use tessera_proto::v1 as pb;
 
-/// Worker lease TTL: well past the step timeout (2 s), so a blip is noticed by the step timeout
-/// alone, and short, so a long cut outlives it quickly.
-const TTL: u64 = 6;
+/// Worker lease TTL: a blip (the step timeout, 2 s, then the reset RPC's, 3 s, and a
+/// ClusterStatus that waits as long on the cut worker) stays well inside it.
+const TTL: u64 = 12;
 const STREAMS: u64 = 8;
 const TOKENS: u32 = 400;
 
@@ -110,13 +112,14 @@ async fn a_partitioned_worker_loses_its_streams_to_another_group_and_is_admitted
     assert!(placed.iter().any(|w| w == "w-b"), "w-b takes requests again: {placed:?}");
 
     // A blip: the link comes back before the lease could lapse. The worker never noticed (it
-    // keeps its registration); the coordinator failed its group and must form it again.
+    // keeps its registration); the coordinator failed its group, quarantined the worker when
+    // its reset went unanswered, and must take it back and form the group again.
     let lease = registration_lease(&etcd, "w-b").await;
     let moved = disturbed(&client, &reference, async {
         until_status(&client, "w-b running streams", |s| holds_sequences(s, "w-b")).await;
         host.cut();
-        // (Not ClusterStatus: it asks every worker, and waits its RPC timeout on one cut off.)
-        until_groups(&client, "w-b's group failed by the step timeout", |groups| groups < 2).await;
+        let missed_reset = |s: &pb::ClusterStatusResponse| s.workers.iter().any(|w| w.id == "w-b" && w.state.contains("quarantined"));
+        until_status(&client, "w-b's group failed and w-b quarantined, having missed its reset", missed_reset).await;
         host.mend();
     })
     .await;
