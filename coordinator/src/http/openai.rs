@@ -480,4 +480,28 @@ mod tests {
         let c = completions(r#"{"prompt": "a", "stream": true}"#).expect("valid");
         assert!(c.stream && !c.include_usage);
     }
+
+    /// Seeded mutation fuzzing of the OpenAI request bodies (see `tessera_mutate`): JSON
+    /// parsing, every field's conversion and the fan-out into `Generate` calls end in a call or
+    /// a 400, never a panic, for 100,000 mutated bodies of each endpoint.
+    #[test]
+    fn hostile_request_bodies_become_calls_or_400s() {
+        use tessera_mutate::Campaign;
+        let completions = [
+            r#"{"model":"m","prompt":"Once upon a time","max_tokens":16,"temperature":0.7,"top_p":0.9,"top_k":40,"n":2,"seed":5,"stop":["\n","END"],"logit_bias":{"5":-100,"17":3.5},"presence_penalty":0.5,"frequency_penalty":0.2,"stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"prompt":[[1,2,3],[4,5]],"max_tokens":4,"min_p":0.1,"repetition_penalty":1.2,"no_repeat_ngram_size":3,"dry_multiplier":0.8,"dry_base":1.75,"dry_allowed_length":2,"dry_sequence_breakers":["\n"],"loop_guard":{"window":64,"min_repeats":3}}"#,
+        ];
+        let chat = [
+            r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"},{"type":"text","text":" there"}]}],"max_completion_tokens":8,"temperature":0,"seed":1,"n":1}"#,
+        ];
+        let body = |bytes: &[u8]| Fields::parse(bytes).ok();
+        let fan_out = |call: Result<GenerateCall, ApiError>| call.map(|c| c.requests("req-1", Some(0.7)).len()).is_ok();
+        let corpus: Vec<Vec<u8>> = completions.iter().map(|b| b.as_bytes().to_vec()).collect();
+        let accepted =
+            Campaign::new("completions body").run(&corpus, |bytes| body(bytes).is_some_and(|f| fan_out(GenerateCall::completions(&f))));
+        assert!(accepted > 1000, "mutated completion bodies still convert ({accepted})");
+        let corpus: Vec<Vec<u8>> = chat.iter().map(|b| b.as_bytes().to_vec()).collect();
+        let accepted = Campaign::new("chat body").run(&corpus, |bytes| body(bytes).is_some_and(|f| fan_out(GenerateCall::chat(&f))));
+        assert!(accepted > 1000, "mutated chat bodies still convert ({accepted})");
+    }
 }

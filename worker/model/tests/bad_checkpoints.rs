@@ -137,3 +137,24 @@ fn missing_weights_file_is_an_io_error() {
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     assert!(matches!(load(&dir, 0, 1), Err(ModelError::Io { .. })));
 }
+
+/// Seeded mutation fuzzing of the safetensors header a checkpoint starts with (its length
+/// prefix and JSON: names, dtypes, shapes, offsets), joined to the fixture's real data: every
+/// load ends in a model or a typed error, never a panic or an allocation the file does not
+/// justify. A full load per input is slower than a parser alone, so this target takes 10,000
+/// inputs (`TESSERA_FUZZ_INPUTS` raises it).
+#[test]
+fn hostile_safetensors_headers_load_or_fail() {
+    let dir = scratch("llama-gqa", "fuzz");
+    let path = dir.join("model.safetensors");
+    let file = std::fs::read(&path).expect("read checkpoint");
+    let header_len = u64::from_le_bytes(file[..8].try_into().expect("length prefix")) as usize;
+    let (header, data) = file.split_at(8 + header_len);
+    let campaign = tessera_mutate::Campaign::new("safetensors header");
+    let inputs = std::env::var("TESSERA_FUZZ_INPUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let loaded = campaign.inputs(inputs).run(&[header.to_vec()], |header| {
+        std::fs::write(&path, [header, data].concat()).expect("write checkpoint");
+        load(&dir, 0, 1).is_ok()
+    });
+    assert!(loaded > 0, "the valid header loads");
+}
