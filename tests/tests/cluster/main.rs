@@ -1,6 +1,7 @@
 //! End-to-end cluster tests: real `tessera` processes on 127.0.0.1, real gRPC, real etcd
 //! where the test is about etcd.
 
+mod abandoned;
 mod api_keys;
 mod beams;
 mod chaos;
