@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use candle_core::{DType, Device};
-use tessera_collective::{Collective, SingleRank, TcpCollective, TcpConfig};
+use tessera_collective::{Collective, Interrupt, SingleRank, TcpCollective, TcpConfig};
 use tessera_model::sampler::{Sampler, SamplingParams};
 use tessera_model::{
     Batch, BertModel, KvCache, KvCacheConfig, LoadConfig, LogitsMode, Model, Numerics, PrefixCaching, PrefixStats, Quantization,
@@ -129,6 +129,16 @@ pub struct EngineHandle {
     accepting: Arc<AtomicBool>,
     /// Whether the engine serves a group: its shard (or encoder) loaded, its peers connected.
     serving: watch::Receiver<bool>,
+    /// Ends the group collective's blocking calls, set while a group is connected.
+    interrupt: Interruptible,
+}
+
+/// Where the engine thread leaves its group collective's [`Interrupt`] for the handles: a
+/// reset must not wait behind a step blocked on a peer that will never answer.
+type Interruptible = Arc<Mutex<Option<Interrupt>>>;
+
+fn take_interrupt(slot: &Interruptible) -> Option<Interrupt> {
+    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
 }
 
 impl EngineHandle {
@@ -138,9 +148,11 @@ impl EngineHandle {
         let accepting = Arc::new(AtomicBool::new(true));
         let flag = Arc::clone(&accepting);
         let (publish, serving) = watch::channel(false);
+        let interrupt = Interruptible::default();
+        let slot = Arc::clone(&interrupt);
         // Built on its own thread: the engine holds a collective, which need not be `Send`.
-        std::thread::Builder::new().name("tessera-engine".into()).spawn(move || Engine::new(config, flag, publish).run(rx))?;
-        Ok(Self { tx, accepting, serving })
+        std::thread::Builder::new().name("tessera-engine".into()).spawn(move || Engine::new(config, flag, publish, slot).run(rx))?;
+        Ok(Self { tx, accepting, serving, interrupt })
     }
 
     /// Whether the engine serves a group (shard loaded, rendezvous done), updated as that
@@ -189,7 +201,12 @@ impl EngineHandle {
         self.call(|r| Command::Release(group, seqs, r)).await?
     }
 
+    /// Leaves the group: first shuts the group's connections, so a step blocked on a peer
+    /// (hung, or cut off) fails at once and the reset is not queued behind it, then resets.
     pub async fn reset(&self) -> Result<()> {
+        if let Some(interrupt) = take_interrupt(&self.interrupt) {
+            interrupt.fire();
+        }
         self.call(Command::Reset).await
     }
 
@@ -237,11 +254,13 @@ struct Engine {
     accepting: Arc<AtomicBool>,
     /// Where [`EngineHandle::serving`] is published.
     serving: watch::Sender<bool>,
+    /// Where the group collective's interrupt is left for the handles.
+    interrupt: Interruptible,
 }
 
 impl Engine {
-    fn new(config: EngineConfig, accepting: Arc<AtomicBool>, serving: watch::Sender<bool>) -> Self {
-        Self { config, state: State::Idle, accepting, serving }
+    fn new(config: EngineConfig, accepting: Arc<AtomicBool>, serving: watch::Sender<bool>, interrupt: Interruptible) -> Self {
+        Self { config, state: State::Idle, accepting, serving, interrupt }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
@@ -279,6 +298,11 @@ impl Engine {
             // the engine), so it is published after each; watchers hear only of changes.
             let serving = matches!(self.state, State::Serving(_) | State::Encoding(_));
             self.serving.send_if_modified(|s| std::mem::replace(s, serving) != serving);
+            // The interrupt holds the collective's connections open: it goes with the group,
+            // so peers see this rank leave when its collective is dropped.
+            if !matches!(self.state, State::Serving(_)) {
+                take_interrupt(&self.interrupt);
+            }
         }
     }
 
@@ -344,6 +368,7 @@ impl Engine {
                 Box::new(TcpCollective::connect(self.tcp_config(a.tp_rank, peers), listener)?)
             }
         };
+        *self.interrupt.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = comm.interrupt();
         let load = LoadConfig {
             dtype: a.dtype,
             quantization: a.quantization,

@@ -74,4 +74,26 @@ pub trait Collective {
     fn as_send(&mut self) -> Option<&mut (dyn Collective + Send)> {
         None
     }
+
+    /// A way to end this communicator's blocking calls from another thread, for a backend
+    /// whose calls can block on a peer (the default: none to end).
+    fn interrupt(&self) -> Option<Interrupt> {
+        None
+    }
+}
+
+/// Ends a communicator's blocking calls from another thread: its connections are shut down, so
+/// a rank blocked on a peer that will never answer (hung, or cut off by the network) fails at
+/// once with [`CollectiveError::PeerLost`] instead of waiting for TCP to give up, minutes
+/// later. The communicator is useless afterwards; this is for leaving a group.
+pub struct Interrupt(Box<dyn Fn() + Send + Sync>);
+
+impl Interrupt {
+    pub fn new(interrupt: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Box::new(interrupt))
+    }
+
+    pub fn fire(&self) {
+        (self.0)()
+    }
 }

@@ -312,3 +312,32 @@ fn bad_configurations_are_rejected() {
     let config = TcpConfig::new(1, vec![listener.local_addr().expect("addr")]);
     assert!(matches!(TcpCollective::connect(config, listener), Err(CollectiveError::InvalidArgument(_))));
 }
+
+/// A rank blocked on a peer that never sends (hung, or cut off by the network) is freed by its
+/// interrupt, fired from another thread: the blocked call fails at once, while the peer is
+/// still connected and silent.
+#[test]
+fn an_interrupt_ends_a_call_blocked_on_a_silent_peer() {
+    let (interrupts, interrupt) = std::sync::mpsc::channel::<tessera_collective::Interrupt>();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let finished = std::sync::Mutex::new(Some(finished));
+    // Fires rank 0's interrupt from outside the rank, as a reset RPC does.
+    let firing = std::thread::spawn(move || interrupt.recv().expect("rank 0's interrupt").fire());
+    let results = on_threads(tcp_configs(2), move |rank, (config, listener)| {
+        let mut comm = TcpCollective::connect(config, listener).expect("connect");
+        if rank == 0 {
+            interrupts.send(comm.interrupt().expect("a TCP group can be interrupted")).expect("hand over");
+            let mut out = [0f32; 4];
+            let blocked = comm.recv(1, &mut out);
+            done.send(()).expect("tell rank 1");
+            blocked.is_err()
+        } else {
+            // Stays connected, sending nothing, until rank 0's call has returned.
+            let finished = finished.lock().expect("lock").take().expect("one silent rank");
+            finished.recv().expect("rank 0 returns");
+            true
+        }
+    });
+    firing.join().expect("fired");
+    assert_eq!(results, vec![true, true], "the blocked receive failed");
+}

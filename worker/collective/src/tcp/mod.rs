@@ -175,6 +175,16 @@ impl Collective for TcpCollective {
         self.mesh.rank
     }
 
+    fn interrupt(&self) -> Option<crate::Interrupt> {
+        let streams: std::io::Result<Vec<std::net::TcpStream>> = self.mesh.links.iter().flatten().map(Link::try_clone_stream).collect();
+        let streams = streams.ok()?;
+        Some(crate::Interrupt::new(move || {
+            for stream in &streams {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }))
+    }
+
     fn world_size(&self) -> usize {
         self.mesh.world
     }
