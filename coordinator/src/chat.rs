@@ -60,6 +60,20 @@ impl ChatTemplate {
         // A template comes with the model files; a hostile or broken one must not spin or fill
         // memory: every render has an instruction budget, and its output a size (`render`).
         env.set_fuel(Some(TEMPLATE_FUEL));
+        // A namespace can be made to hold itself (`{% set ns.x = ns %}`); printing it would
+        // recurse until the stack overflows, which no error handling survives. Printed values
+        // are walked first, with bounded depth and size.
+        env.set_formatter(|out, state, value| {
+            let mut budget = MAX_PRINTED_NODES;
+            if printable(value, 0, &mut budget) {
+                minijinja::escape_formatter(out, state, value)
+            } else {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    format!("the chat template prints a value nested deeper than {MAX_PRINTED_DEPTH} levels, larger than {MAX_PRINTED_NODES} items, or holding itself"),
+                ))
+            }
+        });
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
@@ -103,6 +117,35 @@ impl ChatTemplate {
     }
 }
 
+/// Deepest nesting of a value a template may print (the conversation itself is three deep).
+const MAX_PRINTED_DEPTH: usize = 32;
+/// Most items a printed value may hold, nested ones included.
+const MAX_PRINTED_NODES: usize = 100_000;
+
+/// Whether `value` is nested at most [`MAX_PRINTED_DEPTH`] deep and holds at most `budget`
+/// items: a value that holds itself is neither.
+fn printable(value: &minijinja::Value, depth: usize, budget: &mut usize) -> bool {
+    use minijinja::value::ValueKind;
+    if !matches!(value.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::Iterable | ValueKind::Plain) {
+        return true;
+    }
+    if depth >= MAX_PRINTED_DEPTH {
+        return false;
+    }
+    let Ok(items) = value.try_iter() else { return true };
+    for item in items {
+        if *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        let inner = if value.kind() == ValueKind::Map { value.get_item(&item).unwrap_or_default() } else { item };
+        if !printable(&inner, depth + 1, budget) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Instructions one render may run: a chat of the most messages a request may send takes
 /// well under a hundredth of it with the templates models ship.
 const TEMPLATE_FUEL: u64 = 10_000_000;
@@ -138,6 +181,19 @@ mod tests {
     fn render(template: &str) -> Result<String, ChatError> {
         let hello = [ChatMessage { role: "user".into(), content: "Hello".into() }];
         ChatTemplate::new(template.into(), "<s>".into(), "</s>".into())?.render(&hello, true)
+    }
+
+    /// Found by the fuzz test (seed 2): a namespace made to hold itself, then printed, used to
+    /// recurse until the stack overflowed and took the process down.
+    #[test]
+    fn a_namespace_that_holds_itself_is_an_error_not_a_stack_overflow() {
+        let cyclic = "{% set n = namespace(i=0) %}{% set n.i = n %}{{ n.i }}";
+        let err = render(cyclic).expect_err("a cycle cannot be printed");
+        assert!(err.to_string().contains("holding itself"), "{err}");
+        let deep = "{% set n = namespace(i=0) %}{% for _ in range(40) %}{% set n.i = [n.i] %}{% endfor %}{{ n.i }}";
+        assert!(render(deep).is_err(), "40 levels are more than may be printed");
+        let shallow = "{% set n = namespace(i=0) %}{% for _ in range(3) %}{% set n.i = [n.i] %}{% endfor %}{{ n.i }}";
+        assert_eq!(render(shallow).expect("3 levels print"), "[[[0]]]");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! on every CI run, on the stable toolchain.
 //!
 //! A panic fails the test with the seed, the iteration and the input (hex), so a failure can
-//! be replayed (`TESSERA_FUZZ_SEED`) and its input committed as a regression.
+//! be replayed (`TESSERA_FUZZ_SEED`) and its input committed as a regression. A stack overflow
+//! aborts without a message: `TESSERA_FUZZ_LAST=FILE` keeps the input being tried in `FILE`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -139,6 +140,9 @@ impl Campaign {
         assert!(!corpus.is_empty(), "{}: an empty corpus fuzzes nothing", self.name);
         let mut rng = Rng::new(self.seed);
         let mut accepted = 0;
+        // A stack overflow aborts the process before any panic message: with
+        // `TESSERA_FUZZ_LAST=FILE` each input is written there first, so the last one survives.
+        let last = std::env::var_os("TESSERA_FUZZ_LAST");
         for i in 0..self.inputs + corpus.len() {
             let input = if i < corpus.len() {
                 corpus[i].clone()
@@ -150,6 +154,9 @@ impl Campaign {
                 }
                 input
             };
+            if let Some(path) = &last {
+                let _ = std::fs::write(path, &input);
+            }
             match catch_unwind(AssertUnwindSafe(|| target(&input))) {
                 Ok(ok) => accepted += usize::from(ok),
                 Err(_) => panic!(
