@@ -79,15 +79,7 @@ enum Fault {
 }
 
 fn requests() -> Vec<pb::GenerateRequest> {
-    (0..STREAMS)
-        .map(|i| {
-            let mut r = greedy(prompt(&format!("Chaos story {i} begins")), TOKENS);
-            if i % 2 == 1 {
-                r.sampling = Some(pb::SamplingParams { temperature: Some(0.8), seed: Some(1000 + i), ..Default::default() });
-            }
-            r
-        })
-        .collect()
+    greedy_and_seeded(STREAMS, "Chaos story", TOKENS, 0.8, 1000)
 }
 
 fn ring_request() -> pb::GenerateRequest {

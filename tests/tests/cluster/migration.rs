@@ -12,15 +12,7 @@ const TOKENS: u32 = 1200;
 
 /// Eight greedy and eight seeded streams.
 fn requests() -> Vec<pb::GenerateRequest> {
-    (0..16u64)
-        .map(|i| {
-            let mut r = greedy(prompt(&format!("Story number {i} begins")), TOKENS);
-            if i % 2 == 1 {
-                r.sampling = Some(pb::SamplingParams { temperature: Some(0.9), seed: Some(100 + i), ..Default::default() });
-            }
-            r
-        })
-        .collect()
+    greedy_and_seeded(16, "Story number", TOKENS, 0.9, 100)
 }
 
 /// What one stream gave: its tokens, where it started, and its end.

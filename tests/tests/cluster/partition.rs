@@ -28,15 +28,7 @@ const STREAMS: u64 = 8;
 const TOKENS: u32 = 400;
 
 fn requests() -> Vec<pb::GenerateRequest> {
-    (0..STREAMS)
-        .map(|i| {
-            let mut r = greedy(prompt(&format!("Partitioned story {i}")), TOKENS);
-            if i % 2 == 1 {
-                r.sampling = Some(pb::SamplingParams { temperature: Some(0.9), seed: Some(70 + i), ..Default::default() });
-            }
-            r
-        })
-        .collect()
+    greedy_and_seeded(STREAMS, "Partitioned story", TOKENS, 0.9, 70)
 }
 
 fn holds_sequences(status: &pb::ClusterStatusResponse, id: &str) -> bool {

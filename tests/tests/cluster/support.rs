@@ -205,6 +205,20 @@ pub fn greedy(input: pb::generate_request::Input, max_new_tokens: u32) -> pb::Ge
     }
 }
 
+/// `n` streams of `max_new_tokens` each, on prompts `"{story} {i}"`: even ones greedy, odd
+/// ones sampled at `temperature` with seed `seed + i`, so a fault strikes both kinds.
+pub fn greedy_and_seeded(n: u64, story: &str, max_new_tokens: u32, temperature: f32, seed: u64) -> Vec<pb::GenerateRequest> {
+    (0..n)
+        .map(|i| {
+            let mut r = greedy(prompt(&format!("{story} {i}")), max_new_tokens);
+            if i % 2 == 1 {
+                r.sampling = Some(pb::SamplingParams { temperature: Some(temperature), seed: Some(seed + i), ..Default::default() });
+            }
+            r
+        })
+        .collect()
+}
+
 pub fn tokens(ids: Vec<u32>) -> pb::generate_request::Input {
     pb::generate_request::Input::Tokens(pb::TokenIds { ids })
 }
