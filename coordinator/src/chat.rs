@@ -64,15 +64,17 @@ impl ChatTemplate {
         // recurse until the stack overflows, which no error handling survives. Printed values
         // are walked first, with bounded depth and size.
         env.set_formatter(|out, state, value| {
-            let mut budget = MAX_PRINTED_NODES;
-            if printable(value, 0, &mut budget) {
-                minijinja::escape_formatter(out, state, value)
-            } else {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    format!("the chat template prints a value nested deeper than {MAX_PRINTED_DEPTH} levels, larger than {MAX_PRINTED_NODES} items, or holding itself"),
-                ))
-            }
+            bounded(value)?;
+            minijinja::escape_formatter(out, state, value)
+        });
+        // The filters that write a whole value out, likewise.
+        env.add_filter("tojson", |value: &minijinja::Value, indent: Option<minijinja::Value>, args: minijinja::value::Kwargs| {
+            bounded(value)?;
+            minijinja::filters::tojson(value, indent, args)
+        });
+        env.add_filter("string", |state: &minijinja::State, value: &minijinja::Value| {
+            bounded(value)?;
+            minijinja::filters::string(state, value)
         });
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
@@ -121,6 +123,19 @@ impl ChatTemplate {
 const MAX_PRINTED_DEPTH: usize = 32;
 /// Most items a printed value may hold, nested ones included.
 const MAX_PRINTED_NODES: usize = 100_000;
+
+/// Refuses to write out a value nested too deep, too large, or holding itself.
+fn bounded(value: &minijinja::Value) -> Result<(), minijinja::Error> {
+    let mut budget = MAX_PRINTED_NODES;
+    if printable(value, 0, &mut budget) {
+        Ok(())
+    } else {
+        Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("the chat template writes out a value nested deeper than {MAX_PRINTED_DEPTH} levels, larger than {MAX_PRINTED_NODES} items, or holding itself"),
+        ))
+    }
+}
 
 /// Whether `value` is nested at most [`MAX_PRINTED_DEPTH`] deep and holds at most `budget`
 /// items: a value that holds itself is neither.
@@ -194,6 +209,12 @@ mod tests {
         assert!(render(deep).is_err(), "40 levels are more than may be printed");
         let shallow = "{% set n = namespace(i=0) %}{% for _ in range(3) %}{% set n.i = [n.i] %}{% endfor %}{{ n.i }}";
         assert_eq!(render(shallow).expect("3 levels print"), "[[[0]]]");
+        for filter in ["tojson", "string"] {
+            let cyclic = format!("{{% set n = namespace(i=0) %}}{{% set n.i = n %}}{{{{ n | {filter} }}}}");
+            assert!(render(&cyclic).is_err(), "{filter} of a cycle is an error");
+        }
+        // Unchanged for a value that may be written: as Python's json.dumps writes it.
+        assert_eq!(render("{{ messages | tojson }}").expect("tojson"), r#"[{"role": "user", "content": "Hello"}]"#);
     }
 
     #[test]

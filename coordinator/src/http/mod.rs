@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -170,14 +170,36 @@ async fn route(req: Request<Incoming>, state: &HttpState) -> Response<HttpBody> 
     result.unwrap_or_else(|e| json(e.status, e.to_json()))
 }
 
+/// What is read and dropped of a body past its limit, and for how long, before the 413 goes
+/// out: a server that answers and closes while the client still sends resets the connection,
+/// and the client never sees the answer.
+const MAX_DRAIN_BYTES: usize = 16 << 20;
+const MAX_DRAIN_TIME: Duration = Duration::from_secs(5);
+
 /// Reads a JSON body within the size limit.
 async fn body(req: Request<Incoming>, state: &HttpState) -> Result<Fields, ApiError> {
     let limit = state.max_body_bytes();
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Fields::parse(&collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::body_too_large(limit)),
-        Err(e) => Err(ApiError::invalid(format!("cannot read the request body: {e}"), None)),
+    let mut body = req.into_body();
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}"), None))?;
+        let Ok(data) = frame.into_data() else { continue };
+        if kept.len() + data.len() > limit {
+            let drain = async {
+                let mut drained = 0;
+                while drained < MAX_DRAIN_BYTES {
+                    match body.frame().await {
+                        Some(Ok(frame)) => drained += frame.data_ref().map_or(0, Bytes::len),
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(MAX_DRAIN_TIME, drain).await;
+            return Err(ApiError::body_too_large(limit));
+        }
+        kept.extend_from_slice(&data);
     }
+    Fields::parse(&kept)
 }
 
 async fn post(
