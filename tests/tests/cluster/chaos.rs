@@ -43,23 +43,6 @@ const RING_PROMPT: u32 = 3000;
 const RING_PREFILL_TOKENS: &str = "1500";
 const RING_TOKENS: u32 = 48;
 
-/// A small deterministic generator for the schedule (SplitMix64).
-struct Schedule(u64);
-
-impl Schedule {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     /// SIGKILL a worker, then start it again under its id.
@@ -198,17 +181,17 @@ async fn ring_run(mut client: Client, placed: oneshot::Sender<Vec<String>>) -> R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_under_random_faults_finish_exactly_or_end_unavailable() {
     let seed = std::env::var("TESSERA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261207u64);
-    let mut schedule = Schedule(seed);
+    let mut schedule = tessera_mutate::Rng::new(seed);
     let plan: Vec<(Duration, Fault)> = (0..FAULTS)
         .map(|_| {
-            let pause = Duration::from_millis(1500 + schedule.below(2500));
+            let pause = Duration::from_millis(1500 + schedule.below(2500) as u64);
             let fault = match schedule.below(12) {
                 0 => Fault::EtcdRestart,
                 1 => Fault::LeaderKill,
                 2 => Fault::RingMemberKill,
-                3 => Fault::Partition(Duration::from_millis(1000 + schedule.below(7000))),
-                4..=5 => Fault::Hang(schedule.below(WORKERS as u64) as usize),
-                _ => Fault::Kill(schedule.below(WORKERS as u64) as usize),
+                3 => Fault::Partition(Duration::from_millis(1000 + schedule.below(7000) as u64)),
+                4..=5 => Fault::Hang(schedule.below(WORKERS)),
+                _ => Fault::Kill(schedule.below(WORKERS)),
             };
             (pause, fault)
         })
