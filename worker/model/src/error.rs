@@ -50,6 +50,9 @@ pub enum ModelError {
         #[source]
         source: candle_core::Error,
     },
+    /// A LoRA adapter that does not fit the model, or uses what Tessera does not implement.
+    #[error("adapter {dir} refused: {reason}")]
+    InvalidAdapter { dir: PathBuf, reason: String },
     #[error("unknown sequence {0}")]
     UnknownSequence(u64),
     #[error("invalid batch: {0}")]

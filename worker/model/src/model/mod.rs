@@ -16,6 +16,7 @@ pub(crate) mod kv_cache;
 pub(crate) mod kv_pool;
 pub(crate) mod layer;
 pub(crate) mod linear;
+pub mod lora;
 pub(crate) mod parallel;
 pub(crate) mod prefix_cache;
 pub(crate) mod ring;
@@ -44,6 +45,7 @@ use crate::model::embedding::Embedding;
 use crate::model::kv_cache::{KvCache, KvCacheConfig, KvSpec};
 use crate::model::layer::{AttentionStep, DecoderLayer, LayerStep};
 use crate::model::linear::{Linear, Numerics, Quantization, Weight};
+use crate::model::lora::{Adapter, LoraRows};
 use crate::model::parallel::TpLayout;
 use crate::model::rope::Rope;
 use crate::model::weights::{Checkpoint, Shard};
@@ -230,16 +232,47 @@ impl Model {
     /// logits `[rows, vocab]` as chosen by `mode`. Every rank of the group must make the same
     /// call; all ranks return the same logits.
     pub fn forward(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {
+        self.forward_adapted(batch, &[], kv, comm, mode)
+    }
+
+    /// [`Model::forward`] with LoRA adapters: chunk `i` of `batch` adds `adapters[i]`'s update
+    /// to every product (`None`, or a shorter slice: the base alone). The base products still
+    /// run once for the whole batch.
+    pub fn forward_adapted(
+        &self,
+        batch: &Batch,
+        adapters: &[Option<&Adapter>],
+        kv: &mut KvCache,
+        comm: &mut dyn Collective,
+        mode: LogitsMode,
+    ) -> Result<Tensor> {
         // A CPU pass runs on the model's pool (`pool.rs`) when the collective may be used from
         // another thread meanwhile, as every host backend may.
         if let (Some(pool), Some(comm)) = (&self.pool, comm.as_send()) {
-            return pool.run(|| self.forward_here(batch, kv, comm, mode));
+            return pool.run(|| self.forward_here(batch, adapters, kv, comm, mode));
         }
-        self.forward_here(batch, kv, comm, mode)
+        self.forward_here(batch, adapters, kv, comm, mode)
     }
 
-    fn forward_here(&self, batch: &Batch, kv: &mut KvCache, comm: &mut dyn Collective, mode: LogitsMode) -> Result<Tensor> {
+    /// Loads this rank's share of the PEFT LoRA adapter in `dir` (`lora.rs`), checked against
+    /// this model's shapes.
+    pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<Adapter> {
+        Adapter::load(name, dir, &self.config, &self.layout)
+    }
+
+    fn forward_here(
+        &self,
+        batch: &Batch,
+        adapters: &[Option<&Adapter>],
+        kv: &mut KvCache,
+        comm: &mut dyn Collective,
+        mode: LogitsMode,
+    ) -> Result<Tensor> {
         self.validate(batch)?;
+        if adapters.len() > batch.chunks.len() {
+            return Err(ModelError::InvalidBatch(format!("{} adapters for {} chunks", adapters.len(), batch.chunks.len())));
+        }
+        let lora = LoraRows::new(adapters, batch.chunks.iter().map(|c| c.len));
         for c in batch.chunks {
             kv.prepare(c.seq, c.start, c.start + c.len)?;
         }
@@ -259,7 +292,7 @@ impl Model {
         }
 
         let mut attention = CacheAttention { batch, kv, masks: &masks, numerics: self.numerics };
-        let h = self.run_layers(batch.tokens, &cos, &sin, &mut attention, comm, &mut ws);
+        let h = self.run_layers(batch.tokens, [&cos, &sin], &mut attention, comm, &mut ws, lora.as_ref());
         ws.masks = masks;
         let h = h?;
         let mut offset = 0;
@@ -319,16 +352,17 @@ impl Model {
 
     /// Embeds `tokens` and runs every layer over them; returns the final residual stream normed
     /// by the model's last norm (`[tokens, hidden]`), ready for [`Model::head`]. How attention
-    /// reaches the cache is `attention`'s business. Intermediates live in `ws`, and so may the
-    /// result: it is valid until the workspace's next pass.
+    /// reaches the cache is `attention`'s business; `lora` says which rows add which adapter.
+    /// Intermediates live in `ws`, and so may the result: it is valid until the workspace's next
+    /// pass.
     pub(crate) fn run_layers(
         &self,
         tokens: &[u32],
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: [&Tensor; 2],
         attention: &mut dyn AttentionStep,
         comm: &mut dyn Collective,
         ws: &mut Workspace,
+        lora: Option<&LoraRows>,
     ) -> Result<Tensor> {
         let (n, hidden) = (tokens.len(), self.config.hidden_size);
         let stream = [n, hidden];
@@ -346,7 +380,7 @@ impl Model {
             None => first_norm.forward(&x)?,
         };
         let mut x = x;
-        let mut step = LayerStep { rope: [cos, sin], attention, comm, ws };
+        let mut step = LayerStep { rope, attention, comm, ws, lora };
         for (i, layer) in self.layers.iter().enumerate() {
             let next_norm = self.layers.get(i + 1).map_or(&self.norm, DecoderLayer::input_norm);
             (x, h) = layer.forward(&x, &h, next_norm, &mut step)?;

@@ -164,7 +164,7 @@ impl Model {
         } else {
             let runs = layout.member_runs(member).into_iter().map(|r| (r, prompt_len));
             let (cos, sin) = self.rope_tables(runs, &mut ws)?;
-            Some(self.run_layers(tokens, &cos, &sin, &mut attention, comm.tp, &mut ws)?)
+            Some(self.run_layers(tokens, [&cos, &sin], &mut attention, comm.tp, &mut ws, None)?)
         };
         kv.commit(seq, tokens.len())?;
 
@@ -230,7 +230,7 @@ impl Model {
         let mut ws = self.workspace();
         let (cos, sin) = self.rope_tables(std::iter::once((position..position + 1, position + 1)), &mut ws)?;
         let mut attention = DecodeAttention { sp: &mut *comm.sp, kv: &mut *kv, seq, local_len, append_here, first_visible };
-        let x = self.run_layers(&[token], &cos, &sin, &mut attention, comm.tp, &mut ws)?;
+        let x = self.run_layers(&[token], [&cos, &sin], &mut attention, comm.tp, &mut ws, None)?;
         kv.commit_ring_append(seq, position, on)?;
 
         let last = self.head(&x)?;

@@ -117,6 +117,32 @@ impl Checkpoint {
         Ok(Self { source: Source::Safetensors { files, names }, dir: dir.to_path_buf(), dtype, device: device.clone(), dequantize: false })
     }
 
+    /// Opens one safetensors file (a LoRA adapter's `adapter_model.safetensors`).
+    pub fn open_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        // SAFETY: as in `open`: mapped read-only, and nobody truncates it while it is read.
+        let files =
+            unsafe { MmapedSafetensors::new(path) }.map_err(|source| ModelError::Safetensors { path: path.to_path_buf(), source })?;
+        let names = files.tensors().into_iter().map(|(name, _)| name).collect();
+        let dir = path.to_path_buf();
+        Ok(Self { source: Source::Safetensors { files, names }, dir, dtype, device: device.clone(), dequantize: false })
+    }
+
+    /// Every tensor name of a safetensors checkpoint (none for GGUF).
+    pub fn names(&self) -> Vec<String> {
+        match &self.source {
+            Source::Safetensors { names, .. } => names.iter().cloned().collect(),
+            Source::Gguf(_) => Vec::new(),
+        }
+    }
+
+    /// The shape of safetensors tensor `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.source {
+            Source::Safetensors { files, names } if names.contains(name) => files.get(name).ok().map(|v| v.shape().to_vec()),
+            _ => None,
+        }
+    }
+
     /// Reads projections a GGUF file stores quantized as float tensors of the checkpoint's
     /// dtype instead of keeping their blocks.
     pub fn dequantizing(mut self, dequantize: bool) -> Self {

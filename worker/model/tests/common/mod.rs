@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use candle_core::Tensor;
 use tessera_collective::{Collective, InProcessGroup, SingleRank};
 use tessera_model::fixture::{test_fixtures, write_fixture, FixtureSpec, WriteOptions};
-use tessera_model::{Batch, LoadConfig, LogitsMode, Model, SeqChunk};
+use tessera_model::{Adapter, Batch, LoadConfig, LogitsMode, Model, SeqChunk};
 
 /// Writes every test fixture once per test process and returns the root directory.
 pub fn fixtures_root() -> &'static PathBuf {
@@ -46,9 +46,16 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 
 /// Prefill `prompt`, then `steps` greedy decode steps, on one rank of a group.
 pub fn run_trace(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps: usize) -> Trace {
+    run_trace_adapted(model, comm, prompt, steps, None)
+}
+
+/// [`run_trace`] with a LoRA adapter's update on every product.
+pub fn run_trace_adapted(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps: usize, adapter: Option<&Adapter>) -> Trace {
     let mut kv = model.new_kv_cache();
+    let adapters = [adapter];
     let chunk = [SeqChunk { seq: 7, start: 0, len: prompt.len() }];
-    let logits = model.forward(&Batch { tokens: prompt, chunks: &chunk }, &mut kv, comm, LogitsMode::All).expect("prefill");
+    let logits =
+        model.forward_adapted(&Batch { tokens: prompt, chunks: &chunk }, &adapters, &mut kv, comm, LogitsMode::All).expect("prefill");
     let prefill = rows(&logits);
     // `argmax` skips NaN: a non-finite logit must fail the trace, not pick another token.
     assert!(prefill.iter().flatten().all(|v| v.is_finite()), "a non-finite logit in the prefill");
@@ -57,7 +64,8 @@ pub fn run_trace(model: &Model, comm: &mut dyn Collective, prompt: &[u32], steps
     let mut decode = Vec::with_capacity(steps);
     for i in 0..steps {
         let chunk = [SeqChunk { seq: 7, start: prompt.len() + i, len: 1 }];
-        let logits = model.forward(&Batch { tokens: &[next], chunks: &chunk }, &mut kv, comm, LogitsMode::LastPerChunk).expect("decode");
+        let batch = Batch { tokens: &[next], chunks: &chunk };
+        let logits = model.forward_adapted(&batch, &adapters, &mut kv, comm, LogitsMode::LastPerChunk).expect("decode");
         let row = rows(&logits).remove(0);
         assert!(row.iter().all(|v| v.is_finite()), "a non-finite logit at decode step {i}");
         next = tessera_model::sampler::argmax(&row);
@@ -76,10 +84,20 @@ pub fn run_tp(name: &str, tp: usize, prompt: &[u32], steps: usize) -> Vec<Trace>
 
 /// [`run_tp`] for the model in `dir`, loaded as `base` says (its rank and size are set here).
 pub fn run_tp_loaded(dir: &Path, base: &LoadConfig, tp: usize, prompt: &[u32], steps: usize) -> Vec<Trace> {
+    run_tp_adapted(dir, base, tp, prompt, steps, None)
+}
+
+/// [`run_tp_loaded`] with every rank adding its share of the LoRA adapter in `adapter`.
+pub fn run_tp_adapted(dir: &Path, base: &LoadConfig, tp: usize, prompt: &[u32], steps: usize, adapter: Option<&Path>) -> Vec<Trace> {
+    let run = |model: &Model, comm: &mut dyn Collective| {
+        let adapter = adapter.map(|a| model.load_adapter("test", a).expect("load adapter"));
+        run_trace_adapted(model, comm, prompt, steps, adapter.as_ref())
+    };
     if tp == 1 {
         let model = Model::load(dir, base).expect("load tp=1");
-        return vec![run_trace(&model, &mut SingleRank, prompt, steps)];
+        return vec![run(&model, &mut SingleRank)];
     }
+    let run = &run;
     let comms = InProcessGroup::new(tp);
     std::thread::scope(|s| {
         let handles: Vec<_> = comms
@@ -89,7 +107,7 @@ pub fn run_tp_loaded(dir: &Path, base: &LoadConfig, tp: usize, prompt: &[u32], s
                 let load = LoadConfig { tp_rank: rank, tp_size: tp, ..base.clone() };
                 s.spawn(move || {
                     let model = Model::load(dir, &load).expect("load shard");
-                    run_trace(&model, &mut comm, prompt, steps)
+                    run(&model, &mut comm)
                 })
             })
             .collect();
