@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Served model name (may be omitted when the coordinator serves one model).
     #[arg(long, default_value = "")]
     model: String,
+    /// LoRA adapters the requests name in turn (request i: adapter i mod the count); none: the
+    /// base model. Comma-separated or repeated.
+    #[arg(long = "adapter", value_name = "NAME", value_delimiter = ',')]
+    adapters: Vec<String>,
     /// Requests to send.
     #[arg(long, default_value_t = 64)]
     num_prompts: usize,
@@ -165,13 +169,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let limit = Arc::new(Semaphore::new(args.max_concurrency.unwrap_or(Semaphore::MAX_PERMITS)));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(plan.len());
-    for p in plan {
+    for (i, p) in plan.into_iter().enumerate() {
         tokio::time::sleep_until((start + p.arrival).into()).await;
         let limit = limit.clone();
+        let adapter = if args.adapters.is_empty() { String::new() } else { args.adapters[i % args.adapters.len()].clone() };
         let send: futures_util::future::BoxFuture<'static, Measured> = match &sender {
-            Sender::Grpc(client) => Box::pin(measure(client.clone(), request(&args, p.input, p.output_len))),
+            Sender::Grpc(client) => Box::pin(measure(client.clone(), request(&args, p.input, p.output_len, adapter))),
             Sender::Openai(target) => {
-                let body = crate::bench_http::body(&args.model, &p.input, p.output_len, args.temperature);
+                let model = if adapter.is_empty() { args.model.clone() } else { format!("{}:{adapter}", args.model) };
+                let body = crate::bench_http::body(&model, &p.input, p.output_len, args.temperature);
                 Box::pin(crate::bench_http::measure(target.clone(), body))
             }
         };
@@ -266,7 +272,7 @@ fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<(String, Option<u3
     Ok(out)
 }
 
-fn request(args: &BenchArgs, input: pb::generate_request::Input, output_len: u32) -> pb::GenerateRequest {
+fn request(args: &BenchArgs, input: pb::generate_request::Input, output_len: u32, adapter: String) -> pb::GenerateRequest {
     pb::GenerateRequest {
         model: args.model.clone(),
         input: Some(input),
@@ -274,6 +280,7 @@ fn request(args: &BenchArgs, input: pb::generate_request::Input, output_len: u32
         stopping: Some(pb::StoppingCriteria { max_new_tokens: output_len, ignore_eos: true, ..Default::default() }),
         request_id: String::new(),
         no_prefix_cache: false,
+        adapter,
     }
 }
 

@@ -21,6 +21,9 @@ pub struct GenerateArgs {
     /// Served model name (may be omitted when the coordinator serves one model).
     #[arg(long, default_value = "")]
     model: String,
+    /// A LoRA adapter of the model to generate with (ListModels shows them).
+    #[arg(long, default_value = "")]
+    adapter: String,
     /// 0 = the server's default.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: u32,
@@ -194,6 +197,7 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }),
         request_id: String::new(),
         no_prefix_cache: args.no_prefix_cache,
+        adapter: args.adapter.clone(),
     };
     let mut stream = match client.generate(request).await {
         Ok(r) => r.into_inner(),

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use tessera_coordinator::server::AdapterArg;
 use tessera_coordinator::{ClusterConfig, CoordinatorConfig, Limits, LoopConfig, ModelSpec};
 
 /// One `--model` value: `DIR`, or `NAME=DIR` to name the model.
@@ -29,8 +30,39 @@ impl std::str::FromStr for ModelArg {
     }
 }
 
+/// `--lora [MODEL:]NAME=DIR`: a LoRA adapter served from the start.
+#[derive(Debug, Clone)]
+pub struct LoraArg {
+    pub model: String,
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl std::str::FromStr for LoraArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((named, dir)) = s.split_once('=') else { return Err(format!("{s:?}: expected [MODEL:]NAME=DIR")) };
+        let (model, name) = named.rsplit_once(':').unwrap_or(("", named));
+        if name.is_empty() || dir.is_empty() {
+            return Err(format!("{s:?}: expected [MODEL:]NAME=DIR with NAME and DIR non-empty"));
+        }
+        Ok(Self { model: model.to_string(), name: name.to_string(), dir: PathBuf::from(dir) })
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Serve a PEFT LoRA adapter (a directory with adapter_config.json and
+    /// adapter_model.safetensors, at the same path on every worker) as NAME for the model
+    /// (MODEL:NAME=DIR when several are served). Requests name it in `adapter`, or as
+    /// `model: "BASE:NAME"` over HTTP. Repeat for more.
+    #[arg(long = "lora", value_name = "[MODEL:]NAME=DIR")]
+    pub lora: Vec<LoraArg>,
+    /// Let clients load and unload adapters at run time (LoadAdapter / UnloadAdapter): any
+    /// directory the workers can read may then be named, so only where clients are trusted.
+    #[arg(long)]
+    pub allow_adapter_loading: bool,
     /// Name clients use for the model when one `--model DIR` is served (default: the model
     /// directory's name); name several with `--model NAME=DIR` instead.
     #[arg(long)]
@@ -131,6 +163,11 @@ impl ServeArgs {
         }
         let mut config = self.coordinator_config()?;
         config.models = specs;
+        config.adapters = self
+            .lora
+            .iter()
+            .map(|l| Ok(AdapterArg { model: l.model.clone(), name: l.name.clone(), dir: std::path::absolute(&l.dir)? }))
+            .collect::<anyhow::Result<_>>()?;
         Ok(config)
     }
 
@@ -156,6 +193,7 @@ impl ServeArgs {
         let limits = Limits {
             max_new_tokens: self.max_new_tokens_limit,
             default_max_new_tokens: Limits::default().default_max_new_tokens.min(self.max_new_tokens_limit),
+            allow_adapter_loading: self.allow_adapter_loading,
             ..Limits::default()
         };
         let cluster = ClusterConfig {
@@ -185,7 +223,7 @@ impl ServeArgs {
             }
             None => None,
         };
-        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster, api_tls, api_keys, candidate: "local".into() })
+        Ok(CoordinatorConfig { models: Vec::new(), limits, cluster, api_tls, api_keys, candidate: "local".into(), adapters: Vec::new() })
     }
 }
 

@@ -51,6 +51,9 @@ pub struct UpArgs {
     /// KV cache capacity of each worker, in tokens.
     #[arg(long, default_value_t = 1 << 20)]
     kv_capacity_tokens: u64,
+    /// LoRA adapters each worker holds at most (the least recently used goes first).
+    #[arg(long, default_value_t = 16)]
+    max_adapters: u64,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -217,6 +220,7 @@ async fn spawn_worker(id: &str, args: &UpArgs, threads: usize) -> anyhow::Result
     let mut cmd = Command::new(exe);
     cmd.args(["worker", "--threads", &threads.to_string(), "--listen", "127.0.0.1:0", "--id", id])
         .args(["--kv-capacity-tokens", &args.kv_capacity_tokens.to_string()])
+        .args(["--max-adapters", &args.max_adapters.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -35,6 +35,10 @@ pub struct WorkerArgs {
     /// KV cache capacity of this worker, in tokens over all sequences.
     #[arg(long, default_value_t = 1 << 20)]
     kv_capacity_tokens: u64,
+    /// LoRA adapters held at most; loading one more evicts the least recently used (sequences
+    /// running with it keep it until they end, and it is read again when next asked for).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_adapters: u64,
     /// etcd client URL to register this worker in, e.g. http://10.0.0.2:2379. Repeat it or
     /// separate URLs with commas to name several members. Without it the worker does not register.
     #[arg(long = "etcd", value_name = "URL", value_delimiter = ',')]
@@ -155,6 +159,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         collective_host: args.collective_host,
         kv_capacity_tokens,
         collective_tls: tls.as_ref().map(|t| t.collective.clone()),
+        max_adapters: args.max_adapters as usize,
     };
     let engine = EngineHandle::spawn(config.clone())?;
     let serving = engine.serving();

@@ -21,6 +21,13 @@ pub enum CoordinatorError {
     /// The bounded queue is full, or an API key is over one of its limits; retry later.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The name is taken (a LoRA adapter registered from another directory).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The call is switched off on this coordinator (run-time adapter loading without
+    /// `--allow-adapter-loading`).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A served model's files cannot be used.
     #[error("model {name}: {reason}")]
     Model { name: String, reason: String },
@@ -55,7 +62,8 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Unavailable(_) | CoordinatorError::LeadershipLost(_) => Code::Unavailable,
             CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
             CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
-            CoordinatorError::ModelFailed(_) => Code::FailedPrecondition,
+            CoordinatorError::ModelFailed(_) | CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CoordinatorError::AlreadyExists(_) => Code::AlreadyExists,
             CoordinatorError::Model { .. }
             | CoordinatorError::Config(_)
             | CoordinatorError::Internal(_)

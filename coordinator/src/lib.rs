@@ -18,6 +18,7 @@
 //! * [`chat`] — chat templates; [`model`] — what a served model is; [`error`] — the one mapping
 //!   to gRPC codes.
 
+pub mod adapters;
 pub mod auth;
 pub mod beam;
 pub mod chat;

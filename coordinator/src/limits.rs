@@ -25,6 +25,10 @@ pub struct Limits {
     pub max_embed_inputs: usize,
     /// Bytes of all texts of one `Embed` request together.
     pub max_embed_bytes: usize,
+    /// Whether clients may load and unload LoRA adapters (`LoadAdapter`, `UnloadAdapter`): a
+    /// loaded adapter's directory is read on every worker, so this is the operator's choice
+    /// (`--allow-adapter-loading`), off by default.
+    pub allow_adapter_loading: bool,
 }
 
 impl Default for Limits {
@@ -41,6 +45,7 @@ impl Default for Limits {
             max_dry_breakers: 16,
             max_embed_inputs: 256,
             max_embed_bytes: 1 << 20,
+            allow_adapter_loading: false,
         }
     }
 }

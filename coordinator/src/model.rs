@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 
 use tessera_model_files::{ModelFiles, SamplingDefaults};
 
+use crate::adapters::AdapterRegistry;
 use crate::chat::ChatTemplate;
 use crate::error::CoordinatorError;
 
@@ -63,6 +64,8 @@ pub struct ServedModel {
     pub vocab_size: usize,
     /// `generation_config.json`'s sampling settings, for the fields a request leaves unset.
     pub sampling_defaults: SamplingDefaults,
+    /// LoRA adapters requests may name (`adapters.rs`).
+    pub adapters: AdapterRegistry,
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -148,6 +151,7 @@ impl ServedModel {
             eos,
             vocab_size,
             sampling_defaults,
+            adapters: AdapterRegistry::default(),
         })
     }
 

@@ -7,6 +7,7 @@ use tessera_model_files::SamplingDefaults;
 use tessera_proto::v1 as pb;
 use tessera_proto::worker::Sampling;
 
+use crate::adapters::AdapterEntry;
 use crate::beam::{BeamConfig, EarlyStopping, MAX_BEAMS};
 use crate::chat::{ChatError, ChatMessage};
 use crate::error::{invalid, CoordinatorError};
@@ -43,6 +44,8 @@ pub struct Prepared {
     pub beam: Option<BeamConfig>,
     /// The request opted out of prefix caching on the workers.
     pub no_prefix_cache: bool,
+    /// The LoRA adapter the request generates with.
+    pub adapter: Option<Arc<AdapterEntry>>,
 }
 
 /// The served model a request names. An empty name means the only served model, if there is
@@ -61,13 +64,39 @@ pub fn find_model(models: &[Arc<ServedModel>], name: &str) -> Result<Arc<ServedM
         .ok_or_else(|| CoordinatorError::NotFound(format!("model {name:?} is not served here; served: {}", names(models))))
 }
 
+/// The model and LoRA adapter a request names: `adapter` of `model`, or as OpenAI clients
+/// name one (vLLM's convention), `model: "base:adapter"` or the adapter's name alone when one
+/// model has an adapter of that name. A served model's own name always wins.
+pub fn find_model_and_adapter(
+    models: &[Arc<ServedModel>],
+    model: &str,
+    adapter: &str,
+) -> Result<(Arc<ServedModel>, Option<Arc<AdapterEntry>>), CoordinatorError> {
+    if !adapter.is_empty() || model.is_empty() || models.iter().any(|m| m.name() == model) {
+        let m = find_model(models, model)?;
+        let a = (!adapter.is_empty()).then(|| m.adapters.find(adapter, m.name())).transpose()?;
+        return Ok((m, a));
+    }
+    if let Some((base, adapter)) = model.rsplit_once(':') {
+        let m = find_model(models, base)?;
+        let a = m.adapters.find(adapter, m.name())?;
+        return Ok((m, Some(a)));
+    }
+    let mut owners = models.iter().filter_map(|m| m.adapters.get(model).map(|a| (m.clone(), a)));
+    match (owners.next(), owners.next()) {
+        (Some((m, a)), None) => Ok((m, Some(a))),
+        (Some(_), Some(_)) => Err(invalid(format!("adapter {model:?} belongs to several models; name it as \"base:{model}\""))),
+        (None, _) => find_model(models, model).map(|m| (m, None)),
+    }
+}
+
 fn names(models: &[Arc<ServedModel>]) -> String {
     models.iter().map(|m| format!("{:?}", m.name())).collect::<Vec<_>>().join(", ")
 }
 
 /// Checks every field of `req` against `limits` and the model, and tokenizes its input.
 pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &Limits) -> Result<Prepared, CoordinatorError> {
-    let model = find_model(models, &req.model)?;
+    let (model, adapter) = find_model_and_adapter(models, &req.model, &req.adapter)?;
     if model.kind == ModelKind::Encoder {
         return Err(invalid(format!("model {:?} is an encoder: it serves Embed, not Generate", model.name())));
     }
@@ -86,7 +115,7 @@ pub fn prepare(req: pb::GenerateRequest, models: &[Arc<ServedModel>], limits: &L
     stopping.loop_guard = loop_guard;
     stopping.remove_repeated_sentences = remove_repeated_sentences;
     let no_prefix_cache = req.no_prefix_cache;
-    Ok(Prepared { model, request_id: req.request_id, prompt, sampling, seed_given, stopping, beam, no_prefix_cache })
+    Ok(Prepared { model, request_id: req.request_id, prompt, sampling, seed_given, stopping, beam, no_prefix_cache, adapter })
 }
 
 /// Beam search settings, when asked for (`num_beams` ≥ 2). Beam search is deterministic and

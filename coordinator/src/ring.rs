@@ -210,6 +210,7 @@ async fn move_on(cluster: &Arc<Cluster>, mut req: RingRequest, status: Status) -
                 beam: None,
                 resume: Some(resume),
                 no_prefix_cache: req.no_prefix_cache,
+                adapter: None,
             };
             if let Err(refused) = placement.offer(seq) {
                 let (seq, error) = *refused;

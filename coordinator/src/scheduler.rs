@@ -74,6 +74,8 @@ pub(crate) struct NewSequence {
     pub resume: Option<Resumed>,
     /// The request opted out of the workers' prefix cache.
     pub no_prefix_cache: bool,
+    /// The LoRA adapter the sequence runs with, named on its first step on each group.
+    pub adapter: Option<wpb::AdapterRef>,
 }
 
 /// A sampled sequence's progress, carried to another group when its own is lost.
@@ -211,6 +213,7 @@ struct Running {
     output: SequenceOutput,
     mode: Mode,
     no_prefix_cache: bool,
+    adapter: Option<wpb::AdapterRef>,
 }
 
 impl Running {
@@ -247,8 +250,8 @@ impl Running {
         };
         let next_sampling = Some(resumed_sampling.unwrap_or_else(|| output.base_sampling().clone()));
         let feed = Feed { prefill_len: pending.len() as u32, pending, cached: 0, awaiting: false };
-        let no_prefix_cache = s.no_prefix_cache;
-        Self { seq: s.seq, reserve: s.reserve, feed, next_sampling, deadline: s.deadline, output, mode, no_prefix_cache }
+        let (no_prefix_cache, adapter) = (s.no_prefix_cache, s.adapter);
+        Self { seq: s.seq, reserve: s.reserve, feed, next_sampling, deadline: s.deadline, output, mode, no_prefix_cache, adapter }
     }
 
     /// The request as it would arrive anew, to go on on another group: a sampled sequence with
@@ -263,7 +266,7 @@ impl Running {
                 (s.prompt, None, Some(resume))
             }
         };
-        let no_prefix_cache = self.no_prefix_cache;
+        let (no_prefix_cache, adapter) = (self.no_prefix_cache, self.adapter);
         NewSequence {
             seq: self.seq,
             prompt,
@@ -273,6 +276,7 @@ impl Running {
             beam,
             resume,
             no_prefix_cache,
+            adapter,
         }
     }
 
@@ -351,7 +355,9 @@ impl Running {
         if let (Some(s), Mode::Sampled(m)) = (&sampling, &mut self.mode) {
             m.in_force = wpb::Sampling { resume: None, ..s.clone() };
         }
-        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling, sample: feed.awaiting, no_prefix_cache: self.no_prefix_cache }
+        // The workers read the adapter when a sequence starts (again, after a preemption).
+        let adapter = if start == 0 { self.adapter.clone() } else { None };
+        wpb::SeqStep { seq_id: self.seq, start, tokens, sampling, sample: feed.awaiting, no_prefix_cache: self.no_prefix_cache, adapter }
     }
 
     /// One decode step of every live beam, after its forks.
@@ -372,6 +378,7 @@ impl Running {
                 sampling: None,
                 sample: true,
                 no_prefix_cache: false,
+                adapter: None,
             })
             .collect::<Vec<_>>();
         b.asked = steps.len();

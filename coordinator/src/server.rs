@@ -40,6 +40,17 @@ pub struct CoordinatorConfig {
     pub api_tls: Option<tessera_tls::TlsFiles>,
     /// API keys the client API requires; `None` requires none.
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// LoRA adapters served from the start (`--lora`).
+    pub adapters: Vec<AdapterArg>,
+}
+
+/// A LoRA adapter to serve from the start: `name` read from `dir`, for `model` (empty: the only
+/// decoder, or the first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterArg {
+    pub model: String,
+    pub name: String,
+    pub dir: std::path::PathBuf,
 }
 
 /// A coordinator following the registry, not yet serving gRPC.
@@ -67,6 +78,14 @@ impl Coordinator {
         }
         let tls = config.api_tls.as_ref().map(ApiTls::new).transpose()?;
         let models = config.models.into_iter().map(|spec| ServedModel::load(spec).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        for a in &config.adapters {
+            let model = models
+                .iter()
+                .find(|m| if a.model.is_empty() { m.kind == crate::model::ModelKind::Decoder } else { m.name() == a.model })
+                .ok_or_else(|| CoordinatorError::Config(format!("adapter {:?}: no served decoder {:?}", a.name, a.model)))?;
+            model.adapters.register(&a.name, a.dir.clone()).map_err(|e| CoordinatorError::Config(format!("--lora {}: {e}", a.name)))?;
+            tracing::info!(model = model.name(), adapter = %a.name, dir = %a.dir.display(), "adapter served");
+        }
         tessera_registry::keys::validate_worker_id(&config.candidate)
             .map_err(|e| CoordinatorError::Config(format!("coordinator id: {e}")))?;
         let cluster = Cluster::new(models, config.cluster);

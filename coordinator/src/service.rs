@@ -51,6 +51,25 @@ impl InferenceService {
     }
 }
 
+impl InferenceService {
+    /// The served decoder `name` names (empty: the only model).
+    fn decoder(&self, name: &str) -> Result<Arc<crate::model::ServedModel>, CoordinatorError> {
+        let model = crate::request::find_model(&self.cluster.models, name)?;
+        if model.kind != ModelKind::Decoder {
+            return Err(CoordinatorError::InvalidArgument(format!("model {:?} is an encoder: adapters are for decoders", model.name())));
+        }
+        Ok(model)
+    }
+
+    fn model_index(&self, model: &Arc<crate::model::ServedModel>) -> Result<usize, CoordinatorError> {
+        self.cluster
+            .models
+            .iter()
+            .position(|m| Arc::ptr_eq(m, model))
+            .ok_or_else(|| CoordinatorError::Internal(format!("model {:?} is not in the cluster", model.name())))
+    }
+}
+
 /// The name of the key a call came with, for logs.
 fn key_name(ticket: &Option<Ticket>) -> &str {
     ticket.as_ref().map_or("-", Ticket::name)
@@ -72,6 +91,19 @@ impl Inference for InferenceService {
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
         let beams = prepared.beam.map_or(1, |b| b.num_beams);
         let (route, needs) = self.cluster.place(&prepared.model, &prepared.prompt, prepared.stopping.max_new_tokens, beams)?;
+        if let Some(adapter) = &prepared.adapter {
+            match &route {
+                Route::Ring(_) => {
+                    return Err(CoordinatorError::InvalidArgument(format!(
+                        "adapter {:?}: a prompt this long runs on a sequence-parallel ring, which serves the base model only",
+                        adapter.name
+                    ))
+                    .into())
+                }
+                // Checked against the model by the group's workers before its first request.
+                Route::Group(p) => self.cluster.load_adapter_on(self.model_index(&prepared.model)?, &p.group, adapter).await?,
+            }
+        }
         let seq = self.cluster.next_seqs(beams as u64);
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;
@@ -105,8 +137,10 @@ impl Inference for InferenceService {
                 output.started(request_id.clone(), prompt_tokens, where_);
                 let (prompt, reserve, beam) = (prepared.prompt, needs.kv_tokens, prepared.beam);
                 let no_prefix_cache = prepared.no_prefix_cache;
-                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None, no_prefix_cache })?;
-                tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, key = key_name(&ticket), "generate");
+                let adapter_name = prepared.adapter.as_ref().map_or("-", |a| a.name.as_str()).to_string();
+                let adapter = prepared.adapter.as_ref().map(|a| a.wire());
+                placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None, no_prefix_cache, adapter })?;
+                tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, adapter = %adapter_name, key = key_name(&ticket), "generate");
             }
         }
         Ok(Response::new(MeteredStream::new(UnboundedReceiverStream::new(stream), ticket)))
@@ -135,6 +169,7 @@ impl Inference for InferenceService {
                     repetition_penalty: m.sampling_defaults.repetition_penalty,
                     ..Default::default()
                 }),
+                adapters: m.adapters.list().iter().map(|a| a.info(m.name())).collect(),
             })
             .collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
@@ -154,6 +189,51 @@ impl Inference for InferenceService {
             tracing::info!(key = ticket.name(), inputs = response.embeddings.len(), "embed");
         }
         Ok(Response::new(response))
+    }
+
+    async fn load_adapter(&self, req: Request<pb::LoadAdapterRequest>) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        let ticket = self.admit(&req)?;
+        let req = req.into_inner();
+        if !self.limits.allow_adapter_loading {
+            return Err(CoordinatorError::FailedPrecondition(
+                "loading adapters at run time is switched off on this coordinator (start it with --allow-adapter-loading)".into(),
+            )
+            .into());
+        }
+        let model = self.decoder(&req.model)?;
+        let index = self.model_index(&model)?;
+        let fresh = model.adapters.get(&req.name).is_none();
+        let adapter = model.adapters.register(&req.name, req.dir.into())?;
+        // Every serving group checks it against the model now, so a misfit is refused here
+        // rather than on a request; a group formed later reads it when first asked.
+        if let Err(e) = self.cluster.load_adapter_everywhere(index, &adapter).await {
+            if fresh {
+                model.adapters.remove(&adapter.name);
+                self.cluster.unload_adapter_everywhere(index, &adapter.name).await;
+            }
+            return Err(e.into());
+        }
+        tracing::info!(model = model.name(), adapter = %adapter.name, dir = %adapter.dir.display(), key = key_name(&ticket), "adapter loaded");
+        Ok(Response::new(pb::LoadAdapterResponse { adapter: Some(adapter.info(model.name())) }))
+    }
+
+    async fn unload_adapter(&self, req: Request<pb::UnloadAdapterRequest>) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
+        let ticket = self.admit(&req)?;
+        let req = req.into_inner();
+        if !self.limits.allow_adapter_loading {
+            return Err(CoordinatorError::FailedPrecondition(
+                "unloading adapters at run time is switched off on this coordinator (start it with --allow-adapter-loading)".into(),
+            )
+            .into());
+        }
+        let model = self.decoder(&req.model)?;
+        let index = self.model_index(&model)?;
+        model.adapters.find(&req.name, model.name())?;
+        model.adapters.remove(&req.name);
+        // Requests running with it keep it on the workers until they end.
+        self.cluster.unload_adapter_everywhere(index, &req.name).await;
+        tracing::info!(model = model.name(), adapter = %req.name, key = key_name(&ticket), "adapter unloaded");
+        Ok(Response::new(pb::UnloadAdapterResponse {}))
     }
 
     async fn cluster_status(&self, req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {

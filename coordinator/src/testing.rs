@@ -83,7 +83,17 @@ impl Req {
             None => reserve,
         };
         (
-            NewSequence { seq: self.seq, prompt, reserve, deadline: self.deadline, output, beam, resume: None, no_prefix_cache: false },
+            NewSequence {
+                seq: self.seq,
+                prompt,
+                reserve,
+                deadline: self.deadline,
+                output,
+                beam,
+                resume: None,
+                no_prefix_cache: false,
+                adapter: None,
+            },
             Client { rx },
         )
     }

@@ -29,6 +29,9 @@ pub enum FilesError {
     /// Anything else wrong with the files' content; the message names the file and the key.
     #[error("{0}")]
     Invalid(String),
+    /// A LoRA adapter whose configuration Tessera cannot serve.
+    #[error("adapter {dir} refused: {reason}")]
+    InvalidAdapter { dir: PathBuf, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, FilesError>;

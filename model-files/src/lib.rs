@@ -4,6 +4,7 @@
 //! information. Only headers and small files are read, never tensors: the coordinator uses this
 //! crate to validate and tokenize without a tensor library, the workers to find their weights.
 
+pub mod adapter;
 mod error;
 mod family;
 mod files;

@@ -93,6 +93,7 @@ async fn two_worker_processes_serve_a_tp2_group() {
                 sampling: Some(sampling.clone()),
                 sample: true,
                 no_prefix_cache: false,
+                adapter: None,
             }],
         ),
     )
@@ -109,6 +110,7 @@ async fn two_worker_processes_serve_a_tp2_group() {
             sampling: None,
             sample: true,
             no_prefix_cache: false,
+            adapter: None,
         };
         let t = lockstep(&mut clients, step(group, 1 + i as u64, vec![seq])).await.unwrap();
         greedy.push(t[0].token);
@@ -139,6 +141,7 @@ async fn two_worker_processes_serve_a_tp2_group() {
                 sampling: Some(sampling.clone()),
                 sample: true,
                 no_prefix_cache: false,
+                adapter: None,
             }],
         ),
     )
@@ -158,6 +161,7 @@ async fn two_worker_processes_serve_a_tp2_group() {
                 sampling: Some(sampling.clone()),
                 sample: true,
                 no_prefix_cache: false,
+                adapter: None,
             }],
         ),
     )
@@ -176,6 +180,7 @@ async fn two_worker_processes_serve_a_tp2_group() {
                 sampling: Some(sampling.clone()),
                 sample: true,
                 no_prefix_cache: false,
+                adapter: None,
             }],
         ),
     )

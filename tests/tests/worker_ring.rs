@@ -72,8 +72,15 @@ async fn serving_worker(group: &str) -> (ChildGuard, Client) {
 /// Greedy tokens of `prompt` and `STEPS` decode steps on one worker with plain `Step`s.
 async fn plain_greedy(client: &mut Client, group: &str, prompt: &[u32]) -> Vec<u32> {
     let mut tokens = Vec::with_capacity(STEPS + 1);
-    let mut seq =
-        pb::SeqStep { seq_id: 7, start: 0, tokens: prompt.to_vec(), sampling: Some(greedy()), sample: true, no_prefix_cache: false };
+    let mut seq = pb::SeqStep {
+        seq_id: 7,
+        start: 0,
+        tokens: prompt.to_vec(),
+        sampling: Some(greedy()),
+        sample: true,
+        no_prefix_cache: false,
+        adapter: None,
+    };
     for i in 0..=STEPS {
         let req = pb::StepRequest { group_id: group.into(), step: i as u64, seqs: vec![seq.clone()], ..Default::default() };
         let sampled = client.step(req).await.expect("plain step").into_inner().tokens;
@@ -86,6 +93,7 @@ async fn plain_greedy(client: &mut Client, group: &str, prompt: &[u32]) -> Vec<u
             sampling: None,
             sample: true,
             no_prefix_cache: false,
+            adapter: None,
         };
     }
     client.release(pb::ReleaseRequest { group_id: group.into(), seq_ids: vec![7] }).await.expect("release");

@@ -23,8 +23,10 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::WorkerError;
 
+mod adapters;
 mod ring;
 mod sampling;
+use adapters::Adapters;
 pub use ring::{RingMembership, RingSampled, RingSampling, RingSeqStep, RingWork};
 use sampling::{Pick, SeqSampling};
 
@@ -39,6 +41,15 @@ pub struct EngineConfig {
     pub kv_capacity_tokens: u64,
     /// Mutual TLS on the collective's connections; `None` for plain TCP.
     pub collective_tls: Option<crate::tls::CollectiveTlsFiles>,
+    /// LoRA adapters a serving rank holds at most (`adapters.rs`).
+    pub max_adapters: usize,
+}
+
+/// Where a sequence's LoRA adapter comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterSpec {
+    pub name: String,
+    pub dir: PathBuf,
 }
 
 /// What the coordinator asks a rank to become.
@@ -73,6 +84,8 @@ pub struct SeqWork {
     pub sample: bool,
     /// Whether a new sequence reuses and offers cached KV blocks of equal prefixes.
     pub prefix_caching: PrefixCaching,
+    /// The LoRA adapter a new sequence (`start` 0) runs with; `None`: the base model.
+    pub adapter: Option<AdapterSpec>,
 }
 
 /// One step: forks applied first (`to` becomes a copy of `from`), then one forward over `seqs`.
@@ -105,6 +118,8 @@ pub struct EngineStatus {
     pub kv_blocks: u64,
     pub error: String,
     pub prefix: PrefixStats,
+    /// LoRA adapters held, least recently used first.
+    pub adapters: Vec<String>,
 }
 
 enum Command {
@@ -117,6 +132,8 @@ enum Command {
     /// Sequence-parallel ring membership and steps (`ring.rs`), for the named group.
     Ring(String, ring::RingCommand),
     Embed(String, Vec<Vec<u32>>, oneshot::Sender<Result<Vec<Vec<f32>>>>),
+    LoadAdapter(String, AdapterSpec, oneshot::Sender<Result<u64>>),
+    UnloadAdapter(String, String, oneshot::Sender<Result<()>>),
 }
 
 /// Cloneable handle to the engine thread.
@@ -214,6 +231,16 @@ impl EngineHandle {
         self.call(Command::Status).await
     }
 
+    /// Loads this rank's share of a LoRA adapter; returns the bytes it holds.
+    pub async fn load_adapter(&self, group: String, adapter: AdapterSpec) -> Result<u64> {
+        self.call(|r| Command::LoadAdapter(group, adapter, r)).await?
+    }
+
+    /// Forgets an adapter; sequences running with it finish with it.
+    pub async fn unload_adapter(&self, group: String, name: String) -> Result<()> {
+        self.call(|r| Command::UnloadAdapter(group, name, r)).await?
+    }
+
     /// One vector per input, from a group serving an encoder.
     pub async fn embed(&self, group: String, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
         self.call(|r| Command::Embed(group, inputs, r)).await?
@@ -229,6 +256,8 @@ struct Serving {
     samplers: HashMap<SeqId, SeqSampling>,
     /// The sequence-parallel ring this group's rank belongs to, if any.
     ring: Option<ring::Ring>,
+    /// LoRA adapters held, and the sequences running with them.
+    adapters: Adapters,
 }
 
 /// Inputs an encoder runs through the model at once.
@@ -292,6 +321,19 @@ impl Engine {
                 Command::Ring(group, cmd) => self.ring_command(&group, cmd),
                 Command::Embed(group, inputs, reply) => {
                     let _ = reply.send(self.embed(&group, &inputs));
+                }
+                Command::LoadAdapter(group, adapter, reply) => {
+                    let result =
+                        self.serving(&group, "load an adapter").and_then(|s| s.adapters.load(&s.model, &adapter.name, &adapter.dir));
+                    let _ = reply.send(result.map(|a| a.bytes() as u64));
+                }
+                Command::UnloadAdapter(group, name, reply) => {
+                    let result = self.serving(&group, "unload an adapter").map(|s| {
+                        if s.adapters.unload(&name) {
+                            tracing::info!(adapter = %name, "adapter unloaded");
+                        }
+                    });
+                    let _ = reply.send(result);
                 }
             }
             // Any command may have moved the state (a step that breaks the collective fails
@@ -382,7 +424,8 @@ impl Engine {
         let model = Model::load(&a.model_dir, &load).map_err(WorkerError::loading)?;
         tracing::info!(group = %a.group_id, rank = a.tp_rank, secs = start.elapsed().as_secs_f64(), "shard loaded");
         let kv = model.new_kv_cache_with(self.kv_config(a, &model));
-        Ok(Serving { group_id: a.group_id.clone(), tp_rank: a.tp_rank, model, kv, comm, samplers: HashMap::new(), ring: None })
+        let adapters = Adapters::new(self.config.max_adapters);
+        Ok(Serving { group_id: a.group_id.clone(), tp_rank: a.tp_rank, model, kv, comm, samplers: HashMap::new(), ring: None, adapters })
     }
 
     /// The pool holds the blocks this worker accepts, so that cached blocks nobody uses never
@@ -470,12 +513,16 @@ impl Engine {
         let _entered = span.enter();
         let s = self.serving(group, "step")?;
         check_kv_room(&s.kv, &work, &forks, capacity)?;
+        attach_adapters(s, &work)?;
         apply_forks(s, &forks)?;
-        let reused = reuse_prefixes(&mut s.kv, &work)?;
+        let reused = reuse_prefixes(&mut s.kv, &s.adapters, &work)?;
         let (tokens, chunks) = prepare_samplers(s, &work, &reused);
         span.record("tokens", tokens.len());
         let started = std::time::Instant::now();
-        let result = s.model.forward(&Batch { tokens: &tokens, chunks: &chunks }, &mut s.kv, s.comm.as_mut(), LogitsMode::LastPerChunk);
+        let batch = Batch { tokens: &tokens, chunks: &chunks };
+        // Only a step with an adapted sequence looks up each chunk's adapter.
+        let adapters: Vec<_> = if s.adapters.any_attached() { chunks.iter().map(|c| s.adapters.of(c.seq)).collect() } else { Vec::new() };
+        let result = s.model.forward_adapted(&batch, &adapters, &mut s.kv, s.comm.as_mut(), LogitsMode::LastPerChunk);
         span.record("forward_ms", started.elapsed().as_secs_f64() * 1e3);
         span.record("kv_blocks", s.kv.blocks());
         let logits = match result {
@@ -491,6 +538,7 @@ impl Engine {
                 // blocks they took) are given back, as every rank refuses alike.
                 for w in work.iter().filter(|w| w.start == 0) {
                     s.kv.release(w.seq);
+                    s.adapters.detach(w.seq);
                 }
                 return Err(e.into());
             }
@@ -516,6 +564,7 @@ impl Engine {
         for seq in seqs {
             s.kv.release(*seq);
             s.samplers.remove(seq);
+            s.adapters.detach(*seq);
         }
         Ok(())
     }
@@ -536,6 +585,7 @@ impl Engine {
                 kv_blocks: s.kv.blocks() as u64,
                 error: String::new(),
                 prefix: s.kv.prefix_stats(),
+                adapters: s.adapters.names(),
             },
             State::Encoding(e) => EngineStatus { state, group_id: e.group_id.clone(), ..EngineStatus::default() },
             State::Failed { group_id, error } => {
@@ -576,12 +626,30 @@ fn check_kv_room(kv: &KvCache, work: &[SeqWork], forks: &[(SeqId, SeqId)], capac
 /// Gives each sequence the cached blocks of its longest cached prefix among the tokens it is
 /// fed, and returns per sequence how many of them need no computing. Every rank sees the same
 /// tokens and holds the same cache, so all reuse the same blocks.
-fn reuse_prefixes(kv: &mut KvCache, work: &[SeqWork]) -> Result<Vec<usize>> {
+/// Blocks are shared among sequences of one adapter (or of the base) only.
+fn reuse_prefixes(kv: &mut KvCache, adapters: &Adapters, work: &[SeqWork]) -> Result<Vec<usize>> {
     let mut reused = Vec::with_capacity(work.len());
     for w in work {
-        reused.push(kv.reuse_prefix(w.seq, w.start, &w.tokens, w.prefix_caching)?);
+        let namespace = adapters.of(w.seq).map_or(0, |a| a.identity());
+        reused.push(kv.reuse_prefix_for(w.seq, w.start, &w.tokens, w.prefix_caching, namespace)?);
     }
     Ok(reused)
+}
+
+/// Gives each new sequence that names an adapter that adapter, loading it if this rank does
+/// not hold it (evicted, or asked for before this group formed). Done before anything else of
+/// the step changes, so a refused adapter leaves the step undone.
+fn attach_adapters(s: &mut Serving, work: &[SeqWork]) -> Result<()> {
+    for w in work.iter().filter(|w| w.start == 0) {
+        match &w.adapter {
+            Some(spec) => {
+                let adapter = s.adapters.get_or_load(&s.model, &spec.name, &spec.dir)?;
+                s.adapters.attach(w.seq, adapter);
+            }
+            None => s.adapters.detach(w.seq),
+        }
+    }
+    Ok(())
 }
 
 /// Copies each fork's source sequence (cache and sampler) onto its target.
@@ -594,6 +662,7 @@ fn apply_forks(s: &mut Serving, forks: &[(SeqId, SeqId)]) -> Result<()> {
             .ok_or_else(|| WorkerError::InvalidArgument(format!("fork from sequence {from}, which has no sampler")))?;
         s.kv.fork(from, to)?;
         s.samplers.insert(to, sampling);
+        s.adapters.fork(from, to);
     }
     Ok(())
 }

@@ -39,6 +39,9 @@ pub enum WorkerError {
     /// Another rank of the ring refused a ring step; every rank refused it, nothing changed.
     #[error("ring step refused by member(s) {members:?} of the ring; nothing was computed")]
     RingRefused { members: Vec<usize> },
+    /// A LoRA adapter that cannot be read or does not fit the model; the group is unaffected.
+    #[error("{0}")]
+    Adapter(Box<ModelError>),
     /// A decoder call on an encoder group or the reverse (e.g. `Step` on a BERT encoder).
     #[error("group {group:?} serves {loaded}, which cannot {action}")]
     WrongModelKind { group: String, loaded: &'static str, action: &'static str },
@@ -53,6 +56,11 @@ impl WorkerError {
             e => Self::Load(Box::new(e)),
         }
     }
+
+    /// An adapter's loading error: the client's to fix, whatever it is.
+    pub fn adapter(e: ModelError) -> Self {
+        Self::Adapter(Box::new(e))
+    }
 }
 
 impl From<WorkerError> for tonic::Status {
@@ -63,7 +71,7 @@ impl From<WorkerError> for tonic::Status {
                 Code::FailedPrecondition
             }
             WorkerError::RingRefused { .. } => Code::Aborted,
-            WorkerError::InvalidArgument(_) | WorkerError::WrongModelKind { .. } => Code::InvalidArgument,
+            WorkerError::InvalidArgument(_) | WorkerError::WrongModelKind { .. } | WorkerError::Adapter(_) => Code::InvalidArgument,
             WorkerError::KvExhausted { .. } => Code::ResourceExhausted,
             WorkerError::Collective(_) | WorkerError::EngineGone | WorkerError::NotAccepting => Code::Unavailable,
             WorkerError::Model(ModelError::InvalidBatch(_) | ModelError::UnknownSequence(_) | ModelError::SequenceTooLong { .. }) => {

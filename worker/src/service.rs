@@ -118,6 +118,7 @@ impl Worker for WorkerService {
             prefix_hits: s.prefix.hits,
             prefix_hit_tokens: s.prefix.hit_tokens,
             prefix_evictions: s.prefix.evictions,
+            adapters: s.adapters,
         }))
     }
 
@@ -152,6 +153,19 @@ impl Worker for WorkerService {
         let vectors = self.engine.embed(group, wire::embed_inputs(req)).await?;
         Ok(Response::new(wire::embeddings(vectors)))
     }
+
+    async fn load_adapter(&self, req: Request<pb::LoadAdapterRequest>) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        let req = req.into_inner();
+        let adapter = wire::adapter(req.adapter)?.ok_or_else(|| WorkerError::InvalidArgument("LoadAdapter needs an adapter".into()))?;
+        let bytes = self.engine.load_adapter(req.group_id, adapter).await?;
+        Ok(Response::new(pb::LoadAdapterResponse { bytes }))
+    }
+
+    async fn unload_adapter(&self, req: Request<pb::UnloadAdapterRequest>) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
+        let req = req.into_inner();
+        self.engine.unload_adapter(req.group_id, req.name).await?;
+        Ok(Response::new(pb::UnloadAdapterResponse {}))
+    }
 }
 
 #[cfg(test)]
@@ -160,7 +174,7 @@ mod tests {
     use tonic::Code;
 
     fn service() -> WorkerService {
-        let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens: 1024, collective_tls: None };
+        let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens: 1024, collective_tls: None, max_adapters: 8 };
         let engine = EngineHandle::spawn(config.clone()).expect("spawn the engine thread");
         WorkerService::new("w-test".into(), engine, config)
     }

@@ -9,7 +9,7 @@ use tessera_model::sampler::{DryParams, SamplingParams};
 use tessera_model::{Numerics, PrefixCaching, Quantization};
 use tessera_proto::worker as pb;
 
-use crate::engine::{Assignment, Sampled, SeqWork, StepWork};
+use crate::engine::{AdapterSpec, Assignment, Sampled, SeqWork, StepWork};
 use crate::error::WorkerError;
 
 pub mod ring;
@@ -103,6 +103,7 @@ fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
     };
     Ok(SeqWork {
         prefix_caching: if s.no_prefix_cache { PrefixCaching::Off } else { PrefixCaching::On },
+        adapter: adapter(s.adapter)?,
         seq: s.seq_id,
         start: s.start as usize,
         tokens: s.tokens,
@@ -112,6 +113,21 @@ fn seq_work(s: pb::SeqStep) -> Result<SeqWork, WorkerError> {
         resume,
         sample: s.sample,
     })
+}
+
+/// Longest adapter name and directory accepted (the coordinator's own limits are lower).
+const MAX_ADAPTER_NAME: usize = 256;
+const MAX_ADAPTER_DIR: usize = 4096;
+
+/// An adapter reference, checked; `None` when absent.
+pub fn adapter(a: Option<pb::AdapterRef>) -> Result<Option<AdapterSpec>, WorkerError> {
+    let Some(a) = a else { return Ok(None) };
+    if a.name.is_empty() || a.name.len() > MAX_ADAPTER_NAME || a.dir.is_empty() || a.dir.len() > MAX_ADAPTER_DIR {
+        return Err(WorkerError::InvalidArgument(format!(
+            "an adapter needs a name of 1 to {MAX_ADAPTER_NAME} bytes and a directory of 1 to {MAX_ADAPTER_DIR} bytes"
+        )));
+    }
+    Ok(Some(AdapterSpec { name: a.name, dir: a.dir.into() }))
 }
 
 pub fn sampled(s: Sampled) -> pb::SampledToken {
@@ -185,6 +201,7 @@ mod tests {
             sampling,
             sample: true,
             no_prefix_cache: false,
+            adapter: None,
         };
         let steps = [
             pb::StepRequest {

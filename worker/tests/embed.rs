@@ -16,7 +16,7 @@ fn workspace_root() -> PathBuf {
 }
 
 fn service() -> WorkerService {
-    let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens: 4096, collective_tls: None };
+    let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens: 4096, collective_tls: None, max_adapters: 8 };
     let engine = EngineHandle::spawn(config.clone()).expect("spawn the engine thread");
     WorkerService::new("w-embed".into(), engine, config)
 }

@@ -15,7 +15,7 @@ use tonic::{Code, Request};
 async fn serving(group: &str, kv_capacity_tokens: u64) -> (WorkerService, tempfile::TempDir) {
     let root = tempfile::tempdir().expect("temp dir");
     let dir = write_fixture(&demo(), root.path(), &WriteOptions::default()).expect("write the demo model");
-    let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens, collective_tls: None };
+    let config = EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens, collective_tls: None, max_adapters: 8 };
     let engine = EngineHandle::spawn(config.clone()).expect("spawn the engine thread");
     let service = WorkerService::new(format!("w-{group}"), engine, config);
     let assign = pb::AssignRequest {
@@ -32,7 +32,7 @@ async fn serving(group: &str, kv_capacity_tokens: u64) -> (WorkerService, tempfi
 }
 
 fn seq_step(seq_id: u64, start: u32, tokens: Vec<u32>, sampling: Option<pb::Sampling>) -> pb::SeqStep {
-    pb::SeqStep { seq_id, start, tokens, sampling, sample: true, no_prefix_cache: false }
+    pb::SeqStep { seq_id, start, tokens, sampling, sample: true, no_prefix_cache: false, adapter: None }
 }
 
 async fn step(service: &WorkerService, group: &str, seqs: Vec<pb::SeqStep>) -> Result<Vec<pb::SampledToken>, tonic::Status> {

@@ -44,8 +44,13 @@ async fn ring(capacities: [u64; 2]) -> Vec<EngineHandle> {
     let mut engines = Vec::new();
     let mut peers = Vec::new();
     for (m, kv_capacity_tokens) in capacities.into_iter().enumerate() {
-        let engine = EngineHandle::spawn(EngineConfig { collective_host: "127.0.0.1".into(), kv_capacity_tokens, collective_tls: None })
-            .expect("spawn");
+        let engine = EngineHandle::spawn(EngineConfig {
+            collective_host: "127.0.0.1".into(),
+            kv_capacity_tokens,
+            collective_tls: None,
+            max_adapters: 8,
+        })
+        .expect("spawn");
         let assignment = Assignment {
             group_id: group(m),
             model_dir: fixture_dir().to_path_buf(),

@@ -31,6 +31,7 @@ use crate::placement::GroupView;
 use crate::prefix_affinity::PrefixIndex;
 use crate::scheduler::{LoopConfig, NewSequence};
 
+mod adapters;
 mod formation;
 mod membership;
 mod routing;

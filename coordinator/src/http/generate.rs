@@ -19,14 +19,14 @@ use super::openai::{Endpoint, GenerateCall};
 use super::response::{ChatChoice, CompletionChoice, Ending, Envelope, Head, Message, TokenText, Usage};
 use super::sse::{self, ChoiceStream, Streamer};
 use super::{HttpBody, HttpState};
-use crate::request::find_model;
+use crate::request::find_model_and_adapter;
 
 type CoreStream = crate::auth::MeteredStream;
 
 /// Serves one completions or chat request.
 pub async fn generate(state: &HttpState, call: GenerateCall, authorization: Option<&HeaderValue>) -> Result<Reply, ApiError> {
     // The core resolves the name again; this lookup is for the tokenizer and the reply's name.
-    let model = find_model(&state.cluster.models, &call.model).map_err(|e| ApiError::from(Status::from(e)))?;
+    let (model, adapter) = find_model_and_adapter(&state.cluster.models, &call.model, "").map_err(|e| ApiError::from(Status::from(e)))?;
     let (prefix, object) = match call.endpoint {
         Endpoint::Completions => ("cmpl", "text_completion"),
         Endpoint::Chat => ("chatcmpl", if call.stream { "chat.completion.chunk" } else { "chat.completion" }),
@@ -35,7 +35,8 @@ pub async fn generate(state: &HttpState, call: GenerateCall, authorization: Opti
         id: format!("{prefix}-{}", super::ids::request_id()),
         object,
         created: super::ids::unix_seconds(),
-        model: model.name().to_string(),
+        // An adapter's reply names it as asked ("base:adapter" or the adapter), as vLLM's does.
+        model: if adapter.is_some() { call.model.clone() } else { model.name().to_string() },
         system_fingerprint: state.fingerprint(model.name()),
     };
     // OpenAI samples at temperature 1 unless told otherwise; a model's generation_config.json

@@ -237,25 +237,36 @@ struct ModelCard {
     owned_by: &'static str,
     /// vLLM's field: the longest sequence (prompt + completion) the model takes.
     max_model_len: u32,
+    /// vLLM's fields for a LoRA adapter, listed as `base:adapter`: its base model, and the
+    /// model itself for a base.
+    root: String,
+    parent: Option<String>,
 }
 
 /// `GET /v1/models` (every served model, from the core's `ListModels`), or one by name.
 async fn models(state: &HttpState, name: Option<&str>, authorization: Option<&HeaderValue>) -> Result<Response<HttpBody>, ApiError> {
     let list = state.service.list_models(with_authorization(pb::ListModelsRequest {}, authorization)).await?.into_inner();
-    let card = |m: pb::ModelInfo| ModelCard {
-        id: m.name,
+    let card = |id: String, m: &pb::ModelInfo, parent: Option<String>| ModelCard {
+        id,
         object: "model",
         created: state.started,
         owned_by: "tessera",
         max_model_len: m.max_context,
+        root: m.name.clone(),
+        parent,
     };
+    // Each model, then its adapters as `base:adapter`.
+    let cards = list.models.iter().flat_map(|m| {
+        std::iter::once(card(m.name.clone(), m, None))
+            .chain(m.adapters.iter().map(|a| card(format!("{}:{}", m.name, a.name), m, Some(m.name.clone()))))
+    });
     let text = match name {
         None => {
-            let data: Vec<ModelCard> = list.models.into_iter().map(card).collect();
+            let data: Vec<ModelCard> = cards.collect();
             serde_json::to_string(&serde_json::json!({"object": "list", "data": data}))
         }
-        Some(name) => match list.models.into_iter().find(|m| m.name == name) {
-            Some(m) => serde_json::to_string(&card(m)),
+        Some(name) => match cards.into_iter().find(|c| c.id == name) {
+            Some(c) => serde_json::to_string(&c),
             None => {
                 let mut e = ApiError::not_found(format!("model {name:?} is not served here"));
                 e.code = Some("model_not_found");

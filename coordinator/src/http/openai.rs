@@ -198,6 +198,8 @@ impl GenerateCall {
                     stopping: Some(self.stopping.clone()),
                     request_id: format!("{request_id}-{index}"),
                     no_prefix_cache: false,
+                    // `model: "base:adapter"` names an adapter (`request::find_model`).
+                    adapter: String::new(),
                 });
             }
         }

@@ -2,6 +2,7 @@
 //! where the test is about etcd.
 
 mod abandoned;
+mod adapters;
 mod api_keys;
 mod beams;
 mod chaos;

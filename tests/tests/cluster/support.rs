@@ -202,6 +202,7 @@ pub fn greedy(input: pb::generate_request::Input, max_new_tokens: u32) -> pb::Ge
         stopping: Some(pb::StoppingCriteria { max_new_tokens, ignore_eos: true, ..Default::default() }),
         request_id: String::new(),
         no_prefix_cache: false,
+        adapter: String::new(),
     }
 }
 

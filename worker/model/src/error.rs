@@ -81,6 +81,7 @@ impl From<tessera_model_files::FilesError> for ModelError {
             F::Json { path, source } => Self::ConfigJson { path, source },
             F::UnsupportedArchitecture(a) => Self::UnsupportedArchitecture(a),
             F::UnsupportedRopeType(r) => Self::UnsupportedRopeType(r),
+            F::InvalidAdapter { dir, reason } => Self::InvalidAdapter { dir, reason },
             other => Self::InvalidConfig(other.to_string()),
         }
     }

@@ -79,8 +79,12 @@ struct Chain {
 }
 
 impl Chain {
-    fn root() -> Self {
-        Self { hash: ROOT, pending: [0; KV_BLOCK_TOKENS], filled: 0 }
+    /// The chain's start for sequences of `namespace`: 0 for the base model, else a LoRA
+    /// adapter's identity, so that blocks computed with one adapter are never found by a sequence
+    /// of another or of the base (their keys and values differ).
+    fn root(namespace: u64) -> Self {
+        let hash = if namespace == 0 { ROOT } else { block_hash(ROOT, &[u32::MAX; KV_BLOCK_TOKENS], namespace) };
+        Self { hash, pending: [0; KV_BLOCK_TOKENS], filled: 0 }
     }
 }
 
@@ -321,12 +325,19 @@ impl KvCache {
     /// `start`), always leaving at least the last token to compute. Returns the tokens reused:
     /// the caller feeds only `tokens[reused..]`, from `start + reused`.
     pub fn reuse_prefix(&mut self, seq: SeqId, start: usize, tokens: &[u32], caching: PrefixCaching) -> Result<usize> {
+        self.reuse_prefix_for(seq, start, tokens, caching, 0)
+    }
+
+    /// [`KvCache::reuse_prefix`] for a sequence of `namespace`: 0 for the base model, or the
+    /// identity of the LoRA adapter it runs with (`Adapter::identity`); blocks are shared within
+    /// a namespace only.
+    pub fn reuse_prefix_for(&mut self, seq: SeqId, start: usize, tokens: &[u32], caching: PrefixCaching, namespace: u64) -> Result<usize> {
         let Self { config, pool, seqs, .. } = self;
         let entry = match seqs.entry(seq) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(_) if start != 0 => return Err(ModelError::UnknownSequence(seq)),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let chain = (config.prefix_cache && caching == PrefixCaching::On).then(Chain::root);
+                let chain = (config.prefix_cache && caching == PrefixCaching::On).then(|| Chain::root(namespace));
                 e.insert(SeqKv { len: 0, table: Vec::new(), ring: None, chain })
             }
         };
@@ -363,10 +374,11 @@ impl KvCache {
 
     /// Makes room for `seq` to reach `new_len` tokens, creating it if `start == 0`. The caller
     /// promises that `start` is where this forward call writes, which must be the current length.
-    pub(crate) fn prepare(&mut self, seq: SeqId, start: usize, new_len: usize) -> Result<()> {
+    /// A new sequence's blocks are named in `namespace` ([`KvCache::reuse_prefix_for`]).
+    pub(crate) fn prepare(&mut self, seq: SeqId, start: usize, new_len: usize, namespace: u64) -> Result<()> {
         match self.len(seq) {
             None if start == 0 => {
-                let chain = self.config.prefix_cache.then(Chain::root);
+                let chain = self.config.prefix_cache.then(|| Chain::root(namespace));
                 self.seqs.insert(seq, SeqKv { len: 0, table: Vec::new(), ring: None, chain });
             }
             None => return Err(ModelError::UnknownSequence(seq)),
@@ -630,8 +642,25 @@ mod tests {
     /// Fills `seq` with `tokens` as a forward call would (room, then the commit), without
     /// computing keys.
     fn feed(kv: &mut KvCache, seq: SeqId, start: usize, tokens: &[u32]) {
-        kv.prepare(seq, start, start + tokens.len()).unwrap();
+        kv.prepare(seq, start, start + tokens.len(), 0).unwrap();
         kv.commit_tokens(seq, start, tokens).unwrap();
+    }
+
+    /// Blocks computed with a LoRA adapter are found by sequences of that adapter only: another
+    /// adapter's and the base's keys differ for the same tokens.
+    #[test]
+    fn an_adapters_blocks_are_shared_within_its_namespace_only() {
+        let mut kv = cache(None);
+        let prompt: Vec<u32> = (0..40).collect();
+        kv.prepare(1, 0, 40, 7).unwrap();
+        kv.commit_tokens(1, 0, &prompt).unwrap();
+        assert_eq!(kv.reuse_prefix_for(2, 0, &prompt, PrefixCaching::On, 7).unwrap(), 32, "same adapter");
+        assert_eq!(kv.reuse_prefix_for(3, 0, &prompt, PrefixCaching::On, 8).unwrap(), 0, "another adapter");
+        assert_eq!(kv.reuse_prefix(4, 0, &prompt, PrefixCaching::On).unwrap(), 0, "the base");
+        feed(&mut kv, 5, 0, &prompt);
+        assert_eq!(kv.reuse_prefix(6, 0, &prompt, PrefixCaching::On).unwrap(), 32, "the base's own blocks");
+        assert_eq!(kv.reuse_prefix_for(9, 0, &prompt, PrefixCaching::On, 7).unwrap(), 32, "still the adapter's");
+        kv.check().unwrap();
     }
 
     #[test]
@@ -664,7 +693,7 @@ mod tests {
         feed(&mut kv, 1, 0, &prompt);
         feed(&mut kv, 2, 0, &prompt[..16]);
         // A call that made room for 32 more tokens of sequence 2, then failed before its commit.
-        kv.prepare(2, 16, 48).unwrap();
+        kv.prepare(2, 16, 48, 0).unwrap();
         assert_eq!(kv.seq_blocks(2), 3);
         assert_eq!(kv.reuse_prefix(2, 16, &prompt[16..], PrefixCaching::On).unwrap(), 16);
         assert_eq!(kv.seqs[&2].table[1], kv.seqs[&1].table[1], "the reused block follows the sequence's own");
@@ -680,7 +709,7 @@ mod tests {
         assert_eq!(kv.pool_counts().cached, 2);
         feed(&mut kv, 2, 0, &(50..98).collect::<Vec<u32>>());
         assert_eq!(kv.prefix_stats().evictions, 2);
-        assert!(matches!(kv.prepare(3, 0, 1), Err(ModelError::KvFull { blocks: 3 })));
+        assert!(matches!(kv.prepare(3, 0, 1, 0), Err(ModelError::KvFull { blocks: 3 })));
         kv.check().unwrap();
     }
 }

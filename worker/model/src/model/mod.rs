@@ -273,8 +273,9 @@ impl Model {
             return Err(ModelError::InvalidBatch(format!("{} adapters for {} chunks", adapters.len(), batch.chunks.len())));
         }
         let lora = LoraRows::new(adapters, batch.chunks.iter().map(|c| c.len));
-        for c in batch.chunks {
-            kv.prepare(c.seq, c.start, c.start + c.len)?;
+        for (i, c) in batch.chunks.iter().enumerate() {
+            let namespace = adapters.get(i).copied().flatten().map_or(0, Adapter::identity);
+            kv.prepare(c.seq, c.start, c.start + c.len, namespace)?;
         }
 
         let mut ws = self.workspace();
