@@ -12,9 +12,17 @@ use std::hash::{Hash, Hasher};
 
 use tessera_proto::KV_BLOCK_TOKENS;
 
-/// The hash chain of `prompt`'s full blocks for `model`: entry `i` names blocks `0..=i`.
-pub(crate) fn prompt_blocks(model: usize, prompt: &[u32]) -> Vec<u64> {
-    let mut parent = model as u64;
+/// The hash chain of `prompt`'s full blocks for `model` and the LoRA adapter the request uses
+/// (whose blocks the workers keep apart from the base's): entry `i` names blocks `0..=i`.
+pub(crate) fn prompt_blocks(model: usize, adapter: Option<&str>, prompt: &[u32]) -> Vec<u64> {
+    let mut parent = match adapter {
+        None => model as u64,
+        Some(name) => {
+            let mut h = DefaultHasher::new();
+            (model, name).hash(&mut h);
+            h.finish()
+        }
+    };
     prompt
         .chunks_exact(KV_BLOCK_TOKENS as usize)
         .map(|block| {
@@ -100,12 +108,14 @@ mod tests {
     #[test]
     fn a_prefix_is_found_on_the_group_it_went_to_until_it_is_pushed_out() {
         let system: Vec<u32> = (0..64).collect();
-        let a = prompt_blocks(0, &[&system[..], &[100; 20]].concat());
-        let b = prompt_blocks(0, &[&system[..], &[200; 20]].concat());
+        let a = prompt_blocks(0, None, &[&system[..], &[100; 20]].concat());
+        let b = prompt_blocks(0, None, &[&system[..], &[200; 20]].concat());
         assert_eq!(a.len(), 5);
         assert_eq!(a[..4], b[..4], "a shared prefix, block for block");
         assert_ne!(a[4], b[4]);
-        assert_ne!(prompt_blocks(1, &system), b[..4], "another model");
+        assert_ne!(prompt_blocks(1, None, &system), b[..4], "another model");
+        assert_ne!(prompt_blocks(0, Some("sql"), &system), b[..4], "an adapter");
+        assert_ne!(prompt_blocks(0, Some("sql"), &system), prompt_blocks(0, Some("legal"), &system), "another adapter");
         let mut index = PrefixIndex::new(8);
         index.record(7, &a);
         assert_eq!(index.cached_tokens(7, &b), 64);
@@ -113,9 +123,9 @@ mod tests {
         assert_eq!(index.cached_tokens(8, &b), 0, "another group");
         // Eight more blocks of another prompt push the oldest of `a` out; the chain then
         // breaks at its first block.
-        index.record(7, &prompt_blocks(0, &[5; 128]));
+        index.record(7, &prompt_blocks(0, None, &[5; 128]));
         assert_eq!(index.cached_tokens(7, &b), 0);
         index.forget(7);
-        assert_eq!(index.cached_tokens(7, &prompt_blocks(0, &[5; 128])), 0);
+        assert_eq!(index.cached_tokens(7, &prompt_blocks(0, None, &[5; 128])), 0);
     }
 }

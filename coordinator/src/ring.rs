@@ -170,7 +170,7 @@ async fn move_on(cluster: &Arc<Cluster>, mut req: RingRequest, status: Status) -
     let mut serving = cluster.serving_groups();
     let route = loop {
         serving.borrow_and_update();
-        match cluster.place(&req.model, &context, remaining, 1) {
+        match cluster.place(&req.model, None, &context, remaining, 1) {
             Ok((route, _)) => break route,
             Err(e) => {
                 let changed = tokio::select! {

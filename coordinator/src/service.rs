@@ -90,7 +90,9 @@ impl Inference for InferenceService {
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
         let beams = prepared.beam.map_or(1, |b| b.num_beams);
-        let (route, needs) = self.cluster.place(&prepared.model, &prepared.prompt, prepared.stopping.max_new_tokens, beams)?;
+        let adapter_name = prepared.adapter.as_ref().map(|a| a.name.as_str());
+        let (route, needs) =
+            self.cluster.place(&prepared.model, adapter_name, &prepared.prompt, prepared.stopping.max_new_tokens, beams)?;
         if let Some(adapter) = &prepared.adapter {
             match &route {
                 Route::Ring(_) => {

@@ -216,8 +216,22 @@ mod tests {
                 seqs: vec![seq(7, 0, vec![4; 40], Some(pb::Sampling::default()))],
                 forks: Vec::new(),
             },
+            pb::StepRequest {
+                group_id: "g1".into(),
+                step: 5,
+                seqs: vec![pb::SeqStep {
+                    adapter: Some(pb::AdapterRef { name: "sql".into(), dir: "/adapters/sql".into() }),
+                    ..seq(8, 0, vec![5; 20], Some(pb::Sampling::default()))
+                }],
+                forks: Vec::new(),
+            },
         ];
         run("step request", &steps, |req| step_work(req).is_ok());
+        let loads = [pb::LoadAdapterRequest {
+            group_id: "g1".into(),
+            adapter: Some(pb::AdapterRef { name: "legal-v2".into(), dir: "/adapters/legal".into() }),
+        }];
+        run("load adapter request", &loads, |req| adapter(req.adapter).is_ok_and(|a| a.is_some()));
         let assigns = [
             pb::AssignRequest {
                 group_id: "g1".into(),

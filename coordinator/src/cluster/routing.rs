@@ -125,6 +125,7 @@ impl Cluster {
     pub(crate) fn place(
         &self,
         model: &ServedModel,
+        adapter: Option<&str>,
         prompt: &[u32],
         max_new_tokens: u32,
         num_beams: usize,
@@ -133,7 +134,7 @@ impl Cluster {
         let index = self.servable_index(&state, model)?;
         let request = PlacementRequest::new(index, prompt.len(), max_new_tokens, num_beams);
         let blocks = match self.config.prefix_affinity_margin {
-            Some(_) => prompt_blocks(index, prompt),
+            Some(_) => prompt_blocks(index, adapter, prompt),
             None => Vec::new(),
         };
         let policy =
