@@ -61,6 +61,16 @@ impl InferenceService {
         Ok(model)
     }
 
+    /// Run-time adapter changes are the operator's choice (`--allow-adapter-loading`).
+    fn adapter_changes_allowed(&self, what: &str) -> Result<(), CoordinatorError> {
+        if self.limits.allow_adapter_loading {
+            return Ok(());
+        }
+        Err(CoordinatorError::FailedPrecondition(format!(
+            "{what} adapters at run time is switched off on this coordinator (start it with --allow-adapter-loading)"
+        )))
+    }
+
     fn model_index(&self, model: &Arc<crate::model::ServedModel>) -> Result<usize, CoordinatorError> {
         self.cluster
             .models
@@ -196,12 +206,7 @@ impl Inference for InferenceService {
     async fn load_adapter(&self, req: Request<pb::LoadAdapterRequest>) -> Result<Response<pb::LoadAdapterResponse>, Status> {
         let ticket = self.admit(&req)?;
         let req = req.into_inner();
-        if !self.limits.allow_adapter_loading {
-            return Err(CoordinatorError::FailedPrecondition(
-                "loading adapters at run time is switched off on this coordinator (start it with --allow-adapter-loading)".into(),
-            )
-            .into());
-        }
+        self.adapter_changes_allowed("loading")?;
         let model = self.decoder(&req.model)?;
         let index = self.model_index(&model)?;
         let fresh = model.adapters.get(&req.name).is_none();
@@ -222,12 +227,7 @@ impl Inference for InferenceService {
     async fn unload_adapter(&self, req: Request<pb::UnloadAdapterRequest>) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
         let ticket = self.admit(&req)?;
         let req = req.into_inner();
-        if !self.limits.allow_adapter_loading {
-            return Err(CoordinatorError::FailedPrecondition(
-                "unloading adapters at run time is switched off on this coordinator (start it with --allow-adapter-loading)".into(),
-            )
-            .into());
-        }
+        self.adapter_changes_allowed("unloading")?;
         let model = self.decoder(&req.model)?;
         let index = self.model_index(&model)?;
         model.adapters.find(&req.name, model.name())?;

@@ -4,9 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use candle_core::DType;
 use tessera_model::sampler::{DryParams, SamplingParams};
-use tessera_model::{Numerics, PrefixCaching, Quantization};
+use tessera_model::{Numerics, PrefixCaching};
 use tessera_proto::worker as pb;
 
 use crate::engine::{AdapterSpec, Assignment, Sampled, SeqWork, StepWork};
@@ -20,15 +19,9 @@ const MAX_TP: u32 = 256;
 pub fn assignment(req: pb::AssignRequest) -> Result<Assignment, WorkerError> {
     // A quantized format names how the projections are stored; everything else (embeddings,
     // norms, activations, KV cache) stays f32.
-    let (dtype, quantization) = match req.dtype.as_str() {
-        "" | "f32" => (DType::F32, None),
-        "bf16" => (DType::BF16, None),
-        "f16" => (DType::F16, None),
-        other => match Quantization::from_name(other) {
-            Some(q) => (DType::F32, Some(q)),
-            None => return Err(WorkerError::InvalidArgument(format!("unknown dtype {other:?}"))),
-        },
-    };
+    let name = if req.dtype.is_empty() { "f32" } else { req.dtype.as_str() };
+    let (dtype, quantization) =
+        tessera_model::weight_format(name).ok_or_else(|| WorkerError::InvalidArgument(format!("unknown dtype {:?}", req.dtype)))?;
     if req.tp_size == 0 || req.tp_size > MAX_TP || req.tp_rank >= req.tp_size {
         return Err(WorkerError::InvalidArgument(format!("rank {} of tp {} (max {MAX_TP})", req.tp_rank, req.tp_size)));
     }
@@ -147,6 +140,8 @@ pub fn embeddings(vectors: Vec<Vec<f32>>) -> pb::EmbedResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
+    use tessera_model::Quantization;
 
     fn assign(dtype: &str) -> Result<Assignment, WorkerError> {
         assignment(pb::AssignRequest { dtype: dtype.into(), tp_size: 1, ..Default::default() })

@@ -10,9 +10,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::DType;
 use tessera_collective::SingleRank;
-use tessera_model::{sampler::argmax, Adapter, Batch, LoadConfig, LogitsMode, Model, Quantization, SeqChunk};
+use tessera_model::{sampler::argmax, Adapter, Batch, LoadConfig, LogitsMode, Model, SeqChunk};
 
 const BATCH: usize = 16;
 const PROMPT: usize = 64;
@@ -59,15 +58,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let Some(dir) = args.first().map(PathBuf::from) else { anyhow::bail!("usage: lora MODEL_DIR [DTYPE] [ROUNDS]") };
     let dtype_name = args.get(1).map(String::as_str).unwrap_or("f32");
-    let (dtype, quantization) = match dtype_name {
-        "f32" => (DType::F32, None),
-        "bf16" => (DType::BF16, None),
-        "f16" => (DType::F16, None),
-        other => match Quantization::from_name(other) {
-            Some(q) => (DType::F32, Some(q)),
-            None => anyhow::bail!("unknown dtype {other}"),
-        },
-    };
+    let Some((dtype, quantization)) = tessera_model::weight_format(dtype_name) else { anyhow::bail!("unknown dtype {dtype_name}") };
     let rounds: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(5);
     let model = Model::load(&dir, &LoadConfig { dtype, quantization, ..LoadConfig::default() })?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

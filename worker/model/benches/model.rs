@@ -12,10 +12,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::DType;
 use tessera_collective::SingleRank;
 use tessera_model::fixture::counting::{Allocated, Counting};
-use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, Numerics, Quantization, SeqChunk};
+use tessera_model::{sampler::argmax, Batch, LoadConfig, LogitsMode, Model, Numerics, SeqChunk};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -104,15 +103,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let dir = PathBuf::from(args.first().map(String::as_str).unwrap_or("/opt/peers/ckpt/smol135-f32"));
     let dtype_name = args.get(1).map(String::as_str).unwrap_or("f32");
-    let (dtype, quantization) = match dtype_name {
-        "f32" => (DType::F32, None),
-        "bf16" => (DType::BF16, None),
-        "f16" => (DType::F16, None),
-        other => match Quantization::from_name(other) {
-            Some(q) => (DType::F32, Some(q)),
-            None => anyhow::bail!("unknown dtype {other}"),
-        },
-    };
+    let Some((dtype, quantization)) = tessera_model::weight_format(dtype_name) else { anyhow::bail!("unknown dtype {dtype_name}") };
     let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
     // Optional: "prefill" or "decode" alone, for profiling one phase.
     let only = args.get(3).map(String::as_str);

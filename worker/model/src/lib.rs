@@ -31,7 +31,7 @@ pub use model::config;
 pub use model::config::{Architecture, ModelConfig, RopeScaling};
 pub use model::kv_cache::{blocks_for, KvCache, KvCacheConfig, PrefixCaching, RingPlacement, SeqId, KV_BLOCK_TOKENS};
 pub use model::kv_pool::PoolCounts;
-pub use model::linear::{Numerics, Quantization};
+pub use model::linear::{weight_format, Numerics, Quantization};
 pub use model::lora::{read_adapter_config, Adapter, AdapterConfig, LORA_TARGETS, MAX_LORA_RANK};
 pub use model::parallel::TpLayout;
 pub use model::prefix_cache::PrefixStats;

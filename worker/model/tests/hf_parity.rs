@@ -6,36 +6,20 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
+use common::Golden;
+
 use tessera_model::fixture::{prompt_ids, test_fixtures};
 
 const TOLERANCE: f32 = 1e-4;
 
-struct Golden {
-    meta: HashMap<String, String>,
-    prompt: Vec<u32>,
-    prefill: Vec<Vec<f32>>,
-    greedy: Vec<u32>,
-    decode: Vec<Vec<f32>>,
-}
-
 fn golden(name: &str) -> Golden {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden").join(format!("{name}.safetensors"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("golden header");
-    let meta = header.metadata().clone().unwrap_or_default();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).expect("golden tensors");
-    let ids = |k: &str| -> Vec<u32> { tensors[k].to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect() };
-    let rows = |k: &str| -> Vec<Vec<f32>> { tensors[k].to_vec2::<f32>().unwrap() };
-    Golden { prompt: ids("prompt_ids"), prefill: rows("prefill_logits"), greedy: ids("greedy_ids"), decode: rows("decode_logits"), meta }
+    common::read_golden(&common::golden_root().join(format!("{name}.safetensors")))
 }
 
 fn sha256_hex(path: PathBuf) -> String {
-    let digest = Sha256::digest(std::fs::read(&path).expect("fixture file"));
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    common::sha256_hex(&path)
 }
 
 #[test]

@@ -10,8 +10,9 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::{sha256_hex, Golden};
+
 use candle_core::{DType, Tensor};
-use sha2::{Digest, Sha256};
 use tessera_collective::{Collective, InProcessGroup, SingleRank};
 use tessera_model::fixture::{max_rel_diff, prompt_ids};
 use tessera_model::{Adapter, Batch, LoadConfig, LogitsMode, Model, ModelError, Numerics, SeqChunk};
@@ -28,34 +29,15 @@ const ADAPTERS: [(&str, &str); 5] = [
 ];
 
 fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/lora")
+    common::golden_root().join("lora")
 }
 
 fn adapter_dir(name: &str) -> PathBuf {
     golden_dir().join(name)
 }
 
-struct Golden {
-    meta: HashMap<String, String>,
-    prompt: Vec<u32>,
-    prefill: Vec<Vec<f32>>,
-    greedy: Vec<u32>,
-    decode: Vec<Vec<f32>>,
-}
-
 fn golden(name: &str) -> Golden {
-    let path = golden_dir().join(format!("{name}.safetensors"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("golden header");
-    let meta = header.metadata().clone().unwrap_or_default();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).expect("golden tensors");
-    let ids = |k: &str| -> Vec<u32> { tensors[k].to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect() };
-    let rows = |k: &str| -> Vec<Vec<f32>> { tensors[k].to_vec2::<f32>().unwrap() };
-    Golden { prompt: ids("prompt_ids"), prefill: rows("prefill_logits"), greedy: ids("greedy_ids"), decode: rows("decode_logits"), meta }
-}
-
-fn sha256_hex(path: &Path) -> String {
-    Sha256::digest(std::fs::read(path).expect("file to hash")).iter().map(|b| format!("{b:02x}")).collect()
+    common::read_golden(&golden_dir().join(format!("{name}.safetensors")))
 }
 
 /// Every adapter at TP=1 against PEFT: all prompt positions, 32 cached decode steps, the tokens.

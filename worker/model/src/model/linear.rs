@@ -141,6 +141,17 @@ impl std::fmt::Display for Quantization {
     }
 }
 
+/// The model dtype and on-load quantization a weight format name asks for: `f32`, `bf16` or
+/// `f16`, or a [`Quantization`] name (projections quantized, everything else f32).
+pub fn weight_format(name: &str) -> Option<(DType, Option<Quantization>)> {
+    match name {
+        "f32" => Some((DType::F32, None)),
+        "bf16" => Some((DType::BF16, None)),
+        "f16" => Some((DType::F16, None)),
+        other => Quantization::from_name(other).map(|q| (DType::F32, Some(q))),
+    }
+}
+
 /// The weight matrix of a projection, `[out, in]`.
 #[derive(Debug, Clone)]
 pub enum Weight {

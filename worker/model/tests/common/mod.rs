@@ -126,3 +126,34 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         })
         .fold(0f32, f32::max)
 }
+
+/// A golden reference written by `scripts/golden/make_golden.py` or `make_lora_golden.py`.
+pub struct Golden {
+    pub meta: std::collections::HashMap<String, String>,
+    pub prompt: Vec<u32>,
+    pub prefill: Vec<Vec<f32>>,
+    pub greedy: Vec<u32>,
+    pub decode: Vec<Vec<f32>>,
+}
+
+/// Reads the golden at `path` (under `tests/golden/`).
+pub fn read_golden(path: &Path) -> Golden {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("golden header");
+    let meta = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).expect("golden tensors");
+    let ids = |k: &str| -> Vec<u32> { tensors[k].to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect() };
+    let rows = |k: &str| -> Vec<Vec<f32>> { tensors[k].to_vec2::<f32>().unwrap() };
+    Golden { prompt: ids("prompt_ids"), prefill: rows("prefill_logits"), greedy: ids("greedy_ids"), decode: rows("decode_logits"), meta }
+}
+
+/// The directory of the committed goldens.
+pub fn golden_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden")
+}
+
+/// SHA-256 of a file, as the golden scripts record it.
+pub fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).expect("file to hash")).iter().map(|b| format!("{b:02x}")).collect()
+}
