@@ -76,3 +76,50 @@ async fn a_replaced_certificate_is_served_from_the_next_connection() {
     assert_eq!(served_certificate(addr, &first).await, der(&second));
     assert_ne!(der(&second), first_der);
 }
+
+/// A TCP connection to `addr` from the loopback address `source`.
+async fn connect_from(source: &str, addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{source}:0").parse().expect("source address")).expect("bind the source address");
+    socket.connect(addr).await.expect("connect")
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_handshake_slot() {
+    let ca = TestCa::new(&scratch("per-peer"), "cluster").expect("CA");
+    let files = ca.leaf("server").expect("leaf");
+    let tls = Arc::new(ServerTls::new(&files, &[ALPN_H2]).expect("server TLS"));
+    // Eight slots in all; two per address once four are taken. Stalled handshakes would hold
+    // theirs for a minute, so anything refused below is refused by the caps, not the deadline.
+    let config = AcceptConfig {
+        handshake_timeout: Duration::from_secs(60),
+        max_handshakes: 8,
+        max_handshakes_per_peer: 2,
+        ..AcceptConfig::new("test")
+    };
+    let addr = serve(tls, config).await;
+    // While fewer than half the slots are taken, one address may take more than its share.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(connect_from("127.0.0.2", addr).await);
+    }
+    // Half are taken now: the fifth from the same address is closed at once.
+    let mut fifth = connect_from("127.0.0.2", addr).await;
+    let start = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(PATIENCE, fifth.read(&mut byte)).await.expect("the fifth connection from one address must be closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(start.elapsed() < Duration::from_secs(60), "closed by the deadline, not the per-address cap");
+    // Connections are taken in order, so the first four were decided before the fifth was
+    // closed: each is still open, waiting for its handshake.
+    for (i, socket) in stalled.iter().enumerate() {
+        let open = matches!(socket.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        assert!(open, "stalled connection {i} was closed, though fewer than half the slots were taken when it came");
+    }
+    // Another address still gets a slot.
+    let served = tokio::time::timeout(PATIENCE, served_certificate(addr, &files))
+        .await
+        .expect("a client from another address completes its handshake");
+    assert!(!served.is_empty());
+    drop(stalled);
+}
