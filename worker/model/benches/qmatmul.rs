@@ -71,7 +71,8 @@ fn measure(quant: GgmlDType, iters: usize, shapes: &[(&str, usize, usize)]) -> a
             } else if quant == GgmlDType::Q8_0 && rows <= 16 {
                 gbs(per_product(n, || q8_0_matvec_t(&x, data, out, inp).map(drop))?)
             } else if quant == GgmlDType::Q8_0 && tessera_model::kernels::gemm::q8::available() {
-                let secs = per_product(n, || q8_0_gemm_t(&x, data, out, inp).map(drop))?;
+                // Rows past 16 (a decode batch) take the GEMM, as in a decode step.
+                let secs = per_product(n, || q8_0_gemm_t(&x, data, out, inp, 16).map(drop))?;
                 let macs = (rows * out * inp) as f64;
                 format!("ours {:>8.1} µs {:>5.1} Gmac/s", secs * 1e6, macs / secs / 1e9)
             } else {

@@ -230,3 +230,41 @@ fn stored_q4_1_weights_follow_llama_cpp() {
     assert!(compared >= 80, "only {compared} positions compared");
     assert!(disagreements.is_empty(), "(position, llama.cpp, tessera, margin): {disagreements:?}");
 }
+
+/// A prompt's last logits are the same bits whether it is prefilled whole, after a cached
+/// prefix (whole 16-token blocks, then a suffix no longer than a decode batch), or in chunks of
+/// whole blocks: a greedy answer must not change with the state of the prefix cache. On the
+/// Q4_1 weights as stored and dequantized. (Chunks of other lengths, which chunked prefill may
+/// cut, are not held to the same bits.)
+#[test]
+fn a_cached_prefix_leaves_the_prompts_logits_unchanged() {
+    let case = golden().cases.iter().find(|c| c.chat).expect("a chat case");
+    let prompt = &case.prompt_ids;
+    // The prefix cache hands out whole blocks and always leaves the last token to compute.
+    let cached = (prompt.len() - 1) / 16 * 16;
+    assert!(cached > 0 && prompt.len() - cached <= 16, "{} tokens", prompt.len());
+    for (label, load) in [("q4_1", LoadConfig::default()), ("dequantized", dequantized())] {
+        let model = Model::load(&smollm2_gguf(), &load).expect("load");
+        let last = |splits: &[usize]| -> Vec<f32> {
+            let mut kv = model.new_kv_cache();
+            let mut start = 0;
+            let mut logits = Vec::new();
+            for &end in splits.iter().chain([&prompt.len()]) {
+                let chunk = [SeqChunk { seq: 0, start, len: end - start }];
+                let batch = Batch { tokens: &prompt[start..end], chunks: &chunk };
+                logits = model
+                    .forward(&batch, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)
+                    .expect("forward")
+                    .to_vec2::<f32>()
+                    .expect("logits")
+                    .remove(0);
+                start = end;
+            }
+            logits
+        };
+        let whole = last(&[]);
+        assert!(last(&[cached]) == whole, "{label}: after a cached {cached}-token prefix");
+        assert!(last(&[16]) == whole, "{label}: after a cached 16-token prefix");
+        assert!(last(&[16, cached]) == whole, "{label}: in chunks of 16, 16 and the rest");
+    }
+}

@@ -429,7 +429,7 @@ mod tests {
                 let fused = fused.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
                 for (i, &len) in lens.iter().enumerate() {
                     let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().contiguous().unwrap();
-                    let mask = ChunkMask::new(len - 1, 1, windows[i], &Device::Cpu).unwrap();
+                    let mask = ChunkMask::new(len - 1, 1, windows[i]);
                     let (k, v) = (caches[i].0.narrow(1, 0, len).unwrap(), caches[i].1.narrow(1, 0, len).unwrap());
                     let qi = q.narrow(0, q_row(i), 1).unwrap();
                     let reference = attend(&f32s(&qi), &f32s(&k), &f32s(&v), &mask).unwrap().to_vec2::<f32>().unwrap();

@@ -482,8 +482,8 @@ mod tests {
     fn masked_softmax_equals_the_tensor_ops() {
         let (kv_heads, group, len, kv_len) = (2, 3, 7, 20);
         let scores = random(&[kv_heads, group * len, kv_len], 11);
-        let mask = crate::model::attention::ChunkMask::new(kv_len - len, len, Some(9), &Device::Cpu).unwrap();
-        let mask = mask.tensor().expect("a prefill chunk has a mask").clone();
+        let mask = crate::model::attention::ChunkMask::new(kv_len - len, len, Some(9));
+        let mask = mask.tensor(len, kv_len, &Device::Cpu).unwrap().expect("a prefill chunk has a mask");
         for with_mask in [true, false] {
             let m = with_mask.then_some(&mask);
             let masked = match m {

@@ -8,6 +8,7 @@
 //! and how the process heap keeps their buffers. Each kernel declines (`None`) what it cannot do, and the model then takes candle's
 //! tensor ops; the quantized ones are public for the `qmatmul` bench.
 
+pub(crate) mod blocked_attention;
 pub(crate) mod decode_attention;
 pub(crate) mod elem;
 pub(crate) mod exp;

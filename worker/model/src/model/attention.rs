@@ -13,87 +13,110 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{ModelError, Result};
+use crate::kernels::blocked_attention::blocked_attention;
+pub(crate) use crate::kernels::blocked_attention::Causal;
 use crate::kernels::decode_attention::{self, Cached, DecodeRow};
 use crate::kernels::elem::Dest;
 use crate::model::kv_cache::KvCache;
 use crate::model::layer::{AttentionStep, LayerSlot};
-use crate::model::linear::Numerics;
+use crate::model::linear::{Numerics, StepRows};
 use crate::Batch;
 
-/// Which keys the queries of one chunk see. A chunk of several queries gets an additive mask
-/// `[chunk_len, kv_len]` (0 or −∞); a single query (decode) sees a run of keys, all of them or
-/// the last `window`, and keeps only where that run starts.
-#[derive(Default)]
+/// Which keys the queries of one chunk see: causally, the queries at positions
+/// `start..start + len` see keys `0..=` their own position, the last `window` of them when set;
+/// [`ChunkMask::default`] lets every query see every key. Nothing is stored per key: the CPU
+/// path masks from positions (`kernels/blocked_attention.rs`), other devices build the additive
+/// mask when they need it.
+#[derive(Default, Clone, Copy)]
 pub struct ChunkMask {
-    tensor: Option<Tensor>,
-    /// The first key a single query sees.
-    first_key: usize,
+    causal: Option<CausalChunk>,
+}
+
+#[derive(Clone, Copy)]
+struct CausalChunk {
+    start: usize,
+    len: usize,
+    window: Option<usize>,
 }
 
 impl ChunkMask {
     /// Mask for `len` queries at positions `start..start + len` attending to keys `0..start + len`,
     /// limited to the last `window` positions (inclusive of the query's own) when set.
-    pub fn new(start: usize, len: usize, window: Option<usize>, device: &Device) -> Result<Self> {
-        let total = start + len;
-        if len == 1 {
-            return Ok(Self { tensor: None, first_key: total.saturating_sub(window.unwrap_or(total)) });
+    pub fn new(start: usize, len: usize, window: Option<usize>) -> Self {
+        Self { causal: Some(CausalChunk { start, len, window }) }
+    }
+
+    /// The first key of `kv_len` a single query sees (0 for a chunk of several, whose mask
+    /// covers the rest).
+    fn first_key(&self, kv_len: usize) -> usize {
+        match self.causal {
+            Some(c) if c.len == 1 => {
+                let total = c.start + 1;
+                total.saturating_sub(c.window.unwrap_or(total)).min(kv_len)
+            }
+            _ => 0,
         }
-        let mut mask = Vec::with_capacity(len * total);
+    }
+
+    /// The sliding window, if any.
+    fn window(&self) -> Option<usize> {
+        self.causal.and_then(|c| c.window)
+    }
+
+    /// The additive mask `[len, kv_len]` (0 or −∞) for `len` queries that are the last of
+    /// `kv_len` positions; `None` when every query sees every key.
+    pub(crate) fn tensor(&self, len: usize, kv_len: usize, device: &Device) -> Result<Option<Tensor>> {
+        let Some(c) = self.causal else { return Ok(None) };
+        let start = kv_len - len;
+        let mut mask = Vec::with_capacity(len * kv_len);
         for i in 0..len {
             let q_pos = start + i;
-            for k_pos in 0..total {
-                let visible = k_pos <= q_pos && window.is_none_or(|w| q_pos - k_pos < w);
+            for k_pos in 0..kv_len {
+                let visible = k_pos <= q_pos && c.window.is_none_or(|w| q_pos - k_pos < w);
                 mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
             }
         }
-        Ok(Self { tensor: Some(Tensor::from_vec(mask, (len, total), device)?), first_key: 0 })
-    }
-
-    /// The first key of `kv_len` a single query sees (0 for a chunk of several, which its mask
-    /// covers).
-    fn first_key(&self, kv_len: usize) -> usize {
-        self.first_key.min(kv_len)
+        Ok(Some(Tensor::from_vec(mask, (len, kv_len), device)?))
     }
 }
 
-#[cfg(test)]
-impl ChunkMask {
-    /// The mask, if the chunk needs one.
-    pub(crate) fn tensor(&self) -> Option<&Tensor> {
-        self.tensor.as_ref()
-    }
-}
-
-/// Query rows per block of a long chunk. Each block attends only to the keys up to its own last
-/// position, so a long prompt skips most of the masked half of the score matrix, and each
-/// block's scores stay small enough for the caches (a 512-token chunk's full scores are 9 MB).
+/// Query rows per block of a long chunk on devices other than the CPU. Each block attends only
+/// to the keys up to its own last position, so a long prompt skips most of the masked half of
+/// the score matrix.
 const QUERY_BLOCK: usize = 128;
 
 /// `q`: `[len, heads, head_dim]` (already rotated); `keys`, `values`: `[kv_heads, kv_len, head_dim]`
 /// where the chunk's own keys are the last `len`. Returns `[len, heads * head_dim]`.
 pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> Result<Tensor> {
+    let (len, heads, head_dim) = q.dims3()?;
     let kv_len = keys.dim(1)?;
-    let first = mask.first_key(kv_len);
-    if first > 0 {
+    if len == 1 {
+        // One query sees a run of keys: the product needs no mask.
+        let first = mask.first_key(kv_len);
         let seen = |t: &Tensor| t.narrow(1, first, kv_len - first);
-        return attend(q, &seen(keys)?, &seen(values)?, &ChunkMask::default());
+        return attend_block(q, &seen(keys)?, &seen(values)?, None);
     }
     let dtype = q.dtype();
-    if q.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
-        // candle's CPU half-precision GEMM is several times slower than its f32 GEMM, and these
-        // operands (one chunk's queries, one sequence's cache) are small next to the weights:
-        // widen them once, here, rather than per query block.
-        let wide = |t: &Tensor| t.to_dtype(DType::F32);
-        return Ok(attend_blocks(&wide(q)?, &wide(keys)?, &wide(values)?, mask)?.to_dtype(dtype)?);
+    if q.device().is_cpu() {
+        // Half-precision operands are widened once (candle's CPU half GEMM is several times
+        // slower than f32, and these are small next to the weights), then attended in blocks.
+        let wide = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+        let positions: Vec<usize> = (0..kv_len).collect();
+        // Without a causal mask the queries sit after every key, so they see them all.
+        let first_query = if mask.causal.is_some() { kv_len - len } else { kv_len };
+        let causal = Causal { first_query, key_positions: &positions, window: mask.window() };
+        if let Some(done) = blocked_attention(&wide(q)?, &wide(keys)?, &wide(values)?, &causal)? {
+            return Ok(Tensor::from_vec(done.out, (len, heads * head_dim), q.device())?.to_dtype(dtype)?);
+        }
     }
-    attend_blocks(q, keys, values, mask)
+    attend_blocks(q, keys, values, mask.tensor(len, kv_len, q.device())?.as_ref())
 }
 
-/// [`attend`] in the inputs' own type.
-fn attend_blocks(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> Result<Tensor> {
+/// [`attend`] in query blocks, with the chunk's full additive mask.
+fn attend_blocks(q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (len, kv_len) = (q.dim(0)?, keys.dim(1)?);
-    let Some(m) = mask.tensor.as_ref().filter(|_| len > QUERY_BLOCK) else {
-        return attend_block(q, keys, values, mask.tensor.as_ref());
+    let Some(m) = mask.filter(|_| len > QUERY_BLOCK) else {
+        return attend_block(q, keys, values, mask);
     };
     let start = kv_len - len;
     let mut blocks = Vec::with_capacity(len.div_ceil(QUERY_BLOCK));
@@ -223,6 +246,23 @@ pub fn attend_partial(q: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&
     Ok(Partial { o: o.reshape((heads, len, head_dim))?, lse: lse.reshape((heads, len, 1))? })
 }
 
+/// [`attend_partial`] with visibility given by positions (a ring block's run), through the
+/// blocked kernel on the CPU; `None` on other devices, which take [`attend_partial`] with the
+/// run's mask.
+pub(crate) fn attend_partial_blocked(q: &Tensor, keys: &Tensor, values: &Tensor, causal: &Causal) -> Result<Option<Partial>> {
+    let (len, heads, head_dim) = q.dims3()?;
+    if !q.device().is_cpu() {
+        return Ok(None);
+    }
+    if len == 0 || keys.dim(1)? == 0 {
+        return Ok(Some(Partial::empty(heads, len, head_dim, q.device())?));
+    }
+    let wide = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+    let Some(done) = blocked_attention(&wide(q)?, &wide(keys)?, &wide(values)?, causal)? else { return Ok(None) };
+    let o = Tensor::from_vec(done.out, (len, heads, head_dim), q.device())?.transpose(0, 1)?.contiguous()?;
+    Ok(Some(Partial { o, lse: Tensor::from_vec(done.lse, (heads, len, 1), q.device())? }))
+}
+
 /// Attention of a batch's chunks against their sequences' caches on one rank: what
 /// `Model::forward` runs at every tensor-parallel size.
 pub struct CacheAttention<'a> {
@@ -236,6 +276,14 @@ pub struct CacheAttention<'a> {
 }
 
 impl AttentionStep for CacheAttention<'_> {
+    fn rows(&self) -> StepRows {
+        if self.batch.chunks.iter().any(|c| c.len > 1) {
+            StepRows::Prefill
+        } else {
+            StepRows::Decode
+        }
+    }
+
     fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, dest: Option<&Dest>) -> Result<Tensor> {
         // The model builds masks for every window its layers use.
         let Some((_, masks)) = self.masks.iter().find(|(w, _)| *w == layer.window) else {
@@ -345,19 +393,67 @@ mod tests {
         (random((5, 4, 8), 1), random((2, 12, 8), 2), random((2, 12, 8), 3))
     }
 
-    /// A chunk longer than a query block, after 50 cached positions, with and without a sliding
-    /// window: the blocked path equals one product over every key with the full mask.
+    /// `max |a − b| / max |b|` over all elements.
+    fn relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale: f32 = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        max_diff(a, b) / scale
+    }
+
+    /// The blocked CPU path against one product over the full score matrix with the full mask,
+    /// at lengths around the kernel's block sizes and well past them, from the first position
+    /// and after cached ones, with and without a sliding window; three query heads per KV head.
     #[test]
-    fn long_chunks_in_query_blocks_equal_one_product() {
-        let (start, len) = (50, 2 * QUERY_BLOCK + 37);
-        let q = random((len, 4, 8), 4);
-        let (k, v) = (random((2, start + len, 8), 5), random((2, start + len, 8), 6));
-        for window in [None, Some(100)] {
-            let mask = ChunkMask::new(start, len, window, &Device::Cpu).unwrap();
-            let blocked = attend(&q, &k, &v, &mask).unwrap();
-            let whole = attend_block(&q, &k, &v, mask.tensor.as_ref()).unwrap();
-            assert_eq!(blocked.dims(), &[len, 4 * 8]);
-            assert!(max_diff(&blocked, &whole) < 1e-5, "window {window:?}");
+    fn blocked_attention_equals_the_full_score_matrix() {
+        for len in [1, 127, 128, 129, 4000] {
+            for start in [0, 300] {
+                let total = start + len;
+                let q = random((len, 6, 16), len as u64);
+                let (k, v) = (random((2, total, 16), 2 * len as u64 + 1), random((2, total, 16), 3 * len as u64 + 7));
+                for window in [None, Some(100), Some(1000)] {
+                    let mask = ChunkMask::new(start, len, window);
+                    let blocked = attend(&q, &k, &v, &mask).unwrap();
+                    // The reference: one product, every row against every key, the mask added.
+                    let whole = match mask.tensor(len, total, &Device::Cpu).unwrap() {
+                        Some(m) if len > 1 => attend_block(&q, &k, &v, Some(&m)).unwrap(),
+                        _ => {
+                            let first = mask.first_key(total);
+                            attend_block(&q, &k.narrow(1, first, total - first).unwrap(), &v.narrow(1, first, total - first).unwrap(), None)
+                                .unwrap()
+                        }
+                    };
+                    assert_eq!(blocked.dims(), &[len, 6 * 16]);
+                    let diff = relative_diff(&blocked, &whole);
+                    assert!(diff <= 1e-5, "len {len} after {start} window {window:?}: relative difference {diff}");
+                }
+            }
+        }
+    }
+
+    /// A ring run's part through the blocked kernel, with key positions that jump (a zigzag
+    /// block), equals the masked product's part: output and log-sum-exp, rows that see nothing
+    /// included.
+    #[test]
+    fn blocked_parts_equal_masked_parts() {
+        let key_positions: Vec<usize> = (0..300).chain(900..1200).collect();
+        let (q, k, v) = (random((400, 4, 8), 21), random((2, 600, 8), 22), random((2, 600, 8), 23));
+        for (first_query, window) in [(0, None), (850, None), (1000, Some(200)), (250, Some(64))] {
+            let causal = Causal { first_query, key_positions: &key_positions, window };
+            let blocked = attend_partial_blocked(&q, &k, &v, &causal).unwrap().expect("the CPU has the blocked kernel");
+            let mask: Vec<f32> = (0..400)
+                .flat_map(|i| {
+                    let causal = &causal;
+                    key_positions.iter().map(move |&kp| if causal.visible(first_query + i, kp) { 0f32 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (400, 600), &Device::Cpu).unwrap();
+            let want = attend_partial(&q, &k, &v, Some(&mask)).unwrap();
+            assert!(relative_diff(&blocked.o, &want.o) <= 1e-5, "queries from {first_query}, window {window:?}");
+            let (a, b) =
+                (blocked.lse.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.lse.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            for (a, b) in a.iter().zip(&b) {
+                assert!(a == b || (a - b).abs() <= 1e-5 * b.abs().max(1.0), "lse {a} vs {b}");
+            }
+            assert!(all_finite(&blocked.o));
         }
     }
 
@@ -372,7 +468,7 @@ mod tests {
             let (k, v) = (random((2, 256, 8), 8).to_dtype(dtype).unwrap(), random((2, 256, 8), 9).to_dtype(dtype).unwrap());
             let view = |t: &Tensor| t.narrow(1, 0, start + len).unwrap();
             for window in [None, Some(60)] {
-                let mask = ChunkMask::new(start, len, window, &Device::Cpu).unwrap();
+                let mask = ChunkMask::new(start, len, window);
                 let a = attend(&q, &view(&k), &view(&v), &mask).unwrap().to_dtype(DType::F32).unwrap();
                 let b = attend(&q, &view(&k).contiguous().unwrap(), &view(&v).contiguous().unwrap(), &mask).unwrap();
                 assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(), "{dtype:?} {window:?}");

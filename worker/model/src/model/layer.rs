@@ -13,7 +13,7 @@ use crate::kernels::elem::{with_dest_mut, Dest, Elem};
 use crate::kernels::fused::{self, Heads};
 use crate::kernels::pool::with_reused;
 use crate::model::config::ModelConfig;
-use crate::model::linear::{Linear, Numerics, Quantization, Weight};
+use crate::model::linear::{Linear, Numerics, Quantization, StepRows, Weight};
 use crate::model::lora::{LoraRows, Proj};
 use crate::model::parallel::TpLayout;
 use crate::model::weights::{Checkpoint, Shard};
@@ -51,6 +51,8 @@ pub struct LayerStep<'a> {
     pub ws: &'a mut Workspace,
     /// Which LoRA adapter each row adds to the products (`lora.rs`); `None` when no row uses one.
     pub lora: Option<&'a LoraRows<'a>>,
+    /// Whether the step holds a prefill chunk, which picks the products' kernels.
+    pub rows: StepRows,
 }
 
 /// Which layer an attention step is serving: where its cache lives and which mask it uses.
@@ -67,6 +69,9 @@ pub trait AttentionStep {
     /// already rotated. Returns `[tokens, heads * head_dim]`, written into `dest` (a decode
     /// step's workspace tensor) where the step can.
     fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, dest: Option<&Dest>) -> Result<Tensor>;
+
+    /// What rows the step carries: a prefill chunk among them makes every product a GEMM.
+    fn rows(&self) -> StepRows;
 }
 
 fn norm(ckpt: &Checkpoint, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -165,7 +170,8 @@ impl DecoderLayer {
     /// workspace where the kernels can write them (`workspace.rs`); the results are its `X0` and
     /// `H0` slots then, valid until the next layer runs.
     pub fn forward(&self, x: &Tensor, h: &Tensor, next_norm: &RmsNorm, step: &mut LayerStep) -> Result<(Tensor, Tensor)> {
-        let LayerStep { rope: [cos, sin], attention, comm, ws, lora } = step;
+        let LayerStep { rope: [cos, sin], attention, comm, ws, lora, rows } = step;
+        let rows = *rows;
         let lora = *lora;
         // Each row's adapter update goes on its product before the all-reduce of a row-parallel
         // one (a partial sum like the base's) and before anything reads the product.
@@ -179,7 +185,7 @@ impl DecoderLayer {
         let dt = x.dtype();
 
         let qkv_dest = ws.get(Scratch::Qkv, &[tokens, (nh + 2 * nkv) * d], dt)?;
-        let qkv = self.qkv.forward_into(h, qkv_dest.as_ref())?;
+        let qkv = self.qkv.forward_step(h, qkv_dest.as_ref(), rows)?;
         adapt(Proj::Qkv, h, &qkv, qkv_dest.as_ref())?;
         let heads = Heads { heads: nh, kv_heads: nkv, head_dim: d };
         let dests = [
@@ -202,13 +208,13 @@ impl DecoderLayer {
         let attn = attention.attend(self.slot(), &q, &k, &v, ws.get(Scratch::Attn, &[tokens, nh * d], dt)?.as_ref())?;
         let attn_out = ws.get(Scratch::AttnOut, &[tokens, hidden], dt)?;
         let heads_out = attn;
-        let attn = self.o.forward_no_bias_into(&heads_out, attn_out.as_ref())?;
+        let attn = self.o.forward_no_bias_step(&heads_out, attn_out.as_ref(), rows)?;
         adapt(Proj::O, &heads_out, &attn, attn_out.as_ref())?;
         let attn = self.o.add_bias_in_place(all_reduce(&mut **comm, attn, attn_out.as_ref())?, attn_out.as_ref())?;
         let (x, h) = add_norm(x, &attn, &self.post_attention_norm, ws.get_pair([Scratch::X1, Scratch::H1], &[tokens, hidden], dt)?)?;
         let inter = self.intermediate;
         let gate_up_dest = ws.get(Scratch::GateUp, &[tokens, 2 * inter], dt)?;
-        let gate_up = self.gate_up.forward_into(&h, gate_up_dest.as_ref())?;
+        let gate_up = self.gate_up.forward_step(&h, gate_up_dest.as_ref(), rows)?;
         adapt(Proj::GateUp, &h, &gate_up, gate_up_dest.as_ref())?;
         let mlp = match fused::silu_mul(&gate_up, inter, ws.get(Scratch::Mlp, &[tokens, inter], dt)?.as_ref())? {
             Some(mlp) => mlp,
@@ -220,7 +226,7 @@ impl DecoderLayer {
         };
         let mlp_out = ws.get(Scratch::MlpOut, &[tokens, hidden], dt)?;
         let features = mlp;
-        let mlp = self.down.forward_no_bias_into(&features, mlp_out.as_ref())?;
+        let mlp = self.down.forward_no_bias_step(&features, mlp_out.as_ref(), rows)?;
         adapt(Proj::Down, &features, &mlp, mlp_out.as_ref())?;
         let mlp = self.down.add_bias_in_place(all_reduce(&mut **comm, mlp, mlp_out.as_ref())?, mlp_out.as_ref())?;
         add_norm(&x, &mlp, next_norm, ws.get_pair([Scratch::X0, Scratch::H0], &[tokens, hidden], dt)?)

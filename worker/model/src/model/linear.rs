@@ -24,17 +24,43 @@ pub enum Numerics {
     BatchInvariant,
 }
 
+/// What rows a step's products carry, which picks their kernel under [`Numerics::Fast`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StepRows {
+    /// Decode rows only: the row kernels up to `MAX_ROWS` rows, GEMM past that.
+    #[default]
+    Decode,
+    /// At least one prefill chunk: GEMM at any row count. A prompt's rows then get one
+    /// arithmetic whether it is prefilled whole, in chunks, or after a cached prefix (a short
+    /// suffix would otherwise take the row kernels, whose rounding differs, and a greedy answer
+    /// could change with the cache's state).
+    Prefill,
+}
+
+impl StepRows {
+    /// Most rows the row kernels take.
+    fn row_kernel_rows(self) -> usize {
+        match self {
+            Self::Decode => crate::kernels::matvec::MAX_ROWS,
+            Self::Prefill => 0,
+        }
+    }
+}
+
 /// `x Wᵀ` for `W` in `[out, in]` layout. bf16 activations and weights use AVX-512 BF16 where
 /// the CPU has it (`kernels/gemm/bf16.rs`). Otherwise half-precision weights are widened to f32 for
 /// the product: candle's CPU half-precision GEMM is several times slower than its f32 GEMM,
 /// which more than pays for the conversion (measured in BENCHMARKS.md). Decode products write
 /// into `dest` when it is a fitting workspace tensor (`workspace.rs`).
-pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
-    if let Some(y) = crate::kernels::gemm::bf16::matmul_t(x, w, dest)? {
+pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>, rows: StepRows) -> candle_core::Result<Tensor> {
+    let row_kernel_rows = rows.row_kernel_rows();
+    if let Some(y) = crate::kernels::gemm::bf16::matmul_t(x, w, dest, row_kernel_rows)? {
         return Ok(y);
     }
-    if let Some(y) = crate::kernels::matvec::matvec_t(x, w, dest)? {
-        return Ok(y);
+    if x.dims().first().is_some_and(|&r| r <= row_kernel_rows) {
+        if let Some(y) = crate::kernels::matvec::matvec_t(x, w, dest)? {
+            return Ok(y);
+        }
     }
     match w.dtype() {
         DType::BF16 | DType::F16 if w.device().is_cpu() => {
@@ -58,15 +84,16 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
 ///   GEMM (BENCHMARKS.md). Prefill and decode then differ by the activation rounding only;
 /// - otherwise (decode of another format: q2_k, q3_k, ...): candle's ggml kernel, which also
 ///   quantizes the activations.
-fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
+fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>, dest: Option<&Dest>, step: StepRows) -> candle_core::Result<Tensor> {
     let (out, inner) = q.shape().dims2()?;
     let rows = x.dims().first().copied().unwrap_or(0);
-    if crate::kernels::q4matvec::supports(q.dtype()) && q.device().is_cpu() {
+    let row_kernel_rows = step.row_kernel_rows();
+    if rows <= row_kernel_rows && crate::kernels::q4matvec::supports(q.dtype()) && q.device().is_cpu() {
         if let Some(y) = crate::kernels::q4matvec::q4_matvec_into(x, &q.data()?, q.dtype(), out, inner, dest)? {
             return Ok(y);
         }
     }
-    if crate::kernels::kquant::supports(q.dtype()) && q.device().is_cpu() {
+    if rows <= row_kernel_rows && crate::kernels::kquant::supports(q.dtype()) && q.device().is_cpu() {
         let data = q.data()?;
         if let Some(y) = crate::kernels::kquant::kquant_matvec_into(x, &data, q.dtype(), out, inner, dest)? {
             return Ok(y);
@@ -74,19 +101,18 @@ fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>, dest: Option<&Dest>) -> cand
     }
     if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() {
         let data = q.data()?;
-        if let Some(y) = crate::kernels::qmatvec::q8_0_matvec_into(x, &data, out, inner, dest)? {
-            return Ok(y);
+        if rows <= row_kernel_rows {
+            if let Some(y) = crate::kernels::qmatvec::q8_0_matvec_into(x, &data, out, inner, dest)? {
+                return Ok(y);
+            }
         }
-        if let Some(y) = crate::kernels::gemm::q8::q8_0_gemm_t(x, &data, out, inner)? {
+        if let Some(y) = crate::kernels::gemm::q8::q8_0_gemm_t(x, &data, out, inner, row_kernel_rows)? {
             return y.to_dtype(x.dtype());
         }
     }
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let y = if rows > crate::kernels::matvec::MAX_ROWS {
-        x32.matmul(&q.dequantize(&q.device())?.t()?)?
-    } else {
-        QMatMul::QTensor(q.clone()).forward(&x32)?
-    };
+    let y =
+        if rows > row_kernel_rows { x32.matmul(&q.dequantize(&q.device())?.t()?)? } else { QMatMul::QTensor(q.clone()).forward(&x32)? };
     y.to_dtype(x.dtype())
 }
 
@@ -189,16 +215,16 @@ impl Weight {
     }
 
     /// `x Wᵀ`, into `dest` where the kernel can.
-    fn matmul_t(&self, x: &Tensor, dest: Option<&Dest>, numerics: Numerics) -> candle_core::Result<Tensor> {
+    fn matmul_t(&self, x: &Tensor, dest: Option<&Dest>, numerics: Numerics, rows: StepRows) -> candle_core::Result<Tensor> {
         match self {
             Self::Float(w) if numerics == Numerics::BatchInvariant => match crate::kernels::matvec::matmul_t_invariant(x, w, dest)? {
                 Some(y) => Ok(y),
-                None => matmul_t(x, w, dest),
+                None => matmul_t(x, w, dest, rows),
             },
-            Self::Float(w) => matmul_t(x, w, dest),
-            Self::Quantized(q) => quantized_matmul_t(x, q, dest),
+            Self::Float(w) => matmul_t(x, w, dest, rows),
+            Self::Quantized(q) => quantized_matmul_t(x, q, dest, rows),
             Self::Stacked { parts, .. } => {
-                let ys = parts.iter().map(|q| quantized_matmul_t(x, q, None)).collect::<candle_core::Result<Vec<_>>>()?;
+                let ys = parts.iter().map(|q| quantized_matmul_t(x, q, None, rows)).collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&ys, ys[0].rank() - 1)
             }
         }
@@ -286,12 +312,23 @@ impl Linear {
     /// [`Linear::forward_no_bias`], writing into `dest` where the kernel can (a decode step's
     /// workspace tensor).
     pub fn forward_no_bias_into(&self, x: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
-        self.weight.matmul_t(x, dest, self.numerics)
+        self.forward_no_bias_step(x, dest, StepRows::Decode)
+    }
+
+    /// [`Linear::forward_no_bias_into`] for one of a model step's products (`rows` picks the
+    /// kernel).
+    pub fn forward_no_bias_step(&self, x: &Tensor, dest: Option<&Dest>, rows: StepRows) -> candle_core::Result<Tensor> {
+        self.weight.matmul_t(x, dest, self.numerics, rows)
     }
 
     /// `x Wᵀ + b` into `dest` where the kernel can; see [`Linear::add_bias_in_place`].
     pub fn forward_into(&self, x: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Tensor> {
-        self.add_bias_in_place(self.forward_no_bias_into(x, dest)?, dest)
+        self.forward_step(x, dest, StepRows::Decode)
+    }
+
+    /// [`Linear::forward_into`] for one of a model step's products (`rows` picks the kernel).
+    pub fn forward_step(&self, x: &Tensor, dest: Option<&Dest>, rows: StepRows) -> candle_core::Result<Tensor> {
+        self.add_bias_in_place(self.forward_no_bias_step(x, dest, rows)?, dest)
     }
 
     /// Adds the bias (if any) to `y` in `y`'s own storage when both are contiguous CPU tensors of

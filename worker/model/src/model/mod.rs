@@ -288,7 +288,7 @@ impl Model {
             *w = *window;
             chunk_masks.clear();
             for c in batch.chunks {
-                chunk_masks.push(ChunkMask::new(c.start, c.len, *window, &self.device)?);
+                chunk_masks.push(ChunkMask::new(c.start, c.len, *window));
             }
         }
 
@@ -381,7 +381,8 @@ impl Model {
             None => first_norm.forward(&x)?,
         };
         let mut x = x;
-        let mut step = LayerStep { rope, attention, comm, ws, lora };
+        let rows = attention.rows();
+        let mut step = LayerStep { rope, attention, comm, ws, lora, rows };
         for (i, layer) in self.layers.iter().enumerate() {
             let next_norm = self.layers.get(i + 1).map_or(&self.norm, DecoderLayer::input_norm);
             (x, h) = layer.forward(&x, &h, next_norm, &mut step)?;

@@ -29,9 +29,10 @@ use tessera_collective::{all_gather_tensor, Collective};
 
 use crate::error::{ModelError, Result};
 use crate::kernels::elem::Dest;
-use crate::model::attention::{attend_partial, merge_stacked, Partial};
+use crate::model::attention::{attend_partial, attend_partial_blocked, merge_stacked, Causal, Partial};
 use crate::model::kv_cache::{KvCache, RingPlacement, SeqId};
 use crate::model::layer::{AttentionStep, LayerSlot};
+use crate::model::linear::StepRows;
 use crate::model::sequence::ZigzagLayout;
 use crate::model::Model;
 
@@ -246,38 +247,57 @@ impl Model {
 struct RunPlan {
     /// Local query rows of the run.
     rows: Range<usize>,
+    /// The position of the run's first query (the others follow it).
+    first_query: usize,
     /// Key indices within the block that some row of the run may see; empty: skip the block.
     keys: Range<usize>,
-    /// Additive mask `[rows, keys]`; `None` when every row sees every key in `keys`.
-    mask: Option<Tensor>,
+    /// The positions of those keys, ascending.
+    key_positions: Vec<usize>,
+    window: Option<usize>,
+    /// Whether some row misses some key of `keys`: only such runs are masked.
+    masked: bool,
 }
 
 impl RunPlan {
     /// Plans queries at `queries` (contiguous positions, local rows `rows`) against a block
     /// whose keys sit at `key_positions` (ascending), under an optional sliding `window`.
-    fn new(rows: Range<usize>, queries: Range<usize>, key_positions: &[usize], window: Option<usize>, device: &Device) -> Result<Self> {
+    fn new(rows: Range<usize>, queries: Range<usize>, key_positions: &[usize], window: Option<usize>) -> Self {
         let visible = |q: usize, k: usize| k <= q && window.is_none_or(|w| q - k < w);
-        let empty = Self { rows: rows.clone(), keys: 0..0, mask: None };
+        let empty = Self { rows: rows.clone(), first_query: queries.start, keys: 0..0, key_positions: Vec::new(), window, masked: false };
         let (Some(first_q), Some(last_q)) = (queries.clone().next(), queries.clone().last()) else {
-            return Ok(empty);
+            return empty;
         };
         // Keys after the run's last query are hidden from all of it, and so are keys the
         // window has already dropped for its first query: both ends of the ascending block.
         let hi = key_positions.partition_point(|&k| k <= last_q);
         let lo = window.map_or(0, |w| key_positions.partition_point(|&k| k + w <= first_q));
         if lo >= hi {
-            return Ok(empty);
+            return empty;
         }
         let keys = &key_positions[lo..hi];
-        let all_visible = visible(first_q, keys[keys.len() - 1]) && visible(last_q, keys[0]);
-        let mask = if all_visible {
-            None
-        } else {
-            let mask: Vec<f32> =
-                queries.clone().flat_map(|q| keys.iter().map(move |&k| if visible(q, k) { 0f32 } else { f32::NEG_INFINITY })).collect();
-            Some(Tensor::from_vec(mask, (queries.len(), keys.len()), device)?)
-        };
-        Ok(Self { rows, keys: lo..hi, mask })
+        let masked = !(visible(first_q, keys[keys.len() - 1]) && visible(last_q, keys[0]));
+        Self { rows, first_query: first_q, keys: lo..hi, key_positions: keys.to_vec(), window, masked }
+    }
+
+    /// The run's visibility, as the blocked kernel reads it.
+    fn causal(&self) -> Causal<'_> {
+        Causal { first_query: self.first_query, key_positions: &self.key_positions, window: self.window }
+    }
+
+    /// The additive mask `[rows, keys]` (0 or −∞), for devices without the blocked kernel;
+    /// `None` when every row sees every key.
+    fn mask(&self, device: &Device) -> Result<Option<Tensor>> {
+        if !self.masked {
+            return Ok(None);
+        }
+        let causal = self.causal();
+        let mask: Vec<f32> = (0..self.rows.len())
+            .flat_map(|i| {
+                let causal = &causal;
+                self.key_positions.iter().map(move |&k| if causal.visible(self.first_query + i, k) { 0f32 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(mask, (self.rows.len(), self.key_positions.len()), device)?))
     }
 }
 
@@ -405,10 +425,10 @@ impl<'a> PrefillAttention<'a> {
                     .map(|keys| {
                         query_runs
                             .iter()
-                            .map(|(rows, queries)| RunPlan::new(rows.clone(), queries.clone(), keys, window, device))
-                            .collect::<Result<Vec<_>>>()
+                            .map(|(rows, queries)| RunPlan::new(rows.clone(), queries.clone(), keys, window))
+                            .collect::<Vec<_>>()
                     })
-                    .collect::<Result<Vec<_>>>()?;
+                    .collect::<Vec<_>>();
                 Ok((window, per_member))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -428,6 +448,10 @@ impl<'a> PrefillAttention<'a> {
 }
 
 impl AttentionStep for PrefillAttention<'_> {
+    fn rows(&self) -> StepRows {
+        StepRows::Prefill
+    }
+
     fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, _dest: Option<&Dest>) -> Result<Tensor> {
         let k = k.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
@@ -443,12 +467,15 @@ impl AttentionStep for PrefillAttention<'_> {
                     continue;
                 }
                 let n = run.keys.len();
-                let part = attend_partial(
-                    &q.narrow(0, run.rows.start, run.rows.len())?,
-                    &block.keys.narrow(1, run.keys.start, n)?,
-                    &block.values.narrow(1, run.keys.start, n)?,
-                    run.mask.as_ref(),
-                )?;
+                let (q, keys, values) = (
+                    q.narrow(0, run.rows.start, run.rows.len())?,
+                    block.keys.narrow(1, run.keys.start, n)?,
+                    block.values.narrow(1, run.keys.start, n)?,
+                );
+                let part = match attend_partial_blocked(&q, &keys, &values, &run.causal())? {
+                    Some(part) => part,
+                    None => attend_partial(&q, &keys, &values, run.mask(q.device())?.as_ref())?,
+                };
                 *acc = Some(match acc.take() {
                     Some(sofar) => sofar.merge(&part)?,
                     None => part,
@@ -489,6 +516,10 @@ struct DecodeAttention<'a> {
 }
 
 impl AttentionStep for DecodeAttention<'_> {
+    fn rows(&self) -> StepRows {
+        StepRows::Decode
+    }
+
     fn attend(&mut self, layer: LayerSlot, q: &Tensor, k: &Tensor, v: &Tensor, _dest: Option<&Dest>) -> Result<Tensor> {
         let (_, heads, head_dim) = q.dims3()?;
         let (keys, values) = if self.append_here {
@@ -535,20 +566,20 @@ mod tests {
                 let runs = [(0..first.len(), first.clone()), (first.len()..first.len() + second.len(), second)];
                 for j in 0..members {
                     let keys = layout.positions(j);
-                    let plan = |r: usize| RunPlan::new(runs[r].0.clone(), runs[r].1.clone(), &keys, None, &Device::Cpu).unwrap();
+                    let plan = |r: usize| RunPlan::new(runs[r].0.clone(), runs[r].1.clone(), &keys, None);
                     let (p0, p1) = (plan(0), plan(1));
                     let chunk_j = layout.member_runs(j)[0].len();
                     if j == i {
-                        assert!(p0.mask.is_some() && p1.mask.is_some(), "R={members} own block is causal");
+                        assert!(p0.masked && p1.masked, "R={members} own block is causal");
                         assert_eq!(p0.keys, 0..chunk_j, "first chunk sees only the first chunk");
                         assert_eq!(p1.keys, 0..keys.len());
                     } else if j < i {
                         assert_eq!((p0.keys.clone(), p1.keys.clone()), (0..chunk_j, 0..chunk_j), "R={members} i={i} j={j}");
-                        assert!(p0.mask.is_none() && p1.mask.is_none());
+                        assert!(!p0.masked && !p1.masked);
                     } else {
                         assert!(p0.keys.is_empty(), "R={members} i={i} j={j}: skipped");
                         assert_eq!(p1.keys, 0..keys.len());
-                        assert!(p1.mask.is_none());
+                        assert!(!p1.masked);
                     }
                 }
             }
@@ -559,10 +590,10 @@ mod tests {
     fn sliding_window_trims_keys_and_masks_the_edges() {
         // Queries 10..14 with window 4 see keys 7..=13 at most; keys 0..3 and 20.. never.
         let keys: Vec<usize> = (0..4).chain(6..14).chain(20..24).collect();
-        let plan = RunPlan::new(0..4, 10..14, &keys, Some(4), &Device::Cpu).unwrap();
+        let plan = RunPlan::new(0..4, 10..14, &keys, Some(4));
         let visible: Vec<usize> = keys[plan.keys.clone()].to_vec();
         assert_eq!(visible, (7..14).collect::<Vec<_>>());
-        let mask = plan.mask.expect("edges are masked").to_vec2::<f32>().unwrap();
+        let mask = plan.mask(&Device::Cpu).unwrap().expect("edges are masked").to_vec2::<f32>().unwrap();
         for (qi, row) in mask.iter().enumerate() {
             let q = 10 + qi;
             for (ki, &m) in row.iter().enumerate() {
@@ -570,7 +601,7 @@ mod tests {
                 assert_eq!(m == 0.0, k <= q && q - k < 4, "q={q} k={k}");
             }
         }
-        let far = RunPlan::new(0..2, 40..42, &keys, Some(4), &Device::Cpu).unwrap();
+        let far = RunPlan::new(0..2, 40..42, &keys, Some(4));
         assert!(far.keys.is_empty(), "a block entirely outside the window is skipped");
     }
 

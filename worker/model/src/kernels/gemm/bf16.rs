@@ -31,8 +31,9 @@ pub fn available() -> bool {
 
 /// `x Wᵀ` for bf16 `x` (`[rows, in]`) and bf16 `W` (`[out, in]`), both contiguous on the CPU,
 /// accumulated in f32 and rounded to bf16. `None` when the CPU lacks AVX-512 BF16 or the
-/// operands do not fit (the caller then widens to f32).
-pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Result<Option<Tensor>> {
+/// operands do not fit (the caller then widens to f32). Up to `row_kernel_rows` rows take the
+/// row kernel, more the GEMM.
+pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>, row_kernel_rows: usize) -> candle_core::Result<Option<Tensor>> {
     if !available() || x.dtype() != DType::BF16 || w.dtype() != DType::BF16 || !x.device().is_cpu() {
         return Ok(None);
     }
@@ -49,7 +50,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>) -> candle_core::Res
         return Ok(None);
     };
     let (xs, ws) = (&x_all[x0..x1], &w_all[w0..w1]);
-    if rows <= MAX_ROWS {
+    if rows <= row_kernel_rows.min(MAX_ROWS) {
         let p = Product { rows, out, inner };
         return product_output(dest, p, DType::BF16, |y| few_rows(xs, ws, p, y));
     }
@@ -272,7 +273,7 @@ mod tests {
     fn check(rows: usize, out: usize, inner: usize) {
         let x = bf16_tensor(rows * inner, (rows, inner), 3);
         let w = bf16_tensor(out * inner, (out, inner), 11);
-        let Some(got) = matmul_t(&x, &w, None).unwrap() else {
+        let Some(got) = matmul_t(&x, &w, None, MAX_ROWS).unwrap() else {
             assert!(!available() || (rows > MAX_ROWS && inner % 2 == 1), "declined {rows}x{inner} · {out}");
             if !available() {
                 crate::kernels::kernel_paths::not_exercised("gemm/bf16 avx512bf16");
@@ -316,7 +317,7 @@ mod tests {
         let flat = bf16_tensor(1 + rows * inner, (1, 1 + rows * inner), 3).flatten_all().unwrap();
         let x = flat.narrow(0, 1, rows * inner).unwrap().reshape((rows, inner)).unwrap();
         let w = bf16_tensor(out * inner, (out, inner), 11);
-        let Some(got) = matmul_t(&x, &w, None).unwrap() else {
+        let Some(got) = matmul_t(&x, &w, None, MAX_ROWS).unwrap() else {
             assert!(!available());
             crate::kernels::kernel_paths::not_exercised("gemm/bf16 avx512bf16");
             return;
@@ -332,7 +333,7 @@ mod tests {
     fn declines_other_dtypes() {
         let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((4, 8), DType::BF16, &Device::Cpu).unwrap();
-        assert!(matmul_t(&x, &w, None).unwrap().is_none());
-        assert!(matmul_t(&w, &w.to_dtype(DType::F32).unwrap(), None).unwrap().is_none());
+        assert!(matmul_t(&x, &w, None, MAX_ROWS).unwrap().is_none());
+        assert!(matmul_t(&w, &w.to_dtype(DType::F32).unwrap(), None, MAX_ROWS).unwrap().is_none());
     }
 }

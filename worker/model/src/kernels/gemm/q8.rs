@@ -19,7 +19,6 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::{mask16, sweep, PanelKernel, TileOut};
-use crate::kernels::matvec::MAX_ROWS;
 use crate::kernels::qmatvec::{quantize_block, BLOCK, BLOCK_BYTES};
 
 /// Groups of four consecutive `k` per block: the four byte pairs one `vpdpbusd` lane sums.
@@ -50,15 +49,22 @@ pub fn available() -> bool {
     }
 }
 
-/// `x Wᵀ` for `x` `[rows > MAX_ROWS, in]` on the CPU and q8_0 `blocks` holding `W` `[out, in]`
-/// row by row; returns f32 `[rows, out]`. `None` when the CPU lacks AVX-512 VNNI or the operands
+/// `x Wᵀ` for `x` `[rows > row_kernel_rows, in]` on the CPU and q8_0 `blocks` holding `W`
+/// `[out, in]` row by row; returns f32 `[rows, out]`. `None` when the CPU lacks AVX-512 VNNI or the operands
 /// do not fit (the caller then takes the f32 GEMM path).
-pub fn q8_0_gemm_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize) -> candle_core::Result<Option<Tensor>> {
+pub fn q8_0_gemm_t(x: &Tensor, blocks: &[u8], out: usize, inner: usize, row_kernel_rows: usize) -> candle_core::Result<Option<Tensor>> {
     let rows = match x.dims() {
         [r, i] if *i == inner => *r,
         _ => return Ok(None),
     };
-    if rows <= MAX_ROWS || out == 0 || inner == 0 || !inner.is_multiple_of(BLOCK) || !x.device().is_cpu() || !available() {
+    if rows == 0
+        || rows <= row_kernel_rows
+        || out == 0
+        || inner == 0
+        || !inner.is_multiple_of(BLOCK)
+        || !x.device().is_cpu()
+        || !available()
+    {
         return Ok(None);
     }
     if blocks.len() != out * (inner / BLOCK * BLOCK_BYTES) {
@@ -309,6 +315,7 @@ impl Tile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::matvec::MAX_ROWS;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
@@ -367,7 +374,7 @@ mod tests {
                 for rows in [17usize, 33, 100] {
                     let xs = values(rows * inner, 3);
                     let x = Tensor::from_vec(xs.clone(), (rows, inner), &dev).unwrap();
-                    let got = q8_0_gemm_t(&x, &data, out, inner).unwrap().expect("the VNNI path runs");
+                    let got = q8_0_gemm_t(&x, &data, out, inner, MAX_ROWS).unwrap().expect("the VNNI path runs");
                     assert_eq!(got.dims(), &[rows, out]);
                     let got = got.to_vec2::<f32>().unwrap();
                     let want = reference(&quantize_rows(&xs, inner), rows, &data, out, inner);
@@ -413,8 +420,8 @@ mod tests {
         let dev = Device::Cpu;
         let data = vec![0u8; 4 * 34];
         let x = |r: usize, i: usize| Tensor::zeros((r, i), DType::F32, &dev).unwrap();
-        assert!(q8_0_gemm_t(&x(MAX_ROWS, 32), &data, 4, 32).unwrap().is_none(), "decode-sized");
-        assert!(q8_0_gemm_t(&x(MAX_ROWS + 1, 64), &data, 4, 32).unwrap().is_none(), "inner mismatch");
-        assert!(q8_0_gemm_t(&x(MAX_ROWS + 1, 32), &data[..34], 4, 32).unwrap().is_none(), "short data");
+        assert!(q8_0_gemm_t(&x(MAX_ROWS, 32), &data, 4, 32, MAX_ROWS).unwrap().is_none(), "decode-sized");
+        assert!(q8_0_gemm_t(&x(MAX_ROWS + 1, 64), &data, 4, 32, MAX_ROWS).unwrap().is_none(), "inner mismatch");
+        assert!(q8_0_gemm_t(&x(MAX_ROWS + 1, 32), &data[..34], 4, 32, MAX_ROWS).unwrap().is_none(), "short data");
     }
 }
