@@ -281,6 +281,7 @@ fn request(args: &BenchArgs, input: pb::generate_request::Input, output_len: u32
         request_id: String::new(),
         no_prefix_cache: false,
         adapter,
+        long_input: None,
     }
 }
 

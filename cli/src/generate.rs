@@ -198,6 +198,7 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         request_id: String::new(),
         no_prefix_cache: args.no_prefix_cache,
         adapter: args.adapter.clone(),
+        long_input: None,
     };
     let mut stream = match client.generate(request).await {
         Ok(r) => r.into_inner(),
@@ -223,6 +224,12 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                     s.prompt_tokens,
                     placement.tp,
                     placement.workers.join(", ")
+                );
+            }
+            Some(pb::generate_response::Event::Progress(p)) => {
+                eprintln!(
+                    "[long input: stage {} call {}/{} done, {} prompt + {} answer tokens]",
+                    p.stage, p.done, p.total, p.prompt_tokens, p.completion_tokens
                 );
             }
             Some(pb::generate_response::Event::Chunk(c)) => {

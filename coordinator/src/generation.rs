@@ -308,6 +308,7 @@ impl Generation {
             removed_sentences: self.sentences.as_ref().map_or(0, SentenceFilter::removed),
             // Counted where the request's output lives (`output::SequenceOutput`).
             migrations: 0,
+            stages: Vec::new(),
         }
     }
 }

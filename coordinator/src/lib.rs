@@ -35,6 +35,7 @@ pub mod histogram;
 mod http;
 mod leadership;
 pub mod limits;
+mod long_input;
 pub mod loop_guard;
 pub mod metrics;
 pub mod model;

@@ -20,6 +20,7 @@ use crate::embed::{embed, prepare_embed};
 use crate::error::CoordinatorError;
 use crate::generation::Generation;
 use crate::limits::Limits;
+use crate::long_input;
 use crate::model::ModelKind;
 use crate::output::SequenceOutput;
 use crate::request::prepare;
@@ -27,6 +28,7 @@ use crate::ring::{self, RingRequest};
 use crate::scheduler::{NewSequence, Resumed};
 
 /// Serves `tessera.v1.Inference`.
+#[derive(Clone)]
 pub struct InferenceService {
     cluster: Arc<Cluster>,
     limits: Limits,
@@ -78,25 +80,20 @@ impl InferenceService {
             .position(|m| Arc::ptr_eq(m, model))
             .ok_or_else(|| CoordinatorError::Internal(format!("model {:?} is not in the cluster", model.name())))
     }
-}
 
-/// The name of the key a call came with, for logs.
-fn key_name(ticket: &Option<Ticket>) -> &str {
-    ticket.as_ref().map_or("-", Ticket::name)
-}
-
-#[tonic::async_trait]
-impl Inference for InferenceService {
-    type GenerateStream = MeteredStream;
-
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let arrived = Instant::now();
-        let ticket = self.admit(&req)?;
-        let deadline = crate::deadline::grpc_timeout(req.metadata()).and_then(|t| arrived.checked_add(t));
+    /// Places one checked `Generate` request and returns the stream its group (or ring) feeds:
+    /// the whole of a `Generate` call after admission, and each call of a long-input job.
+    pub(crate) async fn start(
+        &self,
+        request: pb::GenerateRequest,
+        arrived: Instant,
+        deadline: Option<Instant>,
+        key: &str,
+    ) -> Result<mpsc::UnboundedReceiver<Result<pb::GenerateResponse, Status>>, Status> {
         let models = self.cluster.models.clone();
         let limits = self.limits.clone();
         // Tokenizing a prompt of megabytes takes long enough to stall the runtime's threads.
-        let prepared = tokio::task::spawn_blocking(move || prepare(req.into_inner(), &models, &limits))
+        let prepared = tokio::task::spawn_blocking(move || prepare(request, &models, &limits))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
         let beams = prepared.beam.map_or(1, |b| b.num_beams);
@@ -141,7 +138,7 @@ impl Inference for InferenceService {
                     no_prefix_cache: prepared.no_prefix_cache,
                     progress,
                 };
-                tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, key = key_name(&ticket), "generate on a ring");
+                tracing::info!(%request_id, seq, ring = plan.size, prompt_tokens, key, "generate on a ring");
                 tokio::spawn(ring::serve(self.cluster.clone(), plan, request));
             }
             Route::Group(placement) => {
@@ -152,12 +149,42 @@ impl Inference for InferenceService {
                 let adapter_name = prepared.adapter.as_ref().map_or("-", |a| a.name.as_str()).to_string();
                 let adapter = prepared.adapter.as_ref().map(|a| a.wire());
                 placement.submit(NewSequence { seq, prompt, reserve, deadline, output, beam, resume: None, no_prefix_cache, adapter })?;
-                tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, adapter = %adapter_name, key = key_name(&ticket), "generate");
+                tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, adapter = %adapter_name, key, "generate");
             }
         }
+        Ok(stream)
+    }
+}
+
+/// The name of the key a call came with, for logs.
+fn key_name(ticket: &Option<Ticket>) -> &str {
+    ticket.as_ref().map_or("-", Ticket::name)
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = MeteredStream;
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrived = Instant::now();
+        let ticket = self.admit(&req)?;
+        let deadline = crate::deadline::grpc_timeout(req.metadata()).and_then(|t| arrived.checked_add(t));
+        let request = req.into_inner();
+        let stream = if request.long_input.is_some() {
+            let (models, limits) = (self.cluster.models.clone(), self.limits.clone());
+            // Tokenizing the document takes long enough to stall the runtime's threads.
+            let job = tokio::task::spawn_blocking(move || long_input::plan(request, &models, &limits))
+                .await
+                .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
+            let (events, stream) = mpsc::unbounded_channel();
+            tracing::info!(request_id = %job.request_id(), chunks = job.chunks(), key = key_name(&ticket), "generate over a long input");
+            tokio::spawn(long_input::run(self.clone(), job, events, deadline));
+            stream
+        } else {
+            self.start(request, arrived, deadline, key_name(&ticket)).await?
+        };
         Ok(Response::new(MeteredStream::new(UnboundedReceiverStream::new(stream), ticket)))
     }
-
     async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
         self.admit(&req)?;
         let models = self

@@ -118,7 +118,7 @@ impl Client {
             match e {
                 Ok(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.tokens.iter().map(|t| t.id)),
                 Ok(pb::generate_response::Event::Finished(f)) => end = Some(Ok(f)),
-                Ok(pb::generate_response::Event::Started(_)) => {}
+                Ok(pb::generate_response::Event::Started(_) | pb::generate_response::Event::Progress(_)) => {}
                 Err(status) => end = Some(Err(status)),
             }
         }

@@ -88,7 +88,7 @@ async fn collect(mut stream: CoreStream) -> Result<Collected, ApiError> {
                 out.finished = finished;
                 return Ok(out);
             }
-            Some(Event::Started(_)) | None => {}
+            Some(Event::Started(_) | Event::Progress(_)) | None => {}
         }
     }
     Err(ApiError::internal("the generation ended without finishing"))

@@ -53,6 +53,8 @@ pub struct GenerateCall {
     pub logprobs: Option<u32>,
     /// Add the generated token ids (and the prompt's) to each choice.
     pub return_token_ids: bool,
+    /// Tessera's extra field `long_input` (the prompt is a document longer than the context).
+    pub long_input: Option<pb::LongInput>,
 }
 
 impl GenerateCall {
@@ -177,6 +179,7 @@ impl GenerateCall {
             include_usage,
             logprobs,
             return_token_ids: f.get("return_token_ids")?.unwrap_or(false),
+            long_input: long_input(f)?,
         })
     }
 
@@ -200,11 +203,42 @@ impl GenerateCall {
                     no_prefix_cache: false,
                     // `model: "base:adapter"` names an adapter (`request::find_model`).
                     adapter: String::new(),
+                    long_input: self.long_input.clone(),
                 });
             }
         }
         out
     }
+}
+
+/// `long_input`: `{"strategy": "map_reduce" | "refine", "chunk_tokens", "overlap_tokens",
+/// "instruction"}`, the gRPC `LongInput` (the core checks the values).
+fn long_input(f: &Fields) -> Result<Option<pb::LongInput>, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct LongInput {
+        strategy: Option<String>,
+        chunk_tokens: u32,
+        overlap_tokens: Option<u32>,
+        instruction: String,
+    }
+    let Some(l) = f.get::<LongInput>("long_input")? else { return Ok(None) };
+    let strategy = match l.strategy.as_deref() {
+        None | Some("map_reduce") => pb::long_input::Strategy::MapReduce,
+        Some("refine") => pb::long_input::Strategy::Refine,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("long_input.strategy must be \"map_reduce\" or \"refine\"; got {other:?}"),
+                Some("long_input"),
+            ))
+        }
+    };
+    Ok(Some(pb::LongInput {
+        strategy: strategy as i32,
+        chunk_tokens: l.chunk_tokens,
+        overlap_tokens: l.overlap_tokens.unwrap_or(0),
+        instruction: l.instruction,
+    }))
 }
 
 #[derive(Deserialize)]

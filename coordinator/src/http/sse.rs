@@ -130,7 +130,7 @@ impl Streamer {
                     Endpoint::Completions => self.completion(index, String::new(), None, ending, None),
                 })
             }
-            Some(Event::Started(_)) | None => Ok(Bytes::new()),
+            Some(Event::Started(_) | Event::Progress(_)) | None => Ok(Bytes::new()),
         }
     }
 

@@ -167,7 +167,7 @@ async fn ring_run(mut client: Client, placed: oneshot::Sender<Vec<String>>) -> R
             Some(pb::generate_response::Event::Started(s)) => run.started = Some(s),
             Some(pb::generate_response::Event::Chunk(c)) => run.chunks.push(c),
             Some(pb::generate_response::Event::Finished(f)) => run.finished = Some(f),
-            None => {}
+            Some(pb::generate_response::Event::Progress(_)) | None => {}
         }
         if !run.chunks.is_empty() {
             if let Some(tell) = placed.take() {

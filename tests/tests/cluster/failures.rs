@@ -71,7 +71,7 @@ async fn rest_of(stream: &mut tonic::Streaming<pb::GenerateResponse>) -> Collect
                 Some(pb::generate_response::Event::Started(s)) => out.started = Some(s),
                 Some(pb::generate_response::Event::Chunk(c)) => out.chunks.push(c),
                 Some(pb::generate_response::Event::Finished(f)) => out.finished = Some(f),
-                None => {}
+                Some(pb::generate_response::Event::Progress(_)) | None => {}
             }
         }
         out

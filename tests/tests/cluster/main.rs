@@ -14,6 +14,7 @@ mod failures;
 mod http_client;
 mod local_cluster;
 mod long_context;
+mod long_input;
 mod migration;
 mod netns;
 mod openai_http;

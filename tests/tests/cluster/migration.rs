@@ -43,7 +43,7 @@ async fn finish(mut stream: tonic::Streaming<pb::GenerateResponse>, mut run: Run
             Some(pb::generate_response::Event::Started(s)) => run.workers = s.placement.map(|p| p.workers).unwrap_or_default(),
             Some(pb::generate_response::Event::Chunk(c)) => run.tokens.extend(c.tokens.iter().map(|t| t.id)),
             Some(pb::generate_response::Event::Finished(f)) => run.finished = Some(f),
-            None => {}
+            Some(pb::generate_response::Event::Progress(_)) | None => {}
         }
     }
     Ok(run)

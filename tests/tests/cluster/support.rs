@@ -173,6 +173,8 @@ pub struct Collected {
     pub started: Option<pb::Started>,
     pub chunks: Vec<pb::TokenChunk>,
     pub finished: Option<pb::Finished>,
+    /// A long-input job's progress events, in order.
+    pub progress: Vec<pb::LongInputProgress>,
 }
 
 impl Collected {
@@ -203,6 +205,7 @@ pub fn greedy(input: pb::generate_request::Input, max_new_tokens: u32) -> pb::Ge
         request_id: String::new(),
         no_prefix_cache: false,
         adapter: String::new(),
+        long_input: None,
     }
 }
 
@@ -238,6 +241,7 @@ pub async fn generate(client: &mut Client, request: pb::GenerateRequest) -> Resu
                 Some(pb::generate_response::Event::Started(s)) => out.started = Some(s),
                 Some(pb::generate_response::Event::Chunk(c)) => out.chunks.push(c),
                 Some(pb::generate_response::Event::Finished(f)) => out.finished = Some(f),
+                Some(pb::generate_response::Event::Progress(p)) => out.progress.push(p),
                 None => {}
             }
         }
