@@ -54,21 +54,7 @@ fn long_request(
 }
 
 async fn run_job(client: &mut Client, request: pb::GenerateRequest) -> Collected {
-    let run = async {
-        let mut stream = client.generate(request).await.expect("accepted").into_inner();
-        let mut out = Collected::default();
-        while let Some(message) = stream.message().await.expect("stream") {
-            match message.event {
-                Some(pb::generate_response::Event::Started(s)) => out.started = Some(s),
-                Some(pb::generate_response::Event::Chunk(c)) => out.chunks.push(c),
-                Some(pb::generate_response::Event::Finished(f)) => out.finished = Some(f),
-                Some(pb::generate_response::Event::Progress(p)) => out.progress.push(p),
-                None => {}
-            }
-        }
-        out
-    };
-    tokio::time::timeout(JOB_PATIENCE, run).await.expect("the job finishes")
+    generate_within(client, request, JOB_PATIENCE).await.expect("the job finishes")
 }
 
 /// The checks every finished job must pass: the chunks of stage 0 tile the document with the

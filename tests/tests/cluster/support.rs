@@ -233,6 +233,11 @@ pub fn prompt(text: &str) -> pb::generate_request::Input {
 
 /// Runs a request to its end; an error status mid-stream is returned as `Err`.
 pub async fn generate(client: &mut Client, request: pb::GenerateRequest) -> Result<Collected, tonic::Status> {
+    generate_within(client, request, PATIENCE).await
+}
+
+/// [`generate`] for requests that take longer than [`PATIENCE`] (a long-input job).
+pub async fn generate_within(client: &mut Client, request: pb::GenerateRequest, patience: Duration) -> Result<Collected, tonic::Status> {
     let run = async {
         let mut stream = client.generate(request).await?.into_inner();
         let mut out = Collected::default();
@@ -247,7 +252,7 @@ pub async fn generate(client: &mut Client, request: pb::GenerateRequest) -> Resu
         }
         Ok(out)
     };
-    tokio::time::timeout(PATIENCE, run).await.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("test patience ran out")))
+    tokio::time::timeout(patience, run).await.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("test patience ran out")))
 }
 
 /// Seconds per decode step of `request` on this machine now: a probe of the same request cut
