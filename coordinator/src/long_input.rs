@@ -72,6 +72,8 @@ pub struct Job {
     fan_in: usize,
     request_id: String,
     arrived: Instant,
+    /// The client's deadline, which every call of the job keeps.
+    deadline: Option<Instant>,
 }
 
 impl Job {
@@ -151,6 +153,7 @@ pub fn plan(mut request: pb::GenerateRequest, models: &[Arc<ServedModel>], limit
         fan_in,
         request_id: String::new(),
         arrived,
+        deadline: None,
     };
     let wrapper = prepare(job.call(job.content(None, ""), 0), models, limits)?.prompt.len();
     let carried = if strategy == pb::long_input::Strategy::Refine { answer + ANSWER_OVERHEAD } else { 0 };
@@ -278,10 +281,14 @@ struct Answer {
 #[derive(Default)]
 struct Accounts {
     stages: Vec<pb::StageUsage>,
-    calls: u64,
 }
 
 impl Accounts {
+    /// Calls finished so far, in every stage.
+    fn calls(&self) -> u64 {
+        self.stages.iter().map(|s| u64::from(s.calls)).sum()
+    }
+
     fn add(&mut self, stage: u32, answer: &Answer) {
         if self.stages.last().is_none_or(|s| s.stage != stage) {
             self.stages.push(pb::StageUsage { stage, ..Default::default() });
@@ -300,14 +307,15 @@ fn event(e: pb::generate_response::Event) -> Result<pb::GenerateResponse, Status
 
 /// Runs `job`, sending its events to `events`; ends early when the client goes away (dropping
 /// a call's stream cancels it) or a call fails (its status ends the stream).
-pub async fn run(service: InferenceService, job: Job, events: Events, deadline: Option<Instant>) {
+pub async fn run(service: InferenceService, mut job: Job, events: Events, deadline: Option<Instant>) {
+    job.deadline = deadline;
     let started = pb::Started { request_id: job.request_id.clone(), prompt_tokens: job.document_tokens as u32, placement: None };
     if events.send(event(pb::generate_response::Event::Started(started))).is_err() {
         return;
     }
     let result = match job.strategy {
-        pb::long_input::Strategy::MapReduce => map_reduce(&service, &job, &events, deadline).await,
-        pb::long_input::Strategy::Refine => refine(&service, &job, &events, deadline).await,
+        pb::long_input::Strategy::MapReduce => map_reduce(&service, &job, &events).await,
+        pb::long_input::Strategy::Refine => refine(&service, &job, &events).await,
     };
     if let Err(status) = result {
         let _ = events.send(Err(status));
@@ -327,7 +335,7 @@ fn progress(stage: u32, done: usize, total: usize, tokens: Option<&Range<usize>>
     })
 }
 
-async fn map_reduce(service: &InferenceService, job: &Job, events: &Events, deadline: Option<Instant>) -> Result<(), Status> {
+async fn map_reduce(service: &InferenceService, job: &Job, events: &Events) -> Result<(), Status> {
     let mut accounts = Accounts::default();
     let mut stage = 0u32;
     // Stage 0's calls carry chunks; later stages' carry joined answers.
@@ -336,15 +344,15 @@ async fn map_reduce(service: &InferenceService, job: &Job, events: &Events, dead
     loop {
         if inputs.len() == 1 {
             let (content, tokens) = inputs.remove(0);
-            let request = job.call(content, accounts.calls);
-            return stream_last(service, job, request, stage, tokens, accounts, events, deadline).await;
+            let request = job.call(content, accounts.calls());
+            return stream_last(service, job, request, stage, tokens, accounts, events).await;
         }
         let total = inputs.len();
-        let first_call = accounts.calls;
+        let first_call = accounts.calls();
         let mut calls = stream::iter(inputs.into_iter().enumerate())
             .map(|(i, (content, tokens))| {
                 let request = job.call(content, first_call + i as u64);
-                async move { (i, tokens, collect(service, request, deadline).await) }
+                async move { (i, tokens, collect(service, job, request).await) }
             })
             .buffer_unordered(CONCURRENT_CALLS);
         let mut answers: Vec<Option<Answer>> = (0..total).map(|_| None).collect();
@@ -362,7 +370,6 @@ async fn map_reduce(service: &InferenceService, job: &Job, events: &Events, dead
         for a in &answers {
             accounts.add(stage, a);
         }
-        accounts.calls += total as u64;
         inputs = answers
             .chunks(job.fan_in)
             .map(|group| {
@@ -374,7 +381,7 @@ async fn map_reduce(service: &InferenceService, job: &Job, events: &Events, dead
     }
 }
 
-async fn refine(service: &InferenceService, job: &Job, events: &Events, deadline: Option<Instant>) -> Result<(), Status> {
+async fn refine(service: &InferenceService, job: &Job, events: &Events) -> Result<(), Status> {
     let mut accounts = Accounts::default();
     let mut answer: Option<String> = None;
     let total = job.chunks.len();
@@ -383,11 +390,10 @@ async fn refine(service: &InferenceService, job: &Job, events: &Events, deadline
         let request = job.call(content, i as u64);
         let tokens = Some(job.chunks[i].tokens.clone());
         if i + 1 == total {
-            return stream_last(service, job, request, 0, tokens, accounts, events, deadline).await;
+            return stream_last(service, job, request, 0, tokens, accounts, events).await;
         }
-        let got = collect(service, request, deadline).await?;
+        let got = collect(service, job, request).await?;
         accounts.add(0, &got);
-        accounts.calls += 1;
         if events.send(event(progress(0, i + 1, total, tokens.as_ref(), &got))).is_err() {
             return Ok(());
         }
@@ -397,9 +403,9 @@ async fn refine(service: &InferenceService, job: &Job, events: &Events, deadline
 }
 
 /// Runs one call to its end and returns its text and counts.
-async fn collect(service: &InferenceService, request: pb::GenerateRequest, deadline: Option<Instant>) -> Result<Answer, Status> {
+async fn collect(service: &InferenceService, job: &Job, request: pb::GenerateRequest) -> Result<Answer, Status> {
     use pb::generate_response::Event;
-    let mut stream = service.start(request, Instant::now(), deadline, "-").await?;
+    let mut stream = service.start(request, Instant::now(), job.deadline, "-").await?;
     let mut answer = Answer { text: String::new(), prompt_tokens: 0, completion_tokens: 0 };
     while let Some(e) = stream.recv().await {
         match e?.event {
@@ -417,7 +423,6 @@ async fn collect(service: &InferenceService, request: pb::GenerateRequest, deadl
 
 /// Runs the job's last call, streaming its chunks to the client, and ends the job's stream with
 /// its `Finished`, whose usage and stages cover every call.
-#[allow(clippy::too_many_arguments)]
 async fn stream_last(
     service: &InferenceService,
     job: &Job,
@@ -426,10 +431,9 @@ async fn stream_last(
     tokens: Option<Range<usize>>,
     mut accounts: Accounts,
     events: &Events,
-    deadline: Option<Instant>,
 ) -> Result<(), Status> {
     use pb::generate_response::Event;
-    let mut stream = service.start(request, Instant::now(), deadline, "-").await?;
+    let mut stream = service.start(request, Instant::now(), job.deadline, "-").await?;
     let mut prompt_tokens = 0;
     let total = if job.strategy == pb::long_input::Strategy::Refine { job.chunks.len() } else { 1 };
     while let Some(e) = stream.recv().await {

@@ -100,7 +100,6 @@ pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> R
     if q.device().is_cpu() {
         // Half-precision operands are widened once (candle's CPU half GEMM is several times
         // slower than f32, and these are small next to the weights), then attended in blocks.
-        let wide = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
         let positions: Vec<usize> = (0..kv_len).collect();
         // Without a causal mask the queries sit after every key, so they see them all.
         let first_query = if mask.causal.is_some() { kv_len - len } else { kv_len };
@@ -110,6 +109,11 @@ pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &ChunkMask) -> R
         }
     }
     attend_blocks(q, keys, values, mask.tensor(len, kv_len, q.device())?.as_ref())
+}
+
+/// `t` as a contiguous f32 tensor, what the blocked kernel reads (a no-op for one already).
+fn wide(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?.contiguous()?)
 }
 
 /// [`attend`] in query blocks, with the chunk's full additive mask.
@@ -257,7 +261,6 @@ pub(crate) fn attend_partial_blocked(q: &Tensor, keys: &Tensor, values: &Tensor,
     if len == 0 || keys.dim(1)? == 0 {
         return Ok(Some(Partial::empty(heads, len, head_dim, q.device())?));
     }
-    let wide = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
     let Some(done) = blocked_attention(&wide(q)?, &wide(keys)?, &wide(values)?, causal)? else { return Ok(None) };
     let o = Tensor::from_vec(done.out, (len, heads, head_dim), q.device())?.transpose(0, 1)?.contiguous()?;
     Ok(Some(Partial { o, lse: Tensor::from_vec(done.lse, (heads, len, 1), q.device())? }))
