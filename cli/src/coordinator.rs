@@ -40,6 +40,12 @@ pub struct CoordinatorArgs {
     /// waits before taking over.
     #[arg(long, default_value_t = 5)]
     lease_ttl_secs: u64,
+    /// Wait up to this many seconds for every --model directory to appear (weights still
+    /// being copied onto a shared volume) instead of exiting at once. Whoever writes the
+    /// weights should move a finished directory into place, so a half-copied model is never
+    /// seen.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_MODEL_WAIT_SECS))]
+    model_wait_secs: u64,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -49,7 +55,13 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(args))
 }
 
+/// A week: far beyond any copy, but a typo still fails.
+const MAX_MODEL_WAIT_SECS: u64 = 7 * 86_400;
+/// How often a missing model directory is looked for again.
+const MODEL_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
+    wait_for_models(&args.model, std::time::Duration::from_secs(args.model_wait_secs)).await?;
     let tls = args.serve.tls.files().is_some();
     args.serve.tls.check_plaintext("the gRPC API (--listen)", args.listen.ip(), tls)?;
     if let Some(http) = args.http_listen {
@@ -84,6 +96,29 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
         http.abort();
     }
     tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Returns once every model directory exists, or after `patience` (the model is then read
+/// anyway, so the error names what is missing).
+async fn wait_for_models(models: &[ModelArg], patience: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut logged = false;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    while let Some(missing) = models.iter().find(|m| !m.dir.is_dir()) {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        if !logged {
+            tracing::info!(dir = %missing.dir.display(), ?patience, "waiting for the model directory to appear");
+            logged = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(MODEL_POLL) => {}
+            _ = &mut stop => anyhow::bail!("interrupted while waiting for {}", missing.dir.display()),
+        }
+    }
     Ok(())
 }
 

@@ -11,8 +11,10 @@
 
 mod bench;
 mod bench_http;
+mod child;
 mod coordinator;
 mod generate;
+mod group;
 mod keygen;
 mod record;
 mod run;
@@ -57,6 +59,9 @@ enum Command {
     Run(run::RunArgs),
     /// Serve one tensor-parallel rank to a coordinator over gRPC.
     Worker(worker::WorkerArgs),
+    /// Run one tensor-parallel group's ranks as one unit (a pod): started, stopped and
+    /// restarted together, formed into one group and never mixed with another unit's.
+    Group(group::GroupArgs),
     /// Make a new API key and the line of the --api-keys file that accepts it.
     Keygen(keygen::KeygenArgs),
 }
@@ -70,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(a) => a.compute.threads,
         Command::Run(a) => a.compute.threads,
         Command::Worker(a) => a.compute.threads,
-        Command::Generate(_) | Command::Bench(_) | Command::Coordinator(_) | Command::Keygen(_) => None,
+        Command::Generate(_) | Command::Bench(_) | Command::Coordinator(_) | Command::Group(_) | Command::Keygen(_) => None,
     });
     // Logs go to stderr so stdout stays for results; RUST_LOG overrides the level.
     // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org): logs
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         Command::Coordinator(args) => coordinator::run(args),
         Command::Run(args) => run::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Group(args) => group::run(args),
         Command::Keygen(args) => keygen::run(args),
     }
 }

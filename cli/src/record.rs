@@ -21,6 +21,7 @@ pub fn worker_record(id: &str, address: impl Display, kv_capacity_tokens: u64) -
         kv_capacity_tokens,
         version: env!("CARGO_PKG_VERSION").to_string(),
         draining: false,
+        group: None,
     }
 }
 

@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// keep decoding meanwhile.
     #[arg(long, default_value_t = 256)]
     pub step_tokens: usize,
+    /// Seconds a new group's workers may take to load their shards and connect before the
+    /// group is given up and formed again (large models on network storage need long).
+    #[arg(long, default_value_t = ClusterConfig::default().load_timeout.as_secs())]
+    pub load_timeout_secs: u64,
     /// Seconds a step may take before its group is declared lost (a hung worker).
     #[arg(long, default_value_t = 300)]
     pub step_timeout_secs: u64,
@@ -190,6 +194,7 @@ impl ServeArgs {
         anyhow::ensure!(self.max_new_tokens_limit > 0, "--max-new-tokens-limit must be at least 1");
         anyhow::ensure!((1..=MAX_STEP_TOKENS).contains(&self.step_tokens), "--step-tokens must be in 1..={MAX_STEP_TOKENS}");
         anyhow::ensure!((1..=86_400).contains(&self.step_timeout_secs), "--step-timeout-secs must be in 1..=86400");
+        anyhow::ensure!((1..=86_400).contains(&self.load_timeout_secs), "--load-timeout-secs must be in 1..=86400");
         let limits = Limits {
             max_new_tokens: self.max_new_tokens_limit,
             default_max_new_tokens: Limits::default().default_max_new_tokens.min(self.max_new_tokens_limit),
@@ -207,6 +212,7 @@ impl ServeArgs {
             ring_prefill_tokens: self.ring_prefill_tokens,
             prefix_affinity_margin: (!self.no_prefix_affinity).then_some(self.prefix_affinity_margin),
             migration_limit: self.migration_limit,
+            load_timeout: std::time::Duration::from_secs(self.load_timeout_secs),
             ..ClusterConfig::default()
         };
         let api_tls = self.tls.files();

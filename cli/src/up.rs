@@ -7,7 +7,6 @@
 //! expire. Ctrl-C stops the server, then the workers (SIGTERM, then SIGKILL after a grace period).
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use clap::Args;
 use tessera_coordinator::Coordinator;
 use tessera_registry::{EtcdConfig, EtcdRegistry, MemoryConfig, MemoryRegistry, Registry};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::record::worker_record;
 use crate::serve_args::{ModelArg, ServeArgs};
@@ -216,15 +215,10 @@ struct LocalWorker {
 }
 
 async fn spawn_worker(id: &str, args: &UpArgs, threads: usize) -> anyhow::Result<LocalWorker> {
-    let exe = std::env::current_exe()?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = crate::child::tessera()?;
     cmd.args(["worker", "--threads", &threads.to_string(), "--listen", "127.0.0.1:0", "--id", id])
         .args(["--kv-capacity-tokens", &args.kv_capacity_tokens.to_string()])
-        .args(["--max-adapters", &args.max_adapters.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+        .args(["--max-adapters", &args.max_adapters.to_string()]);
     if !args.etcd.is_empty() {
         cmd.args(["--etcd", &args.etcd.join(",")]);
     }
@@ -232,21 +226,6 @@ async fn spawn_worker(id: &str, args: &UpArgs, threads: usize) -> anyhow::Result
     // the same certificate (it must name 127.0.0.1).
     if let (Some(files), Some(ca)) = (args.serve.tls.files(), &args.serve.tls.tls_ca) {
         cmd.arg("--tls-cert").arg(&files.cert).arg("--tls-key").arg(&files.key).arg("--tls-ca").arg(ca);
-    }
-    #[cfg(target_os = "linux")]
-    // SAFETY: runs in the child between fork and exec and only calls prctl(2), which is
-    // async-signal-safe. It makes the kernel stop the worker if this process dies without
-    // cleaning up (SIGKILL), so no orphaned worker keeps its port and memory.
-    unsafe {
-        cmd.pre_exec(
-            || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            },
-        );
     }
     let mut child = cmd.spawn()?;
     let stdout = child.stdout.take().context("worker stdout")?;
@@ -287,16 +266,8 @@ impl Watched {
 
 /// SIGTERM (the worker revokes its etcd registration and exits), then SIGKILL if it lingers.
 async fn terminate(child: &mut Child) {
-    #[cfg(unix)]
-    if let Some(pid) = child.id() {
-        // SAFETY: kill(2) on a pid this process spawned and has not yet reaped; it touches
-        // no memory of ours.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
-        }
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
-            return;
-        }
+    if crate::child::ask_to_stop(child) && tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+        return;
     }
     let _ = child.kill().await;
 }

@@ -4,6 +4,7 @@
 //! registration while it serves (see [`registration`]) and revokes it on the way out. Its
 //! readiness on `grpc.health.v1` follows whether it serves a group ([`readiness`]).
 
+mod metrics;
 mod readiness;
 mod registration;
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tessera_registry::EtcdConfig;
+use tessera_registry::{EtcdConfig, WorkerRecord};
 use tessera_worker::{EngineConfig, EngineHandle, WorkerService};
 use tonic::transport::server::TcpIncoming;
 
@@ -56,6 +57,16 @@ pub struct WorkerArgs {
     /// terminationGracePeriodSeconds.
     #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// The deployment unit this worker belongs to (e.g. its pod, when one pod runs a whole
+    /// tensor-parallel group): coordinators form groups only from workers that name the same
+    /// unit, so a group never spans two. Registered with --etcd.
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
+    /// Serve this worker's Prometheus metrics (KV cache, sequences, prefix cache) at
+    /// http://ADDR/metrics, plaintext; port 0 picks a free port (its URL is the second line
+    /// of stdout).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Mutual TLS with the coordinator and the other ranks: --tls-cert, --tls-key and --tls-ca
     /// together.
     #[command(flatten)]
@@ -153,8 +164,22 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     if registering.is_some() {
         tessera_registry::keys::validate_worker_id(&id)?;
     }
-    // Tests and `tessera up` read this line to learn the port.
+    if let Some(group) = &args.group {
+        tessera_registry::keys::validate_worker_id(group).context("--group")?;
+    }
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => {
+            args.tls.check_plaintext("the Prometheus metrics (--metrics-listen)", addr.ip(), false)?;
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))?)
+        }
+        None => None,
+    };
+    // Tests and `tessera up` read this line to learn the port; `tessera group` also the
+    // second, the metrics address.
     println!("{addr}");
+    if let Some(metrics) = &metrics_listener {
+        println!("http://{}/metrics", metrics.local_addr()?);
+    }
     let config = EngineConfig {
         collective_host: args.collective_host,
         kv_capacity_tokens,
@@ -163,6 +188,10 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let engine = EngineHandle::spawn(config.clone())?;
     let serving = engine.serving();
+    let metrics = metrics_listener.map(|listener| {
+        let metrics = metrics::WorkerMetrics { id: id.clone(), engine: engine.clone(), kv_capacity_tokens };
+        tokio::spawn(metrics.serve(listener))
+    });
     let service = WorkerService::new(id.clone(), engine, config);
     let admission = service.admission();
     // Health for probes: "" while the process serves; the worker service while it serves a
@@ -191,7 +220,8 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
                 Ok(())
             }
             Some(registering) => {
-                let record = worker_record(&id, registering.address(addr.port()), kv_capacity_tokens);
+                let record =
+                    WorkerRecord { group: args.group.clone(), ..worker_record(&id, registering.address(addr.port()), kv_capacity_tokens) };
                 let drain = Duration::from_secs(args.drain_timeout_secs);
                 registration::stay_registered(registering.etcd, record, admission, &readiness, shutdown, drain).await
             }
@@ -210,6 +240,9 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
             lived?;
             served.context("the gRPC server task")??;
         }
+    }
+    if let Some(metrics) = metrics {
+        metrics.abort();
     }
     tracing::info!(%id, "worker stopped");
     Ok(())

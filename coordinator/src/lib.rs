@@ -42,7 +42,7 @@ pub mod model;
 mod output;
 mod placement;
 mod prefix_affinity;
-mod prometheus;
+pub mod prometheus;
 pub mod request;
 mod ring;
 mod scheduler;

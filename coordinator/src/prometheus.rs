@@ -25,6 +25,28 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves `/metrics` on `listener` until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, keys: Option<Arc<ApiKeys>>) {
+    serve_text(listener, move || {
+        let (cluster, keys) = (cluster.clone(), keys.clone());
+        async move {
+            let status = cluster.status().await;
+            let serving = *cluster.serving_groups().borrow();
+            let mut text = render(&status, &cluster.metrics.token_snapshot(), serving);
+            if let Some(keys) = keys {
+                text.push_str(&keys.prometheus());
+            }
+            text
+        }
+    })
+    .await
+}
+
+/// Serves `GET /metrics` on `listener`, each scrape answered with the text `scrape` makes,
+/// until the task is aborted. Workers serve theirs through this too.
+pub async fn serve_text<F, Fut>(listener: TcpListener, scrape: F)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send,
+{
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -35,11 +57,11 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, keys: Op
                 continue;
             }
         };
-        let (cluster, keys) = (cluster.clone(), keys.clone());
+        let scrape = scrape.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let (cluster, keys) = (cluster.clone(), keys.clone());
-                async move { Ok::<_, Infallible>(respond(req, &cluster, keys.as_deref()).await) }
+                let scrape = scrape.clone();
+                async move { Ok::<_, Infallible>(respond(req, scrape).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
@@ -48,7 +70,11 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, keys: Op
     }
 }
 
-async fn respond(req: Request<hyper::body::Incoming>, cluster: &Cluster, keys: Option<&ApiKeys>) -> Response<Full<Bytes>> {
+async fn respond<F, Fut>(req: Request<hyper::body::Incoming>, scrape: F) -> Response<Full<Bytes>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
     let reply = |status: StatusCode, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
@@ -61,13 +87,7 @@ async fn respond(req: Request<hyper::body::Incoming>, cluster: &Cluster, keys: O
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
     }
-    let status = cluster.status().await;
-    let serving = *cluster.serving_groups().borrow();
-    let mut text = render(&status, &cluster.metrics.token_snapshot(), serving);
-    if let Some(keys) = keys {
-        text.push_str(&keys.prometheus());
-    }
-    reply(StatusCode::OK, text)
+    reply(StatusCode::OK, scrape().await)
 }
 
 /// The exposition text for one scrape.
@@ -80,6 +100,20 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     gauge(&mut out, "tessera_running_requests", "Requests a group is running.", u64::from(status.running_requests));
     gauge(&mut out, "tessera_serving_groups", "Worker groups loaded and serving.", serving_groups as u64);
     gauge(&mut out, "tessera_leader", "1 if this coordinator leads the cluster, 0 on a standby.", u64::from(status.leading));
+    // The autoscaling signals: per-group averages, so an HPA's `Value` target reads as "per
+    // group" and its formula (desired = ceil(groups * value / target)) applies directly.
+    let per_group = f64::from(status.queued_requests) / serving_groups.max(1) as f64;
+    let _ = write!(
+        out,
+        "# HELP tessera_queued_requests_per_group Requests waiting to run, per serving group.\n\
+         # TYPE tessera_queued_requests_per_group gauge\ntessera_queued_requests_per_group {per_group}\n"
+    );
+    let _ = write!(
+        out,
+        "# HELP tessera_kv_utilisation KV tokens held by sequences over the capacity of the workers in groups (0..1).\n\
+         # TYPE tessera_kv_utilisation gauge\ntessera_kv_utilisation {}\n",
+        kv_utilisation(&status.workers)
+    );
     gauge(
         &mut out,
         "tessera_ring_waiting_tokens",
@@ -141,6 +175,26 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
         &tokens.inter_token_latency,
     );
 
+    render_workers(&mut out, &status.workers);
+    out
+}
+
+/// KV tokens that sequences hold over the capacity of the workers placed in groups (those
+/// with a model); 0 when
+/// no worker is.
+fn kv_utilisation(workers: &[pb::WorkerStatus]) -> f64 {
+    let grouped = workers.iter().filter(|w| !w.model.is_empty());
+    let (held, capacity) = grouped.fold((0u64, 0u64), |(h, c), w| (h + w.kv_tokens, c + w.kv_capacity_tokens));
+    if capacity == 0 {
+        0.0
+    } else {
+        held as f64 / capacity as f64
+    }
+}
+
+/// The per-worker families (KV cache, sequences, prefix cache), one sample per worker labelled
+/// with its id: what the coordinator reports for all workers and a worker for itself.
+pub fn render_workers(out: &mut String, workers: &[pb::WorkerStatus]) {
     type Read = fn(&pb::WorkerStatus) -> u64;
     let per_worker: [(&str, &str, &str, Read); 10] = [
         ("tessera_worker_kv_tokens", "KV cache tokens a worker holds.", "gauge", |w| w.kv_tokens),
@@ -156,11 +210,10 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     ];
     for (name, help, kind, value) in per_worker {
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
-        for w in &status.workers {
+        for w in workers {
             let _ = writeln!(out, "{name}{{worker=\"{}\"}} {}", escape(&w.id), value(w));
         }
     }
-    out
 }
 
 fn histogram(out: &mut String, name: &str, help: &str, h: &HistogramSnapshot) {
@@ -172,7 +225,7 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &HistogramSnapshot) {
 }
 
 /// A label value as the text format wants it: backslash, double quote and newline escaped.
-fn escape(value: &str) -> String {
+pub fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
@@ -193,7 +246,8 @@ mod tests {
         let status = pb::ClusterStatusResponse {
             workers: vec![pb::WorkerStatus {
                 id: "w\"1".into(),
-                kv_tokens: 12,
+                model: "m".into(),
+                kv_tokens: 1024,
                 kv_capacity_tokens: 4096,
                 sequences: 1,
                 prefix_hit_tokens: 992,
@@ -224,7 +278,9 @@ mod tests {
             "tessera_time_to_first_token_seconds_count 1",
             "tessera_inter_token_latency_seconds_bucket{le=\"0.005\"} 1",
             "tessera_inter_token_latency_seconds_bucket{le=\"+Inf\"} 1",
-            "tessera_worker_kv_tokens{worker=\"w\\\"1\"} 12",
+            "tessera_worker_kv_tokens{worker=\"w\\\"1\"} 1024",
+            "tessera_queued_requests_per_group 2",
+            "tessera_kv_utilisation 0.25",
             "# TYPE tessera_worker_prefix_hit_tokens_total counter",
             "tessera_worker_prefix_hit_tokens_total{worker=\"w\\\"1\"} 992",
             "tessera_worker_kv_capacity_tokens{worker=\"w\\\"1\"} 4096",

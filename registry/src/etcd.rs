@@ -272,6 +272,7 @@ mod tests {
             kv_capacity_tokens: 0,
             version: "v".into(),
             draining: false,
+            group: None,
         };
         let json = serde_json::to_vec(&record).expect("encode");
         assert_eq!(decode_record("w1", &json), Some(record));

@@ -318,6 +318,7 @@ mod tests {
             kv_capacity_tokens: 1,
             version: "test".into(),
             draining: false,
+            group: None,
         }
     }
 

@@ -24,6 +24,11 @@ pub struct WorkerRecord {
     /// The worker is shutting down: it finishes what it runs but takes no new requests.
     #[serde(default)]
     pub draining: bool,
+    /// The deployment unit this worker belongs to (e.g. the pod that runs one tensor-parallel
+    /// group's ranks): coordinators form groups only from workers that share it, so a group
+    /// never spans two units and leaves with its unit. `None`: any free workers may group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[cfg(test)]
@@ -40,9 +45,19 @@ mod tests {
             kv_capacity_tokens: 131_072,
             version: "0.1.0".into(),
             draining: true,
+            group: Some("pod-0".into()),
         };
         let json = serde_json::to_string(&record).expect("encode");
         let back: WorkerRecord = serde_json::from_str(&json).expect("decode");
         assert_eq!(back, record);
+    }
+
+    #[test]
+    fn records_of_earlier_versions_have_no_group() {
+        let json = r#"{"id":"w","address":"a:1","device":"cpu","memory_bytes":0,"kv_capacity_tokens":1,"version":"0"}"#;
+        let record: WorkerRecord = serde_json::from_str(json).expect("decode");
+        assert_eq!((record.group.as_deref(), record.draining), (None, false));
+        let json = serde_json::to_string(&record).expect("encode");
+        assert!(!json.contains("group"), "an ungrouped record is written as before: {json}");
     }
 }

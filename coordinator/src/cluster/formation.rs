@@ -3,12 +3,14 @@
 //! and loaded its shard); a loaded group gets its loop. Permanent load errors mark the model
 //! failed; others are retried with backoff.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tessera_proto::worker as wpb;
+use tessera_registry::WorkerRecord;
 use tokio::sync::{mpsc, watch};
 
 use super::{group_name, Cluster, GroupEntry, Role, Serving};
@@ -33,6 +35,21 @@ impl LoadFailure {
     }
 }
 
+/// The ids of `tp` free workers that may form one group, in rank order (by id): workers that
+/// name a deployment group only with the others of theirs (a pod's ranks stay one group and
+/// never mix with another pod's), the rest with any other unnamed ones. `None` when no set is
+/// complete yet.
+fn members<'a>(free: impl Iterator<Item = &'a WorkerRecord>, tp: usize) -> Option<Vec<String>> {
+    let mut by_group: BTreeMap<Option<&str>, Vec<&str>> = BTreeMap::new();
+    for record in free {
+        by_group.entry(record.group.as_deref()).or_default().push(&record.id);
+    }
+    by_group.into_values().find(|ids| ids.len() >= tp).map(|mut ids| {
+        ids.sort_unstable();
+        ids.into_iter().take(tp).map(str::to_string).collect()
+    })
+}
+
 impl Cluster {
     /// Forms groups from free workers: each new group goes to the model with the fewest.
     pub(super) fn reconcile(self: &Arc<Self>) {
@@ -48,16 +65,8 @@ impl Cluster {
             let candidates = (0..self.models.len()).filter(|m| !state.failed.contains_key(m));
             let Some(model) = candidates.min_by_key(|&m| counts[m]) else { return };
             let tp = self.models[model].spec.tp;
-            let free: Vec<String> = state
-                .workers
-                .iter()
-                .filter(|(_, s)| matches!(s.role, Role::Free) && !s.record.draining)
-                .map(|(id, _)| id.clone())
-                .take(tp)
-                .collect();
-            if free.len() < tp {
-                return;
-            }
+            let free = state.workers.values().filter(|w| matches!(w.role, Role::Free) && !w.record.draining).map(|w| &w.record);
+            let Some(free) = members(free, tp) else { return };
             let group = self.next_group.fetch_add(1, Ordering::Relaxed);
             let mut ranks = Vec::with_capacity(tp);
             let mut kv_capacity = u64::MAX;
@@ -187,5 +196,41 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, group: Option<&str>) -> WorkerRecord {
+        WorkerRecord {
+            id: id.into(),
+            address: format!("{id}:1"),
+            device: "cpu".into(),
+            memory_bytes: 0,
+            kv_capacity_tokens: 1024,
+            version: "0".into(),
+            draining: false,
+            group: group.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_named_group_forms_only_from_its_own_workers() {
+        // One rank of pod-a and one of pod-b are free: neither pod is complete, so no group
+        // forms, although two free workers would make a TP=2 group.
+        let half = [record("a-r0", Some("pod-a")), record("b-r0", Some("pod-b"))];
+        assert_eq!(members(half.iter(), 2), None);
+        let full = [record("a-r0", Some("pod-a")), record("b-r1", Some("pod-b")), record("b-r0", Some("pod-b"))];
+        assert_eq!(members(full.iter(), 2), Some(vec!["b-r0".to_string(), "b-r1".to_string()]));
+    }
+
+    #[test]
+    fn unnamed_workers_group_with_any_other_unnamed_ones() {
+        let free = [record("w2", None), record("a-r0", Some("pod-a")), record("w1", None), record("w3", None)];
+        assert_eq!(members(free.iter(), 2), Some(vec!["w1".to_string(), "w2".to_string()]));
+        assert_eq!(members(free.iter(), 4), None);
+        assert_eq!(members(free.iter(), 1), Some(vec!["w1".to_string()]));
     }
 }

@@ -15,6 +15,7 @@ pub fn record(id: &str) -> WorkerRecord {
         kv_capacity_tokens: 4096,
         version: "test".to_string(),
         draining: false,
+        group: None,
     }
 }
 

@@ -4,6 +4,7 @@
 mod abandoned;
 mod adapters;
 mod api_keys;
+mod autoscale;
 mod beams;
 mod chaos;
 mod decoding;
