@@ -30,6 +30,8 @@ pub struct CoordinatorArgs {
     /// etcd endpoints the workers register in (comma-separated or repeated).
     #[arg(long, value_delimiter = ',', required = true)]
     etcd: Vec<String>,
+    #[command(flatten)]
+    etcd_security: crate::etcd_args::EtcdSecurityArgs,
     /// This coordinator's name in the leader election (default: the host name and process
     /// id). Run several coordinators on one etcd for failover: the elected one serves, the
     /// others stand by (health NOT_SERVING for tessera.v1.Inference) and one takes over when
@@ -71,7 +73,11 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<()> {
     let id = args.coordinator_id.clone().unwrap_or_else(default_candidate);
     config.candidate = id.clone();
     anyhow::ensure!((1..=3600).contains(&args.lease_ttl_secs), "--lease-ttl-secs must be in 1..=3600");
-    let etcd = EtcdConfig { lease_ttl: std::time::Duration::from_secs(args.lease_ttl_secs), ..EtcdConfig::new(args.etcd.clone()) };
+    let etcd = EtcdConfig {
+        lease_ttl: std::time::Duration::from_secs(args.lease_ttl_secs),
+        security: args.etcd_security.security()?,
+        ..EtcdConfig::new(args.etcd.clone())
+    };
     let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(etcd).await?);
     let coordinator = Coordinator::start(config, registry).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;

@@ -13,6 +13,7 @@ mod bench;
 mod bench_http;
 mod child;
 mod coordinator;
+mod etcd_args;
 mod generate;
 mod group;
 mod keygen;

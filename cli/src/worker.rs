@@ -44,6 +44,8 @@ pub struct WorkerArgs {
     /// separate URLs with commas to name several members. Without it the worker does not register.
     #[arg(long = "etcd", value_name = "URL", value_delimiter = ',')]
     etcd: Vec<String>,
+    #[command(flatten)]
+    etcd_security: crate::etcd_args::EtcdSecurityArgs,
     /// Lease time-to-live in seconds: a worker that stops renewing leaves the registry this
     /// long after its last renewal.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -115,7 +117,11 @@ impl Registering {
             return Ok(None);
         }
         let advertise_host = advertise_host(args.advertise_host.as_deref(), args.listen.ip())?;
-        let etcd = EtcdConfig { lease_ttl: Duration::from_secs(args.lease_ttl_secs), ..EtcdConfig::new(endpoints) };
+        let etcd = EtcdConfig {
+            lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+            security: args.etcd_security.security()?,
+            ..EtcdConfig::new(endpoints)
+        };
         etcd.validate().context("invalid registry settings")?;
         Ok(Some(Self { etcd, advertise_host }))
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
 use crate::election::Leadership;
 use crate::error::{RegistryError, Result};
@@ -43,6 +43,39 @@ pub struct EtcdConfig {
     pub watch_retry_max: Duration,
     /// Events buffered for a watcher that is slower than etcd.
     pub watch_buffer: usize,
+    /// TLS and user authentication towards etcd; the default is neither (plain `http://`).
+    pub security: EtcdSecurity,
+}
+
+/// How to reach an etcd that requires TLS (`https://` endpoints), client certificates, or
+/// etcd's own user authentication. PEM bytes, read by the caller.
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    /// CA certificate(s) that etcd's server certificate must chain to; required with
+    /// `https://` endpoints (no system roots are consulted).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key, for an etcd started with `--client-cert-auth`.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// User name and password, for an etcd with authentication enabled.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    // Never the password, nor key bytes: configs are logged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSecurity")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl EtcdSecurity {
+    /// Whether TLS options apply (the endpoints must then be `https://`).
+    pub fn tls(&self) -> bool {
+        self.ca_pem.is_some() || self.identity_pem.is_some()
+    }
 }
 
 impl EtcdConfig {
@@ -56,6 +89,7 @@ impl EtcdConfig {
             http2_keep_alive: Duration::from_secs(10),
             watch_retry_max: Duration::from_secs(2),
             watch_buffer: 256,
+            security: EtcdSecurity::default(),
         }
     }
 
@@ -73,6 +107,10 @@ impl EtcdConfig {
             Some("timeouts and intervals must be positive")
         } else if self.watch_buffer == 0 {
             Some("watch_buffer must be at least 1")
+        } else if self.security.tls() && self.endpoints.iter().any(|e| e.starts_with("http://")) {
+            Some("a CA or client certificate for etcd needs https:// endpoints")
+        } else if self.security.ca_pem.is_none() && self.endpoints.iter().any(|e| e.starts_with("https://")) {
+            Some("https:// etcd endpoints need the CA that signed etcd's certificate")
         } else {
             None
         };
@@ -86,10 +124,25 @@ impl EtcdConfig {
     fn connect_options(&self) -> ConnectOptions {
         // No per-request timeout here: tonic would apply it to the long-lived watch and
         // keep-alive streams too. Unary calls are bounded by `with_timeout` instead.
-        ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(self.http2_keep_alive, self.request_timeout)
-            .with_keep_alive_while_idle(true)
+            .with_keep_alive_while_idle(true);
+        if self.security.tls() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.security.ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &self.security.identity_pem {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls);
+        }
+        if let Some((name, password)) = &self.security.user {
+            // Tokens expire (etcd's --auth-token-ttl); a refused one is renewed and retried.
+            options = options.with_user(name.clone(), password.clone()).with_auto_token_refresh(true);
+        }
+        options
     }
 }
 
@@ -256,6 +309,8 @@ mod tests {
             EtcdConfig { lease_ttl: Duration::ZERO, ..ok.clone() },
             EtcdConfig { request_timeout: Duration::ZERO, ..ok.clone() },
             EtcdConfig { watch_buffer: 0, ..ok.clone() },
+            EtcdConfig { security: EtcdSecurity { ca_pem: Some(b"pem".to_vec()), ..EtcdSecurity::default() }, ..ok.clone() },
+            EtcdConfig { endpoints: vec!["https://127.0.0.1:2379".into()], ..ok.clone() },
         ];
         for bad in cases {
             assert!(matches!(bad.validate(), Err(RegistryError::InvalidConfig(_))), "{bad:?}");

@@ -30,7 +30,7 @@ use async_trait::async_trait;
 
 pub use election::Leadership;
 pub use error::{RegistryError, Result, Retry};
-pub use etcd::{EtcdConfig, EtcdRegistry};
+pub use etcd::{EtcdConfig, EtcdRegistry, EtcdSecurity};
 pub use lease::{LeaseId, LeaseLoss, LeaseState, Registration};
 pub use memory::{MemoryConfig, MemoryRegistry};
 pub use record::WorkerRecord;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -31,6 +31,17 @@ pub struct EtcdServer {
     /// Another address it also serves clients on (same port), for processes in a network
     /// namespace that cannot reach this one's loopback.
     also: Option<IpAddr>,
+    /// Clients must speak TLS and present a certificate of this CA.
+    tls: Option<EtcdTls>,
+}
+
+/// PEM files of a TLS etcd: its certificate and key (also what the harness's own client
+/// presents), and the CA it trusts for client certificates (and clients for its certificate).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl EtcdServer {
@@ -45,12 +56,35 @@ impl EtcdServer {
         Self::start_serving(Some(host)).await
     }
 
+    /// [`EtcdServer::start`] with TLS on the client port and client certificates required
+    /// (`--client-cert-auth`): its URL is `https://`.
+    pub async fn start_tls(tls: EtcdTls) -> Self {
+        let mut last_log = String::new();
+        for _attempt in 0..3 {
+            let mut server = Self::spawn(None, Some(tls.clone()));
+            match server.wait_ready().await {
+                Ok(()) => return server,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("etcd with TLS did not start on loopback after 3 attempts; its log:\n{last_log}");
+    }
+
+    /// Turns on etcd's authentication with a `root` user of this password: from then on
+    /// every client must log in.
+    pub async fn enable_auth(&self, password: &str) {
+        let mut client = self.client().await;
+        client.user_add("root", password, None).await.expect("add the root user");
+        client.user_grant_role("root", "root").await.expect("grant root the root role");
+        client.auth_enable().await.expect("enable authentication");
+    }
+
     async fn start_serving(also: Option<IpAddr>) -> Self {
         // Ports are found by binding port 0 and releasing it; another process could take one
         // in between, so a server that dies at startup is retried on fresh ports.
         let mut last_log = String::new();
         for _attempt in 0..3 {
-            let mut server = Self::spawn(also);
+            let mut server = Self::spawn(also, None);
             match server.wait_ready().await {
                 Ok(()) => return server,
                 Err(log) => last_log = log,
@@ -65,20 +99,23 @@ impl EtcdServer {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = launch(&self.data, &self.client_urls(), self.peer_addr);
+        self.child = launch(&self.data, &self.client_urls(), self.peer_addr, self.tls.as_ref());
         if let Err(log) = self.wait_ready().await {
             panic!("etcd did not come back after a restart; its log:\n{log}");
         }
     }
 
-    fn spawn(also: Option<IpAddr>) -> Self {
+    fn spawn(also: Option<IpAddr>, tls: Option<EtcdTls>) -> Self {
         let data = tempfile::tempdir().expect("temporary etcd data directory");
         let client_addr = free_port();
         let peer_addr = free_port();
-        let urls =
-            [Some(client_addr.ip()), also].into_iter().flatten().map(|ip| format!("http://{}", SocketAddr::new(ip, client_addr.port())));
-        let child = launch(&data, &urls.collect::<Vec<_>>().join(","), peer_addr);
-        Self { child, data, client_addr, peer_addr, also }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let urls = [Some(client_addr.ip()), also]
+            .into_iter()
+            .flatten()
+            .map(|ip| format!("{scheme}://{}", SocketAddr::new(ip, client_addr.port())));
+        let child = launch(&data, &urls.collect::<Vec<_>>().join(","), peer_addr, tls.as_ref());
+        Self { child, data, client_addr, peer_addr, also, tls }
     }
 
     /// Every URL it serves clients on, comma-separated as etcd's flags take them.
@@ -90,11 +127,19 @@ impl EtcdServer {
 
 /// Starts the etcd process of a single-member cluster on these ports and data directory; its
 /// log goes on at the end of `etcd.log` there.
-fn launch(data: &TempDir, client_urls: &str, peer_addr: SocketAddr) -> Child {
+fn launch(data: &TempDir, client_urls: &str, peer_addr: SocketAddr, tls: Option<&EtcdTls>) -> Child {
     let peer_url = format!("http://{peer_addr}");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(data.path().join("etcd.log")).expect("etcd log file");
     let log_err = log.try_clone().expect("etcd log file handle");
-    let spawned = Command::new("etcd")
+    let mut command = Command::new("etcd");
+    if let Some(tls) = tls {
+        command
+            .arg(format!("--cert-file={}", tls.cert.display()))
+            .arg(format!("--key-file={}", tls.key.display()))
+            .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+            .arg("--client-cert-auth");
+    }
+    let spawned = command
         .arg("--name=tessera-test")
         .arg(format!("--data-dir={}", data.path().join("data").display()))
         .arg(format!("--listen-client-urls={client_urls}"))
@@ -129,7 +174,7 @@ impl EtcdServer {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("etcd exited with {status}\n{}", self.log()));
             }
-            let options = ConnectOptions::new().with_connect_timeout(Duration::from_millis(300));
+            let options = self.connect_options().with_connect_timeout(Duration::from_millis(300));
             let probe = async {
                 let mut client = Client::connect([self.url()], Some(options)).await?;
                 client.get("probe", None).await
@@ -141,14 +186,31 @@ impl EtcdServer {
         Err(format!("etcd did not answer within {STARTUP_LIMIT:?}\n{}", self.log()))
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.client_addr)
+        self.url_on(self.client_addr.ip())
     }
 
     /// The client URL on another address it serves (see [`EtcdServer::start_also_on`]).
     pub fn url_on(&self, host: IpAddr) -> String {
-        format!("http://{}", SocketAddr::new(host, self.client_addr.port()))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", SocketAddr::new(host, self.client_addr.port()))
+    }
+
+    /// What the harness's own client needs: with TLS, the CA and the server's certificate as
+    /// its client certificate (etcd accepts any certificate of its CA).
+    fn connect_options(&self) -> ConnectOptions {
+        let options = ConnectOptions::new();
+        match &self.tls {
+            None => options,
+            Some(tls) => {
+                let read = |p: &PathBuf| std::fs::read(p).expect("read a test certificate file");
+                let config = TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(read(&tls.ca)))
+                    .identity(Identity::from_pem(read(&tls.cert), read(&tls.key)));
+                options.with_tls(config)
+            }
+        }
     }
 
     /// The client address, for a proxy to forward to.
@@ -158,7 +220,7 @@ impl EtcdServer {
 
     /// A plain etcd client, for doing things behind the registry's back.
     pub async fn client(&self) -> Client {
-        Client::connect([self.url()], None).await.expect("connect to test etcd")
+        Client::connect([self.url()], Some(self.connect_options())).await.expect("connect to test etcd")
     }
 
     fn log(&self) -> String {
