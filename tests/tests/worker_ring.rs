@@ -269,3 +269,60 @@ async fn a_ring_of_three_workers_generates_what_one_worker_does() {
     }
     assert_eq!(kv_tokens(&mut clients).await, vec![0, 0, 0]);
 }
+
+/// How long a reset may take when a ring member has gone silent: far below any TCP timeout
+/// (minutes), well above a loaded machine's scheduling delays.
+const RESET_PATIENCE: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_ends_a_ring_step_blocked_on_a_silent_member() {
+    let mut processes = Vec::new();
+    let mut clients = Vec::new();
+    for m in 0..2 {
+        let (process, client) = serving_worker(&group(m)).await;
+        processes.push(process);
+        clients.push(client);
+    }
+    let mut peers = Vec::new();
+    for (m, c) in clients.iter_mut().enumerate() {
+        let req = pb::PrepareRingRequest { group_id: group(m), ring_id: "ring-a".into(), member: m as u32, members: 2 };
+        peers.push(c.prepare_ring(req).await.expect("prepare ring").into_inner().ring_address);
+    }
+    for r in on_all(&clients, |m, mut c| {
+        let req = pb::JoinRingRequest { group_id: group(m), ring_id: "ring-a".into(), peers: peers.clone() };
+        async move { c.join_ring(req).await }
+    })
+    .await
+    {
+        r.expect("join ring");
+    }
+
+    // Member 1 stops answering (a hung process); member 0's step waits on it.
+    let stopped = std::process::Command::new("kill").args(["-STOP", &processes[1].0.id().to_string()]).status().expect("kill");
+    assert!(stopped.success());
+    let mut stepping = clients[0].clone();
+    let step = tokio::spawn(async move { stepping.ring_step(ring_step(0, SEQ, prefill(&prompt(), 2, 0))).await });
+    // The step is under way before the reset comes: it holds the engine, so a status request
+    // queued behind it goes unanswered.
+    let mut status = clients[0].clone();
+    let blocked = async {
+        loop {
+            assert!(!step.is_finished(), "the ring step ended although a member is silent");
+            if tokio::time::timeout(Duration::from_millis(300), status.status(pb::StatusRequest {})).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(RESET_PATIENCE, blocked).await.expect("the ring step never blocked on the silent member");
+
+    // The reset shuts the ring's connections: the blocked step fails and the reset returns,
+    // without waiting for the silent member or for TCP to give up.
+    let reset = tokio::time::timeout(RESET_PATIENCE, clients[0].reset(pb::ResetRequest {})).await;
+    reset.expect("the reset must not wait behind the blocked ring step").expect("reset");
+    let ended = tokio::time::timeout(RESET_PATIENCE, step).await.expect("the step ends").expect("join");
+    assert!(ended.is_err(), "the interrupted step fails: {ended:?}");
+    let s = clients[0].status(pb::StatusRequest {}).await.expect("status").into_inner();
+    assert_eq!(s.state, "idle", "{s:?}");
+    let resumed = std::process::Command::new("kill").args(["-CONT", &processes[1].0.id().to_string()]).status().expect("kill");
+    assert!(resumed.success());
+}

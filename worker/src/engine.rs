@@ -146,16 +146,25 @@ pub struct EngineHandle {
     accepting: Arc<AtomicBool>,
     /// Whether the engine serves a group: its shard (or encoder) loaded, its peers connected.
     serving: watch::Receiver<bool>,
-    /// Ends the group collective's blocking calls, set while a group is connected.
+    /// Ends the group's and the ring's collective calls, set while they are connected.
     interrupt: Interruptible,
 }
 
-/// Where the engine thread leaves its group collective's [`Interrupt`] for the handles: a
-/// reset must not wait behind a step blocked on a peer that will never answer.
-type Interruptible = Arc<Mutex<Option<Interrupt>>>;
+/// Where the engine thread leaves its collectives' [`Interrupt`]s for the handles: a reset
+/// must not wait behind a step blocked on a peer that will never answer, in its group or in
+/// a sequence-parallel ring.
+type Interruptible = Arc<Mutex<Interrupts>>;
 
-fn take_interrupt(slot: &Interruptible) -> Option<Interrupt> {
-    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+/// The interrupts of the collectives a worker holds: its group's and its ring's (a worker is
+/// in at most one ring at a time).
+#[derive(Default)]
+struct Interrupts {
+    group: Option<Interrupt>,
+    ring: Option<Interrupt>,
+}
+
+fn interrupts(slot: &Interruptible) -> std::sync::MutexGuard<'_, Interrupts> {
+    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl EngineHandle {
@@ -221,7 +230,11 @@ impl EngineHandle {
     /// Leaves the group: first shuts the group's connections, so a step blocked on a peer
     /// (hung, or cut off) fails at once and the reset is not queued behind it, then resets.
     pub async fn reset(&self) -> Result<()> {
-        if let Some(interrupt) = take_interrupt(&self.interrupt) {
+        let fired = {
+            let mut held = interrupts(&self.interrupt);
+            [held.ring.take(), held.group.take()]
+        };
+        for interrupt in fired.into_iter().flatten() {
             interrupt.fire();
         }
         self.call(Command::Reset).await
@@ -340,10 +353,18 @@ impl Engine {
             // the engine), so it is published after each; watchers hear only of changes.
             let serving = matches!(self.state, State::Serving(_) | State::Encoding(_));
             self.serving.send_if_modified(|s| std::mem::replace(s, serving) != serving);
-            // The interrupt holds the collective's connections open: it goes with the group,
-            // so peers see this rank leave when its collective is dropped.
-            if !matches!(self.state, State::Serving(_)) {
-                take_interrupt(&self.interrupt);
+            // An interrupt holds its collective's connections open: it goes with the group or
+            // the ring, so peers see this rank leave when the collective is dropped.
+            let (in_group, in_ring) = match &self.state {
+                State::Serving(s) => (true, s.ring.as_ref().is_some_and(ring::Ring::is_joined)),
+                _ => (false, false),
+            };
+            let mut held = interrupts(&self.interrupt);
+            if !in_group {
+                held.group = None;
+            }
+            if !in_ring {
+                held.ring = None;
             }
         }
     }
@@ -410,7 +431,7 @@ impl Engine {
                 Box::new(TcpCollective::connect(self.tcp_config(a.tp_rank, peers), listener)?)
             }
         };
-        *self.interrupt.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = comm.interrupt();
+        interrupts(&self.interrupt).group = comm.interrupt();
         let load = LoadConfig {
             dtype: a.dtype,
             quantization: a.quantization,

@@ -144,6 +144,11 @@ enum Link {
 }
 
 impl Ring {
+    /// Connected to its peers: it has a collective to interrupt.
+    pub(super) fn is_joined(&self) -> bool {
+        matches!(self.link, Link::Joined { .. })
+    }
+
     fn phase(&self) -> &'static str {
         match self.link {
             Link::Bound { .. } => "prepared but not joined",
@@ -210,6 +215,7 @@ impl Engine {
 
     fn join_ring(&mut self, group: &str, ring_id: &str, peers: Vec<SocketAddr>) -> Result<()> {
         let tls = self.config.collective_tls.as_ref().map(|t| t.current());
+        let slot = std::sync::Arc::clone(&self.interrupt);
         let s = self.serving(group, "join a ring")?;
         let ring = take_ring(s, ring_id)?;
         let (membership, listener, addr) = match ring {
@@ -235,6 +241,8 @@ impl Engine {
         }
         // The listener is spent either way; a ring that failed to connect is prepared afresh.
         let comm = TcpCollective::connect(TcpConfig { tls, ..TcpConfig::new(member, peers) }, listener)?;
+        // A reset fires it, so a ring step blocked on a silent member does not hold the reset.
+        super::interrupts(&slot).ring = comm.interrupt();
         tracing::info!(group, ring = ring_id, member, members, "ring joined");
         s.ring = Some(Ring { membership, link: Link::Joined { comm: Box::new(comm), seqs: BTreeSet::new() } });
         Ok(())
