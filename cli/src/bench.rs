@@ -14,14 +14,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::client::Client;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tessera_model::sampler::SeededRng;
 use tessera_proto::v1 as pb;
-use tessera_proto::v1::inference_client::InferenceClient;
 use tokio::sync::Semaphore;
-use tonic::transport::Channel;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -29,6 +28,9 @@ pub struct BenchArgs {
     /// OpenAI-compatible HTTP API (`http://HOST:PORT` or `.../v1`).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// TLS (`https://` addresses) and the API key, as `tessera generate` takes them.
+    #[command(flatten)]
+    auth: crate::client::ClientAuthArgs,
     /// How requests are sent: `tessera.v1` Generate streams, or streamed `/v1/completions`
     /// (server-sent events) over the OpenAI-compatible HTTP API.
     #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
@@ -114,7 +116,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// How requests reach the coordinator.
 enum Sender {
-    Grpc(InferenceClient<Channel>),
+    Grpc(Client),
     Openai(crate::bench_http::HttpTarget),
 }
 
@@ -155,12 +157,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.vocab_range > 0, "--vocab-range must be at least 1");
     let plan = plan(&args)?;
     let sender = match args.protocol {
-        Protocol::Grpc => {
-            let channel =
-                Channel::from_shared(args.addr.clone())?.connect().await.with_context(|| format!("cannot reach {}", args.addr))?;
-            Sender::Grpc(InferenceClient::new(channel))
+        Protocol::Grpc => Sender::Grpc(args.auth.connect(&args.addr).await?),
+        Protocol::Openai => {
+            let tls = args.auth.http_tls()?;
+            Sender::Openai(crate::bench_http::HttpTarget::parse(&args.addr, tls, args.auth.authorization()?)?)
         }
-        Protocol::Openai => Sender::Openai(crate::bench_http::HttpTarget::parse(&args.addr)?),
     };
     let preempted_before = match &sender {
         Sender::Grpc(client) => preemptions(client).await,
@@ -211,7 +212,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Sequences the coordinator has preempted so far (`ClusterStatus.counters.preemptions`).
-async fn preemptions(client: &InferenceClient<Channel>) -> Option<u64> {
+async fn preemptions(client: &Client) -> Option<u64> {
     let status = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.ok()?.into_inner();
     Some(status.counters?.preemptions)
 }
@@ -286,7 +287,7 @@ fn request(args: &BenchArgs, input: pb::generate_request::Input, output_len: u32
 }
 
 /// Sends one request and times its stream.
-async fn measure(mut client: InferenceClient<Channel>, request: pb::GenerateRequest) -> Measured {
+async fn measure(mut client: Client, request: pb::GenerateRequest) -> Measured {
     let mut m = Measured::default();
     let sent = Instant::now();
     let mut stream = match client.generate(request).await {

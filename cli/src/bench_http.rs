@@ -6,31 +6,49 @@
 //! server samples arrives in an event, as every gRPC chunk does, even when its text is held
 //! back (half a character, a possible stop string). Output tokens are the usage's count.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tessera_proto::v1 as pb;
+use tessera_tls::ClientTls;
 
 use crate::bench::Measured;
 
-/// Where the HTTP API is: `host:port`, from `http://host:port` with or without `/v1`.
-#[derive(Debug, Clone, PartialEq)]
+/// Where the HTTP API is and how to reach it: `host:port` from `http://host:port` (or
+/// `https://` with a CA to trust) with or without `/v1`, and the API key's header.
+#[derive(Debug, Clone)]
 pub struct HttpTarget {
     authority: String,
+    /// The host part, which the server's certificate must name.
+    host: String,
+    tls: Option<Arc<ClientTls>>,
+    authorization: Option<String>,
 }
 
 impl HttpTarget {
-    pub fn parse(addr: &str) -> anyhow::Result<Self> {
-        let rest = addr.strip_prefix("http://").with_context(|| format!("{addr}: the OpenAI API is reached over http://"))?;
+    pub fn parse(addr: &str, tls: Option<Arc<ClientTls>>, authorization: Option<String>) -> anyhow::Result<Self> {
+        let rest = match (addr.strip_prefix("http://"), addr.strip_prefix("https://"), &tls) {
+            (Some(rest), _, None) => rest,
+            (_, Some(rest), Some(_)) => rest,
+            (_, Some(_), None) => bail!("{addr}: an https:// API needs --tls-ca"),
+            (Some(_), _, Some(_)) => bail!("{addr}: --tls-ca is for an https:// API"),
+            (None, None, _) => bail!("{addr}: the OpenAI API is reached over http:// or https://"),
+        };
         let authority = rest.trim_end_matches('/').trim_end_matches("/v1").trim_end_matches('/');
-        anyhow::ensure!(!authority.is_empty() && !authority.contains('/'), "{addr}: expected http://HOST:PORT[/v1]");
-        Ok(Self { authority: authority.to_string() })
+        anyhow::ensure!(!authority.is_empty() && !authority.contains('/'), "{addr}: expected http(s)://HOST:PORT[/v1]");
+        let host = match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => authority,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        Ok(Self { authority: authority.to_string(), host, tls, authorization })
     }
 }
 
@@ -56,6 +74,18 @@ pub fn body(model: &str, input: &pb::generate_request::Input, output_len: u32, t
     body.to_string()
 }
 
+/// Sends `request` on a new HTTP/1.1 connection over `io`.
+async fn send<IO>(io: IO, request: Request<Full<Bytes>>) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender.send_request(request).await?)
+}
+
 /// Sends one request and times its events.
 pub async fn measure(target: HttpTarget, body: String) -> Measured {
     let sent = Instant::now();
@@ -70,15 +100,18 @@ pub async fn measure(target: HttpTarget, body: String) -> Measured {
 async fn run(target: &HttpTarget, body: String, sent: Instant, m: &mut Measured) -> anyhow::Result<()> {
     let stream = tokio::net::TcpStream::connect(&target.authority).await.with_context(|| format!("connect to {}", target.authority))?;
     stream.set_nodelay(true)?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = Request::post("/v1/completions")
-        .header(HOST, &target.authority)
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))?;
-    let response = sender.send_request(request).await?;
+    let mut request = Request::post("/v1/completions").header(HOST, &target.authority).header(CONTENT_TYPE, "application/json");
+    if let Some(value) = &target.authorization {
+        request = request.header(AUTHORIZATION, value);
+    }
+    let request = request.body(Full::new(Bytes::from(body)))?;
+    let response = match &target.tls {
+        None => send(TokioIo::new(stream), request).await?,
+        Some(tls) => {
+            let stream = tls.connect(&target.host, stream).await.with_context(|| format!("TLS to {}", target.authority))?;
+            send(TokioIo::new(stream), request).await?
+        }
+    };
     let status = response.status();
     let mut body = response.into_body();
     if !status.is_success() {
@@ -132,10 +165,13 @@ mod tests {
     #[test]
     fn targets_take_the_base_url_with_or_without_v1() {
         for addr in ["http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1/"] {
-            assert_eq!(HttpTarget::parse(addr).expect(addr).authority, "127.0.0.1:8000");
+            let target = HttpTarget::parse(addr, None, None).expect(addr);
+            assert_eq!((target.authority.as_str(), target.host.as_str()), ("127.0.0.1:8000", "127.0.0.1"));
         }
-        assert!(HttpTarget::parse("https://x:1").is_err());
-        assert!(HttpTarget::parse("http://x:1/api/v1").is_err());
+        assert_eq!(HttpTarget::parse("http://[::1]:8000/v1", None, None).expect("IPv6").host, "::1");
+        assert!(HttpTarget::parse("https://x:1", None, None).is_err(), "https:// needs a CA");
+        assert!(HttpTarget::parse("http://x:1/api/v1", None, None).is_err());
+        assert!(HttpTarget::parse("ftp://x:1", None, None).is_err());
     }
 
     #[test]

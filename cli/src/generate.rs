@@ -2,22 +2,17 @@
 
 use std::io::Write;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use tessera_proto::v1 as pb;
-use tessera_proto::v1::inference_client::InferenceClient;
 
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
     /// Coordinator address (`https://` for a coordinator serving TLS).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
-    /// CA certificate (PEM) to trust for an `https://` address, instead of none.
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<std::path::PathBuf>,
-    /// API key for a coordinator started with --api-keys (default: $TESSERA_API_KEY).
-    #[arg(long)]
-    api_key: Option<String>,
+    #[command(flatten)]
+    auth: crate::client::ClientAuthArgs,
     /// Served model name (may be omitted when the coordinator serves one model).
     #[arg(long, default_value = "")]
     model: String,
@@ -119,22 +114,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(args.addr.clone())?;
-    if let Some(ca) = &args.tls_ca {
-        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-        endpoint =
-            endpoint.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)))?;
-    }
-    let channel = endpoint.connect().await.with_context(|| format!("cannot reach {}", args.addr))?;
-    let key = args.api_key.clone().or_else(|| std::env::var("TESSERA_API_KEY").ok()).filter(|k| !k.is_empty());
-    let authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
-        key.map(|k| format!("Bearer {k}").parse()).transpose().context("the API key is not printable ASCII")?;
-    let mut client = InferenceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        if let Some(value) = &authorization {
-            req.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(req)
-    });
+    let mut client = args.auth.connect(&args.addr).await?;
     let input = if args.chat {
         let system = args.system.iter().map(|s| pb::ChatMessage { role: "system".into(), content: s.clone() });
         let user = pb::ChatMessage { role: "user".into(), content: args.prompt.clone() };

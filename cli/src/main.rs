@@ -12,6 +12,7 @@
 mod bench;
 mod bench_http;
 mod child;
+mod client;
 mod coordinator;
 mod etcd_args;
 mod generate;

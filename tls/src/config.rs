@@ -130,6 +130,17 @@ impl ClientTls {
     pub fn config(&self) -> Arc<ClientConfig> {
         self.0.get()
     }
+
+    /// Opens TLS over `stream` to `host` (a name or IP address its certificate must hold).
+    pub async fn connect(
+        &self,
+        host: &str,
+        stream: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;
+        tokio_rustls::TlsConnector::from(self.config()).connect(name, stream).await
+    }
 }
 
 fn owned(alpn: &[&[u8]]) -> Vec<Vec<u8>> {

@@ -112,3 +112,50 @@ async fn generate_with(client: &mut Client, request: tonic::Request<pb::Generate
     }
     Ok(tokens)
 }
+
+/// `tessera bench` against `args` (after `bench`); returns the JSON report and whether it
+/// exited successfully.
+fn bench(args: &[&str], json: &std::path::Path) -> (serde_json::Value, bool) {
+    let out = Command::new(tessera_bin())
+        .arg("bench")
+        .args(args)
+        .args(["--num-prompts", "3", "--input-len", "8", "--output-len", "4", "--vocab-range", "300", "--json"])
+        .arg(json)
+        .output()
+        .expect("run tessera bench");
+    let report = std::fs::read_to_string(json).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    (report, out.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tessera_bench_measures_a_coordinator_behind_tls_and_api_keys() {
+    let dir = scratch("bench-tls-keys");
+    let ca = tessera_tests::certs::TestCa::new(&dir, "api").expect("CA");
+    let leaf = ca.leaf("coordinator").expect("server certificate");
+    let (key, line) = keygen("bench", &[]);
+    let keys = dir.join("keys");
+    std::fs::write(&keys, format!("{line}\n")).expect("write key file");
+    let model = fixture(&demo(), "bench-tls-keys");
+    let path = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_string();
+    let (cert, tls_key, keys, model) = (path(&leaf.cert), path(&leaf.key), path(&keys), path(&model));
+    let args = ["up", "--threads", "1", "--port", "0", "--http-port", "0", "--workers", "1", "--tls-cert", &cert, "--tls-key", &tls_key];
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend(["--api-keys", &keys, "--model", &model]);
+    let (_up, lines, _stdout) = spawn_logged(tessera_bin(), &args, &dir.join("up.log"), 2).expect("tessera up with TLS and keys");
+    let grpc = lines[0].rsplit(' ').next().expect("URL").to_string();
+    let api = lines[1].rsplit(' ').next().expect("URL").to_string();
+    assert!(grpc.starts_with("https://") && api.starts_with("https://"), "{grpc} {api}");
+    let ca_pem = path(&ca.cert);
+
+    for (protocol, addr) in [("grpc", &grpc), ("openai", &api)] {
+        let json = dir.join(format!("{protocol}.json"));
+        let (report, ok) = bench(&["--protocol", protocol, "--addr", addr, "--tls-ca", &ca_pem, "--api-key", &key], &json);
+        assert!(ok, "{protocol}: {report}");
+        assert_eq!((report["completed"].as_u64(), report["failed"].as_u64()), (Some(3), Some(0)), "{protocol}: {report}");
+        assert_eq!(report["total_output_tokens"].as_u64(), Some(12), "{protocol}: {report}");
+        // Without the key every request is refused and the run fails.
+        let refused = dir.join(format!("{protocol}-no-key.json"));
+        let (report, ok) = bench(&["--protocol", protocol, "--addr", addr, "--tls-ca", &ca_pem, "--api-key", ""], &refused);
+        assert!(!ok, "{protocol}: a run with no key must fail: {report}");
+    }
+}
