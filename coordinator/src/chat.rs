@@ -56,7 +56,10 @@ impl ChatTemplate {
             .lstrip_blocks(true)
             .build()
             .map_err(|e| ChatError::Template(e.to_string()))?;
+        // Namespace assignments go through a copying filter, so no value can hold itself.
+        let template = crate::template_guard::detach_assignments(&template, syntax.clone()).map_err(ChatError::Template)?;
         env.set_syntax(syntax);
+        env.add_filter(crate::template_guard::DETACH, |value: minijinja::Value| crate::template_guard::detach(&value));
         // A template comes with the model files; a hostile or broken one must not spin or fill
         // memory: every render has an instruction budget, and its output a size (`render`).
         env.set_fuel(Some(TEMPLATE_FUEL));
@@ -96,6 +99,7 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatError> {
         let template = self.env.get_template(NAME).map_err(|e| ChatError::Template(e.to_string()))?;
         let mut out = CappedOutput { text: Vec::new(), limit: MAX_RENDERED_BYTES };
+        crate::template_guard::start_render();
         let rendered = template
             .render_captured_to(
                 minijinja::context! {
@@ -199,20 +203,23 @@ mod tests {
     }
 
     /// Found by the fuzz test (seed 2): a namespace made to hold itself, then printed, used to
-    /// recurse until the stack overflowed and took the process down.
+    /// recurse until the stack overflowed and took the process down. A namespace now stores a
+    /// copy of what is assigned to it (`template_guard.rs`), so it never holds itself.
     #[test]
-    fn a_namespace_that_holds_itself_is_an_error_not_a_stack_overflow() {
-        let cyclic = "{% set n = namespace(i=0) %}{% set n.i = n %}{{ n.i }}";
-        let err = render(cyclic).expect_err("a cycle cannot be printed");
-        assert!(err.to_string().contains("holding itself"), "{err}");
-        let deep = "{% set n = namespace(i=0) %}{% for _ in range(40) %}{% set n.i = [n.i] %}{% endfor %}{{ n.i }}";
-        assert!(render(deep).is_err(), "40 levels are more than may be printed");
-        let shallow = "{% set n = namespace(i=0) %}{% for _ in range(3) %}{% set n.i = [n.i] %}{% endfor %}{{ n.i }}";
-        assert_eq!(render(shallow).expect("3 levels print"), "[[[0]]]");
+    fn a_namespace_assigned_itself_holds_a_snapshot_not_a_cycle() {
+        let cyclic = "{% set n = namespace(i=0) %}{% set n.i = n %}{{ n.i.i }}";
+        assert_eq!(render(cyclic).expect("a snapshot prints"), "0");
         for filter in ["tojson", "string"] {
             let cyclic = format!("{{% set n = namespace(i=0) %}}{{% set n.i = n %}}{{{{ n | {filter} }}}}");
-            assert!(render(&cyclic).is_err(), "{filter} of a cycle is an error");
+            assert!(render(&cyclic).expect(filter).contains('0'), "{filter} of a snapshot");
         }
+        let deep = "{% set n = namespace(i=0) %}{% for _ in range(40) %}{% set n.i = [n.i] %}{% endfor %}{{ n.i }}";
+        assert!(render(deep).is_err(), "40 levels are more than a namespace may hold");
+        let shallow = "{% set n = namespace(i=0) %}{% for _ in range(3) %}{% set n.i = [n.i] %}{% endfor %}{{ n.i }}";
+        assert_eq!(render(shallow).expect("3 levels print"), "[[[0]]]");
+        // Printing keeps its own depth limit for values built without namespaces.
+        let literal = format!("{{{{ {}0{} }}}}", "[".repeat(40), "]".repeat(40));
+        assert!(render(&literal).expect_err("too deep to print").to_string().contains("nested deeper"));
         // Unchanged for a value that may be written: as Python's json.dumps writes it.
         assert_eq!(render("{{ messages | tojson }}").expect("tojson"), r#"[{"role": "user", "content": "Hello"}]"#);
     }
@@ -241,5 +248,35 @@ mod tests {
             Err(ChatError::Template(m)) => assert!(m.contains("bytes"), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A namespace made to reach itself, then concatenated (`~`) or compared (`==`), used to
+    /// recurse until the stack overflowed: neither printing's guard nor fuel saw it.
+    #[test]
+    fn values_that_would_hold_themselves_are_snapshots_so_concat_and_compare_end() {
+        let cases = [
+            "{% set ns = namespace(a=1) %}{% set ns.a = ns %}{{ (ns ~ '') | length > 0 }}",
+            "{% set ns = namespace(a=1) %}{% set ns.a = ns %}{% set m = namespace(a=1) %}{% set m.a = m %}{{ ns == m }}",
+            "{% set ns = namespace(a=[1]) %}{% set ns.b = [ns, ns] %}{{ ([ns.b] ~ '') | length > 0 }}{{ ns.b == ns.b }}",
+            "{% set a = namespace(x=0) %}{% set b = namespace(y=a) %}{% set a.x = b %}{{ a == b }}{{ (a ~ b) | length > 0 }}",
+        ];
+        for template in cases {
+            let text = render(template).unwrap_or_else(|e| panic!("{template}: {e}"));
+            let text = text.to_lowercase();
+            assert!(text.contains("true") || text.contains("false"), "{template} -> {text}");
+        }
+    }
+
+    #[test]
+    fn namespace_values_stay_shallow_and_copying_is_bounded() {
+        let deep = "{% set ns = namespace(l=[]) %}{% for i in range(100) %}{% set ns.l = [ns.l] %}{% endfor %}{{ ns.l ~ '' }}";
+        assert!(render(deep).expect_err("too deep").to_string().contains("nested deeper"));
+        let copies = "{% set ns = namespace(l=range(5000) | list) %}{% for i in range(1000) %}{% set ns.l = ns.l %}{% endfor %}";
+        assert!(render(copies).expect_err("too many copies").to_string().contains("copies more than"));
+        // What real templates do still works: flags, counters, growing lists of messages.
+        let real = "{% set ns = namespace(n=0, seen=[], first=true) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}\
+                    {% set ns.seen = ns.seen + [m] %}{% set ns.first = false %}{% endfor %}{{ ns.n }} {{ ns.seen[0].role }} {{ ns.first }} {{ false }}";
+        let text = render(real).expect("renders");
+        assert!(text.starts_with("1 user ") && text.split(' ').nth(2) == text.split(' ').nth(3), "{text}");
     }
 }

@@ -50,6 +50,7 @@ pub mod sentences;
 pub mod server;
 mod service;
 pub mod stop;
+mod template_guard;
 #[cfg(test)]
 mod testing;
 mod tls;
