@@ -45,6 +45,9 @@ impl Cluster {
                     running += s.active.load(Ordering::Relaxed) as u32;
                 }
             }
+            // A ring request runs on the groups it holds, outside their loops: once per ring.
+            let rings: std::collections::BTreeSet<u64> = state.groups.values().filter_map(|g| g.held_by).collect();
+            running += rings.len() as u32;
             let views: Vec<_> = state
                 .workers
                 .values()

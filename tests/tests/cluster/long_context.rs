@@ -141,6 +141,9 @@ async fn a_ring_request_cancelled_mid_stream_leaves_the_ring() {
     let Some(pb::generate_response::Event::Started(started)) = first else { panic!("expected Started first, got {first:?}") };
     assert_eq!(started.placement.map(|p| p.sp), Some(2), "served by a ring");
     read_chunks(&mut stream, 2).await;
+    // The ring request counts as one running request, though no group's loop runs it.
+    let running = client.clone().cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner().running_requests;
+    assert_eq!(running, 1, "a ring request is a running request");
     drop(stream);
 
     // The ring counts the cancellation once it has left the ring on every rank.
