@@ -12,7 +12,7 @@ mod wire;
 
 pub use engine::{EngineConfig, EngineHandle};
 pub use error::WorkerError;
-pub use service::{Admission, WorkerService};
+pub use service::{status_report, Admission, WorkerService};
 pub use tls::CollectiveTlsFiles;
 
 // The coordinator counts KV blocks with the protocol's block size; the cache allocates with the

@@ -102,24 +102,7 @@ impl Worker for WorkerService {
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let s = self.engine.status().await?;
-        Ok(Response::new(pb::StatusResponse {
-            worker_id: self.id.clone(),
-            state: s.state.to_string(),
-            group_id: s.group_id,
-            tp_rank: s.tp_rank as u32,
-            sequences: s.sequences as u32,
-            kv_tokens: s.kv_tokens,
-            kv_blocks: s.kv_blocks,
-            kv_capacity_blocks: self.config.kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
-            kv_capacity_tokens: self.config.kv_capacity_tokens,
-            error: s.error,
-            prefix_cached_blocks: s.prefix.cached_blocks as u64,
-            prefix_unused_blocks: s.prefix.unused_blocks as u64,
-            prefix_hits: s.prefix.hits,
-            prefix_hit_tokens: s.prefix.hit_tokens,
-            prefix_evictions: s.prefix.evictions,
-            adapters: s.adapters,
-        }))
+        Ok(Response::new(status_report(&self.id, s, self.config.kv_capacity_tokens)))
     }
 
     async fn prepare_ring(&self, req: Request<pb::PrepareRingRequest>) -> Result<Response<pb::PrepareRingResponse>, Status> {
@@ -165,6 +148,29 @@ impl Worker for WorkerService {
         let req = req.into_inner();
         self.engine.unload_adapter(req.group_id, req.name).await?;
         Ok(Response::new(pb::UnloadAdapterResponse {}))
+    }
+}
+
+/// What a worker reports of itself (`Status`, and its own metrics): the engine's state with the
+/// worker's id and KV capacity.
+pub fn status_report(id: &str, s: crate::engine::EngineStatus, kv_capacity_tokens: u64) -> pb::StatusResponse {
+    pb::StatusResponse {
+        worker_id: id.to_string(),
+        state: s.state.to_string(),
+        group_id: s.group_id,
+        tp_rank: s.tp_rank as u32,
+        sequences: s.sequences as u32,
+        kv_tokens: s.kv_tokens,
+        kv_blocks: s.kv_blocks,
+        kv_capacity_blocks: kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
+        kv_capacity_tokens,
+        error: s.error,
+        prefix_cached_blocks: s.prefix.cached_blocks as u64,
+        prefix_unused_blocks: s.prefix.unused_blocks as u64,
+        prefix_hits: s.prefix.hits,
+        prefix_hit_tokens: s.prefix.hit_tokens,
+        prefix_evictions: s.prefix.evictions,
+        adapters: s.adapters,
     }
 }
 

@@ -6,7 +6,6 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use tessera_coordinator::prometheus::escape;
-use tessera_proto::v1 as pb;
 use tessera_worker::EngineHandle;
 use tokio::net::TcpListener;
 
@@ -49,23 +48,8 @@ impl WorkerMetrics {
         }
         // Without a report the KV families would claim zeros: they are left out instead.
         if let Some(s) = status {
-            let worker = pb::WorkerStatus {
-                id: self.id.clone(),
-                state: s.state.to_string(),
-                tp_rank: s.tp_rank as u32,
-                sequences: s.sequences as u32,
-                kv_tokens: s.kv_tokens,
-                kv_capacity_tokens: self.kv_capacity_tokens,
-                kv_blocks: s.kv_blocks,
-                kv_capacity_blocks: self.kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
-                prefix_cached_blocks: s.prefix.cached_blocks as u64,
-                prefix_unused_blocks: s.prefix.unused_blocks as u64,
-                prefix_hits: s.prefix.hits,
-                prefix_hit_tokens: s.prefix.hit_tokens,
-                prefix_evictions: s.prefix.evictions,
-                ..Default::default()
-            };
-            tessera_coordinator::prometheus::render_workers(&mut out, &[worker]);
+            let report = tessera_worker::status_report(&self.id, s, self.kv_capacity_tokens);
+            tessera_coordinator::prometheus::render_workers(&mut out, &[tessera_coordinator::cluster::reported(&report)]);
         }
         out
     }

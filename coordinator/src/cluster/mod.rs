@@ -38,6 +38,7 @@ mod routing;
 mod status;
 
 pub(crate) use routing::{RingLease, RingMember, Route};
+pub use status::reported;
 
 /// Timeouts and sizes of group management.
 #[derive(Debug, Clone)]

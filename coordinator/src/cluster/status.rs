@@ -88,16 +88,9 @@ impl Cluster {
                 model,
                 group,
                 tp_rank,
-                sequences: report.sequences,
-                kv_tokens: report.kv_tokens,
                 kv_capacity_tokens: record.kv_capacity_tokens,
-                kv_blocks: report.kv_blocks,
                 kv_capacity_blocks: record.kv_capacity_tokens / tessera_proto::KV_BLOCK_TOKENS,
-                prefix_cached_blocks: report.prefix_cached_blocks,
-                prefix_unused_blocks: report.prefix_unused_blocks,
-                prefix_hits: report.prefix_hits,
-                prefix_hit_tokens: report.prefix_hit_tokens,
-                prefix_evictions: report.prefix_evictions,
+                ..reported(&report)
             }
         });
         let models = self.model_states();
@@ -111,5 +104,27 @@ impl Cluster {
             leading: self.standing.is_leading(),
             leader: self.standing.leader().unwrap_or_default(),
         }
+    }
+}
+
+/// The fields of a worker's status that its own report gives: what it holds now (sequences,
+/// KV, prefix cache) and its capacity as it states it. The coordinator adds its own view (id,
+/// address, model, group, rank).
+pub fn reported(report: &wpb::StatusResponse) -> pb::WorkerStatus {
+    pb::WorkerStatus {
+        id: report.worker_id.clone(),
+        state: report.state.clone(),
+        tp_rank: report.tp_rank,
+        sequences: report.sequences,
+        kv_tokens: report.kv_tokens,
+        kv_capacity_tokens: report.kv_capacity_tokens,
+        kv_blocks: report.kv_blocks,
+        kv_capacity_blocks: report.kv_capacity_blocks,
+        prefix_cached_blocks: report.prefix_cached_blocks,
+        prefix_unused_blocks: report.prefix_unused_blocks,
+        prefix_hits: report.prefix_hits,
+        prefix_hit_tokens: report.prefix_hit_tokens,
+        prefix_evictions: report.prefix_evictions,
+        ..Default::default()
     }
 }

@@ -47,27 +47,19 @@ pub struct EtcdTls {
 impl EtcdServer {
     /// Starts etcd on free loopback ports and waits until it serves reads.
     pub async fn start() -> Self {
-        Self::start_serving(None).await
+        Self::start_serving(None, None).await
     }
 
     /// [`EtcdServer::start`], also serving clients on `host` (an address of this machine, such
     /// as a veth end), at the same port: see [`EtcdServer::url_on`].
     pub async fn start_also_on(host: IpAddr) -> Self {
-        Self::start_serving(Some(host)).await
+        Self::start_serving(Some(host), None).await
     }
 
     /// [`EtcdServer::start`] with TLS on the client port and client certificates required
     /// (`--client-cert-auth`): its URL is `https://`.
     pub async fn start_tls(tls: EtcdTls) -> Self {
-        let mut last_log = String::new();
-        for _attempt in 0..3 {
-            let mut server = Self::spawn(None, Some(tls.clone()));
-            match server.wait_ready().await {
-                Ok(()) => return server,
-                Err(log) => last_log = log,
-            }
-        }
-        panic!("etcd with TLS did not start on loopback after 3 attempts; its log:\n{last_log}");
+        Self::start_serving(None, Some(tls)).await
     }
 
     /// Turns on etcd's authentication with a `root` user of this password: from then on
@@ -79,18 +71,18 @@ impl EtcdServer {
         client.auth_enable().await.expect("enable authentication");
     }
 
-    async fn start_serving(also: Option<IpAddr>) -> Self {
+    async fn start_serving(also: Option<IpAddr>, tls: Option<EtcdTls>) -> Self {
         // Ports are found by binding port 0 and releasing it; another process could take one
         // in between, so a server that dies at startup is retried on fresh ports.
         let mut last_log = String::new();
         for _attempt in 0..3 {
-            let mut server = Self::spawn(also, None);
+            let mut server = Self::spawn(also, tls.clone());
             match server.wait_ready().await {
                 Ok(()) => return server,
                 Err(log) => last_log = log,
             }
         }
-        panic!("etcd did not start on loopback after 3 attempts; its log:\n{last_log}");
+        panic!("etcd did not start on loopback after 3 attempts (TLS: {}); its log:\n{last_log}", tls.is_some());
     }
 
     /// Kills etcd (SIGKILL, as a crash) and starts it again on the same ports and data

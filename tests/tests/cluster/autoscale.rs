@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use tessera_etcd_harness::EtcdServer;
 use tessera_model::fixture::demo;
 use tessera_proto::v1 as pb;
-use tessera_tests::{tessera_bin, ChildGuard};
+use tessera_tests::ChildGuard;
 
 use crate::support::*;
 
@@ -55,29 +55,7 @@ struct Unit {
 }
 
 fn start_unit(etcd: &str, name: &str) -> Unit {
-    let args = [
-        "group",
-        "--tp",
-        "2",
-        "--name",
-        name,
-        "--port",
-        "0",
-        "--threads",
-        "2",
-        "--",
-        "--etcd",
-        etcd,
-        "--lease-ttl-secs",
-        "2",
-        "--kv-capacity-tokens",
-        "65536",
-        "--drain-timeout-secs",
-        "60",
-    ];
-    // The unit prints each rank's address, once both listen.
-    let (process, first) = tessera_tests::spawn_tessera(tessera_bin(), &args).expect("tessera group");
-    assert!(first.parse::<std::net::SocketAddr>().is_ok(), "tessera group printed {first:?}");
+    let process = group_unit(etcd, name, &["--kv-capacity-tokens", "65536", "--drain-timeout-secs", "60"]);
     Unit { name: name.to_string(), process }
 }
 
@@ -202,31 +180,4 @@ async fn until_desired(port: u16, current: u32, wanted: impl Fn(u32) -> bool) ->
         }
     };
     tokio::time::timeout(PATIENCE, wait).await.expect("the metrics never asked for the change")
-}
-
-/// The tokens of `stream` up to its first chunk.
-async fn first_tokens(stream: &mut tonic::Streaming<pb::GenerateResponse>) -> Vec<u32> {
-    loop {
-        let message = stream.message().await.expect("stream healthy").expect("stream open");
-        if let Some(pb::generate_response::Event::Chunk(c)) = message.event {
-            return c.tokens.iter().map(|t| t.id).collect();
-        }
-    }
-}
-
-/// Every further token of `stream` and its `Finished`, failing on any error.
-async fn rest_of(mut stream: tonic::Streaming<pb::GenerateResponse>) -> (Vec<u32>, Option<pb::Finished>) {
-    let mut tokens = Vec::new();
-    let mut finished = None;
-    let read = async {
-        while let Some(message) = stream.message().await.expect("a stream must not be cut by scaling") {
-            match message.event {
-                Some(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.tokens.iter().map(|t| t.id)),
-                Some(pb::generate_response::Event::Finished(f)) => finished = Some(f),
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(PATIENCE, read).await.expect("the stream must finish");
-    (tokens, finished)
 }

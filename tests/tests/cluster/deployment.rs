@@ -31,23 +31,7 @@ async fn a_unit_whose_rank_dies_stops_its_other_ranks_and_fails() {
     let dir = fixture(&demo(), "unit-crash");
     let coordinator = coordinator(&dir, &etcd.url(), 2).expect("coordinator");
     let mut client = connect(&coordinator.url).await;
-    let args = [
-        "group",
-        "--tp",
-        "2",
-        "--name",
-        "pod-crash",
-        "--port",
-        "0",
-        "--threads",
-        "2",
-        "--",
-        "--etcd",
-        &etcd.url(),
-        "--lease-ttl-secs",
-        "2",
-    ];
-    let (unit, _) = tessera_tests::spawn_tessera(tessera_bin(), &args).expect("tessera group");
+    let unit = group_unit(&etcd.url(), "pod-crash", &[]);
     until_serving_groups(&mut client, 1).await;
 
     let r0 = pid_with_arg("pod-crash-r0").expect("rank 0 runs");

@@ -87,32 +87,3 @@ async fn running_streams_outlive_an_etcd_restart() {
     let _c = etcd_worker(&etcd.url(), "w-c", TTL).expect("w-c");
     until_serving_groups(&mut client, 3).await;
 }
-
-/// Reads a stream until its first tokens arrive; returns them.
-async fn first_tokens(stream: &mut tonic::Streaming<pb::GenerateResponse>) -> Vec<u32> {
-    loop {
-        match stream.message().await.expect("stream healthy").and_then(|m| m.event) {
-            Some(pb::generate_response::Event::Chunk(c)) if !c.tokens.is_empty() => return c.tokens.iter().map(|t| t.id).collect(),
-            Some(pb::generate_response::Event::Finished(f)) => panic!("a stream ended before the restart: {f:?}"),
-            _ => {}
-        }
-    }
-}
-
-/// Reads a stream to its end: the tokens and the `Finished` event; an error status fails the
-/// test.
-async fn rest_of(mut stream: tonic::Streaming<pb::GenerateResponse>) -> (Vec<u32>, Option<pb::Finished>) {
-    let mut tokens = Vec::new();
-    let mut finished = None;
-    let read = async {
-        while let Some(m) = stream.message().await.expect("the stream survives") {
-            match m.event {
-                Some(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.tokens.iter().map(|t| t.id)),
-                Some(pb::generate_response::Event::Finished(f)) => finished = Some(f),
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(PATIENCE, read).await.expect("the stream must not hang");
-    (tokens, finished)
-}

@@ -341,3 +341,44 @@ pub async fn exit_of(mut child: ChildGuard) -> std::process::ExitStatus {
     let exit = tokio::task::spawn_blocking(move || child.0.wait());
     tokio::time::timeout(PATIENCE, exit).await.expect("the process did not exit in time").expect("join").expect("wait")
 }
+
+/// Reads a stream until its first tokens arrive and returns them; the stream must stay
+/// healthy and must not finish first.
+pub async fn first_tokens(stream: &mut tonic::Streaming<pb::GenerateResponse>) -> Vec<u32> {
+    loop {
+        match stream.message().await.expect("stream healthy").and_then(|m| m.event) {
+            Some(pb::generate_response::Event::Chunk(c)) if !c.tokens.is_empty() => return c.tokens.iter().map(|t| t.id).collect(),
+            Some(pb::generate_response::Event::Finished(f)) => panic!("a stream ended before its first tokens: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Reads a stream to its end: the further tokens and the `Finished` event; an error status
+/// or a stream open past [`PATIENCE`] fails the test.
+pub async fn rest_of(mut stream: tonic::Streaming<pb::GenerateResponse>) -> (Vec<u32>, Option<pb::Finished>) {
+    let mut tokens = Vec::new();
+    let mut finished = None;
+    let read = async {
+        while let Some(m) = stream.message().await.expect("the stream survives") {
+            match m.event {
+                Some(pb::generate_response::Event::Chunk(c)) => tokens.extend(c.tokens.iter().map(|t| t.id)),
+                Some(pb::generate_response::Event::Finished(f)) => finished = Some(f),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read).await.expect("the stream must not hang");
+    (tokens, finished)
+}
+
+/// Starts `tessera group --tp 2 --name NAME` (one pod's unit of two ranks) registered in
+/// `etcd` with a 2 s lease, `worker_flags` going to every rank; returns once both ranks listen.
+pub fn group_unit(etcd: &str, name: &str, worker_flags: &[&str]) -> ChildGuard {
+    let mut args =
+        vec!["group", "--tp", "2", "--name", name, "--port", "0", "--threads", "2", "--", "--etcd", etcd, "--lease-ttl-secs", "2"];
+    args.extend_from_slice(worker_flags);
+    let (process, first) = tessera_tests::spawn_tessera(tessera_bin(), &args).expect("tessera group");
+    assert!(first.parse::<std::net::SocketAddr>().is_ok(), "tessera group printed {first:?}");
+    process
+}
