@@ -40,6 +40,7 @@ use serde::Serialize;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_server::Inference;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 
 use crate::cluster::Cluster;
 use crate::limits::Limits;
@@ -96,10 +97,23 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: 
     let fingerprints = cluster.models.iter().map(|m| (m.name().to_string(), ids::fingerprint(m))).collect();
     let service = InferenceService::new(cluster.clone(), limits.clone(), config.api_keys.clone());
     let state = Arc::new(HttpState { service, cluster, limits, config, fingerprints, started: ids::unix_seconds() });
-    let accept = tessera_tls::accept::AcceptConfig::new("client API (HTTP)");
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(accept.max_handshakes));
+    if let Some(tls) = state.config.tls.clone() {
+        // The TLS accept loop the gRPC API uses too: handshake deadline, slots, per-address cap,
+        // eviction of the oldest stalled handshake.
+        let accept = tessera_tls::accept::AcceptConfig::new("client API (HTTP)");
+        let mut connections = tessera_tls::accept::incoming(listener, tls, accept);
+        while let Some(connection) = connections.next().await {
+            match connection {
+                Ok(stream) => {
+                    tokio::spawn(serve_connection(TokioIo::new(stream), state.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "HTTP listener: accept failed"),
+            }
+        }
+        return;
+    }
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -111,23 +125,7 @@ pub(crate) async fn serve(listener: TcpListener, cluster: Arc<Cluster>, limits: 
         // Each streamed chunk is one small write: without this it can wait on Nagle's
         // algorithm and a delayed ACK.
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let Some(tls) = state.config.tls.clone() else {
-            tokio::spawn(serve_connection(TokioIo::new(stream), state));
-            continue;
-        };
-        let Ok(slot) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(plane = accept.plane, %peer, "dropped a connection: too many TLS handshakes in flight");
-            continue;
-        };
-        let accept = accept.clone();
-        tokio::spawn(async move {
-            let stream = tessera_tls::accept::handshake(&tls, stream, peer, &accept).await;
-            drop(slot);
-            if let Some(stream) = stream {
-                serve_connection(TokioIo::new(stream), state).await;
-            }
-        });
+        tokio::spawn(serve_connection(TokioIo::new(stream), state.clone()));
     }
 }
 

@@ -2,8 +2,9 @@
 //! half stop mid-handshake (a partial ClientHello, then silence, held open past the server's
 //! handshake timeout), half mid-stream (a `Generate` stream that has sent tokens, dropped
 //! without a goodbye). The stalled handshakes all come from one address (127.0.0.2), which the
-//! per-address cap holds to 32 slots, so a client from another address gets through at its
-//! first attempt. The coordinator keeps serving, frees every
+//! per-address cap holds to half of the 256 slots, so a client from another address
+//! gets through at its first attempt (stalls from many addresses are `tls_accept.rs`'s case).
+//! The coordinator keeps serving, frees every
 //! abandoned sequence, and after the second thousand holds no more memory than after the
 //! first: nothing is kept per abandoned connection.
 

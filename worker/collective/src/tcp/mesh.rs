@@ -6,9 +6,10 @@
 //! always find its sockets blocking, and the engine thread restores that before queueing.
 
 use std::io;
-use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::conn::Conn;
 use super::link::Link;
 use super::wire::{encode_f32, Header, HEADER_LEN};
 use super::writer::{Writer, BUF_BYTES};
@@ -41,13 +42,13 @@ impl Mesh {
             .ok_or_else(|| CollectiveError::InvalidArgument(format!("rank {rank} has no connection to rank {peer}")))
     }
 
-    /// The stream to `peer`, for use from several threads at once.
-    pub fn stream(&self, peer: usize) -> Result<&TcpStream> {
+    /// The connection to `peer`, for use from several threads at once.
+    pub fn conn(&self, peer: usize) -> Result<&Arc<Conn>> {
         let rank = self.rank;
         self.links
             .get(peer)
             .and_then(Option::as_ref)
-            .map(Link::stream)
+            .map(Link::conn)
             .ok_or_else(|| CollectiveError::InvalidArgument(format!("rank {rank} has no connection to rank {peer}")))
     }
 

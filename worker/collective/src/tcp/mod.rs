@@ -17,10 +17,12 @@
 //! connection down, so ranks blocked on this one fail promptly instead of hanging, and later
 //! calls return [`CollectiveError::PeerLost`].
 
+mod conn;
 mod direct;
 mod link;
 mod mesh;
 mod p2p;
+mod records;
 mod rendezvous;
 mod ring;
 mod tls;
@@ -101,19 +103,13 @@ impl TcpCollective {
         if rank >= world {
             return Err(CollectiveError::InvalidArgument(format!("rank {rank} is outside a peer list of {world} addresses")));
         }
-        let streams = rendezvous::establish(&config, listener)?;
-        let links: Vec<Option<Link>> = streams.into_iter().map(|s| s.map(Link::new)).collect();
+        let conns = rendezvous::establish(&config, listener)?;
+        let links: Vec<Option<Link>> = conns.into_iter().map(|c| c.map(Link::new)).collect();
         let writer = if world == 1 {
             Writer::none()
         } else {
-            let mut handles = Vec::with_capacity(world);
-            for (peer, link) in links.iter().enumerate() {
-                handles.push(match link {
-                    Some(link) => Some(link.try_clone_stream().map_err(io_error(peer))?),
-                    None => None,
-                });
-            }
-            Writer::spawn(rank, handles).map_err(io_error(rank))?
+            let conns = links.iter().map(|link| link.as_ref().map(|link| link.conn().clone())).collect();
+            Writer::spawn(rank, conns).map_err(io_error(rank))?
         };
         Ok(TcpCollective {
             mesh: Mesh { rank, world, links, writer, spin: config.spin },
@@ -176,7 +172,7 @@ impl Collective for TcpCollective {
     }
 
     fn interrupt(&self) -> Option<crate::Interrupt> {
-        let streams: std::io::Result<Vec<std::net::TcpStream>> = self.mesh.links.iter().flatten().map(Link::try_clone_stream).collect();
+        let streams: std::io::Result<Vec<std::net::TcpStream>> = self.mesh.links.iter().flatten().map(Link::shutdown_handle).collect();
         let streams = streams.ok()?;
         Some(crate::Interrupt::new(move || {
             for stream in &streams {

@@ -7,12 +7,14 @@
 //! peer process or host has not started yet; it is retried until `connect_timeout`.
 //!
 //! With [`TcpConfig::tls`] every connection first completes mutual TLS and the hellos travel
-//! inside it (see `tls`); a peer without the cluster's certificate is dropped there.
+//! inside it (see `tls`); a peer without the cluster's certificate is dropped there. The
+//! connection then carries sealed records (`records`) with keys exported from that session.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use super::conn::Conn;
 use super::mesh::io_error;
 use super::tls::Secured;
 use super::wire::{Hello, HELLO_LEN, WIRE_VERSION};
@@ -28,30 +30,30 @@ const CONNECT_RETRY: Duration = Duration::from_millis(20);
 /// accept loop.
 const HELLO_WAIT: Duration = Duration::from_secs(5);
 
-/// Returns `streams[p]` connected to rank `p` (`None` at `config.rank`), in blocking mode with
+/// Returns `conns[p]` connected to rank `p` (`None` at `config.rank`), in blocking mode with
 /// `TCP_NODELAY` set and no timeouts.
-pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec<Option<TcpStream>>> {
+pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec<Option<Conn>>> {
     let (rank, world) = (config.rank, config.peers.len());
     let deadline = Instant::now() + config.connect_timeout;
-    let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    let mut streams: Vec<Option<Conn>> = (0..world).map(|_| None).collect();
 
     for (peer, addr) in config.peers.iter().enumerate().take(rank) {
         let stream = connect_with_retry(peer, *addr, deadline)?;
         prepare(&stream, deadline).map_err(io_error(peer))?;
         let reply = match &config.tls {
-            None => (&stream).write_all(&Hello::new(rank, world).encode()).and_then(|()| read_hello(&stream)),
+            None => (&stream).write_all(&Hello::new(rank, world).encode()).and_then(|()| Ok((read_hello(&stream)?, None))),
             Some(tls) => Secured::connect(&stream, tls, addr.ip()).and_then(|mut secured| {
                 secured.write_all(&Hello::new(rank, world).encode())?;
-                read_secured_hello(&mut secured)
+                Ok((read_secured_hello(&mut secured)?, Some(secured.session_keys()?)))
             }),
         };
-        let reply = reply.map_err(io_error(peer))?;
+        let (reply, keys) = reply.map_err(io_error(peer))?;
         let reply = reply.ok_or_else(|| {
             CollectiveError::Protocol(format!("{addr} (rank {peer} in the peer list) answered with something that is not a rank"))
         })?;
         check_hello(&reply, world, peer..peer + 1)?;
         finish(&stream).map_err(io_error(peer))?;
-        streams[peer] = Some(stream);
+        streams[peer] = Some(conn(stream, keys).map_err(io_error(peer))?);
     }
 
     listener.set_nonblocking(true).map_err(io_error(rank))?;
@@ -102,17 +104,25 @@ pub(super) fn establish(config: &TcpConfig, listener: TcpListener) -> Result<Vec
             return Err(CollectiveError::Protocol(format!("rank {peer} connected to rank {rank} twice")));
         }
         let reply = Hello::new(rank, world).encode();
-        match secured.as_mut() {
-            None => (&stream).write_all(&reply),
-            Some(secured) => secured.write_all(&reply),
+        let keys = match secured.as_mut() {
+            None => (&stream).write_all(&reply).map(|()| None),
+            Some(secured) => secured.write_all(&reply).and_then(|()| secured.session_keys()).map(Some),
         }
         .map_err(io_error(peer))?;
         drop(secured);
         finish(&stream).map_err(io_error(peer))?;
-        streams[peer] = Some(stream);
+        streams[peer] = Some(conn(stream, keys).map_err(io_error(peer))?);
     }
     tracing::debug!(rank, world, "TCP collective mesh established");
     Ok(streams)
+}
+
+/// The connection as the data path uses it: sealed when the rendezvous ran TLS.
+fn conn(stream: TcpStream, keys: Option<super::records::SessionKeys>) -> io::Result<Conn> {
+    match keys {
+        Some(keys) => Conn::sealed(stream, keys),
+        None => Ok(Conn::plain(stream)),
+    }
 }
 
 fn connect_with_retry(peer: usize, addr: SocketAddr, deadline: Instant) -> Result<TcpStream> {

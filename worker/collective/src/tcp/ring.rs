@@ -16,12 +16,11 @@
 //! the caller's buffer. The two threads never touch the same piece at once because each piece
 //! is a separate `&mut` slice that moves between them through channels.
 
-use std::io::{self, Write};
-use std::net::TcpStream;
+use std::io;
 use std::ops::Range;
 use std::sync::mpsc::{self, Receiver, Sender};
 
-use super::link::read_full;
+use super::conn::Conn;
 use super::mesh::{io_error, sized, Mesh};
 use super::wire::{add_f32, as_bytes, as_bytes_mut, Header, Op, HEADER_LEN};
 use crate::{CollectiveError, Result};
@@ -93,8 +92,8 @@ fn run<'a>(
     mesh.link(next)?.set_nonblocking(false).map_err(io_error(next))?;
     mesh.link(prev)?.set_nonblocking(false).map_err(io_error(prev))?;
     let mesh: &'a Mesh = mesh;
-    let next_stream = mesh.stream(next)?;
-    let prev_stream = mesh.stream(prev)?;
+    let next_conn: &Conn = mesh.conn(next)?;
+    let prev_conn: &Conn = mesh.conn(prev)?;
 
     let mut pieces = Vec::new();
     let mut first = Vec::with_capacity(world + 1);
@@ -122,9 +121,9 @@ fn run<'a>(
         let sender = std::thread::Builder::new()
             .name("tessera-tcp-ring".into())
             .stack_size(64 * 1024)
-            .spawn_scoped(scope, move || write_pieces(next_stream, header, job_rx, done_tx))
+            .spawn_scoped(scope, move || write_pieces(next_conn, header, job_rx, done_tx))
             .map_err(io_error(next))?;
-        let mut ring = Ring { world, next, prev, header, pieces, first, jobs, done, prev_stream };
+        let mut ring = Ring { world, next, prev, header, pieces, first, jobs, done, prev_conn };
         let result = body(&mut ring);
         if result.is_err() {
             mesh.shutdown();
@@ -153,7 +152,7 @@ struct Ring<'a> {
     first: Vec<usize>,
     jobs: Sender<(usize, &'a mut [f32])>,
     done: Receiver<Returned<'a>>,
-    prev_stream: &'a TcpStream,
+    prev_conn: &'a Conn,
 }
 
 impl<'a> Ring<'a> {
@@ -187,7 +186,7 @@ impl<'a> Ring<'a> {
 
     fn expect_header(&mut self) -> Result<()> {
         let mut bytes = [0u8; HEADER_LEN];
-        read_full(self.prev_stream, &mut bytes).map_err(io_error(self.prev))?;
+        self.prev_conn.read_full(&mut bytes).map_err(io_error(self.prev))?;
         self.header.expect_in(&bytes, self.prev)
     }
 
@@ -195,7 +194,7 @@ impl<'a> Ring<'a> {
     fn receive_add_forward(&mut self, id: usize, scratch: &mut [u8]) -> Result<()> {
         let piece = self.take(id)?;
         let incoming = &mut scratch[..piece.len() * 4];
-        read_full(self.prev_stream, incoming).map_err(io_error(self.prev))?;
+        self.prev_conn.read_full(incoming).map_err(io_error(self.prev))?;
         add_f32(incoming, piece);
         self.forward(id, piece)
     }
@@ -210,7 +209,7 @@ impl<'a> Ring<'a> {
             let forward = step + 2 < self.world;
             for id in self.chunk(c) {
                 let piece = self.take(id)?;
-                read_full(self.prev_stream, as_bytes_mut(piece)).map_err(io_error(self.prev))?;
+                self.prev_conn.read_full(as_bytes_mut(piece)).map_err(io_error(self.prev))?;
                 if forward {
                     self.forward(id, piece)?;
                 } else {
@@ -232,18 +231,13 @@ impl<'a> Ring<'a> {
 
 /// The sender thread: the header, then each queued piece, handing every piece back. Returns
 /// the first write error.
-fn write_pieces<'a>(
-    mut stream: &TcpStream,
-    header: Header,
-    jobs: Receiver<(usize, &'a mut [f32])>,
-    done: Sender<Returned<'a>>,
-) -> io::Result<()> {
-    let mut first_error = stream.write_all(&header.encode()).err();
+fn write_pieces<'a>(conn: &Conn, header: Header, jobs: Receiver<(usize, &'a mut [f32])>, done: Sender<Returned<'a>>) -> io::Result<()> {
+    let mut first_error = conn.write_all(&header.encode()).err();
     for (id, piece) in jobs {
         // After a failure the stream is unusable; keep returning pieces so nobody waits.
         let written = match &first_error {
             Some(e) => Err(io::Error::new(e.kind(), "an earlier write to this rank failed")),
-            None => stream.write_all(as_bytes(piece)),
+            None => conn.write_all(as_bytes(piece)),
         };
         if let Err(e) = &written {
             if first_error.is_none() {

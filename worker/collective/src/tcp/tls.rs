@@ -2,10 +2,9 @@
 //! CA signed, that they belong to the cluster, and exchange their rank hellos inside TLS.
 //!
 //! A peer without such a certificate fails the handshake and is dropped before anything else is
-//! read from it. After the hellos the connection leaves TLS and carries tensors as plain TCP:
-//! the data path's zero-copy, spin-then-block reads and separate sender thread stay as they are.
-//! So the collective plane is authenticated at connection time but its traffic is neither
-//! encrypted nor integrity-protected; it belongs on a private network (see SECURITY.md).
+//! read from it. After the hellos the connection leaves rustls: both ends export keys from the
+//! session, and the data path seals its own records with them (`records`), which lets its two
+//! directions be used by different threads and its reads spin and block as before.
 //!
 //! Leaving TLS cleanly needs two things. Records are read one whole record at a time (header,
 //! then exactly its length), so rustls never buffers bytes past the last record, which could be
@@ -17,7 +16,9 @@ use std::net::{IpAddr, TcpStream};
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
+use rustls::{ClientConfig, ClientConnection, Connection, ProtocolVersion, ServerConfig, ServerConnection};
+
+use super::records::SessionKeys;
 
 /// The configurations of one rank: as the accepting end (lower ranks) and as the connecting end.
 /// Both must trust the cluster CA and require the peer's certificate.
@@ -80,6 +81,15 @@ impl<'a> Secured<'a> {
         Ok(())
     }
 
+    /// The keys for the records that follow the hellos. Only TLS 1.3 is accepted, whose
+    /// exporter is bound to the whole handshake; both ends are Tessera, which offers it first.
+    pub fn session_keys(&self) -> io::Result<SessionKeys> {
+        if self.conn.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the collective needs TLS 1.3"));
+        }
+        SessionKeys::export(&self.conn)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         let mut stream = self.stream;
         while self.conn.wants_write() {
@@ -92,13 +102,13 @@ impl<'a> Secured<'a> {
     /// other TLS error sends its alert and fails.
     fn read_record(&mut self) -> io::Result<()> {
         let mut record = vec![0u8; RECORD_HEADER];
-        super::link::read_full(self.stream, &mut record)?;
+        super::conn::read_full(self.stream, &mut record)?;
         let len = u16::from_be_bytes([record[3], record[4]]) as usize;
         if len > MAX_RECORD {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "not a TLS record (plaintext on a TLS collective?)"));
         }
         record.resize(RECORD_HEADER + len, 0);
-        super::link::read_full(self.stream, &mut record[RECORD_HEADER..])?;
+        super::conn::read_full(self.stream, &mut record[RECORD_HEADER..])?;
         let mut rest = &record[..];
         while !rest.is_empty() {
             self.conn.read_tls(&mut rest)?;

@@ -18,7 +18,7 @@ pub(super) const HELLO_LEN: usize = 16;
 /// Bytes in a message header.
 pub(super) const HEADER_LEN: usize = 16;
 /// Bumped whenever the byte layout changes, so mixed builds refuse to form a group.
-pub(super) const WIRE_VERSION: u32 = 1;
+pub(super) const WIRE_VERSION: u32 = 2;
 
 const HELLO_MAGIC: [u8; 4] = *b"TSRH";
 const HEADER_MAGIC: [u8; 4] = *b"TSRM";

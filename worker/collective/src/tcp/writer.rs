@@ -11,12 +11,13 @@
 //! Buffers travel to the thread and back through channels and are reused, so a steady stream
 //! of same-sized operations allocates nothing.
 
-use std::io::{self, Write};
-use std::net::TcpStream;
+use std::io;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::conn::Conn;
 use crate::{CollectiveError, Result};
 
 /// Size of every pooled buffer: queued messages are copied and written in pieces this big.
@@ -51,12 +52,12 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the thread; `streams[p]` is this rank's write handle to rank `p`.
-    pub fn spawn(rank: usize, streams: Vec<Option<TcpStream>>) -> io::Result<Self> {
-        let world = streams.len();
+    /// Starts the thread; `conns[p]` is this rank's connection to rank `p`.
+    pub fn spawn(rank: usize, conns: Vec<Option<Arc<Conn>>>) -> io::Result<Self> {
+        let world = conns.len();
         let (job_tx, job_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
-        let thread = std::thread::Builder::new().name(format!("tessera-tcp-send-{rank}")).spawn(move || run(streams, job_rx, done_tx))?;
+        let thread = std::thread::Builder::new().name(format!("tessera-tcp-send-{rank}")).spawn(move || run(conns, job_rx, done_tx))?;
         Ok(Writer {
             jobs: Some(job_tx),
             done: done_rx,
@@ -173,10 +174,10 @@ fn thread_gone(peer: usize) -> CollectiveError {
     CollectiveError::Io { peer, source: io::Error::new(io::ErrorKind::BrokenPipe, "the TCP sender thread has exited") }
 }
 
-fn run(streams: Vec<Option<TcpStream>>, jobs: Receiver<Job>, done: Sender<Done>) {
+fn run(conns: Vec<Option<Arc<Conn>>>, jobs: Receiver<Job>, done: Sender<Done>) {
     for job in jobs {
-        let result = match streams.get(job.peer).and_then(Option::as_ref) {
-            Some(mut stream) => stream.write_all(&job.buf[..job.len]),
+        let result = match conns.get(job.peer).and_then(Option::as_ref) {
+            Some(conn) => conn.write_all(&job.buf[..job.len]),
             None => Err(io::Error::new(io::ErrorKind::NotConnected, "no connection to that rank")),
         };
         if done.send(Done { peer: job.peer, buf: job.buf, result }).is_err() {
