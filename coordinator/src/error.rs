@@ -18,6 +18,9 @@ pub enum CoordinatorError {
     /// No API key, or one this coordinator does not know (one message for both).
     #[error("{0}")]
     Unauthenticated(String),
+    /// The client's deadline passed before the request could start.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The bounded queue is full, or an API key is over one of its limits; retry later.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -61,6 +64,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::NotFound(_) => Code::NotFound,
             CoordinatorError::Unavailable(_) | CoordinatorError::LeadershipLost(_) => Code::Unavailable,
             CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
             CoordinatorError::ModelFailed(_) | CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
             CoordinatorError::AlreadyExists(_) => Code::AlreadyExists,

@@ -36,6 +36,8 @@ pub struct Metrics {
     migrations: AtomicU64,
     /// A gauge: tokens of ring requests waiting for their groups now.
     ring_waiting_tokens: AtomicU64,
+    /// A gauge: requests waiting for a group that a ring holds now.
+    waiting_for_groups: AtomicU64,
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
 }
@@ -58,6 +60,7 @@ impl Default for Metrics {
             deadlines_exceeded: zero(),
             migrations: zero(),
             ring_waiting_tokens: zero(),
+            waiting_for_groups: zero(),
             time_to_first_token: Histogram::new(TTFT_BOUNDS),
             inter_token_latency: Histogram::new(ITL_BOUNDS),
         }
@@ -73,6 +76,17 @@ pub struct RingWaiting<'a> {
 impl Drop for RingWaiting<'_> {
     fn drop(&mut self) {
         self.metrics.ring_waiting_tokens.fetch_sub(self.tokens, Ordering::Relaxed);
+    }
+}
+
+/// A request counted as waiting for a held group while this lives.
+pub struct WaitingForGroups<'a> {
+    metrics: &'a Metrics,
+}
+
+impl Drop for WaitingForGroups<'_> {
+    fn drop(&mut self) {
+        self.metrics.waiting_for_groups.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -183,9 +197,39 @@ impl Metrics {
         self.ring_waiting_tokens.load(Ordering::Relaxed)
     }
 
+    /// Requests waiting now for a group that a ring holds.
+    pub fn waiting_for_groups(&self) -> u64 {
+        self.waiting_for_groups.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more request waiting for a held group until the returned guard is dropped,
+    /// unless `limit` already wait: then `None`.
+    pub fn wait_for_groups(&self, limit: u64) -> Option<WaitingForGroups<'_>> {
+        self.waiting_for_groups.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1)).ok()?;
+        Some(WaitingForGroups { metrics: self })
+    }
+
     /// Counts `tokens` as waiting for a ring until the returned guard is dropped.
     pub fn ring_waiting(&self, tokens: u64) -> RingWaiting<'_> {
         self.ring_waiting_tokens.fetch_add(tokens, Ordering::Relaxed);
         RingWaiting { metrics: self, tokens }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_waiting_for_held_groups_are_capped_and_counted_while_they_wait() {
+        let metrics = Metrics::default();
+        let first = metrics.wait_for_groups(2).expect("room for two");
+        let second = metrics.wait_for_groups(2).expect("room for two");
+        assert!(metrics.wait_for_groups(2).is_none(), "a third is refused");
+        assert_eq!(metrics.waiting_for_groups(), 2);
+        drop(first);
+        let third = metrics.wait_for_groups(2).expect("a place came free");
+        drop((second, third));
+        assert_eq!(metrics.waiting_for_groups(), 0);
     }
 }

@@ -96,7 +96,12 @@ pub(crate) fn render(status: &pb::ClusterStatusResponse, tokens: &TokenMetrics, 
     let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
     };
-    gauge(&mut out, "tessera_queued_requests", "Requests placed on a group and not yet running.", u64::from(status.queued_requests));
+    gauge(
+        &mut out,
+        "tessera_queued_requests",
+        "Requests waiting to run: queued on a group, or waiting for a group a ring holds.",
+        u64::from(status.queued_requests),
+    );
     gauge(&mut out, "tessera_running_requests", "Requests a group is running.", u64::from(status.running_requests));
     gauge(&mut out, "tessera_serving_groups", "Worker groups loaded and serving.", serving_groups as u64);
     gauge(&mut out, "tessera_leader", "1 if this coordinator leads the cluster, 0 on a standby.", u64::from(status.leading));

@@ -82,7 +82,9 @@ impl InferenceService {
     }
 
     /// Places one checked `Generate` request and returns the stream its group (or ring) feeds:
-    /// the whole of a `Generate` call after admission, and each call of a long-input job.
+    /// the whole of a `Generate` call after admission, and each call of a long-input job. While
+    /// rings hold every group that could take it, the stream opens at once and the request waits
+    /// for a group in a task of its own, as it would in a busy group's queue.
     pub(crate) async fn start(
         &self,
         request: pb::GenerateRequest,
@@ -96,10 +98,52 @@ impl InferenceService {
         let prepared = tokio::task::spawn_blocking(move || prepare(request, &models, &limits))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
+        let (events, stream) = mpsc::unbounded_channel();
         let beams = prepared.beam.map_or(1, |b| b.num_beams);
         let adapter_name = prepared.adapter.as_ref().map(|a| a.name.as_str());
-        let (route, needs) =
-            self.cluster.place(&prepared.model, adapter_name, &prepared.prompt, prepared.stopping.max_new_tokens, beams)?;
+        let (model, max_new_tokens) = (&prepared.model, prepared.stopping.max_new_tokens);
+        match self.cluster.try_place(model, adapter_name, &prepared.prompt, max_new_tokens, beams) {
+            Ok((route, needs)) => self.launch(prepared, route, needs, arrived, deadline, key, events).await?,
+            Err(refused) if refused.held().is_some() => {
+                let (service, key) = (self.clone(), key.to_string());
+                tokio::spawn(async move {
+                    let waited = async {
+                        let adapter_name = prepared.adapter.as_ref().map(|a| a.name.as_str());
+                        let (model, max_new_tokens) = (&prepared.model, prepared.stopping.max_new_tokens);
+                        let placed =
+                            service.cluster.place_or_wait(model, adapter_name, &prepared.prompt, max_new_tokens, beams, deadline).await;
+                        let (route, needs) = placed?;
+                        service.launch(prepared, route, needs, arrived, deadline, &key, events.clone()).await
+                    };
+                    // A client that leaves while the request waits takes the wait with it.
+                    tokio::select! {
+                        result = waited => {
+                            if let Err(status) = result {
+                                let _ = events.send(Err(status));
+                            }
+                        }
+                        () = events.closed() => {}
+                    }
+                });
+            }
+            Err(refused) => return Err(refused.into_error().into()),
+        }
+        Ok(stream)
+    }
+
+    /// Starts a placed request: its sequence goes to its group's queue, or its ring is served in
+    /// a task; `events` is its client's stream.
+    #[allow(clippy::too_many_arguments)]
+    async fn launch(
+        &self,
+        prepared: crate::request::Prepared,
+        route: Route,
+        needs: crate::placement::PlacementRequest,
+        arrived: Instant,
+        deadline: Option<Instant>,
+        key: &str,
+        events: mpsc::UnboundedSender<Result<pb::GenerateResponse, Status>>,
+    ) -> Result<(), Status> {
         if let Some(adapter) = &prepared.adapter {
             match &route {
                 Route::Ring(_) => {
@@ -113,6 +157,7 @@ impl InferenceService {
                 Route::Group(p) => self.cluster.load_adapter_on(self.model_index(&prepared.model)?, &p.group, adapter).await?,
             }
         }
+        let beams = prepared.beam.map_or(1, |b| b.num_beams);
         let seq = self.cluster.next_seqs(beams as u64);
         let request_id = if prepared.request_id.is_empty() { format!("req-{seq}") } else { prepared.request_id };
         let mut sampling = prepared.sampling;
@@ -121,7 +166,6 @@ impl InferenceService {
         }
         let prompt_tokens = prepared.prompt.len() as u32;
         let max_new_tokens = prepared.stopping.max_new_tokens;
-        let (events, stream) = mpsc::unbounded_channel();
         let generation = Generation::new(prepared.model.tokenizer.clone(), prepared.stopping, prompt_tokens, arrived);
         let output = SequenceOutput::new(generation, events, sampling);
         match route {
@@ -152,7 +196,7 @@ impl InferenceService {
                 tracing::info!(%request_id, seq, group = %placement.group, prompt_tokens, adapter = %adapter_name, key, "generate");
             }
         }
-        Ok(stream)
+        Ok(())
     }
 }
 

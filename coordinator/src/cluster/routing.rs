@@ -21,6 +21,30 @@ pub(crate) enum Route {
     Ring(RingPlan),
 }
 
+/// Why [`Cluster::try_place`] placed nothing: the client's error, and when the reason is that
+/// rings hold every group that could take the request, how many they hold.
+pub(crate) struct Refused {
+    error: CoordinatorError,
+    held: Option<usize>,
+}
+
+impl Refused {
+    /// How many groups rings hold, when that is why.
+    pub(crate) fn held(&self) -> Option<usize> {
+        self.held
+    }
+
+    pub(crate) fn into_error(self) -> CoordinatorError {
+        self.error
+    }
+}
+
+impl From<CoordinatorError> for Refused {
+    fn from(error: CoordinatorError) -> Self {
+        Refused { error, held: None }
+    }
+}
+
 /// A group chosen for a request.
 pub(crate) struct Placement {
     pub group: String,
@@ -121,7 +145,8 @@ impl Cluster {
     /// Where a request of `prompt` that may generate `max_new_tokens` with `num_beams` beams
     /// goes ([`placement::place`]); the request's KV reservation comes back with the route. A
     /// request placed on a group is remembered there by its prompt's blocks, for prefix
-    /// affinity.
+    /// affinity. Every group that could hold it being held by a ring is `UNAVAILABLE` here;
+    /// [`Cluster::place_or_wait`] waits instead.
     pub(crate) fn place(
         &self,
         model: &ServedModel,
@@ -130,6 +155,74 @@ impl Cluster {
         max_new_tokens: u32,
         num_beams: usize,
     ) -> Result<(Route, PlacementRequest), CoordinatorError> {
+        self.try_place(model, adapter, prompt, max_new_tokens, num_beams).map_err(|refused| refused.error)
+    }
+
+    /// [`Cluster::place`], but while rings hold every group that could take the request it
+    /// waits, like a request queued on a busy group, for a ring to end (at most `queue_depth`
+    /// requests per held group wait; past that `RESOURCE_EXHAUSTED`). The client's deadline
+    /// ends the wait with `DEADLINE_EXCEEDED`; a client that goes away drops the wait.
+    pub(crate) async fn place_or_wait(
+        &self,
+        model: &ServedModel,
+        adapter: Option<&str>,
+        prompt: &[u32],
+        max_new_tokens: u32,
+        num_beams: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(Route, PlacementRequest), CoordinatorError> {
+        let mut waiting = None;
+        loop {
+            // Registered before the check, so a ring ending between the check and the wait
+            // still wakes this one.
+            let woken = self.idle.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            match self.try_place(model, adapter, prompt, max_new_tokens, num_beams) {
+                Ok(placed) => return Ok(placed),
+                Err(Refused { held: Some(held), error }) => {
+                    if waiting.is_none() {
+                        let limit = (self.config.queue_depth * held) as u64;
+                        waiting = Some(self.metrics.wait_for_groups(limit).ok_or_else(|| {
+                            CoordinatorError::ResourceExhausted(format!(
+                                "{limit} requests already wait for the {held} groups of model {:?} that rings hold, its limit; \
+                                 retry later ({error})",
+                                model.name()
+                            ))
+                        })?);
+                    }
+                }
+                Err(refused) => return Err(refused.error),
+            }
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut woken => {}
+                () = expired => {
+                    self.metrics.deadlines_exceeded(1);
+                    return Err(CoordinatorError::DeadlineExceeded(format!(
+                        "the deadline passed while every group of model {:?} that can hold this request ran a long request on a \
+                         sequence-parallel ring",
+                        model.name()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// [`Cluster::place`], saying apart the refusal that [`Cluster::place_or_wait`] waits out.
+    pub(crate) fn try_place(
+        &self,
+        model: &ServedModel,
+        adapter: Option<&str>,
+        prompt: &[u32],
+        max_new_tokens: u32,
+        num_beams: usize,
+    ) -> Result<(Route, PlacementRequest), Refused> {
         let mut state = self.lock();
         let index = self.servable_index(&state, model)?;
         let request = PlacementRequest::new(index, prompt.len(), max_new_tokens, num_beams);
@@ -143,7 +236,11 @@ impl Cluster {
             if matches!(refusal, placement::Refusal::TooLarge { .. } | placement::Refusal::BeamTooLarge { .. }) {
                 self.metrics.capacity_refused(request.kv_tokens);
             }
-            refusal.into_error(model.name(), model.spec.tp, state.workers.len())
+            let held = match refusal {
+                placement::Refusal::AllHeld { held } => Some(held),
+                _ => None,
+            };
+            Refused { error: refusal.into_error(model.name(), model.spec.tp, state.workers.len()), held }
         })?;
         let route = match decision {
             Decision::Ring(plan) => Route::Ring(plan),

@@ -71,7 +71,9 @@ impl Cluster {
                     (worker.record.clone(), worker.client.clone(), model, group, rank, note)
                 })
                 .collect();
-            (views, queued, running.saturating_sub(queued))
+            // Requests waiting for a group a ring holds are queued too, only not on a group yet.
+            let waiting = self.metrics.waiting_for_groups() as u32;
+            (views, queued + waiting, running.saturating_sub(queued))
         };
         let timeout = self.config.rpc_timeout;
         let reports = views.into_iter().map(|(record, mut client, model, group, tp_rank, note)| async move {

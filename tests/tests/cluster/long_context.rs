@@ -2,6 +2,8 @@
 //! them, and served by a sequence-parallel ring of groups where one can, with the same greedy
 //! tokens as one unlimited group.
 
+use std::time::Duration;
+
 use tessera_model::fixture::demo;
 use tessera_proto::v1 as pb;
 
@@ -158,5 +160,53 @@ async fn a_ring_request_cancelled_mid_stream_leaves_the_ring() {
         }
     };
     tokio::time::timeout(PATIENCE, cancelled).await.expect("the ring did not notice the cancellation in time");
+    assert_freed_and_serving(&client).await;
+}
+
+/// While a ring holds every group, short requests wait for a group as they would on a busy one,
+/// never UNAVAILABLE: they count as queued, one whose deadline passes first ends
+/// DEADLINE_EXCEEDED saying why, and once the ring ends the others run with the tokens an idle
+/// cluster gives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_requests_wait_for_the_groups_a_ring_holds() {
+    let cluster = ring_of_two("ring-wait");
+    let client = connect(&cluster.url).await;
+    let shorts: Vec<pb::GenerateRequest> = ["Hello", "The sky is", "Once upon a"].iter().map(|p| greedy(prompt(p), 6)).collect();
+    let mut idle = Vec::new();
+    for request in &shorts {
+        idle.push(generate(&mut client.clone(), request.clone()).await.expect("on the idle cluster").tokens());
+    }
+
+    let mut ring = client.clone().generate(ring_request(2000)).await.expect("accepted").into_inner();
+    read_chunks(&mut ring, 2).await;
+    // The ring holds both groups now and generates for a long while: nothing else can start.
+    let mut late = tonic::Request::new(shorts[0].clone());
+    late.set_timeout(Duration::from_millis(500));
+    let expired = match client.clone().generate(late).await {
+        Ok(stream) => until_error(&mut stream.into_inner()).await,
+        Err(status) => status,
+    };
+    assert_eq!(expired.code(), tonic::Code::DeadlineExceeded, "{expired:?}");
+    assert!(expired.message().contains("sequence-parallel ring"), "{}", expired.message());
+    let waiting: Vec<_> = shorts
+        .iter()
+        .cloned()
+        .map(|request| {
+            let mut client = client.clone();
+            tokio::spawn(async move { generate(&mut client, request).await })
+        })
+        .collect();
+    let status = until_status(&client, "three short requests waiting behind the ring", |s| s.queued_requests == 3).await;
+    assert_eq!(status.counters.map(|c| c.deadlines_exceeded), Some(1), "the expired wait is counted");
+    assert!(waiting.iter().all(|w| !w.is_finished()), "no short request may run while the ring holds every group");
+
+    // The ring ends (its client leaves); the waiting requests run on single groups.
+    drop(ring);
+    for (task, idle) in waiting.into_iter().zip(&idle) {
+        let done = task.await.expect("task").expect("a waiting request runs once the ring ends");
+        assert_eq!(done.started.as_ref().and_then(|s| s.placement.as_ref()).map(|p| p.sp), Some(1));
+        assert_eq!(&done.tokens(), idle, "the same tokens as on an idle cluster");
+    }
+    until_status(&client, "nothing queued", |s| s.queued_requests == 0).await;
     assert_freed_and_serving(&client).await;
 }
