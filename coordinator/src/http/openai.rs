@@ -8,7 +8,8 @@
 //! as vLLM does, `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, and
 //! Tessera's `no_repeat_ngram_size`, DRY (`dry_multiplier`, `dry_base`, `dry_allowed_length`,
 //! `dry_penalty_last_n`, `dry_sequence_breakers`, llama.cpp's names), `loop_guard`,
-//! `remove_repeated_sentences` and `return_token_ids`.
+//! `remove_repeated_sentences`, `return_token_ids`, `long_input` and `no_prefix_cache` (the
+//! request neither reuses nor leaves cached prompt blocks, as the gRPC field).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -55,6 +56,8 @@ pub struct GenerateCall {
     pub return_token_ids: bool,
     /// Tessera's extra field `long_input` (the prompt is a document longer than the context).
     pub long_input: Option<pb::LongInput>,
+    /// Tessera's extra field `no_prefix_cache`: the request opts out of prefix caching.
+    pub no_prefix_cache: bool,
 }
 
 impl GenerateCall {
@@ -180,6 +183,7 @@ impl GenerateCall {
             logprobs,
             return_token_ids: f.get("return_token_ids")?.unwrap_or(false),
             long_input: long_input(f)?,
+            no_prefix_cache: f.get("no_prefix_cache")?.unwrap_or(false),
         })
     }
 
@@ -200,7 +204,7 @@ impl GenerateCall {
                     sampling: Some(pb::SamplingParams { seed: self.seed.map(|s| s.wrapping_add(u64::from(i))), ..sampling.clone() }),
                     stopping: Some(self.stopping.clone()),
                     request_id: format!("{request_id}-{index}"),
-                    no_prefix_cache: false,
+                    no_prefix_cache: self.no_prefix_cache,
                     // `model: "base:adapter"` names an adapter (`request::find_model`).
                     adapter: String::new(),
                     long_input: self.long_input.clone(),
@@ -426,6 +430,18 @@ mod tests {
         // Unseeded choices are left to the core, which seeds each request afresh.
         let unseeded = completions(r#"{"prompt": "a", "n": 2}"#).expect("valid").requests("c", None);
         assert!(unseeded.iter().all(|r| r.sampling.as_ref().is_some_and(|s| s.seed.is_none())));
+    }
+
+    #[test]
+    fn no_prefix_cache_reaches_every_request_and_is_off_unless_asked() {
+        let call = completions(r#"{"prompt": ["a", "b"], "n": 2, "no_prefix_cache": true}"#).expect("valid");
+        let reqs = call.requests("cmpl-x", None);
+        assert_eq!(reqs.len(), 4);
+        assert!(reqs.iter().all(|r| r.no_prefix_cache));
+        let call = chat(r#"{"messages": [{"role": "user", "content": "Hi"}]}"#).expect("valid");
+        assert!(call.requests("chat-x", None).iter().all(|r| !r.no_prefix_cache));
+        let bad = completions(r#"{"prompt": "a", "no_prefix_cache": "yes"}"#).err().map(|e| format!("{e:?}")).unwrap_or_default();
+        assert!(bad.contains("no_prefix_cache"), "{bad}");
     }
 
     #[test]
