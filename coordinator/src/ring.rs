@@ -30,7 +30,7 @@ use tessera_proto::v1 as pb;
 use tessera_proto::worker as wpb;
 use tonic::Status;
 
-use crate::cluster::{Cluster, RingLease, RingMember, Route};
+use crate::cluster::{Ask, Cluster, RingLease, RingMember, Route};
 use crate::error::CoordinatorError;
 use crate::fanout::{agree, Disagreement, Rank};
 use crate::model::ServedModel;
@@ -170,7 +170,7 @@ async fn move_on(cluster: &Arc<Cluster>, mut req: RingRequest, status: Status) -
     let mut serving = cluster.serving_groups();
     let route = loop {
         serving.borrow_and_update();
-        match cluster.place(&req.model, None, &context, remaining, 1) {
+        match cluster.place(&Ask { model: &req.model, adapter: None, prompt: &context, max_new_tokens: remaining, num_beams: 1 }) {
             Ok((route, _)) => break route,
             Err(e) => {
                 let changed = tokio::select! {

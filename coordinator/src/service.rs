@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{ApiKeys, MeteredStream, Ticket};
-use crate::cluster::{Cluster, Route};
+use crate::cluster::{Ask, Cluster, Route};
 use crate::embed::{embed, prepare_embed};
 use crate::error::CoordinatorError;
 use crate::generation::Generation;
@@ -99,20 +99,13 @@ impl InferenceService {
             .await
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
         let (events, stream) = mpsc::unbounded_channel();
-        let beams = prepared.beam.map_or(1, |b| b.num_beams);
-        let adapter_name = prepared.adapter.as_ref().map(|a| a.name.as_str());
-        let (model, max_new_tokens) = (&prepared.model, prepared.stopping.max_new_tokens);
-        match self.cluster.try_place(model, adapter_name, &prepared.prompt, max_new_tokens, beams) {
+        match self.cluster.try_place(&ask(&prepared)) {
             Ok((route, needs)) => self.launch(prepared, route, needs, arrived, deadline, key, events).await?,
             Err(refused) if refused.held().is_some() => {
                 let (service, key) = (self.clone(), key.to_string());
                 tokio::spawn(async move {
                     let waited = async {
-                        let adapter_name = prepared.adapter.as_ref().map(|a| a.name.as_str());
-                        let (model, max_new_tokens) = (&prepared.model, prepared.stopping.max_new_tokens);
-                        let placed =
-                            service.cluster.place_or_wait(model, adapter_name, &prepared.prompt, max_new_tokens, beams, deadline).await;
-                        let (route, needs) = placed?;
+                        let (route, needs) = service.cluster.place_or_wait(&ask(&prepared), deadline).await?;
                         service.launch(prepared, route, needs, arrived, deadline, &key, events.clone()).await
                     };
                     // A client that leaves while the request waits takes the wait with it.
@@ -197,6 +190,17 @@ impl InferenceService {
             }
         }
         Ok(())
+    }
+}
+
+/// What placement needs of a prepared request.
+fn ask(prepared: &crate::request::Prepared) -> Ask<'_> {
+    Ask {
+        model: &prepared.model,
+        adapter: prepared.adapter.as_ref().map(|a| a.name.as_str()),
+        prompt: &prepared.prompt,
+        max_new_tokens: prepared.stopping.max_new_tokens,
+        num_beams: prepared.beam.map_or(1, |b| b.num_beams),
     }
 }
 

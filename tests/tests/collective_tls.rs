@@ -28,15 +28,15 @@ fn collective_tls(files: &TlsFiles) -> CollectiveTls {
     }
 }
 
-/// Two ranks on loopback; rank `r` uses `tls[r]`.
-fn configs(tls: [CollectiveTls; 2], connect_timeout: Duration) -> Vec<(TcpConfig, TcpListener)> {
-    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind")).collect();
+/// Ranks on loopback, rank `r` with `tls[r]` (`None`: plain TCP).
+fn configs(tls: Vec<Option<CollectiveTls>>, connect_timeout: Duration) -> Vec<(TcpConfig, TcpListener)> {
+    let listeners: Vec<TcpListener> = tls.iter().map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind")).collect();
     let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().expect("local_addr")).collect();
     listeners
         .into_iter()
         .zip(tls)
         .enumerate()
-        .map(|(rank, (listener, tls))| (TcpConfig { connect_timeout, tls: Some(tls), ..TcpConfig::new(rank, peers.clone()) }, listener))
+        .map(|(rank, (listener, tls))| (TcpConfig { connect_timeout, tls, ..TcpConfig::new(rank, peers.clone()) }, listener))
         .collect()
 }
 
@@ -65,7 +65,7 @@ fn ranks_with_the_cluster_certificate_reduce_and_a_foreign_certificate_is_refuse
     let dir = scratch("foreign");
     let (cluster, foreign) = (TestCa::new(&dir, "cluster").expect("CA"), TestCa::new(&dir, "foreign").expect("CA"));
     let ranks = [collective_tls(&cluster.leaf("rank0").expect("leaf")), collective_tls(&cluster.leaf("rank1").expect("leaf"))];
-    let mut configs = configs(ranks, Duration::from_secs(60));
+    let mut configs = configs(ranks.map(Some).into(), Duration::from_secs(60));
     let (config1, listener1) = configs.pop().expect("rank 1");
     let (config0, listener0) = configs.pop().expect("rank 0");
     let rank0_addr = config0.peers[0];
@@ -95,7 +95,7 @@ fn a_rank_with_a_foreign_certificate_cannot_join() {
     let mut impostor = foreign.leaf("rank1").expect("leaf");
     impostor.ca = Some(cluster.cert.clone());
     let ranks = [collective_tls(&cluster.leaf("rank0").expect("leaf")), collective_tls(&impostor)];
-    let outcomes: Vec<bool> = configs(ranks, Duration::from_secs(3))
+    let outcomes: Vec<bool> = configs(ranks.map(Some).into(), Duration::from_secs(3))
         .into_iter()
         .map(|(config, listener)| std::thread::spawn(move || TcpCollective::connect(config, listener).is_ok()))
         .collect::<Vec<_>>()
@@ -105,18 +105,10 @@ fn a_rank_with_a_foreign_certificate_cannot_join() {
     assert_eq!(outcomes, [false, false], "neither rank may form a group with the impostor");
 }
 
-/// `world` ranks on loopback, each with its own certificate when `tls` names a CA.
+/// `world` ranks on loopback, each with its own certificate when `ca` is given.
 fn group(world: usize, ca: Option<&TestCa>) -> Vec<(TcpConfig, TcpListener)> {
-    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind")).collect();
-    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().expect("local_addr")).collect();
-    listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, listener)| {
-            let tls = ca.map(|ca| collective_tls(&ca.leaf(&format!("rank{rank}")).expect("leaf")));
-            (TcpConfig { tls, ..TcpConfig::new(rank, peers.clone()) }, listener)
-        })
-        .collect()
+    let tls = (0..world).map(|rank| ca.map(|ca| collective_tls(&ca.leaf(&format!("rank{rank}")).expect("leaf")))).collect();
+    configs(tls, TcpConfig::DEFAULT_CONNECT_TIMEOUT)
 }
 
 /// Every path of the TCP collective on one rank: direct and ring all-reduce and all-gather,

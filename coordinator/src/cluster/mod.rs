@@ -37,7 +37,7 @@ mod membership;
 mod routing;
 mod status;
 
-pub(crate) use routing::{RingLease, RingMember, Route};
+pub(crate) use routing::{Ask, RingLease, RingMember, Route};
 pub use status::reported;
 
 /// Timeouts and sizes of group management.

@@ -21,6 +21,17 @@ pub(crate) enum Route {
     Ring(RingPlan),
 }
 
+/// What placement is asked to place: a request of `prompt` for `model` (and `adapter`) that may
+/// generate `max_new_tokens`, with `num_beams` beams (1 for sampling).
+#[derive(Clone, Copy)]
+pub(crate) struct Ask<'a> {
+    pub model: &'a ServedModel,
+    pub adapter: Option<&'a str>,
+    pub prompt: &'a [u32],
+    pub max_new_tokens: u32,
+    pub num_beams: usize,
+}
+
 /// Why [`Cluster::try_place`] placed nothing: the client's error, and when the reason is that
 /// rings hold every group that could take the request, how many they hold.
 pub(crate) struct Refused {
@@ -147,15 +158,8 @@ impl Cluster {
     /// request placed on a group is remembered there by its prompt's blocks, for prefix
     /// affinity. Every group that could hold it being held by a ring is `UNAVAILABLE` here;
     /// [`Cluster::place_or_wait`] waits instead.
-    pub(crate) fn place(
-        &self,
-        model: &ServedModel,
-        adapter: Option<&str>,
-        prompt: &[u32],
-        max_new_tokens: u32,
-        num_beams: usize,
-    ) -> Result<(Route, PlacementRequest), CoordinatorError> {
-        self.try_place(model, adapter, prompt, max_new_tokens, num_beams).map_err(|refused| refused.error)
+    pub(crate) fn place(&self, ask: &Ask<'_>) -> Result<(Route, PlacementRequest), CoordinatorError> {
+        self.try_place(ask).map_err(|refused| refused.error)
     }
 
     /// [`Cluster::place`], but while rings hold every group that could take the request it
@@ -164,13 +168,10 @@ impl Cluster {
     /// ends the wait with `DEADLINE_EXCEEDED`; a client that goes away drops the wait.
     pub(crate) async fn place_or_wait(
         &self,
-        model: &ServedModel,
-        adapter: Option<&str>,
-        prompt: &[u32],
-        max_new_tokens: u32,
-        num_beams: usize,
+        ask: &Ask<'_>,
         deadline: Option<std::time::Instant>,
     ) -> Result<(Route, PlacementRequest), CoordinatorError> {
+        let model = ask.model;
         let mut waiting = None;
         loop {
             // Registered before the check, so a ring ending between the check and the wait
@@ -178,7 +179,7 @@ impl Cluster {
             let woken = self.idle.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            match self.try_place(model, adapter, prompt, max_new_tokens, num_beams) {
+            match self.try_place(ask) {
                 Ok(placed) => return Ok(placed),
                 Err(Refused { held: Some(held), error }) => {
                     if waiting.is_none() {
@@ -215,14 +216,8 @@ impl Cluster {
     }
 
     /// [`Cluster::place`], saying apart the refusal that [`Cluster::place_or_wait`] waits out.
-    pub(crate) fn try_place(
-        &self,
-        model: &ServedModel,
-        adapter: Option<&str>,
-        prompt: &[u32],
-        max_new_tokens: u32,
-        num_beams: usize,
-    ) -> Result<(Route, PlacementRequest), Refused> {
+    pub(crate) fn try_place(&self, ask: &Ask<'_>) -> Result<(Route, PlacementRequest), Refused> {
+        let Ask { model, adapter, prompt, max_new_tokens, num_beams } = *ask;
         let mut state = self.lock();
         let index = self.servable_index(&state, model)?;
         let request = PlacementRequest::new(index, prompt.len(), max_new_tokens, num_beams);
