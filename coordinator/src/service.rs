@@ -100,13 +100,13 @@ impl InferenceService {
             .map_err(|e| CoordinatorError::Internal(format!("request preparation failed: {e}")))??;
         let (events, stream) = mpsc::unbounded_channel();
         match self.cluster.try_place(&ask(&prepared)) {
-            Ok((route, needs)) => self.launch(prepared, route, needs, arrived, deadline, key, events).await?,
+            Ok((route, needs)) => self.launch(prepared, route, needs, Call { arrived, deadline, key }, events).await?,
             Err(refused) if refused.held().is_some() => {
                 let (service, key) = (self.clone(), key.to_string());
                 tokio::spawn(async move {
                     let waited = async {
                         let (route, needs) = service.cluster.place_or_wait(&ask(&prepared), deadline).await?;
-                        service.launch(prepared, route, needs, arrived, deadline, &key, events.clone()).await
+                        service.launch(prepared, route, needs, Call { arrived, deadline, key: &key }, events.clone()).await
                     };
                     // A client that leaves while the request waits takes the wait with it.
                     tokio::select! {
@@ -126,17 +126,15 @@ impl InferenceService {
 
     /// Starts a placed request: its sequence goes to its group's queue, or its ring is served in
     /// a task; `events` is its client's stream.
-    #[allow(clippy::too_many_arguments)]
     async fn launch(
         &self,
         prepared: crate::request::Prepared,
         route: Route,
         needs: crate::placement::PlacementRequest,
-        arrived: Instant,
-        deadline: Option<Instant>,
-        key: &str,
+        call: Call<'_>,
         events: mpsc::UnboundedSender<Result<pb::GenerateResponse, Status>>,
     ) -> Result<(), Status> {
+        let Call { arrived, deadline, key } = call;
         if let Some(adapter) = &prepared.adapter {
             match &route {
                 Route::Ring(_) => {
@@ -191,6 +189,13 @@ impl InferenceService {
         }
         Ok(())
     }
+}
+
+/// When a call arrived, its deadline, and the name of its API key (for logs).
+struct Call<'a> {
+    arrived: Instant,
+    deadline: Option<Instant>,
+    key: &'a str,
 }
 
 /// What placement needs of a prepared request.
