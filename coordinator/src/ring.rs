@@ -232,7 +232,7 @@ enum Held {
 }
 
 /// Resolves when `deadline` passes; never without one.
-async fn until(deadline: Option<Instant>) {
+pub(crate) async fn until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,

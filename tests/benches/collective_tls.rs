@@ -10,9 +10,8 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tessera_collective::{Collective, CollectiveTls, TcpCollective, TcpConfig};
-use tessera_tests::certs::TestCa;
-use tessera_tls::{ClientTls, ServerTls};
+use tessera_collective::{Collective, TcpCollective, TcpConfig};
+use tessera_tests::certs::{collective_tls, TestCa};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -25,13 +24,7 @@ fn measure(ca: Option<&TestCa>, bytes: usize, iters: usize) -> Vec<Duration> {
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let tls = ca.map(|ca| {
-                let files = ca.leaf(&format!("rank{rank}")).expect("leaf");
-                CollectiveTls {
-                    server: ServerTls::mutual(&files, &[]).expect("server TLS").config(),
-                    client: ClientTls::mutual(&files, &[]).expect("client TLS").config(),
-                }
-            });
+            let tls = ca.map(|ca| collective_tls(&ca.leaf(&format!("rank{rank}")).expect("leaf")));
             let config = TcpConfig { tls, ..TcpConfig::new(rank, peers.clone()) };
             std::thread::spawn(move || {
                 let mut comm = TcpCollective::connect(config, listener).expect("connect");

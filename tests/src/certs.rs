@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
-use tessera_tls::TlsFiles;
+use tessera_collective::CollectiveTls;
+use tessera_tls::{ClientTls, ServerTls, TlsFiles};
 
 /// A certificate authority and the directory its files go to.
 pub struct TestCa {
@@ -42,5 +43,13 @@ impl TestCa {
         std::fs::write(&cert_path, cert.pem())?;
         std::fs::write(&key_path, key.serialize_pem())?;
         Ok(TlsFiles { cert: cert_path, key: key_path, ca: Some(self.cert.clone()) })
+    }
+}
+
+/// A rank's collective TLS from its files, as a worker builds it (`CollectiveTlsFiles`).
+pub fn collective_tls(files: &TlsFiles) -> CollectiveTls {
+    CollectiveTls {
+        server: ServerTls::mutual(files, &[]).expect("server TLS").config(),
+        client: ClientTls::mutual(files, &[]).expect("client TLS").config(),
     }
 }

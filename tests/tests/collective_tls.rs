@@ -12,20 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_collective::{Collective, CollectiveTls, TcpCollective, TcpConfig};
-use tessera_tests::certs::TestCa;
+use tessera_tests::certs::{collective_tls, TestCa};
 use tessera_tls::rustls::pki_types::ServerName;
 use tessera_tls::rustls::{ClientConnection, StreamOwned};
-use tessera_tls::{ClientTls, ServerTls, TlsFiles};
+use tessera_tls::{ClientTls, TlsFiles};
 
 fn scratch(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("collective-tls-{}-{name}", std::process::id()))
-}
-
-fn collective_tls(files: &TlsFiles) -> CollectiveTls {
-    CollectiveTls {
-        server: ServerTls::mutual(files, &[]).expect("server TLS").config(),
-        client: ClientTls::mutual(files, &[]).expect("client TLS").config(),
-    }
 }
 
 /// Ranks on loopback, rank `r` with `tls[r]` (`None`: plain TCP).

@@ -156,7 +156,7 @@ fn admit(in_flight: &Arc<Mutex<InFlight>>, peer: SocketAddr, config: &AcceptConf
 }
 
 /// TLS over an accepted connection; `None` (logged) when the handshake fails or times out.
-pub async fn handshake(tls: &ServerTls, stream: TcpStream, peer: SocketAddr, config: &AcceptConfig) -> Option<TlsStream<TcpStream>> {
+async fn handshake(tls: &ServerTls, stream: TcpStream, peer: SocketAddr, config: &AcceptConfig) -> Option<TlsStream<TcpStream>> {
     let acceptor = TlsAcceptor::from(tls.config());
     match tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => Some(stream),

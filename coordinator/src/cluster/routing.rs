@@ -195,15 +195,9 @@ impl Cluster {
                 }
                 Err(refused) => return Err(refused.error),
             }
-            let expired = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = &mut woken => {}
-                () = expired => {
+                () = crate::ring::until(deadline) => {
                     self.metrics.deadlines_exceeded(1);
                     return Err(CoordinatorError::DeadlineExceeded(format!(
                         "the deadline passed while every group of model {:?} that can hold this request ran a long request on a \

@@ -304,12 +304,6 @@ impl Opener {
     }
 }
 
-impl std::fmt::Debug for Sealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer").field("pending", &self.pending).finish_non_exhaustive()
-    }
-}
-
 // Records carry no more than the AEAD allows in one call.
 const _: () = assert!(RECORD_PLAINTEXT + TAG <= u32::MAX as usize && TAG == aead::MAX_TAG_LEN);
 
