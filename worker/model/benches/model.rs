@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     let dtype_name = args.get(1).map(String::as_str).unwrap_or("f32");
     let Some((dtype, quantization)) = tessera_model::weight_format(dtype_name) else { anyhow::bail!("unknown dtype {dtype_name}") };
     let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
-    // Optional: "prefill" or "decode" alone, for profiling one phase.
+    // Optional: "prefill", "decode" (batch 1) or "decode8" alone, for profiling one phase.
     let only = args.get(3).map(String::as_str);
     // A directory holding a GGUF instead of safetensors is labelled as such in the RESULT line.
     let gguf = !dir.join("model.safetensors").exists()
@@ -129,9 +129,11 @@ fn main() -> anyhow::Result<()> {
     let mut first = vec![];
     let (mut allocated_b1, mut allocated_b8) = (StepAllocations::default(), StepAllocations::default());
     for r in 0..runs {
-        let p = if only == Some("decode") { f64::NAN } else { prefill(&model)? };
-        let (a, f, alloc_b1) = if only == Some("prefill") { (f64::NAN, vec![], StepAllocations::default()) } else { decode(&model, 1)? };
-        let (b, _, alloc_b8) = if only.is_some() { (f64::NAN, vec![], StepAllocations::default()) } else { decode(&model, 8)? };
+        let p = if only.is_some_and(|o| o != "prefill") { f64::NAN } else { prefill(&model)? };
+        let (a, f, alloc_b1) =
+            if only.is_some_and(|o| o != "decode") { (f64::NAN, vec![], StepAllocations::default()) } else { decode(&model, 1)? };
+        let (b, _, alloc_b8) =
+            if only.is_some_and(|o| o != "decode8") { (f64::NAN, vec![], StepAllocations::default()) } else { decode(&model, 8)? };
         println!("run {r}: prefill512 {p:.1} tok/s, decode b1 {a:.2} tok/s, decode b8 {b:.2} tok/s");
         pre.push(p);
         d1.push(a);

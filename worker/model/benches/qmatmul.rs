@@ -58,7 +58,7 @@ fn measure(quant: GgmlDType, iters: usize, shapes: &[(&str, usize, usize)]) -> a
         let bytes = q.storage_size_in_bytes() as f64;
         let q_data = q.data()?.to_vec();
         let mm = QMatMul::from_qtensor(q)?;
-        for rows in [1usize, 8, 512] {
+        for rows in [1usize, 8, 16, 32, 512] {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu)?;
             let n = if rows == 512 { iters / 20 + 1 } else { iters };
             let secs = per_product(n, || mm.forward(&x).map(drop))?;
@@ -80,6 +80,10 @@ fn measure(quant: GgmlDType, iters: usize, shapes: &[(&str, usize, usize)]) -> a
             };
             // f32 for comparison: GEMM on the float weights.
             let f_secs = per_product(n, || x.matmul(&w.t()?).map(drop))?;
+            if quant == GgmlDType::Q8_0 && (2..=32).contains(&rows) && tessera_model::kernels::gemm::q8::available() {
+                let secs = per_product(n, || q8_0_gemm_t(&x, data, out, inp, 0).map(drop))?;
+                println!("   gemm at {rows} rows: {:>8.1} µs", secs * 1e6);
+            }
             println!(
                 "{name:8} {out:>6}x{inp:<5} rows {rows:>3}: candle {:>9.1} µs {:>5.1} GB/s | {ours:31} | f32 GEMM {:>9.1} µs",
                 secs * 1e6,

@@ -325,7 +325,61 @@ impl Scratch {
     /// `Σ e^(s − max)` into `part[j * (d + 2)..]`. All scores first, one vectorised exponential,
     /// then the weighted sums: every key and value row is read once for the whole group,
     /// straight from the cache in its own type.
+    ///
+    /// The loops are compiled once per vector width and picked at run time: built for the
+    /// baseline x86-64 target alone, the weighted sums ran four lanes at a time (SSE). The
+    /// arithmetic is the same on every path (separate multiplies and adds, never fused), so
+    /// the results are the same bits whatever the CPU.
     fn attend<T: Elem>(
+        &mut self,
+        k: impl KeyRows<T>,
+        v: impl KeyRows<T>,
+        keys: std::ops::Range<usize>,
+        dot: fn(&[T], &[f32]) -> f32,
+        part: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { self.attend_avx512(k, v, keys, dot, part) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { self.attend_avx2(k, v, keys, dot, part) };
+            }
+        }
+        self.attend_body(k, v, keys, dot, part)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn attend_avx512<T: Elem>(
+        &mut self,
+        k: impl KeyRows<T>,
+        v: impl KeyRows<T>,
+        keys: std::ops::Range<usize>,
+        dot: fn(&[T], &[f32]) -> f32,
+        part: &mut [f32],
+    ) {
+        self.attend_body(k, v, keys, dot, part)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn attend_avx2<T: Elem>(
+        &mut self,
+        k: impl KeyRows<T>,
+        v: impl KeyRows<T>,
+        keys: std::ops::Range<usize>,
+        dot: fn(&[T], &[f32]) -> f32,
+        part: &mut [f32],
+    ) {
+        self.attend_body(k, v, keys, dot, part)
+    }
+
+    #[inline(always)]
+    fn attend_body<T: Elem>(
         &mut self,
         k: impl KeyRows<T>,
         v: impl KeyRows<T>,
