@@ -115,8 +115,9 @@ pub struct ServeArgs {
     pub migration_limit: u32,
     /// Batch-invariant numerics: every token is computed with one arithmetic whatever else runs
     /// in its step, so seeded streams give the same tokens under any load and a stream moved
-    /// off a lost group continues bit for bit. Costs prefill speed (BENCHMARKS.md); float
-    /// weights only (quantized projections keep their kernels).
+    /// off a lost group continues bit for bit, and a prompt's answer does not change with the
+    /// prefix cache's state. Costs prefill speed (BENCHMARKS.md). Float weights and the block
+    /// formats q4_0 ... q6_k and q8_0; other formats keep candle's kernels.
     #[arg(long)]
     pub batch_invariant: bool,
     /// Static batching (a baseline for benchmarks): a group admits new requests only when it

@@ -8,7 +8,8 @@
 //! usage: cargo bench -p tessera-tests --bench prefix_cluster -- [MODEL] [ROUNDS]
 //! MODEL: a model directory or GGUF file; by default the SmolLM2-135M-Instruct Q4_1 file that
 //! `scripts/fetch_smollm2.sh` caches under target/smollm2. Prompts are token ids, so the
-//! numbers do not depend on a chat template.
+//! numbers do not depend on a chat template. `TESSERA_BATCH_INVARIANT=1` serves with
+//! `--batch-invariant` (one arithmetic per token whatever its batch or chunk).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -88,11 +89,13 @@ fn main() -> anyhow::Result<()> {
     let rounds: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(7);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let bin = tessera_tests::tessera_bin_release();
-    let (_cluster, url) = tessera_tests::spawn_up(bin, cores, &model, &["--workers", "1"])?;
+    let invariant = std::env::var("TESSERA_BATCH_INVARIANT").is_ok_and(|v| v == "1");
+    let flags: &[&str] = if invariant { &["--workers", "1", "--batch-invariant"] } else { &["--workers", "1"] };
+    let (_cluster, url) = tessera_tests::spawn_up(bin, cores, &model, flags)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut client = InferenceClient::connect(url).await?;
-        println!("model {}, {cores} cores, {rounds} rounds", model.display());
+        println!("model {}, {cores} cores, {rounds} rounds{}", model.display(), if invariant { ", --batch-invariant" } else { "" });
         // Untimed: page the weights in, and cache the system prompt.
         let system = ids(SYSTEM_TOKENS, 1);
         let with = |suffix: usize| system.iter().copied().chain(ids(16, 1000 + suffix)).collect::<Vec<u32>>();

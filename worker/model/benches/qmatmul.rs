@@ -2,7 +2,8 @@
 //! memory-bandwidth roofline: decode (1 and 8 activation rows) and a 512-row prefill.
 //! Columns: candle's `QMatMul`; for q8_0 decode our `qmatvec` kernel, for q4_0, q4_1, q5_0 and
 //! q5_1 decode our `q4matvec` kernel, for q4_k, q5_k and q6_k decode our `kquant` kernel, for
-//! q8_0 prefill our int8 GEMM (`gemm::q8`, on CPUs with AVX-512 VNNI); f32 GEMM on the float
+//! q8_0 prefill our int8 GEMM (`gemm::q8`, on CPUs with AVX-512 VNNI), for the other formats'
+//! prefill their row kernels 16 rows per call (`qrows`); f32 GEMM on the float
 //! weights for scale. The 32-block formats run SmolLM-135M's shapes; the K-quants, the
 //! formats of the Q4_K_M and Q6_K files users download, run the 2048-wide Llama model's.
 //!
@@ -18,6 +19,7 @@ use tessera_model::kernels::gemm::q8::q8_0_gemm_t;
 use tessera_model::kernels::kquant::kquant_matvec_t;
 use tessera_model::kernels::q4matvec::q4_matvec_t;
 use tessera_model::kernels::qmatvec::q8_0_matvec_t;
+use tessera_model::kernels::qrows::quantized_rows_t;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -68,6 +70,11 @@ fn measure(quant: GgmlDType, iters: usize, shapes: &[(&str, usize, usize)]) -> a
                 gbs(per_product(n, || q4_matvec_t(&x, data, quant, out, inp).map(drop))?)
             } else if tessera_model::kernels::kquant::supports(quant) && rows <= 16 {
                 gbs(per_product(n, || kquant_matvec_t(&x, data, quant, out, inp).map(drop))?)
+            } else if rows > 16 && quant != GgmlDType::Q8_0 && tessera_model::kernels::qrows::supports(quant) {
+                // Prefill of the 4- and 5-bit and K-quant formats: the row kernels, 16 rows per call.
+                let secs = per_product(n, || quantized_rows_t(&x, data, quant, out, inp).map(drop))?;
+                let macs = (rows * out * inp) as f64;
+                format!("ours {:>8.1} µs {:>5.1} Gmac/s", secs * 1e6, macs / secs / 1e9)
             } else if quant == GgmlDType::Q8_0 && rows <= 16 {
                 gbs(per_product(n, || q8_0_matvec_t(&x, data, out, inp).map(drop))?)
             } else if quant == GgmlDType::Q8_0 && tessera_model::kernels::gemm::q8::available() {

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tessera_collective::SingleRank;
 use tessera_model::fixture::{max_rel_diff, smollm2_gguf};
 use tessera_model::sampler::argmax;
-use tessera_model::{AppendOn, Batch, LoadConfig, LogitsMode, Model, ModelConfig, ModelFiles, SeqChunk};
+use tessera_model::{AppendOn, Batch, LoadConfig, LogitsMode, Model, ModelConfig, ModelFiles, Numerics, SeqChunk};
 
 /// Top-2 logit margin below which two correct f32 implementations may pick differently.
 const NEAR_TIE: f32 = 1e-2;
@@ -150,9 +150,16 @@ fn tp3_and_sp2_decode_the_same_tokens() {
     assert!(said.starts_with(" Paris"), "{said:?}");
 }
 
-/// The Q4_1 weights as stored (llama.cpp's arithmetic: activations quantized per block): TP=3
-/// shards give TP=1's logits up to the order of the row-parallel sums, teacher-forced over the
-/// golden continuation, and the answer is still " Paris".
+/// The Q4_1 weights at TP=1 and TP=3, teacher-forced over the golden continuation.
+///
+/// Dequantized (exact f32 arithmetic), TP=3's shards give TP=1's logits up to the order of the
+/// row-parallel sums (≤ 1e-3). As stored, prefill and decode quantize each activation block to
+/// 8 bits, as llama.cpp does; TP=3 sums its row-parallel products in another order, those last
+/// bits move some activations to the neighbouring 8-bit step in the next layer, and the logits
+/// then differ by as much as the activation rounding itself moves them (measured: 5.0% of the
+/// row's largest logit between TP=3 and TP=1, 5.4% between TP=1 and the exact product — decode
+/// at TP=3 differed by 3.9% before prefill took the same kernels). So TP=3 is held to being no
+/// further from the exact product than TP=1 is (25% slack), and to the same answer, " Paris".
 #[test]
 fn stored_q4_1_weights_agree_at_tp1_and_tp3() {
     let path = smollm2_gguf();
@@ -161,13 +168,21 @@ fn stored_q4_1_weights_agree_at_tp1_and_tp3() {
     let case = golden().cases.iter().find(|c| c.text == "The capital of France is").expect("case");
     let mut tokens = case.prompt_ids.clone();
     tokens.extend_from_slice(&case.greedy);
-    let one = run_tp_loaded(&path, &LoadConfig::default(), 1, &tokens, 1).remove(0);
-    let three = run_tp_loaded(&path, &LoadConfig::default(), 3, &tokens, 1);
-    for (rank, t) in three.iter().enumerate() {
-        let diff = max_rel_diff(&t.prefill, &one.prefill);
-        assert!(diff < 1e-3, "TP=3 rank {rank}: max relative difference {diff}");
+    let exact_one = run_tp_loaded(&path, &dequantized(), 1, &tokens, 1).remove(0);
+    for (rank, e) in run_tp_loaded(&path, &dequantized(), 3, &tokens, 1).iter().enumerate() {
+        let diff = max_rel_diff(&e.prefill, &exact_one.prefill);
+        assert!(diff < 1e-3, "dequantized, TP=3 rank {rank}: max relative difference {diff}");
     }
-    assert_eq!(argmax(&one.prefill[case.prompt_ids.len() - 1]), case.greedy[0], "\" Paris\"");
+    let one = run_tp_loaded(&path, &LoadConfig::default(), 1, &tokens, 1).remove(0);
+    let rounding = max_rel_diff(&one.prefill, &exact_one.prefill);
+    assert!(rounding > 0.0 && rounding < 0.1, "TP=1 stored against exact: {rounding}");
+    let paris = case.prompt_ids.len() - 1;
+    assert_eq!(argmax(&one.prefill[paris]), case.greedy[0], "TP=1: \" Paris\"");
+    for (rank, t) in run_tp_loaded(&path, &LoadConfig::default(), 3, &tokens, 1).iter().enumerate() {
+        let diff = max_rel_diff(&t.prefill, &exact_one.prefill);
+        assert!(diff <= 1.25 * rounding, "stored, TP=3 rank {rank}: {diff} from exact, TP=1 is {rounding}");
+        assert_eq!(argmax(&t.prefill[paris]), case.greedy[0], "TP=3 rank {rank}: \" Paris\"");
+    }
 }
 
 #[derive(Deserialize)]
@@ -234,8 +249,9 @@ fn stored_q4_1_weights_follow_llama_cpp() {
 /// A prompt's last logits are the same bits whether it is prefilled whole, after a cached
 /// prefix (whole 16-token blocks, then a suffix no longer than a decode batch), or in chunks of
 /// whole blocks: a greedy answer must not change with the state of the prefix cache. On the
-/// Q4_1 weights as stored and dequantized. (Chunks of other lengths, which chunked prefill may
-/// cut, are not held to the same bits.)
+/// Q4_1 weights as stored and dequantized. Under `Numerics::BatchInvariant` the stored weights
+/// hold this for every split, down to a last chunk of one token (the decode path): their
+/// products go through the row kernels at any row count, and attention through one kernel.
 #[test]
 fn a_cached_prefix_leaves_the_prompts_logits_unchanged() {
     let case = golden().cases.iter().find(|c| c.chat).expect("a chat case");
@@ -243,28 +259,35 @@ fn a_cached_prefix_leaves_the_prompts_logits_unchanged() {
     // The prefix cache hands out whole blocks and always leaves the last token to compute.
     let cached = (prompt.len() - 1) / 16 * 16;
     assert!(cached > 0 && prompt.len() - cached <= 16, "{} tokens", prompt.len());
+    let last = |model: &Model, splits: &[usize]| -> Vec<f32> {
+        let mut kv = model.new_kv_cache();
+        let mut start = 0;
+        let mut logits = Vec::new();
+        for &end in splits.iter().chain([&prompt.len()]) {
+            let chunk = [SeqChunk { seq: 0, start, len: end - start }];
+            let batch = Batch { tokens: &prompt[start..end], chunks: &chunk };
+            logits = model
+                .forward(&batch, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)
+                .expect("forward")
+                .to_vec2::<f32>()
+                .expect("logits")
+                .remove(0);
+            start = end;
+        }
+        logits
+    };
     for (label, load) in [("q4_1", LoadConfig::default()), ("dequantized", dequantized())] {
         let model = Model::load(&smollm2_gguf(), &load).expect("load");
-        let last = |splits: &[usize]| -> Vec<f32> {
-            let mut kv = model.new_kv_cache();
-            let mut start = 0;
-            let mut logits = Vec::new();
-            for &end in splits.iter().chain([&prompt.len()]) {
-                let chunk = [SeqChunk { seq: 0, start, len: end - start }];
-                let batch = Batch { tokens: &prompt[start..end], chunks: &chunk };
-                logits = model
-                    .forward(&batch, &mut kv, &mut SingleRank, LogitsMode::LastPerChunk)
-                    .expect("forward")
-                    .to_vec2::<f32>()
-                    .expect("logits")
-                    .remove(0);
-                start = end;
-            }
-            logits
-        };
-        let whole = last(&[]);
-        assert!(last(&[cached]) == whole, "{label}: after a cached {cached}-token prefix");
-        assert!(last(&[16]) == whole, "{label}: after a cached 16-token prefix");
-        assert!(last(&[16, cached]) == whole, "{label}: in chunks of 16, 16 and the rest");
+        let whole = last(&model, &[]);
+        assert!(last(&model, &[cached]) == whole, "{label}: after a cached {cached}-token prefix");
+        assert!(last(&model, &[16]) == whole, "{label}: after a cached 16-token prefix");
+        assert!(last(&model, &[16, cached]) == whole, "{label}: in chunks of 16, 16 and the rest");
+    }
+    let invariant = LoadConfig { numerics: Numerics::BatchInvariant, ..LoadConfig::default() };
+    let model = Model::load(&smollm2_gguf(), &invariant).expect("load");
+    let whole = last(&model, &[]);
+    let n = prompt.len();
+    for splits in [vec![5], vec![5, 11], vec![3, 20], vec![1, 2, 30], vec![n - 2], vec![n - 1], vec![cached]] {
+        assert!(last(&model, &splits) == whole, "q4_1, batch-invariant: split at {splits:?} of {n}");
     }
 }

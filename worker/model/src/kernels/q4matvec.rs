@@ -436,14 +436,7 @@ fn store_sums<const N: usize>(total: [std::arch::x86_64::__m256; N], y: &mut [f3
     if N > 4 {
         // Eight rows' lane sums at once, as `qmatvec.rs` does.
         let t: [__m256; 8] = core::array::from_fn(|r| total.get(r).copied().unwrap_or(_mm256_setzero_ps()));
-        let pairs = |a: __m256, b: __m256| _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-        let quads = |a: __m256, b: __m256| {
-            let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
-            _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)))
-        };
-        let low = quads(pairs(t[0], t[1]), pairs(t[2], t[3]));
-        let high = quads(pairs(t[4], t[5]), pairs(t[6], t[7]));
-        let sums = _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+        let sums = crate::kernels::qmatvec::sum_rows8(t);
         let mut out = [0f32; 8];
         // SAFETY: eight floats.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sums) };

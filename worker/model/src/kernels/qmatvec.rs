@@ -520,14 +520,7 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], lanes: &LaneRows, first: usize, y
     if N >= 4 {
         // Eight rows' lane sums at once: 21 instructions instead of 8 × 6.
         let t: [__m256; 8] = core::array::from_fn(|r| total.get(r).copied().unwrap_or(_mm256_setzero_ps()));
-        let pairs = |a: __m256, b: __m256| _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-        let quads = |a: __m256, b: __m256| {
-            let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
-            _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)))
-        };
-        let low = quads(pairs(t[0], t[1]), pairs(t[2], t[3]));
-        let high = quads(pairs(t[4], t[5]), pairs(t[6], t[7]));
-        let sums = _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+        let sums = sum_rows8(t);
         let mut out = [0f32; 8];
         // SAFETY: eight floats.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sums) };
@@ -628,6 +621,8 @@ fn load_tail<const T: usize>(rest: &[u8]) -> ([std::arch::x86_64::__m256i; GROUP
     (w, _mm256_cvtph_ps(_mm256_cvtepi32_epi16(scales)))
 }
 
+/// The sum of `s`'s eight lanes as llama.cpp's `hsum_float_8` adds them:
+/// `((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))`, also the order of [`sum_rows8`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) fn horizontal_sum(s: std::arch::x86_64::__m256) -> f32 {
@@ -637,12 +632,60 @@ pub(crate) fn horizontal_sum(s: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
 }
 
+/// The lane sums of eight rows' accumulators at once (21 instructions instead of 8 × 6), lane
+/// `r` of the result for `t[r]`, each added in [`horizontal_sum`]'s order: a row's result is
+/// then the same bits whether its kernel call summed it alone or with seven others, so a
+/// token's projections do not depend on how many rows share its call (a decode batch, a
+/// prefill piece, a prompt cut after a cached prefix).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn sum_rows8(t: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // Rows r and r + 4 side by side, each row's two halves added: [h_r | h_(r+4)], h = lo + hi.
+    let halves = |r: usize| _mm256_add_ps(_mm256_permute2f128_ps(t[r], t[r + 4], 0x20), _mm256_permute2f128_ps(t[r], t[r + 4], 0x31));
+    let (h0, h1, h2, h3) = (halves(0), halves(1), halves(2), halves(3));
+    // Per row: (h0 + h2, h1 + h3), two rows per half.
+    let pairs = |a: __m256, b: __m256| {
+        let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
+        _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)))
+    };
+    let (p01, p23) = (pairs(h0, h1), pairs(h2, h3));
+    // Rows 0..4 in the low half, 4..8 in the high half: first partial plus second.
+    _mm256_add_ps(_mm256_shuffle_ps::<0b10_00_10_00>(p01, p23), _mm256_shuffle_ps::<0b11_01_11_01>(p01, p23))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::DType;
     use candle_core::Device;
+
+    /// A row summed with seven others gives the bits it gives alone, for values whose sums
+    /// round differently in other orders.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn eight_row_sums_add_each_row_as_one_row_does() {
+        use std::arch::x86_64::*;
+        if !has_avx2() {
+            return;
+        }
+        let mut rng = crate::sampling::sampler::SeededRng::new(7);
+        for _ in 0..1000 {
+            let rows: [[f32; 8]; 8] = core::array::from_fn(|_| core::array::from_fn(|_| ((rng.next_f64() - 0.5) * 1e4) as f32 * 1.000_123));
+            // SAFETY: the CPU has AVX2 and FMA (checked above); each row is eight floats.
+            let (together, alone) = unsafe {
+                let t = rows.map(|r| _mm256_loadu_ps(r.as_ptr()));
+                let mut out = [0f32; 8];
+                _mm256_storeu_ps(out.as_mut_ptr(), sum_rows8(t));
+                (out, t.map(|r| horizontal_sum(r)))
+            };
+            for r in 0..8 {
+                assert_eq!(together[r].to_bits(), alone[r].to_bits(), "row {r}: {} vs {}", together[r], alone[r]);
+            }
+        }
+    }
 
     /// The fast path stays within activation-quantization error (8 bits per 32-block) of f32
     /// GEMM on the dequantized weights, for 1 to 16 rows (groups of four and every remainder), and the portable kernel equals

@@ -20,7 +20,8 @@ pub enum Numerics {
     /// attention are bit for bit the same alone, in any batch, or inside a prefill chunk (see
     /// `kernels::matvec::matmul_t_invariant`). Seeded sampling then gives the same tokens under
     /// any load, and a sequence re-prefilled elsewhere continues exactly. Prefill is slower.
-    /// Quantized weights keep their kernels (not yet invariant).
+    /// Block-quantized weights go through their row kernels at any row count
+    /// (`kernels/qrows.rs`), q8_0 prefill included, which is then slower than its int8 GEMM.
     BatchInvariant,
 }
 
@@ -30,10 +31,11 @@ pub enum StepRows {
     /// Decode rows only: the row kernels up to `MAX_ROWS` rows, GEMM past that.
     #[default]
     Decode,
-    /// At least one prefill chunk: GEMM at any row count. A prompt's rows then get one
-    /// arithmetic whether it is prefilled whole, in chunks, or after a cached prefix (a short
-    /// suffix would otherwise take the row kernels, whose rounding differs, and a greedy answer
-    /// could change with the cache's state).
+    /// At least one prefill chunk: GEMM at any row count for float and q8_0 weights, the row
+    /// kernels at any row count for the other block formats (`kernels/qrows.rs`). A prompt's
+    /// rows then get one arithmetic whether it is prefilled whole, in chunks, or after a cached
+    /// prefix (a short float suffix would otherwise take the row kernels, whose rounding
+    /// differs from GEMM's, and a greedy answer could change with the cache's state).
     Prefill,
 }
 
@@ -77,17 +79,31 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, dest: Option<&Dest>, rows: StepRows) -> 
 ///   (`q4matvec.rs`);
 /// - q4_k, q5_k, q6_k and at most `MAX_ROWS` rows: the same design for ggml's 256-value
 ///   super-blocks, activations quantized to llama.cpp's `block_q8_K` (`kquant.rs`);
+/// - q4_0 ... q5_1 and q4_k ... q6_k with more rows (prefill): the same row kernels,
+///   `MAX_ROWS` rows per call (`kernels/qrows.rs`), so every row gets the bits it gets in
+///   decode, whatever the chunking;
 /// - q8_0 and more rows (prefill) on a CPU with AVX-512 VNNI: our int8 GEMM (`kernels/gemm/q8.rs`),
-///   the same arithmetic as decode, so prefill and decode agree;
-/// - other prefill: f32 GEMM on the dequantized weights — the same weights with exact f32
-///   activations, and on the benchmark machine several times faster than candle's quantized
-///   GEMM (BENCHMARKS.md). Prefill and decode then differ by the activation rounding only;
+///   activations quantized as in decode; under [`Numerics::BatchInvariant`] the row kernel
+///   instead, as for the other formats;
+/// - other prefill: f32 GEMM on the dequantized weights;
 /// - otherwise (decode of another format: q2_k, q3_k, ...): candle's ggml kernel, which also
 ///   quantizes the activations.
-fn quantized_matmul_t(x: &Tensor, q: &Arc<QTensor>, dest: Option<&Dest>, step: StepRows) -> candle_core::Result<Tensor> {
+fn quantized_matmul_t(
+    x: &Tensor,
+    q: &Arc<QTensor>,
+    dest: Option<&Dest>,
+    step: StepRows,
+    numerics: Numerics,
+) -> candle_core::Result<Tensor> {
     let (out, inner) = q.shape().dims2()?;
     let rows = x.dims().first().copied().unwrap_or(0);
     let row_kernel_rows = step.row_kernel_rows();
+    let gemm_q8 = q.dtype() == GgmlDType::Q8_0 && numerics == Numerics::Fast && crate::kernels::gemm::q8::available();
+    if rows > row_kernel_rows && !gemm_q8 && crate::kernels::qrows::supports(q.dtype()) && q.device().is_cpu() {
+        if let Some(y) = crate::kernels::qrows::quantized_rows_t(x, &q.data()?, q.dtype(), out, inner)? {
+            return Ok(y);
+        }
+    }
     if rows <= row_kernel_rows && crate::kernels::q4matvec::supports(q.dtype()) && q.device().is_cpu() {
         if let Some(y) = crate::kernels::q4matvec::q4_matvec_into(x, &q.data()?, q.dtype(), out, inner, dest)? {
             return Ok(y);
@@ -222,9 +238,9 @@ impl Weight {
                 None => matmul_t(x, w, dest, rows),
             },
             Self::Float(w) => matmul_t(x, w, dest, rows),
-            Self::Quantized(q) => quantized_matmul_t(x, q, dest, rows),
+            Self::Quantized(q) => quantized_matmul_t(x, q, dest, rows, numerics),
             Self::Stacked { parts, .. } => {
-                let ys = parts.iter().map(|q| quantized_matmul_t(x, q, None, rows)).collect::<candle_core::Result<Vec<_>>>()?;
+                let ys = parts.iter().map(|q| quantized_matmul_t(x, q, None, rows, numerics)).collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&ys, ys[0].rank() - 1)
             }
         }
