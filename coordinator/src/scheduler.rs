@@ -621,7 +621,8 @@ impl Scheduler {
     /// What the next step carries: one token for every decoding sequence, then prompt chunks
     /// from the budget that is left. The oldest prompt is guaranteed a quarter of that budget
     /// (so it finishes however many others arrive); the rest goes to the prompts closest to
-    /// done first, so a short request is not queued behind a long prefill.
+    /// done first, so a short request is not queued behind a long prefill. A chunk that does
+    /// not finish its prompt ends on a KV block boundary ([`block_aligned`]).
     fn schedule(&mut self) -> Step {
         let running = &mut self.running;
         let mut seqs = Vec::with_capacity(running.len());
@@ -635,16 +636,19 @@ impl Scheduler {
         let mut budget = self.config.step_tokens.saturating_sub(seqs.len()).max(MIN_PREFILL_CHUNK);
         let prefills: Vec<usize> = (0..running.len()).filter(|&i| running[i].prefilling()).collect();
         let mut grant = vec![0usize; running.len()];
+        let aligned = |r: &Running, grant: usize| block_aligned(r.feed.cached as usize, r.feed.pending.len(), grant);
         if let Some(&oldest) = prefills.first() {
-            grant[oldest] = running[oldest].feed.pending.len().min((budget / 4).max(MIN_PREFILL_CHUNK)).min(budget);
+            let want = running[oldest].feed.pending.len().min((budget / 4).max(MIN_PREFILL_CHUNK)).min(budget);
+            grant[oldest] = aligned(&running[oldest], want);
             budget -= grant[oldest];
         }
         let mut by_need = prefills.clone();
         by_need.sort_by_key(|&i| running[i].feed.pending.len());
         for i in by_need {
-            let extra = (running[i].feed.pending.len() - grant[i]).min(budget);
-            grant[i] += extra;
-            budget -= extra;
+            let want = grant[i] + (running[i].feed.pending.len() - grant[i]).min(budget);
+            let total = aligned(&running[i], want).max(grant[i]);
+            budget -= total - grant[i];
+            grant[i] = total;
         }
         for i in prefills {
             if grant[i] > 0 {
@@ -653,6 +657,24 @@ impl Scheduler {
         }
         self.steps += 1;
         Step { id: self.steps, seqs, forks }
+    }
+}
+
+/// A prompt chunk of `grant` tokens from position `start`, `pending` tokens left: shortened to
+/// end on a KV block boundary unless it finishes the prompt, or no boundary lies within it.
+/// Chunks then cut a prompt where the prefix cache does (whole blocks), so a prompt prefilled
+/// in chunks is split as one that found its first blocks cached, and float GEMMs, whose sums
+/// depend on the rows they are given, see the same block-aligned pieces either way.
+fn block_aligned(start: usize, pending: usize, grant: usize) -> usize {
+    if grant >= pending {
+        return grant;
+    }
+    let block = KV_BLOCK_TOKENS as usize;
+    let end = (start + grant) / block * block;
+    if end > start {
+        end - start
+    } else {
+        grant
     }
 }
 

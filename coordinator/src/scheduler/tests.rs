@@ -213,7 +213,37 @@ fn decodes_go_first_and_prompts_share_the_rest_of_the_budget() {
     let step = step_of(&plan);
     assert_eq!(seq_ids(step), [1, 2], "the decode comes first");
     assert_eq!(step.seqs[0].tokens.len(), 1);
-    assert_eq!(step.seqs[1].tokens.len(), 31, "the prompt takes what the decode left");
+    assert_eq!(step.seqs[1].tokens.len(), 16, "the prompt takes what the decode left (31), to its last block boundary");
+}
+
+#[test]
+fn prompt_chunks_end_on_block_boundaries_unless_they_finish_the_prompt() {
+    // Three decoders leave 47 of a 50-token budget: a 100-token prompt goes 32 + 32 + 36 (the
+    // last chunk finishes it), where unaligned grants would have cut it at 47 and 94.
+    let mut s = scheduler(4096, 8, 50);
+    let mut inbox = Inbox::default();
+    let _decoders: Vec<Client> = (1..=3).map(|i| inbox.push(Req::new(i, 2, 50))).collect();
+    for _ in 0..2 {
+        let plan = inbox.plan(&mut s);
+        run_step(&mut s, step_of(&plan), TOKEN);
+    }
+    let _long = inbox.push(Req::new(9, 100, 4));
+    let mut chunks = Vec::new();
+    let mut fed = Vec::new();
+    loop {
+        let plan = inbox.plan(&mut s);
+        let step = step_of(&plan);
+        let chunk = step.seqs.iter().find(|c| c.seq_id == 9).expect("the prompt moves every step");
+        chunks.push((chunk.start, chunk.tokens.len()));
+        fed.extend_from_slice(&chunk.tokens);
+        let done = chunk.sample;
+        run_step(&mut s, step, TOKEN);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(fed, Req::new(9, 100, 4).prompt());
+    assert_eq!(chunks, [(0, 32), (32, 32), (64, 36)]);
 }
 
 #[test]
@@ -242,8 +272,8 @@ fn the_oldest_prompt_keeps_a_quarter_and_short_prompts_finish_first() {
     let step = step_of(&plan);
     let chunk = |id| step.seqs.iter().find(|c| c.seq_id == id).expect("both prompts move");
     assert_eq!((chunk(2).tokens.len(), chunk(2).sample), (10, true), "the short prompt is prefilled whole");
-    assert_eq!(chunk(1).tokens.len(), 54, "the long one has its quarter (16) and what is left (38)");
-    assert_eq!(step.seqs.iter().map(|c| c.tokens.len()).sum::<usize>(), 64);
+    assert_eq!(chunk(1).tokens.len(), 48, "the long one has its quarter (16) and what is left (38), to a block boundary");
+    assert_eq!(step.seqs.iter().map(|c| c.tokens.len()).sum::<usize>(), 58);
 }
 
 // --- Preemption ---
