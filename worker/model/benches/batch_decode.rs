@@ -5,6 +5,8 @@
 //! against the measured read bandwidth.
 //!
 //! usage: cargo bench -p tessera-model --bench batch_decode -- MODEL_DIR [f32|bf16|f16|q8_0|q4_k] [STEPS]
+//! MODEL_DIR: safetensors (the dtype picks the weights' format), or a GGUF file or a directory
+//! holding one (its block formats as stored, read against the int8 peak).
 //! Every sequence first prefills a 128-token prompt, then the batch decodes STEPS (default 64)
 //! greedy tokens per sequence together. Prints a Markdown table and one `RESULT` line.
 
@@ -62,7 +64,12 @@ fn main() -> anyhow::Result<()> {
     let model = Model::load(&dir, &LoadConfig { dtype, quantization, ..LoadConfig::default() })?;
     let peaks = ceilings::peaks(300);
     let bandwidth = ceilings::read_bandwidth(1024, 5);
+    // A directory holding a GGUF keeps the file's block formats, whose kernels are int8.
+    let gguf = !dir.join("model.safetensors").exists()
+        && (dir.extension().is_some_and(|x| x == "gguf")
+            || std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "gguf")));
     let (family, peak) = match dtype_name {
+        _ if gguf => ("int8 dot", peaks.int8),
         "f32" => ("f32 FMA", peaks.f32),
         "bf16" if peaks.bf16 > 0.0 => ("bf16 dot", peaks.bf16),
         "bf16" | "f16" => ("f32 FMA", peaks.f32),
