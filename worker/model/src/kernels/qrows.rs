@@ -50,3 +50,57 @@ pub fn quantized_rows_t(x: &Tensor, blocks: &[u8], dtype: GgmlDType, out: usize,
     }
     Tensor::cat(&pieces, 0).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        let mut rng = crate::sampling::sampler::SeededRng::new(seed);
+        let v: Vec<f32> = (0..rows * cols).map(|_| (rng.next_f64() as f32 - 0.5) * 4.0).collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("tensor")
+    }
+
+    fn rows_of(t: &Tensor) -> Vec<Vec<u32>> {
+        t.to_vec2::<f32>().expect("to host").iter().map(|r| r.iter().map(|v| v.to_bits()).collect()).collect()
+    }
+
+    /// The property prefill relies on: a row's result is the same bits alone, in a call of any
+    /// row count, or cut anywhere, for every block format this CPU runs (40 rows: two full
+    /// 16-row calls and a call of 8; alone, each row takes the kernels' one-row path).
+    #[test]
+    fn a_rows_bits_do_not_depend_on_the_rows_beside_it() {
+        let (out, inner, rows) = (37, 512, 40);
+        let w = random(out, inner, 1);
+        let x = random(rows, inner, 2);
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            let blocks = q.data().expect("blocks");
+            let product = |x: &Tensor| rows_of(&quantized_rows_t(x, &blocks, dtype, out, inner).expect("product").expect("supported"));
+            let whole = product(&x);
+            assert_eq!(whole.len(), rows);
+            for (r, want) in whole.iter().enumerate() {
+                assert_eq!(&product(&x.narrow(0, r, 1).expect("row"))[0], want, "{dtype:?}: row {r} alone");
+            }
+            for cut in [5, 17, 33] {
+                let mut split = product(&x.narrow(0, 0, cut).expect("head"));
+                split.extend(product(&x.narrow(0, cut, rows - cut).expect("tail")));
+                assert_eq!(split, whole, "{dtype:?}: cut at {cut}");
+            }
+            // Not vacuous: the rows differ, and the product is not all zeros.
+            assert!(whole[0] != whole[1] && whole[0].iter().any(|&b| b != 0), "{dtype:?}");
+        }
+    }
+}
