@@ -1,6 +1,8 @@
 //! The machine's ceilings for a benchmark to be read against, measured in the same run: the
 //! multiply-add peak of each kernel family (registers only, every thread busy) and the memory
-//! read bandwidth. Shared by `peak.rs` and `batch_decode.rs`.
+//! read bandwidth. Shared by `bandwidth.rs`, `peak.rs` and `batch_decode.rs`, each of which uses
+//! a part of it.
+#![allow(dead_code)]
 
 use std::time::Instant;
 
@@ -25,30 +27,37 @@ pub fn peaks(millis: u64) -> Peaks {
     Peaks { f32: measure(f32_kernel()), bf16: measure(bf16_kernel()), int8: measure(int8_kernel()) }
 }
 
-/// Read bandwidth in decimal GB/s: the best of `passes` parallel reads of `mib` MiB (as the
-/// `bandwidth` bench does).
+/// Read bandwidth in decimal GB/s: the best of `passes` parallel reads of `mib` MiB.
 pub fn read_bandwidth(mib: usize, passes: usize) -> f64 {
+    read_passes(mib, passes).into_iter().fold(0.0, f64::max)
+}
+
+/// Each of `passes` reads of a buffer of `mib` MiB, far larger than the caches, in parallel
+/// chunks, in decimal GB/s.
+pub fn read_passes(mib: usize, passes: usize) -> Vec<f64> {
+    // `mib` MiB of u64 words, distinct values so that no page is shared or compressed away.
     let words = mib << 17;
     let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
-    let mut best = 0f64;
-    for _ in 0..passes {
-        let start = Instant::now();
-        let sum: u64 = buf
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut lanes = [0u64; 8];
-                for w in c.chunks_exact(8) {
-                    for k in 0..8 {
-                        lanes[k] = lanes[k].wrapping_add(w[k]);
+    (0..passes)
+        .map(|_| {
+            let start = Instant::now();
+            // Eight independent lanes per chunk so the sum is not a latency chain.
+            let sum: u64 = buf
+                .par_chunks(1 << 16)
+                .map(|c| {
+                    let mut lanes = [0u64; 8];
+                    for w in c.chunks_exact(8) {
+                        for k in 0..8 {
+                            lanes[k] = lanes[k].wrapping_add(w[k]);
+                        }
                     }
-                }
-                lanes.iter().fold(0u64, |a, b| a.wrapping_add(*b))
-            })
-            .reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum);
-        best = best.max((words * 8) as f64 / start.elapsed().as_secs_f64() / 1e9);
-    }
-    best
+                    lanes.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+                })
+                .reduce(|| 0, u64::wrapping_add);
+            std::hint::black_box(sum);
+            (words * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
+        })
+        .collect()
 }
 
 /// Multiply-adds per second (billions) of `f` run by every thread for about `millis` ms; the

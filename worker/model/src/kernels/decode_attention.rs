@@ -218,14 +218,14 @@ fn decode_attention_as<T: Elem>(q: &Tensor, rows: usize, row: Rows, dest: Option
                         let (k, v) = (view::<T>(keys, &k_store)?, view::<T>(values, &v_store)?);
                         let (k, v) =
                             (DenseRows { view: k.head(task.kv_head), d: head_dim }, DenseRows { view: v.head(task.kv_head), d: head_dim });
-                        scratch.attend(k, v, task.keys.clone(), dot, part);
+                        scratch.attend(Work { k, v, keys: task.keys.clone(), dot, part });
                     }
                     Cached::Paged(p) => {
                         let (Some(k), Some(v)) = (T::of_buffers(p.keys), T::of_buffers(p.values)) else {
                             return Err(ModelError::InvalidBatch(format!("decode attention needs {:?} caches", T::DTYPE)));
                         };
                         let rows = |buffers| PagedRows { buffers, table: p.table, head: task.kv_head, kv_heads: p.kv_heads, d: head_dim };
-                        scratch.attend(rows(k), rows(v), task.keys.clone(), dot, part);
+                        scratch.attend(Work { k: rows(k), v: rows(v), keys: task.keys.clone(), dot, part });
                     }
                 }
                 Ok(())
@@ -319,6 +319,17 @@ struct Scratch {
     scores: Vec<f32>,
 }
 
+/// One task's operands for [`Scratch::attend`]: the keys and values of one KV head of one
+/// sequence, which of their positions to read, the dot product for their type, and where the
+/// task's partial results go.
+struct Work<'p, T, K, V> {
+    k: K,
+    v: V,
+    keys: std::ops::Range<usize>,
+    dot: fn(&[T], &[f32]) -> f32,
+    part: &'p mut [f32],
+}
+
 impl Scratch {
     /// For each query head `j` of the group in `q` (already scaled by 1/√d), over `keys` of one
     /// KV head (`k`, `v` already at that head): writes `Σ e^(s − max) v`, then `max`, then
@@ -330,63 +341,36 @@ impl Scratch {
     /// baseline x86-64 target alone, the weighted sums ran four lanes at a time (SSE). The
     /// arithmetic is the same on every path (separate multiplies and adds, never fused), so
     /// the results are the same bits whatever the CPU.
-    fn attend<T: Elem>(
-        &mut self,
-        k: impl KeyRows<T>,
-        v: impl KeyRows<T>,
-        keys: std::ops::Range<usize>,
-        dot: fn(&[T], &[f32]) -> f32,
-        part: &mut [f32],
-    ) {
+    fn attend<T: Elem, K: KeyRows<T>, V: KeyRows<T>>(&mut self, work: Work<'_, T, K, V>) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F (checked just above).
-                return unsafe { self.attend_avx512(k, v, keys, dot, part) };
+                return unsafe { self.attend_avx512(work) };
             }
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2 (checked just above).
-                return unsafe { self.attend_avx2(k, v, keys, dot, part) };
+                return unsafe { self.attend_avx2(work) };
             }
         }
-        self.attend_body(k, v, keys, dot, part)
+        self.attend_body(work)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn attend_avx512<T: Elem>(
-        &mut self,
-        k: impl KeyRows<T>,
-        v: impl KeyRows<T>,
-        keys: std::ops::Range<usize>,
-        dot: fn(&[T], &[f32]) -> f32,
-        part: &mut [f32],
-    ) {
-        self.attend_body(k, v, keys, dot, part)
+    fn attend_avx512<T: Elem, K: KeyRows<T>, V: KeyRows<T>>(&mut self, work: Work<'_, T, K, V>) {
+        self.attend_body(work)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn attend_avx2<T: Elem>(
-        &mut self,
-        k: impl KeyRows<T>,
-        v: impl KeyRows<T>,
-        keys: std::ops::Range<usize>,
-        dot: fn(&[T], &[f32]) -> f32,
-        part: &mut [f32],
-    ) {
-        self.attend_body(k, v, keys, dot, part)
+    fn attend_avx2<T: Elem, K: KeyRows<T>, V: KeyRows<T>>(&mut self, work: Work<'_, T, K, V>) {
+        self.attend_body(work)
     }
 
     #[inline(always)]
-    fn attend_body<T: Elem>(
-        &mut self,
-        k: impl KeyRows<T>,
-        v: impl KeyRows<T>,
-        keys: std::ops::Range<usize>,
-        dot: fn(&[T], &[f32]) -> f32,
-        part: &mut [f32],
-    ) {
+    fn attend_body<T: Elem, K: KeyRows<T>, V: KeyRows<T>>(&mut self, work: Work<'_, T, K, V>) {
+        let Work { k, v, keys, dot, part } = work;
         let Scratch { q, scores } = self;
         // `part` holds d + 2 values per head and `q` holds d.
         let group = (part.len() - q.len()) / 2;
