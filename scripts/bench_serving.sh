@@ -7,7 +7,7 @@
 # usage: scripts/bench_serving.sh [OUT_DIR]   (default /tmp/serving-bench)
 # Env: PROMPTS (32), INPUT_LEN (128), OUTPUT_LEN (64), RANGE_RATIO (0.5), CONCURRENCY ("1 4 16 32"),
 #      MODES ("continuous static tight-kv"), TIGHT_KV (KV tokens per worker in tight-kv: 1024),
-#      MODEL (a model directory; default: the smol135 fixture written under OUT_DIR).
+#      MODEL (a model directory or GGUF file; default: the smol135 fixture written under OUT_DIR).
 # Writes OUT_DIR/MODE-cN.json and prints one markdown table of all runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +23,15 @@ mkdir -p "$OUT"
 
 cargo build -q --release -p tessera -p tessera-model --bin tessera --bin tessera-fixtures
 BIN=target/release/tessera
-MODEL=${MODEL:-$OUT/smol135}
-if [ ! -f "$MODEL/tokenizer.json" ]; then
-  MODEL=$(target/release/tessera-fixtures "$OUT" smol135 | tail -1)
-  # The benchmark sends token ids; the coordinator still wants a tokenizer to detokenize.
-  text_side=$(target/release/tessera-fixtures "$OUT/text-side" demo | tail -1)
-  cp "$text_side/tokenizer.json" "$text_side/tokenizer_config.json" "$MODEL/"
+# A MODEL given is served as it is (a directory or a GGUF file); the default fixture is made once.
+if [ -z "${MODEL:-}" ]; then
+  MODEL=$OUT/smol135
+  if [ ! -f "$MODEL/tokenizer.json" ]; then
+    MODEL=$(target/release/tessera-fixtures "$OUT" smol135 | tail -1)
+    # The benchmark sends token ids; the coordinator still wants a tokenizer to detokenize.
+    text_side=$(target/release/tessera-fixtures "$OUT/text-side" demo | tail -1)
+    cp "$text_side/tokenizer.json" "$text_side/tokenizer_config.json" "$MODEL/"
+  fi
 fi
 
 for mode in $MODES; do
