@@ -13,6 +13,7 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 
+use crate::kernels::elem::Dest;
 use crate::kernels::matvec::MAX_ROWS;
 
 /// Whether [`quantized_rows_t`] multiplies `dtype`'s blocks.
@@ -33,14 +34,7 @@ pub fn quantized_rows_t(x: &Tensor, blocks: &[u8], dtype: GgmlDType, out: usize,
     let mut pieces = Vec::with_capacity(rows.div_ceil(MAX_ROWS));
     for start in (0..rows).step_by(MAX_ROWS) {
         let piece = x.narrow(0, start, MAX_ROWS.min(rows - start))?;
-        let y = if dtype == GgmlDType::Q8_0 {
-            crate::kernels::qmatvec::q8_0_matvec_t(&piece, blocks, out, inner)?
-        } else if crate::kernels::q4matvec::supports(dtype) {
-            crate::kernels::q4matvec::q4_matvec_t(&piece, blocks, dtype, out, inner)?
-        } else {
-            crate::kernels::kquant::kquant_matvec_t(&piece, blocks, dtype, out, inner)?
-        };
-        match y {
+        match row_kernel_into(&piece, blocks, dtype, out, inner, None)? {
             Some(y) => pieces.push(y),
             None => return Ok(None),
         }
@@ -49,6 +43,28 @@ pub fn quantized_rows_t(x: &Tensor, blocks: &[u8], dtype: GgmlDType, out: usize,
         return Ok(pieces.pop());
     }
     Tensor::cat(&pieces, 0).map(Some)
+}
+
+/// `x Wᵀ` for at most [`MAX_ROWS`] rows through `dtype`'s row kernel (`qmatvec.rs`,
+/// `q4matvec.rs` or `kquant.rs`), into `dest` where it fits: a decode step's product, or one
+/// piece of [`quantized_rows_t`]. `None` where the kernel declines or the format has none.
+pub(crate) fn row_kernel_into(
+    x: &Tensor,
+    blocks: &[u8],
+    dtype: GgmlDType,
+    out: usize,
+    inner: usize,
+    dest: Option<&Dest>,
+) -> candle_core::Result<Option<Tensor>> {
+    if dtype == GgmlDType::Q8_0 {
+        crate::kernels::qmatvec::q8_0_matvec_into(x, blocks, out, inner, dest)
+    } else if crate::kernels::q4matvec::supports(dtype) {
+        crate::kernels::q4matvec::q4_matvec_into(x, blocks, dtype, out, inner, dest)
+    } else if crate::kernels::kquant::supports(dtype) {
+        crate::kernels::kquant::kquant_matvec_into(x, blocks, dtype, out, inner, dest)
+    } else {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

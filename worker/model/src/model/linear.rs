@@ -99,36 +99,25 @@ fn quantized_matmul_t(
     let rows = x.dims().first().copied().unwrap_or(0);
     let row_kernel_rows = step.row_kernel_rows();
     let gemm_q8 = q.dtype() == GgmlDType::Q8_0 && numerics == Numerics::Fast && crate::kernels::gemm::q8::available();
-    if rows > row_kernel_rows && !gemm_q8 && crate::kernels::qrows::supports(q.dtype()) && q.device().is_cpu() {
-        if let Some(y) = crate::kernels::qrows::quantized_rows_t(x, &q.data()?, q.dtype(), out, inner)? {
-            return Ok(y);
-        }
-    }
-    if rows <= row_kernel_rows && crate::kernels::q4matvec::supports(q.dtype()) && q.device().is_cpu() {
-        if let Some(y) = crate::kernels::q4matvec::q4_matvec_into(x, &q.data()?, q.dtype(), out, inner, dest)? {
-            return Ok(y);
-        }
-    }
-    if rows <= row_kernel_rows && crate::kernels::kquant::supports(q.dtype()) && q.device().is_cpu() {
+    let decode = rows <= row_kernel_rows;
+    if (decode || !gemm_q8) && crate::kernels::qrows::supports(q.dtype()) && q.device().is_cpu() {
         let data = q.data()?;
-        if let Some(y) = crate::kernels::kquant::kquant_matvec_into(x, &data, q.dtype(), out, inner, dest)? {
+        let y = if decode {
+            crate::kernels::qrows::row_kernel_into(x, &data, q.dtype(), out, inner, dest)?
+        } else {
+            crate::kernels::qrows::quantized_rows_t(x, &data, q.dtype(), out, inner)?
+        };
+        if let Some(y) = y {
             return Ok(y);
         }
     }
     if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() {
-        let data = q.data()?;
-        if rows <= row_kernel_rows {
-            if let Some(y) = crate::kernels::qmatvec::q8_0_matvec_into(x, &data, out, inner, dest)? {
-                return Ok(y);
-            }
-        }
-        if let Some(y) = crate::kernels::gemm::q8::q8_0_gemm_t(x, &data, out, inner, row_kernel_rows)? {
+        if let Some(y) = crate::kernels::gemm::q8::q8_0_gemm_t(x, &q.data()?, out, inner, row_kernel_rows)? {
             return y.to_dtype(x.dtype());
         }
     }
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let y =
-        if rows > row_kernel_rows { x32.matmul(&q.dequantize(&q.device())?.t()?)? } else { QMatMul::QTensor(q.clone()).forward(&x32)? };
+    let y = if !decode { x32.matmul(&q.dequantize(&q.device())?.t()?)? } else { QMatMul::QTensor(q.clone()).forward(&x32)? };
     y.to_dtype(x.dtype())
 }
 
